@@ -1,0 +1,39 @@
+#include "tests/testing/netns.h"
+
+#include <net/if.h>
+#include <sched.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "worker/sdk/fd.h"
+#include "worker/sdk/status.h"
+
+namespace portfleet::testing {
+
+bool PrivilegedRequired() {
+  const char* v = std::getenv("PORTFLEET_REQUIRE_PRIVILEGED");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+absl::Status EnterPrivateNetns() {
+  if (::unshare(CLONE_NEWNET) != 0) {
+    return ErrnoError("unshare(CLONE_NEWNET)");
+  }
+  Fd sock(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  if (!sock) return ErrnoError("socket for SIOCSIFFLAGS");
+  ifreq ifr{};
+  std::strncpy(ifr.ifr_name, "lo", IFNAMSIZ - 1);
+  if (::ioctl(sock.get(), SIOCGIFFLAGS, &ifr) != 0) {
+    return ErrnoError("SIOCGIFFLAGS lo");
+  }
+  ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+  if (::ioctl(sock.get(), SIOCSIFFLAGS, &ifr) != 0) {
+    return ErrnoError("SIOCSIFFLAGS lo up");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace portfleet::testing
