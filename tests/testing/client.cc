@@ -97,7 +97,7 @@ Fd Connect(const std::string& address, const ClientOptions& options,
 }
 
 // Sends all of `data`; 0 or errno.
-int SendAll(int fd, std::string_view data, absl::Time deadline) {
+int SendAll(int fd, absl::string_view data, absl::Time deadline) {
   while (!data.empty()) {
     ssize_t n = ::send(fd, data.data(), data.size(), MSG_NOSIGNAL);
     if (n > 0) {

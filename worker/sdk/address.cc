@@ -35,18 +35,18 @@ std::string SocketAddress::ToString() const {
   return "<unknown address family>";
 }
 
-absl::StatusOr<SocketAddress> SocketAddress::Parse(std::string_view text,
+absl::StatusOr<SocketAddress> SocketAddress::Parse(absl::string_view text,
                                                    bool allow_port_zero) {
-  auto bad = [&](std::string_view why) {
+  auto bad = [&](absl::string_view why) {
     return absl::InvalidArgumentError(
         absl::StrCat("invalid address '", text, "': ", why));
   };
-  std::string_view host;
-  std::string_view port_text;
+  absl::string_view host;
+  absl::string_view port_text;
   bool v6 = false;
   if (!text.empty() && text.front() == '[') {
     size_t close = text.find(']');
-    if (close == std::string_view::npos) return bad("missing ']'");
+    if (close == absl::string_view::npos) return bad("missing ']'");
     host = text.substr(1, close - 1);
     if (close + 1 >= text.size() || text[close + 1] != ':') {
       return bad("want [ipv6]:port");
@@ -55,10 +55,10 @@ absl::StatusOr<SocketAddress> SocketAddress::Parse(std::string_view text,
     v6 = true;
   } else {
     size_t colon = text.rfind(':');
-    if (colon == std::string_view::npos) return bad("want host:port");
+    if (colon == absl::string_view::npos) return bad("want host:port");
     host = text.substr(0, colon);
     port_text = text.substr(colon + 1);
-    if (host.find(':') != std::string_view::npos) {
+    if (host.find(':') != absl::string_view::npos) {
       return bad("IPv6 addresses are written in brackets: [::1]:8080");
     }
   }
@@ -66,7 +66,7 @@ absl::StatusOr<SocketAddress> SocketAddress::Parse(std::string_view text,
   uint32_t port = 0;
   if (port_text.empty() || !absl::SimpleAtoi(port_text, &port) ||
       port > 65535 || port_text.find_first_not_of("0123456789") !=
-                          std::string_view::npos) {
+                          absl::string_view::npos) {
     return bad("port must be a number from 1 to 65535");
   }
   if (port == 0 && !allow_port_zero) {

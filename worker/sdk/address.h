@@ -6,7 +6,7 @@
 
 #include <cstdint>
 #include <string>
-#include <string_view>
+#include "absl/strings/string_view.h"
 
 #include "absl/status/statusor.h"
 
@@ -27,7 +27,7 @@ struct SocketAddress {
   // Numeric literals only (no name lookup): "127.0.0.1:8080", "[::1]:80",
   // "0.0.0.0:443", "[::]:443". Port 1-65535 is required unless
   // `allow_port_zero`.
-  static absl::StatusOr<SocketAddress> Parse(std::string_view text,
+  static absl::StatusOr<SocketAddress> Parse(absl::string_view text,
                                              bool allow_port_zero = false);
   // From a kernel-filled sockaddr (getsockname, accept).
   static SocketAddress FromSockaddr(const sockaddr* addr, socklen_t length);

@@ -42,7 +42,7 @@ void SetLogTag(std::string tag) {
   *g_tag = std::move(tag);
 }
 
-absl::StatusOr<LogLevel> ParseLogLevel(std::string_view name) {
+absl::StatusOr<LogLevel> ParseLogLevel(absl::string_view name) {
   std::string lower = absl::AsciiStrToLower(name);
   if (lower == "debug") return LogLevel::kDebug;
   if (lower == "info") return LogLevel::kInfo;

@@ -8,7 +8,7 @@
 
 #include <sstream>
 #include <string>
-#include <string_view>
+#include "absl/strings/string_view.h"
 
 #include "absl/status/statusor.h"
 
@@ -20,7 +20,7 @@ enum class LogLevel { kDebug = 0, kInfo = 1, kWarning = 2, kError = 3 };
 void SetLogLevel(LogLevel level);
 LogLevel GetLogLevel();
 void SetLogTag(std::string tag);  // e.g. "agent", "worker web/2"
-absl::StatusOr<LogLevel> ParseLogLevel(std::string_view name);
+absl::StatusOr<LogLevel> ParseLogLevel(absl::string_view name);
 
 class LogMessage {
  public:

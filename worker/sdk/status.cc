@@ -4,11 +4,11 @@
 
 namespace portfleet {
 
-absl::Status ErrnoError(int err, std::string_view what) {
+absl::Status ErrnoError(int err, absl::string_view what) {
   return absl::ErrnoToStatus(err, absl::StrCat(what, ": ", std::strerror(err)));
 }
 
-absl::Status Annotate(const absl::Status& status, std::string_view context) {
+absl::Status Annotate(const absl::Status& status, absl::string_view context) {
   if (status.ok()) return status;
   return absl::Status(status.code(),
                       absl::StrCat(context, ": ", status.message()));

@@ -4,7 +4,7 @@
 #define PORTFLEET_WORKER_SDK_STATUS_H_
 
 #include <cerrno>
-#include <string_view>
+#include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -14,14 +14,14 @@ namespace portfleet {
 
 // Status for a failed syscall: "<what>: <strerror> (errno N)", coded from
 // errno by absl::ErrnoToStatus.
-absl::Status ErrnoError(int err, std::string_view what);
-inline absl::Status ErrnoError(std::string_view what) {
+absl::Status ErrnoError(int err, absl::string_view what);
+inline absl::Status ErrnoError(absl::string_view what) {
   return ErrnoError(errno, what);
 }
 
 // Prefixes a status message with context, keeping its code:
 // Annotate(s, "listener web") -> "listener web: <message>".
-absl::Status Annotate(const absl::Status& status, std::string_view context);
+absl::Status Annotate(const absl::Status& status, absl::string_view context);
 
 }  // namespace portfleet
 
