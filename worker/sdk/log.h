@@ -35,6 +35,11 @@ class LogMessage {
   std::ostringstream stream_;
 };
 
+// Turns a stream expression into void so that PF_LOG fits in a ternary.
+struct LogVoidify {
+  void operator&(std::ostream&) {}
+};
+
 }  // namespace portfleet
 
 #define PF_LOG_LEVEL_DEBUG ::portfleet::LogLevel::kDebug
@@ -42,9 +47,11 @@ class LogMessage {
 #define PF_LOG_LEVEL_WARNING ::portfleet::LogLevel::kWarning
 #define PF_LOG_LEVEL_ERROR ::portfleet::LogLevel::kError
 
-#define PF_LOG(level)                                          \
-  if (PF_LOG_LEVEL_##level < ::portfleet::GetLogLevel()) {     \
-  } else                                                       \
-    ::portfleet::LogMessage(PF_LOG_LEVEL_##level).stream()
+// The ternary keeps `if (x) PF_LOG(INFO) << y; else ...` unambiguous.
+#define PF_LOG(level)                                     \
+  (PF_LOG_LEVEL_##level < ::portfleet::GetLogLevel())     \
+      ? (void)0                                           \
+      : ::portfleet::LogVoidify() &                       \
+            ::portfleet::LogMessage(PF_LOG_LEVEL_##level).stream()
 
 #endif  // PORTFLEET_WORKER_SDK_LOG_H_

@@ -1,0 +1,37 @@
+// The agent process: options, start-up, signal handling, shutdown.
+#ifndef PORTFLEET_AGENT_AGENT_H_
+#define PORTFLEET_AGENT_AGENT_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace portfleet {
+
+inline constexpr char kVersion[] = "0.1.0";
+
+struct AgentOptions {
+  std::string config;  // fleet spec file (.textproto or .json)
+  std::string api = "unix:///run/portfleet/api.sock";  // gRPC API endpoint
+  std::string metrics = "127.0.0.1:9464";  // /metrics, /healthz, /readyz
+  std::string state_dir = "/var/lib/portfleet";
+  std::string bpffs = "/sys/fs/bpf/portfleet";  // pinned steering maps
+  std::string log_level = "info";
+};
+
+// Parses argv. `--help` and `--version` are returned as a usage result with
+// `exit_code` 0; errors with exit code 2.
+struct ParsedArgs {
+  AgentOptions options;
+  bool exit_now = false;  // help/version/usage error printed
+  int exit_code = 0;
+};
+ParsedArgs ParseAgentArgs(const std::vector<std::string>& args);
+
+// Runs the agent until SIGTERM/SIGINT. Returns the process exit code.
+int RunAgent(const AgentOptions& options);
+
+}  // namespace portfleet
+
+#endif  // PORTFLEET_AGENT_AGENT_H_

@@ -1,0 +1,211 @@
+#include "agent/launcher.h"
+
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "worker/sdk/status.h"
+
+#ifndef P_PIDFD
+#define P_PIDFD 3
+#endif
+
+namespace portfleet {
+namespace {
+
+int PidfdOpen(pid_t pid) {
+  return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+}
+
+// Async-signal-safe decimal formatting into `out` (at least 12 bytes).
+void FormatPid(pid_t pid, char* out) {
+  char tmp[16];
+  int n = 0;
+  unsigned v = static_cast<unsigned>(pid);
+  do {
+    tmp[n++] = static_cast<char>('0' + v % 10);
+    v /= 10;
+  } while (v != 0);
+  for (int i = 0; i < n; ++i) out[i] = tmp[n - 1 - i];
+  out[n] = '\0';
+}
+
+bool IsExecutableFile(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) &&
+         ::access(path.c_str(), X_OK) == 0;
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> ResolveCommand(const std::string& command) {
+  if (command.find('/') != std::string::npos) {
+    if (!IsExecutableFile(command)) {
+      return absl::NotFoundError(absl::StrCat(
+          "worker command '", command, "' is not an executable file"));
+    }
+    return command;
+  }
+  std::vector<std::string> tried;
+  char self[PATH_MAX];
+  ssize_t n = ::readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (n > 0) {
+    std::string dir(self, n);
+    dir = dir.substr(0, dir.rfind('/'));
+    std::string candidate = absl::StrCat(dir, "/", command);
+    if (IsExecutableFile(candidate)) return candidate;
+    tried.push_back(dir);
+    // In a build tree the worker sits in a sibling folder.
+    std::string parent = dir.substr(0, dir.rfind('/'));
+    for (const char* sub : {"/worker/", "/ctl/"}) {
+      candidate = absl::StrCat(parent, sub, command);
+      if (IsExecutableFile(candidate)) return candidate;
+    }
+  }
+  const char* path_env = std::getenv("PATH");
+  std::string path = path_env ? path_env : "/usr/local/bin:/usr/bin:/bin";
+  for (absl::string_view dir : absl::StrSplit(path, ':')) {
+    if (dir.empty()) continue;
+    std::string candidate = absl::StrCat(dir, "/", command);
+    if (IsExecutableFile(candidate)) return candidate;
+  }
+  tried.push_back("PATH");
+  return absl::NotFoundError(absl::StrCat("worker command '", command,
+                                          "' not found (looked next to the "
+                                          "agent binary and in PATH)"));
+}
+
+absl::StatusOr<LaunchedProcess> RealProcessLauncher::Launch(
+    const LaunchSpec& spec) {
+  if (spec.listen_fd < 0) {
+    return absl::InvalidArgumentError("launch without a listening socket");
+  }
+  // Everything the child touches is prepared before fork: after fork only
+  // async-signal-safe calls are allowed (the agent has gRPC threads).
+  std::vector<char*> argv;
+  for (const auto& a : spec.argv) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  char listen_pid[32] = "LISTEN_PID=";
+  constexpr size_t kPidOffset = sizeof("LISTEN_PID=") - 1;
+  std::vector<char*> envp;
+  for (const auto& e : spec.env) {
+    if (e.rfind("LISTEN_PID=", 0) == 0) continue;
+    envp.push_back(const_cast<char*>(e.c_str()));
+  }
+  envp.push_back(listen_pid);
+  envp.push_back(nullptr);
+  cpu_set_t cpus;
+  CPU_ZERO(&cpus);
+  if (spec.cpu >= 0) CPU_SET(spec.cpu, &cpus);
+
+  int err_pipe[2];
+  if (::pipe2(err_pipe, O_CLOEXEC) != 0) return ErrnoError("pipe2");
+  Fd err_read(err_pipe[0]);
+  Fd err_write(err_pipe[1]);
+
+  pid_t pid = ::fork();
+  if (pid < 0) return ErrnoError("fork");
+  if (pid == 0) {
+    int stage_errno = 0;
+    auto fail = [&](int err) {
+      stage_errno = err;
+      ssize_t unused = ::write(5, &stage_errno, sizeof(stage_errno));
+      (void)unused;
+      ::_exit(127);
+    };
+    // Own process group: a terminal's Ctrl-C reaches the agent, which then
+    // stops the workers in order.
+    ::setpgid(0, 0);
+    sigset_t all;
+    sigemptyset(&all);
+    ::sigprocmask(SIG_SETMASK, &all, nullptr);
+    for (int sig = 1; sig < NSIG; ++sig) ::signal(sig, SIG_DFL);
+    if (spec.cpu >= 0 && ::sched_setaffinity(0, sizeof(cpus), &cpus) != 0) {
+      fail(errno);
+    }
+    // Park the fds above the target range, then place them.
+    int lfd = ::fcntl(spec.listen_fd, F_DUPFD, 100);
+    int cfd = spec.control_fd >= 0 ? ::fcntl(spec.control_fd, F_DUPFD, 100)
+                                   : -1;
+    int efd = ::fcntl(err_write.get(), F_DUPFD_CLOEXEC, 100);
+    if (lfd < 0 || (spec.control_fd >= 0 && cfd < 0) || efd < 0) fail(errno);
+    if (::dup3(efd, 5, O_CLOEXEC) < 0) fail(errno);
+    if (::dup2(lfd, 3) < 0) fail(errno);
+    if (cfd >= 0) {
+      if (::dup2(cfd, 4) < 0) fail(errno);
+    } else {
+      ::close(4);
+    }
+    ::syscall(SYS_close_range, 6, ~0U, 0);
+    FormatPid(::getpid(), listen_pid + kPidOffset);
+    ::execve(spec.path.c_str(), argv.data(), envp.data());
+    fail(errno);
+  }
+  err_write.Reset();
+  int child_errno = 0;
+  ssize_t n;
+  do {
+    n = ::read(err_read.get(), &child_errno, sizeof(child_errno));
+  } while (n < 0 && errno == EINTR);
+  if (n == sizeof(child_errno)) {
+    int st;
+    ::waitpid(pid, &st, 0);
+    return ErrnoError(child_errno, absl::StrCat("exec ", spec.path));
+  }
+  LaunchedProcess out;
+  out.pid = pid;
+  out.pidfd = Fd(PidfdOpen(pid));
+  if (!out.pidfd) {
+    int err = errno;
+    ::kill(pid, SIGKILL);
+    int st;
+    ::waitpid(pid, &st, 0);
+    return ErrnoError(err, "pidfd_open (needs Linux 5.3+)");
+  }
+  return out;
+}
+
+bool RealProcessLauncher::Signal(const LaunchedProcess& process, int sig) {
+  return ::syscall(SYS_pidfd_send_signal, process.pidfd.get(), sig, nullptr,
+                   0) == 0;
+}
+
+absl::StatusOr<std::optional<int>> RealProcessLauncher::Reap(
+    const LaunchedProcess& process) {
+  siginfo_t info{};
+  if (::waitid(static_cast<idtype_t>(P_PIDFD),
+               static_cast<id_t>(process.pidfd.get()), &info,
+               WEXITED | WNOHANG) != 0) {
+    return ErrnoError(absl::StrCat("waitid(pid ", process.pid, ")"));
+  }
+  if (info.si_pid == 0) return std::nullopt;
+  if (info.si_code == CLD_EXITED) return W_EXITCODE(info.si_status, 0);
+  return info.si_status | (info.si_code == CLD_DUMPED ? 0x80 : 0);
+}
+
+std::string DescribeWaitStatus(int status) {
+  if (WIFEXITED(status)) {
+    return absl::StrCat("exited with status ", WEXITSTATUS(status));
+  }
+  if (WIFSIGNALED(status)) {
+    int sig = WTERMSIG(status);
+    const char* abbrev = sigabbrev_np(sig);
+    return absl::StrCat("killed by signal ", sig, " (SIG",
+                        abbrev ? abbrev : "?", ")",
+                        WCOREDUMP(status) ? ", core dumped" : "");
+  }
+  return absl::StrCat("ended with wait status ", status);
+}
+
+}  // namespace portfleet

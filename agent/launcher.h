@@ -1,0 +1,64 @@
+// Starting worker processes by the systemd socket-activation convention.
+#ifndef PORTFLEET_AGENT_LAUNCHER_H_
+#define PORTFLEET_AGENT_LAUNCHER_H_
+
+#include <sys/types.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "worker/sdk/fd.h"
+
+namespace portfleet {
+
+struct LaunchSpec {
+  std::string path;               // resolved executable
+  std::vector<std::string> argv;  // argv[0] included
+  // Complete environment ("K=V"). LISTEN_PID is added in the child.
+  std::vector<std::string> env;
+  int listen_fd = -1;   // becomes fd 3 (LISTEN_FDS=1)
+  int control_fd = -1;  // becomes fd 4 (PORTFLEET_CONTROL_FD=4), -1 = none
+  int cpu = -1;         // sched_setaffinity to this CPU before exec, -1 = any
+};
+
+struct LaunchedProcess {
+  pid_t pid = -1;
+  Fd pidfd;  // readable when the process exits
+};
+
+// The seam between supervision logic and process creation.
+class ProcessLauncher {
+ public:
+  virtual ~ProcessLauncher() = default;
+  // Starts the process; an exec failure (missing binary, not executable) is
+  // reported here, not as an exit later.
+  virtual absl::StatusOr<LaunchedProcess> Launch(const LaunchSpec& spec) = 0;
+  // Sends `sig`; false if the process is gone.
+  virtual bool Signal(const LaunchedProcess& process, int sig) = 0;
+  // Reaps an exited process; returns its wait status (as waitpid's), or
+  // nullopt if it has not exited.
+  virtual absl::StatusOr<std::optional<int>> Reap(
+      const LaunchedProcess& process) = 0;
+};
+
+// fork + exec, pidfd_open, pidfd_send_signal, waitid(P_PIDFD).
+class RealProcessLauncher : public ProcessLauncher {
+ public:
+  absl::StatusOr<LaunchedProcess> Launch(const LaunchSpec& spec) override;
+  bool Signal(const LaunchedProcess& process, int sig) override;
+  absl::StatusOr<std::optional<int>> Reap(
+      const LaunchedProcess& process) override;
+};
+
+// Finds a worker command: a path containing '/' is used as is; a bare name is
+// looked up next to the agent's own binary, then in PATH.
+absl::StatusOr<std::string> ResolveCommand(const std::string& command);
+
+// "exited with status 1", "killed by signal 9 (SIGKILL)".
+std::string DescribeWaitStatus(int status);
+
+}  // namespace portfleet
+
+#endif  // PORTFLEET_AGENT_LAUNCHER_H_

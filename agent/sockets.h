@@ -1,0 +1,48 @@
+// Shard sockets: SO_REUSEPORT listening sockets created by the agent, all of a
+// listener's with identical options so that they form one reuseport group.
+#ifndef PORTFLEET_AGENT_SOCKETS_H_
+#define PORTFLEET_AGENT_SOCKETS_H_
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <optional>
+#include <set>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "worker/sdk/address.h"
+#include "worker/sdk/fd.h"
+
+namespace portfleet {
+
+struct ShardSocketOptions {
+  int backlog = 1024;  // listen() backlog
+};
+
+// socket + SO_REUSEADDR + SO_REUSEPORT (+ IPV6_V6ONLY for IPv6) + bind +
+// listen. Blocking, close-on-exec. EADDRINUSE -> AlreadyExists.
+absl::StatusOr<Fd> CreateShardSocket(const SocketAddress& address,
+                                     const ShardSocketOptions& options);
+
+// Inode number of a socket fd (stable identity, as in /proc/PID/fd links).
+absl::StatusOr<uint64_t> SocketInodeOf(int fd);
+
+// A TCP listener that is not one of `ours` and whose address overlaps
+// `address` (same port; same IP or either one a wildcard), read from
+// /proc/net/tcp{,6} of the current network namespace.
+struct ForeignListener {
+  uint64_t inode = 0;
+  std::string local_address;  // as the kernel lists it
+  pid_t pid = 0;              // a process holding it, 0 if not found
+  std::string process_name;   // its comm
+};
+std::optional<ForeignListener> FindForeignListener(
+    const SocketAddress& address, const std::set<uint64_t>& ours);
+
+// Queued connections of a listening socket (accept queue depth).
+absl::StatusOr<uint32_t> AcceptQueueDepth(int fd);
+
+}  // namespace portfleet
+
+#endif  // PORTFLEET_AGENT_SOCKETS_H_

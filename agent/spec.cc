@@ -1,0 +1,237 @@
+#include "agent/spec.h"
+
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "google/protobuf/io/tokenizer.h"
+#include "google/protobuf/text_format.h"
+#include "google/protobuf/util/json_util.h"
+#include "worker/sdk/address.h"
+#include "worker/sdk/status.h"
+
+namespace portfleet {
+namespace {
+
+// Collects text-format parse errors with their positions (1-based).
+class FirstErrorCollector : public google::protobuf::io::ErrorCollector {
+ public:
+  void AddError(int line, google::protobuf::io::ColumnNumber column,
+                const std::string& message) override {
+    if (!has_error_) {
+      has_error_ = true;
+      message_ = absl::StrCat(line + 1, ":", column + 1, ": ", message);
+    }
+  }
+  void AddWarning(int line, google::protobuf::io::ColumnNumber column,
+                  const std::string& message) override {}
+  bool has_error() const { return has_error_; }
+  const std::string& message() const { return message_; }
+
+ private:
+  bool has_error_ = false;
+  std::string message_;
+};
+
+std::string ListenerRef(int index, const v1::Listener& l) {
+  if (l.name().empty()) return absl::StrCat("listeners[", index, "]");
+  return absl::StrCat("listeners[", index, "] (\"", l.name(), "\")");
+}
+
+}  // namespace
+
+bool IsDnsLabel(absl::string_view name) {
+  if (name.empty() || name.size() > 63) return false;
+  if (name.front() == '-' || name.back() == '-') return false;
+  for (char c : name) {
+    if (!(absl::ascii_islower(c) || absl::ascii_isdigit(c) || c == '-')) {
+      return false;
+    }
+  }
+  return true;
+}
+
+absl::Status ValidateListener(const v1::Listener& l) {
+  if (l.name().empty()) {
+    return absl::InvalidArgumentError("name: required");
+  }
+  if (!IsDnsLabel(l.name())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "name: '", l.name(),
+        "' is not a DNS label (1-63 characters of a-z, 0-9 and '-', not "
+        "starting or ending with '-')"));
+  }
+  if (l.address().empty()) {
+    return absl::InvalidArgumentError(
+        "address: required (host:port, e.g. 127.0.0.1:8080 or [::1]:8080)");
+  }
+  if (absl::StatusOr<SocketAddress> addr = SocketAddress::Parse(l.address());
+      !addr.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("address: ", addr.status().message()));
+  }
+  if (l.shards() > kMaxShards) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("shards: ", l.shards(), " is out of range (0-", kMaxShards,
+                     "; 0 = one per online CPU)"));
+  }
+  if (!l.has_worker() || l.worker().command().empty()) {
+    return absl::InvalidArgumentError(
+        "worker.command: required (the program to run per shard, e.g. "
+        "\"portfleet-worker\")");
+  }
+  for (const std::string& e : l.worker().env()) {
+    size_t eq = e.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "worker.env: '", e, "' is not of the form NAME=value"));
+    }
+  }
+  if (l.drain_timeout_seconds() > kMaxDrainTimeoutSeconds) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "drain_timeout_seconds: ", l.drain_timeout_seconds(),
+        " is out of range (0-", kMaxDrainTimeoutSeconds, "; 0 = default ",
+        kDefaultDrainTimeoutSeconds, ")"));
+  }
+  if (l.backlog() > kMaxBacklog) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("backlog: ", l.backlog(), " is out of range (0-",
+                     kMaxBacklog, "; 0 = default ", kDefaultBacklog, ")"));
+  }
+  const v1::Steering& s = l.steering();
+  if (!v1::SteeringPolicy_IsValid(s.policy())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("steering.policy: unknown value ", s.policy()));
+  }
+  if (s.weights_size() > 0) {
+    if (s.policy() == v1::STEERING_POLICY_CPU) {
+      return absl::InvalidArgumentError(
+          "steering.weights: weights apply to STEERING_POLICY_HASH only");
+    }
+    if (l.shards() == 0) {
+      return absl::InvalidArgumentError(
+          "steering.weights: needs an explicit shard count (shards: 0 means "
+          "one per CPU, which varies by host)");
+    }
+    if (static_cast<uint32_t>(s.weights_size()) != l.shards()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("steering.weights: ", s.weights_size(),
+                       " weights for ", l.shards(), " shards (want one each)"));
+    }
+    bool any = false;
+    for (uint32_t w : s.weights()) {
+      if (w > 1000000) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("steering.weights: ", w, " is too large (max 1000000)"));
+      }
+      any = any || w > 0;
+    }
+    if (!any) {
+      return absl::InvalidArgumentError(
+          "steering.weights: all weights are 0 (at least one shard must take "
+          "new connections)");
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateFleetSpec(const v1::FleetSpec& spec,
+                               absl::string_view source) {
+  std::map<std::string, int> names;
+  std::map<std::string, int> addresses;  // canonical address -> index
+  for (int i = 0; i < spec.listeners_size(); ++i) {
+    const v1::Listener& l = spec.listeners(i);
+    std::string ref = ListenerRef(i, l);
+    if (absl::Status s = ValidateListener(l); !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": ", ref, ": ", s.message()));
+    }
+    if (auto [it, inserted] = names.emplace(l.name(), i); !inserted) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          source, ": ", ref, ": name: duplicate name '", l.name(),
+          "' (also listeners[", it->second, "])"));
+    }
+    std::string canonical = SocketAddress::Parse(l.address())->ToString();
+    if (auto [it, inserted] = addresses.emplace(canonical, i); !inserted) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          source, ": ", ref, ": address: duplicate address ", canonical,
+          " (also listeners[", it->second, "] \"",
+          spec.listeners(it->second).name(), "\")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::FleetSpec> ParseFleetSpec(absl::string_view text,
+                                             SpecFormat format,
+                                             absl::string_view source) {
+  v1::FleetSpec spec;
+  std::string input(text);
+  if (format == SpecFormat::kJson) {
+    google::protobuf::util::JsonParseOptions options;
+    options.ignore_unknown_fields = false;
+    auto status =
+        google::protobuf::util::JsonStringToMessage(input, &spec, options);
+    if (!status.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": ", status.message().as_string()));
+    }
+  } else {
+    google::protobuf::TextFormat::Parser parser;
+    FirstErrorCollector errors;
+    parser.RecordErrorsTo(&errors);
+    if (!parser.ParseFromString(input, &spec)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          source, ":",
+          errors.has_error() ? errors.message() : " cannot be parsed"));
+    }
+  }
+  RETURN_IF_ERROR(ValidateFleetSpec(spec, source));
+  return spec;
+}
+
+absl::StatusOr<v1::FleetSpec> LoadFleetSpecFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) {
+    return ErrnoError(absl::StrCat("cannot read fleet spec ", path));
+  }
+  std::stringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) return ErrnoError(absl::StrCat("reading fleet spec ", path));
+  std::string lower = absl::AsciiStrToLower(path);
+  SpecFormat format;
+  if (absl::EndsWith(lower, ".json")) {
+    format = SpecFormat::kJson;
+  } else if (absl::EndsWith(lower, ".textproto") ||
+             absl::EndsWith(lower, ".txtpb") ||
+             absl::EndsWith(lower, ".pbtxt") ||
+             absl::EndsWith(lower, ".txt")) {
+    format = SpecFormat::kTextproto;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path,
+        ": unknown spec format (want a .textproto, .txtpb or .json file)"));
+  }
+  return ParseFleetSpec(ss.str(), format, path);
+}
+
+uint32_t EffectiveShards(const v1::Listener& l, int online_cpus) {
+  if (l.shards() > 0) return l.shards();
+  uint32_t n = online_cpus > 0 ? static_cast<uint32_t>(online_cpus) : 1;
+  return n > kMaxShards ? kMaxShards : n;
+}
+
+uint32_t EffectiveBacklog(const v1::Listener& l) {
+  return l.backlog() > 0 ? l.backlog() : kDefaultBacklog;
+}
+
+uint32_t EffectiveDrainTimeoutSeconds(const v1::Listener& l) {
+  return l.drain_timeout_seconds() > 0 ? l.drain_timeout_seconds()
+                                       : kDefaultDrainTimeoutSeconds;
+}
+
+}  // namespace portfleet

@@ -1,0 +1,50 @@
+// Fleet spec files: parsing (.textproto / .txtpb / .json) and validation.
+#ifndef PORTFLEET_AGENT_SPEC_H_
+#define PORTFLEET_AGENT_SPEC_H_
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "portfleet/v1/fleet.pb.h"
+
+namespace portfleet {
+
+inline constexpr uint32_t kMaxShards = 64;
+inline constexpr uint32_t kDefaultDrainTimeoutSeconds = 30;
+inline constexpr uint32_t kMaxDrainTimeoutSeconds = 3600;
+inline constexpr uint32_t kDefaultBacklog = 1024;
+inline constexpr uint32_t kMaxBacklog = 65535;
+
+enum class SpecFormat { kTextproto, kJson };
+
+// Reads and validates a spec file. The format follows the extension: .json
+// is JSON, .textproto/.txtpb/.pbtxt/.txt is protobuf text format. Errors name
+// the file and, where the format gives one, the line and column:
+//   "fleet.textproto:3:5: unknown field 'shard' in portfleet.v1.Listener"
+absl::StatusOr<v1::FleetSpec> LoadFleetSpecFile(const std::string& path);
+
+// Parses and validates `text`; `source` names it in errors.
+absl::StatusOr<v1::FleetSpec> ParseFleetSpec(absl::string_view text,
+                                             SpecFormat format,
+                                             absl::string_view source);
+
+// Checks every rule of the spec; the first violation is returned as
+// InvalidArgument "<source>: listeners[1] (\"web\"): address: ...".
+absl::Status ValidateFleetSpec(const v1::FleetSpec& spec,
+                               absl::string_view source);
+// One listener on its own (used by the API too).
+absl::Status ValidateListener(const v1::Listener& listener);
+
+// True for a DNS label: 1-63 of [a-z0-9-], not starting or ending with '-'.
+bool IsDnsLabel(absl::string_view name);
+
+// Effective values with defaults applied.
+uint32_t EffectiveShards(const v1::Listener& listener, int online_cpus);
+uint32_t EffectiveBacklog(const v1::Listener& listener);
+uint32_t EffectiveDrainTimeoutSeconds(const v1::Listener& listener);
+
+}  // namespace portfleet
+
+#endif  // PORTFLEET_AGENT_SPEC_H_

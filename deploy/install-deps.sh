@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 (bookworm) packages portfleet needs to build, run and
+# test. Idempotent: quiet and quick when everything is present.
+set -euo pipefail
+
+PACKAGES=(
+  # build
+  cmake g++ make pkg-config
+  # gRPC, protobuf, abseil
+  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
+  libabsl-dev
+  # eBPF steering: clang compiles the program, bpftool makes the skeleton
+  clang llvm libbpf-dev bpftool linux-libc-dev
+  # tests
+  libgtest-dev libgmock-dev iproute2 libcap2-bin curl
+  python3 python3-grpcio python3-grpc-tools
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if ((${#missing[@]} == 0)); then
+  exit 0
+fi
+if [[ $(id -u) -ne 0 ]]; then
+  echo "install-deps: missing packages: ${missing[*]}; run as root to install them" >&2
+  exit 1
+fi
+echo "install-deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

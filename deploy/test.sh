@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One command that installs what is missing, builds, and runs every test tier
+# (unit, netns, e2e). Real-kernel tiers need root; with
+# PORTFLEET_REQUIRE_PRIVILEGED=1 a privileged test that cannot run fails
+# instead of skipping.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+build="${PORTFLEET_BUILD_DIR:-$root/build}"
+"$root/deploy/install-deps.sh"
+"$root/deploy/build.sh" "$@"
+cd "$build"
+ctest --output-on-failure --timeout 300 -j2

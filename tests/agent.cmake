@@ -1,0 +1,16 @@
+# Agent core: spec parsing/validation (unit), fleet lifecycle against the
+# real binaries in private network namespaces (netns).
+portfleet_test(spec_test
+  SOURCES unit/spec_test.cc
+  LIBS portfleet_agent_lib
+  LABELS unit)
+
+portfleet_test(launcher_test
+  SOURCES unit/launcher_test.cc
+  LIBS portfleet_agent_lib portfleet_testing
+  LABELS unit)
+
+portfleet_test(agent_fleet_test
+  SOURCES netns/agent_fleet_test.cc
+  LIBS portfleet_agent_lib portfleet_testing
+  LABELS netns)

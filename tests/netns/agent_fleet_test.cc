@@ -1,0 +1,234 @@
+// The agent's spine against the real kernel: real portfleet-agent and
+// portfleet-worker binaries, each case in its own network namespace,
+// outcomes counted from the client side.
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+
+#include <atomic>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/agent_harness.h"
+#include "tests/testing/client.h"
+#include "tests/testing/netns.h"
+#include "tests/testing/process.h"
+#include "worker/sdk/address.h"
+#include "worker/sdk/fd.h"
+
+namespace portfleet::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr char kAddress[] = "127.0.0.1:8080";
+
+std::string Spec(int shards, const std::string& command = "portfleet-worker",
+                 const std::string& extra = "") {
+  return absl::StrCat(R"pb(listeners {
+  name: "web"
+  address: "127.0.0.1:8080"
+  shards: )pb",
+                      shards, R"pb(
+  worker { command: ")pb", command, R"pb(" args: "--mode=http" }
+  drain_timeout_seconds: 5
+  )pb", extra, "\n}\n");
+}
+
+// Steps:
+// 1. Start the agent with 4 shards of http workers.
+// 2. Open 2,000 sequential connections (one request each).
+// 3. All are answered, and every worker answered some.
+TEST(AgentFleetTest, FourShardsAnswerEveryConnection) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  ASSERT_TRUE(agent.Start(Spec(4)).ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  ASSERT_TRUE(WaitFor([&] { return agent.WorkersByShard().size() == 4; },
+                      absl::Seconds(10)))
+      << agent.Log();
+  std::map<int, pid_t> workers = agent.WorkersByShard();
+
+  Tally tally;
+  for (int i = 0; i < 2000; ++i) tally.Add(HttpGet(kAddress));
+  EXPECT_EQ(tally.ok, 2000) << tally.first_error;
+  EXPECT_EQ(tally.failed, 0);
+  for (const auto& [shard, pid] : workers) {
+    EXPECT_GT(tally.by_pid[pid], 0) << "shard " << shard << " pid " << pid;
+    EXPECT_GT(tally.by_shard[shard], 0) << "shard " << shard;
+  }
+  EXPECT_EQ(tally.by_pid.size(), 4u);
+}
+
+// Steps:
+// 1. Start the agent with 2 shards; a client thread connects continuously.
+// 2. Five times: SIGKILL shard 0's worker, wait for its replacement.
+// 3. Each replacement serves the same socket inode as the killed worker.
+// 4. The client saw no failure; the agent counted 5 restarts.
+TEST(AgentFleetTest, KilledWorkerIsReplacedOnSameSocketWithoutFailures) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  ASSERT_TRUE(agent.Start(Spec(2)).ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  ASSERT_TRUE(WaitFor([&] { return agent.WorkersByShard().size() == 2; },
+                      absl::Seconds(10)));
+
+  std::atomic<bool> stop{false};
+  Tally tally;
+  std::thread client([&] {
+    ClientOptions options;
+    options.timeout = absl::Seconds(10);
+    while (!stop.load()) tally.Add(HttpGet(kAddress, options));
+  });
+
+  for (int round = 0; round < 5; ++round) {
+    pid_t victim = agent.WorkersByShard()[0];
+    ASSERT_GT(victim, 0);
+    absl::StatusOr<uint64_t> inode = SocketInode(victim, 3);
+    ASSERT_TRUE(inode.ok()) << inode.status();
+    ::kill(victim, SIGKILL);
+    pid_t replacement = 0;
+    ASSERT_TRUE(WaitFor(
+        [&] {
+          auto w = agent.WorkersByShard();
+          replacement = w.count(0) ? w[0] : 0;
+          return replacement != 0 && replacement != victim;
+        },
+        absl::Seconds(10)))
+        << agent.Log();
+    absl::StatusOr<uint64_t> new_inode = SocketInode(replacement, 3);
+    ASSERT_TRUE(new_inode.ok()) << new_inode.status();
+    EXPECT_EQ(*new_inode, *inode) << "round " << round;
+    absl::SleepFor(absl::Milliseconds(300));
+  }
+  absl::SleepFor(absl::Milliseconds(300));
+  stop = true;
+  client.join();
+
+  EXPECT_EQ(tally.failed, 0) << tally.first_error;
+  EXPECT_GT(tally.ok, 50);
+  EXPECT_THAT(agent.Log(), HasSubstr("listener web shard 0: worker pid"));
+  EXPECT_THAT(agent.Log(), HasSubstr("killed by signal 9 (SIGKILL)"));
+  EXPECT_THAT(agent.Log(), HasSubstr("restarts=5"));
+}
+
+// Steps:
+// 1. Start the agent with 3 shards.
+// 2. SIGTERM it.
+// 3. It exits 0 and none of its workers is left running.
+TEST(AgentFleetTest, SigtermStopsAllWorkersAndExitsZero) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  ASSERT_TRUE(agent.Start(Spec(3)).ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  ASSERT_TRUE(WaitFor([&] { return agent.WorkersByShard().size() == 3; },
+                      absl::Seconds(10)));
+  std::vector<pid_t> workers = DescendantsOf(agent.pid());
+  ASSERT_EQ(workers.size(), 3u);
+
+  agent.process().Signal(SIGTERM);
+  std::optional<int> status = agent.process().Wait(absl::Seconds(10));
+  ASSERT_TRUE(status.has_value()) << agent.Log();
+  EXPECT_TRUE(WIFEXITED(*status)) << *status;
+  EXPECT_EQ(WEXITSTATUS(*status), 0) << agent.Log();
+  for (pid_t w : workers) EXPECT_FALSE(ProcessExists(w)) << "worker " << w;
+  EXPECT_EQ(HttpGet(kAddress).outcome, Outcome::kRefused);
+}
+
+// A worker that ignores SIGTERM is killed after the drain timeout.
+TEST(AgentFleetTest, StragglerIsKilledAfterDrainTimeout) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  std::string script = agent.dir().WriteFile(
+      "stubborn.sh", "#!/bin/sh\ntrap '' TERM\nwhile :; do sleep 1; done\n");
+  ::chmod(script.c_str(), 0755);
+  ASSERT_TRUE(agent
+                  .Start(absl::StrCat(R"pb(listeners {
+                    name: "web" address: "127.0.0.1:8080" shards: 1
+                    worker { command: ")pb",
+                                      script, R"pb(" }
+                    drain_timeout_seconds: 1 })pb"))
+                  .ok());
+  ASSERT_TRUE(WaitFor([&] { return agent.WorkersByShard().size() == 1; },
+                      absl::Seconds(10)));
+  agent.process().Signal(SIGTERM);
+  std::optional<int> status = agent.process().Wait(absl::Seconds(10));
+  ASSERT_TRUE(status.has_value());
+  EXPECT_EQ(WEXITSTATUS(*status), 0);
+  EXPECT_THAT(agent.Log(), HasSubstr("drain timeout reached"));
+}
+
+// Steps:
+// 1. Another process holds 127.0.0.1:8080 (without SO_REUSEPORT, then with).
+// 2. The agent exits non-zero naming the listener and the address.
+TEST(AgentFleetTest, PortTakenByAnotherProcessIsReported) {
+  PF_ENTER_NETNS_OR_SKIP();
+  for (bool reuseport : {false, true}) {
+    SCOPED_TRACE(reuseport ? "other socket has SO_REUSEPORT" : "plain socket");
+    Fd other(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    int one = 1;
+    if (reuseport) {
+      ::setsockopt(other.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+    }
+    SocketAddress addr = *SocketAddress::Parse(kAddress);
+    ASSERT_EQ(::bind(other.get(), addr.get(), addr.length), 0);
+    ASSERT_EQ(::listen(other.get(), 16), 0);
+
+    AgentHarness agent;
+    ASSERT_TRUE(agent.Start(Spec(2)).ok());
+    std::optional<int> status = agent.process().Wait(absl::Seconds(10));
+    ASSERT_TRUE(status.has_value()) << agent.Log();
+    EXPECT_EQ(WEXITSTATUS(*status), 1);
+    EXPECT_THAT(agent.Log(),
+                HasSubstr("listener web: address 127.0.0.1:8080 is already "
+                          "in use by another process: pid "));
+    EXPECT_THAT(agent.Log(), HasSubstr("agent_fleet_tes"));  // our comm
+  }
+}
+
+TEST(AgentFleetTest, MissingWorkerBinaryIsReported) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  ASSERT_TRUE(agent.Start(Spec(2, "no-such-worker")).ok());
+  std::optional<int> status = agent.process().Wait(absl::Seconds(10));
+  ASSERT_TRUE(status.has_value());
+  EXPECT_EQ(WEXITSTATUS(*status), 1);
+  EXPECT_THAT(agent.Log(),
+              HasSubstr("start-up failed: listener web: worker command "
+                        "'no-such-worker' not found (looked next to the agent "
+                        "binary and in PATH)"));
+  // Nothing half-applied: the port is free again.
+  EXPECT_EQ(HttpGet(kAddress).outcome, Outcome::kRefused);
+}
+
+TEST(AgentFleetTest, WorkerThatExitsAtOnceIsReportedAndRetried) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  ASSERT_TRUE(agent.Start(Spec(1, "/bin/false")).ok());
+  ASSERT_TRUE(agent.WaitLog("exited at once", 2)) << agent.Log();
+  EXPECT_TRUE(agent.process().running());
+  EXPECT_THAT(agent.Log(),
+              HasSubstr("listener web shard 0: worker pid "));
+  EXPECT_THAT(agent.Log(), HasSubstr("exited with status 1 after"));
+}
+
+TEST(AgentFleetTest, IPv6ListenerServes) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  ASSERT_TRUE(agent
+                  .Start(R"pb(listeners {
+                    name: "web6" address: "[::1]:8080" shards: 2
+                    worker { command: "portfleet-worker" args: "--mode=http" }
+                  })pb")
+                  .ok());
+  ASSERT_TRUE(agent.WaitServing("[::1]:8080")) << agent.Log();
+  Reply r = HttpGet("[::1]:8080");
+  EXPECT_EQ(r.outcome, Outcome::kOk);
+  EXPECT_EQ(r.listener, "web6");
+}
+
+}  // namespace
+}  // namespace portfleet::testing

@@ -1,0 +1,97 @@
+#include "tests/testing/agent_harness.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "tests/testing/client.h"
+
+namespace portfleet::testing {
+
+AgentHarness::AgentHarness()
+    : bpffs_(absl::StrCat("/sys/fs/bpf/portfleet-test-", ::getpid())) {}
+
+AgentHarness::~AgentHarness() {
+  if (agent_.running()) {
+    // Stop workers too: they are in their own process groups.
+    std::vector<pid_t> workers = DescendantsOf(agent_.pid());
+    agent_.Signal(SIGKILL);
+    agent_.Wait(absl::Seconds(5));
+    for (pid_t w : workers) ::kill(w, SIGKILL);
+  }
+  std::error_code ec;
+  std::filesystem::remove_all(bpffs_, ec);
+}
+
+absl::Status AgentHarness::Start(const std::string& spec_text,
+                                 const std::vector<std::string>& extra_args) {
+  spec_path_ = dir_.WriteFile("fleet.textproto", spec_text);
+  return Restart(extra_args);
+}
+
+absl::Status AgentHarness::Restart(const std::vector<std::string>& extra_args) {
+  std::vector<std::string> argv = {
+      BinaryPath("portfleet-agent"),
+      "--config",
+      spec_path_,
+      "--api",
+      absl::StrCat("unix://", api_socket()),
+      "--state-dir",
+      state_dir(),
+      "--bpffs",
+      bpffs_,
+      "--metrics",
+      "127.0.0.1:0",
+  };
+  for (const auto& a : extra_args) argv.push_back(a);
+  starts_++;
+  return agent_.Start(argv, absl::StrCat(dir_.path(), "/agent.", starts_, ".log"));
+}
+
+bool AgentHarness::WaitServing(const std::string& address,
+                               absl::Duration timeout) {
+  ClientOptions options;
+  options.timeout = absl::Milliseconds(500);
+  return WaitFor(
+      [&] {
+        return agent_.running() &&
+               HttpGet(address, options).outcome == Outcome::kOk;
+      },
+      timeout);
+}
+
+bool AgentHarness::WaitLog(const std::string& needle, int count,
+                           absl::Duration timeout) {
+  return WaitFor([&] { return CountOccurrences(Log(), needle) >= count; },
+                 timeout);
+}
+
+std::map<int, pid_t> AgentHarness::WorkersByShard() const {
+  std::map<int, pid_t> out;
+  for (pid_t child : ChildrenOf(agent_.pid())) {
+    std::optional<std::string> shard = ProcessEnv(child, "PORTFLEET_SHARD");
+    int index;
+    if (shard && absl::SimpleAtoi(*shard, &index) && ProcessExists(child)) {
+      out[index] = child;
+    }
+  }
+  return out;
+}
+
+std::optional<std::string> ProcessEnv(pid_t pid, const std::string& name) {
+  std::string env = ReadFileOrEmpty(absl::StrCat("/proc/", pid, "/environ"));
+  std::string prefix = name + "=";
+  for (absl::string_view entry : absl::StrSplit(env, '\0')) {
+    if (absl::StartsWith(entry, prefix)) {
+      return std::string(entry.substr(prefix.size()));
+    }
+  }
+  return std::nullopt;
+}
+
+}  // namespace portfleet::testing

@@ -1,0 +1,236 @@
+// Fleet spec parsing and validation: one case per error class, with the exact
+// message an operator sees.
+#include "agent/spec.h"
+
+#include <fstream>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace portfleet {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr char kGood[] = R"pb(
+  listeners {
+    name: "web"
+    address: "127.0.0.1:8080"
+    shards: 4
+    worker { command: "portfleet-worker" args: "--mode=http" }
+    steering { policy: STEERING_POLICY_CPU }
+    drain_timeout_seconds: 30
+  }
+  listeners {
+    name: "api-v6"
+    address: "[::1]:9090"
+    worker { command: "/usr/bin/env" env: "A=b" }
+  }
+)pb";
+
+absl::Status ParseText(const std::string& text) {
+  return ParseFleetSpec(text, SpecFormat::kTextproto, "fleet.textproto")
+      .status();
+}
+
+std::string Message(const absl::Status& s) { return std::string(s.message()); }
+
+TEST(SpecTest, ParsesGoodTextproto) {
+  absl::StatusOr<v1::FleetSpec> spec =
+      ParseFleetSpec(kGood, SpecFormat::kTextproto, "fleet.textproto");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  ASSERT_EQ(spec->listeners_size(), 2);
+  EXPECT_EQ(spec->listeners(0).name(), "web");
+  EXPECT_EQ(spec->listeners(0).shards(), 4u);
+  EXPECT_EQ(spec->listeners(0).steering().policy(), v1::STEERING_POLICY_CPU);
+  EXPECT_EQ(spec->listeners(1).worker().env(0), "A=b");
+}
+
+TEST(SpecTest, ParsesGoodJson) {
+  absl::StatusOr<v1::FleetSpec> spec = ParseFleetSpec(
+      R"({"listeners": [{"name": "web", "address": "127.0.0.1:8080",
+          "shards": 2, "worker": {"command": "portfleet-worker"},
+          "steering": {"policy": "STEERING_POLICY_HASH", "weights": [3, 1]},
+          "drainTimeoutSeconds": 5, "backlog": 128}]})",
+      SpecFormat::kJson, "fleet.json");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->listeners(0).steering().weights(0), 3u);
+  EXPECT_EQ(spec->listeners(0).backlog(), 128u);
+}
+
+TEST(SpecTest, UnknownFieldTextprotoNamesLineAndColumn) {
+  absl::Status s = ParseText(
+      "listeners {\n  name: \"web\"\n  shard: 4\n}\n");
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Message(s),
+            "fleet.textproto:3:8: Message type \"portfleet.v1.Listener\" has "
+            "no field named \"shard\".");
+}
+
+TEST(SpecTest, UnknownFieldJson) {
+  absl::Status s = ParseFleetSpec(R"({"listeners": [{"nmae": "web"}]})",
+                                  SpecFormat::kJson, "fleet.json")
+                       .status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Message(s), HasSubstr("fleet.json: "));
+  EXPECT_THAT(Message(s), HasSubstr("nmae"));
+}
+
+TEST(SpecTest, SyntaxErrorNamesLine) {
+  absl::Status s = ParseText("listeners {\n  name: \"web\"\n");
+  EXPECT_EQ(Message(s),
+            "fleet.textproto:3:1: Expected identifier, got: ");
+}
+
+TEST(SpecTest, DuplicateName) {
+  absl::Status s = ParseText(R"pb(
+    listeners { name: "web" address: "127.0.0.1:8080" worker { command: "w" } }
+    listeners { name: "web" address: "127.0.0.1:8081" worker { command: "w" } }
+  )pb");
+  EXPECT_EQ(Message(s),
+            "fleet.textproto: listeners[1] (\"web\"): name: duplicate name "
+            "'web' (also listeners[0])");
+}
+
+TEST(SpecTest, DuplicateAddressAfterCanonicalisation) {
+  absl::Status s = ParseText(R"pb(
+    listeners { name: "a" address: "[::1]:8080" worker { command: "w" } }
+    listeners { name: "b" address: "[0:0::1]:8080" worker { command: "w" } }
+  )pb");
+  EXPECT_EQ(Message(s),
+            "fleet.textproto: listeners[1] (\"b\"): address: duplicate "
+            "address [::1]:8080 (also listeners[0] \"a\")");
+}
+
+TEST(SpecTest, BadAddresses) {
+  struct Case {
+    std::string address;
+    std::string message;
+  } cases[] = {
+      {"127.0.0.1", "invalid address '127.0.0.1': want host:port"},
+      {"127.0.0.1:0",
+       "invalid address '127.0.0.1:0': port must be a number from 1 to 65535"},
+      {"127.0.0.1:70000",
+       "invalid address '127.0.0.1:70000': port must be a number from 1 to "
+       "65535"},
+      {"localhost:80",
+       "invalid address 'localhost:80': 'localhost' is not an IPv4 address "
+       "(host names are not resolved)"},
+      {"::1:80",
+       "invalid address '::1:80': IPv6 addresses are written in brackets: "
+       "[::1]:8080"},
+      {"[::1]", "invalid address '[::1]': want [ipv6]:port"},
+      {":80",
+       "invalid address ':80': missing host (use 0.0.0.0 or [::] for any)"},
+  };
+  for (const Case& c : cases) {
+    absl::Status s = ParseText(absl::StrCat(
+        "listeners { name: \"web\" address: \"", c.address,
+        "\" worker { command: \"w\" } }"));
+    EXPECT_EQ(Message(s), absl::StrCat("fleet.textproto: listeners[0] "
+                                       "(\"web\"): address: ",
+                                       c.message))
+        << c.address;
+  }
+}
+
+TEST(SpecTest, MissingAddress) {
+  absl::Status s =
+      ParseText(R"pb(listeners { name: "web" worker { command: "w" } })pb");
+  EXPECT_EQ(Message(s),
+            "fleet.textproto: listeners[0] (\"web\"): address: required "
+            "(host:port, e.g. 127.0.0.1:8080 or [::1]:8080)");
+}
+
+TEST(SpecTest, ShardsOutOfRange) {
+  absl::Status s = ParseText(R"pb(
+    listeners { name: "web" address: "127.0.0.1:80" shards: 65
+                worker { command: "w" } })pb");
+  EXPECT_EQ(Message(s),
+            "fleet.textproto: listeners[0] (\"web\"): shards: 65 is out of "
+            "range (0-64; 0 = one per online CPU)");
+}
+
+TEST(SpecTest, MissingWorkerCommand) {
+  absl::Status s = ParseText(
+      R"pb(listeners { name: "web" address: "127.0.0.1:80" worker {} })pb");
+  EXPECT_EQ(Message(s),
+            "fleet.textproto: listeners[0] (\"web\"): worker.command: "
+            "required (the program to run per shard, e.g. "
+            "\"portfleet-worker\")");
+}
+
+TEST(SpecTest, BadName) {
+  absl::Status s = ParseText(
+      R"pb(listeners { name: "Web_1" address: "127.0.0.1:80" worker { command: "w" } })pb");
+  EXPECT_EQ(Message(s),
+            "fleet.textproto: listeners[0] (\"Web_1\"): name: 'Web_1' is not "
+            "a DNS label (1-63 characters of a-z, 0-9 and '-', not starting "
+            "or ending with '-')");
+  s = ParseText(
+      R"pb(listeners { address: "127.0.0.1:80" worker { command: "w" } })pb");
+  EXPECT_EQ(Message(s), "fleet.textproto: listeners[0]: name: required");
+}
+
+TEST(SpecTest, WeightsMustMatchShards) {
+  absl::Status s = ParseText(R"pb(
+    listeners { name: "web" address: "127.0.0.1:80" shards: 2
+                worker { command: "w" } steering { weights: [ 1, 2, 3 ] } })pb");
+  EXPECT_EQ(Message(s),
+            "fleet.textproto: listeners[0] (\"web\"): steering.weights: 3 "
+            "weights for 2 shards (want one each)");
+  s = ParseText(R"pb(
+    listeners { name: "web" address: "127.0.0.1:80" shards: 2
+                worker { command: "w" } steering { weights: [ 0, 0 ] } })pb");
+  EXPECT_THAT(Message(s), HasSubstr("all weights are 0"));
+}
+
+TEST(SpecTest, DrainTimeoutAndBacklogRanges) {
+  absl::Status s = ParseText(R"pb(
+    listeners { name: "web" address: "127.0.0.1:80" worker { command: "w" }
+                drain_timeout_seconds: 4000 })pb");
+  EXPECT_EQ(Message(s),
+            "fleet.textproto: listeners[0] (\"web\"): drain_timeout_seconds: "
+            "4000 is out of range (0-3600; 0 = default 30)");
+  s = ParseText(R"pb(
+    listeners { name: "web" address: "127.0.0.1:80" worker { command: "w" }
+                backlog: 70000 })pb");
+  EXPECT_EQ(Message(s),
+            "fleet.textproto: listeners[0] (\"web\"): backlog: 70000 is out "
+            "of range (0-65535; 0 = default 1024)");
+}
+
+TEST(SpecTest, BadEnvEntry) {
+  absl::Status s = ParseText(R"pb(
+    listeners { name: "web" address: "127.0.0.1:80"
+                worker { command: "w" env: "NOVALUE" } })pb");
+  EXPECT_EQ(Message(s),
+            "fleet.textproto: listeners[0] (\"web\"): worker.env: 'NOVALUE' "
+            "is not of the form NAME=value");
+}
+
+TEST(SpecTest, FileErrors) {
+  absl::Status s = LoadFleetSpecFile("/nonexistent/fleet.textproto").status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(Message(s),
+              HasSubstr("cannot read fleet spec /nonexistent/fleet.textproto"));
+  std::string path = ::testing::TempDir() + "/fleet.yaml";
+  std::ofstream(path) << "x";
+  s = LoadFleetSpecFile(path).status();
+  EXPECT_EQ(Message(s),
+            path + ": unknown spec format (want a .textproto, .txtpb or .json "
+                   "file)");
+}
+
+TEST(SpecTest, EffectiveValues) {
+  v1::Listener l;
+  EXPECT_EQ(EffectiveShards(l, 2), 2u);
+  EXPECT_EQ(EffectiveShards(l, 200), kMaxShards);
+  l.set_shards(3);
+  EXPECT_EQ(EffectiveShards(l, 2), 3u);
+  EXPECT_EQ(EffectiveBacklog(l), kDefaultBacklog);
+  EXPECT_EQ(EffectiveDrainTimeoutSeconds(l), kDefaultDrainTimeoutSeconds);
+}
+
+}  // namespace
+}  // namespace portfleet
