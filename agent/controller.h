@@ -1,0 +1,112 @@
+// FleetController: what the API layer may ask of the agent. The real
+// implementation runs each call on the agent's event loop and persists the
+// desired state before returning success; tests may use a fake.
+#ifndef PORTFLEET_AGENT_CONTROLLER_H_
+#define PORTFLEET_AGENT_CONTROLLER_H_
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "portfleet/v1/fleet.pb.h"
+
+namespace portfleet {
+
+// Steering counters of one shard, summed over CPUs.
+struct ShardCountersView {
+  uint64_t selected = 0;
+  uint64_t migrated = 0;
+  uint64_t fallback = 0;
+};
+
+struct ShardStatus {
+  uint32_t index = 0;
+  // "starting", "running", "backoff", "draining", "stopping", "stopped"
+  std::string state;
+  pid_t pid = 0;
+  int cpu = -1;  // pinned CPU, -1 = none
+  uint32_t restarts = 0;
+  uint64_t socket_inode = 0;
+  bool ready = false;                // said ready on its control channel
+  uint32_t queue_depth = 0;          // accept queue, from the kernel
+  uint64_t active_connections = 0;   // from the worker's load reports
+  uint64_t accepted_total = 0;
+  ShardCountersView counters;        // from the steering program
+};
+
+struct ListenerStatus {
+  v1::Listener spec;  // desired state, as last set
+  std::vector<ShardStatus> shards;
+};
+
+struct AgentStatus {
+  std::string version;
+  absl::Time started;
+  bool bpf_steering_active = false;
+  std::string bpf_unavailable_reason;  // empty when active
+  uint32_t listeners = 0;
+  bool serving = false;  // every listener's shards are up
+};
+
+// One fleet event for WatchEvents.
+struct EventRecord {
+  enum class Type {
+    kShardStarted,
+    kShardExited,
+    kShardRestarted,
+    kDrainBegun,
+    kDrainDone,
+    kSteeringChanged,
+    kListenerCreated,
+    kListenerDeleted,
+    kError,
+  };
+  Type type;
+  absl::Time time;
+  std::string listener;
+  int shard = -1;
+  pid_t pid = 0;
+  std::string message;
+};
+
+class FleetController {
+ public:
+  virtual ~FleetController() = default;
+
+  // Thread-safe. Errors use absl codes by meaning: NotFound (no such
+  // listener/shard), AlreadyExists (name or address taken), InvalidArgument
+  // (message names the field), FailedPrecondition (e.g. steering without
+  // BPF), ResourceExhausted (limits). A failed call changes nothing.
+  virtual absl::StatusOr<std::vector<ListenerStatus>> ListListeners() = 0;
+  virtual absl::StatusOr<ListenerStatus> GetListener(
+      const std::string& name) = 0;
+  virtual absl::Status CreateListener(const v1::Listener& spec) = 0;
+  // Replaces a listener's spec (apply of a changed spec): shard count and
+  // steering are changed in place; a changed address or worker restarts it.
+  virtual absl::Status UpdateListener(const v1::Listener& spec) = 0;
+  // Drains every shard, then removes the listener. Returns when done.
+  virtual absl::Status DeleteListener(const std::string& name) = 0;
+  virtual absl::Status ScaleListener(const std::string& name,
+                                     uint32_t shards) = 0;
+  // Removes the shard with this index (the last shard's index is reused by
+  // no one; indexes of the other shards do not change).
+  virtual absl::Status DrainShard(const std::string& name, uint32_t index) = 0;
+  virtual absl::Status SetSteering(const std::string& name,
+                                   const v1::Steering& steering) = 0;
+  virtual AgentStatus GetStatus() = 0;
+
+  // Calls `sink` (from any thread) for every event until the returned id is
+  // passed to Unsubscribe.
+  virtual uint64_t Subscribe(std::function<void(const EventRecord&)> sink) = 0;
+  virtual void Unsubscribe(uint64_t id) = 0;
+};
+
+}  // namespace portfleet
+
+#endif  // PORTFLEET_AGENT_CONTROLLER_H_
