@@ -1,0 +1,19 @@
+// Turns SteeringTables into one table generation of the BPF program
+// (bpf/steering_shared.h). Pure; used by the BPF backend and unit tests.
+#ifndef PORTFLEET_AGENT_STEERING_GENERATION_H_
+#define PORTFLEET_AGENT_STEERING_GENERATION_H_
+
+#include "absl/status/statusor.h"
+#include "agent/steering/steering.h"
+#include "bpf/steering_shared.h"
+
+namespace portfleet {
+
+// Validates `tables` (precise InvalidArgument) and fills a generation:
+// HASH: indirection table by weights. CPU: for each CPU the shards pinned to
+// it with a non-zero weight; CPUs without one use the indirection table.
+absl::StatusOr<pf_generation> BuildGeneration(const SteeringTables& tables);
+
+}  // namespace portfleet
+
+#endif  // PORTFLEET_AGENT_STEERING_GENERATION_H_

@@ -1,0 +1,103 @@
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
+/*
+ * Shared between bpf/steering.bpf.c and user space (agent/steering,
+ * tests): sizes, policies, map value layouts and the selection decision.
+ *
+ * Plain C, no helper calls: the decision function below is compiled into the
+ * BPF program and into host unit tests alike.
+ *
+ * Maps of one listener (pinned under <bpffs>/<listener>/ by the agent):
+ *   shards       REUSEPORT_SOCKARRAY[PF_MAX_SHARDS]  shard index -> socket
+ *   generations  ARRAY[2] of struct pf_generation     two table generations
+ *   config       ARRAY[1] of struct pf_config         active generation
+ *   counters     PERCPU_ARRAY[PF_COUNTER_SLOTS] of struct pf_counters
+ *
+ * A table rewrite fills the inactive generation (policy, indirection table,
+ * CPU table) and then flips the single word config.active, so the program
+ * never reads a half-written table.
+ */
+#ifndef PORTFLEET_BPF_STEERING_SHARED_H_
+#define PORTFLEET_BPF_STEERING_SHARED_H_
+
+#include <linux/types.h>
+
+#ifndef __always_inline
+#define __always_inline inline __attribute__((always_inline))
+#endif
+
+#define PF_MAX_SHARDS 64
+#define PF_TABLE_SIZE 256 /* power of two: slot = hash & (size - 1) */
+#define PF_MAX_CPUS 256
+#define PF_GENERATIONS 2
+/* Counter slot PF_MAX_SHARDS counts decisions that had no shard at all
+ * (no table yet, or an empty table for the CPU/hash). */
+#define PF_COUNTER_SLOTS (PF_MAX_SHARDS + 1)
+#define PF_NO_SHARD 0xffffffffu
+
+enum pf_policy {
+	PF_POLICY_NONE = 0, /* nothing applied yet: kernel's own hash */
+	PF_POLICY_HASH = 1, /* flow hash -> indirection table */
+	PF_POLICY_CPU = 2,  /* SYN's CPU -> that CPU's shards (by hash) */
+};
+
+/* The shards of one CPU: cpu_shards[first .. first + count). */
+struct pf_cpu_range {
+	__u32 first;
+	__u32 count; /* 0: no shard on this CPU, use the indirection table */
+};
+
+/* One table generation; written whole while inactive. */
+struct pf_generation {
+	__u32 policy;     /* enum pf_policy */
+	__u32 num_shards; /* shards named by the tables (informational) */
+	__u32 table[PF_TABLE_SIZE];  /* slot -> shard index */
+	struct pf_cpu_range cpu[PF_MAX_CPUS];
+	__u32 cpu_shards[PF_MAX_SHARDS];
+};
+
+struct pf_config {
+	__u32 active; /* generation the program reads: 0 or 1 */
+	__u32 pad;
+};
+
+/* Per shard, per CPU. */
+struct pf_counters {
+	__u64 selected; /* new connection steered to this shard */
+	__u64 migrated; /* queued/half-open connection moved to this shard */
+	__u64 fallback; /* intended for this shard, slot empty: kernel chose */
+};
+
+/*
+ * The selection decision: a shard index, or PF_NO_SHARD when nothing is
+ * configured (the program then lets the kernel choose).
+ */
+static __always_inline __u32 pf_select_shard(const struct pf_generation *gen,
+					     __u32 hash, __u32 cpu)
+{
+	__u32 shard;
+
+	if (!gen)
+		return PF_NO_SHARD;
+	if (gen->policy == PF_POLICY_CPU && cpu < PF_MAX_CPUS) {
+		__u32 first = gen->cpu[cpu].first;
+		__u32 count = gen->cpu[cpu].count;
+
+		if (count > 0 && count <= PF_MAX_SHARDS &&
+		    first < PF_MAX_SHARDS) {
+			__u32 idx = (first + hash % count) & (PF_MAX_SHARDS - 1);
+
+			shard = gen->cpu_shards[idx];
+			return shard < PF_MAX_SHARDS ? shard : PF_NO_SHARD;
+		}
+		/* no shard pinned to this CPU: fall through to the table */
+	} else if (gen->policy != PF_POLICY_HASH &&
+		   gen->policy != PF_POLICY_CPU) {
+		return PF_NO_SHARD;
+	}
+	shard = gen->table[hash & (PF_TABLE_SIZE - 1)];
+	if (shard >= PF_MAX_SHARDS)
+		return PF_NO_SHARD;
+	return shard;
+}
+
+#endif /* PORTFLEET_BPF_STEERING_SHARED_H_ */

@@ -1,0 +1,452 @@
+// Real-kernel tests of the steering program and its BPF backend, without the
+// agent (kernel selftest style): each case runs in its own process and
+// network namespace, creates SO_REUSEPORT listeners on loopback itself, and
+// learns which shard got a connection by accepting on the shard sockets.
+#include <arpa/inet.h>
+#include <bpf/bpf.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sched.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "agent/steering/steering.h"
+#include "bpf/steering_shared.h"
+#include "gtest/gtest.h"
+#include "tests/testing/netns.h"
+#include "worker/sdk/fd.h"
+
+namespace portfleet {
+namespace {
+
+using ::portfleet::testing::PrivilegedRequired;
+
+struct Group {
+  int family = AF_INET;
+  uint16_t port = 0;
+  std::vector<Fd> shards;
+};
+
+sockaddr_storage Loopback(int family, uint16_t port, socklen_t* len) {
+  sockaddr_storage ss{};
+  if (family == AF_INET) {
+    auto* sin = reinterpret_cast<sockaddr_in*>(&ss);
+    sin->sin_family = AF_INET;
+    sin->sin_port = htons(port);
+    sin->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    *len = sizeof(sockaddr_in);
+  } else {
+    auto* sin6 = reinterpret_cast<sockaddr_in6*>(&ss);
+    sin6->sin6_family = AF_INET6;
+    sin6->sin6_port = htons(port);
+    sin6->sin6_addr = in6addr_loopback;
+    *len = sizeof(sockaddr_in6);
+  }
+  return ss;
+}
+
+// n listening SO_REUSEPORT sockets on one loopback port.
+Group MakeGroup(int family, int n, int backlog = 1024) {
+  Group g;
+  g.family = family;
+  for (int i = 0; i < n; ++i) {
+    Fd fd(::socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    EXPECT_TRUE(fd.valid()) << std::strerror(errno);
+    int one = 1;
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    socklen_t len;
+    sockaddr_storage ss = Loopback(family, g.port, &len);
+    EXPECT_EQ(::bind(fd.get(), reinterpret_cast<sockaddr*>(&ss), len), 0)
+        << std::strerror(errno);
+    EXPECT_EQ(::listen(fd.get(), backlog), 0) << std::strerror(errno);
+    if (g.port == 0) {
+      ::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&ss), &len);
+      g.port = ntohs(family == AF_INET
+                         ? reinterpret_cast<sockaddr_in*>(&ss)->sin_port
+                         : reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port);
+    }
+    g.shards.push_back(std::move(fd));
+  }
+  return g;
+}
+
+// A connected client socket, or an invalid Fd.
+Fd Connect(const Group& g) {
+  Fd fd(::socket(g.family, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  socklen_t len;
+  sockaddr_storage ss = Loopback(g.family, g.port, &len);
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&ss), len) != 0) {
+    return Fd();
+  }
+  return fd;
+}
+
+// Accepts one connection from any shard; returns the shard index or -1.
+int AcceptAny(const Group& g, int timeout_ms = 2000) {
+  std::vector<pollfd> pfds;
+  for (const Fd& s : g.shards) pfds.push_back({s.get(), POLLIN, 0});
+  if (::poll(pfds.data(), pfds.size(), timeout_ms) <= 0) return -1;
+  for (size_t i = 0; i < g.shards.size(); ++i) {
+    if (!g.shards[i].valid()) continue;
+    Fd c(::accept4(g.shards[i].get(), nullptr, nullptr,
+                   SOCK_NONBLOCK | SOCK_CLOEXEC));
+    if (c) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+// Connects `count` times and tallies which shard accepted each connection
+// (-1 entries = failures).
+std::vector<int> ConnectAndTally(const Group& g, int count) {
+  std::vector<int> tally(g.shards.size() + 1, 0);
+  for (int i = 0; i < count; ++i) {
+    Fd c = Connect(g);
+    int shard = c ? AcceptAny(g) : -1;
+    ++tally[shard < 0 ? g.shards.size() : shard];
+  }
+  return tally;
+}
+
+class SteeringKernelTest : public ::testing::Test {
+ protected:
+  // Opens the backend on a private bpffs root; backend_ stays null when the
+  // case is skipped (or failed under PORTFLEET_REQUIRE_PRIVILEGED=1).
+  void Init() {
+    root_ = absl::StrCat("/sys/fs/bpf/portfleet-test-", ::getpid());
+    auto backend = OpenBpfSteering(root_);
+    if (!backend.ok()) {
+      if (PrivilegedRequired()) FAIL() << backend.status();
+      GTEST_SKIP() << "BPF steering unavailable: " << backend.status();
+    }
+    backend_ = std::move(*backend);
+  }
+
+  void TearDown() override {
+    if (!root_.empty()) {
+      std::error_code ec;
+      std::filesystem::remove_all(root_, ec);
+    }
+  }
+
+  // Opens `name`, attaches to the group and fills the sockarray.
+  std::unique_ptr<ListenerSteering> Open(const Group& g,
+                                         const std::string& name = "web") {
+    auto l = backend_->OpenListener(name);
+    EXPECT_TRUE(l.ok()) << l.status();
+    if (!l.ok()) return nullptr;
+    EXPECT_TRUE((*l)->AttachTo(g.shards[0].get()).ok());
+    for (size_t i = 0; i < g.shards.size(); ++i) {
+      absl::Status s = (*l)->SetShardSocket(i, g.shards[i].get());
+      EXPECT_TRUE(s.ok()) << s;
+    }
+    return std::move(*l);
+  }
+
+  std::string root_;
+  std::unique_ptr<SteeringBackend> backend_;
+};
+
+void PinToCpu(int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  ASSERT_EQ(::sched_setaffinity(0, sizeof(set), &set), 0);
+}
+
+TEST_F(SteeringKernelTest, CpuPolicyTcpV4) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Init();
+  if (!backend_) return;
+  cpu_set_t allowed;
+  ASSERT_EQ(::sched_getaffinity(0, sizeof(allowed), &allowed), 0);
+  std::vector<int> cpus;
+  for (int c = 0; c < CPU_SETSIZE && cpus.size() < 2; ++c) {
+    if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
+  }
+  if (cpus.size() < 2) GTEST_SKIP() << "needs 2 usable CPUs";
+  Group g = MakeGroup(AF_INET, 2);
+  auto steering = Open(g);
+  ASSERT_NE(steering, nullptr);
+  // Shard i pinned to cpus[i].
+  absl::Status s = steering->Apply(
+      {.policy = v1::STEERING_POLICY_CPU, .shard_cpus = {cpus[0], cpus[1]}});
+  ASSERT_TRUE(s.ok()) << s;
+  for (int i = 0; i < 2; ++i) {
+    auto before = steering->ReadCounters();
+    ASSERT_TRUE(before.ok()) << before.status();
+    std::vector<int> tally;
+    std::thread client([&] {
+      PinToCpu(cpus[i]);
+      tally = ConnectAndTally(g, 500);
+    });
+    client.join();
+    EXPECT_EQ(tally[i], 500) << "client on CPU " << cpus[i];
+    EXPECT_EQ(tally[1 - i], 0);
+    EXPECT_EQ(tally[2], 0) << "failed connections";
+    auto after = steering->ReadCounters();
+    ASSERT_TRUE(after.ok()) << after.status();
+    EXPECT_EQ((*after)[i].selected - (*before)[i].selected, 500u);
+    EXPECT_EQ((*after)[1 - i].selected, (*before)[1 - i].selected);
+    EXPECT_EQ((*after)[i].fallback, 0u);
+  }
+}
+
+TEST_F(SteeringKernelTest, HashWeightsThreeToOneTcpV4) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Init();
+  if (!backend_) return;
+  Group g = MakeGroup(AF_INET, 2);
+  auto steering = Open(g);
+  ASSERT_NE(steering, nullptr);
+  ASSERT_TRUE(steering->Apply({.weights = {3, 1}}).ok());
+  std::vector<int> tally = ConnectAndTally(g, 4000);
+  EXPECT_EQ(tally[2], 0) << "failed connections";
+  const double share0 = 100.0 * tally[0] / 4000;
+  EXPECT_NEAR(share0, 75.0, 5.0) << tally[0] << " / " << tally[1];
+  auto counters = steering->ReadCounters();
+  ASSERT_TRUE(counters.ok());
+  EXPECT_EQ((*counters)[0].selected, static_cast<uint64_t>(tally[0]));
+  EXPECT_EQ((*counters)[1].selected, static_cast<uint64_t>(tally[1]));
+}
+
+TEST_F(SteeringKernelTest, HashWeightsOneToZeroTcpV6) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Init();
+  if (!backend_) return;
+  Group g = MakeGroup(AF_INET6, 2);
+  auto steering = Open(g);
+  ASSERT_NE(steering, nullptr);
+  ASSERT_TRUE(steering->Apply({.weights = {1, 0}}).ok());
+  std::vector<int> tally = ConnectAndTally(g, 1000);
+  EXPECT_EQ(tally[0], 1000);
+  EXPECT_EQ(tally[1], 0);
+  EXPECT_EQ(tally[2], 0);
+}
+
+TEST_F(SteeringKernelTest, TableSwitchUnderLoadTcpV4) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Init();
+  if (!backend_) return;
+  Group g = MakeGroup(AF_INET, 3);
+  auto steering = Open(g);
+  ASSERT_NE(steering, nullptr);
+  ASSERT_TRUE(steering->Apply({.num_shards = 3}).ok());
+  std::atomic<bool> stop{false}, client_done{false};
+  std::atomic<int> ok{0}, failed{0}, accepted{0};
+  std::thread acceptor([&] {
+    // Until the client has stopped and every connection it made is taken.
+    while (!client_done.load() || accepted.load() < ok.load()) {
+      if (AcceptAny(g, 50) >= 0) ++accepted;
+    }
+  });
+  std::thread client([&] {
+    while (!stop.load()) {
+      Fd c = Connect(g);
+      if (c) {
+        ++ok;
+      } else {
+        ++failed;
+      }
+    }
+    client_done = true;
+  });
+  for (int i = 0; i < 20; ++i) {
+    SteeringTables t;
+    if (i % 2 == 0) {
+      t = {.policy = v1::STEERING_POLICY_CPU, .shard_cpus = {0, 1, 1}};
+    } else {
+      t = {.weights = {static_cast<uint32_t>(i), 1, 0}};
+    }
+    absl::Status s = steering->Apply(t);
+    EXPECT_TRUE(s.ok()) << s;
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  stop = true;
+  client.join();
+  acceptor.join();
+  EXPECT_EQ(failed.load(), 0);
+  EXPECT_GT(ok.load(), 100);
+  EXPECT_EQ(accepted.load(), ok.load());
+  auto none = steering->ReadUnattributedCounters();
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(none->fallback, 0u);
+}
+
+TEST_F(SteeringKernelTest, EmptySlotAndClosedSocketFallBackTcpV4) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Init();
+  if (!backend_) return;
+  Group g = MakeGroup(AF_INET, 3);
+  auto steering = Open(g);
+  ASSERT_NE(steering, nullptr);
+  ASSERT_TRUE(steering->Apply({.weights = {1, 1, 1}}).ok());
+  // Empty slot: shard 1 leaves the sockarray but keeps its table slots.
+  ASSERT_TRUE(steering->ClearShardSocket(1).ok());
+  std::vector<int> tally = ConnectAndTally(g, 300);
+  EXPECT_EQ(tally[3], 0) << "failed connections";
+  auto counters = steering->ReadCounters();
+  ASSERT_TRUE(counters.ok());
+  EXPECT_GT((*counters)[1].fallback, 0u);
+  EXPECT_EQ((*counters)[1].selected, 0u);
+  // Closed socket: shard 2 closes (the kernel empties its slot).
+  g.shards[2].Reset();
+  const uint64_t before = (*counters)[2].fallback;
+  tally = ConnectAndTally(g, 300);
+  EXPECT_EQ(tally[3], 0) << "failed connections";
+  counters = steering->ReadCounters();
+  ASSERT_TRUE(counters.ok());
+  EXPECT_GT((*counters)[2].fallback, before);
+}
+
+TEST_F(SteeringKernelTest, NoTablesYetFallsBack) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Init();
+  if (!backend_) return;
+  Group g = MakeGroup(AF_INET, 2);
+  auto steering = Open(g);
+  ASSERT_NE(steering, nullptr);
+  std::vector<int> tally = ConnectAndTally(g, 100);
+  EXPECT_EQ(tally[2], 0);
+  auto none = steering->ReadUnattributedCounters();
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(none->fallback, 100u);
+}
+
+void CheckMigration(SteeringKernelTest* t, ListenerSteering* steering,
+                    Group& g) {
+  ASSERT_TRUE(steering->Apply({.weights = {1, 0}}).ok());
+  constexpr int kQueued = 32;
+  std::vector<Fd> clients;
+  for (int i = 0; i < kQueued; ++i) {
+    Fd c = Connect(g);
+    ASSERT_TRUE(c.valid()) << std::strerror(errno);
+    clients.push_back(std::move(c));
+  }
+  // Nothing on shard 1 yet.
+  Fd none(::accept4(g.shards[1].get(), nullptr, nullptr, SOCK_NONBLOCK));
+  ASSERT_FALSE(none.valid());
+  auto before = steering->ReadCounters();
+  ASSERT_TRUE(before.ok());
+  ASSERT_EQ(::shutdown(g.shards[0].get(), SHUT_RDWR), 0);
+  int moved = 0;
+  for (int i = 0; i < kQueued; ++i) {
+    pollfd p{g.shards[1].get(), POLLIN, 0};
+    if (::poll(&p, 1, 1000) <= 0) break;
+    Fd c(::accept4(g.shards[1].get(), nullptr, nullptr, SOCK_NONBLOCK));
+    if (!c) break;
+    ++moved;
+  }
+  EXPECT_EQ(moved, kQueued);
+  auto after = steering->ReadCounters();
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ((*after)[1].migrated - (*before)[1].migrated,
+            static_cast<uint64_t>(kQueued));
+}
+
+TEST_F(SteeringKernelTest, ShutdownMigratesQueueTcpV4) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Init();
+  if (!backend_) return;
+  Group g = MakeGroup(AF_INET, 2);
+  auto steering = Open(g);
+  ASSERT_NE(steering, nullptr);
+  CheckMigration(this, steering.get(), g);
+}
+
+TEST_F(SteeringKernelTest, ShutdownMigratesQueueTcpV6) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Init();
+  if (!backend_) return;
+  Group g = MakeGroup(AF_INET6, 2);
+  auto steering = Open(g);
+  ASSERT_NE(steering, nullptr);
+  CheckMigration(this, steering.get(), g);
+}
+
+TEST_F(SteeringKernelTest, PinnedMapsSurviveAndAreReused) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Init();
+  if (!backend_) return;
+  Group g = MakeGroup(AF_INET, 2);
+  {
+    auto first = Open(g);
+    ASSERT_NE(first, nullptr);
+    ASSERT_TRUE(first->Apply({.weights = {0, 1}}).ok());
+  }  // the agent's objects are gone; the group keeps the program
+  std::vector<int> tally = ConnectAndTally(g, 200);
+  EXPECT_EQ(tally[1], 200);
+  // A new instance on the pinned maps, attached again, without Apply.
+  auto second = backend_->OpenListener("web");
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_TRUE((*second)->AttachTo(g.shards[0].get()).ok());
+  tally = ConnectAndTally(g, 200);
+  EXPECT_EQ(tally[1], 200);
+  auto counters = (*second)->ReadCounters();
+  ASSERT_TRUE(counters.ok());
+  EXPECT_EQ((*counters)[1].selected, 400u);
+  ASSERT_TRUE((*second)->RemovePins().ok());
+  EXPECT_FALSE(std::filesystem::exists(root_ + "/web"));
+}
+
+TEST_F(SteeringKernelTest, IncompatiblePinIsFailedPrecondition) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Init();
+  if (!backend_) return;
+  {
+    auto l = backend_->OpenListener("bad");
+    ASSERT_TRUE(l.ok()) << l.status();
+  }
+  const std::string path = root_ + "/bad/generations";
+  ASSERT_EQ(::unlink(path.c_str()), 0);
+  int fd = bpf_map_create(BPF_MAP_TYPE_ARRAY, "generations", 4, 4, 2, nullptr);
+  ASSERT_GE(fd, 0) << std::strerror(-fd);
+  Fd map(fd);
+  ASSERT_EQ(bpf_obj_pin(map.get(), path.c_str()), 0);
+  auto l = backend_->OpenListener("bad");
+  ASSERT_FALSE(l.ok());
+  EXPECT_EQ(l.status().code(), absl::StatusCode::kFailedPrecondition);
+  const std::string msg(l.status().message());
+  EXPECT_NE(msg.find("'generations'"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("value size 4"), std::string::npos) << msg;
+  EXPECT_NE(msg.find(path), std::string::npos) << msg;
+  // A missing map is reported the same way.
+  ASSERT_EQ(::unlink((root_ + "/bad/counters").c_str()), 0);
+  ASSERT_EQ(::unlink(path.c_str()), 0);
+  l = backend_->OpenListener("bad");
+  EXPECT_EQ(l.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(l.status().message().find("missing"), absl::string_view::npos)
+      << l.status();
+}
+
+TEST_F(SteeringKernelTest, RejectsNonListeningSocket) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Init();
+  if (!backend_) return;
+  auto l = backend_->OpenListener("web");
+  ASSERT_TRUE(l.ok()) << l.status();
+  Fd udp(::socket(AF_INET, SOCK_DGRAM, 0));
+  absl::Status s = (*l)->SetShardSocket(0, udp.get());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  Fd tcp(::socket(AF_INET, SOCK_STREAM, 0));
+  s = (*l)->SetShardSocket(0, tcp.get());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("SO_ACCEPTCONN"), absl::string_view::npos) << s;
+  EXPECT_EQ((*l)->SetShardSocket(64, tcp.get()).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*l)->Apply({.weights = {0, 0}}).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace portfleet

@@ -1,0 +1,175 @@
+// Table building and the BPF selection decision (bpf/steering_shared.h,
+// compiled for the host).
+#include <map>
+#include <vector>
+
+#include "agent/steering/generation.h"
+#include "agent/steering/steering.h"
+#include "bpf/steering_shared.h"
+#include "gtest/gtest.h"
+
+namespace portfleet {
+namespace {
+
+std::map<uint32_t, int> Histogram(const std::vector<uint32_t>& table) {
+  std::map<uint32_t, int> h;
+  for (uint32_t s : table) ++h[s];
+  return h;
+}
+
+TEST(BuildIndirectionTable, ThreeToOne) {
+  auto table = BuildIndirectionTable({3, 1}, 2, 256);
+  ASSERT_TRUE(table.ok()) << table.status();
+  ASSERT_EQ(table->size(), 256u);
+  auto h = Histogram(*table);
+  EXPECT_EQ(h[0], 192);
+  EXPECT_EQ(h[1], 64);
+}
+
+TEST(BuildIndirectionTable, ZeroWeightGetsNoSlot) {
+  auto table = BuildIndirectionTable({1, 0}, 2, 256);
+  ASSERT_TRUE(table.ok()) << table.status();
+  auto h = Histogram(*table);
+  EXPECT_EQ(h[0], 256);
+  EXPECT_EQ(h.count(1), 0u);
+}
+
+TEST(BuildIndirectionTable, EqualWeightsLargestRemainder) {
+  for (const std::vector<uint32_t>& w :
+       {std::vector<uint32_t>{}, std::vector<uint32_t>{5, 5, 5}}) {
+    auto table = BuildIndirectionTable(w, 3, 256);
+    ASSERT_TRUE(table.ok()) << table.status();
+    auto h = Histogram(*table);
+    EXPECT_EQ(h[0], 86);
+    EXPECT_EQ(h[1], 85);
+    EXPECT_EQ(h[2], 85);
+  }
+}
+
+TEST(BuildIndirectionTable, LargestRemainderPicksBiggestFraction) {
+  // 256 * {1,2,4}/7 = 36.57, 73.14, 146.29 -> 37, 73, 146.
+  auto table = BuildIndirectionTable({1, 2, 4}, 3, 256);
+  ASSERT_TRUE(table.ok()) << table.status();
+  auto h = Histogram(*table);
+  EXPECT_EQ(h[0], 37);
+  EXPECT_EQ(h[1], 73);
+  EXPECT_EQ(h[2], 146);
+}
+
+TEST(BuildIndirectionTable, HugeWeightsDoNotOverflow) {
+  auto table = BuildIndirectionTable({0xffffffffu, 0xffffffffu}, 2, 256);
+  ASSERT_TRUE(table.ok()) << table.status();
+  auto h = Histogram(*table);
+  EXPECT_EQ(h[0], 128);
+  EXPECT_EQ(h[1], 128);
+}
+
+TEST(BuildIndirectionTable, Errors) {
+  auto mismatch = BuildIndirectionTable({1, 2, 3}, 2, 256);
+  EXPECT_EQ(mismatch.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(mismatch.status().message().find("3 weights for 2 shards"),
+            absl::string_view::npos)
+      << mismatch.status();
+  auto zero = BuildIndirectionTable({0, 0}, 2, 256);
+  EXPECT_EQ(zero.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(zero.status().message().find("all zero"), absl::string_view::npos);
+  EXPECT_EQ(BuildIndirectionTable({}, 0, 256).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(BuildIndirectionTable({1}, 1, 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(BuildGeneration, Errors) {
+  auto too_many = BuildGeneration({.weights = std::vector<uint32_t>(65, 1)});
+  EXPECT_EQ(too_many.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(too_many.status().message().find("at most 64"),
+            absl::string_view::npos)
+      << too_many.status();
+  auto mismatch = BuildGeneration({.weights = {1, 1}, .shard_cpus = {0, 1, 0}});
+  EXPECT_EQ(mismatch.status().code(), absl::StatusCode::kInvalidArgument);
+  auto no_cpus =
+      BuildGeneration({.policy = v1::STEERING_POLICY_CPU, .num_shards = 2});
+  EXPECT_EQ(no_cpus.status().code(), absl::StatusCode::kInvalidArgument);
+  auto bad_cpu = BuildGeneration(
+      {.policy = v1::STEERING_POLICY_CPU, .shard_cpus = {0, 999}});
+  EXPECT_EQ(bad_cpu.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad_cpu.status().message().find("shard_cpus[1] = 999"),
+            absl::string_view::npos)
+      << bad_cpu.status();
+  EXPECT_EQ(BuildGeneration({}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(BuildGeneration({.weights = {0, 0}}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(SelectShard, NothingConfigured) {
+  EXPECT_EQ(pf_select_shard(nullptr, 7, 0), PF_NO_SHARD);
+  pf_generation empty{};
+  EXPECT_EQ(pf_select_shard(&empty, 7, 0), PF_NO_SHARD);
+}
+
+TEST(SelectShard, HashFollowsTable) {
+  auto gen = BuildGeneration({.weights = {3, 1}});
+  ASSERT_TRUE(gen.ok()) << gen.status();
+  std::map<uint32_t, int> h;
+  for (uint32_t hash = 0; hash < 4 * PF_TABLE_SIZE; ++hash) {
+    ++h[pf_select_shard(&*gen, hash * 0x10001u, hash % 2)];
+  }
+  EXPECT_EQ(h[0], 4 * 192);
+  EXPECT_EQ(h[1], 4 * 64);
+  EXPECT_EQ(h.size(), 2u);
+}
+
+TEST(SelectShard, CpuPolicy) {
+  // Shards 0 and 2 on CPU 0, shard 1 on CPU 1, shard 3 unpinned.
+  auto gen = BuildGeneration(
+      {.policy = v1::STEERING_POLICY_CPU, .shard_cpus = {0, 1, 0, -1}});
+  ASSERT_TRUE(gen.ok()) << gen.status();
+  std::map<uint32_t, int> cpu0;
+  for (uint32_t hash = 0; hash < 1000; ++hash) {
+    EXPECT_EQ(pf_select_shard(&*gen, hash, 1), 1u);
+    ++cpu0[pf_select_shard(&*gen, hash, 0)];
+  }
+  EXPECT_EQ(cpu0.size(), 2u);
+  EXPECT_EQ(cpu0[0], 500);
+  EXPECT_EQ(cpu0[2], 500);
+  // CPU 5 has no shard: the (equal) indirection table decides.
+  EXPECT_EQ(pf_select_shard(&*gen, 0, 5), 0u);
+  EXPECT_EQ(pf_select_shard(&*gen, 255, 5), 3u);
+  // Out-of-range CPU ids use the table too.
+  EXPECT_EQ(pf_select_shard(&*gen, 255, 100000), 3u);
+}
+
+TEST(SelectShard, CpuPolicyZeroWeightLeavesCpuList) {
+  auto gen = BuildGeneration({.policy = v1::STEERING_POLICY_CPU,
+                              .weights = {1, 0},
+                              .shard_cpus = {0, 1}});
+  ASSERT_TRUE(gen.ok()) << gen.status();
+  for (uint32_t hash = 0; hash < 1000; ++hash) {
+    EXPECT_EQ(pf_select_shard(&*gen, hash, 0), 0u);
+    EXPECT_EQ(pf_select_shard(&*gen, hash, 1), 0u);  // via the table
+  }
+}
+
+TEST(SelectShard, CorruptTableIsRejected) {
+  pf_generation gen{};
+  gen.policy = PF_POLICY_HASH;
+  gen.table[3] = PF_MAX_SHARDS;
+  EXPECT_EQ(pf_select_shard(&gen, 3, 0), PF_NO_SHARD);
+  gen.policy = 77;
+  EXPECT_EQ(pf_select_shard(&gen, 4, 0), PF_NO_SHARD);
+}
+
+TEST(ValidatePinName, Rules) {
+  EXPECT_TRUE(ValidatePinName("web-1_b").ok());
+  EXPECT_FALSE(ValidatePinName("web.1").ok());
+  EXPECT_FALSE(ValidatePinName("_tmp").ok());
+  EXPECT_FALSE(ValidatePinName("").ok());
+  EXPECT_FALSE(ValidatePinName("../x").ok());
+  EXPECT_FALSE(ValidatePinName(".tmp").ok());
+  EXPECT_FALSE(ValidatePinName("a/b").ok());
+  EXPECT_FALSE(ValidatePinName(std::string(64, 'a')).ok());
+}
+
+}  // namespace
+}  // namespace portfleet
