@@ -12,6 +12,8 @@
 #include "absl/strings/str_cat.h"
 #include "agent/event_loop.h"
 #include "agent/fleet.h"
+#include "agent/fleet_controller.h"
+#include "agent/steering/steering.h"
 #include "agent/launcher.h"
 #include "agent/spec.h"
 #include "worker/sdk/log.h"
@@ -167,8 +169,26 @@ int RunAgent(const AgentOptions& options) {
   RealProcessLauncher launcher;
   FleetOptions fleet_options;
   fleet_options.cpus = OnlineCpus();
+  // BPF steering, or the kernel's plain reuseport hashing with the reason.
+  absl::StatusOr<std::unique_ptr<SteeringBackend>> steering =
+      OpenBpfSteering(options.bpffs);
   Fleet fleet(loop->get(), &launcher, fleet_options);
-  fleet.SetEventSink([](const FleetEvent&) {});
+  if (steering.ok()) {
+    fleet.SetSteeringBackend(steering->get(), "");
+    PF_LOG(INFO) << "BPF steering active (maps pinned under " << options.bpffs
+                 << ")";
+  } else {
+    fleet.SetSteeringBackend(nullptr, std::string(steering.status().message()));
+    PF_LOG(WARNING) << "BPF steering unavailable: "
+                    << steering.status().message()
+                    << "; listeners use the kernel's reuseport hash and "
+                       "steering requests will fail";
+  }
+
+
+  LoopFleetController controller(loop->get(), &fleet, nullptr, kVersion);
+  fleet.SetEventSink(
+      [&controller](const FleetEvent& event) { controller.Publish(event); });
 
   PF_LOG(INFO) << "portfleet-agent " << kVersion << " starting (pid "
                << ::getpid() << ", config " << options.config << ", "

@@ -8,6 +8,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <memory>
+
+#include <sched.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -31,7 +34,14 @@ struct Fleet::Worker {
 };
 
 struct Fleet::Shard {
-  enum class State { kStarting, kRunning, kBackoff, kStopping, kStopped };
+  enum class State {
+    kStarting,
+    kRunning,
+    kBackoff,
+    kStopping,
+    kStopped,
+    kDraining
+  };
   uint32_t index = 0;
   Fd socket;
   uint64_t inode = 0;
@@ -41,13 +51,27 @@ struct Fleet::Shard {
   uint32_t restarts = 0;
   absl::Duration backoff;
   std::optional<EventLoop::TimerId> restart_timer;
+  std::optional<EventLoop::TimerId> drain_timer;
+  std::vector<Fleet::Done> drain_done;  // callbacks when the drain completes
 };
 
 struct Fleet::Listener {
   v1::Listener spec;
   SocketAddress address;
   std::string command_path;
-  std::vector<std::unique_ptr<Shard>> shards;
+  std::vector<std::unique_ptr<Shard>> shards;  // in index order
+  std::unique_ptr<ListenerSteering> steering;  // null without BPF
+  bool deleting = false;
+  std::vector<Fleet::Done> delete_done;
+
+  // Shards that take new connections (not draining).
+  std::vector<Shard*> Live() const {
+    std::vector<Shard*> out;
+    for (const auto& s : shards) {
+      if (s->state != Shard::State::kDraining) out.push_back(s.get());
+    }
+    return out;
+  }
 
   std::string Name(const Shard& shard) const {
     return absl::StrCat("listener ", spec.name(), " shard ", shard.index);
@@ -57,8 +81,8 @@ struct Fleet::Listener {
 namespace {
 
 const char* StateName(int state) {
-  static const char* kNames[] = {"starting", "running", "backoff", "stopping",
-                                 "stopped"};
+  static const char* kNames[] = {"starting", "running", "backoff",
+                                 "stopping", "stopped",  "draining"};
   return kNames[state];
 }
 
@@ -94,6 +118,7 @@ Fleet::~Fleet() {
   for (auto& [name, listener] : listeners_) {
     for (auto& shard : listener->shards) {
       if (shard->restart_timer) loop_->CancelTimer(*shard->restart_timer);
+      if (shard->drain_timer) loop_->CancelTimer(*shard->drain_timer);
       DetachWorker(*shard);
     }
   }
@@ -119,18 +144,7 @@ absl::Status Fleet::Start(const v1::FleetSpec& spec) {
     if (!s.ok()) {
       // Nothing half-applied: undo the listeners created so far.
       for (const std::string& name : added) {
-        Listener& done = *listeners_[name];
-        for (auto& shard : done.shards) {
-          if (shard->worker) {
-            launcher_->Signal(shard->worker->process, SIGKILL);
-            for (int i = 0; i < 500; ++i) {
-              auto r = launcher_->Reap(shard->worker->process);
-              if (!r.ok() || r->has_value()) break;
-              absl::SleepFor(absl::Milliseconds(10));
-            }
-            DetachWorker(*shard);
-          }
-        }
+        for (auto& shard : listeners_[name]->shards) KillAndReap(*shard);
         listeners_.erase(name);
       }
       return s;
@@ -138,6 +152,70 @@ absl::Status Fleet::Start(const v1::FleetSpec& spec) {
     added.push_back(l.name());
   }
   return absl::OkStatus();
+}
+
+void Fleet::SetSteeringBackend(SteeringBackend* backend, std::string reason) {
+  steering_ = backend;
+  steering_reason_ = backend ? "" : std::move(reason);
+}
+
+void Fleet::KillAndReap(Shard& shard) {
+  if (!shard.worker) return;
+  launcher_->Signal(shard.worker->process, SIGKILL);
+  for (int i = 0; i < 500; ++i) {
+    auto r = launcher_->Reap(shard.worker->process);
+    if (!r.ok() || r->has_value()) break;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  DetachWorker(shard);
+}
+
+absl::StatusOr<std::unique_ptr<Fleet::Shard>> Fleet::NewShard(
+    Listener& listener, uint32_t index) {
+  auto shard = std::make_unique<Shard>();
+  shard->index = index;
+  shard->backoff = options_.restart_backoff_initial;
+  bool pin = listener.spec.steering().policy() == v1::STEERING_POLICY_CPU;
+  shard->cpu = pin ? options_.cpus[index % options_.cpus.size()] : -1;
+  ShardSocketOptions socket_options{
+      .backlog = static_cast<int>(EffectiveBacklog(listener.spec))};
+  absl::StatusOr<Fd> sock =
+      CreateShardSocket(listener.address, socket_options);
+  if (!sock.ok()) {
+    return Annotate(sock.status(), absl::StrCat("shard ", index));
+  }
+  shard->socket = std::move(*sock);
+  shard->inode = SocketInodeOf(shard->socket.get()).value_or(0);
+  return shard;
+}
+
+absl::Status Fleet::ApplySteering(Listener& listener) {
+  if (!listener.steering) return absl::OkStatus();
+  const v1::Steering& st = listener.spec.steering();
+  SteeringTables tables;
+  tables.policy = st.policy() == v1::STEERING_POLICY_CPU
+                      ? v1::STEERING_POLICY_CPU
+                      : v1::STEERING_POLICY_HASH;
+  uint32_t n = listener.shards.empty() ? 0 : listener.shards.back()->index + 1;
+  tables.num_shards = n;
+  tables.weights.assign(n, 0);
+  tables.shard_cpus.assign(n, -1);
+  // Weights in the spec apply to the live shards in index order.
+  int live = 0;
+  for (const auto& shard : listener.shards) {
+    if (shard->state == Shard::State::kDraining) continue;
+    uint32_t w = 1;
+    if (st.weights_size() > 0) {
+      w = live < st.weights_size() ? st.weights(live) : 0;
+    }
+    tables.weights[shard->index] = w;
+    tables.shard_cpus[shard->index] = shard->cpu;
+    live++;
+  }
+  if (live == 0) return absl::OkStatus();  // nothing to steer to (deleting)
+  return Annotate(listener.steering->Apply(tables),
+                  absl::StrCat("listener ", listener.spec.name(),
+                               ": writing steering tables"));
 }
 
 absl::Status Fleet::AddListener(const v1::Listener& spec) {
@@ -176,48 +254,411 @@ absl::Status Fleet::AddListener(const v1::Listener& spec) {
                      listener->address.ToString(),
                      " is already in use by another process: ", who));
   }
+  bool wants_steering = spec.steering().policy() == v1::STEERING_POLICY_CPU ||
+                        spec.steering().weights_size() > 0;
+  if (steering_ == nullptr && wants_steering) {
+    PF_LOG(WARNING) << "listener " << name
+                    << ": steering in the spec is not applied: BPF steering is "
+                       "unavailable ("
+                    << steering_reason_
+                    << "); using the kernel's reuseport hash";
+  }
 
   uint32_t n = EffectiveShards(spec, static_cast<int>(options_.cpus.size()));
-  bool pin = spec.steering().policy() == v1::STEERING_POLICY_CPU;
-  ShardSocketOptions socket_options{
-      .backlog = static_cast<int>(EffectiveBacklog(spec))};
   for (uint32_t i = 0; i < n; ++i) {
-    auto shard = std::make_unique<Shard>();
-    shard->index = i;
-    shard->backoff = options_.restart_backoff_initial;
-    shard->cpu = pin ? options_.cpus[i % options_.cpus.size()] : -1;
-    absl::StatusOr<Fd> sock =
-        CreateShardSocket(listener->address, socket_options);
-    if (!sock.ok()) {
-      return fail(Annotate(sock.status(), absl::StrCat("shard ", i)));
+    absl::StatusOr<std::unique_ptr<Shard>> shard = NewShard(*listener, i);
+    if (!shard.ok()) return fail(shard.status());
+    listener->shards.push_back(std::move(*shard));
+  }
+  if (steering_ != nullptr) {
+    absl::StatusOr<std::unique_ptr<ListenerSteering>> steering =
+        steering_->OpenListener(name);
+    if (!steering.ok()) return fail(steering.status());
+    listener->steering = std::move(*steering);
+    RETURN_IF_ERROR(fail(listener->steering->AttachTo(
+        listener->shards.front()->socket.get())));
+    for (auto& shard : listener->shards) {
+      RETURN_IF_ERROR(fail(listener->steering->SetShardSocket(
+          shard->index, shard->socket.get())));
     }
-    shard->socket = std::move(*sock);
-    shard->inode = SocketInodeOf(shard->socket.get()).value_or(0);
-    listener->shards.push_back(std::move(shard));
+    RETURN_IF_ERROR(ApplySteering(*listener));
   }
 
   for (auto& shard : listener->shards) {
     absl::Status s = StartWorker(*listener, *shard);
     if (!s.ok()) {
-      for (auto& started : listener->shards) {
-        if (!started->worker) continue;
-        launcher_->Signal(started->worker->process, SIGKILL);
-        for (int i = 0; i < 500; ++i) {
-          auto r = launcher_->Reap(started->worker->process);
-          if (!r.ok() || r->has_value()) break;
-          absl::SleepFor(absl::Milliseconds(10));
-        }
-        DetachWorker(*started);
-      }
+      for (auto& started : listener->shards) KillAndReap(*started);
       return s;
     }
   }
   PF_LOG(INFO) << "listener " << name << ": serving "
                << listener->address.ToString() << " with " << n << " shard"
                << (n == 1 ? "" : "s") << " (worker " << listener->command_path
-               << ", backlog " << socket_options.backlog << ")";
+               << ", backlog " << EffectiveBacklog(spec) << ", steering "
+               << (listener->steering
+                       ? v1::SteeringPolicy_Name(
+                             spec.steering().policy() ==
+                                     v1::STEERING_POLICY_UNSPECIFIED
+                                 ? v1::STEERING_POLICY_HASH
+                                 : spec.steering().policy())
+                       : std::string("kernel reuseport hash"))
+               << ")";
+  listener->spec.set_shards(n);
   listeners_[name] = std::move(listener);
   return absl::OkStatus();
+}
+
+absl::Status Fleet::GrowListener(Listener& listener, uint32_t target) {
+  // Add shard: socket, worker, sockarray, then table slots.
+  std::vector<Shard*> added;
+  auto undo = [&](const absl::Status& s) {
+    for (Shard* shard : added) {
+      if (listener.steering) {
+        listener.steering->ClearShardSocket(shard->index).IgnoreError();
+      }
+      KillAndReap(*shard);
+      auto it = std::find_if(
+          listener.shards.begin(), listener.shards.end(),
+          [&](const std::unique_ptr<Shard>& p) { return p.get() == shard; });
+      if (it != listener.shards.end()) listener.shards.erase(it);
+    }
+    return Annotate(s, absl::StrCat("listener ", listener.spec.name()));
+  };
+  while (listener.Live().size() < target) {
+    uint32_t index = 0;  // lowest free index
+    for (const auto& s : listener.shards) {
+      if (s->index == index) index++;
+    }
+    if (index >= kMaxShards) {
+      return undo(absl::ResourceExhaustedError(
+          absl::StrCat("no free shard index below ", kMaxShards)));
+    }
+    absl::StatusOr<std::unique_ptr<Shard>> shard = NewShard(listener, index);
+    if (!shard.ok()) return undo(shard.status());
+    Shard* raw = shard->get();
+    auto pos = std::find_if(
+        listener.shards.begin(), listener.shards.end(),
+        [&](const std::unique_ptr<Shard>& p) { return p->index > index; });
+    listener.shards.insert(pos, std::move(*shard));
+    added.push_back(raw);
+    if (absl::Status s = StartWorker(listener, *raw); !s.ok()) return undo(s);
+    if (listener.steering) {
+      if (absl::Status s =
+              listener.steering->SetShardSocket(index, raw->socket.get());
+          !s.ok()) {
+        return undo(s);
+      }
+    }
+  }
+  if (absl::Status s = ApplySteering(listener); !s.ok()) return undo(s);
+  return absl::OkStatus();
+}
+
+absl::Status Fleet::ScaleListener(const std::string& name, uint32_t shards,
+                                  Done done) {
+  auto it = listeners_.find(name);
+  if (it == listeners_.end() || it->second->deleting) {
+    return absl::NotFoundError(absl::StrCat("listener ", name, " not found"));
+  }
+  Listener& listener = *it->second;
+  if (shards == 0 || shards > kMaxShards) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "shards: ", shards, " is out of range (1-", kMaxShards, ")"));
+  }
+  if (listener.spec.steering().weights_size() > 0 &&
+      static_cast<uint32_t>(listener.spec.steering().weights_size()) !=
+          shards) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "listener ", name, " has ", listener.spec.steering().weights_size(),
+        " steering weights; set weights for ", shards,
+        " shards with SetSteering first, or clear them"));
+  }
+  std::vector<Shard*> live = listener.Live();
+  if (shards > live.size()) {
+    RETURN_IF_ERROR(GrowListener(listener, shards));
+    listener.spec.set_shards(shards);
+    PF_LOG(INFO) << "listener " << name << ": scaled up to " << shards
+                 << " shards";
+    done(absl::OkStatus());
+    return absl::OkStatus();
+  }
+  listener.spec.set_shards(shards);
+  if (shards == live.size()) {
+    done(absl::OkStatus());
+    return absl::OkStatus();
+  }
+  // Scale down: drain the highest indexes, all at once.
+  auto remaining = std::make_shared<size_t>(live.size() - shards);
+  auto first_error = std::make_shared<absl::Status>();
+  std::vector<Shard*> victims(live.end() - (live.size() - shards), live.end());
+  for (Shard* shard : victims) shard->state = Shard::State::kDraining;
+  absl::Status applied = ApplySteering(listener);
+  if (!applied.ok()) PF_LOG(ERROR) << applied;
+  for (Shard* shard : victims) {
+    BeginDrain(listener, *shard, [remaining, first_error, done](absl::Status s) {
+      if (!s.ok() && first_error->ok()) *first_error = s;
+      if (--*remaining == 0) done(*first_error);
+    });
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Fleet::DrainShard(const std::string& name, uint32_t index,
+                               Done done) {
+  auto it = listeners_.find(name);
+  if (it == listeners_.end() || it->second->deleting) {
+    return absl::NotFoundError(absl::StrCat("listener ", name, " not found"));
+  }
+  Listener& listener = *it->second;
+  Shard* shard = nullptr;
+  for (auto& s : listener.shards) {
+    if (s->index == index) shard = s.get();
+  }
+  if (shard == nullptr) {
+    return absl::NotFoundError(
+        absl::StrCat("listener ", name, " has no shard ", index));
+  }
+  if (shard->state == Shard::State::kDraining) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "listener ", name, " shard ", index, " is already draining"));
+  }
+  if (listener.Live().size() <= 1) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "listener ", name, " shard ", index,
+        " is its last shard; delete the listener instead"));
+  }
+  if (listener.spec.steering().weights_size() > 0) {
+    // Drop the drained shard's weight so the others keep theirs.
+    int pos = 0;
+    for (Shard* s : listener.Live()) {
+      if (s == shard) break;
+      pos++;
+    }
+    auto* weights = listener.spec.mutable_steering()->mutable_weights();
+    std::vector<uint32_t> kept;
+    for (int i = 0; i < weights->size(); ++i) {
+      if (i != pos) kept.push_back(weights->Get(i));
+    }
+    bool any = std::any_of(kept.begin(), kept.end(),
+                           [](uint32_t w) { return w > 0; });
+    if (!any) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "listener ", name, " shard ", index,
+          " is the only shard with a non-zero weight; change the weights "
+          "first"));
+    }
+    weights->Clear();
+    for (uint32_t w : kept) weights->Add(w);
+  }
+  shard->state = Shard::State::kDraining;
+  listener.spec.set_shards(static_cast<uint32_t>(listener.Live().size()));
+  absl::Status applied = ApplySteering(listener);
+  if (!applied.ok()) PF_LOG(ERROR) << applied;
+  BeginDrain(listener, *shard, std::move(done));
+  return absl::OkStatus();
+}
+
+void Fleet::BeginDrain(Listener& listener, Shard& shard, Done done) {
+  shard.state = Shard::State::kDraining;
+  shard.drain_done.push_back(std::move(done));
+  if (shard.restart_timer) {
+    loop_->CancelTimer(*shard.restart_timer);
+    shard.restart_timer.reset();
+  }
+  uint32_t timeout = EffectiveDrainTimeoutSeconds(listener.spec);
+  PF_LOG(INFO) << listener.Name(shard) << ": draining (worker pid "
+               << (shard.worker ? shard.worker->process.pid : 0)
+               << ", timeout " << timeout << "s)";
+  Emit(FleetEvent::Type::kDrainBegun, listener, shard.index,
+       shard.worker ? shard.worker->process.pid : 0, "");
+  // 1. No new SYNs: the steering tables no longer name this shard (done by
+  //    the caller) and its sockarray slot is emptied.
+  if (listener.steering) {
+    absl::Status s = listener.steering->ClearShardSocket(shard.index);
+    if (!s.ok()) PF_LOG(WARNING) << listener.Name(shard) << ": " << s;
+  }
+  // 2. Tell the worker to stop accepting and finish its connections.
+  if (shard.worker) {
+    bool told = false;
+    if (shard.worker->control) {
+      v1::AgentMessage msg;
+      msg.mutable_drain()->set_deadline_ms(timeout * 1000);
+      std::string bytes = msg.SerializeAsString();
+      told = ::send(shard.worker->control.get(), bytes.data(), bytes.size(),
+                    MSG_DONTWAIT | MSG_NOSIGNAL) ==
+             static_cast<ssize_t>(bytes.size());
+    }
+    if (!told) launcher_->Signal(shard.worker->process, SIGTERM);
+  }
+  // 3. Shut the listening socket down: the kernel hands its queued and
+  //    half-open connections to the steering program's migrate path (or,
+  //    without BPF, to net.ipv4.tcp_migrate_req if enabled).
+  if (listener.Live().empty()) {
+    // Deleting: nowhere to migrate; the worker may still accept its queue.
+  } else if (::shutdown(shard.socket.get(), SHUT_RDWR) != 0) {
+    PF_LOG(WARNING) << listener.Name(shard)
+                    << ": shutdown of the listening socket: "
+                    << strerror(errno);
+  }
+  // 4. Reap the worker within the drain timeout, else SIGKILL.
+  Listener* l = &listener;
+  Shard* s = &shard;
+  shard.drain_timer = loop_->AddTimer(absl::Seconds(timeout), [this, l, s] {
+    s->drain_timer.reset();
+    if (s->worker) {
+      PF_LOG(WARNING) << l->Name(*s) << ": worker pid " << s->worker->process.pid
+                      << " still running after the drain timeout; SIGKILL";
+      launcher_->Signal(s->worker->process, SIGKILL);
+    }
+  });
+  if (!shard.worker) FinishDrain(listener, shard);
+}
+
+void Fleet::FinishDrain(Listener& listener, Shard& shard) {
+  if (shard.drain_timer) {
+    loop_->CancelTimer(*shard.drain_timer);
+    shard.drain_timer.reset();
+  }
+  std::vector<Done> callbacks = std::move(shard.drain_done);
+  uint32_t index = shard.index;
+  PF_LOG(INFO) << listener.Name(shard) << ": drained and removed";
+  Emit(FleetEvent::Type::kDrainDone, listener, index, 0, "");
+  auto it = std::find_if(
+      listener.shards.begin(), listener.shards.end(),
+      [&](const std::unique_ptr<Shard>& p) { return p.get() == &shard; });
+  if (it != listener.shards.end()) listener.shards.erase(it);  // closes fd
+  for (Done& cb : callbacks) cb(absl::OkStatus());
+  if (listener.deleting && listener.shards.empty()) {
+    std::string name = listener.spec.name();
+    std::vector<Done> deleted = std::move(listener.delete_done);
+    if (listener.steering) {
+      absl::Status s = listener.steering->RemovePins();
+      if (!s.ok()) PF_LOG(WARNING) << "listener " << name << ": " << s;
+    }
+    listeners_.erase(name);
+    PF_LOG(INFO) << "listener " << name << ": deleted";
+    for (Done& cb : deleted) cb(absl::OkStatus());
+  }
+}
+
+absl::Status Fleet::DeleteListener(const std::string& name, Done done) {
+  auto it = listeners_.find(name);
+  if (it == listeners_.end() || it->second->deleting) {
+    return absl::NotFoundError(absl::StrCat("listener ", name, " not found"));
+  }
+  Listener& listener = *it->second;
+  listener.deleting = true;
+  listener.delete_done.push_back(std::move(done));
+  std::vector<Shard*> shards;
+  for (auto& s : listener.shards) {
+    if (s->state != Shard::State::kDraining) shards.push_back(s.get());
+    s->state = Shard::State::kDraining;
+  }
+  for (Shard* shard : shards) BeginDrain(listener, *shard, [](absl::Status) {});
+  return absl::OkStatus();
+}
+
+absl::Status Fleet::SetSteering(const std::string& name,
+                                const v1::Steering& steering) {
+  auto it = listeners_.find(name);
+  if (it == listeners_.end() || it->second->deleting) {
+    return absl::NotFoundError(absl::StrCat("listener ", name, " not found"));
+  }
+  Listener& listener = *it->second;
+  if (steering_ == nullptr || !listener.steering) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "BPF steering is unavailable on this host (", steering_reason_,
+        "); the kernel's reuseport hash is in use"));
+  }
+  v1::Listener candidate = listener.spec;
+  *candidate.mutable_steering() = steering;
+  candidate.set_shards(static_cast<uint32_t>(listener.Live().size()));
+  RETURN_IF_ERROR(ValidateListener(candidate));
+  bool pin = steering.policy() == v1::STEERING_POLICY_CPU;
+  v1::Listener old = listener.spec;
+  std::vector<int> old_cpus;
+  listener.spec = candidate;
+  for (auto& shard : listener.shards) {
+    old_cpus.push_back(shard->cpu);
+    // Workers started from now on are pinned per the policy; running ones
+    // are re-pinned in place.
+    shard->cpu = pin ? options_.cpus[shard->index % options_.cpus.size()] : -1;
+    if (shard->worker && shard->cpu != old_cpus.back()) {
+      cpu_set_t set;
+      CPU_ZERO(&set);
+      if (shard->cpu >= 0) {
+        CPU_SET(shard->cpu, &set);
+      } else {
+        for (int c : options_.cpus) CPU_SET(c, &set);
+      }
+      ::sched_setaffinity(shard->worker->process.pid, sizeof(set), &set);
+    }
+  }
+  if (absl::Status s = ApplySteering(listener); !s.ok()) {
+    listener.spec = old;
+    for (size_t i = 0; i < listener.shards.size(); ++i) {
+      listener.shards[i]->cpu = old_cpus[i];
+    }
+    return s;
+  }
+  PF_LOG(INFO) << "listener " << name << ": steering set to "
+               << v1::SteeringPolicy_Name(steering.policy())
+               << (steering.weights_size() > 0 ? " with weights" : "");
+  return absl::OkStatus();
+}
+
+absl::Status Fleet::UpdateListener(const v1::Listener& spec, Done done) {
+  auto it = listeners_.find(spec.name());
+  if (it == listeners_.end() || it->second->deleting) {
+    return absl::NotFoundError(
+        absl::StrCat("listener ", spec.name(), " not found"));
+  }
+  RETURN_IF_ERROR(ValidateListener(spec));
+  Listener& listener = *it->second;
+  if (*SocketAddress::Parse(spec.address()) != listener.address) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "listener ", spec.name(), ": address cannot change (",
+        listener.address.ToString(), " -> ", spec.address(),
+        "); delete the listener and create it again"));
+  }
+  if (spec.worker().SerializeAsString() !=
+      listener.spec.worker().SerializeAsString()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "listener ", spec.name(),
+        ": changing the worker needs a rolling upgrade, which this agent "
+        "does not support yet"));
+  }
+  uint32_t shards = EffectiveShards(spec, static_cast<int>(options_.cpus.size()));
+  bool steering_changed = spec.steering().SerializeAsString() !=
+                          listener.spec.steering().SerializeAsString();
+  if (steering_changed && listener.steering == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "BPF steering is unavailable on this host (", steering_reason_, ")"));
+  }
+  listener.spec.set_drain_timeout_seconds(spec.drain_timeout_seconds());
+  if (spec.backlog() != listener.spec.backlog()) {
+    listener.spec.set_backlog(spec.backlog());
+    for (auto& shard : listener.shards) {
+      // listen() again on a listening socket only resizes its backlog.
+      ::listen(shard->socket.get(), static_cast<int>(EffectiveBacklog(spec)));
+    }
+  }
+  if (steering_changed) {
+    // Weights are checked against the new shard count.
+    v1::Steering st = spec.steering();
+    if (st.weights_size() > 0 &&
+        static_cast<uint32_t>(st.weights_size()) != shards) {
+      return absl::InvalidArgumentError("steering.weights: count mismatch");
+    }
+    listener.spec.mutable_steering()->clear_weights();
+    if (shards != listener.Live().size()) {
+      RETURN_IF_ERROR(ScaleListener(spec.name(), shards, [](absl::Status) {}));
+    }
+    RETURN_IF_ERROR(SetSteering(spec.name(), st));
+    done(absl::OkStatus());
+    return absl::OkStatus();
+  }
+  return ScaleListener(spec.name(), shards, std::move(done));
 }
 
 absl::Status Fleet::StartWorker(Listener& listener, Shard& shard) {
@@ -358,6 +799,13 @@ void Fleet::OnWorkerExit(Listener& listener, Shard& shard) {
   absl::Duration uptime = absl::Now() - w->started;
   DetachWorker(shard);
 
+  if (shard.state == Shard::State::kDraining) {
+    PF_LOG(INFO) << listener.Name(shard) << ": worker pid " << pid << " " << how
+                 << " (drained)";
+    FinishDrain(listener, shard);
+    CheckShutdownDone();
+    return;
+  }
   if (shutting_down_ || shard.state == Shard::State::kStopping) {
     shard.state = Shard::State::kStopped;
     PF_LOG(INFO) << listener.Name(shard) << ": worker pid " << pid << " "
@@ -425,6 +873,7 @@ void Fleet::Shutdown(std::function<void()> done) {
         loop_->CancelTimer(*shard->restart_timer);
         shard->restart_timer.reset();
       }
+      if (shard->state == Shard::State::kDraining) continue;
       if (shard->worker) {
         shard->state = Shard::State::kStopping;
         launcher_->Signal(shard->worker->process, SIGTERM);
@@ -451,7 +900,9 @@ void Fleet::KillAll() {
       if (shard->worker) {
         PF_LOG(WARNING) << listener->Name(*shard) << ": SIGKILL to worker pid "
                         << shard->worker->process.pid;
-        shard->state = Shard::State::kStopping;
+        if (shard->state != Shard::State::kDraining) {
+          shard->state = Shard::State::kStopping;
+        }
         launcher_->Signal(shard->worker->process, SIGKILL);
       }
     }
@@ -477,30 +928,58 @@ void Fleet::CheckShutdownDone() {
   }
 }
 
-std::vector<ListenerView> Fleet::Snapshot() const {
-  std::vector<ListenerView> out;
+std::vector<ListenerStatus> Fleet::Status() const {
+  std::vector<ListenerStatus> out;
   for (const auto& [name, listener] : listeners_) {
-    ListenerView view;
-    view.spec = listener->spec;
-    for (const auto& shard : listener->shards) {
-      ShardView s;
-      s.index = shard->index;
-      s.state = StateName(static_cast<int>(shard->state));
-      s.cpu = shard->cpu;
-      s.restarts = shard->restarts;
-      s.socket_inode = shard->inode;
-      if (shard->worker) {
-        s.pid = shard->worker->process.pid;
-        s.ready = shard->worker->ready;
-        s.active_connections = shard->worker->active_connections;
-        s.accepted_total = shard->worker->accepted_total;
-      }
-      s.queue_depth = AcceptQueueDepth(shard->socket.get()).value_or(0);
-      view.shards.push_back(std::move(s));
-    }
-    out.push_back(std::move(view));
+    if (listener->deleting) continue;
+    out.push_back(*ListenerStatusOf(name));
   }
   return out;
+}
+
+absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
+    const std::string& name) const {
+  auto it = listeners_.find(name);
+  if (it == listeners_.end() || it->second->deleting) {
+    return absl::NotFoundError(absl::StrCat("listener ", name, " not found"));
+  }
+  const Listener& listener = *it->second;
+  ListenerStatus view;
+  view.spec = listener.spec;
+  std::vector<ShardCounters> counters;
+  if (listener.steering) {
+    counters = listener.steering->ReadCounters().value_or(counters);
+  }
+  for (const auto& shard : listener.shards) {
+    ShardStatus s;
+    s.index = shard->index;
+    s.state = StateName(static_cast<int>(shard->state));
+    s.cpu = shard->cpu;
+    s.restarts = shard->restarts;
+    s.socket_inode = shard->inode;
+    if (shard->worker) {
+      s.pid = shard->worker->process.pid;
+      s.ready = shard->worker->ready;
+      s.active_connections = shard->worker->active_connections;
+      s.accepted_total = shard->worker->accepted_total;
+    }
+    s.queue_depth = AcceptQueueDepth(shard->socket.get()).value_or(0);
+    if (shard->index < counters.size()) {
+      s.counters.selected = counters[shard->index].selected;
+      s.counters.migrated = counters[shard->index].migrated;
+      s.counters.fallback = counters[shard->index].fallback;
+    }
+    view.shards.push_back(std::move(s));
+  }
+  return view;
+}
+
+v1::FleetSpec Fleet::DesiredSpec() const {
+  v1::FleetSpec spec;
+  for (const auto& [name, listener] : listeners_) {
+    if (!listener->deleting) *spec.add_listeners() = listener->spec;
+  }
+  return spec;
 }
 
 bool Fleet::AllReady() const {

@@ -17,7 +17,9 @@
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "agent/event_loop.h"
+#include "agent/controller.h"
 #include "agent/launcher.h"
+#include "agent/steering/steering.h"
 #include "portfleet/v1/fleet.pb.h"
 #include "worker/sdk/address.h"
 #include "worker/sdk/fd.h"
@@ -56,27 +58,10 @@ struct FleetEvent {
   std::string message;
 };
 
-// Read-only view of one shard, for status and the API.
-struct ShardView {
-  uint32_t index = 0;
-  std::string state;  // "starting", "running", "backoff", "stopping", "stopped"
-  pid_t pid = 0;
-  int cpu = -1;
-  uint32_t restarts = 0;
-  uint64_t socket_inode = 0;
-  bool ready = false;
-  uint64_t active_connections = 0;  // last load report
-  uint64_t accepted_total = 0;
-  uint32_t queue_depth = 0;
-};
-
-struct ListenerView {
-  v1::Listener spec;
-  std::vector<ShardView> shards;
-};
-
 class Fleet {
  public:
+  using Done = std::function<void(absl::Status)>;
+
   Fleet(EventLoop* loop, ProcessLauncher* launcher, FleetOptions options);
   ~Fleet();
   Fleet(const Fleet&) = delete;
@@ -85,13 +70,34 @@ class Fleet {
   void SetEventSink(std::function<void(const FleetEvent&)> sink) {
     sink_ = std::move(sink);
   }
+  // BPF steering backend (not owned), or nullptr with the reason it is not
+  // available; then listeners use the kernel's plain reuseport hashing.
+  void SetSteeringBackend(SteeringBackend* backend, std::string reason);
+  bool steering_active() const { return steering_ != nullptr; }
+  const std::string& steering_unavailable_reason() const {
+    return steering_reason_;
+  }
 
   // Creates every listener of `spec` (sockets, then workers). All or
   // nothing: on error whatever was created is closed and stopped again.
   absl::Status Start(const v1::FleetSpec& spec);
 
-  // Creates one listener: its shard sockets, then one worker per shard.
+  // Creates one listener: its shard sockets, steering, then one worker per
+  // shard. All or nothing.
   absl::Status AddListener(const v1::Listener& spec);
+
+  // Lifecycle changes. Each validates first and returns an error without
+  // changing anything; otherwise returns OK and calls `done` when the change
+  // is complete (drains can take up to the drain timeout).
+  absl::Status ScaleListener(const std::string& name, uint32_t shards,
+                             Done done);
+  absl::Status DrainShard(const std::string& name, uint32_t index, Done done);
+  absl::Status DeleteListener(const std::string& name, Done done);
+  absl::Status SetSteering(const std::string& name,
+                           const v1::Steering& steering);
+  // Applies a changed spec: shard count, steering, drain timeout and backlog
+  // in place. Address or worker changes: FailedPrecondition.
+  absl::Status UpdateListener(const v1::Listener& spec, Done done);
 
   // SIGTERM to every worker; SIGKILL to those still running after their
   // listener's drain timeout. Calls `done` once every worker is gone and
@@ -100,7 +106,10 @@ class Fleet {
   // SIGKILL every worker now (second SIGTERM/SIGINT).
   void KillAll();
 
-  std::vector<ListenerView> Snapshot() const;
+  std::vector<ListenerStatus> Status() const;
+  absl::StatusOr<ListenerStatus> ListenerStatusOf(const std::string& name) const;
+  // Desired state of every listener (as persisted).
+  v1::FleetSpec DesiredSpec() const;
   bool AllReady() const;
   size_t listener_count() const { return listeners_.size(); }
 
@@ -109,18 +118,30 @@ class Fleet {
   struct Shard;
   struct Listener;
 
+  absl::StatusOr<std::unique_ptr<Shard>> NewShard(Listener& listener,
+                                                  uint32_t index);
   absl::Status StartWorker(Listener& listener, Shard& shard);
   void OnWorkerExit(Listener& listener, Shard& shard);
   void OnControlReadable(Listener& listener, Shard& shard);
   void ScheduleRestart(Listener& listener, Shard& shard);
   void DetachWorker(Shard& shard);
+  void KillAndReap(Shard& shard);
   void CheckShutdownDone();
+  // Rewrites the listener's steering tables from its live shards.
+  absl::Status ApplySteering(Listener& listener);
+  // Starts draining a shard: no new connections, queue migrated, worker told
+  // to finish. `done` runs when the worker is gone and the shard removed.
+  void BeginDrain(Listener& listener, Shard& shard, Done done);
+  void FinishDrain(Listener& listener, Shard& shard);
+  absl::Status GrowListener(Listener& listener, uint32_t target);
   void Emit(FleetEvent::Type type, const Listener& listener, int shard,
             pid_t pid, std::string message);
 
   EventLoop* loop_;
   ProcessLauncher* launcher_;
   FleetOptions options_;
+  SteeringBackend* steering_ = nullptr;
+  std::string steering_reason_ = "not configured";
   std::function<void(const FleetEvent&)> sink_;
   std::map<std::string, std::unique_ptr<Listener>> listeners_;
   bool shutting_down_ = false;
