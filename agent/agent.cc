@@ -5,11 +5,15 @@
 #include <sys/signalfd.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <iostream>
+#include <thread>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "agent/api/server.h"
+#include "agent/api/state_store.h"
 #include "agent/event_loop.h"
 #include "agent/fleet.h"
 #include "agent/fleet_controller.h"
@@ -22,15 +26,26 @@
 namespace portfleet {
 namespace {
 
-constexpr char kUsage[] = R"(Usage: portfleet-agent --config FILE [options]
+constexpr char kUsage[] = R"(Usage: portfleet-agent [--config FILE] [options]
 
 Runs a fleet of SO_REUSEPORT listening sockets ("shards") with one worker
-process per shard, restarting workers that die on the same socket.
+process per shard, steers new connections to shards with an eBPF program,
+restarts workers that die on the same socket, and serves the gRPC API that
+portfleetctl uses.
+
+Desired state: the agent persists every change in --state-dir. At start, a
+persisted state wins over --config (which only seeds a new state dir); use
+'portfleetctl apply -f FILE' to apply an edited spec to a running agent.
 
 Options:
   --config FILE      fleet spec, protobuf text format (.textproto) or JSON
-                     (.json) of portfleet.v1.FleetSpec (required)
-  --api ADDR         gRPC API endpoint (default unix:///run/portfleet/api.sock)
+                     (.json) of portfleet.v1.FleetSpec
+  --api ADDR         gRPC API endpoint (default unix:///run/portfleet/api.sock;
+                     the socket is 0660, its directory 0750)
+  --api-group GROUP  group owning the API socket (default: the agent's)
+  --api-tls-address HOST:PORT   optional remote API with mutual TLS
+  --api-tls-cert FILE, --api-tls-key FILE, --api-tls-client-ca FILE
+  --api-authz-policy FILE       gRPC authorization policy for the remote API
   --metrics ADDR     metrics/health HTTP endpoint (default 127.0.0.1:9464)
   --state-dir DIR    persisted desired state (default /var/lib/portfleet)
   --bpffs DIR        pinned steering maps (default /sys/fs/bpf/portfleet)
@@ -47,6 +62,7 @@ Signals:
 Example:
   portfleet-agent --config deploy/examples/quickstart.textproto
   curl http://127.0.0.1:8080/
+  portfleetctl get shards web
 
 Exit codes: 0 stopped cleanly or config valid, 1 start-up failed (the log
 says which listener and why), 2 usage error.
@@ -106,6 +122,12 @@ ParsedArgs ParseAgentArgs(const std::vector<std::string>& args) {
     if (arg == "--state-dir") target = &out.options.state_dir;
     if (arg == "--bpffs") target = &out.options.bpffs;
     if (arg == "--log-level") target = &out.options.log_level;
+    if (arg == "--api-group") target = &out.options.api_group;
+    if (arg == "--api-tls-address") target = &out.options.api_tls_address;
+    if (arg == "--api-tls-cert") target = &out.options.api_tls_cert;
+    if (arg == "--api-tls-key") target = &out.options.api_tls_key;
+    if (arg == "--api-tls-client-ca") target = &out.options.api_tls_client_ca;
+    if (arg == "--api-authz-policy") target = &out.options.api_authz_policy;
     if (target == nullptr) return usage_error("unknown option '" + arg + "'");
     if (!has_inline) {
       if (i + 1 >= args.size()) return usage_error(arg + " needs a value");
@@ -117,8 +139,8 @@ ParsedArgs ParseAgentArgs(const std::vector<std::string>& args) {
     return usage_error("--log-level: unknown level '" + out.options.log_level +
                        "' (want debug, info, warning or error)");
   }
-  if (out.options.config.empty()) {
-    return usage_error("--config FILE is required");
+  if (check_only && out.options.config.empty()) {
+    return usage_error("--check needs --config FILE");
   }
   if (check_only) {
     absl::StatusOr<v1::FleetSpec> spec = LoadFleetSpecFile(out.options.config);
@@ -141,10 +163,37 @@ int RunAgent(const AgentOptions& options) {
   // A worker that dies mid-write must not kill us.
   ::signal(SIGPIPE, SIG_IGN);
 
-  absl::StatusOr<v1::FleetSpec> spec = LoadFleetSpecFile(options.config);
-  if (!spec.ok()) {
-    PF_LOG(ERROR) << "invalid config: " << spec.status().message();
+  // Desired state: the persisted state wins; --config seeds a new state dir.
+  absl::StatusOr<std::optional<v1::FleetSpec>> persisted =
+      LoadFleetState(options.state_dir);
+  if (!persisted.ok()) {
+    PF_LOG(ERROR) << "persisted state is unusable: "
+                  << persisted.status().message()
+                  << " (start refused so that no state is lost: repair or "
+                     "remove the file)";
     return 1;
+  }
+  absl::StatusOr<v1::FleetSpec> spec = v1::FleetSpec();
+  if (persisted->has_value()) {
+    spec = **persisted;
+    PF_LOG(INFO) << "restoring " << spec->listeners_size()
+                 << " listener(s) from the persisted state in "
+                 << options.state_dir
+                 << (options.config.empty()
+                         ? std::string()
+                         : absl::StrCat(" (--config ", options.config,
+                                        " is not applied over it; use "
+                                        "portfleetctl apply -f to change the "
+                                        "fleet)"));
+  } else if (!options.config.empty()) {
+    spec = LoadFleetSpecFile(options.config);
+    if (!spec.ok()) {
+      PF_LOG(ERROR) << "invalid config: " << spec.status().message();
+      return 1;
+    }
+  } else {
+    PF_LOG(INFO) << "no --config and no persisted state: starting with an "
+                    "empty fleet (add listeners with portfleetctl apply -f)";
   }
 
   // Signals arrive through a signalfd on the event loop thread. Block them
@@ -186,19 +235,54 @@ int RunAgent(const AgentOptions& options) {
   }
 
 
-  LoopFleetController controller(loop->get(), &fleet, nullptr, kVersion);
+  LoopFleetController controller(
+      loop->get(), &fleet,
+      [&options](const v1::FleetSpec& desired) {
+        return SaveFleetState(options.state_dir, desired);
+      },
+      kVersion);
   fleet.SetEventSink(
       [&controller](const FleetEvent& event) { controller.Publish(event); });
+
+  // The API comes up first (NOT_SERVING) so that a failure to bind it stops
+  // the start before any worker runs.
+  ApiServerOptions api_options;
+  api_options.address = options.api;
+  api_options.socket_group = options.api_group;
+  api_options.tls_address = options.api_tls_address;
+  api_options.tls_cert = options.api_tls_cert;
+  api_options.tls_key = options.api_tls_key;
+  api_options.tls_client_ca = options.api_tls_client_ca;
+  api_options.authz_policy_file = options.api_authz_policy;
+  absl::StatusOr<std::unique_ptr<ApiServer>> api =
+      ApiServer::Start(api_options, &controller);
+  if (!api.ok()) {
+    PF_LOG(ERROR) << "start-up failed: API " << options.api << ": "
+                  << api.status().message();
+    return 1;
+  }
 
   PF_LOG(INFO) << "portfleet-agent " << kVersion << " starting (pid "
                << ::getpid() << ", config " << options.config << ", "
                << fleet_options.cpus.size() << " CPUs)";
   if (absl::Status s = fleet.Start(*spec); !s.ok()) {
     PF_LOG(ERROR) << "start-up failed: " << s.message();
+    (*api)->Shutdown();
     return 1;
   }
+  if (absl::Status s = SaveFleetState(options.state_dir, fleet.DesiredSpec());
+      !s.ok()) {
+    PF_LOG(ERROR) << "start-up failed: saving the desired state: "
+                  << s.message();
+    fleet.KillAll();
+    (*api)->Shutdown();
+    return 1;
+  }
+  (*api)->SetServing(true);
+  PF_LOG(INFO) << "API serving on " << options.api;
 
   int signals_seen = 0;
+  std::thread api_stopper;
   EventLoop* l = loop->get();
   absl::Status added = l->AddFd(sigfd.get(), [&](uint32_t) {
     signalfd_siginfo info;
@@ -212,7 +296,12 @@ int RunAgent(const AgentOptions& options) {
       signals_seen++;
       if (signals_seen == 1) {
         PF_LOG(INFO) << "received SIG" << sigabbrev_np(sig)
-                     << ": stopping workers";
+                     << ": stopping the API and the workers";
+        // Stop the API off the loop thread: in-flight calls still need the
+        // loop to finish.
+        (*api)->SetServing(false);
+        controller.Close();
+        api_stopper = std::thread([&api] { (*api)->Shutdown(); });
         fleet.Shutdown([l] { l->Stop(); });
       } else {
         PF_LOG(WARNING) << "received SIG" << sigabbrev_np(sig)
@@ -229,6 +318,7 @@ int RunAgent(const AgentOptions& options) {
                << " listener(s)";
   l->Run();
   l->RemoveFd(sigfd.get());
+  if (api_stopper.joinable()) api_stopper.join();
   PF_LOG(INFO) << "stopped";
   return 0;
 }

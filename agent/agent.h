@@ -18,6 +18,13 @@ struct AgentOptions {
   std::string state_dir = "/var/lib/portfleet";
   std::string bpffs = "/sys/fs/bpf/portfleet";  // pinned steering maps
   std::string log_level = "info";
+  std::string api_group;  // group owning the API socket
+  // Optional remote API: TCP with mutual TLS and an authorization policy.
+  std::string api_tls_address;
+  std::string api_tls_cert;
+  std::string api_tls_key;
+  std::string api_tls_client_ca;
+  std::string api_authz_policy;
 };
 
 // Parses argv. `--help` and `--version` are returned as a usage result with

@@ -8,6 +8,13 @@
 #include "worker/sdk/status.h"
 
 namespace portfleet {
+namespace {
+
+absl::Status ShuttingDown() {
+  return absl::UnavailableError("the agent is shutting down");
+}
+
+}  // namespace
 
 LoopFleetController::LoopFleetController(EventLoop* loop, Fleet* fleet,
                                          Persist persist, std::string version)
@@ -73,6 +80,7 @@ void LoopFleetController::Unsubscribe(uint64_t id) {
 absl::Status LoopFleetController::Mutate(
     const std::function<absl::Status(Fleet::Done)>& op) {
   std::lock_guard<std::mutex> lock(mu_);
+  if (closed_) return ShuttingDown();
   auto done = std::make_shared<std::promise<absl::Status>>();
   std::future<absl::Status> result = done->get_future();
   loop_->Post([this, &op, done] {
@@ -88,6 +96,7 @@ absl::Status LoopFleetController::Mutate(
 
 absl::StatusOr<std::vector<ListenerStatus>>
 LoopFleetController::ListListeners() {
+  if (closed_) return ShuttingDown();
   std::vector<ListenerStatus> out;
   loop_->RunSync([&] { out = fleet_->Status(); });
   return out;
@@ -95,6 +104,7 @@ LoopFleetController::ListListeners() {
 
 absl::StatusOr<ListenerStatus> LoopFleetController::GetListener(
     const std::string& name) {
+  if (closed_) return ShuttingDown();
   absl::StatusOr<ListenerStatus> out = absl::UnknownError("not run");
   loop_->RunSync([&] { out = fleet_->ListenerStatusOf(name); });
   return out;
@@ -168,6 +178,7 @@ AgentStatus LoopFleetController::GetStatus() {
   AgentStatus out;
   out.version = version_;
   out.started = started_;
+  if (closed_) return out;
   loop_->RunSync([&] {
     out.bpf_steering_active = fleet_->steering_active();
     out.bpf_unavailable_reason = fleet_->steering_unavailable_reason();

@@ -4,6 +4,7 @@
 #ifndef PORTFLEET_AGENT_FLEET_CONTROLLER_H_
 #define PORTFLEET_AGENT_FLEET_CONTROLLER_H_
 
+#include <atomic>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -21,6 +22,9 @@ class LoopFleetController : public FleetController {
   using Persist = std::function<absl::Status(const v1::FleetSpec&)>;
   LoopFleetController(EventLoop* loop, Fleet* fleet, Persist persist,
                       std::string version);
+
+  // After Close every call fails with Unavailable (agent shutting down).
+  void Close() { closed_ = true; }
 
   // Turns a fleet event into an EventRecord for subscribers (loop thread).
   void Publish(const FleetEvent& event);
@@ -50,6 +54,7 @@ class LoopFleetController : public FleetController {
   Persist persist_;
   std::string version_;
   absl::Time started_;
+  std::atomic<bool> closed_{false};
   std::mutex mu_;  // serialises mutations end to end
   std::mutex subscribers_mu_;
   uint64_t next_subscriber_ = 1;

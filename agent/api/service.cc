@@ -1,0 +1,584 @@
+#include "agent/api/service.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "agent/spec.h"
+#include "worker/sdk/log.h"
+
+namespace portfleet {
+
+grpc::Status ToGrpcStatus(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  grpc::StatusCode code;
+  switch (status.code()) {
+    case absl::StatusCode::kCancelled:
+      code = grpc::CANCELLED;
+      break;
+    case absl::StatusCode::kInvalidArgument:
+      code = grpc::INVALID_ARGUMENT;
+      break;
+    case absl::StatusCode::kDeadlineExceeded:
+      code = grpc::DEADLINE_EXCEEDED;
+      break;
+    case absl::StatusCode::kNotFound:
+      code = grpc::NOT_FOUND;
+      break;
+    case absl::StatusCode::kAlreadyExists:
+      code = grpc::ALREADY_EXISTS;
+      break;
+    case absl::StatusCode::kPermissionDenied:
+      code = grpc::PERMISSION_DENIED;
+      break;
+    case absl::StatusCode::kResourceExhausted:
+      code = grpc::RESOURCE_EXHAUSTED;
+      break;
+    case absl::StatusCode::kFailedPrecondition:
+      code = grpc::FAILED_PRECONDITION;
+      break;
+    case absl::StatusCode::kAborted:
+      code = grpc::ABORTED;
+      break;
+    case absl::StatusCode::kOutOfRange:
+      code = grpc::OUT_OF_RANGE;
+      break;
+    case absl::StatusCode::kUnimplemented:
+      code = grpc::UNIMPLEMENTED;
+      break;
+    case absl::StatusCode::kInternal:
+      code = grpc::INTERNAL;
+      break;
+    case absl::StatusCode::kUnavailable:
+      code = grpc::UNAVAILABLE;
+      break;
+    case absl::StatusCode::kDataLoss:
+      code = grpc::DATA_LOSS;
+      break;
+    case absl::StatusCode::kUnauthenticated:
+      code = grpc::UNAUTHENTICATED;
+      break;
+    default:
+      code = grpc::UNKNOWN;
+      break;
+  }
+  return grpc::Status(code, std::string(status.message()));
+}
+
+v1::ShardState ShardStateFromString(const std::string& state) {
+  if (state == "starting") return v1::SHARD_STATE_STARTING;
+  if (state == "running") return v1::SHARD_STATE_RUNNING;
+  if (state == "backoff") return v1::SHARD_STATE_BACKOFF;
+  if (state == "draining") return v1::SHARD_STATE_DRAINING;
+  if (state == "stopping") return v1::SHARD_STATE_STOPPING;
+  if (state == "stopped") return v1::SHARD_STATE_STOPPED;
+  return v1::SHARD_STATE_UNSPECIFIED;
+}
+
+v1::Shard ToProto(const ShardStatus& s) {
+  v1::Shard out;
+  out.set_index(s.index);
+  out.set_state(ShardStateFromString(s.state));
+  out.set_pid(s.pid);
+  out.set_cpu(s.cpu);
+  out.set_restarts(s.restarts);
+  out.set_ready(s.ready);
+  out.set_queue_depth(s.queue_depth);
+  out.set_active_connections(s.active_connections);
+  out.set_accepted_total(s.accepted_total);
+  out.mutable_counters()->set_selected(s.counters.selected);
+  out.mutable_counters()->set_migrated(s.counters.migrated);
+  out.mutable_counters()->set_fallback(s.counters.fallback);
+  out.set_socket_inode(s.socket_inode);
+  return out;
+}
+
+v1::ListenerState ToProto(const ListenerStatus& l) {
+  v1::ListenerState out;
+  *out.mutable_spec() = l.spec;
+  for (const ShardStatus& s : l.shards) *out.add_shards() = ToProto(s);
+  return out;
+}
+
+v1::Event ToProto(const EventRecord& e) {
+  v1::Event out;
+  switch (e.type) {
+    case EventRecord::Type::kShardStarted:
+      out.set_type(v1::EVENT_TYPE_SHARD_STARTED);
+      break;
+    case EventRecord::Type::kShardExited:
+      out.set_type(v1::EVENT_TYPE_SHARD_EXITED);
+      break;
+    case EventRecord::Type::kShardRestarted:
+      out.set_type(v1::EVENT_TYPE_SHARD_RESTARTED);
+      break;
+    case EventRecord::Type::kDrainBegun:
+      out.set_type(v1::EVENT_TYPE_DRAIN_BEGUN);
+      break;
+    case EventRecord::Type::kDrainDone:
+      out.set_type(v1::EVENT_TYPE_DRAIN_DONE);
+      break;
+    case EventRecord::Type::kSteeringChanged:
+      out.set_type(v1::EVENT_TYPE_STEERING_CHANGED);
+      break;
+    case EventRecord::Type::kListenerCreated:
+      out.set_type(v1::EVENT_TYPE_LISTENER_CREATED);
+      break;
+    case EventRecord::Type::kListenerDeleted:
+      out.set_type(v1::EVENT_TYPE_LISTENER_DELETED);
+      break;
+    case EventRecord::Type::kError:
+      out.set_type(v1::EVENT_TYPE_ERROR);
+      break;
+  }
+  out.set_time_unix_micros(absl::ToUnixMicros(e.time));
+  out.set_listener(e.listener);
+  out.set_shard(e.shard);
+  out.set_pid(e.pid);
+  out.set_message(e.message);
+  return out;
+}
+
+absl::Status ValidateName(const std::string& name, const std::string& field) {
+  if (name.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": required"));
+  }
+  if (!IsDnsLabel(name)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ": \"", name,
+        "\" is not a DNS label (1-63 of [a-z0-9-], not starting or ending "
+        "with '-')"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateSteering(const v1::Steering& steering,
+                              const std::string& field) {
+  if (!v1::SteeringPolicy_IsValid(steering.policy())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".policy: unknown value ", steering.policy()));
+  }
+  if (steering.policy() == v1::STEERING_POLICY_CPU &&
+      steering.weights_size() > 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ".weights: only allowed with STEERING_POLICY_HASH"));
+  }
+  if (steering.weights_size() > static_cast<int>(kMaxShards)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".weights: ", steering.weights_size(),
+                     " weights for at most ", kMaxShards, " shards"));
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+absl::Status ValidateListenerField(const v1::Listener& listener, bool present) {
+  if (!present) return absl::InvalidArgumentError("listener: required");
+  absl::Status s = ValidateListener(listener);
+  if (s.ok()) return s;
+  return absl::Status(s.code(), absl::StrCat("listener.", s.message()));
+}
+
+}  // namespace
+
+// A fixed pool of threads with a bounded queue for controller calls.
+class CallRunner {
+ public:
+  CallRunner(int threads, int max_queued) : max_queued_(max_queued) {
+    for (int i = 0; i < threads; ++i) {
+      threads_.emplace_back([this] { Loop(); });
+    }
+  }
+  ~CallRunner() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    for (std::thread& t : threads_) t.join();
+  }
+  // False when the queue is full or the runner is stopping.
+  bool Post(std::function<void()> fn) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopping_ || static_cast<int>(queue_.size()) >= max_queued_) {
+        return false;
+      }
+      queue_.push_back(std::move(fn));
+    }
+    cv_.notify_one();
+    return true;
+  }
+
+ private:
+  void Loop() {
+    for (;;) {
+      std::function<void()> fn;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+        // Queued calls still run (and finish) when stopping.
+        if (queue_.empty()) return;
+        fn = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      fn();
+    }
+  }
+
+  const int max_queued_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+  bool stopping_ = false;
+  std::vector<std::thread> threads_;
+};
+
+FleetServiceImpl::FleetServiceImpl(FleetController* controller,
+                                   FleetServiceOptions options)
+    : controller_(controller),
+      options_(options),
+      runner_(std::make_unique<CallRunner>(options.worker_threads,
+                                           options.max_queued_calls)) {}
+
+FleetServiceImpl::~FleetServiceImpl() = default;
+
+grpc::ServerUnaryReactor* FleetServiceImpl::Run(
+    grpc::CallbackServerContext* ctx, absl::Status check,
+    std::function<absl::Status()> work) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (!check.ok()) {
+    reactor->Finish(ToGrpcStatus(check));
+    return reactor;
+  }
+  bool posted = runner_->Post([ctx, reactor, work = std::move(work)] {
+    // Not started when nobody waits for the answer any more: a failed call
+    // changes nothing.
+    if (ctx->IsCancelled()) {
+      reactor->Finish(grpc::Status(grpc::CANCELLED, "call cancelled"));
+      return;
+    }
+    if (ctx->deadline() <= std::chrono::system_clock::now()) {
+      reactor->Finish(grpc::Status(grpc::DEADLINE_EXCEEDED,
+                                   "deadline exceeded before the call ran"));
+      return;
+    }
+    reactor->Finish(ToGrpcStatus(work()));
+  });
+  if (!posted) {
+    reactor->Finish(grpc::Status(grpc::RESOURCE_EXHAUSTED,
+                                 "too many API calls in progress"));
+  }
+  return reactor;
+}
+
+void FleetServiceImpl::FillListener(const std::string& name,
+                                    v1::ListenerState* out) {
+  absl::StatusOr<ListenerStatus> l = controller_->GetListener(name);
+  if (l.ok()) *out = ToProto(*l);
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::ListListeners(
+    grpc::CallbackServerContext* ctx, const v1::ListListenersRequest* req,
+    v1::ListListenersResponse* resp) {
+  return Run(ctx, absl::OkStatus(), [this, resp]() -> absl::Status {
+    absl::StatusOr<std::vector<ListenerStatus>> all =
+        controller_->ListListeners();
+    if (!all.ok()) return all.status();
+    for (const ListenerStatus& l : *all) *resp->add_listeners() = ToProto(l);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::GetListener(
+    grpc::CallbackServerContext* ctx, const v1::GetListenerRequest* req,
+    v1::GetListenerResponse* resp) {
+  return Run(ctx, ValidateName(req->name(), "name"),
+             [this, req, resp]() -> absl::Status {
+               absl::StatusOr<ListenerStatus> l =
+                   controller_->GetListener(req->name());
+               if (!l.ok()) return l.status();
+               *resp->mutable_listener() = ToProto(*l);
+               return absl::OkStatus();
+             });
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::ListShards(
+    grpc::CallbackServerContext* ctx, const v1::ListShardsRequest* req,
+    v1::ListShardsResponse* resp) {
+  return Run(ctx, ValidateName(req->name(), "name"),
+             [this, req, resp]() -> absl::Status {
+               absl::StatusOr<ListenerStatus> l =
+                   controller_->GetListener(req->name());
+               if (!l.ok()) return l.status();
+               for (const ShardStatus& s : l->shards) {
+                 *resp->add_shards() = ToProto(s);
+               }
+               return absl::OkStatus();
+             });
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::GetStatus(
+    grpc::CallbackServerContext* ctx, const v1::GetStatusRequest* req,
+    v1::GetStatusResponse* resp) {
+  return Run(ctx, absl::OkStatus(), [this, resp]() -> absl::Status {
+    AgentStatus s = controller_->GetStatus();
+    resp->set_version(s.version);
+    resp->set_uptime_seconds(absl::ToInt64Seconds(absl::Now() - s.started));
+    resp->set_start_time_unix(absl::ToUnixSeconds(s.started));
+    resp->set_bpf_steering_active(s.bpf_steering_active);
+    resp->set_bpf_unavailable_reason(s.bpf_unavailable_reason);
+    resp->set_listeners(s.listeners);
+    resp->set_serving(s.serving);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::CreateListener(
+    grpc::CallbackServerContext* ctx, const v1::CreateListenerRequest* req,
+    v1::CreateListenerResponse* resp) {
+  return Run(ctx, ValidateListenerField(req->listener(), req->has_listener()),
+             [this, req, resp]() -> absl::Status {
+               absl::Status s = controller_->CreateListener(req->listener());
+               if (s.ok()) {
+                 FillListener(req->listener().name(), resp->mutable_listener());
+               }
+               return s;
+             });
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::UpdateListener(
+    grpc::CallbackServerContext* ctx, const v1::UpdateListenerRequest* req,
+    v1::UpdateListenerResponse* resp) {
+  return Run(ctx, ValidateListenerField(req->listener(), req->has_listener()),
+             [this, req, resp]() -> absl::Status {
+               absl::Status s = controller_->UpdateListener(req->listener());
+               if (s.ok()) {
+                 FillListener(req->listener().name(), resp->mutable_listener());
+               }
+               return s;
+             });
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::DeleteListener(
+    grpc::CallbackServerContext* ctx, const v1::DeleteListenerRequest* req,
+    v1::DeleteListenerResponse* resp) {
+  return Run(ctx, ValidateName(req->name(), "name"),
+             [this, req] { return controller_->DeleteListener(req->name()); });
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::ScaleListener(
+    grpc::CallbackServerContext* ctx, const v1::ScaleListenerRequest* req,
+    v1::ScaleListenerResponse* resp) {
+  absl::Status check = ValidateName(req->name(), "name");
+  if (check.ok() && (req->shards() < 1 || req->shards() > kMaxShards)) {
+    check = absl::InvalidArgumentError(absl::StrCat(
+        "shards: ", req->shards(), " is out of range (1-", kMaxShards, ")"));
+  }
+  return Run(ctx, check, [this, req, resp]() -> absl::Status {
+    absl::Status s = controller_->ScaleListener(req->name(), req->shards());
+    if (s.ok()) FillListener(req->name(), resp->mutable_listener());
+    return s;
+  });
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::DrainShard(
+    grpc::CallbackServerContext* ctx, const v1::DrainShardRequest* req,
+    v1::DrainShardResponse* resp) {
+  absl::Status check = ValidateName(req->name(), "name");
+  if (check.ok() && req->index() >= kMaxShards) {
+    check = absl::InvalidArgumentError(absl::StrCat(
+        "index: ", req->index(), " is out of range (0-", kMaxShards - 1, ")"));
+  }
+  return Run(ctx, check, [this, req, resp]() -> absl::Status {
+    absl::Status s = controller_->DrainShard(req->name(), req->index());
+    if (s.ok()) FillListener(req->name(), resp->mutable_listener());
+    return s;
+  });
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::SetSteering(
+    grpc::CallbackServerContext* ctx, const v1::SetSteeringRequest* req,
+    v1::SetSteeringResponse* resp) {
+  absl::Status check = ValidateName(req->name(), "name");
+  if (check.ok() && !req->has_steering()) {
+    check = absl::InvalidArgumentError("steering: required");
+  }
+  if (check.ok()) check = ValidateSteering(req->steering(), "steering");
+  return Run(ctx, check, [this, req, resp]() -> absl::Status {
+    absl::Status s = controller_->SetSteering(req->name(), req->steering());
+    if (s.ok()) FillListener(req->name(), resp->mutable_listener());
+    return s;
+  });
+}
+
+namespace {
+
+// One WatchEvents stream. The controller's sink pushes into a bounded queue;
+// one write is in flight at a time. State shared with the sink lives in
+// `Shared` so that a late sink call after the stream ended is harmless.
+class EventWriter final
+    : public grpc::ServerWriteReactor<v1::WatchEventsResponse> {
+ public:
+  // The stream's shared state, for FleetServiceImpl::StopWatchers.
+  std::shared_ptr<void> shared() const { return shared_; }
+  static void Stop(const std::shared_ptr<void>& shared) {
+    auto* s = static_cast<Shared*>(shared.get());
+    std::lock_guard<std::mutex> lock(s->mu);
+    s->FinishLocked(grpc::Status(grpc::UNAVAILABLE, "agent shutting down"));
+  }
+
+  EventWriter(FleetController* controller, std::string filter,
+              size_t max_queued, std::atomic<int>* watchers)
+      : controller_(controller),
+        shared_(std::make_shared<Shared>()),
+        watchers_(watchers) {
+    shared_->writer = this;
+    shared_->filter = std::move(filter);
+    shared_->max_queued = max_queued;
+    StartSendInitialMetadata();
+    std::weak_ptr<Shared> weak = shared_;
+    subscription_ = controller_->Subscribe([weak](const EventRecord& e) {
+      if (std::shared_ptr<Shared> s = weak.lock()) s->Push(e);
+    });
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    shared_->writing = false;
+    if (!ok) {
+      // The client went away; OnCancel follows or the call is done.
+      shared_->FinishLocked(grpc::Status(grpc::CANCELLED, "write failed"));
+      return;
+    }
+    shared_->NextLocked();
+  }
+
+  void OnCancel() override {
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    shared_->FinishLocked(grpc::Status(grpc::CANCELLED, "cancelled"));
+  }
+
+  void OnDone() override {
+    controller_->Unsubscribe(subscription_);
+    {
+      std::lock_guard<std::mutex> lock(shared_->mu);
+      shared_->writer = nullptr;
+    }
+    watchers_->fetch_sub(1);
+    delete this;
+  }
+
+ private:
+  struct Shared {
+    std::mutex mu;
+    EventWriter* writer = nullptr;  // null once the stream is done
+    std::string filter;
+    size_t max_queued = 0;
+    std::deque<v1::WatchEventsResponse> queue;
+    v1::WatchEventsResponse in_flight;
+    bool writing = false;
+    bool finished = false;
+    std::optional<grpc::Status> pending_finish;
+
+    void Push(const EventRecord& e) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (writer == nullptr || finished || pending_finish) return;
+      if (!filter.empty() && e.listener != filter) return;
+      if (queue.size() >= max_queued) {
+        queue.clear();
+        FinishLocked(grpc::Status(
+            grpc::RESOURCE_EXHAUSTED,
+            absl::StrCat("event watcher too slow: more than ", max_queued,
+                         " events queued; events were dropped, watch again")));
+        return;
+      }
+      v1::WatchEventsResponse r;
+      *r.mutable_event() = ToProto(e);
+      queue.push_back(std::move(r));
+      NextLocked();
+    }
+
+    void NextLocked() {
+      if (writer == nullptr || writing || finished) return;
+      if (queue.empty()) {
+        if (pending_finish) {
+          finished = true;
+          writer->Finish(*pending_finish);
+        }
+        return;
+      }
+      in_flight = std::move(queue.front());
+      queue.pop_front();
+      writing = true;
+      writer->StartWrite(&in_flight);
+    }
+
+    // Finishes after the write in flight (if any); queued events are dropped.
+    void FinishLocked(grpc::Status status) {
+      if (finished || pending_finish) return;
+      queue.clear();
+      pending_finish = std::move(status);
+      NextLocked();
+    }
+  };
+
+  FleetController* const controller_;
+  std::shared_ptr<Shared> shared_;
+  std::atomic<int>* watchers_;
+  uint64_t subscription_ = 0;
+};
+
+class RejectedWriter final
+    : public grpc::ServerWriteReactor<v1::WatchEventsResponse> {
+ public:
+  explicit RejectedWriter(grpc::Status status) { Finish(std::move(status)); }
+  void OnDone() override { delete this; }
+};
+
+}  // namespace
+
+grpc::ServerWriteReactor<v1::WatchEventsResponse>*
+FleetServiceImpl::WatchEvents(grpc::CallbackServerContext* ctx,
+                              const v1::WatchEventsRequest* req) {
+  if (!req->listener().empty()) {
+    absl::Status s = ValidateName(req->listener(), "listener");
+    if (!s.ok()) return new RejectedWriter(ToGrpcStatus(s));
+  }
+  if (watchers_.fetch_add(1) >= options_.max_watchers) {
+    watchers_.fetch_sub(1);
+    return new RejectedWriter(grpc::Status(
+        grpc::RESOURCE_EXHAUSTED, absl::StrCat("too many event watchers (max ",
+                                               options_.max_watchers, ")")));
+  }
+  auto* writer = new EventWriter(controller_, req->listener(),
+                                 options_.max_queued_events, &watchers_);
+  std::lock_guard<std::mutex> lock(streams_mu_);
+  std::erase_if(streams_,
+                [](const std::weak_ptr<void>& w) { return w.expired(); });
+  streams_.push_back(writer->shared());
+  return writer;
+}
+
+void FleetServiceImpl::StopWatchers() {
+  std::vector<std::shared_ptr<void>> open;
+  {
+    std::lock_guard<std::mutex> lock(streams_mu_);
+    for (const std::weak_ptr<void>& w : streams_) {
+      if (std::shared_ptr<void> s = w.lock()) open.push_back(std::move(s));
+    }
+    streams_.clear();
+  }
+  for (const std::shared_ptr<void>& s : open) EventWriter::Stop(s);
+}
+
+}  // namespace portfleet

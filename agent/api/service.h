@@ -1,0 +1,127 @@
+// FleetServiceImpl: portfleet.v1.FleetService (callback API) over a
+// FleetController.
+//
+// Requests are validated here first (InvalidArgument naming the field:
+// "listener.name: required"), then the controller runs them on a small pool
+// of threads of this service (controller calls may block, e.g. a delete
+// drains its shards) so gRPC's own threads never block. A call whose
+// deadline has passed or which the client cancelled before it ran is not
+// started. WatchEvents keeps a bounded queue per subscriber: a reader that
+// falls behind is finished with RESOURCE_EXHAUSTED instead of growing memory.
+#ifndef PORTFLEET_AGENT_API_SERVICE_H_
+#define PORTFLEET_AGENT_API_SERVICE_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "agent/controller.h"
+#include "portfleet/v1/agent.grpc.pb.h"
+
+namespace portfleet {
+
+// The one absl -> gRPC status conversion (codes map one to one; the message
+// is kept).
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+// Conversions to the API's messages.
+v1::ShardState ShardStateFromString(const std::string& state);
+v1::Shard ToProto(const ShardStatus& shard);
+v1::ListenerState ToProto(const ListenerStatus& listener);
+v1::Event ToProto(const EventRecord& event);
+
+// Request checks done before the controller is asked (exposed for tests).
+absl::Status ValidateName(const std::string& name, const std::string& field);
+absl::Status ValidateSteering(const v1::Steering& steering,
+                              const std::string& field);
+
+struct FleetServiceOptions {
+  // Threads that run controller calls.
+  int worker_threads = 4;
+  // Calls waiting for a thread beyond this are refused (RESOURCE_EXHAUSTED).
+  int max_queued_calls = 256;
+  // Events buffered per WatchEvents subscriber before it is dropped.
+  size_t max_queued_events = 256;
+  // Concurrent WatchEvents streams.
+  int max_watchers = 32;
+};
+
+class CallRunner;
+
+class FleetServiceImpl final : public v1::FleetService::CallbackService {
+ public:
+  // `controller` must outlive this service.
+  explicit FleetServiceImpl(FleetController* controller,
+                            FleetServiceOptions options = {});
+  // Waits for the controller calls in progress. Shut the server down first.
+  ~FleetServiceImpl() override;
+
+  // Ends every WatchEvents stream with UNAVAILABLE ("agent shutting down")
+  // so that a server shutdown need not wait for them.
+  void StopWatchers();
+
+  FleetServiceImpl(const FleetServiceImpl&) = delete;
+  FleetServiceImpl& operator=(const FleetServiceImpl&) = delete;
+
+  grpc::ServerUnaryReactor* ListListeners(
+      grpc::CallbackServerContext* ctx, const v1::ListListenersRequest* req,
+      v1::ListListenersResponse* resp) override;
+  grpc::ServerUnaryReactor* GetListener(grpc::CallbackServerContext* ctx,
+                                        const v1::GetListenerRequest* req,
+                                        v1::GetListenerResponse* resp) override;
+  grpc::ServerUnaryReactor* ListShards(grpc::CallbackServerContext* ctx,
+                                       const v1::ListShardsRequest* req,
+                                       v1::ListShardsResponse* resp) override;
+  grpc::ServerUnaryReactor* GetStatus(grpc::CallbackServerContext* ctx,
+                                      const v1::GetStatusRequest* req,
+                                      v1::GetStatusResponse* resp) override;
+  grpc::ServerWriteReactor<v1::WatchEventsResponse>* WatchEvents(
+      grpc::CallbackServerContext* ctx,
+      const v1::WatchEventsRequest* req) override;
+  grpc::ServerUnaryReactor* CreateListener(
+      grpc::CallbackServerContext* ctx, const v1::CreateListenerRequest* req,
+      v1::CreateListenerResponse* resp) override;
+  grpc::ServerUnaryReactor* UpdateListener(
+      grpc::CallbackServerContext* ctx, const v1::UpdateListenerRequest* req,
+      v1::UpdateListenerResponse* resp) override;
+  grpc::ServerUnaryReactor* DeleteListener(
+      grpc::CallbackServerContext* ctx, const v1::DeleteListenerRequest* req,
+      v1::DeleteListenerResponse* resp) override;
+  grpc::ServerUnaryReactor* ScaleListener(
+      grpc::CallbackServerContext* ctx, const v1::ScaleListenerRequest* req,
+      v1::ScaleListenerResponse* resp) override;
+  grpc::ServerUnaryReactor* DrainShard(grpc::CallbackServerContext* ctx,
+                                       const v1::DrainShardRequest* req,
+                                       v1::DrainShardResponse* resp) override;
+  grpc::ServerUnaryReactor* SetSteering(grpc::CallbackServerContext* ctx,
+                                        const v1::SetSteeringRequest* req,
+                                        v1::SetSteeringResponse* resp) override;
+
+ private:
+  // Validates with `check` (inline), then runs `work` on the pool and
+  // finishes the call with its status.
+  grpc::ServerUnaryReactor* Run(grpc::CallbackServerContext* ctx,
+                                absl::Status check,
+                                std::function<absl::Status()> work);
+  // Fills `out` with the listener's state after a successful mutation.
+  void FillListener(const std::string& name, v1::ListenerState* out);
+
+  FleetController* const controller_;
+  const FleetServiceOptions options_;
+  std::unique_ptr<CallRunner> runner_;
+  std::atomic<int> watchers_{0};
+  // Open WatchEvents streams (type-erased: see service.cc).
+  std::mutex streams_mu_;
+  std::vector<std::weak_ptr<void>> streams_;
+};
+
+}  // namespace portfleet
+
+#endif  // PORTFLEET_AGENT_API_SERVICE_H_

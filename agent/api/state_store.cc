@@ -1,0 +1,161 @@
+#include "agent/api/state_store.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
+#include "absl/strings/strip.h"
+#include "agent/spec.h"
+#include "google/protobuf/io/tokenizer.h"
+#include "google/protobuf/text_format.h"
+#include "worker/sdk/fd.h"
+#include "worker/sdk/status.h"
+
+namespace portfleet {
+namespace {
+
+// Collects the parser's first error with its line.
+class ErrorCollector : public google::protobuf::io::ErrorCollector {
+ public:
+  void AddError(int line, google::protobuf::io::ColumnNumber column,
+                const std::string& message) override {
+    if (!error_.empty()) return;
+    error_ = absl::StrCat(line + 1, ":", column + 1, ": ", message);
+  }
+  void AddWarning(int, google::protobuf::io::ColumnNumber,
+                  const std::string&) override {}
+  const std::string& error() const { return error_; }
+
+ private:
+  std::string error_;
+};
+
+absl::Status WriteAll(int fd, absl::string_view data, const std::string& path) {
+  while (!data.empty()) {
+    ssize_t n = ::write(fd, data.data(), data.size());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoError(absl::StrCat("write ", path));
+    }
+    data.remove_prefix(static_cast<size_t>(n));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status EnsureDir(const std::string& dir) {
+  if (::mkdir(dir.c_str(), 0750) == 0) return absl::OkStatus();
+  if (errno != EEXIST) return ErrnoError(absl::StrCat("mkdir ", dir));
+  struct stat st;
+  if (::stat(dir.c_str(), &st) != 0) {
+    return ErrnoError(absl::StrCat("stat ", dir));
+  }
+  if (!S_ISDIR(st.st_mode)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(dir, ": state directory is not a directory"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::string FleetStatePath(const std::string& state_dir) {
+  return absl::StrCat(state_dir, "/", kFleetStateFileName);
+}
+
+absl::Status SaveFleetState(const std::string& state_dir,
+                            const v1::FleetSpec& spec) {
+  RETURN_IF_ERROR(ValidateFleetSpec(spec, "fleet state"));
+  RETURN_IF_ERROR(EnsureDir(state_dir));
+
+  std::string body;
+  google::protobuf::TextFormat::Printer printer;
+  if (!printer.PrintToString(spec, &body)) {
+    return absl::InternalError("cannot print the fleet state");
+  }
+  std::string text =
+      absl::StrCat(kFleetStateHeader, "\n", body, kFleetStateEndMarker, "\n");
+
+  const std::string path = FleetStatePath(state_dir);
+  std::string tmp = absl::StrCat(path, ".tmp.XXXXXX");
+  Fd fd(::mkostemp(tmp.data(), O_CLOEXEC));
+  if (!fd) return ErrnoError(absl::StrCat("create temp file for ", path));
+  auto fail = [&](absl::Status status) {
+    ::unlink(tmp.c_str());
+    return status;
+  };
+  if (::fchmod(fd.get(), 0640) != 0) {
+    return fail(ErrnoError(absl::StrCat("chmod ", tmp)));
+  }
+  if (absl::Status s = WriteAll(fd.get(), text, tmp); !s.ok()) return fail(s);
+  if (::fsync(fd.get()) != 0)
+    return fail(ErrnoError(absl::StrCat("fsync ", tmp)));
+  fd.Reset();
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    return fail(ErrnoError(absl::StrCat("rename ", tmp, " to ", path)));
+  }
+  Fd dir(::open(state_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir) return ErrnoError(absl::StrCat("open ", state_dir));
+  if (::fsync(dir.get()) != 0) {
+    return ErrnoError(absl::StrCat("fsync ", state_dir));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::optional<v1::FleetSpec>> LoadFleetState(
+    const std::string& state_dir) {
+  const std::string path = FleetStatePath(state_dir);
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) {
+    if (errno == ENOENT) return std::optional<v1::FleetSpec>();
+    return ErrnoError(absl::StrCat("open ", path));
+  }
+  std::string text;
+  char chunk[16384];
+  for (;;) {
+    ssize_t n = ::read(fd.get(), chunk, sizeof(chunk));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoError(absl::StrCat("read ", path));
+    }
+    if (n == 0) break;
+    text.append(chunk, static_cast<size_t>(n));
+  }
+
+  // The last non-empty line must be the end marker; otherwise the file was
+  // cut short (or edited into something we did not write).
+  std::vector<absl::string_view> lines = absl::StrSplit(text, '\n');
+  int last = static_cast<int>(lines.size()) - 1;
+  while (last >= 0 && absl::StripAsciiWhitespace(lines[last]).empty()) --last;
+  if (last < 0) {
+    return absl::DataLossError(
+        absl::StrCat(path, ":1: empty fleet state file (truncated?)"));
+  }
+  if (absl::StripAsciiWhitespace(lines[last]) != kFleetStateEndMarker) {
+    return absl::DataLossError(absl::StrCat(
+        path, ":", last + 1, ": fleet state file is truncated: missing '",
+        kFleetStateEndMarker, "' line"));
+  }
+
+  v1::FleetSpec spec;
+  ErrorCollector errors;
+  google::protobuf::TextFormat::Parser parser;
+  parser.RecordErrorsTo(&errors);
+  if (!parser.ParseFromString(text, &spec)) {
+    return absl::DataLossError(absl::StrCat(
+        path, ":",
+        errors.error().empty() ? "corrupt fleet state" : errors.error()));
+  }
+  if (absl::Status s = ValidateFleetSpec(spec, path); !s.ok()) {
+    return absl::DataLossError(s.message());
+  }
+  return std::optional<v1::FleetSpec>(std::move(spec));
+}
+
+}  // namespace portfleet
