@@ -1,0 +1,571 @@
+// The real portfleet-worker binary on a real listening socket, each case in
+// a fresh network namespace. The test plays the agent: it creates and
+// listens the socket, then starts the worker with the socket as fd 3
+// (LISTEN_FDS=1, LISTEN_PID set in the child after fork) and, for the
+// control-channel cases, one end of a seqpacket socketpair as fd 4.
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "portfleet/v1/control.pb.h"
+#include "tests/testing/client.h"
+#include "tests/testing/netns.h"
+#include "tests/testing/process.h"
+#include "worker/sdk/control_channel.h"
+#include "worker/sdk/fd.h"
+#include "worker/sdk/status.h"
+
+namespace portfleet {
+namespace {
+
+using testing::BinaryPath;
+using ::testing::HasSubstr;
+using ::testing::Not;
+using ::testing::Optional;
+using testing::Outcome;
+using testing::OutcomeName;
+using testing::ReadFileOrEmpty;
+using testing::TempDir;
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+// A listening TCP socket on 127.0.0.1 with a kernel-chosen port.
+struct Listener {
+  Fd fd;
+  int port = 0;
+  std::string address() const { return absl::StrCat("127.0.0.1:", port); }
+};
+
+Listener ListenLoopback() {
+  Listener l;
+  l.fd = Fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in sin{};
+  sin.sin_family = AF_INET;
+  sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  EXPECT_EQ(::bind(l.fd.get(), reinterpret_cast<sockaddr*>(&sin), sizeof(sin)),
+            0);
+  EXPECT_EQ(::listen(l.fd.get(), 128), 0);
+  socklen_t len = sizeof(sin);
+  ::getsockname(l.fd.get(), reinterpret_cast<sockaddr*>(&sin), &len);
+  l.port = ntohs(sin.sin_port);
+  return l;
+}
+
+struct StartOptions {
+  std::vector<std::string> args = {"--mode=http"};
+  std::vector<std::string> env =
+      {};                      // "K=V", added to this process's environment
+  int fd3 = -1;                // passed as fd 3 with LISTEN_FDS=1
+  int control_fd = -1;         // passed as fd 4 with PORTFLEET_CONTROL_FD=4
+  bool activation_env = true;  // set LISTEN_FDS / LISTEN_PID
+};
+
+// portfleet-worker as a child process, output in a log file; SIGKILLed and
+// reaped on destruction if still running.
+class WorkerProcess {
+ public:
+  ~WorkerProcess() {
+    if (pid_ > 0 && !status_) {
+      ::kill(pid_, SIGKILL);
+      int st;
+      ::waitpid(pid_, &st, 0);
+    }
+  }
+
+  void Start(const StartOptions& options) {
+    log_path_ = absl::StrCat(dir_.path(), "/worker.log");
+    int log = ::open(log_path_.c_str(),
+                     O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    ASSERT_GE(log, 0);
+    std::vector<std::string> argv = {BinaryPath("portfleet-worker")};
+    argv.insert(argv.end(), options.args.begin(), options.args.end());
+    std::vector<std::string> env;
+    for (char** e = environ; *e; ++e) {
+      if (!absl::StartsWith(*e, "LISTEN_") &&
+          !absl::StartsWith(*e, "PORTFLEET_")) {
+        env.emplace_back(*e);
+      }
+    }
+    if (options.activation_env) env.push_back("LISTEN_FDS=1");
+    if (options.control_fd >= 0) env.push_back("PORTFLEET_CONTROL_FD=4");
+    env.insert(env.end(), options.env.begin(), options.env.end());
+    std::vector<char*> cargv;
+    for (auto& a : argv) cargv.push_back(a.data());
+    cargv.push_back(nullptr);
+    std::vector<char*> cenv;
+    for (auto& e : env) cenv.push_back(e.data());
+    char listen_pid[64] = "LISTEN_PID=";
+    if (options.activation_env) cenv.push_back(listen_pid);
+    cenv.push_back(nullptr);
+
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      // Only async-signal-safe calls from here on.
+      std::snprintf(listen_pid, sizeof(listen_pid), "LISTEN_PID=%d",
+                    static_cast<int>(::getpid()));
+      // Out of the way first, so that the dup2s below cannot clobber them.
+      int fd3 = options.fd3 >= 0 ? ::fcntl(options.fd3, F_DUPFD, 100) : -1;
+      int fd4 = options.control_fd >= 0
+                    ? ::fcntl(options.control_fd, F_DUPFD, 100)
+                    : -1;
+      ::dup2(log, 1);
+      ::dup2(log, 2);
+      if (fd3 >= 0) ::dup2(fd3, 3);
+      if (fd4 >= 0) ::dup2(fd4, 4);
+      ::execve(cargv[0], cargv.data(), cenv.data());
+      ::_exit(127);
+    }
+    ::close(log);
+    pid_ = pid;
+  }
+
+  pid_t pid() const { return pid_; }
+  void Signal(int sig) { ::kill(pid_, sig); }
+  bool running() { return !Wait(absl::ZeroDuration()).has_value(); }
+
+  // The wait status, or nullopt if still running after `timeout`.
+  std::optional<int> Wait(absl::Duration timeout) {
+    absl::Time deadline = absl::Now() + timeout;
+    while (!status_) {
+      int st = 0;
+      pid_t r = ::waitpid(pid_, &st, WNOHANG);
+      if (r == pid_) {
+        status_ = st;
+        break;
+      }
+      if (absl::Now() >= deadline) break;
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    return status_;
+  }
+
+  // Exit code, or -1 (killed by a signal) / -2 (still running).
+  int ExitCode(absl::Duration timeout) {
+    std::optional<int> st = Wait(timeout);
+    if (!st) return -2;
+    return WIFEXITED(*st) ? WEXITSTATUS(*st) : -1;
+  }
+
+  std::string Log() const { return ReadFileOrEmpty(log_path_); }
+
+ private:
+  TempDir dir_;
+  std::string log_path_;
+  pid_t pid_ = -1;
+  std::optional<int> status_;
+};
+
+// A blocking client connection with a receive timeout.
+Fd Connect(int port) {
+  Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  timeval tv{5, 0};
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  sockaddr_in sin{};
+  sin.sin_family = AF_INET;
+  sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  sin.sin_port = htons(port);
+  EXPECT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&sin), sizeof(sin)),
+            0)
+      << std::strerror(errno);
+  return fd;
+}
+
+void SendAll(int fd, absl::string_view data) {
+  while (!data.empty()) {
+    ssize_t n = ::send(fd, data.data(), data.size(), MSG_NOSIGNAL);
+    ASSERT_GT(n, 0) << std::strerror(errno);
+    data.remove_prefix(n);
+  }
+}
+
+// Reads one complete response (head + Content-Length body) from `fd`, using
+// and updating `buffer` for bytes read beyond it. "" on EOF/timeout first.
+std::string ReadResponse(int fd, std::string* buffer) {
+  for (;;) {
+    size_t head_end = buffer->find("\r\n\r\n");
+    if (head_end != std::string::npos) {
+      std::string head = buffer->substr(0, head_end);
+      size_t cl = head.find("Content-Length: ");
+      size_t length = 0;
+      if (cl != std::string::npos) {
+        size_t eol = head.find("\r\n", cl);
+        (void)absl::SimpleAtoi(head.substr(cl + 16, eol - cl - 16), &length);
+      }
+      if (buffer->size() >= head_end + 4 + length) {
+        std::string response = buffer->substr(0, head_end + 4 + length);
+        buffer->erase(0, head_end + 4 + length);
+        return response;
+      }
+    }
+    char buf[16384];
+    ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+    if (n <= 0) return "";
+    buffer->append(buf, n);
+  }
+}
+
+// True if the peer closes `fd` (EOF) within `timeout` with no more data.
+bool ReadsEof(int fd, absl::Duration timeout) {
+  pollfd p{fd, POLLIN, 0};
+  if (::poll(&p, 1, absl::ToInt64Milliseconds(timeout)) != 1) return false;
+  char c;
+  return ::recv(fd, &c, 1, MSG_DONTWAIT) == 0;
+}
+
+constexpr char kGet[] = "GET / HTTP/1.1\r\nHost: test\r\n\r\n";
+constexpr char kGetClose[] =
+    "GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+
+// Receives the next WorkerMessage within `timeout`; nullopt on timeout.
+std::optional<v1::WorkerMessage> NextMessage(ControlChannel& agent,
+                                             absl::Duration timeout) {
+  absl::Time deadline = absl::Now() + timeout;
+  for (;;) {
+    auto got = agent.Receive<v1::WorkerMessage>();
+    if (!got.ok()) {
+      ADD_FAILURE() << got.status();
+      return std::nullopt;
+    }
+    if (got->has_value()) return std::move(**got);
+    absl::Duration left = deadline - absl::Now();
+    if (left <= absl::ZeroDuration()) return std::nullopt;
+    pollfd p{agent.fd(), POLLIN, 0};
+    ::poll(&p, 1, absl::ToInt64Milliseconds(left) + 1);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Serving
+
+TEST(WorkerNetnsTest, HttpAnswersWithItsIdentity) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Listener l = ListenLoopback();
+  WorkerProcess w;
+  w.Start({.env = {"PORTFLEET_LISTENER=web", "PORTFLEET_SHARD=2",
+                   "LISTEN_FDNAMES=ignored"},
+           .fd3 = l.fd.get()});
+  for (int i = 0; i < 5; ++i) {
+    testing::Reply r = testing::HttpGet(l.address());
+    ASSERT_EQ(r.outcome, Outcome::kOk)
+        << OutcomeName(r.outcome) << ": " << r.error << "\n"
+        << w.Log();
+    EXPECT_EQ(r.listener, "web");
+    EXPECT_EQ(r.shard, 2);
+    EXPECT_EQ(r.pid, w.pid());
+    EXPECT_THAT(r.raw, HasSubstr("Content-Type: text/plain\r\n"));
+    EXPECT_THAT(r.raw, HasSubstr("Connection: close\r\n"));
+  }
+  w.Signal(SIGTERM);
+  EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
+  EXPECT_THAT(w.Log(), HasSubstr("worker web/2"));
+  EXPECT_THAT(w.Log(), HasSubstr("serving http on 127.0.0.1:"));
+}
+
+TEST(WorkerNetnsTest, ListenerNameFallsBackToListenFdNames) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Listener l = ListenLoopback();
+  WorkerProcess w;
+  w.Start({.env = {"LISTEN_FDNAMES=api"}, .fd3 = l.fd.get()});
+  testing::Reply r = testing::HttpGet(l.address());
+  ASSERT_EQ(r.outcome, Outcome::kOk) << r.error << "\n" << w.Log();
+  EXPECT_EQ(r.listener, "api");
+  EXPECT_EQ(r.shard, 0);
+}
+
+TEST(WorkerNetnsTest, KeepAliveAndPipeliningOnOneConnection) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Listener l = ListenLoopback();
+  WorkerProcess w;
+  w.Start({.env = {"PORTFLEET_LISTENER=web"}, .fd3 = l.fd.get()});
+  Fd c = Connect(l.port);
+  std::string buffer;
+  // Sequential keep-alive requests.
+  for (int i = 0; i < 3; ++i) {
+    SendAll(c.get(), kGet);
+    std::string response = ReadResponse(c.get(), &buffer);
+    ASSERT_THAT(response, HasSubstr("HTTP/1.1 200 OK\r\n")) << w.Log();
+    EXPECT_THAT(response, Not(HasSubstr("Connection: close")));
+    EXPECT_THAT(response, HasSubstr(absl::StrCat("pid=", w.pid(), "\n")));
+  }
+  // Pipelined: a body to discard, two GETs, the last one closing, and a
+  // request after it that must not be answered.
+  SendAll(c.get(), absl::StrCat("POST /upload HTTP/1.1\r\nHost: test\r\n"
+                                "Content-Length: 5\r\n\r\nhello",
+                                kGet, kGetClose, kGet));
+  std::vector<std::string> responses;
+  for (;;) {
+    std::string response = ReadResponse(c.get(), &buffer);
+    if (response.empty()) break;
+    responses.push_back(response);
+  }
+  ASSERT_EQ(responses.size(), 3u) << w.Log();
+  for (const std::string& r : responses) {
+    EXPECT_THAT(r, HasSubstr("HTTP/1.1 200 OK\r\n"));
+    EXPECT_THAT(r, HasSubstr("portfleet listener=web shard=0 pid="));
+  }
+  EXPECT_THAT(responses[1], Not(HasSubstr("Connection: close")));
+  EXPECT_THAT(responses[2], HasSubstr("Connection: close\r\n"));
+  EXPECT_EQ(buffer, "");  // closed after the third answer
+}
+
+TEST(WorkerNetnsTest, MalformedRequestGets400AndClose) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Listener l = ListenLoopback();
+  WorkerProcess w;
+  w.Start({.fd3 = l.fd.get()});
+  Fd c = Connect(l.port);
+  SendAll(c.get(), "HELLO THERE\r\n\r\n");
+  std::string buffer;
+  std::string response = ReadResponse(c.get(), &buffer);
+  EXPECT_THAT(response, HasSubstr("HTTP/1.1 400 Bad Request\r\n"));
+  EXPECT_THAT(response, HasSubstr("Connection: close\r\n"));
+  EXPECT_TRUE(ReadsEof(c.get(), absl::Seconds(3)));
+}
+
+TEST(WorkerNetnsTest, EchoModeEchoes) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Listener l = ListenLoopback();
+  WorkerProcess w;
+  w.Start({.args = {"--mode", "echo"}, .fd3 = l.fd.get()});
+  testing::Reply r = testing::EchoOnce(l.address(), "hello, portfleet\n");
+  EXPECT_EQ(r.outcome, Outcome::kOk) << r.error << "\n" << w.Log();
+  std::string big;
+  for (int i = 0; big.size() < 256 * 1024; ++i) absl::StrAppend(&big, i, ",");
+  r = testing::EchoOnce(l.address(), big);
+  EXPECT_EQ(r.outcome, Outcome::kOk) << r.error << "\n" << w.Log();
+  w.Signal(SIGTERM);
+  EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
+}
+
+// ---------------------------------------------------------------------------
+// Drain
+
+// 1. A client makes a request on a keep-alive connection and leaves it idle.
+// 2. Another client has a request half sent (in flight).
+// 3. SIGTERM: the idle connection is closed at once, the worker waits.
+// 4. The slow client finishes its request: it is answered with
+//    "Connection: close" and the connection closed; the worker exits 0.
+TEST(WorkerNetnsTest, SigtermFinishesTheRequestInFlightAndExitsZero) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Listener l = ListenLoopback();
+  WorkerProcess w;
+  w.Start({.args = {"--mode=http", "--drain-timeout=20s"},
+           .env = {"PORTFLEET_LISTENER=web"},
+           .fd3 = l.fd.get()});
+  Fd idle = Connect(l.port);
+  std::string idle_buffer;
+  SendAll(idle.get(), kGet);
+  ASSERT_THAT(ReadResponse(idle.get(), &idle_buffer), HasSubstr("200 OK"))
+      << w.Log();
+  Fd slow = Connect(l.port);
+  std::string slow_buffer;
+  SendAll(slow.get(), kGet);  // proves the worker accepted this connection
+  ASSERT_THAT(ReadResponse(slow.get(), &slow_buffer), HasSubstr("200 OK"));
+  SendAll(slow.get(), "GET /slow HTTP/1.1\r\nHost: test\r\n");
+
+  w.Signal(SIGTERM);
+  EXPECT_TRUE(ReadsEof(idle.get(), absl::Seconds(3)))
+      << "idle keep-alive connection not closed on drain\n"
+      << w.Log();
+  absl::SleepFor(absl::Milliseconds(300));
+  ASSERT_TRUE(w.running()) << "worker exited with a request in flight\n"
+                           << w.Log();
+
+  SendAll(slow.get(), "\r\n");
+  std::string response = ReadResponse(slow.get(), &slow_buffer);
+  EXPECT_THAT(response, HasSubstr("HTTP/1.1 200 OK\r\n"));
+  EXPECT_THAT(response, HasSubstr("Connection: close\r\n"));
+  EXPECT_THAT(response, HasSubstr("portfleet listener=web"));
+  EXPECT_TRUE(ReadsEof(slow.get(), absl::Seconds(3)));
+  EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
+  EXPECT_THAT(w.Log(), HasSubstr("SIGTERM: draining"));
+}
+
+TEST(WorkerNetnsTest, SecondSigtermClosesRemainingConnections) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Listener l = ListenLoopback();
+  WorkerProcess w;
+  w.Start({.args = {"--mode=echo"}, .fd3 = l.fd.get()});
+  testing::Reply r = testing::EchoOnce(l.address(), "x");
+  ASSERT_EQ(r.outcome, Outcome::kOk) << r.error;
+  Fd c = Connect(l.port);
+  SendAll(c.get(), "ping");
+  char buf[4];
+  ASSERT_EQ(::recv(c.get(), buf, 4, MSG_WAITALL), 4);
+  w.Signal(SIGTERM);
+  absl::SleepFor(absl::Milliseconds(200));
+  ASSERT_TRUE(w.running()) << "echo connection not waited for\n" << w.Log();
+  absl::Time start = absl::Now();
+  w.Signal(SIGTERM);
+  EXPECT_EQ(w.ExitCode(absl::Seconds(3)), 0) << w.Log();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(2));
+  EXPECT_THAT(w.Log(), HasSubstr("second SIGTERM"));
+}
+
+TEST(WorkerNetnsTest, DrainTimeoutClosesRemainingConnections) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Listener l = ListenLoopback();
+  WorkerProcess w;
+  w.Start(
+      {.args = {"--mode=http", "--drain-timeout=500ms"}, .fd3 = l.fd.get()});
+  Fd c = Connect(l.port);
+  std::string buffer;
+  SendAll(c.get(), kGet);
+  ASSERT_THAT(ReadResponse(c.get(), &buffer), HasSubstr("200 OK"));
+  SendAll(c.get(), "GET / HTTP/1.1\r\n");  // never finished
+  absl::Time start = absl::Now();
+  w.Signal(SIGINT);
+  EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
+  EXPECT_GE(absl::Now() - start, absl::Milliseconds(400));
+  EXPECT_THAT(w.Log(), HasSubstr("drain deadline reached"));
+}
+
+// ---------------------------------------------------------------------------
+// Control channel
+
+// 1. Start the worker with a control channel on fd 4.
+// 2. It says hello (pid, listener, shard, version, inode of its socket), then
+//    ready, then reports load every second.
+// 3. AgentDrain: it finishes, says drained and exits 0.
+TEST(WorkerNetnsTest, ControlChannelHelloReadyLoadDrain) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Listener l = ListenLoopback();
+  auto pair = ControlChannel::Pair();
+  ASSERT_TRUE(pair.ok()) << pair.status();
+  ControlChannel agent = std::move(pair->first);
+  ControlChannel worker_end = std::move(pair->second);
+  WorkerProcess w;
+  w.Start({.env = {"PORTFLEET_LISTENER=web", "PORTFLEET_SHARD=1"},
+           .fd3 = l.fd.get(),
+           .control_fd = worker_end.fd()});
+  worker_end.Close();
+
+  std::optional<v1::WorkerMessage> m = NextMessage(agent, absl::Seconds(5));
+  ASSERT_TRUE(m.has_value()) << w.Log();
+  ASSERT_TRUE(m->has_hello()) << m->DebugString();
+  struct stat st {};
+  ASSERT_EQ(::fstat(l.fd.get(), &st), 0);
+  EXPECT_EQ(m->hello().pid(), static_cast<uint32_t>(w.pid()));
+  EXPECT_EQ(m->hello().listener(), "web");
+  EXPECT_EQ(m->hello().shard(), 1u);
+  EXPECT_EQ(m->hello().version(), "0.1.0");
+  EXPECT_EQ(m->hello().socket_inode(), st.st_ino);
+  m = NextMessage(agent, absl::Seconds(5));
+  ASSERT_TRUE(m.has_value() && m->has_ready());
+
+  testing::Reply r = testing::HttpGet(l.address());
+  ASSERT_EQ(r.outcome, Outcome::kOk) << r.error;
+  // A load report that counts the request arrives within ~1 s.
+  std::optional<v1::WorkerLoad> load;
+  absl::Time deadline = absl::Now() + absl::Seconds(4);
+  while (absl::Now() < deadline) {
+    m = NextMessage(agent, deadline - absl::Now());
+    if (!m) break;
+    ASSERT_TRUE(m->has_load()) << m->DebugString();
+    if (m->load().accepted_total() >= 1) {
+      load = m->load();
+      break;
+    }
+  }
+  ASSERT_TRUE(load.has_value()) << w.Log();
+  EXPECT_GT(load->bytes_in_total(), 0u);
+  EXPECT_GT(load->bytes_out_total(), 0u);
+
+  v1::AgentMessage drain;
+  drain.mutable_drain()->set_deadline_ms(3000);
+  ASSERT_TRUE(agent.Send(drain).ok());
+  bool drained = false;
+  while ((m = NextMessage(agent, absl::Seconds(5)))) {
+    if (m->has_drained()) {
+      drained = true;
+      break;
+    }
+  }
+  EXPECT_TRUE(drained) << w.Log();
+  EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
+}
+
+TEST(WorkerNetnsTest, KeepsServingWhenTheAgentGoesAway) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Listener l = ListenLoopback();
+  auto pair = ControlChannel::Pair();
+  ASSERT_TRUE(pair.ok()) << pair.status();
+  ControlChannel agent = std::move(pair->first);
+  WorkerProcess w;
+  w.Start({.fd3 = l.fd.get(), .control_fd = pair->second.fd()});
+  pair->second.Close();
+  ASSERT_TRUE(NextMessage(agent, absl::Seconds(5)).has_value()) << w.Log();
+  agent.Close();                             // the agent dies
+  absl::SleepFor(absl::Milliseconds(1500));  // past a load report
+  ASSERT_TRUE(w.running()) << w.Log();
+  testing::Reply r = testing::HttpGet(l.address());
+  EXPECT_EQ(r.outcome, Outcome::kOk) << r.error << "\n" << w.Log();
+  EXPECT_THAT(w.Log(), HasSubstr("serving on without"));
+  w.Signal(SIGTERM);
+  EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
+}
+
+// ---------------------------------------------------------------------------
+// Start-up errors
+
+TEST(WorkerNetnsTest, RefusesToStartWithoutListenFds) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WorkerProcess w;
+  w.Start({.activation_env = false});
+  EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 2);
+  EXPECT_THAT(w.Log(), HasSubstr("LISTEN_FDS is not set: portfleet-worker "
+                                 "must be started by portfleet-agent"));
+}
+
+TEST(WorkerNetnsTest, RefusesAUdpSocket) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Fd udp(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  WorkerProcess w;
+  w.Start({.fd3 = udp.get()});
+  EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 2);
+  EXPECT_THAT(w.Log(), HasSubstr("fd 3 is a UDP socket; want TCP"));
+}
+
+TEST(WorkerNetnsTest, RefusesANonListeningTcpSocket) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Fd tcp(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  WorkerProcess w;
+  w.Start({.fd3 = tcp.get()});
+  EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 2);
+  EXPECT_THAT(w.Log(), HasSubstr("fd 3 is not a listening socket"));
+}
+
+TEST(WorkerNetnsTest, HelpAndUsageErrors) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WorkerProcess help;
+  help.Start({.args = {"--help"}, .activation_env = false});
+  EXPECT_EQ(help.ExitCode(absl::Seconds(5)), 0);
+  EXPECT_THAT(help.Log(), HasSubstr("LISTEN_FDS"));
+  EXPECT_THAT(help.Log(), HasSubstr("PORTFLEET_CONTROL_FD"));
+  WorkerProcess bad;
+  bad.Start({.args = {"--mode=http", "--frobnicate"}});
+  EXPECT_EQ(bad.ExitCode(absl::Seconds(5)), 2);
+  EXPECT_THAT(bad.Log(), HasSubstr("unknown flag '--frobnicate'"));
+}
+
+}  // namespace
+}  // namespace portfleet

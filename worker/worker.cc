@@ -1,0 +1,979 @@
+#include "worker/worker.h"
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "worker/sdk/address.h"
+#include "worker/sdk/listen_fds.h"
+#include "worker/sdk/status.h"
+
+namespace portfleet::worker {
+
+const char kVersion[] = PORTFLEET_VERSION;
+
+namespace {
+
+// Bytes of unsent output above which a connection stops reading (a client
+// that pipelines without reading, or an echo peer that does not read).
+constexpr size_t kMaxPendingOutput = 1 << 20;
+// Bytes read from one connection per readiness event, for fairness.
+constexpr size_t kReadBudget = 256 * 1024;
+// Connections accepted per readiness event of the listening socket.
+constexpr int kAcceptBatch = 64;
+
+// ---------------------------------------------------------------------------
+// Flags
+
+absl::StatusOr<absl::Duration> ParseTimeout(absl::string_view text) {
+  absl::Duration d;
+  int64_t seconds = 0;
+  if (absl::SimpleAtoi(text, &seconds) && seconds >= 0) {
+    return absl::Seconds(seconds);
+  }
+  if (absl::ParseDuration(text, &d) && d >= absl::ZeroDuration() &&
+      d != absl::InfiniteDuration()) {
+    return d;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("--drain-timeout: '", text,
+                   "' is not a duration (e.g. 30, 30s, 500ms, 2m)"));
+}
+
+// ---------------------------------------------------------------------------
+// HTTP
+
+bool IsTokenChar(char c) {
+  if (absl::ascii_isalnum(static_cast<unsigned char>(c))) return true;
+  return absl::StrContains("!#$%&'*+-.^_`|~", c);
+}
+
+bool IsToken(absl::string_view s) {
+  return !s.empty() && std::all_of(s.begin(), s.end(), IsTokenChar);
+}
+
+// Field values: visible characters, spaces, tabs and obs-text; no controls.
+bool IsFieldValue(absl::string_view s) {
+  for (char c : s) {
+    unsigned char u = static_cast<unsigned char>(c);
+    if ((u < 0x20 && u != '\t') || u == 0x7f) return false;
+  }
+  return true;
+}
+
+bool IsRequestTarget(absl::string_view s) {
+  if (s.empty()) return false;
+  for (char c : s) {
+    unsigned char u = static_cast<unsigned char>(c);
+    if (u <= 0x20 || u == 0x7f) return false;
+  }
+  return true;
+}
+
+HttpParseResult Error(int status, std::string why) {
+  HttpParseResult r;
+  r.kind = HttpParseResult::Kind::kError;
+  r.error_status = status;
+  r.error = std::move(why);
+  return r;
+}
+
+// Parses "METHOD SP target SP HTTP/1.x".
+std::optional<HttpParseResult> ParseRequestLine(absl::string_view line,
+                                                HttpRequestHead* head) {
+  std::vector<absl::string_view> parts = absl::StrSplit(line, ' ');
+  if (parts.size() != 3) {
+    return Error(400, "request line is not 'METHOD TARGET HTTP/1.x'");
+  }
+  if (!IsToken(parts[0])) return Error(400, "bad method");
+  if (!IsRequestTarget(parts[1])) return Error(400, "bad request target");
+  absl::string_view version = parts[2];
+  if (version == "HTTP/1.1") {
+    head->minor_version = 1;
+  } else if (version == "HTTP/1.0") {
+    head->minor_version = 0;
+  } else if (version.size() == 8 && absl::StartsWith(version, "HTTP/") &&
+             absl::ascii_isdigit(version[5]) && version[6] == '.' &&
+             absl::ascii_isdigit(version[7])) {
+    return Error(505, absl::StrCat("HTTP version ", version.substr(5),
+                                   " is not supported"));
+  } else {
+    return Error(400, "bad HTTP version");
+  }
+  head->method = std::string(parts[0]);
+  head->target = std::string(parts[1]);
+  return std::nullopt;
+}
+
+absl::string_view ReasonPhrase(int status) {
+  switch (status) {
+    case 200:
+      return "OK";
+    case 400:
+      return "Bad Request";
+    case 431:
+      return "Request Header Fields Too Large";
+    case 501:
+      return "Not Implemented";
+    case 505:
+      return "HTTP Version Not Supported";
+  }
+  return "Error";
+}
+
+std::string Response(int status, absl::string_view body, bool keep_alive,
+                     bool http10, bool head_only) {
+  std::string out = absl::StrCat(
+      "HTTP/1.1 ", status, " ", ReasonPhrase(status),
+      "\r\nContent-Type: text/plain\r\nContent-Length: ", body.size(), "\r\n");
+  if (!keep_alive) {
+    absl::StrAppend(&out, "Connection: close\r\n");
+  } else if (http10) {
+    absl::StrAppend(&out, "Connection: keep-alive\r\n");
+  }
+  absl::StrAppend(&out, "\r\n");
+  if (!head_only) absl::StrAppend(&out, body);
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Small syscall helpers
+
+void LogIfError(const absl::Status& status) {
+  if (!status.ok()) PF_LOG(WARNING) << status.message();
+}
+
+absl::Status EpollCtl(int epoll, int op, int fd, uint32_t events) {
+  epoll_event ev{};
+  ev.events = events;
+  ev.data.fd = fd;
+  if (::epoll_ctl(epoll, op, fd, &ev) != 0) {
+    return ErrnoError(absl::StrCat("epoll_ctl(op ", op, ", fd ", fd, ")"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Flags
+
+std::string Usage() {
+  return R"(Usage: portfleet-worker --mode http|echo [--log-level LEVEL]
+                        [--drain-timeout DURATION] [--help]
+
+The reference portfleet worker. It serves the one listening TCP socket it is
+handed by socket activation (fd 3) with a single-threaded epoll loop; it never
+binds or listens itself. portfleet-agent starts one per shard.
+
+Modes:
+  --mode http     Minimal HTTP/1.1 (keep-alive, pipelining, request bodies
+                  read and discarded). Every request is answered
+                  "200 OK" with the text/plain body
+                    portfleet listener=<L> shard=<N> pid=<P>
+                  Malformed requests get 400, heads over 16 KiB get 431,
+                  and the connection is closed.
+  --mode echo     Echoes bytes back until the peer closes.
+
+Flags:
+  --log-level LEVEL         debug, info (default), warning or error.
+  --drain-timeout DURATION  Deadline to finish open connections after
+                            SIGTERM/SIGINT (default 30s; "30", "30s",
+                            "500ms" and "2m" are accepted).
+  -h, --help                This text.
+
+Environment:
+  LISTEN_FDS=1          Required: one socket is passed, as fd 3. fd 3 must be
+                        a listening TCP socket (IPv4 or IPv6).
+  LISTEN_PID            If set, must equal the worker's pid.
+  LISTEN_FDNAMES        Name of the socket; the listener name if
+                        PORTFLEET_LISTENER is not set.
+  PORTFLEET_LISTENER    Listener name reported in answers and to the agent
+                        (default: LISTEN_FDNAMES, else "unknown").
+  PORTFLEET_SHARD       Shard index reported likewise (default 0).
+  PORTFLEET_CONTROL_FD  Optional fd of the agent control channel (a Unix
+                        SOCK_SEQPACKET socket, normally 4): the worker sends
+                        hello, ready and a load report every second, and
+                        drains on the agent's request. If the agent goes
+                        away the worker keeps serving.
+
+Signals:
+  SIGTERM, SIGINT  Drain: stop accepting, answer requests in progress with
+                   "Connection: close", close idle connections, wait for the
+                   rest until --drain-timeout, then exit 0.
+                   A second signal closes remaining connections at once.
+
+Exit status:
+  0  drained and exited;  1  runtime failure;
+  2  usage error, or no usable socket was passed (LISTEN_FDS missing, fd 3
+     not a listening TCP socket).
+
+Example (systemd-socket-activate comes with systemd):
+  systemd-socket-activate -l 127.0.0.1:8080 -E PORTFLEET_LISTENER=web \
+      -E PORTFLEET_SHARD=0 portfleet-worker --mode http
+  curl http://127.0.0.1:8080/   # portfleet listener=web shard=0 pid=1234
+)";
+}
+
+absl::StatusOr<Flags> ParseFlags(const std::vector<std::string>& args) {
+  Flags flags;
+  for (size_t i = 0; i < args.size(); ++i) {
+    absl::string_view arg = args[i];
+    if (arg == "-h" || arg == "--help") {
+      flags.help = true;
+      continue;
+    }
+    if (!absl::StartsWith(arg, "--")) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("unexpected argument '", arg, "'"));
+    }
+    std::string name;
+    std::string value;
+    if (size_t eq = arg.find('='); eq != absl::string_view::npos) {
+      name = std::string(arg.substr(0, eq));
+      value = std::string(arg.substr(eq + 1));
+    } else {
+      name = std::string(arg);
+      if (name != "--mode" && name != "--log-level" &&
+          name != "--drain-timeout") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("unknown flag '", name, "'"));
+      }
+      if (i + 1 >= args.size()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("flag ", name, " needs a value"));
+      }
+      value = args[++i];
+    }
+    if (name == "--mode") {
+      if (value == "http") {
+        flags.mode = Mode::kHttp;
+      } else if (value == "echo") {
+        flags.mode = Mode::kEcho;
+      } else {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--mode: unknown mode '", value, "' (want http or echo)"));
+      }
+    } else if (name == "--log-level") {
+      absl::StatusOr<LogLevel> level = ParseLogLevel(value);
+      if (!level.ok()) return Annotate(level.status(), "--log-level");
+      flags.log_level = *level;
+    } else if (name == "--drain-timeout") {
+      ASSIGN_OR_RETURN(flags.drain_timeout, ParseTimeout(value));
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown flag '", name, "'"));
+    }
+  }
+  return flags;
+}
+
+// ---------------------------------------------------------------------------
+// HTTP
+
+HttpParseResult ParseHttpRequestHead(absl::string_view buffer,
+                                     size_t max_head) {
+  // RFC 9112 2.2: ignore empty lines before the request line.
+  size_t start = 0;
+  while (buffer.size() - start >= 2 && buffer.substr(start, 2) == "\r\n") {
+    start += 2;
+  }
+  if (start > max_head) return Error(400, "too many empty lines");
+  absl::string_view rest = buffer.substr(start);
+  size_t end = rest.find("\r\n\r\n");
+  if (end == absl::string_view::npos) {
+    if (rest.size() >= max_head) {
+      return Error(431,
+                   absl::StrCat("request head exceeds ", max_head, " bytes"));
+    }
+    // Reject a bad request line as soon as it is complete.
+    if (size_t eol = rest.find("\r\n"); eol != absl::string_view::npos) {
+      HttpRequestHead ignored;
+      if (auto error = ParseRequestLine(rest.substr(0, eol), &ignored)) {
+        return *error;
+      }
+    }
+    return HttpParseResult{};
+  }
+  if (end + 4 > max_head) {
+    return Error(431,
+                 absl::StrCat("request head exceeds ", max_head, " bytes"));
+  }
+  HttpParseResult result;
+  HttpRequestHead& head = result.head;
+  std::vector<absl::string_view> lines =
+      absl::StrSplit(rest.substr(0, end), "\r\n");
+  if (auto error = ParseRequestLine(lines[0], &head)) return *error;
+
+  bool saw_close = false;
+  bool saw_keep_alive = false;
+  bool saw_length = false;
+  int hosts = 0;
+  for (size_t i = 1; i < lines.size(); ++i) {
+    absl::string_view line = lines[i];
+    if (line.front() == ' ' || line.front() == '\t') {
+      return Error(400, "obsolete header line folding");
+    }
+    size_t colon = line.find(':');
+    if (colon == absl::string_view::npos) {
+      return Error(400, "header line without ':'");
+    }
+    absl::string_view name = line.substr(0, colon);
+    if (!IsToken(name)) return Error(400, "bad header name");
+    absl::string_view value =
+        absl::StripAsciiWhitespace(line.substr(colon + 1));
+    if (!IsFieldValue(value)) {
+      return Error(400, absl::StrCat("bad characters in header ", name));
+    }
+    if (absl::EqualsIgnoreCase(name, "Content-Length")) {
+      uint64_t length = 0;
+      if (value.empty() ||
+          !std::all_of(value.begin(), value.end(),
+                       [](char c) { return absl::ascii_isdigit(c); }) ||
+          !absl::SimpleAtoi(value, &length)) {
+        return Error(400, "bad Content-Length");
+      }
+      if (saw_length && length != head.content_length) {
+        return Error(400, "conflicting Content-Length headers");
+      }
+      saw_length = true;
+      head.content_length = length;
+    } else if (absl::EqualsIgnoreCase(name, "Transfer-Encoding")) {
+      return Error(501, "Transfer-Encoding is not supported");
+    } else if (absl::EqualsIgnoreCase(name, "Host")) {
+      ++hosts;
+    } else if (absl::EqualsIgnoreCase(name, "Connection")) {
+      for (absl::string_view option : absl::StrSplit(value, ',')) {
+        option = absl::StripAsciiWhitespace(option);
+        if (absl::EqualsIgnoreCase(option, "close")) saw_close = true;
+        if (absl::EqualsIgnoreCase(option, "keep-alive")) saw_keep_alive = true;
+      }
+    }
+  }
+  if (head.minor_version == 1 && hosts != 1) {
+    return Error(400, hosts == 0 ? "HTTP/1.1 request without Host"
+                                 : "more than one Host header");
+  }
+  head.keep_alive =
+      head.minor_version == 1 ? !saw_close : saw_keep_alive && !saw_close;
+  result.kind = HttpParseResult::Kind::kComplete;
+  result.head_length = start + end + 4;
+  return result;
+}
+
+std::string IdentityBody(absl::string_view listener, uint32_t shard,
+                         pid_t pid) {
+  return absl::StrCat("portfleet listener=", listener, " shard=", shard,
+                      " pid=", pid, "\n");
+}
+
+void HttpSession::Respond(const HttpRequestHead& head, std::string* out) {
+  ++requests_;
+  bool keep_alive = head.keep_alive && !draining_;
+  absl::StrAppend(out, Response(200, body_, keep_alive, head.minor_version == 0,
+                                head.method == "HEAD"));
+  if (!keep_alive) closing_ = true;
+}
+
+void HttpSession::Consume(absl::string_view data, std::string* out) {
+  if (closing_) return;
+  // Discard body bytes without buffering them.
+  if (in_body_ && buffer_.empty()) {
+    uint64_t n = std::min<uint64_t>(body_remaining_, data.size());
+    body_remaining_ -= n;
+    data.remove_prefix(n);
+    if (body_remaining_ > 0) return;
+    in_body_ = false;
+    Respond(pending_, out);
+    if (closing_) return;
+  }
+  buffer_.append(data.data(), data.size());
+  size_t pos = 0;
+  while (!closing_ && pos < buffer_.size()) {
+    if (in_body_) {
+      uint64_t n = std::min<uint64_t>(body_remaining_, buffer_.size() - pos);
+      body_remaining_ -= n;
+      pos += n;
+      if (body_remaining_ > 0) break;
+      in_body_ = false;
+      Respond(pending_, out);
+      continue;
+    }
+    HttpParseResult r =
+        ParseHttpRequestHead(absl::string_view(buffer_).substr(pos));
+    if (r.kind == HttpParseResult::Kind::kIncomplete) break;
+    if (r.kind == HttpParseResult::Kind::kError) {
+      PF_LOG(DEBUG) << "bad request: " << r.error;
+      absl::StrAppend(out, Response(r.error_status,
+                                    absl::StrCat(ReasonPhrase(r.error_status),
+                                                 ": ", r.error, "\n"),
+                                    /*keep_alive=*/false, /*http10=*/false,
+                                    /*head_only=*/false));
+      closing_ = true;
+      break;
+    }
+    pos += r.head_length;
+    if (r.head.content_length > 0) {
+      in_body_ = true;
+      body_remaining_ = r.head.content_length;
+      pending_ = std::move(r.head);
+      continue;
+    }
+    Respond(r.head, out);
+  }
+  if (closing_) {
+    buffer_.clear();
+    in_body_ = false;
+  } else {
+    buffer_.erase(0, pos);
+  }
+}
+
+void HttpSession::StartDrain() {
+  draining_ = true;
+  if (idle()) closing_ = true;
+}
+
+// ---------------------------------------------------------------------------
+// The server
+
+struct Worker::Connection {
+  Fd fd;
+  std::optional<HttpSession> http;  // in http mode
+  std::string out;                  // output not yet sent, from out_offset
+  size_t out_offset = 0;
+  bool read_eof = false;   // the peer will send nothing more
+  bool lingering = false;  // our FIN is sent; waiting for the peer's
+  absl::Time linger_deadline;
+  uint32_t events = 0;  // registered with epoll
+
+  size_t pending() const { return out.size() - out_offset; }
+};
+
+Worker::Worker(WorkerConfig config) : config_(std::move(config)) {}
+Worker::~Worker() = default;
+
+absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(
+    WorkerConfig config, Fd listen_fd, std::optional<ControlChannel> control) {
+  std::unique_ptr<Worker> worker(new Worker(std::move(config)));
+  RETURN_IF_ERROR(worker->Init(std::move(listen_fd), std::move(control)));
+  return worker;
+}
+
+absl::Status Worker::Init(Fd listen_fd, std::optional<ControlChannel> control) {
+  listen_fd_ = std::move(listen_fd);
+  control_ = std::move(control);
+  body_ = IdentityBody(config_.listener, config_.shard, ::getpid());
+
+  ::signal(SIGPIPE, SIG_IGN);
+  sigset_t mask;
+  sigemptyset(&mask);
+  sigaddset(&mask, SIGTERM);
+  sigaddset(&mask, SIGINT);
+  if (::sigprocmask(SIG_BLOCK, &mask, nullptr) != 0) {
+    return ErrnoError("sigprocmask(SIG_BLOCK, SIGTERM|SIGINT)");
+  }
+  signal_fd_ = Fd(::signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC));
+  if (!signal_fd_) return ErrnoError("signalfd");
+  epoll_ = Fd(::epoll_create1(EPOLL_CLOEXEC));
+  if (!epoll_) return ErrnoError("epoll_create1");
+  RETURN_IF_ERROR(
+      EpollCtl(epoll_.get(), EPOLL_CTL_ADD, signal_fd_.get(), EPOLLIN));
+  if (control_) {
+    RETURN_IF_ERROR(
+        EpollCtl(epoll_.get(), EPOLL_CTL_ADD, control_->fd(), EPOLLIN));
+  }
+  RETURN_IF_ERROR(
+      EpollCtl(epoll_.get(), EPOLL_CTL_ADD, listen_fd_.get(), EPOLLIN));
+  accepting_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status Worker::Run() {
+  struct stat st {};
+  if (::fstat(listen_fd_.get(), &st) != 0) {
+    return ErrnoError("fstat listening socket");
+  }
+  sockaddr_storage addr{};
+  socklen_t addr_len = sizeof(addr);
+  std::string where = "?";
+  if (::getsockname(listen_fd_.get(), reinterpret_cast<sockaddr*>(&addr),
+                    &addr_len) == 0) {
+    where = SocketAddress::FromSockaddr(reinterpret_cast<sockaddr*>(&addr),
+                                        addr_len)
+                .ToString();
+  }
+  PF_LOG(INFO) << "serving " << (config_.mode == Mode::kHttp ? "http" : "echo")
+               << " on " << where << " (fd " << listen_fd_.get()
+               << ", socket inode " << st.st_ino << ", pid " << ::getpid()
+               << ")";
+  if (control_) {
+    v1::WorkerMessage hello;
+    hello.mutable_hello()->set_pid(::getpid());
+    hello.mutable_hello()->set_listener(config_.listener);
+    hello.mutable_hello()->set_shard(config_.shard);
+    hello.mutable_hello()->set_version(kVersion);
+    hello.mutable_hello()->set_socket_inode(st.st_ino);
+    SendControl(hello);
+    v1::WorkerMessage ready;
+    ready.mutable_ready();
+    SendControl(ready);
+    next_load_ = absl::Now() + config_.load_interval;
+  }
+
+  epoll_event events[64];
+  while (!done_) {
+    int n = ::epoll_wait(epoll_.get(), events, 64, EpollTimeoutMs(absl::Now()));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoError("epoll_wait");
+    }
+    for (int i = 0; i < n && !done_; ++i) {
+      int fd = events[i].data.fd;
+      if (fd == signal_fd_.get()) {
+        HandleSignals();
+      } else if (listen_fd_ && fd == listen_fd_.get()) {
+        AcceptAll();
+      } else if (control_ && fd == control_->fd()) {
+        HandleControl();
+      } else {
+        HandleConnection(fd, events[i].events);
+      }
+    }
+    if (done_) break;
+    OnTimers(absl::Now());
+    if (draining_ && connections_.empty()) done_ = true;
+  }
+  if (draining_) {
+    PF_LOG(INFO) << "drained (" << accepted_total_
+                 << " connections served); exiting";
+    v1::WorkerMessage drained;
+    drained.mutable_drained();
+    SendControl(drained);
+  }
+  return absl::OkStatus();
+}
+
+int Worker::EpollTimeoutMs(absl::Time now) const {
+  absl::Time next = now + absl::Seconds(1);
+  next = std::min(next, next_load_);
+  next = std::min(next, drain_deadline_);
+  if (resume_accept_at_) next = std::min(next, *resume_accept_at_);
+  if (lingering_ > 0) next = std::min(next, now + absl::Milliseconds(100));
+  int64_t ms =
+      absl::ToInt64Milliseconds(absl::Ceil(next - now, absl::Milliseconds(1)));
+  return static_cast<int>(std::clamp<int64_t>(ms, 0, 1000));
+}
+
+void Worker::OnTimers(absl::Time now) {
+  if (control_ && now >= next_load_) {
+    SendLoad();
+    next_load_ = now + config_.load_interval;
+  }
+  if (resume_accept_at_ && now >= *resume_accept_at_) {
+    resume_accept_at_.reset();
+    if (!draining_ && listen_fd_) {
+      absl::Status s =
+          EpollCtl(epoll_.get(), EPOLL_CTL_ADD, listen_fd_.get(), EPOLLIN);
+      if (s.ok()) {
+        accepting_ = true;
+      } else {
+        PF_LOG(ERROR) << "cannot resume accepting: " << s.message();
+        resume_accept_at_ = now + absl::Seconds(1);
+      }
+    }
+  }
+  if (lingering_ > 0) {
+    std::vector<int> expired;
+    for (const auto& [fd, conn] : connections_) {
+      if (conn->lingering && now >= conn->linger_deadline)
+        expired.push_back(fd);
+    }
+    for (int fd : expired) CloseConnection(fd);
+  }
+  if (draining_ && now >= drain_deadline_) {
+    ForceClose("drain deadline reached");
+  }
+}
+
+void Worker::PauseAccepting(absl::Duration pause) {
+  if (accepting_) {
+    LogIfError(EpollCtl(epoll_.get(), EPOLL_CTL_DEL, listen_fd_.get(), 0));
+    accepting_ = false;
+  }
+  resume_accept_at_ = absl::Now() + pause;
+}
+
+void Worker::WarnAcceptPaused(int err) {
+  // At most one line per 10 s: the condition can last.
+  absl::Time now = absl::Now();
+  if (now - last_accept_warning_ < absl::Seconds(10)) {
+    ++accept_warnings_suppressed_;
+    return;
+  }
+  PF_LOG(WARNING) << "accept: " << std::strerror(err)
+                  << "; leaving connections queued and retrying every 100ms ("
+                  << connections_.size() << " connections open, "
+                  << accept_warnings_suppressed_
+                  << " similar failures since the last warning)";
+  last_accept_warning_ = now;
+  accept_warnings_suppressed_ = 0;
+}
+
+void Worker::AcceptAll() {
+  for (int i = 0; i < kAcceptBatch && accepting_; ++i) {
+    int fd = ::accept4(listen_fd_.get(), nullptr, nullptr,
+                       SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      switch (errno) {
+        case EAGAIN:
+          return;
+        // The connection died in the queue, or a pending network error
+        // (accept(2)): nothing to do with the listening socket.
+        case EINTR:
+        case ECONNABORTED:
+        case EPROTO:
+        case ENETDOWN:
+        case ENOPROTOOPT:
+        case EHOSTDOWN:
+        case ENONET:
+        case EHOSTUNREACH:
+        case EOPNOTSUPP:
+        case ENETUNREACH:
+        case EPERM:
+          continue;
+        case EMFILE:
+        case ENFILE:
+        case ENOBUFS:
+        case ENOMEM:
+          // Leave the connections in the queue and retry shortly; level-
+          // triggered epoll would otherwise spin.
+          WarnAcceptPaused(errno);
+          PauseAccepting(absl::Milliseconds(100));
+          return;
+        default:
+          PF_LOG(ERROR) << "accept: " << std::strerror(errno)
+                        << "; pausing accept for 1s";
+          PauseAccepting(absl::Seconds(1));
+          return;
+      }
+    }
+    auto conn = std::make_unique<Connection>();
+    conn->fd = Fd(fd);
+    int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    if (config_.mode == Mode::kHttp) conn->http.emplace(body_);
+    conn->events = EPOLLIN;
+    if (absl::Status s = EpollCtl(epoll_.get(), EPOLL_CTL_ADD, fd, EPOLLIN);
+        !s.ok()) {
+      PF_LOG(ERROR) << s.message();
+      continue;  // conn closes the fd
+    }
+    ++accepted_total_;
+    connections_[fd] = std::move(conn);
+  }
+}
+
+void Worker::HandleConnection(int fd, uint32_t events) {
+  auto it = connections_.find(fd);
+  if (it == connections_.end()) return;  // closed earlier in this batch
+  Connection& conn = *it->second;
+  if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+    if (!ReadFrom(conn)) return CloseConnection(fd);
+  }
+  if (conn.pending() > 0 && !WriteTo(conn)) return CloseConnection(fd);
+  Settle(conn);
+}
+
+bool Worker::ReadFrom(Connection& conn) {
+  char buf[64 * 1024];
+  size_t budget = kReadBudget;
+  while (!conn.read_eof && budget > 0 &&
+         (conn.lingering || conn.pending() < kMaxPendingOutput)) {
+    ssize_t n = ::recv(conn.fd.get(), buf, sizeof(buf), 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return true;
+      PF_LOG(DEBUG) << "recv: " << std::strerror(errno);
+      return false;
+    }
+    if (n == 0) {
+      conn.read_eof = true;
+      return true;
+    }
+    bytes_in_ += n;
+    budget -= std::min<size_t>(budget, n);
+    if (conn.lingering) continue;  // discard
+    absl::string_view data(buf, n);
+    if (conn.http) {
+      conn.http->Consume(data, &conn.out);
+    } else {
+      conn.out.append(data.data(), data.size());
+    }
+  }
+  return true;
+}
+
+bool Worker::WriteTo(Connection& conn) {
+  while (conn.pending() > 0) {
+    ssize_t n = ::send(conn.fd.get(), conn.out.data() + conn.out_offset,
+                       conn.pending(), MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return true;
+      PF_LOG(DEBUG) << "send: " << std::strerror(errno);
+      return false;
+    }
+    bytes_out_ += n;
+    conn.out_offset += n;
+  }
+  conn.out.clear();
+  conn.out_offset = 0;
+  return true;
+}
+
+void Worker::Settle(Connection& conn) {
+  int fd = conn.fd.get();
+  if (conn.pending() == 0) {
+    bool finished = conn.read_eof || (conn.http && conn.http->closing());
+    if (conn.read_eof && (conn.lingering || finished)) {
+      return CloseConnection(fd);
+    }
+    if (finished && !conn.lingering) {
+      // Send our FIN but keep reading until the peer's, so that input we
+      // never read (e.g. pipelined requests after "Connection: close") does
+      // not make the kernel answer with a reset that could destroy the
+      // response in flight.
+      ::shutdown(fd, SHUT_WR);
+      conn.lingering = true;
+      conn.linger_deadline = absl::Now() + config_.linger_timeout;
+      ++lingering_;
+    }
+  }
+  uint32_t want = 0;
+  if (!conn.read_eof &&
+      (conn.lingering || conn.pending() < kMaxPendingOutput)) {
+    want |= EPOLLIN;
+  }
+  if (conn.pending() > 0) want |= EPOLLOUT;
+  if (want == 0) {
+    // Peer finished sending and nothing to write: handled above. This is
+    // only reached with pending output that cannot be written yet.
+    want = EPOLLOUT;
+  }
+  if (want != conn.events) {
+    if (absl::Status s = EpollCtl(epoll_.get(), EPOLL_CTL_MOD, fd, want);
+        !s.ok()) {
+      PF_LOG(ERROR) << s.message();
+      return CloseConnection(fd);
+    }
+    conn.events = want;
+  }
+}
+
+void Worker::CloseConnection(int fd) {
+  auto it = connections_.find(fd);
+  if (it == connections_.end()) return;
+  if (it->second->lingering) --lingering_;
+  // Closing the fd removes it from the epoll set.
+  connections_.erase(it);
+}
+
+void Worker::HandleSignals() {
+  for (;;) {
+    signalfd_siginfo info;
+    ssize_t n = ::read(signal_fd_.get(), &info, sizeof(info));
+    if (n != static_cast<ssize_t>(sizeof(info))) {
+      if (n < 0 && errno == EINTR) continue;
+      return;
+    }
+    const char* name = info.ssi_signo == SIGINT ? "SIGINT" : "SIGTERM";
+    if (draining_) {
+      ForceClose(absl::StrCat("second ", name));
+      return;
+    }
+    BeginDrain(config_.drain_timeout, name);
+  }
+}
+
+void Worker::BeginDrain(absl::Duration timeout, absl::string_view why) {
+  absl::Time deadline = absl::Now() + timeout;
+  if (draining_) {
+    drain_deadline_ = std::min(drain_deadline_, deadline);
+    return;
+  }
+  draining_ = true;
+  drain_deadline_ = deadline;
+  resume_accept_at_.reset();
+  if (accepting_) {
+    LogIfError(EpollCtl(epoll_.get(), EPOLL_CTL_DEL, listen_fd_.get(), 0));
+    accepting_ = false;
+  }
+  // The agent keeps its own copy of the socket; queued connections stay
+  // there for the other shards or the next worker.
+  listen_fd_.Reset();
+  PF_LOG(INFO) << why << ": draining " << connections_.size()
+               << " connections (deadline " << timeout << ")";
+  std::vector<int> fds;
+  fds.reserve(connections_.size());
+  for (const auto& [fd, conn] : connections_) fds.push_back(fd);
+  for (int fd : fds) {
+    Connection& conn = *connections_[fd];
+    if (conn.http) conn.http->StartDrain();
+    Settle(conn);
+  }
+  if (connections_.empty()) done_ = true;
+}
+
+void Worker::ForceClose(absl::string_view why) {
+  if (!connections_.empty()) {
+    PF_LOG(WARNING) << why << ": closing " << connections_.size()
+                    << " remaining connections";
+  } else {
+    PF_LOG(INFO) << why;
+  }
+  connections_.clear();
+  lingering_ = 0;
+  draining_ = true;
+  done_ = true;
+}
+
+void Worker::HandleControl() {
+  while (control_) {
+    absl::StatusOr<std::optional<v1::AgentMessage>> got = control_->Receive();
+    if (!got.ok()) {
+      if (absl::IsInvalidArgument(got.status())) {
+        PF_LOG(WARNING) << got.status().message();
+        continue;
+      }
+      PF_LOG(WARNING) << got.status().message()
+                      << "; the agent is gone, serving on without it";
+      CloseControl();
+      return;
+    }
+    if (!got->has_value()) return;
+    const v1::AgentMessage& message = **got;
+    switch (message.msg_case()) {
+      case v1::AgentMessage::kDrain: {
+        uint32_t ms = message.drain().deadline_ms();
+        BeginDrain(ms > 0 ? absl::Milliseconds(ms) : config_.drain_timeout,
+                   "agent asked to drain");
+        break;
+      }
+      default:
+        PF_LOG(WARNING) << "ignoring an agent message of unknown kind "
+                        << message.msg_case();
+        break;
+    }
+  }
+}
+
+void Worker::SendControl(const v1::WorkerMessage& message) {
+  if (!control_) return;
+  absl::Status s = control_->Send(message);
+  if (s.ok()) return;
+  if (absl::IsResourceExhausted(s)) {
+    PF_LOG(DEBUG) << s.message();
+    return;
+  }
+  PF_LOG(WARNING) << s.message() << "; serving on without the agent";
+  CloseControl();
+}
+
+void Worker::CloseControl() {
+  if (!control_) return;
+  // Closing the fd removes it from the epoll set.
+  control_.reset();
+  next_load_ = absl::InfiniteFuture();
+}
+
+void Worker::SendLoad() {
+  v1::WorkerMessage load;
+  v1::WorkerLoad* l = load.mutable_load();
+  l->set_active_connections(connections_.size());
+  l->set_accepted_total(accepted_total_);
+  l->set_bytes_in_total(bytes_in_);
+  l->set_bytes_out_total(bytes_out_);
+  SendControl(load);
+}
+
+// ---------------------------------------------------------------------------
+// main()
+
+int Main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  absl::StatusOr<Flags> flags = ParseFlags(args);
+  if (!flags.ok()) {
+    std::fprintf(stderr,
+                 "portfleet-worker: %s\nTry 'portfleet-worker --help'.\n",
+                 std::string(flags.status().message()).c_str());
+    return 2;
+  }
+  if (flags->help) {
+    std::fputs(Usage().c_str(), stdout);
+    return 0;
+  }
+  SetLogLevel(flags->log_level);
+
+  WorkerConfig config;
+  config.mode = flags->mode;
+  config.drain_timeout = flags->drain_timeout;
+  if (const char* l = std::getenv("PORTFLEET_LISTENER"); l && *l) {
+    config.listener = l;
+  } else if (std::string name = ListenFdName(); !name.empty()) {
+    config.listener = name;
+  }
+  if (const char* s = std::getenv("PORTFLEET_SHARD"); s && *s) {
+    if (!absl::SimpleAtoi(s, &config.shard)) {
+      std::fprintf(stderr,
+                   "portfleet-worker: PORTFLEET_SHARD='%s' is not a shard "
+                   "number\n",
+                   s);
+      return 2;
+    }
+  }
+  SetLogTag(absl::StrCat("worker ", config.listener, "/", config.shard));
+
+  absl::StatusOr<Fd> listen_fd = TakeListenFd();
+  if (!listen_fd.ok()) {
+    PF_LOG(ERROR) << "cannot start: " << listen_fd.status().message();
+    return 2;
+  }
+  absl::StatusOr<std::optional<ControlChannel>> control =
+      ControlChannel::FromEnv();
+  if (!control.ok()) {
+    PF_LOG(ERROR) << "cannot start: " << control.status().message();
+    return 2;
+  }
+  absl::StatusOr<std::unique_ptr<Worker>> worker = Worker::Create(
+      std::move(config), std::move(*listen_fd), std::move(*control));
+  if (!worker.ok()) {
+    PF_LOG(ERROR) << "cannot start: " << worker.status().message();
+    return 1;
+  }
+  if (absl::Status s = (*worker)->Run(); !s.ok()) {
+    PF_LOG(ERROR) << s.message();
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace portfleet::worker

@@ -1,0 +1,204 @@
+// portfleet-worker, the reference worker: a single-threaded epoll server on
+// the listening socket it inherits by socket activation (fd 3), answering
+// HTTP/1.1 with its identity or echoing bytes, draining on SIGTERM or on the
+// agent's request. The pieces are exposed for tests: flag parsing, the HTTP
+// request-head parser, the per-connection HTTP session and the server loop.
+#ifndef PORTFLEET_WORKER_WORKER_H_
+#define PORTFLEET_WORKER_WORKER_H_
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "portfleet/v1/control.pb.h"
+#include "worker/sdk/control_channel.h"
+#include "worker/sdk/fd.h"
+#include "worker/sdk/log.h"
+
+namespace portfleet::worker {
+
+// Version reported in WorkerHello.
+extern const char kVersion[];
+
+// Largest request head (request line + headers + blank line) accepted.
+inline constexpr size_t kMaxHttpHead = 16 * 1024;
+
+enum class Mode { kHttp, kEcho };
+
+// Command-line flags of portfleet-worker.
+struct Flags {
+  Mode mode = Mode::kHttp;                           // --mode http|echo
+  LogLevel log_level = LogLevel::kInfo;              // --log-level
+  absl::Duration drain_timeout = absl::Seconds(30);  // --drain-timeout
+  bool help = false;                                 // --help / -h
+};
+
+// Parses the arguments after argv[0]. InvalidArgument for unknown flags,
+// missing or bad values and positional arguments.
+absl::StatusOr<Flags> ParseFlags(const std::vector<std::string>& args);
+
+// The --help text.
+std::string Usage();
+
+// ---------------------------------------------------------------------------
+// HTTP/1.x
+
+struct HttpRequestHead {
+  std::string method;
+  std::string target;
+  int minor_version = 1;        // HTTP/1.<minor_version>
+  bool keep_alive = true;       // from the version and Connection header
+  uint64_t content_length = 0;  // request body bytes that follow the head
+};
+
+struct HttpParseResult {
+  enum class Kind {
+    kIncomplete,  // need more bytes
+    kComplete,    // `head` and `head_length` are set
+    kError,       // answer `error_status` and close
+  };
+  Kind kind = Kind::kIncomplete;
+  HttpRequestHead head;
+  size_t head_length = 0;  // bytes consumed, blank line included
+  int error_status = 0;    // 400, 431, 501 or 505
+  std::string error;       // why, for the response body and logs
+};
+
+// Parses the request head at the start of `buffer` (leading empty lines are
+// skipped). A head longer than `max_head` is a 431.
+HttpParseResult ParseHttpRequestHead(absl::string_view buffer,
+                                     size_t max_head = kMaxHttpHead);
+
+// The body every request is answered with.
+std::string IdentityBody(absl::string_view listener, uint32_t shard, pid_t pid);
+
+// One HTTP connection's protocol state, without I/O: bytes in, responses
+// out. Requests are answered in order (pipelining); request bodies are read
+// and discarded; the answer is sent when the whole request has arrived.
+class HttpSession {
+ public:
+  explicit HttpSession(std::string body) : body_(std::move(body)) {}
+
+  // Consumes received bytes and appends responses to `out`. Once closing(),
+  // further input is ignored.
+  void Consume(absl::string_view data, std::string* out);
+
+  // Graceful shutdown: the request in progress (if any) is answered with
+  // "Connection: close"; an idle session becomes closing() at once.
+  void StartDrain();
+
+  // No further requests will be answered: close once the output is written.
+  bool closing() const { return closing_; }
+  // No partial request (head or body) is buffered.
+  bool idle() const { return buffer_.empty() && !in_body_; }
+  uint64_t requests() const { return requests_; }
+
+ private:
+  void Respond(const HttpRequestHead& head, std::string* out);
+
+  std::string body_;
+  std::string buffer_;  // unparsed input
+  bool in_body_ = false;
+  uint64_t body_remaining_ = 0;
+  HttpRequestHead pending_;  // head whose body is being discarded
+  bool draining_ = false;
+  bool closing_ = false;
+  uint64_t requests_ = 0;
+};
+
+// ---------------------------------------------------------------------------
+// The server.
+
+struct WorkerConfig {
+  Mode mode = Mode::kHttp;
+  std::string listener = "unknown";  // PORTFLEET_LISTENER / LISTEN_FDNAMES
+  uint32_t shard = 0;                // PORTFLEET_SHARD
+  // Drain deadline after SIGTERM/SIGINT, and after an AgentDrain without one.
+  absl::Duration drain_timeout = absl::Seconds(30);
+  // Period of WorkerLoad reports on the control channel.
+  absl::Duration load_interval = absl::Seconds(1);
+  // How long a closing connection waits for the peer's FIN after our FIN, so
+  // that unread input does not turn our close into a reset.
+  absl::Duration linger_timeout = absl::Seconds(2);
+};
+
+class Worker {
+ public:
+  // `listen_fd` must be a non-blocking listening TCP socket (TakeListenFd).
+  // Blocks SIGTERM and SIGINT (they are read from a signalfd) and ignores
+  // SIGPIPE for the process.
+  static absl::StatusOr<std::unique_ptr<Worker>> Create(
+      WorkerConfig config, Fd listen_fd, std::optional<ControlChannel> control);
+  ~Worker();
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  // Serves until a drain (signal or AgentDrain) completes or times out.
+  // Errors only for failures of the event loop itself.
+  absl::Status Run();
+
+ private:
+  struct Connection;
+
+  explicit Worker(WorkerConfig config);
+  absl::Status Init(Fd listen_fd, std::optional<ControlChannel> control);
+
+  void AcceptAll();
+  void PauseAccepting(absl::Duration pause);
+  void WarnAcceptPaused(int err);
+  void HandleConnection(int fd, uint32_t events);
+  bool ReadFrom(Connection& conn);  // false: the connection failed
+  bool WriteTo(Connection& conn);   // false: the connection failed
+  void Settle(Connection& conn);    // close, linger, or update epoll
+  void CloseConnection(int fd);
+  void HandleSignals();
+  void HandleControl();
+  void BeginDrain(absl::Duration timeout, absl::string_view why);
+  void ForceClose(absl::string_view why);
+  void SendControl(const v1::WorkerMessage& message);
+  void CloseControl();
+  void SendLoad();
+  void OnTimers(absl::Time now);
+  int EpollTimeoutMs(absl::Time now) const;
+
+  WorkerConfig config_;
+  Fd epoll_;
+  Fd signal_fd_;
+  Fd listen_fd_;
+  std::optional<ControlChannel> control_;
+  std::string body_;  // HTTP identity body
+  std::unordered_map<int, std::unique_ptr<Connection>> connections_;
+
+  bool accepting_ = false;  // listen fd registered with epoll
+  std::optional<absl::Time> resume_accept_at_;
+  bool draining_ = false;
+  bool done_ = false;
+  absl::Time drain_deadline_ = absl::InfiniteFuture();
+  absl::Time next_load_ = absl::InfiniteFuture();
+  int lingering_ = 0;
+  absl::Time last_accept_warning_ = absl::InfinitePast();
+  uint64_t accept_warnings_suppressed_ = 0;
+
+  uint64_t accepted_total_ = 0;
+  uint64_t bytes_in_ = 0;
+  uint64_t bytes_out_ = 0;
+};
+
+// The whole program: flags, environment, socket, control channel, Run().
+// Exit codes: 0 after a drain, 1 on a runtime failure, 2 on a usage or
+// start-up error (no socket passed, fd 3 not a listening TCP socket).
+int Main(int argc, char** argv);
+
+}  // namespace portfleet::worker
+
+#endif  // PORTFLEET_WORKER_WORKER_H_
