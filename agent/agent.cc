@@ -218,6 +218,9 @@ int RunAgent(const AgentOptions& options) {
   RealProcessLauncher launcher;
   FleetOptions fleet_options;
   fleet_options.cpus = OnlineCpus();
+  PF_LOG(INFO) << "portfleet-agent " << kVersion << " starting (pid "
+               << ::getpid() << ", config " << options.config << ", "
+               << fleet_options.cpus.size() << " CPUs)";
   // BPF steering, or the kernel's plain reuseport hashing with the reason.
   absl::StatusOr<std::unique_ptr<SteeringBackend>> steering =
       OpenBpfSteering(options.bpffs);
@@ -262,9 +265,6 @@ int RunAgent(const AgentOptions& options) {
     return 1;
   }
 
-  PF_LOG(INFO) << "portfleet-agent " << kVersion << " starting (pid "
-               << ::getpid() << ", config " << options.config << ", "
-               << fleet_options.cpus.size() << " CPUs)";
   if (absl::Status s = fleet.Start(*spec); !s.ok()) {
     PF_LOG(ERROR) << "start-up failed: " << s.message();
     (*api)->Shutdown();

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -123,6 +124,10 @@ Fleet::~Fleet() {
     }
   }
   if (kill_timer_) loop_->CancelTimer(*kill_timer_);
+  for (auto& [pid, orphan] : orphans_) {
+    loop_->RemoveFd(orphan.pidfd.get());
+    loop_->CancelTimer(orphan.kill_timer);
+  }
 }
 
 void Fleet::Emit(FleetEvent::Type type, const Listener& listener, int shard,
@@ -243,12 +248,21 @@ absl::Status Fleet::AddListener(const v1::Listener& spec) {
   if (!command.ok()) return fail(command.status());
   listener->command_path = *command;
 
-  if (auto foreign = FindForeignListener(listener->address, {})) {
+  // Workers left by a previous agent of this listener are replaced (our
+  // sockets join their reuseport group; they drain once ours serve). Any
+  // other holder of the address is an error.
+  std::vector<ForeignListener> orphans;
+  for (ForeignListener& foreign :
+       FindForeignListeners(listener->address, {})) {
+    if (foreign.pid > 0 && IsOrphanedWorkerOf(foreign.pid, name)) {
+      orphans.push_back(std::move(foreign));
+      continue;
+    }
     std::string who =
-        foreign->pid > 0
-            ? absl::StrCat("pid ", foreign->pid, " (", foreign->process_name,
+        foreign.pid > 0
+            ? absl::StrCat("pid ", foreign.pid, " (", foreign.process_name,
                            ")")
-            : absl::StrCat("socket inode ", foreign->inode);
+            : absl::StrCat("socket inode ", foreign.inode);
     return absl::AlreadyExistsError(
         absl::StrCat("listener ", name, ": address ",
                      listener->address.ToString(),
@@ -304,8 +318,52 @@ absl::Status Fleet::AddListener(const v1::Listener& spec) {
                        : std::string("kernel reuseport hash"))
                << ")";
   listener->spec.set_shards(n);
+  uint32_t drain_timeout = EffectiveDrainTimeoutSeconds(spec);
   listeners_[name] = std::move(listener);
+  for (const ForeignListener& orphan : orphans) {
+    DrainOrphan(name, orphan.pid, orphan.inode, drain_timeout);
+  }
   return absl::OkStatus();
+}
+
+void Fleet::DrainOrphan(const std::string& listener, pid_t pid, uint64_t inode,
+                        uint32_t timeout_seconds) {
+  if (orphans_.count(pid) > 0) return;
+  Fd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+  if (!pidfd) {
+    PF_LOG(WARNING) << "listener " << listener << ": worker pid " << pid
+                    << " left by a previous agent: pidfd_open: "
+                    << strerror(errno);
+    return;
+  }
+  PF_LOG(INFO) << "listener " << listener << ": draining worker pid " << pid
+               << " left by a previous agent (socket inode " << inode
+               << "); its queue migrates to the new shards when it closes";
+  ::syscall(SYS_pidfd_send_signal, pidfd.get(), SIGTERM, nullptr, 0);
+  int fd = pidfd.get();
+  EventLoop::TimerId timer =
+      loop_->AddTimer(absl::Seconds(timeout_seconds), [this, pid, listener] {
+        auto it = orphans_.find(pid);
+        if (it == orphans_.end()) return;
+        PF_LOG(WARNING) << "listener " << listener << ": old worker pid " << pid
+                        << " still running after the drain timeout; SIGKILL";
+        ::syscall(SYS_pidfd_send_signal, it->second.pidfd.get(), SIGKILL,
+                  nullptr, 0);
+      });
+  absl::Status watched = loop_->AddFd(fd, [this, pid, listener](uint32_t) {
+    auto it = orphans_.find(pid);
+    if (it == orphans_.end()) return;
+    PF_LOG(INFO) << "listener " << listener << ": old worker pid " << pid
+                 << " exited";
+    loop_->RemoveFd(it->second.pidfd.get());
+    loop_->CancelTimer(it->second.kill_timer);
+    orphans_.erase(it);
+  });
+  if (!watched.ok()) {
+    loop_->CancelTimer(timer);
+    return;
+  }
+  orphans_.emplace(pid, Orphan{pid, std::move(pidfd), timer});
 }
 
 absl::Status Fleet::GrowListener(Listener& listener, uint32_t target) {

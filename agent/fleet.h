@@ -134,6 +134,10 @@ class Fleet {
   void BeginDrain(Listener& listener, Shard& shard, Done done);
   void FinishDrain(Listener& listener, Shard& shard);
   absl::Status GrowListener(Listener& listener, uint32_t target);
+  // Drains a worker left behind by a previous agent on this listener's
+  // address: SIGTERM, watch its pidfd, SIGKILL after the drain timeout.
+  void DrainOrphan(const std::string& listener, pid_t pid, uint64_t inode,
+                   uint32_t timeout_seconds);
   void Emit(FleetEvent::Type type, const Listener& listener, int shard,
             pid_t pid, std::string message);
 
@@ -147,6 +151,12 @@ class Fleet {
   bool shutting_down_ = false;
   std::function<void()> shutdown_done_;
   std::optional<EventLoop::TimerId> kill_timer_;
+  struct Orphan {
+    pid_t pid;
+    Fd pidfd;
+    EventLoop::TimerId kill_timer;
+  };
+  std::map<pid_t, Orphan> orphans_;
 };
 
 }  // namespace portfleet

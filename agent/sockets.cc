@@ -12,6 +12,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -136,6 +138,39 @@ void FindOwner(uint64_t inode, ForeignListener* out) {
 
 std::optional<ForeignListener> FindForeignListener(
     const SocketAddress& address, const std::set<uint64_t>& ours) {
+  std::vector<ForeignListener> all = FindForeignListeners(address, ours);
+  if (all.empty()) return std::nullopt;
+  return all.front();
+}
+
+bool IsOrphanedWorkerOf(pid_t pid, const std::string& listener) {
+  std::ifstream env_file(absl::StrCat("/proc/", pid, "/environ"));
+  std::stringstream env;
+  env << env_file.rdbuf();
+  std::string want = absl::StrCat("PORTFLEET_LISTENER=", listener);
+  bool match = false;
+  for (absl::string_view e : absl::StrSplit(env.str(), '\0')) {
+    if (e == want) match = true;
+  }
+  if (!match) return false;
+  std::ifstream status(absl::StrCat("/proc/", pid, "/status"));
+  std::string line;
+  pid_t ppid = 0;
+  while (std::getline(status, line)) {
+    if (absl::StartsWith(line, "PPid:")) {
+      absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(5)), &ppid);
+    }
+  }
+  if (ppid <= 0) return false;
+  std::ifstream comm(absl::StrCat("/proc/", ppid, "/comm"));
+  std::string parent;
+  std::getline(comm, parent);
+  return parent != "portfleet-agent";
+}
+
+std::vector<ForeignListener> FindForeignListeners(
+    const SocketAddress& address, const std::set<uint64_t>& ours) {
+  std::vector<ForeignListener> found;
   in6_addr want{};
   if (address.family() == AF_INET) {
     std::memcpy(&want, &reinterpret_cast<const sockaddr_in*>(&address.storage)
@@ -169,9 +204,9 @@ std::optional<ForeignListener> FindForeignListener(
     out.inode = inode;
     out.local_address = std::string(f[1]);
     FindOwner(inode, &out);
-    return out;
+    found.push_back(std::move(out));
   }
-  return std::nullopt;
+  return found;
 }
 
 absl::StatusOr<uint32_t> AcceptQueueDepth(int fd) {

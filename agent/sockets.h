@@ -9,6 +9,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "worker/sdk/address.h"
@@ -39,6 +40,14 @@ struct ForeignListener {
 };
 std::optional<ForeignListener> FindForeignListener(
     const SocketAddress& address, const std::set<uint64_t>& ours);
+// All of them.
+std::vector<ForeignListener> FindForeignListeners(
+    const SocketAddress& address, const std::set<uint64_t>& ours);
+
+// True if `pid` is a worker of `listener` (PORTFLEET_LISTENER in its
+// environment) that no live portfleet-agent supervises: left behind by an
+// agent that died.
+bool IsOrphanedWorkerOf(pid_t pid, const std::string& listener);
 
 // Queued connections of a listening socket (accept queue depth).
 absl::StatusOr<uint32_t> AcceptQueueDepth(int fd);

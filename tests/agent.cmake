@@ -14,3 +14,8 @@ portfleet_test(agent_fleet_test
   SOURCES netns/agent_fleet_test.cc
   LIBS portfleet_agent_lib portfleet_testing
   LABELS netns)
+
+portfleet_test(agent_steering_test
+  SOURCES netns/agent_steering_test.cc
+  LIBS portfleet_api portfleet_testing PkgConfig::LIBBPF
+  LABELS netns)

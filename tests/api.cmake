@@ -1,7 +1,6 @@
 # Control API and portfleetctl: state store, FleetService against a fake
 # controller through a real gRPC server, CLI in-process (unit); the real agent
-# through its API (netns, needs the lead's integration of ApiServer into
-# portfleet-agent).
+# through its API (netns).
 portfleet_test(api_state_store_test
   SOURCES unit/api_state_store_test.cc
   LIBS portfleet_api portfleet_testing
@@ -17,8 +16,7 @@ portfleet_test(ctl_cli_test
   LIBS portfleet_ctl_lib portfleet_api portfleet_testing
   LABELS unit)
 
-# NEEDS INTEGRATION: the real agent serving ApiServer on --api. Skips with
-# that reason until it does.
+# The real agent through its API.
 portfleet_test(api_agent_test
   SOURCES netns/api_agent_test.cc
   LIBS portfleet_api portfleet_testing

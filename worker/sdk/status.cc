@@ -5,7 +5,8 @@
 namespace portfleet {
 
 absl::Status ErrnoError(int err, absl::string_view what) {
-  return absl::ErrnoToStatus(err, absl::StrCat(what, ": ", std::strerror(err)));
+  // ErrnoToStatus appends ": <strerror>" itself.
+  return absl::ErrnoToStatus(err, what);
 }
 
 absl::Status Annotate(const absl::Status& status, absl::string_view context) {

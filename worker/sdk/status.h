@@ -12,8 +12,9 @@
 
 namespace portfleet {
 
-// Status for a failed syscall: "<what>: <strerror> (errno N)", coded from
-// errno by absl::ErrnoToStatus.
+// Status for a failed syscall: "<what>: <strerror>", coded from errno by
+// absl::ErrnoToStatus (EPERM -> PermissionDenied, EADDRINUSE -> Unavailable,
+// ...).
 absl::Status ErrnoError(int err, absl::string_view what);
 inline absl::Status ErrnoError(absl::string_view what) {
   return ErrnoError(errno, what);

@@ -1,0 +1,270 @@
+// BPF steering driven through the real agent: policies from the spec and the
+// API, steering that outlives the agent, pinned-map compatibility, and the
+// path without BPF privileges. Each case in its own network namespace; the
+// shard that answered is read from the worker's reply.
+#include <bpf/bpf.h>
+#include <grpcpp/grpcpp.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include <atomic>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "portfleet/v1/agent.grpc.pb.h"
+#include "tests/testing/agent_harness.h"
+#include "tests/testing/client.h"
+#include "tests/testing/netns.h"
+#include "tests/testing/process.h"
+#include "worker/sdk/fd.h"
+
+namespace portfleet::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr char kAddress[] = "127.0.0.1:8080";
+
+std::string Spec(const std::string& steering, int shards = 2) {
+  return absl::StrCat(R"pb(listeners {
+  name: "web"
+  address: "127.0.0.1:8080"
+  shards: )pb",
+                      shards, R"pb(
+  worker { command: "portfleet-worker" args: "--mode=http" }
+  drain_timeout_seconds: 5
+  steering { )pb",
+                      steering, " }\n}\n");
+}
+
+std::unique_ptr<v1::FleetService::Stub> Stub(const AgentHarness& agent) {
+  auto channel = grpc::CreateChannel("unix://" + agent.api_socket(),
+                                     grpc::InsecureChannelCredentials());
+  channel->WaitForConnected(std::chrono::system_clock::now() +
+                            std::chrono::seconds(10));
+  return v1::FleetService::NewStub(channel);
+}
+
+std::unique_ptr<grpc::ClientContext> Ctx() {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  ctx->set_deadline(std::chrono::system_clock::now() +
+                    std::chrono::seconds(30));
+  return ctx;
+}
+
+bool PinTo(int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  return ::sched_setaffinity(0, sizeof(set), &set) == 0;
+}
+
+void StartAndWait(AgentHarness& agent, const std::string& spec) {
+  ASSERT_TRUE(agent.Start(spec).ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  ASSERT_TRUE(agent.WaitLog("ready", 2)) << agent.Log();
+}
+
+// Steps:
+// 1. Two shards with the CPU policy: shard c is pinned to CPU c.
+// 2. For each CPU c, a client thread pinned to c opens 500 connections.
+// 3. Every answer comes from shard c; the program's counters agree.
+TEST(AgentSteeringTest, CpuPolicyKeepsConnectionsOnTheClientsCpu) {
+  PF_ENTER_NETNS_OR_SKIP();
+  if (std::thread::hardware_concurrency() < 2) GTEST_SKIP() << "needs 2 CPUs";
+  AgentHarness agent;
+  StartAndWait(agent, Spec("policy: STEERING_POLICY_CPU"));
+  ASSERT_THAT(agent.Log(), HasSubstr("BPF steering active"));
+  for (int cpu : {0, 1}) {
+    Tally tally;
+    std::thread client([&] {
+      ASSERT_TRUE(PinTo(cpu));
+      for (int i = 0; i < 500; ++i) tally.Add(HttpGet(kAddress));
+    });
+    client.join();
+    EXPECT_EQ(tally.ok, 500) << tally.first_error;
+    EXPECT_EQ(tally.by_shard[cpu], 500) << "cpu " << cpu;
+  }
+  auto stub = Stub(agent);
+  v1::ListShardsRequest req;
+  req.set_name("web");
+  v1::ListShardsResponse resp;
+  ASSERT_TRUE(stub->ListShards(Ctx().get(), req, &resp).ok());
+  ASSERT_EQ(resp.shards_size(), 2);
+  for (const auto& shard : resp.shards()) {
+    // 500 from the test plus the readiness probes.
+    EXPECT_GE(shard.counters().selected(), 500u) << shard.index();
+    EXPECT_LE(shard.counters().selected(), 540u) << shard.index();
+    EXPECT_EQ(shard.cpu(), static_cast<int>(shard.index()));
+  }
+}
+
+// Steps:
+// 1. Two shards, HASH with weights 3:1.
+// 2. 4,000 connections from varied source ports.
+// 3. Shard 0 answered 75% ± 5 points.
+TEST(AgentSteeringTest, HashWeightsThreeToOne) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  StartAndWait(agent, Spec("policy: STEERING_POLICY_HASH weights: [3, 1]"));
+  Tally tally;
+  for (int i = 0; i < 4000; ++i) tally.Add(HttpGet(kAddress));
+  ASSERT_EQ(tally.ok, 4000) << tally.first_error;
+  double share = tally.by_shard[0] / 4000.0;
+  EXPECT_NEAR(share, 0.75, 0.05);
+}
+
+// Steps:
+// 1. Two shards, HASH with weights 1:0.
+// 2. 500 connections: shard 1 receives none.
+// 3. SIGKILL the agent: the workers and the program keep serving, still by
+//    the table (shard 1 receives none).
+// 4. Start the agent again: it replaces the old workers, reuses the pinned
+//    maps, and the table still holds.
+TEST(AgentSteeringTest, SteeringOutlivesAgentAndPinnedMapsAreReused) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  StartAndWait(agent, Spec("policy: STEERING_POLICY_HASH weights: [1, 0]"));
+  Tally before;
+  for (int i = 0; i < 500; ++i) before.Add(HttpGet(kAddress));
+  EXPECT_EQ(before.ok, 500) << before.first_error;
+  EXPECT_EQ(before.by_shard[1], 0);
+
+  std::map<int, pid_t> workers = agent.WorkersByShard();
+  agent.process().Signal(SIGKILL);
+  agent.process().Wait(absl::Seconds(5));
+  Tally orphaned;
+  for (int i = 0; i < 500; ++i) orphaned.Add(HttpGet(kAddress));
+  EXPECT_EQ(orphaned.ok, 500) << orphaned.first_error;
+  EXPECT_EQ(orphaned.by_shard[1], 0);
+  EXPECT_EQ(orphaned.by_pid[workers[0]], 500);
+
+  std::atomic<bool> stop{false};
+  Tally during;
+  std::thread client([&] {
+    while (!stop) during.Add(HttpGet(kAddress));
+  });
+  ASSERT_TRUE(agent.Restart().ok());
+  ASSERT_TRUE(agent.WaitLog("left by a previous agent", 2)) << agent.Log();
+  ASSERT_TRUE(agent.WaitLog("old worker pid", 2)) << agent.Log();
+  stop = true;
+  client.join();
+  EXPECT_EQ(during.failed, 0) << during.first_error;
+  for (const auto& [shard, pid] : workers) EXPECT_FALSE(ProcessExists(pid));
+
+  Tally after;
+  for (int i = 0; i < 500; ++i) after.Add(HttpGet(kAddress));
+  EXPECT_EQ(after.ok, 500) << after.first_error;
+  EXPECT_EQ(after.by_shard[1], 0);
+  EXPECT_THAT(agent.Log(), HasSubstr("BPF steering active"));
+}
+
+// Steps:
+// 1. A client connects continuously.
+// 2. Switch policy and weights through the API 20 times.
+// 3. The client saw no failure.
+TEST(AgentSteeringTest, PolicyChangesUnderLoadLoseNothing) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  StartAndWait(agent, Spec("policy: STEERING_POLICY_HASH"));
+  auto stub = Stub(agent);
+  std::atomic<bool> stop{false};
+  Tally tally;
+  std::thread client([&] {
+    while (!stop) tally.Add(HttpGet(kAddress));
+  });
+  for (int i = 0; i < 20; ++i) {
+    v1::SetSteeringRequest req;
+    req.set_name("web");
+    if (i % 2 == 0) {
+      req.mutable_steering()->set_policy(v1::STEERING_POLICY_CPU);
+    } else {
+      req.mutable_steering()->set_policy(v1::STEERING_POLICY_HASH);
+      req.mutable_steering()->add_weights(1 + i % 3);
+      req.mutable_steering()->add_weights(i % 3 == 0 ? 0 : 2);
+    }
+    v1::SetSteeringResponse resp;
+    grpc::Status s = stub->SetSteering(Ctx().get(), req, &resp);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  stop = true;
+  client.join();
+  EXPECT_EQ(tally.failed, 0) << tally.first_error;
+  EXPECT_GT(tally.ok, 100);
+}
+
+// A pinned map of the wrong shape is reported, and the agent does not start.
+TEST(AgentSteeringTest, IncompatiblePinnedMapIsAClearError) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  // A first run leaves its pins behind; then one pin is swapped for a map of
+  // the wrong value size.
+  StartAndWait(agent, Spec("policy: STEERING_POLICY_HASH"));
+  agent.process().Signal(SIGTERM);
+  ASSERT_TRUE(agent.process().Wait(absl::Seconds(10)).has_value());
+  std::string pin = agent.bpffs() + "/web/generations";
+  ASSERT_EQ(::unlink(pin.c_str()), 0) << strerror(errno);
+  Fd map(bpf_map_create(BPF_MAP_TYPE_ARRAY, "generations", 4, 4, 2, nullptr));
+  ASSERT_TRUE(map.valid()) << strerror(errno);
+  ASSERT_EQ(bpf_obj_pin(map.get(), pin.c_str()), 0);
+  ASSERT_TRUE(agent.Restart().ok());
+  std::optional<int> status = agent.process().Wait(absl::Seconds(10));
+  ASSERT_TRUE(status.has_value()) << agent.Log();
+  EXPECT_EQ(WEXITSTATUS(*status), 1);
+  EXPECT_THAT(agent.Log(), HasSubstr("start-up failed: listener web: "));
+  EXPECT_THAT(agent.Log(), HasSubstr("generations"));
+  EXPECT_THAT(agent.Log(), HasSubstr("value size 4"));
+  EXPECT_EQ(HttpGet(kAddress).outcome, Outcome::kRefused);
+}
+
+// Steps:
+// 1. Start the agent without CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN and
+//    CAP_PERFMON (capsh).
+// 2. It says once why BPF steering is unavailable and serves with the
+//    kernel's reuseport hash.
+// 3. A steering request fails with FAILED_PRECONDITION naming the reason.
+TEST(AgentSteeringTest, WithoutBpfPrivilegesServesWithPlainReuseport) {
+  PF_ENTER_NETNS_OR_SKIP();
+  if (::access("/usr/sbin/capsh", X_OK) != 0) {
+    if (PrivilegedRequired()) FAIL() << "capsh (libcap2-bin) is missing";
+    GTEST_SKIP() << "capsh (libcap2-bin) is missing";
+  }
+  AgentHarness agent;
+  std::string spec = agent.dir().WriteFile(
+      "fleet.textproto", Spec("policy: STEERING_POLICY_HASH", 2));
+  std::string cmd = absl::StrCat(
+      "exec ", BinaryPath("portfleet-agent"), " --config ", spec,
+      " --api unix://", agent.api_socket(), " --state-dir ",
+      agent.state_dir(), " --bpffs ", agent.bpffs());
+  ASSERT_TRUE(agent.process()
+                  .Start({"/usr/sbin/capsh",
+                          "--drop=cap_bpf,cap_sys_admin,cap_net_admin,cap_perfmon",
+                          "--", "-c", cmd},
+                         agent.dir().path() + "/agent.log")
+                  .ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  EXPECT_EQ(CountOccurrences(agent.Log(), "BPF steering unavailable: "), 1)
+      << agent.Log();
+  EXPECT_THAT(agent.Log(), HasSubstr("kernel's reuseport hash"));
+  Tally tally;
+  for (int i = 0; i < 200; ++i) tally.Add(HttpGet(kAddress));
+  EXPECT_EQ(tally.ok, 200) << tally.first_error;
+  EXPECT_EQ(tally.by_shard.size(), 2u);
+
+  auto stub = Stub(agent);
+  v1::SetSteeringRequest req;
+  req.set_name("web");
+  req.mutable_steering()->set_policy(v1::STEERING_POLICY_CPU);
+  v1::SetSteeringResponse resp;
+  grpc::Status s = stub->SetSteering(Ctx().get(), req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(s.error_message(), HasSubstr("BPF steering is unavailable"));
+}
+
+}  // namespace
+}  // namespace portfleet::testing
