@@ -660,6 +660,11 @@ void Worker::AcceptAll() {
         case ENETUNREACH:
         case EPERM:
           continue;
+        case EINVAL:
+          // The agent shut the listening socket down (its shard is being
+          // drained; the kernel migrated the queue to the other shards).
+          BeginDrain(config_.drain_timeout, "listening socket shut down");
+          return;
         case EMFILE:
         case ENFILE:
         case ENOBUFS:
