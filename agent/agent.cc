@@ -279,7 +279,6 @@ int RunAgent(const AgentOptions& options) {
     return 1;
   }
   (*api)->SetServing(true);
-  PF_LOG(INFO) << "API serving on " << options.api;
 
   int signals_seen = 0;
   std::thread api_stopper;

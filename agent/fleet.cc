@@ -14,6 +14,7 @@
 #include <sched.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "agent/sockets.h"
 #include "agent/spec.h"
@@ -661,7 +662,10 @@ absl::Status Fleet::SetSteering(const std::string& name,
   }
   PF_LOG(INFO) << "listener " << name << ": steering set to "
                << v1::SteeringPolicy_Name(steering.policy())
-               << (steering.weights_size() > 0 ? " with weights" : "");
+               << (steering.weights_size() > 0
+                       ? absl::StrCat(" with weights ",
+                                      absl::StrJoin(steering.weights(), ","))
+                       : std::string());
   return absl::OkStatus();
 }
 
