@@ -17,6 +17,7 @@
 #include "agent/event_loop.h"
 #include "agent/fleet.h"
 #include "agent/fleet_controller.h"
+#include "agent/metrics/metrics_server.h"
 #include "agent/steering/steering.h"
 #include "agent/launcher.h"
 #include "agent/spec.h"
@@ -265,6 +266,25 @@ int RunAgent(const AgentOptions& options) {
     return 1;
   }
 
+  MetricsServerOptions metrics_options;
+  metrics_options.address = options.metrics;
+  absl::StatusOr<std::unique_ptr<MetricsServer>> metrics =
+      MetricsServer::Start(metrics_options,
+                           [&controller]() -> absl::StatusOr<MetricsSnapshot> {
+                             MetricsSnapshot snap;
+                             snap.agent = controller.GetStatus();
+                             ASSIGN_OR_RETURN(snap.listeners,
+                                              controller.ListListeners());
+                             return snap;
+                           });
+  if (!metrics.ok()) {
+    PF_LOG(ERROR) << "start-up failed: " << metrics.status().message();
+    (*api)->Shutdown();
+    return 1;
+  }
+  PF_LOG(INFO) << "metrics on http://" << options.metrics
+               << "/metrics (also /healthz, /readyz)";
+
   if (absl::Status s = fleet.Start(*spec); !s.ok()) {
     PF_LOG(ERROR) << "start-up failed: " << s.message();
     (*api)->Shutdown();
@@ -318,6 +338,7 @@ int RunAgent(const AgentOptions& options) {
   l->Run();
   l->RemoveFd(sigfd.get());
   if (api_stopper.joinable()) api_stopper.join();
+  metrics->reset();
   PF_LOG(INFO) << "stopped";
   return 0;
 }

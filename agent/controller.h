@@ -99,6 +99,11 @@ class FleetController {
   virtual absl::Status DrainShard(const std::string& name, uint32_t index) = 0;
   virtual absl::Status SetSteering(const std::string& name,
                                    const v1::Steering& steering) = 0;
+  // Rolling upgrade to `worker` (empty fields keep the current value),
+  // `max_surge` shards at a time. Returns when done or rolled back.
+  virtual absl::Status RollOut(const std::string& name,
+                               const v1::WorkerSpec& worker,
+                               uint32_t max_surge) = 0;
   virtual AgentStatus GetStatus() = 0;
 
   // Calls `sink` (from any thread) for every event until the returned id is

@@ -30,7 +30,12 @@ struct Fleet::Worker {
   LaunchedProcess process;
   Fd control;  // agent end of the control socketpair; may be closed
   absl::Time started;
+  bool hello = false;  // said hello on its control channel
   bool ready = false;
+  // Rollout candidate: called once with (true, "") when it is ready, or
+  // (false, why) when it cannot become ready.
+  std::function<void(bool, std::string)> on_ready;
+  std::vector<EventLoop::TimerId> timers;  // cancelled when it goes away
   uint64_t active_connections = 0;
   uint64_t accepted_total = 0;
 };
@@ -55,6 +60,13 @@ struct Fleet::Shard {
   std::optional<EventLoop::TimerId> restart_timer;
   std::optional<EventLoop::TimerId> drain_timer;
   std::vector<Fleet::Done> drain_done;  // callbacks when the drain completes
+  // The worker program of this shard (the listener's, or a rollout's).
+  v1::WorkerSpec worker_spec;
+  std::string command_path;
+  // A rollout's new worker, not serving yet; old workers finishing their
+  // connections after a rollout.
+  std::unique_ptr<Worker> candidate;
+  std::vector<std::unique_ptr<Worker>> retiring;
 };
 
 struct Fleet::Listener {
@@ -64,6 +76,7 @@ struct Fleet::Listener {
   std::vector<std::unique_ptr<Shard>> shards;  // in index order
   std::unique_ptr<ListenerSteering> steering;  // null without BPF
   bool deleting = false;
+  bool rolling = false;  // a rollout is in progress
   std::vector<Fleet::Done> delete_done;
 
   // Shards that take new connections (not draining).
@@ -122,6 +135,8 @@ Fleet::~Fleet() {
       if (shard->restart_timer) loop_->CancelTimer(*shard->restart_timer);
       if (shard->drain_timer) loop_->CancelTimer(*shard->drain_timer);
       DetachWorker(*shard);
+      if (shard->candidate) ForgetWorker(*shard->candidate);
+      for (auto& old : shard->retiring) ForgetWorker(*old);
     }
   }
   if (kill_timer_) loop_->CancelTimer(*kill_timer_);
@@ -181,6 +196,8 @@ absl::StatusOr<std::unique_ptr<Fleet::Shard>> Fleet::NewShard(
   auto shard = std::make_unique<Shard>();
   shard->index = index;
   shard->backoff = options_.restart_backoff_initial;
+  shard->worker_spec = listener.spec.worker();
+  shard->command_path = listener.command_path;
   bool pin = listener.spec.steering().policy() == v1::STEERING_POLICY_CPU;
   shard->cpu = pin ? options_.cpus[index % options_.cpus.size()] : -1;
   ShardSocketOptions socket_options{
@@ -570,7 +587,11 @@ void Fleet::BeginDrain(Listener& listener, Shard& shard, Done done) {
       launcher_->Signal(s->worker->process, SIGKILL);
     }
   });
-  if (!shard.worker) FinishDrain(listener, shard);
+  if (shard.candidate) launcher_->Signal(shard.candidate->process, SIGKILL);
+  for (auto& old : shard.retiring) launcher_->Signal(old->process, SIGTERM);
+  if (!shard.worker && !shard.candidate && shard.retiring.empty()) {
+    FinishDrain(listener, shard);
+  }
 }
 
 void Fleet::FinishDrain(Listener& listener, Shard& shard) {
@@ -669,6 +690,255 @@ absl::Status Fleet::SetSteering(const std::string& name,
   return absl::OkStatus();
 }
 
+void Fleet::RetireWorker(Listener& listener, Shard& shard,
+                         std::unique_ptr<Worker> worker) {
+  if (!worker) return;
+  Worker* w = worker.get();
+  uint32_t timeout = EffectiveDrainTimeoutSeconds(listener.spec);
+  // Drain without touching the socket: the new worker serves it.
+  bool told = false;
+  if (w->control) {
+    v1::AgentMessage msg;
+    msg.mutable_drain()->set_deadline_ms(timeout * 1000);
+    std::string bytes = msg.SerializeAsString();
+    told = ::send(w->control.get(), bytes.data(), bytes.size(),
+                  MSG_DONTWAIT | MSG_NOSIGNAL) ==
+           static_cast<ssize_t>(bytes.size());
+  }
+  if (!told) launcher_->Signal(w->process, SIGTERM);
+  Listener* l = &listener;
+  Shard* s = &shard;
+  pid_t pid = w->process.pid;
+  w->timers.push_back(
+      loop_->AddTimer(absl::Seconds(timeout), [this, l, s, w, pid] {
+        PF_LOG(WARNING) << l->Name(*s) << ": old worker pid " << pid
+                        << " still running after the drain timeout; SIGKILL";
+        launcher_->Signal(w->process, SIGKILL);
+      }));
+  shard.retiring.push_back(std::move(worker));
+}
+
+void Fleet::RollShard(Listener& listener, Shard& shard,
+                      const v1::WorkerSpec& spec, const std::string& path,
+                      Done done) {
+  if (shard.candidate) {
+    done(absl::FailedPreconditionError(absl::StrCat(
+        listener.Name(shard), ": a rollout is already in progress")));
+    return;
+  }
+  absl::StatusOr<std::unique_ptr<Worker>> candidate =
+      LaunchWorker(listener, shard, spec, path);
+  if (!candidate.ok()) {
+    done(candidate.status());
+    return;
+  }
+  shard.candidate = std::move(*candidate);
+  Worker* c = shard.candidate.get();
+  PF_LOG(INFO) << listener.Name(shard) << ": new worker pid "
+               << c->process.pid << " started beside pid "
+               << (shard.worker ? shard.worker->process.pid : 0)
+               << " on socket inode " << shard.inode
+               << "; waiting for it to be ready";
+  Listener* l = &listener;
+  Shard* s = &shard;
+  auto shared_done = std::make_shared<Done>(std::move(done));
+  c->on_ready = [this, l, s, spec, path, shared_done](bool ok,
+                                                      std::string why) {
+    if (!ok) {
+      // Roll back: stop the candidate; the old worker never stopped serving.
+      if (s->candidate) {
+        launcher_->Signal(s->candidate->process, SIGKILL);
+        // Its exit is reaped by OnOtherWorkerExit.
+      }
+      (*shared_done)(absl::FailedPreconditionError(absl::StrCat(
+          l->Name(*s), ": ", why, "; rolled back, the old worker keeps "
+          "serving")));
+      return;
+    }
+    std::unique_ptr<Worker> fresh = std::move(s->candidate);
+    for (EventLoop::TimerId t : fresh->timers) loop_->CancelTimer(t);
+    fresh->timers.clear();
+    std::unique_ptr<Worker> old = std::move(s->worker);
+    if (s->restart_timer) {
+      loop_->CancelTimer(*s->restart_timer);
+      s->restart_timer.reset();
+    }
+    pid_t pid = fresh->process.pid;
+    s->worker = std::move(fresh);
+    s->worker_spec = spec;
+    s->command_path = path;
+    s->state = Shard::State::kRunning;
+    s->backoff = options_.restart_backoff_initial;
+    PF_LOG(INFO) << l->Name(*s) << ": new worker pid " << pid
+                 << " ready and serving"
+                 << (old ? absl::StrCat("; draining old worker pid ",
+                                        old->process.pid)
+                         : std::string());
+    Emit(FleetEvent::Type::kShardStarted, *l, s->index, pid, "rolled out");
+    RetireWorker(*l, *s, std::move(old));
+    (*shared_done)(absl::OkStatus());
+  };
+  // A worker that says hello is awaited until ready; one that says nothing
+  // (no control channel) counts as ready once it has stayed up for the grace
+  // period.
+  c->timers.push_back(loop_->AddTimer(options_.ready_grace, [c] {
+    if (!c->hello && c->on_ready) {
+      auto cb = std::move(c->on_ready);
+      c->on_ready = nullptr;
+      cb(true, "");
+    }
+  }));
+  c->timers.push_back(loop_->AddTimer(options_.ready_timeout, [this, c] {
+    if (c->on_ready) {
+      auto cb = std::move(c->on_ready);
+      c->on_ready = nullptr;
+      cb(false, absl::StrCat("new worker pid ", c->process.pid,
+                             " was not ready within ",
+                             absl::FormatDuration(options_.ready_timeout)));
+    }
+  }));
+}
+
+absl::Status Fleet::RollOut(const std::string& name,
+                            const v1::WorkerSpec& worker, uint32_t max_surge,
+                            Done done) {
+  auto it = listeners_.find(name);
+  if (it == listeners_.end() || it->second->deleting) {
+    return absl::NotFoundError(absl::StrCat("listener ", name, " not found"));
+  }
+  Listener& listener = *it->second;
+  // Empty fields keep the current value.
+  v1::WorkerSpec merged = listener.spec.worker();
+  if (!worker.command().empty()) merged.set_command(worker.command());
+  if (worker.args_size() > 0) *merged.mutable_args() = worker.args();
+  if (worker.env_size() > 0) *merged.mutable_env() = worker.env();
+  v1::Listener candidate = listener.spec;
+  *candidate.mutable_worker() = merged;
+  RETURN_IF_ERROR(ValidateListener(candidate));
+  absl::StatusOr<std::string> resolved = ResolveCommand(merged.command());
+  if (!resolved.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("worker.command: ", resolved.status().message()));
+  }
+  std::string path = *resolved;
+  if (listener.rolling) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("listener ", name, ": a rollout is already in progress"));
+  }
+  std::vector<uint32_t> order;
+  for (const auto& s : listener.shards) {
+    if (s->state != Shard::State::kDraining) order.push_back(s->index);
+  }
+  if (max_surge == 0) max_surge = 1;
+  struct Rollout {
+    std::vector<uint32_t> order;
+    size_t next = 0;
+    size_t running = 0;
+    std::vector<uint32_t> rolled;
+    absl::Status error;
+    v1::WorkerSpec old_spec;
+    std::string old_path;
+    Done done;
+    bool finishing = false;
+  };
+  auto r = std::make_shared<Rollout>();
+  r->order = order;
+  r->old_spec = listener.spec.worker();
+  r->old_path = listener.command_path;
+  r->done = std::move(done);
+  listener.rolling = true;
+  Listener* l = &listener;
+  PF_LOG(INFO) << "listener " << name << ": rolling out '"
+               << merged.command() << "' to " << order.size()
+               << " shard(s), " << max_surge << " at a time";
+  auto find = [l](uint32_t index) -> Shard* {
+    for (auto& s : l->shards) {
+      if (s->index == index) return s.get();
+    }
+    return nullptr;
+  };
+  auto finish = [l, r, worker = merged, path]() {
+    l->rolling = false;
+    if (r->error.ok()) {
+      *l->spec.mutable_worker() = worker;
+      l->command_path = path;
+      PF_LOG(INFO) << "listener " << l->spec.name() << ": rollout complete";
+      r->done(absl::OkStatus());
+      return;
+    }
+    PF_LOG(ERROR) << "listener " << l->spec.name()
+                  << ": rollout failed: " << r->error.message();
+    r->done(r->error);
+  };
+  // Rolls shards back to the old worker one by one, then finishes. The
+  // closures refer to themselves weakly; pending callbacks keep them alive.
+  auto rollback = std::make_shared<std::function<void()>>();
+  std::weak_ptr<std::function<void()>> weak_rollback = rollback;
+  *rollback = [this, l, r, find, finish, weak_rollback]() {
+    auto self = weak_rollback.lock();
+    if (r->rolled.empty()) {
+      finish();
+      return;
+    }
+    uint32_t index = r->rolled.back();
+    r->rolled.pop_back();
+    Shard* s = find(index);
+    if (s == nullptr) {
+      (*self)();
+      return;
+    }
+    PF_LOG(WARNING) << l->Name(*s) << ": rolling back to '"
+                    << r->old_spec.command() << "'";
+    RollShard(*l, *s, r->old_spec, r->old_path, [self, l, s](absl::Status st) {
+      if (!st.ok()) {
+        PF_LOG(ERROR) << l->Name(*s) << ": rollback failed: " << st.message();
+      }
+      (*self)();
+    });
+  };
+  auto pump = std::make_shared<std::function<void()>>();
+  std::weak_ptr<std::function<void()>> weak_pump = pump;
+  *pump = [this, l, r, find, weak_pump, rollback, finish, max_surge,
+           worker = merged, path]() {
+    auto self = weak_pump.lock();
+    while (r->error.ok() && r->running < max_surge &&
+           r->next < r->order.size()) {
+      uint32_t index = r->order[r->next++];
+      Shard* s = find(index);
+      if (s == nullptr || s->state == Shard::State::kDraining) continue;
+      r->running++;
+      RollShard(*l, *s, worker, path,
+                [r, index, self, rollback](absl::Status st) {
+                  r->running--;
+                  if (st.ok()) {
+                    r->rolled.push_back(index);
+                  } else if (r->error.ok()) {
+                    r->error = st;
+                  }
+                  if (r->running > 0) return;
+                  if (!r->error.ok()) {
+                    if (!r->finishing) {
+                      r->finishing = true;
+                      (*rollback)();
+                    }
+                  } else {
+                    (*self)();
+                  }
+                });
+    }
+    if (r->running > 0 || r->finishing) return;
+    if (!r->error.ok()) {
+      r->finishing = true;
+      (*rollback)();
+    } else if (r->next >= r->order.size()) {
+      r->finishing = true;
+      finish();
+    }
+  };
+  (*pump)();
+  return absl::OkStatus();
+}
+
 absl::Status Fleet::UpdateListener(const v1::Listener& spec, Done done) {
   auto it = listeners_.find(spec.name());
   if (it == listeners_.end() || it->second->deleting) {
@@ -723,7 +993,9 @@ absl::Status Fleet::UpdateListener(const v1::Listener& spec, Done done) {
   return ScaleListener(spec.name(), shards, std::move(done));
 }
 
-absl::Status Fleet::StartWorker(Listener& listener, Shard& shard) {
+absl::StatusOr<std::unique_ptr<Fleet::Worker>> Fleet::LaunchWorker(
+    Listener& listener, Shard& shard, const v1::WorkerSpec& worker_spec,
+    const std::string& command_path) {
   const v1::Listener& spec = listener.spec;
   int pair[2];
   if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) {
@@ -735,16 +1007,20 @@ absl::Status Fleet::StartWorker(Listener& listener, Shard& shard) {
   ::fcntl(agent_end.get(), F_SETFL, O_NONBLOCK);
 
   LaunchSpec launch;
-  launch.path = listener.command_path;
-  launch.argv.push_back(spec.worker().command());
-  for (const std::string& a : spec.worker().args()) launch.argv.push_back(a);
+  launch.path = command_path;
+  launch.argv.push_back(worker_spec.command());
+  for (const std::string& a : worker_spec.args()) launch.argv.push_back(a);
   launch.env = options_.base_env;
-  for (const std::string& e : spec.worker().env()) launch.env.push_back(e);
+  for (const std::string& e : worker_spec.env()) launch.env.push_back(e);
   launch.env.push_back("LISTEN_FDS=1");
   launch.env.push_back(absl::StrCat("LISTEN_FDNAMES=", spec.name()));
   launch.env.push_back(absl::StrCat("PORTFLEET_LISTENER=", spec.name()));
   launch.env.push_back(absl::StrCat("PORTFLEET_SHARD=", shard.index));
   launch.env.push_back("PORTFLEET_CONTROL_FD=4");
+  if (!options_.agent_socket.empty()) {
+    launch.env.push_back(
+        absl::StrCat("PORTFLEET_AGENT_SOCKET=", options_.agent_socket));
+  }
   launch.listen_fd = shard.socket.get();
   launch.control_fd = worker_end.get();
   launch.cpu = shard.cpu;
@@ -759,19 +1035,41 @@ absl::Status Fleet::StartWorker(Listener& listener, Shard& shard) {
   worker->process = std::move(*process);
   worker->control = std::move(agent_end);
   worker->started = absl::Now();
-  pid_t pid = worker->process.pid;
+  RETURN_IF_ERROR(WatchWorker(listener, shard, *worker));
+  return worker;
+}
+
+absl::Status Fleet::WatchWorker(Listener& listener, Shard& shard,
+                                Worker& worker) {
   Listener* l = &listener;
   Shard* s = &shard;
-  RETURN_IF_ERROR(loop_->AddFd(worker->process.pidfd.get(),
-                               [this, l, s](uint32_t) { OnWorkerExit(*l, *s); }));
-  if (absl::Status st = loop_->AddFd(
-          worker->control.get(),
-          [this, l, s](uint32_t) { OnControlReadable(*l, *s); });
-      !st.ok()) {
-    PF_LOG(WARNING) << listener.Name(shard)
-                    << ": control channel not watched: " << st;
-    worker->control.Reset();
+  Worker* w = &worker;
+  RETURN_IF_ERROR(
+      loop_->AddFd(worker.process.pidfd.get(), [this, l, s, w](uint32_t) {
+        if (s->worker.get() == w) {
+          OnWorkerExit(*l, *s);
+        } else {
+          OnOtherWorkerExit(*l, *s, w);
+        }
+      }));
+  if (worker.control) {
+    if (absl::Status st = loop_->AddFd(
+            worker.control.get(),
+            [this, l, s, w](uint32_t) { OnControlReadable(*l, *s, w); });
+        !st.ok()) {
+      PF_LOG(WARNING) << listener.Name(shard)
+                      << ": control channel not watched: " << st;
+      worker.control.Reset();
+    }
   }
+  return absl::OkStatus();
+}
+
+absl::Status Fleet::StartWorker(Listener& listener, Shard& shard) {
+  ASSIGN_OR_RETURN(std::unique_ptr<Worker> worker,
+                   LaunchWorker(listener, shard, shard.worker_spec,
+                                shard.command_path));
+  pid_t pid = worker->process.pid;
   shard.worker = std::move(worker);
   shard.state = Shard::State::kRunning;
   PF_LOG(INFO) << listener.Name(shard) << ": worker pid " << pid
@@ -782,15 +1080,51 @@ absl::Status Fleet::StartWorker(Listener& listener, Shard& shard) {
   return absl::OkStatus();
 }
 
+void Fleet::ForgetWorker(Worker& worker) {
+  loop_->RemoveFd(worker.process.pidfd.get());
+  if (worker.control) loop_->RemoveFd(worker.control.get());
+  for (EventLoop::TimerId t : worker.timers) loop_->CancelTimer(t);
+  worker.timers.clear();
+}
+
+void Fleet::OnOtherWorkerExit(Listener& listener, Shard& shard, Worker* w) {
+  absl::StatusOr<std::optional<int>> status = launcher_->Reap(w->process);
+  if (status.ok() && !status->has_value()) return;  // spurious wake-up
+  std::string how = status.ok() ? DescribeWaitStatus(**status)
+                                : std::string(status.status().message());
+  ForgetWorker(*w);
+  if (shard.candidate.get() == w) {
+    std::unique_ptr<Worker> candidate = std::move(shard.candidate);
+    PF_LOG(WARNING) << listener.Name(shard) << ": new worker pid "
+                    << candidate->process.pid << " " << how;
+    if (candidate->on_ready) {
+      auto cb = std::move(candidate->on_ready);
+      cb(false, absl::StrCat("new worker pid ", candidate->process.pid, " ",
+                             how, " before it was ready"));
+    }
+  } else {
+    for (auto it = shard.retiring.begin(); it != shard.retiring.end(); ++it) {
+      if (it->get() != w) continue;
+      PF_LOG(INFO) << listener.Name(shard) << ": old worker pid "
+                   << w->process.pid << " " << how << " (retired)";
+      shard.retiring.erase(it);
+      break;
+    }
+  }
+  if (shard.state == Shard::State::kDraining && !shard.worker &&
+      !shard.candidate && shard.retiring.empty()) {
+    FinishDrain(listener, shard);  // may destroy `shard`
+  }
+  CheckShutdownDone();
+}
+
 void Fleet::DetachWorker(Shard& shard) {
   if (!shard.worker) return;
-  loop_->RemoveFd(shard.worker->process.pidfd.get());
-  if (shard.worker->control) loop_->RemoveFd(shard.worker->control.get());
+  ForgetWorker(*shard.worker);
   shard.worker.reset();
 }
 
-void Fleet::OnControlReadable(Listener& listener, Shard& shard) {
-  Worker* w = shard.worker.get();
+void Fleet::OnControlReadable(Listener& listener, Shard& shard, Worker* w) {
   if (w == nullptr || !w->control) return;
   char buf[65536];
   for (;;) {
@@ -813,6 +1147,7 @@ void Fleet::OnControlReadable(Listener& listener, Shard& shard) {
     }
     switch (msg.msg_case()) {
       case v1::WorkerMessage::kHello:
+        w->hello = true;
         if (msg.hello().socket_inode() != 0 &&
             msg.hello().socket_inode() != shard.inode) {
           PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "
@@ -825,6 +1160,13 @@ void Fleet::OnControlReadable(Listener& listener, Shard& shard) {
                       << msg.hello().version() << ")";
         break;
       case v1::WorkerMessage::kReady:
+        if (w->on_ready) {
+          auto cb = std::move(w->on_ready);
+          w->on_ready = nullptr;
+          w->ready = true;
+          cb(true, "");
+          return;  // `w` may have moved roles; read again on the next wake-up
+        }
         if (!w->ready) {
           w->ready = true;
           PF_LOG(INFO) << listener.Name(shard) << ": worker pid "
@@ -864,7 +1206,9 @@ void Fleet::OnWorkerExit(Listener& listener, Shard& shard) {
   if (shard.state == Shard::State::kDraining) {
     PF_LOG(INFO) << listener.Name(shard) << ": worker pid " << pid << " " << how
                  << " (drained)";
-    FinishDrain(listener, shard);
+    if (!shard.candidate && shard.retiring.empty()) {
+      FinishDrain(listener, shard);
+    }
     CheckShutdownDone();
     return;
   }
@@ -935,6 +1279,9 @@ void Fleet::Shutdown(std::function<void()> done) {
         loop_->CancelTimer(*shard->restart_timer);
         shard->restart_timer.reset();
       }
+      if (shard->candidate) {
+        launcher_->Signal(shard->candidate->process, SIGTERM);
+      }
       if (shard->state == Shard::State::kDraining) continue;
       if (shard->worker) {
         shard->state = Shard::State::kStopping;
@@ -967,6 +1314,12 @@ void Fleet::KillAll() {
         }
         launcher_->Signal(shard->worker->process, SIGKILL);
       }
+      if (shard->candidate) {
+        launcher_->Signal(shard->candidate->process, SIGKILL);
+      }
+      for (auto& old : shard->retiring) {
+        launcher_->Signal(old->process, SIGKILL);
+      }
     }
   }
 }
@@ -975,7 +1328,9 @@ void Fleet::CheckShutdownDone() {
   if (!shutting_down_) return;
   for (auto& [name, listener] : listeners_) {
     for (auto& shard : listener->shards) {
-      if (shard->worker) return;
+      if (shard->worker || shard->candidate || !shard->retiring.empty()) {
+        return;
+      }
     }
   }
   if (kill_timer_) {

@@ -36,6 +36,13 @@ struct FleetOptions {
   absl::Duration restart_stable_after = absl::Seconds(10);
   // A worker that exits sooner than this is reported as exiting at once.
   absl::Duration exit_at_once = absl::Seconds(1);
+  // Rollout: how long a new worker may take to say ready, and how long one
+  // without a control channel (no hello) must stay up to count as ready.
+  absl::Duration ready_timeout = absl::Seconds(10);
+  absl::Duration ready_grace = absl::Seconds(2);
+  // The agent's control socket, passed to workers as PORTFLEET_AGENT_SOCKET
+  // so that they can reconnect to a restarted agent. Empty = none.
+  std::string agent_socket;
   // Environment passed to every worker before the listener's own entries.
   std::vector<std::string> base_env;
 };
@@ -95,6 +102,12 @@ class Fleet {
   absl::Status DeleteListener(const std::string& name, Done done);
   absl::Status SetSteering(const std::string& name,
                            const v1::Steering& steering);
+  // Rolling upgrade: per shard (max_surge at a time), the new worker starts
+  // on the same socket, becomes ready, then the old one drains. If a new
+  // worker fails, the shards already rolled are rolled back and `done` gets
+  // the error; nothing refuses a connection either way.
+  absl::Status RollOut(const std::string& name, const v1::WorkerSpec& worker,
+                       uint32_t max_surge, Done done);
   // Applies a changed spec: shard count, steering, drain timeout and backlog
   // in place. Address or worker changes: FailedPrecondition.
   absl::Status UpdateListener(const v1::Listener& spec, Done done);
@@ -120,9 +133,24 @@ class Fleet {
 
   absl::StatusOr<std::unique_ptr<Shard>> NewShard(Listener& listener,
                                                   uint32_t index);
+  absl::StatusOr<std::unique_ptr<Worker>> LaunchWorker(
+      Listener& listener, Shard& shard, const v1::WorkerSpec& worker_spec,
+      const std::string& command_path);
+  absl::Status WatchWorker(Listener& listener, Shard& shard, Worker& worker);
   absl::Status StartWorker(Listener& listener, Shard& shard);
+  void ForgetWorker(Worker& worker);
   void OnWorkerExit(Listener& listener, Shard& shard);
-  void OnControlReadable(Listener& listener, Shard& shard);
+  void OnOtherWorkerExit(Listener& listener, Shard& shard, Worker* worker);
+  void OnControlReadable(Listener& listener, Shard& shard, Worker* worker);
+  // Rolling upgrade of one shard: start `spec` on the shard's socket, wait
+  // for it to be ready, then make it the shard's worker and drain the old
+  // one. `done` gets an error (and the old worker keeps serving) if the new
+  // one does not become ready.
+  void RollShard(Listener& listener, Shard& shard,
+                 const v1::WorkerSpec& spec, const std::string& path,
+                 Done done);
+  void RetireWorker(Listener& listener, Shard& shard,
+                    std::unique_ptr<Worker> worker);
   void ScheduleRestart(Listener& listener, Shard& shard);
   void DetachWorker(Shard& shard);
   void KillAndReap(Shard& shard);

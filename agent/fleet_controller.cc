@@ -174,6 +174,14 @@ absl::Status LoopFleetController::SetSteering(const std::string& name,
   return s;
 }
 
+absl::Status LoopFleetController::RollOut(const std::string& name,
+                                          const v1::WorkerSpec& worker,
+                                          uint32_t max_surge) {
+  return Mutate([&](Fleet::Done done) {
+    return fleet_->RollOut(name, worker, max_surge, std::move(done));
+  });
+}
+
 AgentStatus LoopFleetController::GetStatus() {
   AgentStatus out;
   out.version = version_;

@@ -40,6 +40,8 @@ class LoopFleetController : public FleetController {
   absl::Status DrainShard(const std::string& name, uint32_t index) override;
   absl::Status SetSteering(const std::string& name,
                            const v1::Steering& steering) override;
+  absl::Status RollOut(const std::string& name, const v1::WorkerSpec& worker,
+                       uint32_t max_surge) override;
   AgentStatus GetStatus() override;
   uint64_t Subscribe(std::function<void(const EventRecord&)> sink) override;
   void Unsubscribe(uint64_t id) override;

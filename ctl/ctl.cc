@@ -56,13 +56,15 @@ State-changing commands:
   scale NAME --shards N  change the shard count
   drain NAME --shard I   drain and remove one shard
   steer NAME --policy cpu|hash [--weights W1,W2,...]
+  rollout NAME [--worker-command CMD] [--worker-args "A B"] [--max-surge N]
+                         rolling upgrade of the workers
 
 Global flags:
   --server ADDR          agent API address (default $PORTFLEET_SERVER or
                          unix:///run/portfleet/api.sock)
   -o, --output FORMAT    table (default) or json
   --timeout DURATION     per-call deadline, e.g. 10s, 500ms (default 10s;
-                         2m for apply, delete, scale, drain)
+                         2m for apply, delete, scale, drain, rollout)
 
 Exit codes: 0 ok, 1 error from the agent, 2 usage error, 3 agent unreachable.
 Run 'portfleetctl COMMAND --help' for a command's flags and an example.
@@ -737,6 +739,38 @@ int CmdDrain(Call& call) {
   return kExitOk;
 }
 
+int CmdRollout(Call& call) {
+  v1::RollOutListenerRequest req;
+  req.set_name(call.opts.positional[0]);
+  auto flag = [&](const std::string& name) -> const std::string* {
+    auto it = call.opts.flags.find(name);
+    return it == call.opts.flags.end() ? nullptr : &it->second;
+  };
+  if (const std::string* cmd = flag("worker-command")) {
+    if (cmd->empty()) throw UsageError("--worker-command: empty");
+    req.mutable_worker()->set_command(*cmd);
+  }
+  if (const std::string* args = flag("worker-args")) {
+    for (absl::string_view a :
+         absl::StrSplit(*args, ' ', absl::SkipWhitespace())) {
+      req.mutable_worker()->add_args(std::string(a));
+    }
+  }
+  if (flag("max-surge") != nullptr) {
+    req.set_max_surge(ParseCount(call.opts, "max-surge", "rollout"));
+  }
+  grpc::ClientContext ctx;
+  SetDeadline(call, &ctx);
+  v1::RollOutListenerResponse resp;
+  grpc::Status s = call.stub->RollOutListener(&ctx, req, &resp);
+  if (!s.ok()) return RpcFail(call, s);
+  PrintResult(call,
+              absl::StrCat("listener/", req.name(), " rolled out (",
+                           resp.listener().spec().worker().command(), ")"),
+              resp);
+  return kExitOk;
+}
+
 int CmdSteer(Call& call) {
   v1::SetSteeringRequest req;
   req.set_name(call.opts.positional[0]);
@@ -881,6 +915,23 @@ const std::vector<Command>& Commands() {
        "  --shard I   shard index\n\nExample:\n"
        "  portfleetctl drain web --shard 3\n",
        CmdDrain},
+      {"rollout",
+       "NAME",
+       1,
+       {"worker-command", "worker-args", "max-surge"},
+       true,
+       "Rolling upgrade: per shard, starts the new worker on the same socket,\n"
+       "waits until it is ready, then drains the old one. A new worker that\n"
+       "does not become ready is stopped and the shards already rolled go\n"
+       "back to the old worker; no connection is refused either way.\n\n"
+       "Flags:\n  --worker-command CMD   new worker program (default: the "
+       "current one)\n  --worker-args \"A B\"    its arguments, split on "
+       "spaces (default:\n                         the current ones)\n"
+       "  --max-surge N          shards rolled at the same time (default "
+       "1)\n\nExamples:\n  portfleetctl rollout web --worker-command "
+       "/opt/web/v2/server\n  portfleetctl rollout web   # restart every "
+       "worker in place\n",
+       CmdRollout},
       {"steer",
        "NAME",
        1,
@@ -914,6 +965,9 @@ const std::map<std::string, std::string>& ValueFlags() {
       {"--interval", "interval"},
       {"--iterations", "iterations"},
       {"--service", "service"},
+      {"--worker-command", "worker-command"},
+      {"--worker-args", "worker-args"},
+      {"--max-surge", "max-surge"},
   };
   return *flags;
 }

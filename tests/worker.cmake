@@ -9,7 +9,7 @@ portfleet_test(worker_http_test
 
 portfleet_test(worker_sdk_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/unit/worker_sdk_test.cc
-  LIBS portfleet_worker_sdk
+  LIBS portfleet_worker_sdk portfleet_testing
   LABELS unit)
 
 portfleet_test(worker_netns_test

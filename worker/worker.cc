@@ -214,6 +214,14 @@ Environment:
                         hello, ready and a load report every second, and
                         drains on the agent's request. If the agent goes
                         away the worker keeps serving.
+  PORTFLEET_AGENT_SOCKET
+                        Optional path of the agent's control socket (a Unix
+                        SOCK_SEQPACKET listener). When the control channel
+                        hits end-of-file while the worker accepts, it
+                        connects there every 250ms and says hello again with
+                        its listening socket attached, so that a restarted
+                        agent can adopt it; the new connection is then the
+                        control channel.
 
 Signals:
   SIGTERM, SIGINT  Drain: stop accepting, answer requests in progress with
@@ -525,14 +533,9 @@ absl::Status Worker::Run() {
                << " on " << where << " (fd " << listen_fd_.get()
                << ", socket inode " << st.st_ino << ", pid " << ::getpid()
                << ")";
+  socket_inode_ = st.st_ino;
   if (control_) {
-    v1::WorkerMessage hello;
-    hello.mutable_hello()->set_pid(::getpid());
-    hello.mutable_hello()->set_listener(config_.listener);
-    hello.mutable_hello()->set_shard(config_.shard);
-    hello.mutable_hello()->set_version(kVersion);
-    hello.mutable_hello()->set_socket_inode(st.st_ino);
-    SendControl(hello);
+    SendControl(HelloMessage(/*reconnect=*/false));
     v1::WorkerMessage ready;
     ready.mutable_ready();
     SendControl(ready);
@@ -578,6 +581,7 @@ int Worker::EpollTimeoutMs(absl::Time now) const {
   next = std::min(next, drain_deadline_);
   if (resume_accept_at_) next = std::min(next, *resume_accept_at_);
   if (lingering_ > 0) next = std::min(next, now + absl::Milliseconds(100));
+  if (reconnect_at_) next = std::min(next, *reconnect_at_);
   int64_t ms =
       absl::ToInt64Milliseconds(absl::Ceil(next - now, absl::Milliseconds(1)));
   return static_cast<int>(std::clamp<int64_t>(ms, 0, 1000));
@@ -609,6 +613,7 @@ void Worker::OnTimers(absl::Time now) {
     }
     for (int fd : expired) CloseConnection(fd);
   }
+  if (reconnect_at_ && now >= *reconnect_at_) TryReconnect(now);
   if (draining_ && now >= drain_deadline_) {
     ForceClose("drain deadline reached");
   }
@@ -828,6 +833,7 @@ void Worker::BeginDrain(absl::Duration timeout, absl::string_view why) {
   draining_ = true;
   drain_deadline_ = deadline;
   resume_accept_at_.reset();
+  StopReconnecting();  // the listening socket goes; nothing to re-adopt
   if (accepting_) {
     LogIfError(EpollCtl(epoll_.get(), EPOLL_CTL_DEL, listen_fd_.get(), 0));
     accepting_ = false;
@@ -869,9 +875,7 @@ void Worker::HandleControl() {
         PF_LOG(WARNING) << got.status().message();
         continue;
       }
-      PF_LOG(WARNING) << got.status().message()
-                      << "; the agent is gone, serving on without it";
-      CloseControl();
+      LoseControl(got.status().message(), /*on_send=*/false);
       return;
     }
     if (!got->has_value()) return;
@@ -899,8 +903,7 @@ void Worker::SendControl(const v1::WorkerMessage& message) {
     PF_LOG(DEBUG) << s.message();
     return;
   }
-  PF_LOG(WARNING) << s.message() << "; serving on without the agent";
-  CloseControl();
+  LoseControl(s.message(), /*on_send=*/true);
 }
 
 void Worker::CloseControl() {
@@ -908,6 +911,126 @@ void Worker::CloseControl() {
   // Closing the fd removes it from the epoll set.
   control_.reset();
   next_load_ = absl::InfiniteFuture();
+}
+
+bool Worker::CanReconnect() const {
+  return !config_.agent_socket.empty() && !draining_ && listen_fd_.valid();
+}
+
+void Worker::LoseControl(absl::string_view why, bool on_send) {
+  CloseControl();
+  if (!CanReconnect()) {
+    if (on_send) {
+      PF_LOG(WARNING) << why << "; serving on without the agent";
+    } else {
+      PF_LOG(WARNING) << why << "; the agent is gone, serving on without it";
+    }
+    return;
+  }
+  PF_LOG(WARNING) << why << "; the agent is gone, serving on and reconnecting "
+                  << "to " << config_.agent_socket << " every "
+                  << config_.reconnect_interval;
+  absl::Time now = absl::Now();
+  control_lost_at_ = now;
+  reconnect_failures_ = 0;
+  last_reconnect_log_ = absl::InfinitePast();
+  reconnecting_.reset();
+  reconnect_at_ = now;  // first attempt at once, on the next loop turn
+}
+
+void Worker::StopReconnecting() {
+  reconnect_at_.reset();
+  reconnecting_.reset();
+}
+
+v1::WorkerMessage Worker::HelloMessage(bool reconnect) const {
+  v1::WorkerMessage message;
+  v1::WorkerHello* hello = message.mutable_hello();
+  hello->set_pid(::getpid());
+  hello->set_listener(config_.listener);
+  hello->set_shard(config_.shard);
+  hello->set_version(kVersion);
+  hello->set_socket_inode(socket_inode_);
+  hello->set_reconnect(reconnect);
+  return message;
+}
+
+void Worker::TryReconnect(absl::Time now) {
+  reconnect_at_.reset();
+  if (control_ || !CanReconnect()) {
+    reconnecting_.reset();
+    return;
+  }
+  // A connect that was in progress, or a new one. Neither blocks: a Unix
+  // connect completes or fails at once, and one still in progress is polled
+  // on this timer rather than waited for.
+  std::optional<ControlChannel> channel;
+  if (reconnecting_) {
+    absl::StatusOr<bool> done = reconnecting_->FinishConnect();
+    if (done.ok() && !*done && now < reconnect_connect_deadline_) {
+      reconnect_at_ = now + config_.reconnect_interval;
+      return;
+    }
+    channel = std::move(reconnecting_);
+    reconnecting_.reset();
+    if (!done.ok() || !*done) {
+      return ReconnectFailed(
+          now, done.ok() ? absl::DeadlineExceededError("connect timed out")
+                         : done.status());
+    }
+  } else {
+    absl::StatusOr<ControlChannel> connected =
+        ControlChannel::Connect(config_.agent_socket);
+    if (!connected.ok()) return ReconnectFailed(now, connected.status());
+    if (connected->connecting()) {
+      reconnecting_ = std::move(*connected);
+      reconnect_connect_deadline_ = now + config_.reconnect_connect_timeout;
+      reconnect_at_ = now + config_.reconnect_interval;
+      return;
+    }
+    channel = std::move(*connected);
+  }
+  // The hello and the listening socket in one packet: the new agent checks
+  // the socket against its state before it adopts the worker.
+  if (absl::Status s = channel->SendWithFd(HelloMessage(/*reconnect=*/true),
+                                           listen_fd_.get());
+      !s.ok()) {
+    return ReconnectFailed(now, Annotate(s, "sending hello"));
+  }
+  if (absl::Status s =
+          EpollCtl(epoll_.get(), EPOLL_CTL_ADD, channel->fd(), EPOLLIN);
+      !s.ok()) {
+    return ReconnectFailed(now, s);
+  }
+  control_ = std::move(channel);
+  PF_LOG(INFO) << "reconnected to the agent at " << config_.agent_socket
+               << " after " << reconnect_failures_ << " failed attempts ("
+               << absl::Trunc(now - control_lost_at_, absl::Milliseconds(1))
+               << " without an agent); sent hello with the listening socket";
+  reconnect_failures_ = 0;
+  v1::WorkerMessage ready;
+  ready.mutable_ready();
+  SendControl(ready);
+  if (control_) next_load_ = now + config_.load_interval;
+}
+
+void Worker::ReconnectFailed(absl::Time now, const absl::Status& status) {
+  ++reconnect_failures_;
+  // The first failure, then at most one line per reconnect_log_interval:
+  // the agent may stay away for long.
+  if (reconnect_failures_ == 1) {
+    PF_LOG(WARNING) << "cannot reconnect to the agent: " << status.message()
+                    << "; retrying every " << config_.reconnect_interval;
+    last_reconnect_log_ = now;
+  } else if (now - last_reconnect_log_ >= config_.reconnect_log_interval) {
+    PF_LOG(WARNING) << "still cannot reconnect to the agent: "
+                    << status.message() << " (" << reconnect_failures_
+                    << " attempts in "
+                    << absl::Trunc(now - control_lost_at_, absl::Seconds(1))
+                    << ")";
+    last_reconnect_log_ = now;
+  }
+  reconnect_at_ = now + config_.reconnect_interval;
 }
 
 void Worker::SendLoad() {
@@ -954,6 +1077,10 @@ int Main(int argc, char** argv) {
                    s);
       return 2;
     }
+  }
+  if (const char* a = std::getenv(ControlChannel::kAgentSocketEnvVar);
+      a && *a) {
+    config.agent_socket = a;
   }
   SetLogTag(absl::StrCat("worker ", config.listener, "/", config.shard));
 

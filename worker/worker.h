@@ -130,6 +130,17 @@ struct WorkerConfig {
   // How long a closing connection waits for the peer's FIN after our FIN, so
   // that unread input does not turn our close into a reset.
   absl::Duration linger_timeout = absl::Seconds(2);
+  // PORTFLEET_AGENT_SOCKET: the agent's control socket (a Unix
+  // SOCK_SEQPACKET listener). When the control channel hits end-of-file
+  // while the worker accepts, it connects there every `reconnect_interval`
+  // and says hello again with its listening socket attached (re-adoption,
+  // see WorkerHello in control.proto). Empty: serve on without an agent.
+  std::string agent_socket;
+  absl::Duration reconnect_interval = absl::Milliseconds(250);
+  // A reconnect whose connect is still in progress after this is abandoned.
+  absl::Duration reconnect_connect_timeout = absl::Seconds(2);
+  // Repeated reconnect failures are logged at most this often.
+  absl::Duration reconnect_log_interval = absl::Seconds(10);
 };
 
 class Worker {
@@ -167,6 +178,14 @@ class Worker {
   void ForceClose(absl::string_view why);
   void SendControl(const v1::WorkerMessage& message);
   void CloseControl();
+  // The control channel failed (`why`): close it and, if the worker still
+  // accepts and has an agent socket, start reconnecting.
+  void LoseControl(absl::string_view why, bool on_send);
+  bool CanReconnect() const;
+  void TryReconnect(absl::Time now);
+  void ReconnectFailed(absl::Time now, const absl::Status& status);
+  void StopReconnecting();
+  v1::WorkerMessage HelloMessage(bool reconnect) const;
   void SendLoad();
   void OnTimers(absl::Time now);
   int EpollTimeoutMs(absl::Time now) const;
@@ -185,7 +204,16 @@ class Worker {
   bool done_ = false;
   absl::Time drain_deadline_ = absl::InfiniteFuture();
   absl::Time next_load_ = absl::InfiniteFuture();
+  uint64_t socket_inode_ = 0;  // of listen_fd_, for WorkerHello
   int lingering_ = 0;
+
+  // Reconnecting to config_.agent_socket after the control channel is lost.
+  std::optional<absl::Time> reconnect_at_;      // next attempt
+  std::optional<ControlChannel> reconnecting_;  // connect in progress
+  absl::Time reconnect_connect_deadline_ = absl::InfiniteFuture();
+  absl::Time control_lost_at_ = absl::InfinitePast();
+  uint64_t reconnect_failures_ = 0;  // since the channel was lost
+  absl::Time last_reconnect_log_ = absl::InfinitePast();
   absl::Time last_accept_warning_ = absl::InfinitePast();
   uint64_t accept_warnings_suppressed_ = 0;
 

@@ -391,6 +391,23 @@ grpc::ServerUnaryReactor* FleetServiceImpl::ScaleListener(
   });
 }
 
+grpc::ServerUnaryReactor* FleetServiceImpl::RollOutListener(
+    grpc::CallbackServerContext* ctx, const v1::RollOutListenerRequest* req,
+    v1::RollOutListenerResponse* resp) {
+  absl::Status check = ValidateName(req->name(), "name");
+  if (check.ok() && req->max_surge() > kMaxShards) {
+    check = absl::InvalidArgumentError(absl::StrCat(
+        "max_surge: ", req->max_surge(), " is out of range (0-", kMaxShards,
+        ")"));
+  }
+  return Run(ctx, check, [this, req, resp]() -> absl::Status {
+    absl::Status s =
+        controller_->RollOut(req->name(), req->worker(), req->max_surge());
+    if (s.ok()) FillListener(req->name(), resp->mutable_listener());
+    return s;
+  });
+}
+
 grpc::ServerUnaryReactor* FleetServiceImpl::DrainShard(
     grpc::CallbackServerContext* ctx, const v1::DrainShardRequest* req,
     v1::DrainShardResponse* resp) {

@@ -94,6 +94,9 @@ class FleetServiceImpl final : public v1::FleetService::CallbackService {
   grpc::ServerUnaryReactor* DeleteListener(
       grpc::CallbackServerContext* ctx, const v1::DeleteListenerRequest* req,
       v1::DeleteListenerResponse* resp) override;
+  grpc::ServerUnaryReactor* RollOutListener(
+      grpc::CallbackServerContext* ctx, const v1::RollOutListenerRequest* req,
+      v1::RollOutListenerResponse* resp) override;
   grpc::ServerUnaryReactor* ScaleListener(
       grpc::CallbackServerContext* ctx, const v1::ScaleListenerRequest* req,
       v1::ScaleListenerResponse* resp) override;

@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 
 #include <atomic>
+#include <filesystem>
 #include <set>
 #include <thread>
 
@@ -63,9 +64,42 @@ TEST(AgentFleetTest, FourShardsAnswerEveryConnection) {
   EXPECT_EQ(tally.by_pid.size(), 4u);
 }
 
+// Accepted connections (sockets other than fd 3 and 4) a worker holds.
+int HeldConnections(pid_t pid) {
+  int held = 0;
+  std::string dir = absl::StrCat("/proc/", pid, "/fd");
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    std::string name = entry.path().filename();
+    if (name == "3" || name == "4") continue;
+    std::error_code ec;
+    std::string target = std::filesystem::read_symlink(entry.path(), ec);
+    if (!ec && target.rfind("socket:", 0) == 0) held++;
+  }
+  return held;
+}
+
+// SIGKILLs `pid` at a moment it holds no accepted connection: a crashed
+// process's own connections are lost with it (the kernel resets them), and
+// that is not what this test is about. It is stopped first, so that what
+// arrives meanwhile waits in the shard's queue, which must survive.
+void KillWhileIdle(pid_t pid) {
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    ::kill(pid, SIGSTOP);
+    absl::SleepFor(absl::Milliseconds(2));
+    if (HeldConnections(pid) == 0) {
+      ::kill(pid, SIGKILL);
+      return;
+    }
+    ::kill(pid, SIGCONT);
+    absl::SleepFor(absl::Milliseconds(3));
+  }
+  ::kill(pid, SIGKILL);  // never idle: the test reports the reset
+}
+
 // Steps:
 // 1. Start the agent with 2 shards; a client thread connects continuously.
-// 2. Five times: SIGKILL shard 0's worker, wait for its replacement.
+// 2. Five times: SIGKILL shard 0's worker (between connections, so that what
+//    is queued on its socket is what is at stake), wait for its replacement.
 // 3. Each replacement serves the same socket inode as the killed worker.
 // 4. The client saw no failure; the agent counted 5 restarts.
 TEST(AgentFleetTest, KilledWorkerIsReplacedOnSameSocketWithoutFailures) {
@@ -89,7 +123,7 @@ TEST(AgentFleetTest, KilledWorkerIsReplacedOnSameSocketWithoutFailures) {
     ASSERT_GT(victim, 0);
     absl::StatusOr<uint64_t> inode = SocketInode(victim, 3);
     ASSERT_TRUE(inode.ok()) << inode.status();
-    ::kill(victim, SIGKILL);
+    KillWhileIdle(victim);
     pid_t replacement = 0;
     ASSERT_TRUE(WaitFor(
         [&] {

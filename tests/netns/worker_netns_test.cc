@@ -2,19 +2,24 @@
 // a fresh network namespace. The test plays the agent: it creates and
 // listens the socket, then starts the worker with the socket as fd 3
 // (LISTEN_FDS=1, LISTEN_PID set in the child after fork) and, for the
-// control-channel cases, one end of a seqpacket socketpair as fd 4.
+// control-channel cases, one end of a seqpacket socketpair as fd 4. For
+// re-adoption it also plays the restarted agent: a seqpacket listener at
+// $PORTFLEET_AGENT_SOCKET that the worker reconnects to.
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -522,6 +527,262 @@ TEST(WorkerNetnsTest, KeepsServingWhenTheAgentGoesAway) {
   EXPECT_THAT(w.Log(), HasSubstr("serving on without"));
   w.Signal(SIGTERM);
   EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
+}
+
+// ---------------------------------------------------------------------------
+// Re-adoption: reconnecting to $PORTFLEET_AGENT_SOCKET
+
+// The agent's control socket: a Unix SOCK_SEQPACKET listener at `path`.
+Fd AgentSocketListener(const std::string& path) {
+  Fd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  EXPECT_LT(path.size(), sizeof(addr.sun_path));
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  EXPECT_EQ(::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)),
+            0)
+      << path << ": " << std::strerror(errno);
+  EXPECT_EQ(::listen(fd.get(), 8), 0);
+  return fd;
+}
+
+// The next connection to `listener` within `timeout`, adopted as a control
+// channel; nullopt if none comes.
+std::optional<ControlChannel> AcceptAgentConnection(int listener,
+                                                    absl::Duration timeout) {
+  pollfd p{listener, POLLIN, 0};
+  if (::poll(&p, 1, absl::ToInt64Milliseconds(timeout)) != 1) {
+    return std::nullopt;
+  }
+  Fd fd(::accept4(listener, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
+  if (!fd) {
+    ADD_FAILURE() << "accept: " << std::strerror(errno);
+    return std::nullopt;
+  }
+  absl::StatusOr<ControlChannel> channel = ControlChannel::Adopt(std::move(fd));
+  if (!channel.ok()) {
+    ADD_FAILURE() << channel.status();
+    return std::nullopt;
+  }
+  return std::move(*channel);
+}
+
+// NextMessage() with the descriptor attached to the packet.
+std::optional<std::pair<v1::WorkerMessage, Fd>> NextMessageWithFd(
+    ControlChannel& agent, absl::Duration timeout) {
+  absl::Time deadline = absl::Now() + timeout;
+  for (;;) {
+    auto got = agent.ReceiveWithFd();
+    if (!got.ok()) {
+      ADD_FAILURE() << got.status();
+      return std::nullopt;
+    }
+    if (got->has_value()) return std::move(**got);
+    absl::Duration left = deadline - absl::Now();
+    if (left <= absl::ZeroDuration()) return std::nullopt;
+    pollfd p{agent.fd(), POLLIN, 0};
+    ::poll(&p, 1, absl::ToInt64Milliseconds(left) + 1);
+  }
+}
+
+ino_t Inode(int fd) {
+  struct stat st {};
+  EXPECT_EQ(::fstat(fd, &st), 0);
+  return st.st_ino;
+}
+
+int Count(const std::string& haystack, const std::string& needle) {
+  int n = 0;
+  for (size_t pos = haystack.find(needle); pos != std::string::npos;
+       pos = haystack.find(needle, pos + needle.size())) {
+    ++n;
+  }
+  return n;
+}
+
+// Expects the hello of a reconnect on `channel` (listening socket attached)
+// and then ready.
+void ExpectReconnectHello(ControlChannel& channel, const WorkerProcess& w,
+                          ino_t socket_inode) {
+  auto hello = NextMessageWithFd(channel, absl::Seconds(2));
+  ASSERT_TRUE(hello.has_value()) << w.Log();
+  auto& [message, fd] = *hello;
+  ASSERT_TRUE(message.has_hello()) << message.DebugString();
+  EXPECT_TRUE(message.hello().reconnect());
+  EXPECT_EQ(message.hello().pid(), static_cast<uint32_t>(w.pid()));
+  EXPECT_EQ(message.hello().listener(), "web");
+  EXPECT_EQ(message.hello().shard(), 1u);
+  EXPECT_EQ(message.hello().version(), "0.1.0");
+  EXPECT_EQ(message.hello().socket_inode(), socket_inode);
+  ASSERT_TRUE(fd.valid()) << "no socket attached to the hello";
+  EXPECT_EQ(Inode(fd.get()), socket_inode);
+  int listening = 0;
+  socklen_t len = sizeof(listening);
+  ASSERT_EQ(::getsockopt(fd.get(), SOL_SOCKET, SO_ACCEPTCONN, &listening, &len),
+            0);
+  EXPECT_EQ(listening, 1);
+  std::optional<v1::WorkerMessage> ready =
+      NextMessage(channel, absl::Seconds(2));
+  ASSERT_TRUE(ready.has_value()) << w.Log();
+  EXPECT_TRUE(ready->has_ready()) << ready->DebugString();
+}
+
+// 1. The worker runs with a control channel and PORTFLEET_AGENT_SOCKET.
+// 2. The agent dies (its end of the channel closes): within 2 s the worker
+//    connects to the agent socket and sends hello{reconnect} with its
+//    listening socket attached, then ready; it serves throughout.
+// 3. The new agent dies too: the cycle repeats.
+// 4. Load reports flow on the new channel; AgentDrain there makes it exit 0.
+TEST(WorkerNetnsTest, ReconnectsToTheAgentSocketWithItsListeningSocket) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Listener l = ListenLoopback();
+  const ino_t inode = Inode(l.fd.get());
+  TempDir dir;
+  std::string path = absl::StrCat(dir.path(), "/control.sock");
+  Fd agent_socket = AgentSocketListener(path);
+  auto pair = ControlChannel::Pair();
+  ASSERT_TRUE(pair.ok()) << pair.status();
+  ControlChannel agent = std::move(pair->first);
+  WorkerProcess w;
+  w.Start({.env = {"PORTFLEET_LISTENER=web", "PORTFLEET_SHARD=1",
+                   absl::StrCat("PORTFLEET_AGENT_SOCKET=", path)},
+           .fd3 = l.fd.get(),
+           .control_fd = pair->second.fd()});
+  pair->second.Close();
+  std::optional<v1::WorkerMessage> m = NextMessage(agent, absl::Seconds(5));
+  ASSERT_TRUE(m.has_value() && m->has_hello()) << w.Log();
+  EXPECT_FALSE(m->hello().reconnect());
+  m = NextMessage(agent, absl::Seconds(5));
+  ASSERT_TRUE(m.has_value() && m->has_ready()) << w.Log();
+
+  for (int cycle = 1; cycle <= 2; ++cycle) {
+    SCOPED_TRACE(absl::StrCat("cycle ", cycle));
+    agent.Close();  // the agent dies
+    absl::Time lost = absl::Now();
+    std::optional<ControlChannel> adopted =
+        AcceptAgentConnection(agent_socket.get(), absl::Seconds(2));
+    ASSERT_TRUE(adopted.has_value()) << "no reconnect within 2s\n" << w.Log();
+    EXPECT_LT(absl::Now() - lost, absl::Seconds(2));
+    ExpectReconnectHello(*adopted, w, inode);
+    agent = std::move(*adopted);
+    testing::Reply r = testing::HttpGet(l.address());
+    ASSERT_EQ(r.outcome, Outcome::kOk) << r.error << "\n" << w.Log();
+    EXPECT_EQ(r.pid, w.pid());
+  }
+
+  // Load reports on the new channel count the requests served.
+  std::optional<v1::WorkerLoad> load;
+  absl::Time deadline = absl::Now() + absl::Seconds(4);
+  while (absl::Now() < deadline && !load) {
+    m = NextMessage(agent, deadline - absl::Now());
+    if (!m) break;
+    ASSERT_TRUE(m->has_load()) << m->DebugString();
+    if (m->load().accepted_total() >= 2) load = m->load();
+  }
+  ASSERT_TRUE(load.has_value()) << w.Log();
+
+  v1::AgentMessage drain;
+  drain.mutable_drain()->set_deadline_ms(3000);
+  ASSERT_TRUE(agent.Send(drain).ok());
+  bool drained = false;
+  while ((m = NextMessage(agent, absl::Seconds(5)))) {
+    if (m->has_drained()) {
+      drained = true;
+      break;
+    }
+  }
+  EXPECT_TRUE(drained) << w.Log();
+  EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
+  EXPECT_EQ(Count(w.Log(), "reconnected to the agent at"), 2) << w.Log();
+  // Draining closed the channel's listener copy: no third reconnect.
+  pollfd p{agent_socket.get(), POLLIN, 0};
+  EXPECT_EQ(::poll(&p, 1, 0), 0);
+}
+
+// The agent socket does not exist for 1 s after the agent dies: the worker
+// keeps serving, retries every 250 ms (logging the first failure only), and
+// reconnects once the socket appears.
+TEST(WorkerNetnsTest, RetriesUntilTheAgentSocketAppears) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Listener l = ListenLoopback();
+  const ino_t inode = Inode(l.fd.get());
+  TempDir dir;
+  std::string path = absl::StrCat(dir.path(), "/control.sock");
+  auto pair = ControlChannel::Pair();
+  ASSERT_TRUE(pair.ok()) << pair.status();
+  ControlChannel agent = std::move(pair->first);
+  WorkerProcess w;
+  w.Start({.env = {"PORTFLEET_LISTENER=web", "PORTFLEET_SHARD=1",
+                   absl::StrCat("PORTFLEET_AGENT_SOCKET=", path)},
+           .fd3 = l.fd.get(),
+           .control_fd = pair->second.fd()});
+  pair->second.Close();
+  ASSERT_TRUE(NextMessage(agent, absl::Seconds(5)).has_value()) << w.Log();
+  agent.Close();  // the agent dies; its successor is not up yet
+
+  absl::Time until = absl::Now() + absl::Seconds(1);
+  int served = 0;
+  while (absl::Now() < until) {
+    testing::Reply r = testing::HttpGet(l.address());
+    ASSERT_EQ(r.outcome, Outcome::kOk) << r.error << "\n" << w.Log();
+    ++served;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  EXPECT_GE(served, 5);
+  ASSERT_TRUE(w.running()) << w.Log();
+
+  Fd agent_socket = AgentSocketListener(path);
+  std::optional<ControlChannel> adopted =
+      AcceptAgentConnection(agent_socket.get(), absl::Seconds(2));
+  ASSERT_TRUE(adopted.has_value()) << "no reconnect within 2s\n" << w.Log();
+  ExpectReconnectHello(*adopted, w, inode);
+  testing::Reply r = testing::HttpGet(l.address());
+  EXPECT_EQ(r.outcome, Outcome::kOk) << r.error << "\n" << w.Log();
+
+  std::string log = w.Log();
+  EXPECT_EQ(Count(log, "cannot reconnect to the agent"), 1) << log;
+  EXPECT_EQ(Count(log, "reconnected to the agent at"), 1) << log;
+  w.Signal(SIGTERM);
+  EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
+}
+
+// A draining worker has given up its listening socket: when the agent goes
+// away then, it finishes the drain without reconnecting.
+TEST(WorkerNetnsTest, DoesNotReconnectWhileDraining) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Listener l = ListenLoopback();
+  TempDir dir;
+  std::string path = absl::StrCat(dir.path(), "/control.sock");
+  Fd agent_socket = AgentSocketListener(path);
+  auto pair = ControlChannel::Pair();
+  ASSERT_TRUE(pair.ok()) << pair.status();
+  ControlChannel agent = std::move(pair->first);
+  WorkerProcess w;
+  w.Start({.args = {"--mode=http", "--drain-timeout=20s"},
+           .env = {absl::StrCat("PORTFLEET_AGENT_SOCKET=", path)},
+           .fd3 = l.fd.get(),
+           .control_fd = pair->second.fd()});
+  pair->second.Close();
+  ASSERT_TRUE(NextMessage(agent, absl::Seconds(5)).has_value()) << w.Log();
+  // A request in flight keeps the drain going.
+  Fd slow = Connect(l.port);
+  std::string buffer;
+  SendAll(slow.get(), kGet);
+  ASSERT_THAT(ReadResponse(slow.get(), &buffer), HasSubstr("200 OK"));
+  SendAll(slow.get(), "GET /slow HTTP/1.1\r\nHost: test\r\n");
+
+  w.Signal(SIGTERM);
+  absl::SleepFor(absl::Milliseconds(200));
+  agent.Close();
+  EXPECT_FALSE(AcceptAgentConnection(agent_socket.get(), absl::Seconds(1)))
+      << w.Log();
+  ASSERT_TRUE(w.running()) << w.Log();
+  SendAll(slow.get(), "\r\n");
+  EXPECT_THAT(ReadResponse(slow.get(), &buffer),
+              HasSubstr("Connection: close\r\n"));
+  slow.Reset();  // rather than wait out the worker's linger
+  EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
+  EXPECT_THAT(w.Log(), Not(HasSubstr("reconnect")));
 }
 
 // ---------------------------------------------------------------------------

@@ -79,6 +79,23 @@ class FakeController : public FleetController {
     Reshard(it->second, shards);
     return Persist();
   }
+  absl::Status RollOut(const std::string& name, const v1::WorkerSpec& worker,
+                       uint32_t max_surge) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = listeners_.find(name);
+    if (it == listeners_.end()) return NotFound(name);
+    if (worker.command() == "fails-to-start") {
+      return absl::FailedPreconditionError(
+          "listener " + name + " shard 0: new worker exited; rolled back");
+    }
+    if (!worker.command().empty()) {
+      it->second.spec.mutable_worker()->set_command(worker.command());
+    }
+    if (worker.args_size() > 0) {
+      *it->second.spec.mutable_worker()->mutable_args() = worker.args();
+    }
+    return Persist();
+  }
   absl::Status DrainShard(const std::string& name, uint32_t index) override {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = listeners_.find(name);

@@ -1,23 +1,32 @@
-// Worker SDK: TakeListenFd (socket activation) and ControlChannel.
+// Worker SDK: TakeListenFd (socket activation) and ControlChannel, including
+// descriptor passing (SendWithFd / ReceiveWithFd) and Connect() for the
+// re-adoption handshake.
 //
 // TakeListenFd reads the environment and fd 3 of the calling process, so each
 // of its cases runs in a forked child that arranges fd 3 and the environment
 // first and reports back over a pipe.
+#include <dirent.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "portfleet/v1/control.pb.h"
+#include "tests/testing/process.h"
 #include "worker/sdk/control_channel.h"
+#include "worker/sdk/fd.h"
 #include "worker/sdk/listen_fds.h"
 
 namespace portfleet {
@@ -395,6 +404,268 @@ TEST(WorkerSdkControlChannelTest, AdoptRejectsTcp) {
   Fd tcp(::socket(AF_INET, SOCK_STREAM, 0));
   auto c = ControlChannel::Adopt(std::move(tcp));
   EXPECT_EQ(c.status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// ---------------------------------------------------------------------------
+// Descriptor passing
+
+// Open descriptors of this process (the directory's own fd included, the
+// same in every call).
+int OpenFdCount() {
+  int n = 0;
+  DIR* dir = ::opendir("/proc/self/fd");
+  if (dir == nullptr) return -1;
+  while (::readdir(dir) != nullptr) ++n;
+  ::closedir(dir);
+  return n;
+}
+
+ino_t Inode(int fd) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return 0;
+  return st.st_ino;
+}
+
+// Sends `bytes` with `fds` attached as SCM_RIGHTS, bypassing ControlChannel.
+ssize_t SendRaw(int socket, const std::string& bytes,
+                const std::vector<int>& fds) {
+  iovec iov{const_cast<char*>(bytes.data()), bytes.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  std::vector<char> control(CMSG_SPACE(sizeof(int) * fds.size()));
+  if (!fds.empty()) {
+    msg.msg_control = control.data();
+    msg.msg_controllen = control.size();
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+  }
+  return ::sendmsg(socket, &msg, MSG_NOSIGNAL);
+}
+
+TEST(WorkerSdkFdPassingTest, SendWithFdRoundTrip) {
+  Pair p = MakePair();
+  Fd tcp(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  ASSERT_TRUE(tcp.valid());
+  v1::WorkerMessage hello = Hello();
+  hello.mutable_hello()->set_reconnect(true);
+  ASSERT_TRUE(p.worker.SendWithFd(hello, tcp.get()).ok());
+  v1::WorkerMessage ready;
+  ready.mutable_ready();
+  ASSERT_TRUE(p.worker.Send(ready).ok());
+
+  auto got = p.agent.ReceiveWithFd();
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_TRUE(got->has_value());
+  auto& [message, fd] = **got;
+  EXPECT_EQ(message.SerializeAsString(), hello.SerializeAsString());
+  EXPECT_TRUE(message.hello().reconnect());
+  ASSERT_TRUE(fd.valid());
+  EXPECT_NE(fd.get(), tcp.get());
+  EXPECT_EQ(Inode(fd.get()), Inode(tcp.get()));  // the same socket
+  EXPECT_TRUE(::fcntl(fd.get(), F_GETFD) & FD_CLOEXEC);
+
+  // The next packet carries no descriptor.
+  auto next = p.agent.ReceiveWithFd();
+  ASSERT_TRUE(next.ok() && next->has_value()) << next.status();
+  EXPECT_TRUE((*next)->first.has_ready());
+  EXPECT_FALSE((*next)->second.valid());
+  next = p.agent.ReceiveWithFd();
+  ASSERT_TRUE(next.ok()) << next.status();
+  EXPECT_FALSE(next->has_value());  // nothing pending
+}
+
+TEST(WorkerSdkFdPassingTest, ReceiveWithFdWithoutFd) {
+  Pair p = MakePair();
+  ASSERT_TRUE(p.worker.Send(Hello()).ok());
+  auto got = p.agent.ReceiveWithFd();
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_TRUE(got->has_value());
+  EXPECT_EQ((*got)->first.hello().socket_inode(), 987654321u);
+  EXPECT_FALSE((*got)->second.valid());
+}
+
+TEST(WorkerSdkFdPassingTest, ExtraFdsAreClosed) {
+  Pair p = MakePair();
+  Fd tcp(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC), 0);
+  Fd r(pipe_fds[0]), w(pipe_fds[1]);
+  ASSERT_GT(SendRaw(p.worker.fd(), Hello().SerializeAsString(),
+                    {tcp.get(), r.get(), w.get()}),
+            0);
+  int before = OpenFdCount();
+  {
+    auto got = p.agent.ReceiveWithFd();
+    ASSERT_TRUE(got.ok()) << got.status();
+    ASSERT_TRUE(got->has_value());
+    EXPECT_EQ(Inode((*got)->second.get()), Inode(tcp.get()));
+    EXPECT_EQ(OpenFdCount(), before + 1);  // only the first is kept
+  }
+  EXPECT_EQ(OpenFdCount(), before);
+  // The pipe's write end received with the packet is closed: once ours is
+  // closed too, the read end sees end-of-file.
+  w.Reset();
+  char c;
+  EXPECT_EQ(::read(r.get(), &c, 1), 0);
+}
+
+TEST(WorkerSdkFdPassingTest, TooManyFdsIsInvalidArgumentAndLeaksNothing) {
+  Pair p = MakePair();
+  Fd tcp(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  // Just over the limit (fits the ancillary buffer), and far over it (the
+  // kernel truncates the ancillary data: MSG_CTRUNC).
+  for (int count : {ControlChannel::kMaxFdsPerPacket + 1,
+                    ControlChannel::kMaxFdsPerPacket * 4}) {
+    SCOPED_TRACE(count);
+    std::vector<int> fds(count, tcp.get());
+    ASSERT_GT(SendRaw(p.worker.fd(), Hello().SerializeAsString(), fds), 0);
+    ASSERT_TRUE(p.worker.Send(Hello()).ok());
+    int before = OpenFdCount();
+    auto bad = p.agent.ReceiveWithFd();
+    EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(bad.status().message(), HasSubstr("descriptors"));
+    if (count > ControlChannel::kMaxFdsPerPacket + 1) {
+      EXPECT_THAT(bad.status().message(), HasSubstr("truncated"));
+    }
+    EXPECT_EQ(OpenFdCount(), before);
+    // The packet was consumed; the next one reads normally.
+    auto good = p.agent.ReceiveWithFd();
+    ASSERT_TRUE(good.ok()) << good.status();
+    ASSERT_TRUE(good->has_value());
+    EXPECT_FALSE((*good)->second.valid());
+  }
+}
+
+TEST(WorkerSdkFdPassingTest, ErrorPathsAndPlainReceiveCloseFds) {
+  Pair p = MakePair();
+  Fd tcp(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  // A malformed packet with a descriptor, then a good one with a
+  // descriptor read by the plain Receive().
+  ASSERT_GT(SendRaw(p.worker.fd(), "\xff\xff\xff\xff\xff", {tcp.get()}), 0);
+  ASSERT_TRUE(p.worker.SendWithFd(Hello(), tcp.get()).ok());
+  ASSERT_TRUE(p.worker.SendWithFd(Hello(), tcp.get()).ok());
+  int before = OpenFdCount();
+  auto bad = p.agent.ReceiveWithFd();
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(OpenFdCount(), before);
+  auto plain = p.agent.Receive<v1::WorkerMessage>();
+  ASSERT_TRUE(plain.ok() && plain->has_value()) << plain.status();
+  EXPECT_EQ(OpenFdCount(), before);
+  p.worker.Close();
+  // A pending packet is still delivered after the peer closes, then EOF.
+  auto last = p.agent.ReceiveWithFd();
+  ASSERT_TRUE(last.ok() && last->has_value()) << last.status();
+  EXPECT_TRUE((*last)->second.valid());
+  auto eof = p.agent.ReceiveWithFd();
+  EXPECT_EQ(eof.status().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST(WorkerSdkFdPassingTest, SendWithFdRejectsBadFds) {
+  Pair p = MakePair();
+  EXPECT_EQ(p.worker.SendWithFd(Hello(), -1).code(),
+            absl::StatusCode::kInvalidArgument);
+  int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  ::close(fd);  // now a closed descriptor number
+  EXPECT_FALSE(p.worker.SendWithFd(Hello(), fd).ok());
+  EXPECT_EQ(p.worker.SendWithFd(v1::WorkerMessage(), 0).code(),
+            absl::StatusCode::kInvalidArgument);  // empty message
+  auto got = p.agent.ReceiveWithFd();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_FALSE(got->has_value());  // nothing was sent
+}
+
+// ---------------------------------------------------------------------------
+// Connect
+
+// A Unix SOCK_SEQPACKET listener bound to `address` (filesystem path or
+// "@abstract").
+Fd SeqpacketListener(const std::string& address, int type = SOCK_SEQPACKET,
+                     bool listen = true) {
+  Fd fd(::socket(AF_UNIX, type | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  socklen_t len = 0;
+  if (address[0] == '@') {
+    std::memcpy(addr.sun_path + 1, address.data() + 1, address.size() - 1);
+    len = offsetof(sockaddr_un, sun_path) + address.size();
+  } else {
+    std::memcpy(addr.sun_path, address.data(), address.size());
+    len = sizeof(addr);
+  }
+  EXPECT_EQ(::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), len), 0)
+      << std::strerror(errno);
+  if (listen) {
+    EXPECT_EQ(::listen(fd.get(), 8), 0);
+  }
+  return fd;
+}
+
+// Connect, hello with a descriptor before the listener accepts (as the worker
+// does), accept, adopt, receive; then the other direction.
+void ExpectHandshake(const std::string& address) {
+  Fd listener = SeqpacketListener(address);
+  absl::StatusOr<ControlChannel> worker = ControlChannel::Connect(address);
+  ASSERT_TRUE(worker.ok()) << worker.status();
+  EXPECT_FALSE(worker->connecting());
+  absl::StatusOr<bool> done = worker->FinishConnect();
+  ASSERT_TRUE(done.ok() && *done) << done.status();
+  EXPECT_TRUE(::fcntl(worker->fd(), F_GETFL) & O_NONBLOCK);
+  EXPECT_TRUE(::fcntl(worker->fd(), F_GETFD) & FD_CLOEXEC);
+  Fd tcp(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  ASSERT_TRUE(worker->SendWithFd(Hello(), tcp.get()).ok());
+
+  absl::StatusOr<ControlChannel> agent = ControlChannel::Adopt(
+      Fd(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC)));
+  ASSERT_TRUE(agent.ok()) << agent.status();
+  auto got = agent->ReceiveWithFd();
+  ASSERT_TRUE(got.ok() && got->has_value()) << got.status();
+  EXPECT_EQ((*got)->first.hello().listener(), "web");
+  EXPECT_EQ(Inode((*got)->second.get()), Inode(tcp.get()));
+
+  v1::AgentMessage drain;
+  drain.mutable_drain()->set_deadline_ms(5);
+  ASSERT_TRUE(agent->Send(drain).ok());
+  auto cmd = worker->Receive();
+  ASSERT_TRUE(cmd.ok() && cmd->has_value()) << cmd.status();
+  EXPECT_EQ((*cmd)->drain().deadline_ms(), 5u);
+}
+
+TEST(WorkerSdkConnectTest, ConnectsToAPathAndPassesTheFd) {
+  testing::TempDir dir;
+  ExpectHandshake(dir.path() + "/control.sock");
+}
+
+TEST(WorkerSdkConnectTest, ConnectsToAnAbstractSocket) {
+  ExpectHandshake(absl::StrCat("@portfleet-sdk-test-", ::getpid()));
+}
+
+TEST(WorkerSdkConnectTest, Errors) {
+  testing::TempDir dir;
+  EXPECT_EQ(ControlChannel::Connect("").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ControlChannel::Connect(std::string(200, 'x')).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      ControlChannel::Connect(dir.path() + "/absent.sock").status().code(),
+      absl::StatusCode::kNotFound);
+  // Bound but not listening: nobody accepts.
+  std::string path = dir.path() + "/bound.sock";
+  Fd bound = SeqpacketListener(path, SOCK_SEQPACKET, /*listen=*/false);
+  std::string stream = dir.path() + "/stream.sock";
+  Fd stream_listener = SeqpacketListener(stream, SOCK_STREAM);
+  int before = OpenFdCount();
+  auto refused = ControlChannel::Connect(path);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable)
+      << refused.status();
+  // A stream listener is the wrong socket type.
+  auto wrong_type = ControlChannel::Connect(stream);
+  EXPECT_FALSE(wrong_type.ok());
+  EXPECT_EQ(OpenFdCount(), before);  // failed connects leak no socket
 }
 
 }  // namespace

@@ -3,11 +3,14 @@
 #include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 
 #include <cerrno>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -81,10 +84,100 @@ ControlChannel::Pair() {
   return std::make_pair(ControlChannel(Fd(fds[0])), ControlChannel(Fd(fds[1])));
 }
 
-absl::Status ControlChannel::Send(
-    const google::protobuf::MessageLite& message) {
+absl::StatusOr<ControlChannel> ControlChannel::Connect(absl::string_view path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  socklen_t addr_len = 0;
+  if (path.empty() || path == "@") {
+    return absl::InvalidArgumentError("agent socket path is empty");
+  }
+  if (path[0] == '@') {
+    // Abstract namespace: a leading NUL, the name, no terminator.
+    absl::string_view name = path.substr(1);
+    if (name.size() + 1 > sizeof(addr.sun_path)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("abstract socket name '", path, "' is too long"));
+    }
+    std::memcpy(addr.sun_path + 1, name.data(), name.size());
+    addr_len = offsetof(sockaddr_un, sun_path) + 1 + name.size();
+  } else {
+    if (path.size() >= sizeof(addr.sun_path)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("socket path '", path, "' is longer than ",
+                       sizeof(addr.sun_path) - 1, " bytes"));
+    }
+    std::memcpy(addr.sun_path, path.data(), path.size());
+    addr_len = offsetof(sockaddr_un, sun_path) + path.size() + 1;
+  }
+  Fd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!fd) return ErrnoError("socket(AF_UNIX, SOCK_SEQPACKET)");
+  ControlChannel channel(std::move(fd));
+  for (;;) {
+    if (::connect(channel.fd(), reinterpret_cast<sockaddr*>(&addr), addr_len) ==
+        0) {
+      return channel;
+    }
+    if (errno == EINTR) continue;
+    break;
+  }
+  switch (errno) {
+    case EINPROGRESS:
+      channel.connecting_ = true;
+      return channel;
+    case EAGAIN:
+      // A Unix listener whose backlog is full refuses non-blocking connects.
+      return absl::UnavailableError(absl::StrCat(
+          "connect to ", path, ": the listener's backlog is full"));
+    default:
+      return ErrnoError(absl::StrCat("connect to ", path));
+  }
+}
+
+absl::StatusOr<bool> ControlChannel::FinishConnect() {
   if (!fd_.valid())
     return absl::FailedPreconditionError("control channel is closed");
+  if (!connecting_) return true;
+  int err = 0;
+  socklen_t length = sizeof(err);
+  if (::getsockopt(fd_.get(), SOL_SOCKET, SO_ERROR, &err, &length) != 0) {
+    return ErrnoError("getsockopt(SO_ERROR)");
+  }
+  if (err != 0) {
+    connecting_ = false;
+    return ErrnoError(err, "connect");
+  }
+  sockaddr_un peer{};
+  socklen_t peer_len = sizeof(peer);
+  if (::getpeername(fd_.get(), reinterpret_cast<sockaddr*>(&peer), &peer_len) !=
+      0) {
+    if (errno == ENOTCONN) return false;  // still in progress
+    return ErrnoError("getpeername");
+  }
+  connecting_ = false;
+  return true;
+}
+
+absl::Status ControlChannel::Send(
+    const google::protobuf::MessageLite& message) {
+  return SendPacket(message, -1);
+}
+
+absl::Status ControlChannel::SendWithFd(
+    const google::protobuf::MessageLite& message, int fd) {
+  if (fd < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot attach file descriptor ", fd));
+  }
+  return SendPacket(message, fd);
+}
+
+absl::Status ControlChannel::SendPacket(
+    const google::protobuf::MessageLite& message, int attached_fd) {
+  if (!fd_.valid())
+    return absl::FailedPreconditionError("control channel is closed");
+  if (connecting_) {
+    return absl::UnavailableError("control channel is still connecting");
+  }
   std::string bytes;
   if (!message.SerializeToString(&bytes)) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -100,9 +193,22 @@ absl::Status ControlChannel::Send(
         absl::StrCat(message.GetTypeName(), " of ", bytes.size(),
                      " bytes exceeds the ", kMaxMessageSize, "-byte limit"));
   }
+  iovec iov{bytes.data(), bytes.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  if (attached_fd >= 0) {
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(c), &attached_fd, sizeof(int));
+  }
   for (;;) {
-    ssize_t n = ::send(fd_.get(), bytes.data(), bytes.size(),
-                       MSG_DONTWAIT | MSG_NOSIGNAL);
+    ssize_t n = ::sendmsg(fd_.get(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
     if (n == static_cast<ssize_t>(bytes.size())) return absl::OkStatus();
     if (n >= 0) {
       return absl::InternalError(absl::StrCat("control channel: short send of ",
@@ -118,20 +224,47 @@ absl::Status ControlChannel::Send(
       return absl::UnavailableError(absl::StrCat(
           "control channel: peer is gone (", std::strerror(errno), ")"));
     }
+    if (attached_fd >= 0 && errno == EBADF) {
+      return ErrnoError(
+          absl::StrCat("send on control channel with fd ", attached_fd));
+    }
     return ErrnoError("send on control channel");
   }
 }
 
 absl::StatusOr<bool> ControlChannel::ReceiveInto(
     google::protobuf::MessageLite* message) {
+  return ReceivePacket(message, nullptr);
+}
+
+absl::StatusOr<bool> ControlChannel::ReceiveIntoWithFd(
+    google::protobuf::MessageLite* message, Fd* fd) {
+  fd->Reset();
+  return ReceivePacket(message, fd);
+}
+
+absl::StatusOr<bool> ControlChannel::ReceivePacket(
+    google::protobuf::MessageLite* message, Fd* fd_out) {
   if (!fd_.valid())
     return absl::FailedPreconditionError("control channel is closed");
+  if (connecting_) return false;
   // One byte more than the limit so that an oversized packet is detectable
   // even if MSG_TRUNC reporting were not available.
   std::string buffer(kMaxMessageSize + 1, '\0');
+  // Room for kMaxFdsPerPacket descriptors and, should the socket have
+  // SO_PASSCRED set, the sender's credentials.
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxFdsPerPacket) +
+                                CMSG_SPACE(sizeof(ucred))];
   for (;;) {
-    ssize_t n = ::recv(fd_.get(), buffer.data(), buffer.size(),
-                       MSG_DONTWAIT | MSG_TRUNC);
+    iovec iov{buffer.data(), buffer.size()};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    // MSG_CMSG_CLOEXEC: received descriptors never leak into children.
+    ssize_t n =
+        ::recvmsg(fd_.get(), &msg, MSG_DONTWAIT | MSG_TRUNC | MSG_CMSG_CLOEXEC);
     if (n < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
@@ -140,6 +273,33 @@ absl::StatusOr<bool> ControlChannel::ReceiveInto(
             "control channel: connection reset by peer");
       }
       return ErrnoError("recv on control channel");
+    }
+    // Own every descriptor that arrived before anything else, so that each
+    // return below closes those it does not hand out.
+    std::vector<Fd> fds;
+    if (msg.msg_controllen > 0) {
+      for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr;
+           c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        const unsigned char* data = CMSG_DATA(c);
+        for (size_t i = 0; i < count; ++i) {
+          int fd;
+          std::memcpy(&fd, data + i * sizeof(int), sizeof(int));
+          fds.emplace_back(fd);
+        }
+      }
+    }
+    if (msg.msg_flags & MSG_CTRUNC) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "control packet with truncated ancillary data (more than ",
+          kMaxFdsPerPacket, " file descriptors?); dropped with the ",
+          fds.size(), " descriptors received"));
+    }
+    if (fds.size() > static_cast<size_t>(kMaxFdsPerPacket)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "control packet with ", fds.size(), " file descriptors (more than ",
+          kMaxFdsPerPacket, "); dropped with its descriptors"));
     }
     if (n == 0) {
       return absl::UnavailableError(
@@ -156,6 +316,7 @@ absl::StatusOr<bool> ControlChannel::ReceiveInto(
           absl::StrCat("malformed control packet (", n, " bytes): not a ",
                        message->GetTypeName(), "; dropped"));
     }
+    if (fd_out != nullptr && !fds.empty()) *fd_out = std::move(fds.front());
     return true;
   }
 }

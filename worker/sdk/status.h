@@ -13,7 +13,7 @@
 namespace portfleet {
 
 // Status for a failed syscall: "<what>: <strerror>", coded from errno by
-// absl::ErrnoToStatus (EPERM -> PermissionDenied, EADDRINUSE -> Unavailable,
+// absl::ErrnoToStatus (EPERM -> PermissionDenied, EADDRINUSE -> FailedPrecondition,
 // ...).
 absl::Status ErrnoError(int err, absl::string_view what);
 inline absl::Status ErrnoError(absl::string_view what) {

@@ -1,0 +1,190 @@
+// RenderPrometheus: the snapshot as Prometheus text exposition format 0.0.4.
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "agent/metrics/metrics_server.h"
+
+namespace portfleet {
+namespace {
+
+// Label values: backslash, double quote and line feed are escaped.
+std::string EscapeLabelValue(absl::string_view value) {
+  std::string out;
+  out.reserve(value.size());
+  for (char c : value) {
+    switch (c) {
+      case '\\':
+        out += "\\\\";
+        break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      default:
+        out += c;
+    }
+  }
+  return out;
+}
+
+// HELP text: backslash and line feed are escaped.
+std::string EscapeHelp(absl::string_view help) {
+  std::string out;
+  out.reserve(help.size());
+  for (char c : help) {
+    if (c == '\\') {
+      out += "\\\\";
+    } else if (c == '\n') {
+      out += "\\n";
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+using Labels = std::vector<std::pair<absl::string_view, std::string>>;
+
+class Writer {
+ public:
+  void Family(absl::string_view name, absl::string_view type,
+              absl::string_view help) {
+    absl::StrAppend(&out_, "# HELP ", name, " ", EscapeHelp(help), "\n",
+                    "# TYPE ", name, " ", type, "\n");
+  }
+
+  void Sample(absl::string_view name, const Labels& labels,
+              absl::string_view value) {
+    absl::StrAppend(&out_, name);
+    if (!labels.empty()) {
+      out_ += '{';
+      for (size_t i = 0; i < labels.size(); ++i) {
+        if (i > 0) out_ += ',';
+        absl::StrAppend(&out_, labels[i].first, "=\"",
+                        EscapeLabelValue(labels[i].second), "\"");
+      }
+      out_ += '}';
+    }
+    absl::StrAppend(&out_, " ", value, "\n");
+  }
+
+  std::string Take() { return std::move(out_); }
+
+ private:
+  std::string out_;
+};
+
+// Seconds since the Unix epoch with millisecond precision ("1700000000.250").
+std::string UnixSeconds(absl::Time t) {
+  int64_t ms = absl::ToUnixMillis(t);
+  if (ms < 0) ms = 0;
+  return absl::StrFormat("%d.%03d", ms / 1000, ms % 1000);
+}
+
+// One per-shard family: HELP/TYPE, then a sample per shard of every listener,
+// labelled {listener, shard}.
+void ShardFamily(Writer& w, const MetricsSnapshot& snapshot,
+                 absl::string_view name, absl::string_view type,
+                 absl::string_view help,
+                 const std::function<std::string(const ShardStatus&)>& value) {
+  w.Family(name, type, help);
+  for (const ListenerStatus& listener : snapshot.listeners) {
+    for (const ShardStatus& shard : listener.shards) {
+      w.Sample(name,
+               {{"listener", listener.spec.name()},
+                {"shard", absl::StrCat(shard.index)}},
+               value(shard));
+    }
+  }
+}
+
+std::string Bool(bool b) { return b ? "1" : "0"; }
+
+}  // namespace
+
+std::string RenderPrometheus(const MetricsSnapshot& snapshot) {
+  const AgentStatus& agent = snapshot.agent;
+  Writer w;
+
+  w.Family("portfleet_build_info", "gauge",
+           "Always 1; the agent's version is in the version label.");
+  w.Sample("portfleet_build_info", {{"version", agent.version}}, "1");
+
+  w.Family("portfleet_up", "gauge",
+           "1 when the agent answered this scrape with a snapshot.");
+  w.Sample("portfleet_up", {}, "1");
+
+  w.Family("portfleet_serving", "gauge",
+           "1 when every listener's shards are up (the agent is ready).");
+  w.Sample("portfleet_serving", {}, Bool(agent.serving));
+
+  w.Family("portfleet_start_time_seconds", "gauge",
+           "Start time of the agent since the Unix epoch, in seconds.");
+  w.Sample("portfleet_start_time_seconds", {}, UnixSeconds(agent.started));
+
+  w.Family("portfleet_bpf_steering_active", "gauge",
+           "1 when the sk_reuseport steering program is attached, 0 when the "
+           "kernel's default reuseport hashing is used.");
+  w.Sample("portfleet_bpf_steering_active", {},
+           Bool(agent.bpf_steering_active));
+
+  w.Family("portfleet_listeners", "gauge", "Number of listeners.");
+  w.Sample("portfleet_listeners", {}, absl::StrCat(agent.listeners));
+
+  w.Family("portfleet_listener_shards", "gauge",
+           "Number of shards of the listener.");
+  for (const ListenerStatus& listener : snapshot.listeners) {
+    w.Sample("portfleet_listener_shards", {{"listener", listener.spec.name()}},
+             absl::StrCat(listener.shards.size()));
+  }
+
+  ShardFamily(w, snapshot, "portfleet_shard_up", "gauge",
+              "1 when the shard's worker is running.",
+              [](const ShardStatus& s) { return Bool(s.state == "running"); });
+  ShardFamily(w, snapshot, "portfleet_shard_ready", "gauge",
+              "1 when the shard's worker said ready on its control channel.",
+              [](const ShardStatus& s) { return Bool(s.ready); });
+  ShardFamily(w, snapshot, "portfleet_shard_restarts_total", "counter",
+              "Restarts of the shard's worker.",
+              [](const ShardStatus& s) { return absl::StrCat(s.restarts); });
+  ShardFamily(w, snapshot, "portfleet_shard_accept_queue_depth", "gauge",
+              "Connections waiting in the shard socket's accept queue.",
+              [](const ShardStatus& s) { return absl::StrCat(s.queue_depth); });
+  ShardFamily(
+      w, snapshot, "portfleet_shard_active_connections", "gauge",
+      "Open connections of the shard's worker, from its load reports.",
+      [](const ShardStatus& s) { return absl::StrCat(s.active_connections); });
+  ShardFamily(
+      w, snapshot, "portfleet_shard_accepted_total", "counter",
+      "Connections accepted by the shard's worker.",
+      [](const ShardStatus& s) { return absl::StrCat(s.accepted_total); });
+  ShardFamily(
+      w, snapshot, "portfleet_steering_selected_total", "counter",
+      "New connections the steering program sent to the shard.",
+      [](const ShardStatus& s) { return absl::StrCat(s.counters.selected); });
+  ShardFamily(
+      w, snapshot, "portfleet_steering_migrated_total", "counter",
+      "Queued or half-open connections migrated to the shard.",
+      [](const ShardStatus& s) { return absl::StrCat(s.counters.migrated); });
+  ShardFamily(
+      w, snapshot, "portfleet_steering_fallback_total", "counter",
+      "Connections meant for the shard while its socket slot was empty; the "
+      "kernel chose another socket.",
+      [](const ShardStatus& s) { return absl::StrCat(s.counters.fallback); });
+  ShardFamily(w, snapshot, "portfleet_shard_cpu", "gauge",
+              "CPU the shard's worker is pinned to; -1 when not pinned.",
+              [](const ShardStatus& s) { return absl::StrCat(s.cpu); });
+
+  return w.Take();
+}
+
+}  // namespace portfleet

@@ -1,0 +1,36 @@
+# Lifecycle under load (issue 5, parts 1-2): the load generator, its unit
+# tests, the scale/drain tests against the real agent in private network
+# namespaces, and the lifecycle benchmark (a plain executable).
+
+# The load generator: a library (tests can run it in-process) and the binary.
+add_library(portfleet_loadgen STATIC ${CMAKE_CURRENT_LIST_DIR}/loadgen/loadgen.cc)
+target_compile_options(portfleet_loadgen PRIVATE ${PORTFLEET_WARNINGS})
+target_link_libraries(portfleet_loadgen PUBLIC portfleet_base Threads::Threads
+                      absl::status absl::statusor absl::strings
+                      absl::str_format absl::time)
+
+add_executable(portfleet-loadgen ${CMAKE_CURRENT_LIST_DIR}/loadgen/main.cc)
+target_compile_options(portfleet-loadgen PRIVATE ${PORTFLEET_WARNINGS})
+target_link_libraries(portfleet-loadgen PRIVATE portfleet_loadgen)
+
+portfleet_test(loadgen_test
+  SOURCES ${CMAKE_CURRENT_LIST_DIR}/loadgen/loadgen_test.cc
+  LIBS portfleet_loadgen
+  LABELS unit)
+
+portfleet_test(lifecycle_scale_test
+  SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/lifecycle_scale_test.cc
+  LIBS portfleet_loadgen portfleet_api portfleet_testing
+  LABELS netns)
+
+portfleet_test(lifecycle_drain_test
+  SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/lifecycle_drain_test.cc
+  LIBS portfleet_loadgen portfleet_api portfleet_testing
+  LABELS netns)
+
+add_executable(portfleet-lifecycle-bench
+  ${CMAKE_CURRENT_LIST_DIR}/bench/lifecycle_bench.cc)
+target_compile_options(portfleet-lifecycle-bench PRIVATE ${PORTFLEET_WARNINGS})
+target_link_libraries(portfleet-lifecycle-bench PRIVATE portfleet_loadgen
+                      portfleet_api portfleet_testing absl::strings
+                      absl::str_format absl::time)

@@ -1,0 +1,176 @@
+// RenderPrometheus: exact text for a small snapshot, and label escaping.
+#include <string>
+
+#include "absl/time/time.h"
+#include "agent/metrics/metrics_server.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace portfleet {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+ListenerStatus Listener(const std::string& name) {
+  ListenerStatus l;
+  l.spec.set_name(name);
+  l.spec.set_address("127.0.0.1:8080");
+  return l;
+}
+
+TEST(RenderPrometheusTest, GoldenSmallSnapshot) {
+  MetricsSnapshot s;
+  s.agent.version = "0.1.0";
+  s.agent.started = absl::FromUnixMillis(1700000000250);
+  s.agent.bpf_steering_active = true;
+  s.agent.listeners = 1;
+  s.agent.serving = false;
+  ListenerStatus web = Listener("web");
+  ShardStatus a;
+  a.index = 0;
+  a.state = "running";
+  a.pid = 100;
+  a.cpu = 2;
+  a.restarts = 1;
+  a.ready = true;
+  a.queue_depth = 3;
+  a.active_connections = 7;
+  a.accepted_total = 1000;
+  a.counters = {.selected = 990, .migrated = 4, .fallback = 6};
+  ShardStatus b;
+  b.index = 1;
+  b.state = "backoff";
+  web.shards = {a, b};
+  s.listeners = {web};
+
+  const std::string want =
+      R"(# HELP portfleet_build_info Always 1; the agent's version is in the version label.
+# TYPE portfleet_build_info gauge
+portfleet_build_info{version="0.1.0"} 1
+# HELP portfleet_up 1 when the agent answered this scrape with a snapshot.
+# TYPE portfleet_up gauge
+portfleet_up 1
+# HELP portfleet_serving 1 when every listener's shards are up (the agent is ready).
+# TYPE portfleet_serving gauge
+portfleet_serving 0
+# HELP portfleet_start_time_seconds Start time of the agent since the Unix epoch, in seconds.
+# TYPE portfleet_start_time_seconds gauge
+portfleet_start_time_seconds 1700000000.250
+# HELP portfleet_bpf_steering_active 1 when the sk_reuseport steering program is attached, 0 when the kernel's default reuseport hashing is used.
+# TYPE portfleet_bpf_steering_active gauge
+portfleet_bpf_steering_active 1
+# HELP portfleet_listeners Number of listeners.
+# TYPE portfleet_listeners gauge
+portfleet_listeners 1
+# HELP portfleet_listener_shards Number of shards of the listener.
+# TYPE portfleet_listener_shards gauge
+portfleet_listener_shards{listener="web"} 2
+# HELP portfleet_shard_up 1 when the shard's worker is running.
+# TYPE portfleet_shard_up gauge
+portfleet_shard_up{listener="web",shard="0"} 1
+portfleet_shard_up{listener="web",shard="1"} 0
+# HELP portfleet_shard_ready 1 when the shard's worker said ready on its control channel.
+# TYPE portfleet_shard_ready gauge
+portfleet_shard_ready{listener="web",shard="0"} 1
+portfleet_shard_ready{listener="web",shard="1"} 0
+# HELP portfleet_shard_restarts_total Restarts of the shard's worker.
+# TYPE portfleet_shard_restarts_total counter
+portfleet_shard_restarts_total{listener="web",shard="0"} 1
+portfleet_shard_restarts_total{listener="web",shard="1"} 0
+# HELP portfleet_shard_accept_queue_depth Connections waiting in the shard socket's accept queue.
+# TYPE portfleet_shard_accept_queue_depth gauge
+portfleet_shard_accept_queue_depth{listener="web",shard="0"} 3
+portfleet_shard_accept_queue_depth{listener="web",shard="1"} 0
+# HELP portfleet_shard_active_connections Open connections of the shard's worker, from its load reports.
+# TYPE portfleet_shard_active_connections gauge
+portfleet_shard_active_connections{listener="web",shard="0"} 7
+portfleet_shard_active_connections{listener="web",shard="1"} 0
+# HELP portfleet_shard_accepted_total Connections accepted by the shard's worker.
+# TYPE portfleet_shard_accepted_total counter
+portfleet_shard_accepted_total{listener="web",shard="0"} 1000
+portfleet_shard_accepted_total{listener="web",shard="1"} 0
+# HELP portfleet_steering_selected_total New connections the steering program sent to the shard.
+# TYPE portfleet_steering_selected_total counter
+portfleet_steering_selected_total{listener="web",shard="0"} 990
+portfleet_steering_selected_total{listener="web",shard="1"} 0
+# HELP portfleet_steering_migrated_total Queued or half-open connections migrated to the shard.
+# TYPE portfleet_steering_migrated_total counter
+portfleet_steering_migrated_total{listener="web",shard="0"} 4
+portfleet_steering_migrated_total{listener="web",shard="1"} 0
+# HELP portfleet_steering_fallback_total Connections meant for the shard while its socket slot was empty; the kernel chose another socket.
+# TYPE portfleet_steering_fallback_total counter
+portfleet_steering_fallback_total{listener="web",shard="0"} 6
+portfleet_steering_fallback_total{listener="web",shard="1"} 0
+# HELP portfleet_shard_cpu CPU the shard's worker is pinned to; -1 when not pinned.
+# TYPE portfleet_shard_cpu gauge
+portfleet_shard_cpu{listener="web",shard="0"} 2
+portfleet_shard_cpu{listener="web",shard="1"} -1
+)";
+  EXPECT_EQ(RenderPrometheus(s), want);
+}
+
+TEST(RenderPrometheusTest, EmptySnapshotKeepsEveryFamily) {
+  MetricsSnapshot s;
+  s.agent.version = "v";
+  std::string text = RenderPrometheus(s);
+  for (const char* family :
+       {"portfleet_build_info", "portfleet_up", "portfleet_bpf_steering_active",
+        "portfleet_listeners", "portfleet_shard_up", "portfleet_shard_ready",
+        "portfleet_shard_restarts_total", "portfleet_shard_accept_queue_depth",
+        "portfleet_shard_active_connections", "portfleet_shard_accepted_total",
+        "portfleet_steering_selected_total",
+        "portfleet_steering_migrated_total",
+        "portfleet_steering_fallback_total", "portfleet_shard_cpu"}) {
+    EXPECT_THAT(text, HasSubstr(std::string("# TYPE ") + family + " "))
+        << family;
+  }
+  EXPECT_THAT(text, HasSubstr("portfleet_listeners 0\n"));
+  EXPECT_THAT(text, HasSubstr("portfleet_start_time_seconds 0.000\n"));
+  EXPECT_THAT(text, Not(HasSubstr("shard=")));
+  EXPECT_EQ(text.back(), '\n');
+}
+
+TEST(RenderPrometheusTest, EscapesLabelValues) {
+  MetricsSnapshot s;
+  s.agent.version = "1.0 \"beta\"\\dev\nnext";
+  // Listener names are DNS labels once validated; the renderer must still be
+  // safe for whatever it is given.
+  ListenerStatus l = Listener("we\"b\\x\ny");
+  l.shards.push_back(ShardStatus{});
+  s.listeners = {l};
+  std::string text = RenderPrometheus(s);
+  EXPECT_THAT(text,
+              HasSubstr("portfleet_build_info{version=\"1.0 \\\"beta\\\"\\\\"
+                        "dev\\nnext\"} 1\n"));
+  EXPECT_THAT(text,
+              HasSubstr("portfleet_shard_up{listener=\"we\\\"b\\\\x\\ny\","
+                        "shard=\"0\"} 0\n"));
+  // No raw line feed inside any sample: every line is a comment or a sample
+  // that ends in a value.
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t end = text.find('\n', start);
+    ASSERT_NE(end, std::string::npos);
+    std::string line = text.substr(start, end - start);
+    EXPECT_TRUE(line.rfind("# ", 0) == 0 || line.rfind("portfleet_", 0) == 0)
+        << line;
+    start = end + 1;
+  }
+}
+
+TEST(RenderPrometheusTest, LargeCountersAreExact) {
+  MetricsSnapshot s;
+  ListenerStatus l = Listener("big");
+  ShardStatus shard;
+  shard.index = 63;
+  shard.accepted_total = 18446744073709551615ull;
+  l.shards.push_back(shard);
+  s.listeners = {l};
+  EXPECT_THAT(RenderPrometheus(s),
+              HasSubstr("portfleet_shard_accepted_total{listener=\"big\","
+                        "shard=\"63\"} 18446744073709551615\n"));
+}
+
+}  // namespace
+}  // namespace portfleet
