@@ -34,3 +34,8 @@ target_compile_options(portfleet-lifecycle-bench PRIVATE ${PORTFLEET_WARNINGS})
 target_link_libraries(portfleet-lifecycle-bench PRIVATE portfleet_loadgen
                       portfleet_api portfleet_testing absl::strings
                       absl::str_format absl::time)
+
+portfleet_test(lifecycle_rollout_test
+  SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/lifecycle_rollout_test.cc
+  LIBS portfleet_loadgen portfleet_api portfleet_testing
+  LABELS netns)

@@ -1,0 +1,193 @@
+// Rolling upgrades through the real agent's API under continuous load, each
+// case in its own network namespace; failures are counted from the client
+// side by the load generator.
+#include <signal.h>
+
+#include <atomic>
+#include <future>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/loadgen/fleet_testing.h"
+#include "tests/loadgen/loadgen.h"
+#include "tests/testing/agent_harness.h"
+#include "tests/testing/netns.h"
+#include "tests/testing/process.h"
+
+namespace portfleet::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr char kAddress[] = "127.0.0.1:8080";
+
+std::string Spec(int shards, const std::string& mode) {
+  return absl::StrCat(R"pb(listeners {
+  name: "web"
+  address: "127.0.0.1:8080"
+  shards: )pb",
+                      shards, R"pb(
+  worker { command: "portfleet-worker" args: "--mode=)pb",
+                      mode, R"pb(" }
+  drain_timeout_seconds: 10
+  steering { policy: STEERING_POLICY_HASH }
+})pb");
+}
+
+std::set<pid_t> Pids(v1::FleetService::Stub& stub) {
+  std::set<pid_t> out;
+  for (const v1::Shard& s : Shards(stub, "web")) out.insert(s.pid());
+  return out;
+}
+
+std::string Cmdline(pid_t pid) {
+  std::string raw = ReadFileOrEmpty(absl::StrCat("/proc/", pid, "/cmdline"));
+  for (char& c : raw) {
+    if (c == '\0') c = ' ';
+  }
+  return raw;
+}
+
+grpc::Status RollOut(v1::FleetService::Stub& stub, const std::string& command,
+                     const std::vector<std::string>& args, uint32_t surge) {
+  v1::RollOutListenerRequest req;
+  req.set_name("web");
+  if (!command.empty()) req.mutable_worker()->set_command(command);
+  for (const auto& a : args) req.mutable_worker()->add_args(a);
+  req.set_max_surge(surge);
+  v1::RollOutListenerResponse resp;
+  return stub.RollOutListener(RpcContext(60).get(), req, &resp);
+}
+
+loadgen::Options ShortLoad() {
+  loadgen::Options o;
+  o.target = kAddress;
+  o.rate = 400;
+  o.duration = absl::Seconds(30);
+  o.max_connections = 15000;
+  return o;
+}
+
+// Steps:
+// 1. Four shards of http workers; short-lived load at 400 connections/s.
+// 2. Roll out new worker arguments, two shards at a time.
+// 3. The load saw no failure; every shard runs a new worker pid with the new
+//    arguments; the persisted spec names them.
+TEST(LifecycleRolloutTest, RollingUpgradeOfAllShardsUnderLoad) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  ASSERT_TRUE(agent.Start(Spec(4, "http")).ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 4; },
+                      absl::Seconds(10)));
+  std::set<pid_t> before = Pids(*stub);
+
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async,
+                         [&] { return loadgen::Run(ShortLoad(), &stop); });
+  absl::SleepFor(absl::Milliseconds(500));
+  grpc::Status s = RollOut(*stub, "", {"--mode=http", "--drain-timeout=20s"}, 2);
+  ASSERT_TRUE(s.ok()) << s.error_message() << "\n" << agent.Log();
+  absl::SleepFor(absl::Milliseconds(500));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary();
+  EXPECT_GT(result->ok(), 200);
+
+  std::vector<v1::Shard> shards = Shards(*stub, "web");
+  ASSERT_EQ(shards.size(), 4u);
+  for (const v1::Shard& shard : shards) {
+    EXPECT_EQ(before.count(shard.pid()), 0u) << "shard " << shard.index();
+    EXPECT_THAT(Cmdline(shard.pid()), HasSubstr("--drain-timeout=20s"));
+  }
+  EXPECT_THAT(ReadFileOrEmpty(agent.state_dir() + "/fleet-state.textproto"),
+              HasSubstr("--drain-timeout=20s"));
+  // The old workers drain and are reaped.
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        for (pid_t p : before) {
+          if (ProcessExists(p)) return false;
+        }
+        return true;
+      },
+      absl::Seconds(10)));
+  EXPECT_TRUE(ZombieChildren(agent.pid()).empty());
+}
+
+// Steps:
+// 1. Two shards; short-lived load.
+// 2. Roll out a worker that exits at once.
+// 3. The call fails with FAILED_PRECONDITION saying it rolled back; the load
+//    saw no failure; the old workers (same pids) still serve; the spec is
+//    unchanged.
+TEST(LifecycleRolloutTest, WorkerThatExitsAtOnceIsRolledBack) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  ASSERT_TRUE(agent.Start(Spec(2, "http")).ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                      absl::Seconds(10)));
+  std::set<pid_t> before = Pids(*stub);
+
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async,
+                         [&] { return loadgen::Run(ShortLoad(), &stop); });
+  absl::SleepFor(absl::Milliseconds(300));
+  grpc::Status s = RollOut(*stub, "/bin/false", {}, 1);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(s.error_message(), HasSubstr("rolled back"));
+  absl::SleepFor(absl::Milliseconds(300));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary();
+  EXPECT_EQ(Pids(*stub), before);
+  EXPECT_THAT(ReadFileOrEmpty(agent.state_dir() + "/fleet-state.textproto"),
+              ::testing::Not(HasSubstr("/bin/false")));
+}
+
+// Steps:
+// 1. Two shards of echo workers; 200 long-lived connections exchange a
+//    message every 100 ms.
+// 2. Roll out (same program, restarted in place).
+// 3. No exchange failed and no connection was broken: the old workers
+//    finish their connections while the new ones take the new connections.
+TEST(LifecycleRolloutTest, LongLivedConnectionsSurviveARollout) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  ASSERT_TRUE(agent.Start(Spec(2, "echo")).ok());
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                      absl::Seconds(10)))
+      << agent.Log();
+  loadgen::Options o;
+  o.target = kAddress;
+  o.mode = loadgen::Mode::kLong;
+  o.protocol = loadgen::Protocol::kEcho;
+  o.connections = 200;
+  o.interval = absl::Milliseconds(100);
+  o.duration = absl::Seconds(4);
+  o.max_connections = 200;
+  auto load = std::async(std::launch::async, [&] { return loadgen::Run(o); });
+  absl::SleepFor(absl::Seconds(1));
+  grpc::Status s = RollOut(*stub, "", {}, 1);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary();
+  EXPECT_EQ(result->connections_opened, 200);
+  EXPECT_EQ(result->reconnects, 0);
+  EXPECT_GT(result->ok(), 2000);
+}
+
+}  // namespace
+}  // namespace portfleet::testing
