@@ -12,6 +12,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "agent/adoption.h"
 #include "agent/api/server.h"
 #include "agent/api/state_store.h"
 #include "agent/event_loop.h"
@@ -20,6 +21,7 @@
 #include "agent/metrics/metrics_server.h"
 #include "agent/steering/steering.h"
 #include "agent/launcher.h"
+#include "agent/sockets.h"
 #include "agent/spec.h"
 #include "worker/sdk/log.h"
 #include "worker/sdk/status.h"
@@ -49,6 +51,9 @@ Options:
   --api-authz-policy FILE       gRPC authorization policy for the remote API
   --metrics ADDR     metrics/health HTTP endpoint (default 127.0.0.1:9464)
   --state-dir DIR    persisted desired state (default /var/lib/portfleet)
+  --control-socket PATH   where workers reconnect to a restarted agent
+                     (default: control.sock beside a unix --api socket, else
+                     in --state-dir)
   --bpffs DIR        pinned steering maps (default /sys/fs/bpf/portfleet)
   --log-level LEVEL  debug, info, warning or error (default info)
   --check            validate the config file and exit (0 = valid)
@@ -124,6 +129,7 @@ ParsedArgs ParseAgentArgs(const std::vector<std::string>& args) {
     if (arg == "--bpffs") target = &out.options.bpffs;
     if (arg == "--log-level") target = &out.options.log_level;
     if (arg == "--api-group") target = &out.options.api_group;
+    if (arg == "--control-socket") target = &out.options.control_socket;
     if (arg == "--api-tls-address") target = &out.options.api_tls_address;
     if (arg == "--api-tls-cert") target = &out.options.api_tls_cert;
     if (arg == "--api-tls-key") target = &out.options.api_tls_key;
@@ -219,6 +225,45 @@ int RunAgent(const AgentOptions& options) {
   RealProcessLauncher launcher;
   FleetOptions fleet_options;
   fleet_options.cpus = OnlineCpus();
+
+  // The control socket: running workers of a previous agent reconnect here
+  // and hand their sockets back (re-adoption).
+  std::string control_path = options.control_socket;
+  if (control_path.empty()) {
+    std::string api = options.api;
+    for (const char* prefix : {"unix://", "unix:"}) {
+      if (absl::StartsWith(api, prefix)) {
+        std::string path = api.substr(strlen(prefix));
+        control_path = path.substr(0, path.rfind('/') + 1) + "control.sock";
+        break;
+      }
+    }
+    if (control_path.empty()) control_path = options.state_dir + "/control.sock";
+  }
+  absl::StatusOr<Fd> control_socket = ListenControlSocket(control_path);
+  if (!control_socket.ok()) {
+    PF_LOG(ERROR) << "start-up failed: control socket: "
+                  << control_socket.status().message();
+    return 1;
+  }
+  fleet_options.agent_socket = control_path;
+  // Workers left running by a previous agent reconnect within ~250 ms.
+  size_t orphans = 0;
+  for (const v1::Listener& l : spec->listeners()) {
+    absl::StatusOr<SocketAddress> addr = SocketAddress::Parse(l.address());
+    if (!addr.ok()) continue;
+    for (const ForeignListener& f : FindForeignListeners(*addr, {})) {
+      if (f.pid > 0 && IsOrphanedWorkerOf(f.pid, l.name())) orphans++;
+    }
+  }
+  std::vector<Adoptee> adoptees;
+  if (orphans > 0) {
+    PF_LOG(INFO) << orphans << " worker(s) of a previous agent found; waiting "
+                 << "up to 2s for them to reconnect on " << control_path;
+    adoptees = CollectReconnects(control_socket->get(), orphans,
+                                 absl::Seconds(2));
+    PF_LOG(INFO) << adoptees.size() << " worker(s) reconnected";
+  }
   PF_LOG(INFO) << "portfleet-agent " << kVersion << " starting (pid "
                << ::getpid() << ", config " << options.config << ", "
                << fleet_options.cpus.size() << " CPUs)";
@@ -226,6 +271,7 @@ int RunAgent(const AgentOptions& options) {
   absl::StatusOr<std::unique_ptr<SteeringBackend>> steering =
       OpenBpfSteering(options.bpffs);
   Fleet fleet(loop->get(), &launcher, fleet_options);
+  fleet.SetAdoptees(std::move(adoptees));
   if (steering.ok()) {
     fleet.SetSteeringBackend(steering->get(), "");
     PF_LOG(INFO) << "BPF steering active (maps pinned under " << options.bpffs
@@ -300,6 +346,16 @@ int RunAgent(const AgentOptions& options) {
   }
   (*api)->SetServing(true);
 
+  if (absl::Status s = loop->get()->AddFd(
+          control_socket->get(),
+          [&fleet, &control_socket](uint32_t) {
+            fleet.OnControlSocketReadable(control_socket->get());
+          });
+      !s.ok()) {
+    PF_LOG(ERROR) << "start-up failed: control socket: " << s;
+    fleet.KillAll();
+    return 1;
+  }
   int signals_seen = 0;
   std::thread api_stopper;
   EventLoop* l = loop->get();
@@ -337,6 +393,8 @@ int RunAgent(const AgentOptions& options) {
                << " listener(s)";
   l->Run();
   l->RemoveFd(sigfd.get());
+  l->RemoveFd(control_socket->get());
+  ::unlink(control_path.c_str());
   if (api_stopper.joinable()) api_stopper.join();
   metrics->reset();
   PF_LOG(INFO) << "stopped";

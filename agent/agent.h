@@ -19,6 +19,8 @@ struct AgentOptions {
   std::string bpffs = "/sys/fs/bpf/portfleet";  // pinned steering maps
   std::string log_level = "info";
   std::string api_group;  // group owning the API socket
+  // Where workers reconnect to a restarted agent ("" = derived from --api).
+  std::string control_socket;
   // Optional remote API: TCP with mutual TLS and an authorization policy.
   std::string api_tls_address;
   std::string api_tls_cert;

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstring>
 #include <memory>
+#include <set>
 
 #include <sched.h>
 
@@ -31,6 +32,7 @@ struct Fleet::Worker {
   Fd control;  // agent end of the control socketpair; may be closed
   absl::Time started;
   bool hello = false;  // said hello on its control channel
+  bool adopted = false;  // started by a previous agent; not our child
   bool ready = false;
   // Rollout candidate: called once with (true, "") when it is ready, or
   // (false, why) when it cannot become ready.
@@ -269,9 +271,13 @@ absl::Status Fleet::AddListener(const v1::Listener& spec) {
   // Workers left by a previous agent of this listener are replaced (our
   // sockets join their reuseport group; they drain once ours serve). Any
   // other holder of the address is an error.
+  std::set<uint64_t> handed_back;
+  for (const Adoptee& a : adoptees_) {
+    if (a.hello.listener() == name) handed_back.insert(a.hello.socket_inode());
+  }
   std::vector<ForeignListener> orphans;
   for (ForeignListener& foreign :
-       FindForeignListeners(listener->address, {})) {
+       FindForeignListeners(listener->address, handed_back)) {
     if (foreign.pid > 0 && IsOrphanedWorkerOf(foreign.pid, name)) {
       orphans.push_back(std::move(foreign));
       continue;
@@ -297,7 +303,46 @@ absl::Status Fleet::AddListener(const v1::Listener& spec) {
   }
 
   uint32_t n = EffectiveShards(spec, static_cast<int>(options_.cpus.size()));
+  // Reconnected workers of this listener, by shard index.
+  std::map<uint32_t, Adoptee> adopt;
+  for (auto it = adoptees_.begin(); it != adoptees_.end();) {
+    if (it->hello.listener() != name) {
+      ++it;
+      continue;
+    }
+    sockaddr_storage local{};
+    socklen_t len = sizeof(local);
+    ::getsockname(it->socket.get(), reinterpret_cast<sockaddr*>(&local), &len);
+    bool same_address =
+        SocketAddress::FromSockaddr(reinterpret_cast<sockaddr*>(&local), len) ==
+        listener->address;
+    if (it->hello.shard() < n && same_address &&
+        adopt.count(it->hello.shard()) == 0) {
+      adopt.emplace(it->hello.shard(), std::move(*it));
+    } else {
+      PF_LOG(WARNING) << "listener " << name << ": reconnected worker pid "
+                      << it->hello.pid() << " (shard " << it->hello.shard()
+                      << ") does not match the desired state; draining it";
+      SendDrain(it->control.get(), EffectiveDrainTimeoutSeconds(spec) * 1000);
+    }
+    it = adoptees_.erase(it);
+  }
+  std::set<uint64_t> adopted_inodes;
   for (uint32_t i = 0; i < n; ++i) {
+    if (auto a = adopt.find(i); a != adopt.end()) {
+      auto shard = std::make_unique<Shard>();
+      shard->index = i;
+      shard->backoff = options_.restart_backoff_initial;
+      shard->worker_spec = listener->spec.worker();
+      shard->command_path = listener->command_path;
+      bool pin = spec.steering().policy() == v1::STEERING_POLICY_CPU;
+      shard->cpu = pin ? options_.cpus[i % options_.cpus.size()] : -1;
+      shard->socket = std::move(a->second.socket);
+      shard->inode = SocketInodeOf(shard->socket.get()).value_or(0);
+      adopted_inodes.insert(shard->inode);
+      listener->shards.push_back(std::move(shard));
+      continue;
+    }
     absl::StatusOr<std::unique_ptr<Shard>> shard = NewShard(*listener, i);
     if (!shard.ok()) return fail(shard.status());
     listener->shards.push_back(std::move(*shard));
@@ -310,6 +355,12 @@ absl::Status Fleet::AddListener(const v1::Listener& spec) {
     RETURN_IF_ERROR(fail(listener->steering->AttachTo(
         listener->shards.front()->socket.get())));
     for (auto& shard : listener->shards) {
+      if (adopt.count(shard->index) > 0) {
+        // A handed-back socket is normally still in its slot, and the map
+        // refuses a socket twice: clear the slot, then set it (for those
+        // microseconds a SYN for this slot falls back to the kernel's hash).
+        listener->steering->ClearShardSocket(shard->index).IgnoreError();
+      }
       RETURN_IF_ERROR(fail(listener->steering->SetShardSocket(
           shard->index, shard->socket.get())));
     }
@@ -317,7 +368,12 @@ absl::Status Fleet::AddListener(const v1::Listener& spec) {
   }
 
   for (auto& shard : listener->shards) {
-    absl::Status s = StartWorker(*listener, *shard);
+    absl::Status s;
+    if (auto a = adopt.find(shard->index); a != adopt.end()) {
+      s = AdoptWorker(*listener, *shard, std::move(a->second));
+    } else {
+      s = StartWorker(*listener, *shard);
+    }
     if (!s.ok()) {
       for (auto& started : listener->shards) KillAndReap(*started);
       return s;
@@ -1065,6 +1121,60 @@ absl::Status Fleet::WatchWorker(Listener& listener, Shard& shard,
   return absl::OkStatus();
 }
 
+absl::Status Fleet::AdoptWorker(Listener& listener, Shard& shard,
+                               Adoptee adoptee) {
+  auto worker = std::make_unique<Worker>();
+  worker->process.pid = static_cast<pid_t>(adoptee.hello.pid());
+  worker->process.pidfd =
+      Fd(static_cast<int>(::syscall(SYS_pidfd_open, worker->process.pid, 0)));
+  if (!worker->process.pidfd) {
+    return ErrnoError(absl::StrCat(listener.Name(shard),
+                                   ": pidfd_open of re-adopted worker pid ",
+                                   worker->process.pid));
+  }
+  worker->control = std::move(adoptee.control);
+  worker->started = absl::Now();
+  worker->hello = true;
+  worker->adopted = true;
+  RETURN_IF_ERROR(WatchWorker(listener, shard, *worker));
+  pid_t pid = worker->process.pid;
+  shard.worker = std::move(worker);
+  shard.state = Shard::State::kRunning;
+  PF_LOG(INFO) << listener.Name(shard) << ": re-adopted worker pid " << pid
+               << " on its socket inode " << shard.inode;
+  Emit(FleetEvent::Type::kShardStarted, listener, shard.index, pid,
+       "re-adopted");
+  return absl::OkStatus();
+}
+
+void Fleet::SetAdoptees(std::vector<Adoptee> adoptees) {
+  adoptees_ = std::move(adoptees);
+}
+
+void Fleet::OnControlSocketReadable(int listen_fd) {
+  for (;;) {
+    absl::StatusOr<std::optional<ControlConnection>> conn =
+        AcceptControlConnection(listen_fd, absl::Milliseconds(200));
+    if (!conn.ok()) {
+      PF_LOG(WARNING) << conn.status().message();
+      continue;
+    }
+    if (!conn->has_value()) return;
+    ControlConnection& c = **conn;
+    if (c.message.has_hello()) {
+      PF_LOG(INFO) << "worker pid " << c.message.hello().pid() << " (listener "
+                   << c.message.hello().listener() << " shard "
+                   << c.message.hello().shard()
+                   << ") reconnected after its shard was replaced; asked to "
+                      "drain";
+      SendDrain(c.control.get(), kDefaultDrainTimeoutSeconds * 1000);
+      continue;
+    }
+    PF_LOG(WARNING) << "control socket: unexpected first message from pid "
+                    << c.peer_pid << "; connection closed";
+  }
+}
+
 absl::Status Fleet::StartWorker(Listener& listener, Shard& shard) {
   ASSIGN_OR_RETURN(std::unique_ptr<Worker> worker,
                    LaunchWorker(listener, shard, shard.worker_spec,
@@ -1200,6 +1310,9 @@ void Fleet::OnWorkerExit(Listener& listener, Shard& shard) {
   pid_t pid = w->process.pid;
   std::string how = status.ok() ? DescribeWaitStatus(**status)
                                 : std::string(status.status().message());
+  if (w->adopted) {
+    how = "exited (re-adopted worker: its exit status went to its parent)";
+  }
   absl::Duration uptime = absl::Now() - w->started;
   DetachWorker(shard);
 

@@ -17,6 +17,7 @@
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "agent/event_loop.h"
+#include "agent/adoption.h"
 #include "agent/controller.h"
 #include "agent/launcher.h"
 #include "agent/steering/steering.h"
@@ -85,6 +86,14 @@ class Fleet {
     return steering_reason_;
   }
 
+  // Workers that reconnected to a restarted agent: AddListener gives their
+  // shards the handed-back sockets and supervises the running workers
+  // instead of starting new ones. Call before Start.
+  void SetAdoptees(std::vector<Adoptee> adoptees);
+  // A connection on the agent's control socket after start-up: a late
+  // reconnect is told to drain (its shard has a worker).
+  void OnControlSocketReadable(int listen_fd);
+
   // Creates every listener of `spec` (sockets, then workers). All or
   // nothing: on error whatever was created is closed and stopped again.
   absl::Status Start(const v1::FleetSpec& spec);
@@ -138,6 +147,7 @@ class Fleet {
       const std::string& command_path);
   absl::Status WatchWorker(Listener& listener, Shard& shard, Worker& worker);
   absl::Status StartWorker(Listener& listener, Shard& shard);
+  absl::Status AdoptWorker(Listener& listener, Shard& shard, Adoptee adoptee);
   void ForgetWorker(Worker& worker);
   void OnWorkerExit(Listener& listener, Shard& shard);
   void OnOtherWorkerExit(Listener& listener, Shard& shard, Worker* worker);
@@ -185,6 +195,7 @@ class Fleet {
     EventLoop::TimerId kill_timer;
   };
   std::map<pid_t, Orphan> orphans_;
+  std::vector<Adoptee> adoptees_;
 };
 
 }  // namespace portfleet

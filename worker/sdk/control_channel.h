@@ -148,6 +148,8 @@ class ControlChannel {
 
   // For registering with epoll/poll only; the channel keeps ownership.
   int fd() const { return fd_.get(); }
+  // Gives up the channel's descriptor (the agent keeps it as a plain fd).
+  Fd ReleaseFd() && { return std::move(fd_); }
   bool valid() const { return fd_.valid(); }
   // Closes the channel.
   void Close() {

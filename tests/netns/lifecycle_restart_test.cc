@@ -1,0 +1,169 @@
+// Agent restarts under load: workers outlive the agent, reconnect to the new
+// one and are re-adopted (same pids, same sockets); nothing is refused.
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <atomic>
+#include <future>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/loadgen/fleet_testing.h"
+#include "tests/loadgen/loadgen.h"
+#include "tests/testing/agent_harness.h"
+#include "tests/testing/netns.h"
+#include "tests/testing/process.h"
+
+namespace portfleet::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr char kAddress[] = "127.0.0.1:8080";
+
+// Steps:
+// 1. Three shards of http workers; short-lived load at 300 connections/s.
+// 2. Five times: SIGKILL the agent, start it again, wait until it has
+//    re-adopted every worker.
+// 3. The load saw no failure; the workers are the same pids on the same
+//    socket inodes throughout; the agent supervises them (ListShards); no
+//    other worker process exists.
+TEST(LifecycleRestartTest, AgentSigkillAndRestartReadoptsWorkers) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  ASSERT_TRUE(agent
+                  .Start(R"pb(listeners {
+                    name: "web" address: "127.0.0.1:8080" shards: 3
+                    worker { command: "portfleet-worker" args: "--mode=http" }
+                    steering { policy: STEERING_POLICY_HASH }
+                  })pb")
+                  .ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 3; },
+                      absl::Seconds(10)));
+  std::map<int, pid_t> workers = agent.WorkersByShard();
+  ASSERT_EQ(workers.size(), 3u);
+  std::map<int, uint64_t> inodes;
+  for (const auto& [shard, pid] : workers) inodes[shard] = *SocketInode(pid, 3);
+
+  loadgen::Options o;
+  o.target = kAddress;
+  o.rate = 300;
+  o.duration = absl::Seconds(40);
+  o.max_connections = 15000;
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async,
+                         [&] { return loadgen::Run(o, &stop); });
+
+  for (int round = 1; round <= 5; ++round) {
+    agent.process().Signal(SIGKILL);
+    agent.process().Wait(absl::Seconds(5));
+    absl::SleepFor(absl::Milliseconds(300));  // serving without an agent
+    ASSERT_TRUE(agent.Restart().ok());
+    ASSERT_TRUE(agent.WaitLog("re-adopted worker pid", 3)) << agent.Log();
+    stub = FleetStub(agent.api_socket());
+    ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 3; },
+                        absl::Seconds(10)))
+        << "round " << round << "\n"
+        << agent.Log();
+    for (const v1::Shard& shard : Shards(*stub, "web")) {
+      EXPECT_EQ(static_cast<pid_t>(shard.pid()), workers[shard.index()])
+          << "round " << round << " shard " << shard.index();
+      EXPECT_EQ(shard.socket_inode(), inodes[shard.index()]);
+    }
+  }
+  absl::SleepFor(absl::Milliseconds(300));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary();
+  EXPECT_GT(result->ok(), 500);
+  for (const auto& [shard, pid] : workers) EXPECT_TRUE(ProcessExists(pid));
+  // Every answer came from the original three workers.
+  for (const auto& [pid, count] : result->by_pid) {
+    bool known = false;
+    for (const auto& [shard, w] : workers) known = known || w == pid;
+    EXPECT_TRUE(known) << "pid " << pid << " answered " << count;
+  }
+  EXPECT_THAT(agent.Log(), ::testing::Not(HasSubstr("left by a previous")));
+}
+
+// A stopped agent (SIGTERM) takes its workers with it; a new agent on the
+// same state starts fresh workers and finds no orphans.
+TEST(LifecycleRestartTest, CleanStopLeavesNothingBehind) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  ASSERT_TRUE(agent
+                  .Start(R"pb(listeners {
+                    name: "web" address: "127.0.0.1:8080" shards: 2
+                    worker { command: "portfleet-worker" args: "--mode=http" }
+                  })pb")
+                  .ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  std::vector<pid_t> workers = DescendantsOf(agent.pid());
+  agent.process().Signal(SIGTERM);
+  ASSERT_TRUE(agent.process().Wait(absl::Seconds(10)).has_value());
+  for (pid_t w : workers) EXPECT_FALSE(ProcessExists(w));
+  ASSERT_TRUE(agent.Restart().ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  EXPECT_THAT(agent.Log(), ::testing::Not(HasSubstr("previous agent")));
+}
+
+// Steps:
+// 1. Two shards of a third-party worker (a shell script running the
+//    reference worker without PORTFLEET_AGENT_SOCKET, so it never
+//    reconnects).
+// 2. SIGKILL the agent; start it again.
+// 3. The new agent starts its own workers, and the old ones, which it cannot
+//    re-adopt, are drained (SIGTERM) and gone; the load saw no failure.
+TEST(LifecycleRestartTest, WorkersThatCannotReconnectAreDrainedNotLeaked) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  std::string script = agent.dir().WriteFile(
+      "third-party.sh",
+      absl::StrCat("#!/bin/sh\nunset PORTFLEET_AGENT_SOCKET\nexec ",
+                   BinaryPath("portfleet-worker"), " --mode=http\n"));
+  ::chmod(script.c_str(), 0755);
+  ASSERT_TRUE(agent
+                  .Start(absl::StrCat(R"pb(listeners {
+                    name: "web" address: "127.0.0.1:8080" shards: 2
+                    worker { command: ")pb",
+                                      script, R"pb(" }
+                    drain_timeout_seconds: 5
+                  })pb"))
+                  .ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  ASSERT_TRUE(WaitFor([&] { return agent.WorkersByShard().size() == 2; },
+                      absl::Seconds(10)));
+  std::map<int, pid_t> old = agent.WorkersByShard();
+
+  loadgen::Options o;
+  o.target = kAddress;
+  o.rate = 300;
+  o.duration = absl::Seconds(20);
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async,
+                         [&] { return loadgen::Run(o, &stop); });
+  absl::SleepFor(absl::Milliseconds(300));
+  agent.process().Signal(SIGKILL);
+  agent.process().Wait(absl::Seconds(5));
+  absl::SleepFor(absl::Milliseconds(300));
+  ASSERT_TRUE(agent.Restart().ok());
+  ASSERT_TRUE(agent.WaitLog("old worker pid", 2)) << agent.Log();
+  absl::SleepFor(absl::Milliseconds(300));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary();
+  for (const auto& [shard, pid] : old) EXPECT_FALSE(ProcessExists(pid));
+  EXPECT_EQ(agent.WorkersByShard().size(), 2u);
+  EXPECT_THAT(agent.Log(), HasSubstr("left by a previous agent"));
+}
+
+}  // namespace
+}  // namespace portfleet::testing
