@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <map>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
@@ -133,6 +134,110 @@ absl::StatusOr<Adoptee> CheckReconnect(ControlConnection& c) {
   out.control = std::move(c.control);
   out.peer_pid = c.peer_pid;
   return out;
+}
+
+absl::StatusOr<TakeoverGrant> RequestTakeover(const std::string& control_path,
+                                              absl::Duration timeout) {
+  auto fail = [&](const absl::Status& s) {
+    return Annotate(s, absl::StrCat("takeover via ", control_path));
+  };
+  absl::StatusOr<ControlChannel> channel = ControlChannel::Connect(control_path);
+  if (!channel.ok()) return fail(channel.status());
+  absl::Time deadline = absl::Now() + timeout;
+  while (channel->connecting()) {
+    absl::StatusOr<bool> done = channel->FinishConnect();
+    if (!done.ok()) return fail(done.status());
+    if (*done) break;
+    if (absl::Now() > deadline) {
+      return fail(absl::DeadlineExceededError("connect timed out"));
+    }
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  v1::WorkerMessage request;
+  request.mutable_takeover_request()->set_pid(::getpid());
+  request.mutable_takeover_request()->set_version("0.1.0");
+  RETURN_IF_ERROR(fail(channel->Send(request)));
+  TakeoverGrant grant;
+  std::map<std::string, int> listener_index;
+  for (;;) {
+    absl::Duration left = deadline - absl::Now();
+    if (left <= absl::ZeroDuration()) {
+      return fail(absl::DeadlineExceededError(
+          "the running agent did not send its sockets in time"));
+    }
+    pollfd p{channel->fd(), POLLIN, 0};
+    ::poll(&p, 1, static_cast<int>(absl::ToInt64Milliseconds(left)) + 1);
+    absl::StatusOr<std::optional<std::pair<v1::AgentMessage, Fd>>> got =
+        channel->ReceiveWithFd<v1::AgentMessage>();
+    if (!got.ok()) return fail(got.status());
+    if (!got->has_value()) continue;
+    v1::AgentMessage& msg = (*got)->first;
+    if (msg.has_takeover_end()) {
+      if (msg.takeover_end().shards() != grant.sockets.size()) {
+        return fail(absl::DataLossError(absl::StrCat(
+            "expected ", msg.takeover_end().shards(), " sockets, got ",
+            grant.sockets.size())));
+      }
+      break;
+    }
+    if (!msg.has_takeover_shard() || !(*got)->second) {
+      return fail(absl::InvalidArgumentError(
+          "unexpected message from the running agent"));
+    }
+    const v1::Listener& l = msg.takeover_shard().listener();
+    if (listener_index.count(l.name()) == 0) {
+      listener_index[l.name()] = grant.spec.listeners_size();
+      *grant.spec.add_listeners() = l;
+    }
+    Adoptee a;
+    a.hello.set_listener(l.name());
+    a.hello.set_shard(msg.takeover_shard().shard());
+    a.socket = std::move((*got)->second);
+    struct stat st;
+    if (::fstat(a.socket.get(), &st) == 0) a.hello.set_socket_inode(st.st_ino);
+    grant.sockets.push_back(std::move(a));
+  }
+  grant.connection = std::move(*channel).ReleaseFd();
+  return grant;
+}
+
+absl::Status GrantTakeover(int connection,
+                           const std::vector<SharedShard>& shards) {
+  for (const SharedShard& s : shards) {
+    v1::AgentMessage msg;
+    *msg.mutable_takeover_shard()->mutable_listener() = s.listener;
+    msg.mutable_takeover_shard()->set_shard(s.shard);
+    std::string bytes = msg.SerializeAsString();
+    char control[CMSG_SPACE(sizeof(int))] = {};
+    iovec iov{bytes.data(), bytes.size()};
+    msghdr mh{};
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = control;
+    mh.msg_controllen = sizeof(control);
+    cmsghdr* cm = CMSG_FIRSTHDR(&mh);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(cm), &s.fd, sizeof(int));
+    // Blocking send with a bound: the peer reads as we write.
+    pollfd p{connection, POLLOUT, 0};
+    if (::poll(&p, 1, 5000) <= 0) {
+      return absl::DeadlineExceededError("takeover peer does not read");
+    }
+    if (::sendmsg(connection, &mh, MSG_NOSIGNAL) !=
+        static_cast<ssize_t>(bytes.size())) {
+      return ErrnoError("sending a shard socket to the new agent");
+    }
+  }
+  v1::AgentMessage end;
+  end.mutable_takeover_end()->set_shards(static_cast<uint32_t>(shards.size()));
+  std::string bytes = end.SerializeAsString();
+  if (::send(connection, bytes.data(), bytes.size(), MSG_NOSIGNAL) !=
+      static_cast<ssize_t>(bytes.size())) {
+    return ErrnoError("sending the end of the takeover");
+  }
+  return absl::OkStatus();
 }
 
 void SendDrain(int control, uint32_t deadline_ms) {

@@ -10,6 +10,9 @@
 #include <iostream>
 #include <thread>
 
+#include <fcntl.h>
+#include <sys/socket.h>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "agent/adoption.h"
@@ -20,6 +23,7 @@
 #include "agent/fleet_controller.h"
 #include "agent/metrics/metrics_server.h"
 #include "agent/steering/steering.h"
+#include "worker/sdk/control_channel.h"
 #include "agent/launcher.h"
 #include "agent/sockets.h"
 #include "agent/spec.h"
@@ -56,6 +60,10 @@ Options:
                      in --state-dir)
   --bpffs DIR        pinned steering maps (default /sys/fs/bpf/portfleet)
   --log-level LEVEL  debug, info, warning or error (default info)
+  --takeover         take over from the agent running on the same control
+                     socket: receive its shard sockets, start our workers on
+                     them, then it drains its workers and exits (upgrades
+                     without a gap, e.g. a DaemonSet with maxSurge 1)
   --check            validate the config file and exit (0 = valid)
   --version          print the version and exit
   -h, --help         show this help
@@ -121,6 +129,10 @@ ParsedArgs ParseAgentArgs(const std::vector<std::string>& args) {
       check_only = true;
       continue;
     }
+    if (arg == "--takeover") {
+      out.options.takeover = true;
+      continue;
+    }
     std::string* target = nullptr;
     if (arg == "--config") target = &out.options.config;
     if (arg == "--api") target = &out.options.api;
@@ -164,26 +176,32 @@ ParsedArgs ParseAgentArgs(const std::vector<std::string>& args) {
   return out;
 }
 
-int RunAgent(const AgentOptions& options) {
-  SetLogTag("agent");
-  SetLogLevel(*ParseLogLevel(options.log_level));
-  // A worker that dies mid-write must not kill us.
-  ::signal(SIGPIPE, SIG_IGN);
+namespace {
 
-  // Desired state: the persisted state wins; --config seeds a new state dir.
+std::string ControlSocketPath(const AgentOptions& options) {
+  if (!options.control_socket.empty()) return options.control_socket;
+  for (const char* prefix : {"unix://", "unix:"}) {
+    if (absl::StartsWith(options.api, prefix)) {
+      std::string path = options.api.substr(strlen(prefix));
+      return path.substr(0, path.rfind('/') + 1) + "control.sock";
+    }
+  }
+  return options.state_dir + "/control.sock";
+}
+
+// Desired state at start: the persisted state wins; --config seeds a new
+// state dir.
+absl::StatusOr<v1::FleetSpec> InitialSpec(const AgentOptions& options) {
   absl::StatusOr<std::optional<v1::FleetSpec>> persisted =
       LoadFleetState(options.state_dir);
   if (!persisted.ok()) {
-    PF_LOG(ERROR) << "persisted state is unusable: "
-                  << persisted.status().message()
-                  << " (start refused so that no state is lost: repair or "
-                     "remove the file)";
-    return 1;
+    return absl::FailedPreconditionError(absl::StrCat(
+        "persisted state is unusable: ", persisted.status().message(),
+        " (start refused so that no state is lost: repair or remove the "
+        "file)"));
   }
-  absl::StatusOr<v1::FleetSpec> spec = v1::FleetSpec();
   if (persisted->has_value()) {
-    spec = **persisted;
-    PF_LOG(INFO) << "restoring " << spec->listeners_size()
+    PF_LOG(INFO) << "restoring " << (*persisted)->listeners_size()
                  << " listener(s) from the persisted state in "
                  << options.state_dir
                  << (options.config.empty()
@@ -192,15 +210,84 @@ int RunAgent(const AgentOptions& options) {
                                         " is not applied over it; use "
                                         "portfleetctl apply -f to change the "
                                         "fleet)"));
-  } else if (!options.config.empty()) {
-    spec = LoadFleetSpecFile(options.config);
+    return **persisted;
+  }
+  if (!options.config.empty()) {
+    absl::StatusOr<v1::FleetSpec> spec = LoadFleetSpecFile(options.config);
     if (!spec.ok()) {
-      PF_LOG(ERROR) << "invalid config: " << spec.status().message();
+      return absl::InvalidArgumentError(
+          absl::StrCat("invalid config: ", spec.status().message()));
+    }
+    return spec;
+  }
+  PF_LOG(INFO) << "no --config and no persisted state: starting with an "
+                  "empty fleet (add listeners with portfleetctl apply -f)";
+  return v1::FleetSpec();
+}
+
+}  // namespace
+
+int RunAgent(const AgentOptions& options) {
+  SetLogTag("agent");
+  SetLogLevel(*ParseLogLevel(options.log_level));
+  // A worker that dies mid-write must not kill us.
+  ::signal(SIGPIPE, SIG_IGN);
+  std::vector<int> cpus = OnlineCpus();
+  PF_LOG(INFO) << "portfleet-agent " << kVersion << " starting (pid "
+               << ::getpid() << ", config " << options.config << ", "
+               << cpus.size() << " CPUs" << (options.takeover ? ", takeover" : "")
+               << ")";
+  const std::string control_path = ControlSocketPath(options);
+
+  // Desired state, and sockets that outlive us: a takeover receives the
+  // running agent's sockets; a restart re-adopts running workers.
+  v1::FleetSpec spec;
+  std::vector<Adoptee> adoptees;
+  Fd takeover_connection;
+  absl::StatusOr<Fd> control_socket = Fd();
+  if (options.takeover) {
+    absl::StatusOr<TakeoverGrant> grant =
+        RequestTakeover(control_path, absl::Seconds(10));
+    if (!grant.ok()) {
+      PF_LOG(ERROR) << "start-up failed: " << grant.status().message();
       return 1;
     }
+    spec = std::move(grant->spec);
+    adoptees = std::move(grant->sockets);
+    takeover_connection = std::move(grant->connection);
+    PF_LOG(INFO) << "takeover: received " << adoptees.size()
+                 << " shard socket(s) of " << spec.listeners_size()
+                 << " listener(s) from the running agent";
   } else {
-    PF_LOG(INFO) << "no --config and no persisted state: starting with an "
-                    "empty fleet (add listeners with portfleetctl apply -f)";
+    absl::StatusOr<v1::FleetSpec> initial = InitialSpec(options);
+    if (!initial.ok()) {
+      PF_LOG(ERROR) << initial.status().message();
+      return 1;
+    }
+    spec = std::move(*initial);
+    control_socket = ListenControlSocket(control_path);
+    if (!control_socket.ok()) {
+      PF_LOG(ERROR) << "start-up failed: control socket: "
+                    << control_socket.status().message();
+      return 1;
+    }
+    // Workers left running by a previous agent reconnect within ~250 ms.
+    size_t orphans = 0;
+    for (const v1::Listener& l : spec.listeners()) {
+      absl::StatusOr<SocketAddress> addr = SocketAddress::Parse(l.address());
+      if (!addr.ok()) continue;
+      for (const ForeignListener& f : FindForeignListeners(*addr, {})) {
+        if (f.pid > 0 && IsOrphanedWorkerOf(f.pid, l.name())) orphans++;
+      }
+    }
+    if (orphans > 0) {
+      PF_LOG(INFO) << orphans << " worker(s) of a previous agent found; "
+                   << "waiting up to 2s for them to reconnect on "
+                   << control_path;
+      adoptees = CollectReconnects(control_socket->get(), orphans,
+                                   absl::Seconds(2));
+      PF_LOG(INFO) << adoptees.size() << " worker(s) reconnected";
+    }
   }
 
   // Signals arrive through a signalfd on the event loop thread. Block them
@@ -216,61 +303,21 @@ int RunAgent(const AgentOptions& options) {
     PF_LOG(ERROR) << ErrnoError("signalfd");
     return 1;
   }
-
   absl::StatusOr<std::unique_ptr<EventLoop>> loop = EventLoop::Create();
   if (!loop.ok()) {
     PF_LOG(ERROR) << loop.status();
     return 1;
   }
+  EventLoop* l = loop->get();
+
   RealProcessLauncher launcher;
   FleetOptions fleet_options;
-  fleet_options.cpus = OnlineCpus();
-
-  // The control socket: running workers of a previous agent reconnect here
-  // and hand their sockets back (re-adoption).
-  std::string control_path = options.control_socket;
-  if (control_path.empty()) {
-    std::string api = options.api;
-    for (const char* prefix : {"unix://", "unix:"}) {
-      if (absl::StartsWith(api, prefix)) {
-        std::string path = api.substr(strlen(prefix));
-        control_path = path.substr(0, path.rfind('/') + 1) + "control.sock";
-        break;
-      }
-    }
-    if (control_path.empty()) control_path = options.state_dir + "/control.sock";
-  }
-  absl::StatusOr<Fd> control_socket = ListenControlSocket(control_path);
-  if (!control_socket.ok()) {
-    PF_LOG(ERROR) << "start-up failed: control socket: "
-                  << control_socket.status().message();
-    return 1;
-  }
+  fleet_options.cpus = cpus;
   fleet_options.agent_socket = control_path;
-  // Workers left running by a previous agent reconnect within ~250 ms.
-  size_t orphans = 0;
-  for (const v1::Listener& l : spec->listeners()) {
-    absl::StatusOr<SocketAddress> addr = SocketAddress::Parse(l.address());
-    if (!addr.ok()) continue;
-    for (const ForeignListener& f : FindForeignListeners(*addr, {})) {
-      if (f.pid > 0 && IsOrphanedWorkerOf(f.pid, l.name())) orphans++;
-    }
-  }
-  std::vector<Adoptee> adoptees;
-  if (orphans > 0) {
-    PF_LOG(INFO) << orphans << " worker(s) of a previous agent found; waiting "
-                 << "up to 2s for them to reconnect on " << control_path;
-    adoptees = CollectReconnects(control_socket->get(), orphans,
-                                 absl::Seconds(2));
-    PF_LOG(INFO) << adoptees.size() << " worker(s) reconnected";
-  }
-  PF_LOG(INFO) << "portfleet-agent " << kVersion << " starting (pid "
-               << ::getpid() << ", config " << options.config << ", "
-               << fleet_options.cpus.size() << " CPUs)";
   // BPF steering, or the kernel's plain reuseport hashing with the reason.
   absl::StatusOr<std::unique_ptr<SteeringBackend>> steering =
       OpenBpfSteering(options.bpffs);
-  Fleet fleet(loop->get(), &launcher, fleet_options);
+  Fleet fleet(l, &launcher, fleet_options);
   fleet.SetAdoptees(std::move(adoptees));
   if (steering.ok()) {
     fleet.SetSteeringBackend(steering->get(), "");
@@ -284,9 +331,8 @@ int RunAgent(const AgentOptions& options) {
                        "steering requests will fail";
   }
 
-
   LoopFleetController controller(
-      loop->get(), &fleet,
+      l, &fleet,
       [&options](const v1::FleetSpec& desired) {
         return SaveFleetState(options.state_dir, desired);
       },
@@ -294,71 +340,199 @@ int RunAgent(const AgentOptions& options) {
   fleet.SetEventSink(
       [&controller](const FleetEvent& event) { controller.Publish(event); });
 
-  // The API comes up first (NOT_SERVING) so that a failure to bind it stops
-  // the start before any worker runs.
-  ApiServerOptions api_options;
-  api_options.address = options.api;
-  api_options.socket_group = options.api_group;
-  api_options.tls_address = options.api_tls_address;
-  api_options.tls_cert = options.api_tls_cert;
-  api_options.tls_key = options.api_tls_key;
-  api_options.tls_client_ca = options.api_tls_client_ca;
-  api_options.authz_policy_file = options.api_authz_policy;
-  absl::StatusOr<std::unique_ptr<ApiServer>> api =
-      ApiServer::Start(api_options, &controller);
-  if (!api.ok()) {
-    PF_LOG(ERROR) << "start-up failed: API " << options.api << ": "
-                  << api.status().message();
-    return 1;
-  }
+  // The API, metrics and control socket: at start, or in a takeover once the
+  // old agent has released them.
+  std::unique_ptr<ApiServer> api;
+  std::unique_ptr<MetricsServer> metrics;
+  auto open_api = [&]() -> absl::Status {
+    ApiServerOptions api_options;
+    api_options.address = options.api;
+    api_options.socket_group = options.api_group;
+    api_options.tls_address = options.api_tls_address;
+    api_options.tls_cert = options.api_tls_cert;
+    api_options.tls_key = options.api_tls_key;
+    api_options.tls_client_ca = options.api_tls_client_ca;
+    api_options.authz_policy_file = options.api_authz_policy;
+    absl::StatusOr<std::unique_ptr<ApiServer>> started =
+        ApiServer::Start(api_options, &controller);
+    if (!started.ok()) {
+      return Annotate(started.status(), absl::StrCat("API ", options.api));
+    }
+    api = std::move(*started);
+    MetricsServerOptions metrics_options;
+    metrics_options.address = options.metrics;
+    absl::StatusOr<std::unique_ptr<MetricsServer>> m = MetricsServer::Start(
+        metrics_options, [&controller]() -> absl::StatusOr<MetricsSnapshot> {
+          MetricsSnapshot snap;
+          snap.agent = controller.GetStatus();
+          ASSIGN_OR_RETURN(snap.listeners, controller.ListListeners());
+          return snap;
+        });
+    if (!m.ok()) return m.status();
+    metrics = std::move(*m);
+    PF_LOG(INFO) << "metrics on http://" << options.metrics
+                 << "/metrics (also /healthz, /readyz)";
+    return absl::OkStatus();
+  };
+  auto watch_control = [&]() -> absl::Status {
+    return l->AddFd(control_socket->get(), [&fleet, &control_socket](uint32_t) {
+      fleet.OnControlSocketReadable(control_socket->get());
+    });
+  };
+  auto stop_interfaces = [&]() {
+    if (control_socket.ok() && control_socket->valid()) {
+      l->RemoveFd(control_socket->get());
+      control_socket->Reset();
+    }
+    metrics.reset();
+  };
 
-  MetricsServerOptions metrics_options;
-  metrics_options.address = options.metrics;
-  absl::StatusOr<std::unique_ptr<MetricsServer>> metrics =
-      MetricsServer::Start(metrics_options,
-                           [&controller]() -> absl::StatusOr<MetricsSnapshot> {
-                             MetricsSnapshot snap;
-                             snap.agent = controller.GetStatus();
-                             ASSIGN_OR_RETURN(snap.listeners,
-                                              controller.ListListeners());
-                             return snap;
-                           });
-  if (!metrics.ok()) {
-    PF_LOG(ERROR) << "start-up failed: " << metrics.status().message();
-    (*api)->Shutdown();
-    return 1;
+  if (!options.takeover) {
+    // The API comes up first (NOT_SERVING) so that a failure to bind it
+    // stops the start before any worker runs.
+    if (absl::Status s = open_api(); !s.ok()) {
+      PF_LOG(ERROR) << "start-up failed: " << s.message();
+      return 1;
+    }
   }
-  PF_LOG(INFO) << "metrics on http://" << options.metrics
-               << "/metrics (also /healthz, /readyz)";
-
-  if (absl::Status s = fleet.Start(*spec); !s.ok()) {
+  if (absl::Status s = fleet.Start(spec); !s.ok()) {
     PF_LOG(ERROR) << "start-up failed: " << s.message();
-    (*api)->Shutdown();
+    if (api) api->Shutdown();
     return 1;
   }
-  if (absl::Status s = SaveFleetState(options.state_dir, fleet.DesiredSpec());
-      !s.ok()) {
-    PF_LOG(ERROR) << "start-up failed: saving the desired state: "
-                  << s.message();
-    fleet.KillAll();
-    (*api)->Shutdown();
-    return 1;
+  if (!options.takeover) {
+    if (absl::Status s = SaveFleetState(options.state_dir, fleet.DesiredSpec());
+        !s.ok()) {
+      PF_LOG(ERROR) << "start-up failed: saving the desired state: "
+                    << s.message();
+      fleet.KillAll();
+      api->Shutdown();
+      return 1;
+    }
+    if (absl::Status s = watch_control(); !s.ok()) {
+      PF_LOG(ERROR) << "start-up failed: control socket: " << s;
+      fleet.KillAll();
+      return 1;
+    }
+    api->SetServing(true);
   }
-  (*api)->SetServing(true);
 
-  if (absl::Status s = loop->get()->AddFd(
-          control_socket->get(),
-          [&fleet, &control_socket](uint32_t) {
-            fleet.OnControlSocketReadable(control_socket->get());
-          });
-      !s.ok()) {
-    PF_LOG(ERROR) << "start-up failed: control socket: " << s;
-    fleet.KillAll();
-    return 1;
+  // Takeover, new agent: once our workers are ready, tell the old agent;
+  // when it closes the connection it has released the API, metrics and
+  // control sockets, which we then open.
+  bool takeover_ready_sent = false;
+  std::function<void()> check_ready;
+  check_ready = [&]() {
+    if (!fleet.AllReady()) {
+      l->AddTimer(absl::Milliseconds(20), check_ready);
+      return;
+    }
+    v1::WorkerMessage ready;
+    ready.mutable_takeover_ready();
+    std::string bytes = ready.SerializeAsString();
+    ::send(takeover_connection.get(), bytes.data(), bytes.size(), MSG_NOSIGNAL);
+    takeover_ready_sent = true;
+    PF_LOG(INFO) << "takeover: every new worker is ready; the old agent "
+                    "drains its workers";
+  };
+  if (options.takeover) {
+    l->AddTimer(absl::ZeroDuration(), check_ready);
+    absl::Status watched =
+        l->AddFd(takeover_connection.get(), [&](uint32_t) {
+          char buf[256];
+          if (::recv(takeover_connection.get(), buf, sizeof(buf),
+                     MSG_DONTWAIT) > 0) {
+            return;
+          }
+          l->RemoveFd(takeover_connection.get());
+          takeover_connection.Reset();
+          if (!takeover_ready_sent) {
+            PF_LOG(ERROR) << "takeover: the old agent went away before our "
+                             "workers were ready; serving on our own";
+          }
+          control_socket = ListenControlSocket(control_path);
+          absl::Status s = control_socket.ok() ? watch_control()
+                                               : control_socket.status();
+          if (s.ok()) s = open_api();
+          if (s.ok()) {
+            s = SaveFleetState(options.state_dir, fleet.DesiredSpec());
+          }
+          if (!s.ok()) {
+            PF_LOG(ERROR) << "takeover: " << s.message()
+                          << "; the fleet keeps serving without them";
+            return;
+          }
+          api->SetServing(true);
+          PF_LOG(INFO) << "takeover complete: this agent serves the API";
+        });
+    if (!watched.ok()) {
+      PF_LOG(ERROR) << "takeover: " << watched;
+      fleet.KillAll();
+      return 1;
+    }
   }
-  int signals_seen = 0;
+
+  // Takeover, old agent: hand every shard socket over, then on the new
+  // agent's TakeoverReady release the API, metrics and control socket and
+  // drain our workers; the sockets stay open in the new agent.
+  Fd handover;
+  bool handing_over = false;
   std::thread api_stopper;
-  EventLoop* l = loop->get();
+  fleet.SetTakeoverHandler([&](ControlConnection c) {
+    if (handing_over || handover.valid()) {
+      PF_LOG(WARNING) << "takeover request from pid " << c.peer_pid
+                      << " refused: a takeover is already in progress";
+      return;
+    }
+    PF_LOG(INFO) << "takeover requested by agent pid " << c.peer_pid
+                 << ": handing over the shard sockets";
+    if (api) api->SetServing(false);
+    controller.Close();
+    std::vector<SharedShard> shards;
+    for (const Fleet::SharedSocket& s : fleet.SharedSockets()) {
+      shards.push_back({s.listener, s.shard, s.fd});
+    }
+    ::fcntl(c.control.get(), F_SETFL, 0);  // bounded blocking sends
+    if (absl::Status s = GrantTakeover(c.control.get(), shards); !s.ok()) {
+      PF_LOG(ERROR) << "takeover: " << s << "; resuming service";
+      controller.Reopen();
+      if (api) api->SetServing(true);
+      return;
+    }
+    handover = std::move(c.control);
+    absl::Status watched = l->AddFd(handover.get(), [&](uint32_t) {
+      v1::WorkerMessage msg;
+      char buf[4096];
+      ssize_t n = ::recv(handover.get(), buf, sizeof(buf), MSG_DONTWAIT);
+      if (n > 0 && msg.ParseFromArray(buf, static_cast<int>(n)) &&
+          msg.has_takeover_ready()) {
+        PF_LOG(INFO) << "takeover: the new agent's workers are ready; "
+                        "releasing the API and draining our workers";
+        handing_over = true;
+        l->RemoveFd(handover.get());
+        stop_interfaces();
+        api_stopper = std::thread([&] {
+          PF_LOG(DEBUG) << "takeover: stopping the API";
+          api->Shutdown();
+          PF_LOG(DEBUG) << "takeover: API stopped";
+          // Closing the connection tells the new agent we let go.
+          handover.Reset();
+        });
+        fleet.Shutdown([l] { l->Stop(); });
+        return;
+      }
+      if (n > 0) return;
+      PF_LOG(ERROR) << "takeover: the new agent went away before it was "
+                       "ready; resuming service";
+      l->RemoveFd(handover.get());
+      handover.Reset();
+      controller.Reopen();
+      if (api) api->SetServing(true);
+    });
+    if (!watched.ok()) PF_LOG(ERROR) << "takeover: " << watched;
+  });
+
+  int signals_seen = 0;
   absl::Status added = l->AddFd(sigfd.get(), [&](uint32_t) {
     signalfd_siginfo info;
     while (::read(sigfd.get(), &info, sizeof(info)) == sizeof(info)) {
@@ -369,14 +543,15 @@ int RunAgent(const AgentOptions& options) {
         continue;
       }
       signals_seen++;
-      if (signals_seen == 1) {
+      if (signals_seen == 1 && !handing_over) {
         PF_LOG(INFO) << "received SIG" << sigabbrev_np(sig)
                      << ": stopping the API and the workers";
         // Stop the API off the loop thread: in-flight calls still need the
         // loop to finish.
-        (*api)->SetServing(false);
+        if (api) api->SetServing(false);
         controller.Close();
-        api_stopper = std::thread([&api] { (*api)->Shutdown(); });
+        stop_interfaces();
+        if (api) api_stopper = std::thread([&api] { api->Shutdown(); });
         fleet.Shutdown([l] { l->Stop(); });
       } else {
         PF_LOG(WARNING) << "received SIG" << sigabbrev_np(sig)
@@ -393,11 +568,10 @@ int RunAgent(const AgentOptions& options) {
                << " listener(s)";
   l->Run();
   l->RemoveFd(sigfd.get());
-  l->RemoveFd(control_socket->get());
-  ::unlink(control_path.c_str());
   if (api_stopper.joinable()) api_stopper.join();
-  metrics->reset();
-  PF_LOG(INFO) << "stopped";
+  stop_interfaces();
+  if (!handing_over) ::unlink(control_path.c_str());
+  PF_LOG(INFO) << (handing_over ? "handed over; stopped" : "stopped");
   return 0;
 }
 

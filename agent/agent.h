@@ -21,6 +21,7 @@ struct AgentOptions {
   std::string api_group;  // group owning the API socket
   // Where workers reconnect to a restarted agent ("" = derived from --api).
   std::string control_socket;
+  bool takeover = false;  // --takeover
   // Optional remote API: TCP with mutual TLS and an authorization policy.
   std::string api_tls_address;
   std::string api_tls_cert;

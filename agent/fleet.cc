@@ -369,7 +369,8 @@ absl::Status Fleet::AddListener(const v1::Listener& spec) {
 
   for (auto& shard : listener->shards) {
     absl::Status s;
-    if (auto a = adopt.find(shard->index); a != adopt.end()) {
+    if (auto a = adopt.find(shard->index);
+        a != adopt.end() && a->second.control.valid()) {
       s = AdoptWorker(*listener, *shard, std::move(a->second));
     } else {
       s = StartWorker(*listener, *shard);
@@ -1161,6 +1162,15 @@ void Fleet::OnControlSocketReadable(int listen_fd) {
     }
     if (!conn->has_value()) return;
     ControlConnection& c = **conn;
+    if (c.message.has_takeover_request()) {
+      if (takeover_handler_) {
+        takeover_handler_(std::move(c));
+      } else {
+        PF_LOG(WARNING) << "takeover request from pid " << c.peer_pid
+                        << " refused: this agent cannot hand over now";
+      }
+      continue;
+    }
     if (c.message.has_hello()) {
       PF_LOG(INFO) << "worker pid " << c.message.hello().pid() << " (listener "
                    << c.message.hello().listener() << " shard "
@@ -1292,6 +1302,13 @@ void Fleet::OnControlReadable(Listener& listener, Shard& shard, Worker* w) {
       case v1::WorkerMessage::kDrained:
         PF_LOG(DEBUG) << listener.Name(shard) << ": worker pid "
                       << w->process.pid << " drained";
+        break;
+      case v1::WorkerMessage::kTakeoverRequest:
+      case v1::WorkerMessage::kTakeoverReady:
+        PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "
+                        << w->process.pid
+                        << " sent a takeover message on its control channel; "
+                           "ignored";
         break;
       case v1::WorkerMessage::MSG_NOT_SET:
         PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "
@@ -1502,6 +1519,18 @@ absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
     view.shards.push_back(std::move(s));
   }
   return view;
+}
+
+std::vector<Fleet::SharedSocket> Fleet::SharedSockets() const {
+  std::vector<SharedSocket> out;
+  for (const auto& [name, listener] : listeners_) {
+    if (listener->deleting) continue;
+    for (const auto& shard : listener->shards) {
+      if (shard->state == Shard::State::kDraining) continue;
+      out.push_back({listener->spec, shard->index, shard->socket.get()});
+    }
+  }
+  return out;
 }
 
 v1::FleetSpec Fleet::DesiredSpec() const {

@@ -93,6 +93,17 @@ class Fleet {
   // A connection on the agent's control socket after start-up: a late
   // reconnect is told to drain (its shard has a worker).
   void OnControlSocketReadable(int listen_fd);
+  // Called with a takeover request that arrived on the control socket.
+  void SetTakeoverHandler(std::function<void(ControlConnection)> handler) {
+    takeover_handler_ = std::move(handler);
+  }
+  // Every live shard socket (not owned) with its listener, for a takeover.
+  struct SharedSocket {
+    v1::Listener listener;
+    uint32_t shard;
+    int fd;
+  };
+  std::vector<SharedSocket> SharedSockets() const;
 
   // Creates every listener of `spec` (sockets, then workers). All or
   // nothing: on error whatever was created is closed and stopped again.
@@ -196,6 +207,7 @@ class Fleet {
   };
   std::map<pid_t, Orphan> orphans_;
   std::vector<Adoptee> adoptees_;
+  std::function<void(ControlConnection)> takeover_handler_;
 };
 
 }  // namespace portfleet

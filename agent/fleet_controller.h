@@ -25,6 +25,7 @@ class LoopFleetController : public FleetController {
 
   // After Close every call fails with Unavailable (agent shutting down).
   void Close() { closed_ = true; }
+  void Reopen() { closed_ = false; }
 
   // Turns a fleet event into an EventRecord for subscribers (loop thread).
   void Publish(const FleetEvent& event);

@@ -44,3 +44,8 @@ portfleet_test(lifecycle_restart_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/lifecycle_restart_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
   LABELS netns)
+
+portfleet_test(lifecycle_takeover_test
+  SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/lifecycle_takeover_test.cc
+  LIBS portfleet_loadgen portfleet_api portfleet_testing
+  LABELS netns)

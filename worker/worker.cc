@@ -457,7 +457,11 @@ void HttpSession::Consume(absl::string_view data, std::string* out) {
 
 void HttpSession::StartDrain() {
   draining_ = true;
-  if (idle()) closing_ = true;
+  // An idle keep-alive connection is closed now (clients expect that). A
+  // connection that has not sent its first request yet is not idle: its
+  // request may be in flight, so it is answered (with "Connection: close")
+  // when it arrives, within the drain deadline.
+  if (idle() && requests_ > 0) closing_ = true;
 }
 
 // ---------------------------------------------------------------------------

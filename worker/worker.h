@@ -94,7 +94,9 @@ class HttpSession {
   void Consume(absl::string_view data, std::string* out);
 
   // Graceful shutdown: the request in progress (if any) is answered with
-  // "Connection: close"; an idle session becomes closing() at once.
+  // "Connection: close"; an idle keep-alive session becomes closing() at
+  // once; a session that has not received its first request yet waits for
+  // it (its request may be in flight) and answers it with close.
   void StartDrain();
 
   // No further requests will be answered: close once the output is written.

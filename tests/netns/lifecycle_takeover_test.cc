@@ -1,0 +1,129 @@
+// Agent takeover under load: a second agent started with --takeover receives
+// the running agent's shard sockets, starts its own workers on them, and the
+// first agent drains its workers and exits. Failures are counted from the
+// client side.
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <atomic>
+#include <future>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/loadgen/fleet_testing.h"
+#include "tests/loadgen/loadgen.h"
+#include "tests/testing/agent_harness.h"
+#include "tests/testing/netns.h"
+#include "tests/testing/process.h"
+
+namespace portfleet::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr char kAddress[] = "127.0.0.1:8080";
+
+// Steps:
+// 1. Agent A runs 3 shards; short-lived load at 300 connections/s.
+// 2. Agent B starts with --takeover on the same paths.
+// 3. A exits 0 after draining its workers; B serves the API.
+// 4. The load saw no failure; afterwards only B and its 3 workers run, on the
+//    same socket inodes as before.
+TEST(LifecycleTakeoverTest, TakeoverUnderLoad) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness a;
+  ASSERT_TRUE(a.Start(R"pb(listeners {
+                name: "web" address: "127.0.0.1:8080" shards: 3
+                worker { command: "portfleet-worker" args: "--mode=http" }
+                drain_timeout_seconds: 5
+                steering { policy: STEERING_POLICY_HASH }
+              })pb")
+                  .ok());
+  ASSERT_TRUE(a.WaitServing(kAddress)) << a.Log();
+  auto stub = FleetStub(a.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 3; },
+                      absl::Seconds(10)));
+  std::map<int, pid_t> old_workers = a.WorkersByShard();
+  std::set<uint64_t> inodes;
+  for (const auto& [shard, pid] : old_workers) {
+    inodes.insert(*SocketInode(pid, 3));
+  }
+
+  loadgen::Options o;
+  o.target = kAddress;
+  o.rate = 300;
+  o.duration = absl::Seconds(40);
+  o.max_connections = 15000;
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async,
+                         [&] { return loadgen::Run(o, &stop); });
+  absl::SleepFor(absl::Milliseconds(300));
+
+  Subprocess b;
+  ASSERT_TRUE(b.Start({BinaryPath("portfleet-agent"), "--config",
+                       a.dir().path() + "/fleet.textproto", "--api",
+                       "unix://" + a.api_socket(), "--state-dir",
+                       a.state_dir(), "--bpffs", a.bpffs(), "--metrics",
+                       "127.0.0.1:0", "--takeover", "--log-level=debug"},
+                      a.dir().path() + "/agent-b.log")
+                  .ok());
+  std::optional<int> a_status = a.process().Wait(absl::Seconds(20));
+  ASSERT_TRUE(a_status.has_value()) << a.Log() << "\n---\n" << b.Log();
+  EXPECT_TRUE(WIFEXITED(*a_status) && WEXITSTATUS(*a_status) == 0)
+      << *a_status;
+  ASSERT_TRUE(WaitFor(
+      [&] { return CountOccurrences(b.Log(), "takeover complete") == 1; },
+      absl::Seconds(10)))
+      << b.Log();
+  stub = FleetStub(a.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 3; },
+                      absl::Seconds(10)))
+      << b.Log();
+  absl::SleepFor(absl::Milliseconds(300));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary();
+  EXPECT_GT(result->ok(), 100);
+
+  for (const auto& [shard, pid] : old_workers) {
+    EXPECT_FALSE(ProcessExists(pid)) << "old worker " << pid;
+  }
+  std::vector<pid_t> children = ChildrenOf(b.pid());
+  EXPECT_EQ(children.size(), 3u);
+  for (const v1::Shard& shard : Shards(*stub, "web")) {
+    EXPECT_TRUE(std::count(children.begin(), children.end(),
+                           static_cast<pid_t>(shard.pid())) == 1);
+    EXPECT_EQ(inodes.count(shard.socket_inode()), 1u)
+        << "shard " << shard.index() << " is on a new socket";
+  }
+  EXPECT_THAT(a.Log(), HasSubstr("handed over; stopped"));
+  b.Signal(SIGTERM);
+  std::optional<int> b_status = b.Wait(absl::Seconds(15));
+  ASSERT_TRUE(b_status.has_value());
+  EXPECT_EQ(WEXITSTATUS(*b_status), 0) << b.Log();
+}
+
+// Without a running agent, --takeover fails with a clear message.
+TEST(LifecycleTakeoverTest, TakeoverWithoutARunningAgentIsAClearError) {
+  PF_ENTER_NETNS_OR_SKIP();
+  TempDir dir;
+  Subprocess b;
+  ASSERT_TRUE(b.Start({BinaryPath("portfleet-agent"), "--api",
+                       "unix://" + dir.path() + "/api.sock", "--state-dir",
+                       dir.path() + "/state", "--metrics", "127.0.0.1:0",
+                       "--takeover"},
+                      dir.path() + "/b.log")
+                  .ok());
+  std::optional<int> status = b.Wait(absl::Seconds(15));
+  ASSERT_TRUE(status.has_value());
+  EXPECT_EQ(WEXITSTATUS(*status), 1);
+  EXPECT_THAT(b.Log(), HasSubstr("start-up failed: takeover via " +
+                                 dir.path() + "/control.sock"));
+}
+
+}  // namespace
+}  // namespace portfleet::testing
