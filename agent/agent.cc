@@ -532,6 +532,14 @@ int RunAgent(const AgentOptions& options) {
     if (!watched.ok()) PF_LOG(ERROR) << "takeover: " << watched;
   });
 
+  // Steering counters in the debug log, every 10 s.
+  std::function<void()> log_counters;
+  log_counters = [&]() {
+    if (GetLogLevel() <= LogLevel::kDebug) fleet.LogSteeringCounters();
+    l->AddTimer(absl::Seconds(10), log_counters);
+  };
+  l->AddTimer(absl::Seconds(10), log_counters);
+
   int signals_seen = 0;
   absl::Status added = l->AddFd(sigfd.get(), [&](uint32_t) {
     signalfd_siginfo info;

@@ -62,6 +62,9 @@ struct Fleet::Shard {
   std::optional<EventLoop::TimerId> restart_timer;
   std::optional<EventLoop::TimerId> drain_timer;
   std::vector<Fleet::Done> drain_done;  // callbacks when the drain completes
+  // In the steering tables. A shard added by a scale-up joins them once its
+  // worker is ready.
+  bool in_service = true;
   // The worker program of this shard (the listener's, or a rollout's).
   v1::WorkerSpec worker_spec;
   std::string command_path;
@@ -228,7 +231,9 @@ absl::Status Fleet::ApplySteering(Listener& listener) {
   // Weights in the spec apply to the live shards in index order.
   int live = 0;
   for (const auto& shard : listener.shards) {
-    if (shard->state == Shard::State::kDraining) continue;
+    if (shard->state == Shard::State::kDraining || !shard->in_service) {
+      continue;
+    }
     uint32_t w = 1;
     if (st.weights_size() > 0) {
       w = live < st.weights_size() ? st.weights(live) : 0;
@@ -441,21 +446,27 @@ void Fleet::DrainOrphan(const std::string& listener, pid_t pid, uint64_t inode,
   orphans_.emplace(pid, Orphan{pid, std::move(pidfd), timer});
 }
 
-absl::Status Fleet::GrowListener(Listener& listener, uint32_t target) {
-  // Add shard: socket, worker, sockarray, then table slots.
-  std::vector<Shard*> added;
-  auto undo = [&](const absl::Status& s) {
-    for (Shard* shard : added) {
-      if (listener.steering) {
-        listener.steering->ClearShardSocket(shard->index).IgnoreError();
+absl::Status Fleet::GrowListener(Listener& listener, uint32_t target,
+                                 Done done) {
+  // Add shard: socket, worker, await its readiness, sockarray, then table
+  // slots. Until then the new shard is in no table.
+  auto added = std::make_shared<std::vector<Shard*>>();
+  Listener* l = &listener;
+  auto undo = [this, l, added](const absl::Status& s) {
+    for (Shard* shard : *added) {
+      if (l->steering) l->steering->ClearShardSocket(shard->index).IgnoreError();
+      if (shard->restart_timer) {
+        loop_->CancelTimer(*shard->restart_timer);
+        shard->restart_timer.reset();
       }
       KillAndReap(*shard);
       auto it = std::find_if(
-          listener.shards.begin(), listener.shards.end(),
+          l->shards.begin(), l->shards.end(),
           [&](const std::unique_ptr<Shard>& p) { return p.get() == shard; });
-      if (it != listener.shards.end()) listener.shards.erase(it);
+      if (it != l->shards.end()) l->shards.erase(it);
     }
-    return Annotate(s, absl::StrCat("listener ", listener.spec.name()));
+    added->clear();
+    return Annotate(s, absl::StrCat("listener ", l->spec.name()));
   };
   while (listener.Live().size() < target) {
     uint32_t index = 0;  // lowest free index
@@ -469,21 +480,67 @@ absl::Status Fleet::GrowListener(Listener& listener, uint32_t target) {
     absl::StatusOr<std::unique_ptr<Shard>> shard = NewShard(listener, index);
     if (!shard.ok()) return undo(shard.status());
     Shard* raw = shard->get();
+    raw->in_service = false;
     auto pos = std::find_if(
         listener.shards.begin(), listener.shards.end(),
         [&](const std::unique_ptr<Shard>& p) { return p->index > index; });
     listener.shards.insert(pos, std::move(*shard));
-    added.push_back(raw);
+    added->push_back(raw);
     if (absl::Status s = StartWorker(listener, *raw); !s.ok()) return undo(s);
-    if (listener.steering) {
-      if (absl::Status s =
-              listener.steering->SetShardSocket(index, raw->socket.get());
-          !s.ok()) {
-        return undo(s);
+  }
+  // Wait for every new worker; then put the shards in service together.
+  auto waiting = std::make_shared<size_t>(added->size());
+  auto failed = std::make_shared<absl::Status>();
+  auto shared_done = std::make_shared<Done>(std::move(done));
+  auto complete = [this, l, added, failed, shared_done, undo]() {
+    absl::Status s = *failed;
+    if (s.ok()) {
+      for (Shard* shard : *added) {
+        if (l->steering) {
+          s = l->steering->SetShardSocket(shard->index, shard->socket.get());
+          if (!s.ok()) break;
+        }
+        shard->in_service = true;
       }
     }
+    if (s.ok()) s = ApplySteering(*l);
+    if (!s.ok()) {
+      s = undo(s);
+      l->spec.set_shards(static_cast<uint32_t>(l->Live().size()));
+      (*shared_done)(s);
+      return;
+    }
+    PF_LOG(INFO) << "listener " << l->spec.name() << ": scaled up to "
+                 << l->Live().size() << " shards";
+    (*shared_done)(absl::OkStatus());
+  };
+  for (Shard* shard : *added) {
+    Worker* w = shard->worker.get();
+    w->on_ready = [waiting, failed, complete, shard, l](bool ok,
+                                                       std::string why) {
+      if (!ok && failed->ok()) {
+        *failed = absl::UnavailableError(
+            absl::StrCat(l->Name(*shard), ": ", why));
+      }
+      if (--*waiting == 0) complete();
+    };
+    w->timers.push_back(loop_->AddTimer(options_.ready_grace, [w] {
+      if (!w->hello && w->on_ready) {
+        auto cb = std::move(w->on_ready);
+        w->on_ready = nullptr;
+        cb(true, "");
+      }
+    }));
+    w->timers.push_back(loop_->AddTimer(options_.ready_timeout, [this, w] {
+      if (w->on_ready) {
+        auto cb = std::move(w->on_ready);
+        w->on_ready = nullptr;
+        cb(false, absl::StrCat("new worker pid ", w->process.pid,
+                               " was not ready within ",
+                               absl::FormatDuration(options_.ready_timeout)));
+      }
+    }));
   }
-  if (absl::Status s = ApplySteering(listener); !s.ok()) return undo(s);
   return absl::OkStatus();
 }
 
@@ -508,11 +565,8 @@ absl::Status Fleet::ScaleListener(const std::string& name, uint32_t shards,
   }
   std::vector<Shard*> live = listener.Live();
   if (shards > live.size()) {
-    RETURN_IF_ERROR(GrowListener(listener, shards));
+    RETURN_IF_ERROR(GrowListener(listener, shards, std::move(done)));
     listener.spec.set_shards(shards);
-    PF_LOG(INFO) << "listener " << name << ": scaled up to " << shards
-                 << " shards";
-    done(absl::OkStatus());
     return absl::OkStatus();
   }
   listener.spec.set_shards(shards);
@@ -1331,7 +1385,14 @@ void Fleet::OnWorkerExit(Listener& listener, Shard& shard) {
     how = "exited (re-adopted worker: its exit status went to its parent)";
   }
   absl::Duration uptime = absl::Now() - w->started;
+  std::function<void(bool, std::string)> on_ready = std::move(w->on_ready);
   DetachWorker(shard);
+  if (on_ready) {
+    // A scale-up waits for this worker: it failed before it was ready.
+    on_ready(false, absl::StrCat("worker pid ", pid, " ", how,
+                                 " before it was ready"));
+    return;  // the scale-up removes the shard
+  }
 
   if (shard.state == Shard::State::kDraining) {
     PF_LOG(INFO) << listener.Name(shard) << ": worker pid " << pid << " " << how
@@ -1531,6 +1592,27 @@ std::vector<Fleet::SharedSocket> Fleet::SharedSockets() const {
     }
   }
   return out;
+}
+
+void Fleet::LogSteeringCounters() const {
+  for (const auto& [name, listener] : listeners_) {
+    if (!listener->steering) continue;
+    absl::StatusOr<std::vector<ShardCounters>> counters =
+        listener->steering->ReadCounters();
+    if (!counters.ok()) {
+      PF_LOG(DEBUG) << "listener " << name << ": steering counters: "
+                    << counters.status().message();
+      continue;
+    }
+    std::string line;
+    for (const auto& shard : listener->shards) {
+      if (shard->index >= counters->size()) continue;
+      const ShardCounters& c = (*counters)[shard->index];
+      absl::StrAppend(&line, " shard ", shard->index, " selected=", c.selected,
+                      " migrated=", c.migrated, " fallback=", c.fallback, ";");
+    }
+    PF_LOG(DEBUG) << "listener " << name << ": steering counters:" << line;
+  }
 }
 
 v1::FleetSpec Fleet::DesiredSpec() const {

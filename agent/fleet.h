@@ -141,6 +141,8 @@ class Fleet {
 
   std::vector<ListenerStatus> Status() const;
   absl::StatusOr<ListenerStatus> ListenerStatusOf(const std::string& name) const;
+  // Logs each listener's steering counters (summed over CPUs) at debug level.
+  void LogSteeringCounters() const;
   // Desired state of every listener (as persisted).
   v1::FleetSpec DesiredSpec() const;
   bool AllReady() const;
@@ -182,7 +184,7 @@ class Fleet {
   // to finish. `done` runs when the worker is gone and the shard removed.
   void BeginDrain(Listener& listener, Shard& shard, Done done);
   void FinishDrain(Listener& listener, Shard& shard);
-  absl::Status GrowListener(Listener& listener, uint32_t target);
+  absl::Status GrowListener(Listener& listener, uint32_t target, Done done);
   // Drains a worker left behind by a previous agent on this listener's
   // address: SIGTERM, watch its pidfd, SIGKILL after the drain timeout.
   void DrainOrphan(const std::string& listener, pid_t pid, uint64_t inode,

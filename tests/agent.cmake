@@ -19,3 +19,8 @@ portfleet_test(agent_steering_test
   SOURCES netns/agent_steering_test.cc
   LIBS portfleet_api portfleet_testing PkgConfig::LIBBPF
   LABELS netns)
+
+portfleet_test(agent_scale_test
+  SOURCES netns/agent_scale_test.cc
+  LIBS portfleet_loadgen portfleet_api portfleet_testing
+  LABELS netns)

@@ -49,3 +49,11 @@ portfleet_test(lifecycle_takeover_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/lifecycle_takeover_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
   LABELS netns)
+
+# The fleet benchmark (a plain executable, never a ctest test): the agent vs
+# nginx under load. tests/bench/run_fleet_bench.sh installs nginx and runs it.
+add_executable(portfleet-fleet-bench ${CMAKE_CURRENT_LIST_DIR}/bench/fleet_bench.cc)
+target_compile_options(portfleet-fleet-bench PRIVATE ${PORTFLEET_WARNINGS})
+target_link_libraries(portfleet-fleet-bench PRIVATE portfleet_loadgen
+                      portfleet_api portfleet_testing absl::strings
+                      absl::str_format absl::time)

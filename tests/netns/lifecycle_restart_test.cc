@@ -2,12 +2,15 @@
 // one and are re-adopted (same pids, same sockets); nothing is refused.
 #include <signal.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <future>
+#include <map>
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/loadgen/fleet_testing.h"
@@ -23,6 +26,31 @@ using ::testing::HasSubstr;
 
 constexpr char kAddress[] = "127.0.0.1:8080";
 
+// What the fds of `pid` point at, counted by kind ("socket", "anon_inode:
+// [eventfd]", "/dev/null", ...): printed when an fd check fails.
+std::string FdKinds(pid_t pid) {
+  std::map<std::string, int> kinds;
+  for (int fd = 0; fd < 4096; ++fd) {
+    char buf[256];
+    std::string link = absl::StrCat("/proc/", pid, "/fd/", fd);
+    ssize_t n = ::readlink(link.c_str(), buf, sizeof(buf) - 1);
+    if (n <= 0) continue;
+    std::string target(buf, n);
+    kinds[target.substr(0, target.find(":["))]++;
+  }
+  return absl::StrJoin(kinds, ", ", absl::PairFormatter("="));
+}
+
+// State after each scenario: the agent holds `fds_expected` fds (its count
+// right after start-up) and has no zombie children.
+void ExpectNoLeaks(pid_t agent, int fds_expected) {
+  EXPECT_TRUE(WaitFor([&] { return CountFds(agent) == fds_expected; },
+                      absl::Seconds(5)))
+      << "agent fds: expected " << fds_expected << " (after start-up), now "
+      << CountFds(agent) << " (" << FdKinds(agent) << ")";
+  EXPECT_TRUE(ZombieChildren(agent).empty());
+}
+
 // Steps:
 // 1. Three shards of http workers; short-lived load at 300 connections/s.
 // 2. Five times: SIGKILL the agent, start it again, wait until it has
@@ -30,23 +58,31 @@ constexpr char kAddress[] = "127.0.0.1:8080";
 // 3. The load saw no failure; the workers are the same pids on the same
 //    socket inodes throughout; the agent supervises them (ListShards); no
 //    other worker process exists.
+// After every round the re-adopted agent holds exactly as many fds as the
+// first agent did after start-up (one copy of each shard socket, one control
+// channel per worker) and has no zombie children.
 TEST(LifecycleRestartTest, AgentSigkillAndRestartReadoptsWorkers) {
   PF_ENTER_NETNS_OR_SKIP();
   WidenPortRange();
   AgentHarness agent;
-  ASSERT_TRUE(agent
-                  .Start(R"pb(listeners {
-                    name: "web" address: "127.0.0.1:8080" shards: 3
-                    worker { command: "portfleet-worker" args: "--mode=http" }
-                    steering { policy: STEERING_POLICY_HASH }
-                  })pb")
-                  .ok());
+  ASSERT_TRUE(
+      agent
+          .Start(
+              R"pb(listeners {
+                     name: "web"
+                     address: "127.0.0.1:8080"
+                     shards: 3
+                     worker { command: "portfleet-worker" args: "--mode=http" }
+                     steering { policy: STEERING_POLICY_HASH }
+                   })pb")
+          .ok());
   ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
   auto stub = FleetStub(agent.api_socket());
   ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 3; },
                       absl::Seconds(10)));
   std::map<int, pid_t> workers = agent.WorkersByShard();
   ASSERT_EQ(workers.size(), 3u);
+  const int fds_after_start = CountFds(agent.pid());
   std::map<int, uint64_t> inodes;
   for (const auto& [shard, pid] : workers) inodes[shard] = *SocketInode(pid, 3);
 
@@ -56,8 +92,8 @@ TEST(LifecycleRestartTest, AgentSigkillAndRestartReadoptsWorkers) {
   o.duration = absl::Seconds(40);
   o.max_connections = 15000;
   std::atomic<bool> stop{false};
-  auto load = std::async(std::launch::async,
-                         [&] { return loadgen::Run(o, &stop); });
+  auto load =
+      std::async(std::launch::async, [&] { return loadgen::Run(o, &stop); });
 
   for (int round = 1; round <= 5; ++round) {
     agent.process().Signal(SIGKILL);
@@ -75,6 +111,8 @@ TEST(LifecycleRestartTest, AgentSigkillAndRestartReadoptsWorkers) {
           << "round " << round << " shard " << shard.index();
       EXPECT_EQ(shard.socket_inode(), inodes[shard.index()]);
     }
+    SCOPED_TRACE(absl::StrCat("round ", round));
+    ExpectNoLeaks(agent.pid(), fds_after_start);
   }
   absl::SleepFor(absl::Milliseconds(300));
   stop = true;
@@ -93,17 +131,26 @@ TEST(LifecycleRestartTest, AgentSigkillAndRestartReadoptsWorkers) {
 }
 
 // A stopped agent (SIGTERM) takes its workers with it; a new agent on the
-// same state starts fresh workers and finds no orphans.
+// same state (and the pinned steering maps) starts fresh workers, finds no
+// orphans, and holds as many fds as the first one did after start-up.
 TEST(LifecycleRestartTest, CleanStopLeavesNothingBehind) {
   PF_ENTER_NETNS_OR_SKIP();
   AgentHarness agent;
-  ASSERT_TRUE(agent
-                  .Start(R"pb(listeners {
-                    name: "web" address: "127.0.0.1:8080" shards: 2
-                    worker { command: "portfleet-worker" args: "--mode=http" }
-                  })pb")
-                  .ok());
+  ASSERT_TRUE(
+      agent
+          .Start(
+              R"pb(listeners {
+                     name: "web"
+                     address: "127.0.0.1:8080"
+                     shards: 2
+                     worker { command: "portfleet-worker" args: "--mode=http" }
+                   })pb")
+          .ok());
   ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                      absl::Seconds(10)));
+  const int fds_after_start = CountFds(agent.pid());
   std::vector<pid_t> workers = DescendantsOf(agent.pid());
   agent.process().Signal(SIGTERM);
   ASSERT_TRUE(agent.process().Wait(absl::Seconds(10)).has_value());
@@ -111,6 +158,10 @@ TEST(LifecycleRestartTest, CleanStopLeavesNothingBehind) {
   ASSERT_TRUE(agent.Restart().ok());
   ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
   EXPECT_THAT(agent.Log(), ::testing::Not(HasSubstr("previous agent")));
+  stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                      absl::Seconds(10)));
+  ExpectNoLeaks(agent.pid(), fds_after_start);
 }
 
 // Steps:
@@ -120,6 +171,9 @@ TEST(LifecycleRestartTest, CleanStopLeavesNothingBehind) {
 // 2. SIGKILL the agent; start it again.
 // 3. The new agent starts its own workers, and the old ones, which it cannot
 //    re-adopt, are drained (SIGTERM) and gone; the load saw no failure.
+// 4. Once the old workers are gone, the new agent holds as many fds as the
+//    first one did after start-up (nothing kept for the old workers) and has
+//    no zombie children.
 TEST(LifecycleRestartTest, WorkersThatCannotReconnectAreDrainedNotLeaked) {
   PF_ENTER_NETNS_OR_SKIP();
   WidenPortRange();
@@ -130,16 +184,21 @@ TEST(LifecycleRestartTest, WorkersThatCannotReconnectAreDrainedNotLeaked) {
                    BinaryPath("portfleet-worker"), " --mode=http\n"));
   ::chmod(script.c_str(), 0755);
   ASSERT_TRUE(agent
-                  .Start(absl::StrCat(R"pb(listeners {
-                    name: "web" address: "127.0.0.1:8080" shards: 2
-                    worker { command: ")pb",
-                                      script, R"pb(" }
+                  .Start(absl::StrCat(R"pb(listeners { name: "web"
+                                                       address: "127.0.0.1:8080"
+                                                       shards: 2
+                                                       worker { command: ")pb",
+                                      script, R"pb(                                                   " }
                     drain_timeout_seconds: 5
                   })pb"))
                   .ok());
   ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
   ASSERT_TRUE(WaitFor([&] { return agent.WorkersByShard().size() == 2; },
                       absl::Seconds(10)));
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                      absl::Seconds(10)));
+  const int fds_after_start = CountFds(agent.pid());
   std::map<int, pid_t> old = agent.WorkersByShard();
 
   loadgen::Options o;
@@ -147,8 +206,8 @@ TEST(LifecycleRestartTest, WorkersThatCannotReconnectAreDrainedNotLeaked) {
   o.rate = 300;
   o.duration = absl::Seconds(20);
   std::atomic<bool> stop{false};
-  auto load = std::async(std::launch::async,
-                         [&] { return loadgen::Run(o, &stop); });
+  auto load =
+      std::async(std::launch::async, [&] { return loadgen::Run(o, &stop); });
   absl::SleepFor(absl::Milliseconds(300));
   agent.process().Signal(SIGKILL);
   agent.process().Wait(absl::Seconds(5));
@@ -163,6 +222,10 @@ TEST(LifecycleRestartTest, WorkersThatCannotReconnectAreDrainedNotLeaked) {
   for (const auto& [shard, pid] : old) EXPECT_FALSE(ProcessExists(pid));
   EXPECT_EQ(agent.WorkersByShard().size(), 2u);
   EXPECT_THAT(agent.Log(), HasSubstr("left by a previous agent"));
+  stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                      absl::Seconds(10)));
+  ExpectNoLeaks(agent.pid(), fds_after_start);
 }
 
 }  // namespace

@@ -2,13 +2,16 @@
 // case in its own network namespace; failures are counted from the client
 // side by the load generator.
 #include <signal.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <future>
+#include <map>
 #include <set>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/loadgen/fleet_testing.h"
@@ -25,13 +28,11 @@ using ::testing::HasSubstr;
 constexpr char kAddress[] = "127.0.0.1:8080";
 
 std::string Spec(int shards, const std::string& mode) {
-  return absl::StrCat(R"pb(listeners {
-  name: "web"
-  address: "127.0.0.1:8080"
-  shards: )pb",
-                      shards, R"pb(
-  worker { command: "portfleet-worker" args: "--mode=)pb",
-                      mode, R"pb(" }
+  return absl::StrCat(
+      R"pb(listeners { name: "web" address: "127.0.0.1:8080" shards:)pb",
+      shards, R"pb(
+        worker { command: "portfleet-worker" args: "--mode=)pb",
+      mode, R"pb(                 " }
   drain_timeout_seconds: 10
   steering { policy: STEERING_POLICY_HASH }
 })pb");
@@ -62,6 +63,33 @@ grpc::Status RollOut(v1::FleetService::Stub& stub, const std::string& command,
   return stub.RollOutListener(RpcContext(60).get(), req, &resp);
 }
 
+// What the fds of `pid` point at, counted by kind ("socket", "anon_inode:
+// [eventfd]", "/dev/null", ...): printed when an fd check fails.
+std::string FdKinds(pid_t pid) {
+  std::map<std::string, int> kinds;
+  for (int fd = 0; fd < 4096; ++fd) {
+    char buf[256];
+    std::string link = absl::StrCat("/proc/", pid, "/fd/", fd);
+    ssize_t n = ::readlink(link.c_str(), buf, sizeof(buf) - 1);
+    if (n <= 0) continue;
+    std::string target(buf, n);
+    kinds[target.substr(0, target.find(":["))]++;
+  }
+  return absl::StrJoin(kinds, ", ", absl::PairFormatter("="));
+}
+
+// State after each scenario: the agent holds as many fds as right after
+// start-up (every listener, shard socket, control channel and API
+// connection it opened since has been closed again) and has no zombie
+// children.
+void ExpectNoLeaks(pid_t agent, int fds_after_start) {
+  EXPECT_TRUE(WaitFor([&] { return CountFds(agent) == fds_after_start; },
+                      absl::Seconds(5)))
+      << "agent fds: after start-up " << fds_after_start << ", now "
+      << CountFds(agent) << " (" << FdKinds(agent) << ")";
+  EXPECT_TRUE(ZombieChildren(agent).empty());
+}
+
 loadgen::Options ShortLoad() {
   loadgen::Options o;
   o.target = kAddress;
@@ -76,6 +104,8 @@ loadgen::Options ShortLoad() {
 // 2. Roll out new worker arguments, two shards at a time.
 // 3. The load saw no failure; every shard runs a new worker pid with the new
 //    arguments; the persisted spec names them.
+// 4. The old workers are reaped; the agent holds as many fds as after
+//    start-up and has no zombie children.
 TEST(LifecycleRolloutTest, RollingUpgradeOfAllShardsUnderLoad) {
   PF_ENTER_NETNS_OR_SKIP();
   WidenPortRange();
@@ -86,12 +116,14 @@ TEST(LifecycleRolloutTest, RollingUpgradeOfAllShardsUnderLoad) {
   ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 4; },
                       absl::Seconds(10)));
   std::set<pid_t> before = Pids(*stub);
+  const int fds_after_start = CountFds(agent.pid());
 
   std::atomic<bool> stop{false};
   auto load = std::async(std::launch::async,
                          [&] { return loadgen::Run(ShortLoad(), &stop); });
   absl::SleepFor(absl::Milliseconds(500));
-  grpc::Status s = RollOut(*stub, "", {"--mode=http", "--drain-timeout=20s"}, 2);
+  grpc::Status s =
+      RollOut(*stub, "", {"--mode=http", "--drain-timeout=20s"}, 2);
   ASSERT_TRUE(s.ok()) << s.error_message() << "\n" << agent.Log();
   absl::SleepFor(absl::Milliseconds(500));
   stop = true;
@@ -117,7 +149,7 @@ TEST(LifecycleRolloutTest, RollingUpgradeOfAllShardsUnderLoad) {
         return true;
       },
       absl::Seconds(10)));
-  EXPECT_TRUE(ZombieChildren(agent.pid()).empty());
+  ExpectNoLeaks(agent.pid(), fds_after_start);
 }
 
 // Steps:
@@ -125,7 +157,8 @@ TEST(LifecycleRolloutTest, RollingUpgradeOfAllShardsUnderLoad) {
 // 2. Roll out a worker that exits at once.
 // 3. The call fails with FAILED_PRECONDITION saying it rolled back; the load
 //    saw no failure; the old workers (same pids) still serve; the spec is
-//    unchanged.
+//    unchanged; the agent holds as many fds as after start-up (the failed
+//    workers' control channels are closed) and has no zombie children.
 TEST(LifecycleRolloutTest, WorkerThatExitsAtOnceIsRolledBack) {
   PF_ENTER_NETNS_OR_SKIP();
   WidenPortRange();
@@ -136,6 +169,7 @@ TEST(LifecycleRolloutTest, WorkerThatExitsAtOnceIsRolledBack) {
   ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
                       absl::Seconds(10)));
   std::set<pid_t> before = Pids(*stub);
+  const int fds_after_start = CountFds(agent.pid());
 
   std::atomic<bool> stop{false};
   auto load = std::async(std::launch::async,
@@ -152,6 +186,7 @@ TEST(LifecycleRolloutTest, WorkerThatExitsAtOnceIsRolledBack) {
   EXPECT_EQ(Pids(*stub), before);
   EXPECT_THAT(ReadFileOrEmpty(agent.state_dir() + "/fleet-state.textproto"),
               ::testing::Not(HasSubstr("/bin/false")));
+  ExpectNoLeaks(agent.pid(), fds_after_start);
 }
 
 // Steps:
@@ -160,6 +195,8 @@ TEST(LifecycleRolloutTest, WorkerThatExitsAtOnceIsRolledBack) {
 // 2. Roll out (same program, restarted in place).
 // 3. No exchange failed and no connection was broken: the old workers
 //    finish their connections while the new ones take the new connections.
+// 4. Once the client has closed, the old workers exit; the agent holds as
+//    many fds as after start-up and has no zombie children.
 TEST(LifecycleRolloutTest, LongLivedConnectionsSurviveARollout) {
   PF_ENTER_NETNS_OR_SKIP();
   WidenPortRange();
@@ -169,6 +206,8 @@ TEST(LifecycleRolloutTest, LongLivedConnectionsSurviveARollout) {
   ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
                       absl::Seconds(10)))
       << agent.Log();
+  std::set<pid_t> before = Pids(*stub);
+  const int fds_after_start = CountFds(agent.pid());
   loadgen::Options o;
   o.target = kAddress;
   o.mode = loadgen::Mode::kLong;
@@ -187,6 +226,16 @@ TEST(LifecycleRolloutTest, LongLivedConnectionsSurviveARollout) {
   EXPECT_EQ(result->connections_opened, 200);
   EXPECT_EQ(result->reconnects, 0);
   EXPECT_GT(result->ok(), 2000);
+  // The old workers finish once the client closed its connections.
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        for (pid_t p : before) {
+          if (ProcessExists(p)) return false;
+        }
+        return true;
+      },
+      absl::Seconds(10)));
+  ExpectNoLeaks(agent.pid(), fds_after_start);
 }
 
 }  // namespace
