@@ -1,5 +1,6 @@
 #include "agent/adoption.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -203,41 +204,31 @@ absl::StatusOr<TakeoverGrant> RequestTakeover(const std::string& control_path,
 
 absl::Status GrantTakeover(int connection,
                            const std::vector<SharedShard>& shards) {
+  // A second descriptor of the connection, so that the channel's owner
+  // (the caller) keeps its own.
+  ControlChannel channel(Fd(::fcntl(connection, F_DUPFD_CLOEXEC, 0)));
+  auto send = [&](const v1::AgentMessage& msg, int fd) -> absl::Status {
+    for (int attempt = 0;; ++attempt) {
+      absl::Status s =
+          fd >= 0 ? channel.SendWithFd(msg, fd) : channel.Send(msg);
+      if (!absl::IsResourceExhausted(s) || attempt == 50) return s;
+      // The new agent reads as we write; wait for room (bounded).
+      pollfd p{channel.fd(), POLLOUT, 0};
+      ::poll(&p, 1, 100);
+    }
+  };
   for (const SharedShard& s : shards) {
     v1::AgentMessage msg;
     *msg.mutable_takeover_shard()->mutable_listener() = s.listener;
     msg.mutable_takeover_shard()->set_shard(s.shard);
-    std::string bytes = msg.SerializeAsString();
-    char control[CMSG_SPACE(sizeof(int))] = {};
-    iovec iov{bytes.data(), bytes.size()};
-    msghdr mh{};
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = control;
-    mh.msg_controllen = sizeof(control);
-    cmsghdr* cm = CMSG_FIRSTHDR(&mh);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
-    std::memcpy(CMSG_DATA(cm), &s.fd, sizeof(int));
-    // Blocking send with a bound: the peer reads as we write.
-    pollfd p{connection, POLLOUT, 0};
-    if (::poll(&p, 1, 5000) <= 0) {
-      return absl::DeadlineExceededError("takeover peer does not read");
-    }
-    if (::sendmsg(connection, &mh, MSG_NOSIGNAL) !=
-        static_cast<ssize_t>(bytes.size())) {
-      return ErrnoError("sending a shard socket to the new agent");
-    }
+    RETURN_IF_ERROR(Annotate(send(msg, s.fd),
+                             absl::StrCat("sending listener ",
+                                          s.listener.name(), " shard ",
+                                          s.shard, " to the new agent")));
   }
   v1::AgentMessage end;
   end.mutable_takeover_end()->set_shards(static_cast<uint32_t>(shards.size()));
-  std::string bytes = end.SerializeAsString();
-  if (::send(connection, bytes.data(), bytes.size(), MSG_NOSIGNAL) !=
-      static_cast<ssize_t>(bytes.size())) {
-    return ErrnoError("sending the end of the takeover");
-  }
-  return absl::OkStatus();
+  return Annotate(send(end, -1), "sending the end of the takeover");
 }
 
 void SendDrain(int control, uint32_t deadline_ms) {

@@ -492,7 +492,6 @@ int RunAgent(const AgentOptions& options) {
     for (const Fleet::SharedSocket& s : fleet.SharedSockets()) {
       shards.push_back({s.listener, s.shard, s.fd});
     }
-    ::fcntl(c.control.get(), F_SETFL, 0);  // bounded blocking sends
     if (absl::Status s = GrantTakeover(c.control.get(), shards); !s.ok()) {
       PF_LOG(ERROR) << "takeover: " << s << "; resuming service";
       controller.Reopen();
