@@ -231,6 +231,16 @@ absl::Status GrantTakeover(int connection,
   return Annotate(send(end, -1), "sending the end of the takeover");
 }
 
+bool ControlSocketAnswers(const std::string& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof(addr.sun_path)) return false;
+  std::memcpy(addr.sun_path, path.c_str(), path.size());
+  Fd probe(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  return probe && ::connect(probe.get(), reinterpret_cast<sockaddr*>(&addr),
+                            sizeof(addr)) == 0;
+}
+
 void SendDrain(int control, uint32_t deadline_ms) {
   v1::AgentMessage msg;
   msg.mutable_drain()->set_deadline_ms(deadline_ms);

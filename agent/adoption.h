@@ -78,6 +78,9 @@ struct SharedShard {
 absl::Status GrantTakeover(int connection,
                            const std::vector<SharedShard>& shards);
 
+// True if something accepts connections on the control socket at `path`.
+bool ControlSocketAnswers(const std::string& path);
+
 // Tells a worker on `control` to drain (best effort).
 void SendDrain(int control, uint32_t deadline_ms);
 

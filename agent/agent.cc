@@ -60,10 +60,11 @@ Options:
                      in --state-dir)
   --bpffs DIR        pinned steering maps (default /sys/fs/bpf/portfleet)
   --log-level LEVEL  debug, info, warning or error (default info)
-  --takeover         take over from the agent running on the same control
+  --takeover[=auto]  take over from the agent running on the same control
                      socket: receive its shard sockets, start our workers on
                      them, then it drains its workers and exits (upgrades
-                     without a gap, e.g. a DaemonSet with maxSurge 1)
+                     without a gap, e.g. a DaemonSet with maxSurge 1). With
+                     =auto, start normally when no agent is running.
   --check            validate the config file and exit (0 = valid)
   --version          print the version and exit
   -h, --help         show this help
@@ -130,7 +131,12 @@ ParsedArgs ParseAgentArgs(const std::vector<std::string>& args) {
       continue;
     }
     if (arg == "--takeover") {
+      if (has_inline && value != "auto" && value != "always") {
+        return usage_error("--takeover: '" + value +
+                           "' is not 'always' or 'auto'");
+      }
       out.options.takeover = true;
+      out.options.takeover_auto = has_inline && value == "auto";
       continue;
     }
     std::string* target = nullptr;
@@ -245,7 +251,15 @@ int RunAgent(const AgentOptions& options) {
   std::vector<Adoptee> adoptees;
   Fd takeover_connection;
   absl::StatusOr<Fd> control_socket = Fd();
-  if (options.takeover) {
+  AgentOptions effective = options;
+  if (options.takeover && options.takeover_auto &&
+      !ControlSocketAnswers(control_path)) {
+    PF_LOG(INFO) << "--takeover=auto: no agent answers on " << control_path
+                 << "; starting normally";
+    effective.takeover = false;
+  }
+  const bool takeover = effective.takeover;
+  if (takeover) {
     absl::StatusOr<TakeoverGrant> grant =
         RequestTakeover(control_path, absl::Seconds(10));
     if (!grant.ok()) {
@@ -387,7 +401,7 @@ int RunAgent(const AgentOptions& options) {
     metrics.reset();
   };
 
-  if (!options.takeover) {
+  if (!takeover) {
     // The API comes up first (NOT_SERVING) so that a failure to bind it
     // stops the start before any worker runs.
     if (absl::Status s = open_api(); !s.ok()) {
@@ -400,7 +414,7 @@ int RunAgent(const AgentOptions& options) {
     if (api) api->Shutdown();
     return 1;
   }
-  if (!options.takeover) {
+  if (!takeover) {
     if (absl::Status s = SaveFleetState(options.state_dir, fleet.DesiredSpec());
         !s.ok()) {
       PF_LOG(ERROR) << "start-up failed: saving the desired state: "
@@ -435,7 +449,7 @@ int RunAgent(const AgentOptions& options) {
     PF_LOG(INFO) << "takeover: every new worker is ready; the old agent "
                     "drains its workers";
   };
-  if (options.takeover) {
+  if (takeover) {
     l->AddTimer(absl::ZeroDuration(), check_ready);
     absl::Status watched =
         l->AddFd(takeover_connection.get(), [&](uint32_t) {

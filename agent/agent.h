@@ -21,7 +21,8 @@ struct AgentOptions {
   std::string api_group;  // group owning the API socket
   // Where workers reconnect to a restarted agent ("" = derived from --api).
   std::string control_socket;
-  bool takeover = false;  // --takeover
+  bool takeover = false;       // --takeover
+  bool takeover_auto = false;  // --takeover=auto: only if an agent runs
   // Optional remote API: TCP with mutual TLS and an authorization policy.
   std::string api_tls_address;
   std::string api_tls_cert;

@@ -7,13 +7,18 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstring>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <set>
+#include <sstream>
 #include <thread>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -38,7 +43,8 @@ constexpr char kGlobalUsage[] =
     R"(portfleetctl controls a portfleet agent.
 
 Usage:
-  portfleetctl [--server ADDR] [-o table|json] [--timeout DURATION] COMMAND
+  portfleetctl [--server ADDR] [-o table|json] [--timeout DURATION]
+               [--tls-cert FILE --tls-key FILE [--tls-ca FILE]] COMMAND
 
 Read-only commands:
   status                 agent version, uptime, BPF steering
@@ -65,6 +71,17 @@ Global flags:
   -o, --output FORMAT    table (default) or json
   --timeout DURATION     per-call deadline, e.g. 10s, 500ms (default 10s;
                          2m for apply, delete, scale, drain, rollout)
+  --tls-cert FILE        client certificate (PEM) for an agent's remote API
+                         (--server HOST:PORT, mutual TLS); default
+                         $PORTFLEET_TLS_CERT
+  --tls-key FILE         private key (PEM) of --tls-cert; default
+                         $PORTFLEET_TLS_KEY
+  --tls-ca FILE          CA (PEM) that signed the agent's certificate; default
+                         $PORTFLEET_TLS_CA, else the system's CAs
+                         The --tls-* settings are ignored for unix: addresses.
+                         Example: portfleetctl --server agent1:7443 \
+                           --tls-cert me.pem --tls-key me.key --tls-ca ca.pem \
+                           get listeners
 
 Exit codes: 0 ok, 1 error from the agent, 2 usage error, 3 agent unreachable.
 Run 'portfleetctl COMMAND --help' for a command's flags and an example.
@@ -72,6 +89,9 @@ Run 'portfleetctl COMMAND --help' for a command's flags and an example.
 
 struct Options {
   std::string server;
+  std::string tls_cert;
+  std::string tls_key;
+  std::string tls_ca;
   std::string output = "table";
   std::optional<absl::Duration> timeout;
   std::vector<std::string> positional;
@@ -540,7 +560,13 @@ grpc::Status HealthCheck(const Call& call, const std::string& service,
   std::string req;
   if (!service.empty()) {
     req.push_back(0x0a);
-    req.push_back(static_cast<char>(service.size()));
+    for (uint64_t n = service.size(); ; n >>= 7) {  // varint length
+      if (n < 0x80) {
+        req.push_back(static_cast<char>(n));
+        break;
+      }
+      req.push_back(static_cast<char>((n & 0x7f) | 0x80));
+    }
     req += service;
   }
   grpc::Slice slice(req);
@@ -955,6 +981,9 @@ const std::map<std::string, std::string>& ValueFlags() {
       {"-o", "output"},
       {"--output", "output"},
       {"--timeout", "timeout"},
+      {"--tls-cert", "tls-cert"},
+      {"--tls-key", "tls-key"},
+      {"--tls-ca", "tls-ca"},
       {"-f", "filename"},
       {"--filename", "filename"},
       {"--shards", "shards"},
@@ -1005,6 +1034,12 @@ Options Parse(const std::vector<std::string>& args) {
       const std::string& name = it->second;
       if (name == "server") {
         opts.server = value;
+      } else if (name == "tls-cert") {
+        opts.tls_cert = value;
+      } else if (name == "tls-key") {
+        opts.tls_key = value;
+      } else if (name == "tls-ca") {
+        opts.tls_ca = value;
       } else if (name == "output") {
         if (value != "table" && value != "json") {
           throw UsageError(
@@ -1041,6 +1076,53 @@ const Command* Find(std::vector<std::string>* positional) {
     }
   }
   return nullptr;
+}
+
+// Whole file, or a usage error naming the flag and the file.
+std::string ReadFlagFile(const std::string& flag, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    throw UsageError(
+        absl::StrCat(flag, ": cannot read ", path, ": ", std::strerror(errno)));
+  }
+  std::ostringstream data;
+  data << in.rdbuf();
+  if (data.str().find("-----BEGIN ") == std::string::npos) {
+    throw UsageError(absl::StrCat(flag, ": ", path, " is not a PEM file"));
+  }
+  return data.str();
+}
+
+// Credentials for `opts.server`: plain for unix: sockets, TLS (with a client
+// certificate when given) when any --tls-* setting is present.
+std::shared_ptr<grpc::ChannelCredentials> ChannelCredentials(
+    Options& opts, const CtlEnv& env) {
+  if (absl::StartsWith(opts.server, "unix:")) {
+    return grpc::InsecureChannelCredentials();
+  }
+  auto from_env = [&](std::string& value, const char* name) {
+    if (value.empty() && env.getenv) value = env.getenv(name).value_or("");
+  };
+  from_env(opts.tls_cert, "PORTFLEET_TLS_CERT");
+  from_env(opts.tls_key, "PORTFLEET_TLS_KEY");
+  from_env(opts.tls_ca, "PORTFLEET_TLS_CA");
+  if (opts.tls_cert.empty() && opts.tls_key.empty() && opts.tls_ca.empty()) {
+    return grpc::InsecureChannelCredentials();
+  }
+  if (opts.tls_cert.empty() != opts.tls_key.empty()) {
+    throw UsageError(
+        "--tls-cert and --tls-key go together (or PORTFLEET_TLS_CERT and "
+        "PORTFLEET_TLS_KEY)");
+  }
+  grpc::SslCredentialsOptions ssl;
+  if (!opts.tls_cert.empty()) {
+    ssl.pem_cert_chain = ReadFlagFile("--tls-cert", opts.tls_cert);
+    ssl.pem_private_key = ReadFlagFile("--tls-key", opts.tls_key);
+  }
+  if (!opts.tls_ca.empty()) {
+    ssl.pem_root_certs = ReadFlagFile("--tls-ca", opts.tls_ca);
+  }
+  return grpc::SslCredentials(ssl);
 }
 
 void PrintCommandHelp(std::ostream& out, const Command& c) {
@@ -1118,10 +1200,16 @@ int Run(const CtlEnv& env, const std::vector<std::string>& args) {
   absl::Duration timeout = opts.timeout.value_or(
       command->mutating ? absl::Minutes(2) : absl::Seconds(10));
 
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  try {
+    credentials = ChannelCredentials(opts, env);
+  } catch (const UsageError& e) {
+    return Fail(env, kExitUsage, e.message);
+  }
   grpc::ChannelArguments channel_args;
   channel_args.SetMaxReceiveMessageSize(64 << 20);
-  std::shared_ptr<grpc::Channel> channel = grpc::CreateCustomChannel(
-      opts.server, grpc::InsecureChannelCredentials(), channel_args);
+  std::shared_ptr<grpc::Channel> channel =
+      grpc::CreateCustomChannel(opts.server, credentials, channel_args);
   Call call{env, opts, channel, v1::FleetService::NewStub(channel), timeout};
 
   // One connection attempt bounded by the timeout (and by 10 s for verbs

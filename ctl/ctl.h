@@ -1,6 +1,11 @@
 // portfleetctl: the command-line client of the agent's FleetService.
 //
-//   portfleetctl [--server ADDR] [-o table|json] [--timeout DURATION] COMMAND
+//   portfleetctl [--server ADDR] [-o table|json] [--timeout DURATION]
+//                [--tls-cert FILE --tls-key FILE [--tls-ca FILE]] COMMAND
+//
+// A HOST:PORT server is reached with TLS when any --tls-* flag (or
+// PORTFLEET_TLS_CERT, PORTFLEET_TLS_KEY, PORTFLEET_TLS_CA) is set, presenting
+// the client certificate the agent's remote listener requires.
 //
 // Everything but main() lives here so that tests run commands in-process:
 // Run() takes the arguments (without argv[0]) and a CtlEnv that carries the
@@ -30,7 +35,8 @@ inline constexpr char kDefaultServer[] = "unix:///run/portfleet/api.sock";
 struct CtlEnv {
   std::ostream* out = nullptr;  // results
   std::ostream* err = nullptr;  // errors, once, as "portfleetctl: <message>"
-  // Environment lookup (PORTFLEET_SERVER); null = no environment.
+  // Environment lookup (PORTFLEET_SERVER, PORTFLEET_TLS_*); null = no
+  // environment.
   std::function<std::optional<std::string>(const std::string&)> getenv;
   // Set (by a SIGINT handler) to stop `events` and `top`; may be null.
   const std::atomic<bool>* interrupted = nullptr;

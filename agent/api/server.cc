@@ -15,10 +15,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "worker/sdk/fd.h"
 #include "worker/sdk/log.h"
 #include "worker/sdk/status.h"
@@ -136,6 +139,69 @@ void CommonOptions(grpc::ServerBuilder& builder,
                              options.max_concurrent_streams);
 }
 
+// Reads a PEM file and checks that it holds a `kind` block ("CERTIFICATE",
+// "PRIVATE KEY").
+absl::StatusOr<std::string> ReadPem(const std::string& path, const char* what,
+                                    const char* flag, const char* kind) {
+  if (path.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("TLS API listener needs ", what, " (", flag, ")"));
+  }
+  ASSIGN_OR_RETURN(std::string pem, ReadSmallFile(path, what));
+  if (pem.find("-----BEGIN ") == std::string::npos ||
+      pem.find(absl::StrCat(kind, "-----")) == std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " ", path, ": no PEM ", kind,
+                     " block (-----BEGIN ...", kind, "-----) found"));
+  }
+  return pem;
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> TlsCredentials(
+    const ApiServerOptions& options) {
+  ASSIGN_OR_RETURN(std::string cert,
+                   ReadPem(options.tls_cert, "TLS certificate",
+                           "--api-tls-cert", "CERTIFICATE"));
+  ASSIGN_OR_RETURN(std::string key, ReadPem(options.tls_key, "TLS key",
+                                            "--api-tls-key", "PRIVATE KEY"));
+  ASSIGN_OR_RETURN(std::string ca,
+                   ReadPem(options.tls_client_ca, "TLS client CA",
+                           "--api-tls-client-ca", "CERTIFICATE"));
+  if (options.authz_policy_file.empty()) {
+    return absl::InvalidArgumentError(
+        "TLS API listener needs an authorization policy file "
+        "(--api-authz-policy)");
+  }
+  grpc::SslServerCredentialsOptions ssl(
+      GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  ssl.pem_root_certs = ca;
+  ssl.pem_key_cert_pairs.push_back({key, cert});
+  return grpc::SslServerCredentials(ssl);
+}
+
+// The authorizer of the TLS listener's FleetService.
+grpc::Status Authorize(AuthzPolicyFile& authz, grpc::CallbackServerContext* ctx,
+                       const std::string& method) {
+  std::vector<std::string> principals;
+  if (std::shared_ptr<const grpc::AuthContext> auth = ctx->auth_context()) {
+    principals = PeerPrincipals(*auth);
+  }
+  AuthzDecision d = authz.Check(principals, method);
+  if (d.allowed) return grpc::Status::OK;
+  const std::string who =
+      principals.empty()
+          ? std::string("a client without a name")
+          : absl::StrCat("\"", absl::StrJoin(principals, "\", \""), "\"");
+  std::string message = absl::StrCat(
+      "permission denied: ", who, " may not call ", method,
+      " (authorization policy \"", authz.policy_name(), "\": ",
+      d.rule.empty() ? std::string("no allow rule matches")
+                     : absl::StrCat("denied by rule \"", d.rule, "\""),
+      ")");
+  PF_LOG(INFO) << "API: " << message << " [peer " << ctx->peer() << "]";
+  return grpc::Status(grpc::PERMISSION_DENIED, message);
+}
+
 }  // namespace
 
 absl::StatusOr<std::string> UnixSocketPath(const std::string& address) {
@@ -169,6 +235,24 @@ absl::StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
 
   std::unique_ptr<ApiServer> server(new ApiServer());
+
+  // Everything the TLS listener needs is read before anything is served, so
+  // that a bad file fails Start cleanly.
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> tls_credentials;
+  FleetServiceOptions tls_service_options = options.service;
+  if (!options.tls_address.empty()) {
+    tls_credentials = TlsCredentials(options);
+    if (!tls_credentials.ok()) return tls_credentials.status();
+    ASSIGN_OR_RETURN(server->authz_,
+                     AuthzPolicyFile::Load(options.authz_policy_file));
+    PF_LOG(INFO) << "authorization policy \"" << server->authz_->policy_name()
+                 << "\" loaded from " << options.authz_policy_file;
+    tls_service_options.authorize = [authz = server->authz_.get()](
+                                        grpc::CallbackServerContext* ctx,
+                                        const std::string& method) {
+      return Authorize(*authz, ctx, method);
+    };
+  }
 
   if (!options.address.empty()) {
     ASSIGN_OR_RETURN(std::string path, UnixSocketPath(options.address));
@@ -237,47 +321,24 @@ absl::StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(
   }
 
   if (!options.tls_address.empty()) {
-    if (options.tls_cert.empty() || options.tls_key.empty() ||
-        options.tls_client_ca.empty()) {
-      return absl::InvalidArgumentError(
-          "TLS API listener needs a certificate, a key and a client CA");
-    }
-    if (options.authz_policy_file.empty()) {
-      return absl::InvalidArgumentError(
-          "TLS API listener needs an authorization policy file");
-    }
-    // TODO(issue 4): enforce the policy. Debian's gRPC 1.51 does not ship
-    // grpc_authorization_provider, so the policy must be checked in the
-    // service; until then the TLS listener refuses to start.
-    return absl::UnimplementedError(
-        "TLS API listener: authorization policies are not implemented yet");
-    ASSIGN_OR_RETURN(std::string cert,
-                     ReadSmallFile(options.tls_cert, "TLS certificate"));
-    ASSIGN_OR_RETURN(std::string key,
-                     ReadSmallFile(options.tls_key, "TLS key"));
-    ASSIGN_OR_RETURN(std::string ca,
-                     ReadSmallFile(options.tls_client_ca, "TLS client CA"));
-    grpc::SslServerCredentialsOptions ssl(
-        GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
-    ssl.pem_root_certs = ca;
-    ssl.pem_key_cert_pairs.push_back({key, cert});
-
-    server->tls_service_ =
-        std::make_unique<FleetServiceImpl>(controller, options.service);
     grpc::ServerBuilder builder;
     CommonOptions(builder, options);
-    builder.AddListeningPort(options.tls_address,
-                             grpc::SslServerCredentials(ssl),
+    builder.AddListeningPort(options.tls_address, *std::move(tls_credentials),
                              &server->tls_port_);
+    server->tls_service_ =
+        std::make_unique<FleetServiceImpl>(controller, tls_service_options);
     builder.RegisterService(server->tls_service_.get());
     server->tls_server_ = builder.BuildAndStart();
     if (server->tls_server_ == nullptr || server->tls_port_ == 0) {
-      return absl::UnavailableError(
-          absl::StrCat("cannot serve the TLS API on ", options.tls_address));
+      return absl::UnavailableError(absl::StrCat(
+          "cannot serve the TLS API on ", options.tls_address,
+          " (address in use or not local, or the key in ", options.tls_key,
+          " does not match the certificate in ", options.tls_cert, ")"));
     }
     server->tls_server_->GetHealthCheckService()->SetServingStatus(false);
     PF_LOG(INFO) << "API serving with mutual TLS on " << options.tls_address
-                 << " (port " << server->tls_port_ << ")";
+                 << " (port " << server->tls_port_ << "), authorization policy "
+                 << options.authz_policy_file;
   }
   return server;
 }

@@ -15,6 +15,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "agent/api/authz.h"
 #include "agent/api/service.h"
 #include "agent/controller.h"
 
@@ -35,9 +36,13 @@ struct ApiServerOptions {
   std::string tls_cert;       // PEM file: server certificate chain
   std::string tls_key;        // PEM file: server private key
   std::string tls_client_ca;  // PEM file: CA(s) that sign client certificates
-  // gRPC authorization policy (JSON) for the TLS listener, reloaded when the
-  // file changes. Required with tls_address: the remote listener is never
-  // open to every certificate holder by accident.
+  // gRPC authorization policy (JSON, see authz.h) for the TLS listener,
+  // re-read when the file changes (looked at no more than once per second,
+  // on a call). Required with tls_address: the remote listener is never open
+  // to every certificate holder by accident. FleetService calls on the TLS
+  // listener are authorized by the client certificate's URI/DNS SANs (else
+  // its CN); health and reflection stay open. The unix socket is guarded by
+  // its file permissions only.
   std::string authz_policy_file;
   // Largest request or response message.
   int max_message_bytes = 4 << 20;
@@ -71,6 +76,8 @@ class ApiServer {
  private:
   ApiServer() = default;
 
+  // Declared first: the TLS service's authorizer uses it until the end.
+  std::unique_ptr<AuthzPolicyFile> authz_;
   std::unique_ptr<FleetServiceImpl> service_;
   std::unique_ptr<FleetServiceImpl> tls_service_;
   std::unique_ptr<grpc::Server> server_;

@@ -253,9 +253,13 @@ FleetServiceImpl::FleetServiceImpl(FleetController* controller,
 FleetServiceImpl::~FleetServiceImpl() = default;
 
 grpc::ServerUnaryReactor* FleetServiceImpl::Run(
-    grpc::CallbackServerContext* ctx, absl::Status check,
+    grpc::CallbackServerContext* ctx, const char* method, absl::Status check,
     std::function<absl::Status()> work) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (grpc::Status denied = Authorize(ctx, method); !denied.ok()) {
+    reactor->Finish(denied);
+    return reactor;
+  }
   if (!check.ok()) {
     reactor->Finish(ToGrpcStatus(check));
     return reactor;
@@ -281,6 +285,14 @@ grpc::ServerUnaryReactor* FleetServiceImpl::Run(
   return reactor;
 }
 
+grpc::Status FleetServiceImpl::Authorize(grpc::CallbackServerContext* ctx,
+                                         const char* method) {
+  if (!options_.authorize) return grpc::Status::OK;
+  return options_.authorize(
+      ctx,
+      absl::StrCat("/", v1::FleetService::service_full_name(), "/", method));
+}
+
 void FleetServiceImpl::FillListener(const std::string& name,
                                     v1::ListenerState* out) {
   absl::StatusOr<ListenerStatus> l = controller_->GetListener(name);
@@ -290,19 +302,21 @@ void FleetServiceImpl::FillListener(const std::string& name,
 grpc::ServerUnaryReactor* FleetServiceImpl::ListListeners(
     grpc::CallbackServerContext* ctx, const v1::ListListenersRequest* req,
     v1::ListListenersResponse* resp) {
-  return Run(ctx, absl::OkStatus(), [this, resp]() -> absl::Status {
-    absl::StatusOr<std::vector<ListenerStatus>> all =
-        controller_->ListListeners();
-    if (!all.ok()) return all.status();
-    for (const ListenerStatus& l : *all) *resp->add_listeners() = ToProto(l);
-    return absl::OkStatus();
-  });
+  return Run(ctx, "ListListeners", absl::OkStatus(),
+             [this, resp]() -> absl::Status {
+               absl::StatusOr<std::vector<ListenerStatus>> all =
+                   controller_->ListListeners();
+               if (!all.ok()) return all.status();
+               for (const ListenerStatus& l : *all)
+                 *resp->add_listeners() = ToProto(l);
+               return absl::OkStatus();
+             });
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::GetListener(
     grpc::CallbackServerContext* ctx, const v1::GetListenerRequest* req,
     v1::GetListenerResponse* resp) {
-  return Run(ctx, ValidateName(req->name(), "name"),
+  return Run(ctx, "GetListener", ValidateName(req->name(), "name"),
              [this, req, resp]() -> absl::Status {
                absl::StatusOr<ListenerStatus> l =
                    controller_->GetListener(req->name());
@@ -315,7 +329,7 @@ grpc::ServerUnaryReactor* FleetServiceImpl::GetListener(
 grpc::ServerUnaryReactor* FleetServiceImpl::ListShards(
     grpc::CallbackServerContext* ctx, const v1::ListShardsRequest* req,
     v1::ListShardsResponse* resp) {
-  return Run(ctx, ValidateName(req->name(), "name"),
+  return Run(ctx, "ListShards", ValidateName(req->name(), "name"),
              [this, req, resp]() -> absl::Status {
                absl::StatusOr<ListenerStatus> l =
                    controller_->GetListener(req->name());
@@ -330,23 +344,25 @@ grpc::ServerUnaryReactor* FleetServiceImpl::ListShards(
 grpc::ServerUnaryReactor* FleetServiceImpl::GetStatus(
     grpc::CallbackServerContext* ctx, const v1::GetStatusRequest* req,
     v1::GetStatusResponse* resp) {
-  return Run(ctx, absl::OkStatus(), [this, resp]() -> absl::Status {
-    AgentStatus s = controller_->GetStatus();
-    resp->set_version(s.version);
-    resp->set_uptime_seconds(absl::ToInt64Seconds(absl::Now() - s.started));
-    resp->set_start_time_unix(absl::ToUnixSeconds(s.started));
-    resp->set_bpf_steering_active(s.bpf_steering_active);
-    resp->set_bpf_unavailable_reason(s.bpf_unavailable_reason);
-    resp->set_listeners(s.listeners);
-    resp->set_serving(s.serving);
-    return absl::OkStatus();
-  });
+  return Run(
+      ctx, "GetStatus", absl::OkStatus(), [this, resp]() -> absl::Status {
+        AgentStatus s = controller_->GetStatus();
+        resp->set_version(s.version);
+        resp->set_uptime_seconds(absl::ToInt64Seconds(absl::Now() - s.started));
+        resp->set_start_time_unix(absl::ToUnixSeconds(s.started));
+        resp->set_bpf_steering_active(s.bpf_steering_active);
+        resp->set_bpf_unavailable_reason(s.bpf_unavailable_reason);
+        resp->set_listeners(s.listeners);
+        resp->set_serving(s.serving);
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::CreateListener(
     grpc::CallbackServerContext* ctx, const v1::CreateListenerRequest* req,
     v1::CreateListenerResponse* resp) {
-  return Run(ctx, ValidateListenerField(req->listener(), req->has_listener()),
+  return Run(ctx, "CreateListener",
+             ValidateListenerField(req->listener(), req->has_listener()),
              [this, req, resp]() -> absl::Status {
                absl::Status s = controller_->CreateListener(req->listener());
                if (s.ok()) {
@@ -359,7 +375,8 @@ grpc::ServerUnaryReactor* FleetServiceImpl::CreateListener(
 grpc::ServerUnaryReactor* FleetServiceImpl::UpdateListener(
     grpc::CallbackServerContext* ctx, const v1::UpdateListenerRequest* req,
     v1::UpdateListenerResponse* resp) {
-  return Run(ctx, ValidateListenerField(req->listener(), req->has_listener()),
+  return Run(ctx, "UpdateListener",
+             ValidateListenerField(req->listener(), req->has_listener()),
              [this, req, resp]() -> absl::Status {
                absl::Status s = controller_->UpdateListener(req->listener());
                if (s.ok()) {
@@ -372,7 +389,7 @@ grpc::ServerUnaryReactor* FleetServiceImpl::UpdateListener(
 grpc::ServerUnaryReactor* FleetServiceImpl::DeleteListener(
     grpc::CallbackServerContext* ctx, const v1::DeleteListenerRequest* req,
     v1::DeleteListenerResponse* resp) {
-  return Run(ctx, ValidateName(req->name(), "name"),
+  return Run(ctx, "DeleteListener", ValidateName(req->name(), "name"),
              [this, req] { return controller_->DeleteListener(req->name()); });
 }
 
@@ -384,7 +401,7 @@ grpc::ServerUnaryReactor* FleetServiceImpl::ScaleListener(
     check = absl::InvalidArgumentError(absl::StrCat(
         "shards: ", req->shards(), " is out of range (1-", kMaxShards, ")"));
   }
-  return Run(ctx, check, [this, req, resp]() -> absl::Status {
+  return Run(ctx, "ScaleListener", check, [this, req, resp]() -> absl::Status {
     absl::Status s = controller_->ScaleListener(req->name(), req->shards());
     if (s.ok()) FillListener(req->name(), resp->mutable_listener());
     return s;
@@ -396,16 +413,17 @@ grpc::ServerUnaryReactor* FleetServiceImpl::RollOutListener(
     v1::RollOutListenerResponse* resp) {
   absl::Status check = ValidateName(req->name(), "name");
   if (check.ok() && req->max_surge() > kMaxShards) {
-    check = absl::InvalidArgumentError(absl::StrCat(
-        "max_surge: ", req->max_surge(), " is out of range (0-", kMaxShards,
-        ")"));
+    check = absl::InvalidArgumentError(
+        absl::StrCat("max_surge: ", req->max_surge(), " is out of range (0-",
+                     kMaxShards, ")"));
   }
-  return Run(ctx, check, [this, req, resp]() -> absl::Status {
-    absl::Status s =
-        controller_->RollOut(req->name(), req->worker(), req->max_surge());
-    if (s.ok()) FillListener(req->name(), resp->mutable_listener());
-    return s;
-  });
+  return Run(
+      ctx, "RollOutListener", check, [this, req, resp]() -> absl::Status {
+        absl::Status s =
+            controller_->RollOut(req->name(), req->worker(), req->max_surge());
+        if (s.ok()) FillListener(req->name(), resp->mutable_listener());
+        return s;
+      });
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::DrainShard(
@@ -416,7 +434,7 @@ grpc::ServerUnaryReactor* FleetServiceImpl::DrainShard(
     check = absl::InvalidArgumentError(absl::StrCat(
         "index: ", req->index(), " is out of range (0-", kMaxShards - 1, ")"));
   }
-  return Run(ctx, check, [this, req, resp]() -> absl::Status {
+  return Run(ctx, "DrainShard", check, [this, req, resp]() -> absl::Status {
     absl::Status s = controller_->DrainShard(req->name(), req->index());
     if (s.ok()) FillListener(req->name(), resp->mutable_listener());
     return s;
@@ -431,7 +449,7 @@ grpc::ServerUnaryReactor* FleetServiceImpl::SetSteering(
     check = absl::InvalidArgumentError("steering: required");
   }
   if (check.ok()) check = ValidateSteering(req->steering(), "steering");
-  return Run(ctx, check, [this, req, resp]() -> absl::Status {
+  return Run(ctx, "SetSteering", check, [this, req, resp]() -> absl::Status {
     absl::Status s = controller_->SetSteering(req->name(), req->steering());
     if (s.ok()) FillListener(req->name(), resp->mutable_listener());
     return s;
@@ -567,6 +585,9 @@ class RejectedWriter final
 grpc::ServerWriteReactor<v1::WatchEventsResponse>*
 FleetServiceImpl::WatchEvents(grpc::CallbackServerContext* ctx,
                               const v1::WatchEventsRequest* req) {
+  if (grpc::Status denied = Authorize(ctx, "WatchEvents"); !denied.ok()) {
+    return new RejectedWriter(std::move(denied));
+  }
   if (!req->listener().empty()) {
     absl::Status s = ValidateName(req->listener(), "listener");
     if (!s.ok()) return new RejectedWriter(ToGrpcStatus(s));

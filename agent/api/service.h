@@ -42,6 +42,12 @@ absl::Status ValidateName(const std::string& name, const std::string& field);
 absl::Status ValidateSteering(const v1::Steering& steering,
                               const std::string& field);
 
+// Decides whether a call may run before anything else is looked at: OK lets
+// it run; any other status finishes the call with it. `method` is the full
+// path, "/portfleet.v1.FleetService/ScaleListener".
+using CallAuthorizer = std::function<grpc::Status(
+    grpc::CallbackServerContext* ctx, const std::string& method)>;
+
 struct FleetServiceOptions {
   // Threads that run controller calls.
   int worker_threads = 4;
@@ -51,6 +57,8 @@ struct FleetServiceOptions {
   size_t max_queued_events = 256;
   // Concurrent WatchEvents streams.
   int max_watchers = 32;
+  // Checked for every RPC, WatchEvents included; empty = every call may run.
+  CallAuthorizer authorize;
 };
 
 class CallRunner;
@@ -108,13 +116,16 @@ class FleetServiceImpl final : public v1::FleetService::CallbackService {
                                         v1::SetSteeringResponse* resp) override;
 
  private:
-  // Validates with `check` (inline), then runs `work` on the pool and
-  // finishes the call with its status.
+  // Authorizes the call to `method` ("ScaleListener"), validates with
+  // `check` (inline), then runs `work` on the pool and finishes the call with
+  // its status.
   grpc::ServerUnaryReactor* Run(grpc::CallbackServerContext* ctx,
-                                absl::Status check,
+                                const char* method, absl::Status check,
                                 std::function<absl::Status()> work);
   // Fills `out` with the listener's state after a successful mutation.
   void FillListener(const std::string& name, v1::ListenerState* out);
+  // OK when there is no authorizer or it lets the call to `method` run.
+  grpc::Status Authorize(grpc::CallbackServerContext* ctx, const char* method);
 
   FleetController* const controller_;
   const FleetServiceOptions options_;

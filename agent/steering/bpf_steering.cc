@@ -64,7 +64,7 @@ void RouteLibbpfLogging() {
 absl::Status BpfError(int err, absl::string_view what) {
   std::string hint;
   if (err == EPERM || err == EACCES) {
-    hint = " (needs CAP_BPF and CAP_NET_ADMIN)";
+    hint = " (needs CAP_BPF)";
   }
   absl::Status s = absl::ErrnoToStatus(err, "");
   return absl::Status(s.code(),

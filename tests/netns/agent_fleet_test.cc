@@ -264,5 +264,31 @@ TEST(AgentFleetTest, IPv6ListenerServes) {
   EXPECT_EQ(r.listener, "web6");
 }
 
+// --takeover=auto on a host without a running agent starts normally.
+TEST(AgentFleetTest, TakeoverAutoWithoutARunningAgentStartsNormally) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  ASSERT_TRUE(agent.Start(Spec(2), {"--takeover=auto"}).ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  EXPECT_THAT(agent.Log(), HasSubstr("--takeover=auto: no agent answers on"));
+}
+
+TEST(AgentFleetTest, UsageErrors) {
+  for (const std::vector<std::string>& args :
+       std::vector<std::vector<std::string>>{
+           {"--bogus"}, {"--config"}, {"--takeover=sometimes"},
+           {"--log-level", "loud"}, {"--check"}}) {
+    TempDir dir;
+    Subprocess p;
+    std::vector<std::string> argv = {BinaryPath("portfleet-agent")};
+    argv.insert(argv.end(), args.begin(), args.end());
+    ASSERT_TRUE(p.Start(argv, dir.path() + "/log").ok());
+    std::optional<int> status = p.Wait(absl::Seconds(10));
+    ASSERT_TRUE(status.has_value());
+    EXPECT_EQ(WEXITSTATUS(*status), 2) << args[0];
+    EXPECT_THAT(p.Log(), HasSubstr("Run 'portfleet-agent --help' for usage."));
+  }
+}
+
 }  // namespace
 }  // namespace portfleet::testing
