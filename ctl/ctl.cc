@@ -560,7 +560,7 @@ grpc::Status HealthCheck(const Call& call, const std::string& service,
   std::string req;
   if (!service.empty()) {
     req.push_back(0x0a);
-    for (uint64_t n = service.size(); ; n >>= 7) {  // varint length
+    for (uint64_t n = service.size();; n >>= 7) {  // varint length
       if (n < 0x80) {
         req.push_back(static_cast<char>(n));
         break;
@@ -1220,7 +1220,13 @@ int Run(const CtlEnv& env, const std::vector<std::string>& args) {
       return Fail(env, kExitUnreachable,
                   absl::StrCat("cannot reach the agent at ", opts.server,
                                " (is portfleet-agent running? set --server "
-                               "or PORTFLEET_SERVER)"));
+                               "or PORTFLEET_SERVER",
+                               opts.tls_cert.empty() && opts.tls_ca.empty()
+                                   ? ""
+                                   : "; with TLS, check that the agent "
+                                     "accepts the --tls-cert and that "
+                                     "--tls-ca signed its certificate",
+                               ")"));
     }
   }
   try {

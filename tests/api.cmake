@@ -21,3 +21,17 @@ portfleet_test(api_agent_test
   SOURCES netns/api_agent_test.cc
   LIBS portfleet_api portfleet_testing
   LABELS netns)
+
+# The TLS listener: authorization policy parsing, matching and reloading
+# (api_tls_authz_test); mutual TLS and the policy enforced on a real server
+# with certificates made by the openssl CLI at test time, and portfleetctl's
+# --tls-* flags (api_tls_test).
+portfleet_test(api_tls_authz_test
+  SOURCES unit/api_tls_authz_test.cc
+  LIBS portfleet_api portfleet_testing
+  LABELS unit)
+
+portfleet_test(api_tls_test
+  SOURCES unit/api_tls_test.cc
+  LIBS portfleet_ctl_lib portfleet_api portfleet_testing
+  LABELS unit)
