@@ -100,6 +100,7 @@ absl::StatusOr<std::optional<ControlConnection>> AcceptControlConnection(
   out.fd = std::move((*got)->second);
   out.control = std::move(*channel).ReleaseFd();
   out.peer_pid = cred.pid;
+  out.peer_uid = cred.uid;
   return std::optional<ControlConnection>(std::move(out));
 }
 

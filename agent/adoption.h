@@ -31,6 +31,7 @@ struct ControlConnection {
   Fd fd;       // attached descriptor, if any
   Fd control;  // the connection
   pid_t peer_pid = 0;
+  uid_t peer_uid = 0;
 };
 
 // Binds the control socket at `path` (mode 0600; parent directory created

@@ -272,6 +272,13 @@ absl::Status Fleet::AddListener(const v1::Listener& spec) {
   absl::StatusOr<std::string> command = ResolveCommand(spec.worker().command());
   if (!command.ok()) return fail(command.status());
   listener->command_path = *command;
+  if (!spec.worker().user().empty() || !spec.worker().group().empty()) {
+    absl::StatusOr<Credentials> creds = ResolveCredentials(
+        spec.worker().user().empty() ? std::to_string(::geteuid())
+                                     : spec.worker().user(),
+        spec.worker().group());
+    if (!creds.ok()) return fail(creds.status());
+  }
 
   // Workers left by a previous agent of this listener are replaced (our
   // sockets join their reuseport group; they drain once ours serve). Any
@@ -1135,6 +1142,29 @@ absl::StatusOr<std::unique_ptr<Fleet::Worker>> Fleet::LaunchWorker(
   launch.listen_fd = shard.socket.get();
   launch.control_fd = worker_end.get();
   launch.cpu = shard.cpu;
+  if (!worker_spec.user().empty() || !worker_spec.group().empty()) {
+    std::string user = worker_spec.user().empty()
+                           ? std::to_string(::geteuid())
+                           : worker_spec.user();
+    absl::StatusOr<Credentials> creds =
+        ResolveCredentials(user, worker_spec.group());
+    if (!creds.ok()) {
+      return Annotate(creds.status(), listener.Name(shard));
+    }
+    std::vector<std::string> env;
+    for (std::string& e : launch.env) {
+      if (e.rfind("HOME=", 0) == 0 || e.rfind("USER=", 0) == 0 ||
+          e.rfind("LOGNAME=", 0) == 0) {
+        continue;
+      }
+      env.push_back(std::move(e));
+    }
+    env.push_back("HOME=" + creds->home);
+    env.push_back("USER=" + creds->user);
+    env.push_back("LOGNAME=" + creds->user);
+    launch.env = std::move(env);
+    launch.credentials = std::move(*creds);
+  }
 
   absl::StatusOr<LaunchedProcess> process = launcher_->Launch(launch);
   if (!process.ok()) {
@@ -1217,6 +1247,12 @@ void Fleet::OnControlSocketReadable(int listen_fd) {
     if (!conn->has_value()) return;
     ControlConnection& c = **conn;
     if (c.message.has_takeover_request()) {
+      if (c.peer_uid != ::geteuid()) {
+        PF_LOG(WARNING) << "takeover request from pid " << c.peer_pid
+                        << " refused: it runs as uid " << c.peer_uid
+                        << ", not as this agent's uid " << ::geteuid();
+        continue;
+      }
       if (takeover_handler_) {
         takeover_handler_(std::move(c));
       } else {

@@ -6,6 +6,8 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <grp.h>
+#include <pwd.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -13,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "worker/sdk/status.h"
@@ -86,6 +89,57 @@ absl::StatusOr<std::string> ResolveCommand(const std::string& command) {
                                           "agent binary and in PATH)"));
 }
 
+absl::StatusOr<Credentials> ResolveCredentials(const std::string& user,
+                                               const std::string& group) {
+  Credentials out;
+  std::vector<char> buf(16384);
+  passwd pw{};
+  passwd* found = nullptr;
+  uint32_t numeric;
+  if (absl::SimpleAtoi(user, &numeric)) {
+    ::getpwuid_r(numeric, &pw, buf.data(), buf.size(), &found);
+    out.uid = numeric;
+    out.gid = found ? found->pw_gid : numeric;
+  } else {
+    ::getpwnam_r(user.c_str(), &pw, buf.data(), buf.size(), &found);
+    if (found == nullptr) {
+      return absl::NotFoundError(
+          absl::StrCat("worker.user: no such user '", user, "'"));
+    }
+    out.uid = found->pw_uid;
+    out.gid = found->pw_gid;
+  }
+  out.user = found ? found->pw_name : user;
+  out.home = found ? found->pw_dir : "/";
+  if (!group.empty()) {
+    std::vector<char> gbuf(16384);
+    struct group gr{};
+    struct group* gfound = nullptr;
+    if (absl::SimpleAtoi(group, &numeric)) {
+      out.gid = numeric;
+    } else {
+      ::getgrnam_r(group.c_str(), &gr, gbuf.data(), gbuf.size(), &gfound);
+      if (gfound == nullptr) {
+        return absl::NotFoundError(
+            absl::StrCat("worker.group: no such group '", group, "'"));
+      }
+      out.gid = gfound->gr_gid;
+    }
+  }
+  out.groups.push_back(out.gid);
+  if (found != nullptr) {
+    int n = 64;
+    std::vector<gid_t> groups(n);
+    if (::getgrouplist(found->pw_name, out.gid, groups.data(), &n) < 0) {
+      groups.resize(n);
+      ::getgrouplist(found->pw_name, out.gid, groups.data(), &n);
+    }
+    groups.resize(n);
+    out.groups = groups;
+  }
+  return out;
+}
+
 absl::StatusOr<LaunchedProcess> RealProcessLauncher::Launch(
     const LaunchSpec& spec) {
   if (spec.listen_fd < 0) {
@@ -148,6 +202,12 @@ absl::StatusOr<LaunchedProcess> RealProcessLauncher::Launch(
       ::close(4);
     }
     ::syscall(SYS_close_range, 6, ~0U, 0);
+    if (spec.credentials) {
+      const Credentials& c = *spec.credentials;
+      if (::setgroups(c.groups.size(), c.groups.data()) != 0) fail(errno);
+      if (::setgid(c.gid) != 0) fail(errno);
+      if (::setuid(c.uid) != 0) fail(errno);
+    }
     FormatPid(::getpid(), listen_pid + kPidOffset);
     ::execve(spec.path.c_str(), argv.data(), envp.data());
     fail(errno);

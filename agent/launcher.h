@@ -13,6 +13,19 @@
 
 namespace portfleet {
 
+// A user to run a worker as, resolved from names ahead of fork().
+struct Credentials {
+  uid_t uid = 0;
+  gid_t gid = 0;
+  std::vector<gid_t> groups;  // supplementary groups
+  std::string user;           // for messages and HOME/USER
+  std::string home;
+};
+// "www-data" or "33", and an optional group name/gid. NotFound with a
+// precise message for an unknown user or group.
+absl::StatusOr<Credentials> ResolveCredentials(const std::string& user,
+                                               const std::string& group);
+
 struct LaunchSpec {
   std::string path;               // resolved executable
   std::vector<std::string> argv;  // argv[0] included
@@ -21,6 +34,9 @@ struct LaunchSpec {
   int listen_fd = -1;   // becomes fd 3 (LISTEN_FDS=1)
   int control_fd = -1;  // becomes fd 4 (PORTFLEET_CONTROL_FD=4), -1 = none
   int cpu = -1;         // sched_setaffinity to this CPU before exec, -1 = any
+  // Credentials to switch to before exec (resolved by ResolveCredentials);
+  // unset = keep the agent's.
+  std::optional<struct Credentials> credentials;
 };
 
 struct LaunchedProcess {

@@ -3,6 +3,7 @@
 // outcomes counted from the client side.
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <atomic>
@@ -262,6 +263,55 @@ TEST(AgentFleetTest, IPv6ListenerServes) {
   Reply r = HttpGet("[::1]:8080");
   EXPECT_EQ(r.outcome, Outcome::kOk);
   EXPECT_EQ(r.listener, "web6");
+}
+
+// Steps:
+// 1. A listener whose workers run as "nobody".
+// 2. They serve, and /proc says they run with nobody's uid and gid.
+// 3. An unknown user is a start-up error naming the field.
+TEST(AgentFleetTest, WorkersRunAsTheConfiguredUser) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  // The build tree may not be readable by nobody (e.g. under /root): run a
+  // copy from the test's own 0755 directory.
+  std::string worker = agent.dir().path() + "/portfleet-worker";
+  std::filesystem::copy_file(BinaryPath("portfleet-worker"), worker);
+  ::chmod(worker.c_str(), 0755);
+  ASSERT_TRUE(agent
+                  .Start(absl::StrCat(R"pb(listeners {
+                    name: "web" address: "127.0.0.1:8080" shards: 2
+                    worker {
+                      command: ")pb",
+                                      worker, R"pb("
+                      args: "--mode=http"
+                      user: "nobody"
+                    }
+                  })pb"))
+                  .ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  std::map<int, pid_t> workers = agent.WorkersByShard();
+  ASSERT_EQ(workers.size(), 2u);
+  for (const auto& [shard, pid] : workers) {
+    std::string status = ReadFileOrEmpty(absl::StrCat("/proc/", pid, "/status"));
+    EXPECT_THAT(status, HasSubstr("Uid:\t65534\t65534\t65534\t65534"));
+    EXPECT_EQ(ProcessEnv(pid, "USER"), "nobody");
+  }
+  Tally tally;
+  for (int i = 0; i < 50; ++i) tally.Add(HttpGet(kAddress));
+  EXPECT_EQ(tally.ok, 50) << tally.first_error;
+
+  AgentHarness bad;
+  ASSERT_TRUE(bad.Start(R"pb(listeners {
+                name: "api" address: "127.0.0.1:9090" shards: 1
+                worker { command: "portfleet-worker" user: "no-such-user-x" }
+              })pb")
+                  .ok());
+  std::optional<int> status = bad.process().Wait(absl::Seconds(10));
+  ASSERT_TRUE(status.has_value());
+  EXPECT_EQ(WEXITSTATUS(*status), 1);
+  EXPECT_THAT(bad.Log(), HasSubstr("start-up failed: listener api: "
+                                   "worker.user: no such user "
+                                   "'no-such-user-x'"));
 }
 
 // --takeover=auto on a host without a running agent starts normally.
