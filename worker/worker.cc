@@ -543,7 +543,8 @@ absl::Status Worker::Run() {
     v1::WorkerMessage ready;
     ready.mutable_ready();
     SendControl(ready);
-    next_load_ = absl::Now() + config_.load_interval;
+    // A failed send closes the channel; then there is nothing to report to.
+    if (control_) next_load_ = absl::Now() + config_.load_interval;
   }
 
   epoll_event events[64];

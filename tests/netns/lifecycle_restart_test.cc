@@ -183,14 +183,17 @@ TEST(LifecycleRestartTest, WorkersThatCannotReconnectAreDrainedNotLeaked) {
       absl::StrCat("#!/bin/sh\nunset PORTFLEET_AGENT_SOCKET\nexec ",
                    BinaryPath("portfleet-worker"), " --mode=http\n"));
   ::chmod(script.c_str(), 0755);
+  // Plain literals: clang-format reflows R"pb(...)" pieces.
   ASSERT_TRUE(agent
-                  .Start(absl::StrCat(R"pb(listeners { name: "web"
-                                                       address: "127.0.0.1:8080"
-                                                       shards: 2
-                                                       worker { command: ")pb",
-                                      script, R"pb(                                                   " }
-                    drain_timeout_seconds: 5
-                  })pb"))
+                  .Start(absl::StrCat("listeners {\n"
+                                      "  name: \"web\"\n"
+                                      "  address: \"127.0.0.1:8080\"\n"
+                                      "  shards: 2\n"
+                                      "  worker { command: \"",
+                                      script,
+                                      "\" }\n"
+                                      "  drain_timeout_seconds: 5\n"
+                                      "}\n"))
                   .ok());
   ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
   ASSERT_TRUE(WaitFor([&] { return agent.WorkersByShard().size() == 2; },

@@ -27,15 +27,22 @@ using ::testing::HasSubstr;
 
 constexpr char kAddress[] = "127.0.0.1:8080";
 
+// Plain literals, not R"pb(...)": clang-format reflows textproto raw
+// strings, which would pad the pieces this function splices together.
 std::string Spec(int shards, const std::string& mode) {
   return absl::StrCat(
-      R"pb(listeners { name: "web" address: "127.0.0.1:8080" shards:)pb",
-      shards, R"pb(
-        worker { command: "portfleet-worker" args: "--mode=)pb",
-      mode, R"pb(                 " }
-  drain_timeout_seconds: 10
-  steering { policy: STEERING_POLICY_HASH }
-})pb");
+      "listeners {\n"
+      "  name: \"web\"\n"
+      "  address: \"127.0.0.1:8080\"\n"
+      "  shards: ",
+      shards,
+      "\n"
+      "  worker { command: \"portfleet-worker\" args: \"--mode=",
+      mode,
+      "\" }\n"
+      "  drain_timeout_seconds: 10\n"
+      "  steering { policy: STEERING_POLICY_HASH }\n"
+      "}\n");
 }
 
 std::set<pid_t> Pids(v1::FleetService::Stub& stub) {

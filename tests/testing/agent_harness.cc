@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "tests/testing/client.h"
+#include "tests/testing/netns.h"
 
 namespace portfleet::testing {
 
@@ -24,6 +25,7 @@ AgentHarness::~AgentHarness() {
     agent_.Wait(absl::Seconds(5));
     for (pid_t w : workers) ::kill(w, SIGKILL);
   }
+  KillOthersInPrivateNetns();
   std::error_code ec;
   std::filesystem::remove_all(bpffs_, ec);
 }
@@ -81,6 +83,28 @@ std::map<int, pid_t> AgentHarness::WorkersByShard() const {
     }
   }
   return out;
+}
+
+void KillOthersInPrivateNetns() {
+  char self_ns[64] = {};
+  if (!InPrivateNetns() ||
+      ::readlink("/proc/self/ns/net", self_ns, sizeof(self_ns) - 1) <= 0) {
+    return;  // not in a private namespace: nothing is ours alone
+  }
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc", ec)) {
+    pid_t pid;
+    if (!absl::SimpleAtoi(entry.path().filename().string(), &pid) ||
+        pid == ::getpid()) {
+      continue;
+    }
+    char ns[64] = {};
+    std::string link = absl::StrCat("/proc/", pid, "/ns/net");
+    if (::readlink(link.c_str(), ns, sizeof(ns) - 1) > 0 &&
+        std::string(ns) == self_ns) {
+      ::kill(pid, SIGKILL);
+    }
+  }
 }
 
 std::optional<std::string> ProcessEnv(pid_t pid, const std::string& name) {

@@ -58,6 +58,11 @@ class AgentHarness {
   int starts_ = 0;
 };
 
+// When this process is in a private network namespace, SIGKILLs every other
+// process in it (workers a killed agent left behind, second agents): each
+// test's namespace is its own, so nothing outlives the test.
+void KillOthersInPrivateNetns();
+
 // Value of NAME in /proc/PID/environ, or nullopt.
 std::optional<std::string> ProcessEnv(pid_t pid, const std::string& name);
 

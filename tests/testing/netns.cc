@@ -18,10 +18,17 @@ bool PrivilegedRequired() {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
+namespace {
+bool g_in_private_netns = false;
+}  // namespace
+
+bool InPrivateNetns() { return g_in_private_netns; }
+
 absl::Status EnterPrivateNetns() {
   if (::unshare(CLONE_NEWNET) != 0) {
     return ErrnoError("unshare(CLONE_NEWNET)");
   }
+  g_in_private_netns = true;
   Fd sock(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
   if (!sock) return ErrnoError("socket for SIOCSIFFLAGS");
   ifreq ifr{};

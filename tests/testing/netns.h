@@ -17,6 +17,8 @@ bool PrivilegedRequired();
 // Moves the calling process (which must be single-threaded) into a new
 // network namespace and brings up "lo". Children inherit the namespace.
 absl::Status EnterPrivateNetns();
+// True once EnterPrivateNetns has succeeded in this process.
+bool InPrivateNetns();
 
 }  // namespace portfleet::testing
 
