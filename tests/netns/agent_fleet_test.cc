@@ -177,8 +177,10 @@ TEST(AgentFleetTest, SigtermStopsAllWorkersAndExitsZero) {
 TEST(AgentFleetTest, StragglerIsKilledAfterDrainTimeout) {
   PF_ENTER_NETNS_OR_SKIP();
   AgentHarness agent;
+  std::string marker = agent.dir().path() + "/trapped";
   std::string script = agent.dir().WriteFile(
-      "stubborn.sh", "#!/bin/sh\ntrap '' TERM\nwhile :; do sleep 1; done\n");
+      "stubborn.sh", absl::StrCat("#!/bin/sh\ntrap '' TERM\ntouch ", marker,
+                                  "\nwhile :; do sleep 1; done\n"));
   ::chmod(script.c_str(), 0755);
   ASSERT_TRUE(agent
                   .Start(absl::StrCat(R"pb(listeners {
@@ -187,7 +189,8 @@ TEST(AgentFleetTest, StragglerIsKilledAfterDrainTimeout) {
                                       script, R"pb(" }
                     drain_timeout_seconds: 1 })pb"))
                   .ok());
-  ASSERT_TRUE(WaitFor([&] { return agent.WorkersByShard().size() == 1; },
+  // The worker ignores SIGTERM once its trap is set.
+  ASSERT_TRUE(WaitFor([&] { return ::access(marker.c_str(), F_OK) == 0; },
                       absl::Seconds(10)));
   agent.process().Signal(SIGTERM);
   std::optional<int> status = agent.process().Wait(absl::Seconds(10));
