@@ -8,8 +8,8 @@
 #include <unistd.h>
 
 #include <cstring>
-#include <map>
 #include <filesystem>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -33,9 +33,9 @@ absl::StatusOr<Fd> ListenControlSocket(const std::string& path) {
   if (!dir.empty() && !std::filesystem::exists(dir, ec)) {
     std::filesystem::create_directories(dir, ec);
     if (ec) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "creating ", dir.string(), " for the control socket: ",
-          ec.message()));
+      return absl::FailedPreconditionError(
+          absl::StrCat("creating ", dir.string(),
+                       " for the control socket: ", ec.message()));
     }
     ::chmod(dir.c_str(), 0750);
   }
@@ -49,9 +49,9 @@ absl::StatusOr<Fd> ListenControlSocket(const std::string& path) {
     Fd probe(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
     if (probe && ::connect(probe.get(), reinterpret_cast<sockaddr*>(&addr),
                            sizeof(addr)) == 0) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "another agent is listening on the control socket ", path,
-          " (use --takeover to take over from it)"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("another agent is listening on the control socket ",
+                       path, " (use --takeover to take over from it)"));
     }
     ::unlink(path.c_str());
   }
@@ -82,7 +82,8 @@ absl::StatusOr<std::optional<ControlConnection>> AcceptControlConnection(
   ::getsockopt(conn.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len);
   pollfd p{conn.get(), POLLIN, 0};
   ::poll(&p, 1, static_cast<int>(absl::ToInt64Milliseconds(wait)));
-  absl::StatusOr<ControlChannel> channel = ControlChannel::Adopt(std::move(conn));
+  absl::StatusOr<ControlChannel> channel =
+      ControlChannel::Adopt(std::move(conn));
   if (!channel.ok()) return channel.status();
   absl::StatusOr<std::optional<std::pair<v1::WorkerMessage, Fd>>> got =
       channel->ReceiveWithFd<v1::WorkerMessage>();
@@ -91,9 +92,9 @@ absl::StatusOr<std::optional<ControlConnection>> AcceptControlConnection(
                     absl::StrCat("control connection from pid ", cred.pid));
   }
   if (!got->has_value()) {
-    return absl::DeadlineExceededError(absl::StrCat(
-        "control connection from pid ", cred.pid, " sent nothing within ",
-        absl::FormatDuration(wait)));
+    return absl::DeadlineExceededError(
+        absl::StrCat("control connection from pid ", cred.pid,
+                     " sent nothing within ", absl::FormatDuration(wait)));
   }
   ControlConnection out;
   out.message = std::move((*got)->first);
@@ -143,7 +144,8 @@ absl::StatusOr<TakeoverGrant> RequestTakeover(const std::string& control_path,
   auto fail = [&](const absl::Status& s) {
     return Annotate(s, absl::StrCat("takeover via ", control_path));
   };
-  absl::StatusOr<ControlChannel> channel = ControlChannel::Connect(control_path);
+  absl::StatusOr<ControlChannel> channel =
+      ControlChannel::Connect(control_path);
   if (!channel.ok()) return fail(channel.status());
   absl::Time deadline = absl::Now() + timeout;
   while (channel->connecting()) {
@@ -176,9 +178,9 @@ absl::StatusOr<TakeoverGrant> RequestTakeover(const std::string& control_path,
     v1::AgentMessage& msg = (*got)->first;
     if (msg.has_takeover_end()) {
       if (msg.takeover_end().shards() != grant.sockets.size()) {
-        return fail(absl::DataLossError(absl::StrCat(
-            "expected ", msg.takeover_end().shards(), " sockets, got ",
-            grant.sockets.size())));
+        return fail(absl::DataLossError(
+            absl::StrCat("expected ", msg.takeover_end().shards(),
+                         " sockets, got ", grant.sockets.size())));
       }
       break;
     }
@@ -222,10 +224,10 @@ absl::Status GrantTakeover(int connection,
     v1::AgentMessage msg;
     *msg.mutable_takeover_shard()->mutable_listener() = s.listener;
     msg.mutable_takeover_shard()->set_shard(s.shard);
-    RETURN_IF_ERROR(Annotate(send(msg, s.fd),
-                             absl::StrCat("sending listener ",
-                                          s.listener.name(), " shard ",
-                                          s.shard, " to the new agent")));
+    RETURN_IF_ERROR(
+        Annotate(send(msg, s.fd),
+                 absl::StrCat("sending listener ", s.listener.name(), " shard ",
+                              s.shard, " to the new agent")));
   }
   v1::AgentMessage end;
   end.mutable_takeover_end()->set_shards(static_cast<uint32_t>(shards.size()));
@@ -246,8 +248,8 @@ void SendDrain(int control, uint32_t deadline_ms) {
   v1::AgentMessage msg;
   msg.mutable_drain()->set_deadline_ms(deadline_ms);
   std::string bytes = msg.SerializeAsString();
-  ssize_t unused = ::send(control, bytes.data(), bytes.size(),
-                          MSG_DONTWAIT | MSG_NOSIGNAL);
+  ssize_t unused =
+      ::send(control, bytes.data(), bytes.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
   (void)unused;
 }
 

@@ -20,8 +20,8 @@ namespace portfleet {
 // A worker that reconnected and handed its listening socket back.
 struct Adoptee {
   v1::WorkerHello hello;
-  Fd socket;   // our own descriptor of the worker's listening socket
-  Fd control;  // the connection, which becomes its control channel
+  Fd socket;           // our own descriptor of the worker's listening socket
+  Fd control;          // the connection, which becomes its control channel
   pid_t peer_pid = 0;  // from SO_PEERCRED
 };
 

@@ -1,17 +1,16 @@
 #include "agent/agent.h"
 
+#include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cstdio>
 #include <iostream>
 #include <thread>
-
-#include <fcntl.h>
-#include <sys/socket.h>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -21,12 +20,12 @@
 #include "agent/event_loop.h"
 #include "agent/fleet.h"
 #include "agent/fleet_controller.h"
-#include "agent/metrics/metrics_server.h"
-#include "agent/steering/steering.h"
-#include "worker/sdk/control_channel.h"
 #include "agent/launcher.h"
+#include "agent/metrics/metrics_server.h"
 #include "agent/sockets.h"
 #include "agent/spec.h"
+#include "agent/steering/steering.h"
+#include "worker/sdk/control_channel.h"
 #include "worker/sdk/log.h"
 #include "worker/sdk/status.h"
 
@@ -101,8 +100,10 @@ ParsedArgs ParseAgentArgs(const std::vector<std::string>& args) {
   ParsedArgs out;
   bool check_only = false;
   auto usage_error = [&](const std::string& message) {
-    std::fprintf(stderr, "portfleet-agent: %s\nRun 'portfleet-agent --help' for usage.\n",
-                 message.c_str());
+    std::fprintf(
+        stderr,
+        "portfleet-agent: %s\nRun 'portfleet-agent --help' for usage.\n",
+        message.c_str());
     out.exit_now = true;
     out.exit_code = 2;
     return out;
@@ -241,8 +242,8 @@ int RunAgent(const AgentOptions& options) {
   std::vector<int> cpus = OnlineCpus();
   PF_LOG(INFO) << "portfleet-agent " << kVersion << " starting (pid "
                << ::getpid() << ", config " << options.config << ", "
-               << cpus.size() << " CPUs" << (options.takeover ? ", takeover" : "")
-               << ")";
+               << cpus.size() << " CPUs"
+               << (options.takeover ? ", takeover" : "") << ")";
   const std::string control_path = ControlSocketPath(options);
 
   // Desired state, and sockets that outlive us: a takeover receives the
@@ -298,8 +299,8 @@ int RunAgent(const AgentOptions& options) {
       PF_LOG(INFO) << orphans << " worker(s) of a previous agent found; "
                    << "waiting up to 2s for them to reconnect on "
                    << control_path;
-      adoptees = CollectReconnects(control_socket->get(), orphans,
-                                   absl::Seconds(2));
+      adoptees =
+          CollectReconnects(control_socket->get(), orphans, absl::Seconds(2));
       PF_LOG(INFO) << adoptees.size() << " worker(s) reconnected";
     }
   }
@@ -451,34 +452,33 @@ int RunAgent(const AgentOptions& options) {
   };
   if (takeover) {
     l->AddTimer(absl::ZeroDuration(), check_ready);
-    absl::Status watched =
-        l->AddFd(takeover_connection.get(), [&](uint32_t) {
-          char buf[256];
-          if (::recv(takeover_connection.get(), buf, sizeof(buf),
-                     MSG_DONTWAIT) > 0) {
-            return;
-          }
-          l->RemoveFd(takeover_connection.get());
-          takeover_connection.Reset();
-          if (!takeover_ready_sent) {
-            PF_LOG(ERROR) << "takeover: the old agent went away before our "
-                             "workers were ready; serving on our own";
-          }
-          control_socket = ListenControlSocket(control_path);
-          absl::Status s = control_socket.ok() ? watch_control()
-                                               : control_socket.status();
-          if (s.ok()) s = open_api();
-          if (s.ok()) {
-            s = SaveFleetState(options.state_dir, fleet.DesiredSpec());
-          }
-          if (!s.ok()) {
-            PF_LOG(ERROR) << "takeover: " << s.message()
-                          << "; the fleet keeps serving without them";
-            return;
-          }
-          api->SetServing(true);
-          PF_LOG(INFO) << "takeover complete: this agent serves the API";
-        });
+    absl::Status watched = l->AddFd(takeover_connection.get(), [&](uint32_t) {
+      char buf[256];
+      if (::recv(takeover_connection.get(), buf, sizeof(buf), MSG_DONTWAIT) >
+          0) {
+        return;
+      }
+      l->RemoveFd(takeover_connection.get());
+      takeover_connection.Reset();
+      if (!takeover_ready_sent) {
+        PF_LOG(ERROR) << "takeover: the old agent went away before our "
+                         "workers were ready; serving on our own";
+      }
+      control_socket = ListenControlSocket(control_path);
+      absl::Status s =
+          control_socket.ok() ? watch_control() : control_socket.status();
+      if (s.ok()) s = open_api();
+      if (s.ok()) {
+        s = SaveFleetState(options.state_dir, fleet.DesiredSpec());
+      }
+      if (!s.ok()) {
+        PF_LOG(ERROR) << "takeover: " << s.message()
+                      << "; the fleet keeps serving without them";
+        return;
+      }
+      api->SetServing(true);
+      PF_LOG(INFO) << "takeover complete: this agent serves the API";
+    });
     if (!watched.ok()) {
       PF_LOG(ERROR) << "takeover: " << watched;
       fleet.KillAll();
@@ -585,8 +585,7 @@ int RunAgent(const AgentOptions& options) {
     PF_LOG(ERROR) << added;
     return 1;
   }
-  PF_LOG(INFO) << "fleet serving: " << fleet.listener_count()
-               << " listener(s)";
+  PF_LOG(INFO) << "fleet serving: " << fleet.listener_count() << " listener(s)";
   l->Run();
   l->RemoveFd(sigfd.get());
   if (api_stopper.joinable()) api_stopper.join();

@@ -33,11 +33,11 @@ struct ShardStatus {
   int cpu = -1;  // pinned CPU, -1 = none
   uint32_t restarts = 0;
   uint64_t socket_inode = 0;
-  bool ready = false;                // said ready on its control channel
-  uint32_t queue_depth = 0;          // accept queue, from the kernel
-  uint64_t active_connections = 0;   // from the worker's load reports
+  bool ready = false;               // said ready on its control channel
+  uint32_t queue_depth = 0;         // accept queue, from the kernel
+  uint64_t active_connections = 0;  // from the worker's load reports
   uint64_t accepted_total = 0;
-  ShardCountersView counters;        // from the steering program
+  ShardCountersView counters;  // from the steering program
 };
 
 struct ListenerStatus {

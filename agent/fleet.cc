@@ -1,6 +1,7 @@
 #include "agent/fleet.h"
 
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -11,8 +12,6 @@
 #include <cstring>
 #include <memory>
 #include <set>
-
-#include <sched.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -31,7 +30,7 @@ struct Fleet::Worker {
   LaunchedProcess process;
   Fd control;  // agent end of the control socketpair; may be closed
   absl::Time started;
-  bool hello = false;  // said hello on its control channel
+  bool hello = false;    // said hello on its control channel
   bool adopted = false;  // started by a previous agent; not our child
   bool ready = false;
   // Rollout candidate: called once with (true, "") when it is ready, or
@@ -102,7 +101,7 @@ namespace {
 
 const char* StateName(int state) {
   static const char* kNames[] = {"starting", "running", "backoff",
-                                 "stopping", "stopped",  "draining"};
+                                 "stopping", "stopped", "draining"};
   return kNames[state];
 }
 
@@ -207,8 +206,7 @@ absl::StatusOr<std::unique_ptr<Fleet::Shard>> Fleet::NewShard(
   shard->cpu = pin ? options_.cpus[index % options_.cpus.size()] : -1;
   ShardSocketOptions socket_options{
       .backlog = static_cast<int>(EffectiveBacklog(listener.spec))};
-  absl::StatusOr<Fd> sock =
-      CreateShardSocket(listener.address, socket_options);
+  absl::StatusOr<Fd> sock = CreateShardSocket(listener.address, socket_options);
   if (!sock.ok()) {
     return Annotate(sock.status(), absl::StrCat("shard ", index));
   }
@@ -249,8 +247,8 @@ absl::Status Fleet::ApplySteering(Listener& listener) {
 }
 
 absl::Status Fleet::AddListener(const v1::Listener& spec) {
-  RETURN_IF_ERROR(Annotate(ValidateListener(spec),
-                           absl::StrCat("listener ", spec.name())));
+  RETURN_IF_ERROR(
+      Annotate(ValidateListener(spec), absl::StrCat("listener ", spec.name())));
   const std::string& name = spec.name();
   auto fail = [&](const absl::Status& s) {
     return Annotate(s, absl::StrCat("listener ", name));
@@ -296,13 +294,11 @@ absl::Status Fleet::AddListener(const v1::Listener& spec) {
     }
     std::string who =
         foreign.pid > 0
-            ? absl::StrCat("pid ", foreign.pid, " (", foreign.process_name,
-                           ")")
+            ? absl::StrCat("pid ", foreign.pid, " (", foreign.process_name, ")")
             : absl::StrCat("socket inode ", foreign.inode);
-    return absl::AlreadyExistsError(
-        absl::StrCat("listener ", name, ": address ",
-                     listener->address.ToString(),
-                     " is already in use by another process: ", who));
+    return absl::AlreadyExistsError(absl::StrCat(
+        "listener ", name, ": address ", listener->address.ToString(),
+        " is already in use by another process: ", who));
   }
   bool wants_steering = spec.steering().policy() == v1::STEERING_POLICY_CPU ||
                         spec.steering().weights_size() > 0;
@@ -364,8 +360,8 @@ absl::Status Fleet::AddListener(const v1::Listener& spec) {
         steering_->OpenListener(name);
     if (!steering.ok()) return fail(steering.status());
     listener->steering = std::move(*steering);
-    RETURN_IF_ERROR(fail(listener->steering->AttachTo(
-        listener->shards.front()->socket.get())));
+    RETURN_IF_ERROR(fail(
+        listener->steering->AttachTo(listener->shards.front()->socket.get())));
     for (auto& shard : listener->shards) {
       if (adopt.count(shard->index) > 0) {
         // A handed-back socket is normally still in its slot, and the map
@@ -461,7 +457,8 @@ absl::Status Fleet::GrowListener(Listener& listener, uint32_t target,
   Listener* l = &listener;
   auto undo = [this, l, added](const absl::Status& s) {
     for (Shard* shard : *added) {
-      if (l->steering) l->steering->ClearShardSocket(shard->index).IgnoreError();
+      if (l->steering)
+        l->steering->ClearShardSocket(shard->index).IgnoreError();
       if (shard->restart_timer) {
         loop_->CancelTimer(*shard->restart_timer);
         shard->restart_timer.reset();
@@ -524,10 +521,10 @@ absl::Status Fleet::GrowListener(Listener& listener, uint32_t target,
   for (Shard* shard : *added) {
     Worker* w = shard->worker.get();
     w->on_ready = [waiting, failed, complete, shard, l](bool ok,
-                                                       std::string why) {
+                                                        std::string why) {
       if (!ok && failed->ok()) {
-        *failed = absl::UnavailableError(
-            absl::StrCat(l->Name(*shard), ": ", why));
+        *failed =
+            absl::UnavailableError(absl::StrCat(l->Name(*shard), ": ", why));
       }
       if (--*waiting == 0) complete();
     };
@@ -589,10 +586,11 @@ absl::Status Fleet::ScaleListener(const std::string& name, uint32_t shards,
   absl::Status applied = ApplySteering(listener);
   if (!applied.ok()) PF_LOG(ERROR) << applied;
   for (Shard* shard : victims) {
-    BeginDrain(listener, *shard, [remaining, first_error, done](absl::Status s) {
-      if (!s.ok() && first_error->ok()) *first_error = s;
-      if (--*remaining == 0) done(*first_error);
-    });
+    BeginDrain(listener, *shard,
+               [remaining, first_error, done](absl::Status s) {
+                 if (!s.ok() && first_error->ok()) *first_error = s;
+                 if (--*remaining == 0) done(*first_error);
+               });
   }
   return absl::OkStatus();
 }
@@ -617,9 +615,9 @@ absl::Status Fleet::DrainShard(const std::string& name, uint32_t index,
         "listener ", name, " shard ", index, " is already draining"));
   }
   if (listener.Live().size() <= 1) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "listener ", name, " shard ", index,
-        " is its last shard; delete the listener instead"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("listener ", name, " shard ", index,
+                     " is its last shard; delete the listener instead"));
   }
   if (listener.spec.steering().weights_size() > 0) {
     // Drop the drained shard's weight so the others keep theirs.
@@ -633,8 +631,8 @@ absl::Status Fleet::DrainShard(const std::string& name, uint32_t index,
     for (int i = 0; i < weights->size(); ++i) {
       if (i != pos) kept.push_back(weights->Get(i));
     }
-    bool any = std::any_of(kept.begin(), kept.end(),
-                           [](uint32_t w) { return w > 0; });
+    bool any =
+        std::any_of(kept.begin(), kept.end(), [](uint32_t w) { return w > 0; });
     if (!any) {
       return absl::FailedPreconditionError(absl::StrCat(
           "listener ", name, " shard ", index,
@@ -661,8 +659,8 @@ void Fleet::BeginDrain(Listener& listener, Shard& shard, Done done) {
   }
   uint32_t timeout = EffectiveDrainTimeoutSeconds(listener.spec);
   PF_LOG(INFO) << listener.Name(shard) << ": draining (worker pid "
-               << (shard.worker ? shard.worker->process.pid : 0)
-               << ", timeout " << timeout << "s)";
+               << (shard.worker ? shard.worker->process.pid : 0) << ", timeout "
+               << timeout << "s)";
   Emit(FleetEvent::Type::kDrainBegun, listener, shard.index,
        shard.worker ? shard.worker->process.pid : 0, "");
   // 1. No new SYNs: the steering tables no longer name this shard (done by
@@ -700,7 +698,8 @@ void Fleet::BeginDrain(Listener& listener, Shard& shard, Done done) {
   shard.drain_timer = loop_->AddTimer(absl::Seconds(timeout), [this, l, s] {
     s->drain_timer.reset();
     if (s->worker) {
-      PF_LOG(WARNING) << l->Name(*s) << ": worker pid " << s->worker->process.pid
+      PF_LOG(WARNING) << l->Name(*s) << ": worker pid "
+                      << s->worker->process.pid
                       << " still running after the drain timeout; SIGKILL";
       launcher_->Signal(s->worker->process, SIGKILL);
     }
@@ -852,8 +851,8 @@ void Fleet::RollShard(Listener& listener, Shard& shard,
   }
   shard.candidate = std::move(*candidate);
   Worker* c = shard.candidate.get();
-  PF_LOG(INFO) << listener.Name(shard) << ": new worker pid "
-               << c->process.pid << " started beside pid "
+  PF_LOG(INFO) << listener.Name(shard) << ": new worker pid " << c->process.pid
+               << " started beside pid "
                << (shard.worker ? shard.worker->process.pid : 0)
                << " on socket inode " << shard.inode
                << "; waiting for it to be ready";
@@ -868,9 +867,10 @@ void Fleet::RollShard(Listener& listener, Shard& shard,
         launcher_->Signal(s->candidate->process, SIGKILL);
         // Its exit is reaped by OnOtherWorkerExit.
       }
-      (*shared_done)(absl::FailedPreconditionError(absl::StrCat(
-          l->Name(*s), ": ", why, "; rolled back, the old worker keeps "
-          "serving")));
+      (*shared_done)(absl::FailedPreconditionError(
+          absl::StrCat(l->Name(*s), ": ", why,
+                       "; rolled back, the old worker keeps "
+                       "serving")));
       return;
     }
     std::unique_ptr<Worker> fresh = std::move(s->candidate);
@@ -966,9 +966,9 @@ absl::Status Fleet::RollOut(const std::string& name,
   r->done = std::move(done);
   listener.rolling = true;
   Listener* l = &listener;
-  PF_LOG(INFO) << "listener " << name << ": rolling out '"
-               << merged.command() << "' to " << order.size()
-               << " shard(s), " << max_surge << " at a time";
+  PF_LOG(INFO) << "listener " << name << ": rolling out '" << merged.command()
+               << "' to " << order.size() << " shard(s), " << max_surge
+               << " at a time";
   auto find = [l](uint32_t index) -> Shard* {
     for (auto& s : l->shards) {
       if (s->index == index) return s.get();
@@ -1066,10 +1066,10 @@ absl::Status Fleet::UpdateListener(const v1::Listener& spec, Done done) {
   RETURN_IF_ERROR(ValidateListener(spec));
   Listener& listener = *it->second;
   if (*SocketAddress::Parse(spec.address()) != listener.address) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "listener ", spec.name(), ": address cannot change (",
-        listener.address.ToString(), " -> ", spec.address(),
-        "); delete the listener and create it again"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("listener ", spec.name(), ": address cannot change (",
+                     listener.address.ToString(), " -> ", spec.address(),
+                     "); delete the listener and create it again"));
   }
   if (spec.worker().SerializeAsString() !=
       listener.spec.worker().SerializeAsString()) {
@@ -1078,7 +1078,8 @@ absl::Status Fleet::UpdateListener(const v1::Listener& spec, Done done) {
         ": changing the worker needs a rolling upgrade, which this agent "
         "does not support yet"));
   }
-  uint32_t shards = EffectiveShards(spec, static_cast<int>(options_.cpus.size()));
+  uint32_t shards =
+      EffectiveShards(spec, static_cast<int>(options_.cpus.size()));
   bool steering_changed = spec.steering().SerializeAsString() !=
                           listener.spec.steering().SerializeAsString();
   if (steering_changed && listener.steering == nullptr) {
@@ -1143,9 +1144,8 @@ absl::StatusOr<std::unique_ptr<Fleet::Worker>> Fleet::LaunchWorker(
   launch.control_fd = worker_end.get();
   launch.cpu = shard.cpu;
   if (!worker_spec.user().empty() || !worker_spec.group().empty()) {
-    std::string user = worker_spec.user().empty()
-                           ? std::to_string(::geteuid())
-                           : worker_spec.user();
+    std::string user = worker_spec.user().empty() ? std::to_string(::geteuid())
+                                                  : worker_spec.user();
     absl::StatusOr<Credentials> creds =
         ResolveCredentials(user, worker_spec.group());
     if (!creds.ok()) {
@@ -1207,7 +1207,7 @@ absl::Status Fleet::WatchWorker(Listener& listener, Shard& shard,
 }
 
 absl::Status Fleet::AdoptWorker(Listener& listener, Shard& shard,
-                               Adoptee adoptee) {
+                                Adoptee adoptee) {
   auto worker = std::make_unique<Worker>();
   worker->process.pid = static_cast<pid_t>(adoptee.hello.pid());
   worker->process.pidfd =
@@ -1276,9 +1276,9 @@ void Fleet::OnControlSocketReadable(int listen_fd) {
 }
 
 absl::Status Fleet::StartWorker(Listener& listener, Shard& shard) {
-  ASSIGN_OR_RETURN(std::unique_ptr<Worker> worker,
-                   LaunchWorker(listener, shard, shard.worker_spec,
-                                shard.command_path));
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<Worker> worker,
+      LaunchWorker(listener, shard, shard.worker_spec, shard.command_path));
   pid_t pid = worker->process.pid;
   shard.worker = std::move(worker);
   shard.state = Shard::State::kRunning;
@@ -1441,14 +1441,13 @@ void Fleet::OnWorkerExit(Listener& listener, Shard& shard) {
   }
   if (shutting_down_ || shard.state == Shard::State::kStopping) {
     shard.state = Shard::State::kStopped;
-    PF_LOG(INFO) << listener.Name(shard) << ": worker pid " << pid << " "
-                 << how << " (stopping)";
+    PF_LOG(INFO) << listener.Name(shard) << ": worker pid " << pid << " " << how
+                 << " (stopping)";
     CheckShutdownDone();
     return;
   }
-  std::string message =
-      absl::StrCat("worker pid ", pid, " ", how, " after ",
-                   HumanDuration(uptime));
+  std::string message = absl::StrCat("worker pid ", pid, " ", how, " after ",
+                                     HumanDuration(uptime));
   if (uptime < options_.exit_at_once) {
     absl::StrAppend(&message,
                     " (exited at once: check the worker command, its "
@@ -1636,8 +1635,8 @@ void Fleet::LogSteeringCounters() const {
     absl::StatusOr<std::vector<ShardCounters>> counters =
         listener->steering->ReadCounters();
     if (!counters.ok()) {
-      PF_LOG(DEBUG) << "listener " << name << ": steering counters: "
-                    << counters.status().message();
+      PF_LOG(DEBUG) << "listener " << name
+                    << ": steering counters: " << counters.status().message();
       continue;
     }
     std::string line;

@@ -16,9 +16,9 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
-#include "agent/event_loop.h"
 #include "agent/adoption.h"
 #include "agent/controller.h"
+#include "agent/event_loop.h"
 #include "agent/launcher.h"
 #include "agent/steering/steering.h"
 #include "portfleet/v1/fleet.pb.h"
@@ -51,9 +51,9 @@ struct FleetOptions {
 // Something that happened, for logs and event streams.
 struct FleetEvent {
   enum class Type {
-    kShardStarted,    // worker started
-    kWorkerReady,     // worker said ready on its control channel
-    kWorkerExited,    // worker ended unexpectedly
+    kShardStarted,  // worker started
+    kWorkerReady,   // worker said ready on its control channel
+    kWorkerExited,  // worker ended unexpectedly
     kWorkerRestarted,
     kDrainBegun,
     kDrainDone,
@@ -140,7 +140,8 @@ class Fleet {
   void KillAll();
 
   std::vector<ListenerStatus> Status() const;
-  absl::StatusOr<ListenerStatus> ListenerStatusOf(const std::string& name) const;
+  absl::StatusOr<ListenerStatus> ListenerStatusOf(
+      const std::string& name) const;
   // Logs each listener's steering counters (summed over CPUs) at debug level.
   void LogSteeringCounters() const;
   // Desired state of every listener (as persisted).
@@ -169,9 +170,8 @@ class Fleet {
   // for it to be ready, then make it the shard's worker and drain the old
   // one. `done` gets an error (and the old worker keeps serving) if the new
   // one does not become ready.
-  void RollShard(Listener& listener, Shard& shard,
-                 const v1::WorkerSpec& spec, const std::string& path,
-                 Done done);
+  void RollShard(Listener& listener, Shard& shard, const v1::WorkerSpec& spec,
+                 const std::string& path, Done done);
   void RetireWorker(Listener& listener, Shard& shard,
                     std::unique_ptr<Worker> worker);
   void ScheduleRestart(Listener& listener, Shard& shard);

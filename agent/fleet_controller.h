@@ -36,8 +36,7 @@ class LoopFleetController : public FleetController {
   absl::Status CreateListener(const v1::Listener& spec) override;
   absl::Status UpdateListener(const v1::Listener& spec) override;
   absl::Status DeleteListener(const std::string& name) override;
-  absl::Status ScaleListener(const std::string& name,
-                             uint32_t shards) override;
+  absl::Status ScaleListener(const std::string& name, uint32_t shards) override;
   absl::Status DrainShard(const std::string& name, uint32_t index) override;
   absl::Status SetSteering(const std::string& name,
                            const v1::Steering& steering) override;

@@ -1,13 +1,13 @@
 #include "agent/launcher.h"
 
 #include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
-#include <grp.h>
-#include <pwd.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -55,8 +55,8 @@ bool IsExecutableFile(const std::string& path) {
 absl::StatusOr<std::string> ResolveCommand(const std::string& command) {
   if (command.find('/') != std::string::npos) {
     if (!IsExecutableFile(command)) {
-      return absl::NotFoundError(absl::StrCat(
-          "worker command '", command, "' is not an executable file"));
+      return absl::NotFoundError(absl::StrCat("worker command '", command,
+                                              "' is not an executable file"));
     }
     return command;
   }
@@ -113,7 +113,7 @@ absl::StatusOr<Credentials> ResolveCredentials(const std::string& user,
   out.home = found ? found->pw_dir : "/";
   if (!group.empty()) {
     std::vector<char> gbuf(16384);
-    struct group gr{};
+    struct group gr {};
     struct group* gfound = nullptr;
     if (absl::SimpleAtoi(group, &numeric)) {
       out.gid = numeric;
@@ -190,8 +190,8 @@ absl::StatusOr<LaunchedProcess> RealProcessLauncher::Launch(
     }
     // Park the fds above the target range, then place them.
     int lfd = ::fcntl(spec.listen_fd, F_DUPFD, 100);
-    int cfd = spec.control_fd >= 0 ? ::fcntl(spec.control_fd, F_DUPFD, 100)
-                                   : -1;
+    int cfd =
+        spec.control_fd >= 0 ? ::fcntl(spec.control_fd, F_DUPFD, 100) : -1;
     int efd = ::fcntl(err_write.get(), F_DUPFD_CLOEXEC, 100);
     if (lfd < 0 || (spec.control_fd >= 0 && cfd < 0) || efd < 0) fail(errno);
     if (::dup3(efd, 5, O_CLOEXEC) < 0) fail(errno);

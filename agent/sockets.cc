@@ -173,9 +173,9 @@ std::vector<ForeignListener> FindForeignListeners(
   std::vector<ForeignListener> found;
   in6_addr want{};
   if (address.family() == AF_INET) {
-    std::memcpy(&want, &reinterpret_cast<const sockaddr_in*>(&address.storage)
-                            ->sin_addr,
-                4);
+    std::memcpy(
+        &want,
+        &reinterpret_cast<const sockaddr_in*>(&address.storage)->sin_addr, 4);
   } else {
     want = reinterpret_cast<const sockaddr_in6*>(&address.storage)->sin6_addr;
   }

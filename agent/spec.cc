@@ -87,15 +87,15 @@ absl::Status ValidateListener(const v1::Listener& l) {
   for (const std::string& e : l.worker().env()) {
     size_t eq = e.find('=');
     if (eq == std::string::npos || eq == 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "worker.env: '", e, "' is not of the form NAME=value"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("worker.env: '", e, "' is not of the form NAME=value"));
     }
   }
   if (l.drain_timeout_seconds() > kMaxDrainTimeoutSeconds) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "drain_timeout_seconds: ", l.drain_timeout_seconds(),
-        " is out of range (0-", kMaxDrainTimeoutSeconds, "; 0 = default ",
-        kDefaultDrainTimeoutSeconds, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("drain_timeout_seconds: ", l.drain_timeout_seconds(),
+                     " is out of range (0-", kMaxDrainTimeoutSeconds,
+                     "; 0 = default ", kDefaultDrainTimeoutSeconds, ")"));
   }
   if (l.backlog() > kMaxBacklog) {
     return absl::InvalidArgumentError(
@@ -119,14 +119,14 @@ absl::Status ValidateListener(const v1::Listener& l) {
     }
     if (static_cast<uint32_t>(s.weights_size()) != l.shards()) {
       return absl::InvalidArgumentError(
-          absl::StrCat("steering.weights: ", s.weights_size(),
-                       " weights for ", l.shards(), " shards (want one each)"));
+          absl::StrCat("steering.weights: ", s.weights_size(), " weights for ",
+                       l.shards(), " shards (want one each)"));
     }
     bool any = false;
     for (uint32_t w : s.weights()) {
       if (w > 1000000) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("steering.weights: ", w, " is too large (max 1000000)"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "steering.weights: ", w, " is too large (max 1000000)"));
       }
       any = any || w > 0;
     }
@@ -151,16 +151,16 @@ absl::Status ValidateFleetSpec(const v1::FleetSpec& spec,
           absl::StrCat(source, ": ", ref, ": ", s.message()));
     }
     if (auto [it, inserted] = names.emplace(l.name(), i); !inserted) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          source, ": ", ref, ": name: duplicate name '", l.name(),
-          "' (also listeners[", it->second, "])"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": ", ref, ": name: duplicate name '", l.name(),
+                       "' (also listeners[", it->second, "])"));
     }
     std::string canonical = SocketAddress::Parse(l.address())->ToString();
     if (auto [it, inserted] = addresses.emplace(canonical, i); !inserted) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          source, ": ", ref, ": address: duplicate address ", canonical,
-          " (also listeners[", it->second, "] \"",
-          spec.listeners(it->second).name(), "\")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": ", ref, ": address: duplicate address ",
+                       canonical, " (also listeners[", it->second, "] \"",
+                       spec.listeners(it->second).name(), "\")"));
     }
   }
   return absl::OkStatus();
@@ -208,8 +208,7 @@ absl::StatusOr<v1::FleetSpec> LoadFleetSpecFile(const std::string& path) {
     format = SpecFormat::kJson;
   } else if (absl::EndsWith(lower, ".textproto") ||
              absl::EndsWith(lower, ".txtpb") ||
-             absl::EndsWith(lower, ".pbtxt") ||
-             absl::EndsWith(lower, ".txt")) {
+             absl::EndsWith(lower, ".pbtxt") || absl::EndsWith(lower, ".txt")) {
     format = SpecFormat::kTextproto;
   } else {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -52,7 +52,8 @@ absl::Status AgentHarness::Restart(const std::vector<std::string>& extra_args) {
   };
   for (const auto& a : extra_args) argv.push_back(a);
   starts_++;
-  return agent_.Start(argv, absl::StrCat(dir_.path(), "/agent.", starts_, ".log"));
+  return agent_.Start(argv,
+                      absl::StrCat(dir_.path(), "/agent.", starts_, ".log"));
 }
 
 bool AgentHarness::WaitServing(const std::string& address,

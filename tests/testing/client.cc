@@ -46,7 +46,8 @@ int WaitFd(int fd, short events, absl::Time deadline) {
     absl::Duration left = deadline - absl::Now();
     if (left <= absl::ZeroDuration()) return ETIMEDOUT;
     pollfd p{fd, events, 0};
-    int n = ::poll(&p, 1, static_cast<int>(absl::ToInt64Milliseconds(left)) + 1);
+    int n =
+        ::poll(&p, 1, static_cast<int>(absl::ToInt64Milliseconds(left)) + 1);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return errno;
     if (n > 0) return 0;
@@ -61,9 +62,11 @@ Fd Connect(const std::string& address, const ClientOptions& options,
     *failure = Fail(Outcome::kOtherError, std::string(addr.status().message()));
     return Fd();
   }
-  Fd fd(::socket(addr->family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  Fd fd(
+      ::socket(addr->family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (!fd) {
-    *failure = Fail(FromErrno(errno), absl::StrCat("socket: ", strerror(errno)));
+    *failure =
+        Fail(FromErrno(errno), absl::StrCat("socket: ", strerror(errno)));
     return Fd();
   }
   if (options.source_port != 0 || !options.source_address.empty()) {
@@ -81,7 +84,8 @@ Fd Connect(const std::string& address, const ClientOptions& options,
   }
   if (::connect(fd.get(), addr->get(), addr->length) != 0 &&
       errno != EINPROGRESS) {
-    *failure = Fail(FromErrno(errno), absl::StrCat("connect: ", strerror(errno)));
+    *failure =
+        Fail(FromErrno(errno), absl::StrCat("connect: ", strerror(errno)));
     return Fd();
   }
   int err = WaitFd(fd.get(), POLLOUT, deadline);
@@ -177,7 +181,8 @@ Reply HttpGet(const std::string& address, const ClientOptions& options) {
   if (!std::regex_search(raw, kStatus) || head_end == std::string::npos) {
     return Fail(Outcome::kShort, "no complete HTTP 200 head", raw);
   }
-  static const std::regex kLength("\\r\\n[Cc]ontent-[Ll]ength: *([0-9]+)\\r\\n");
+  static const std::regex kLength(
+      "\\r\\n[Cc]ontent-[Ll]ength: *([0-9]+)\\r\\n");
   std::smatch m;
   std::string head = raw.substr(0, head_end + 2);
   if (!std::regex_search(head, m, kLength)) {

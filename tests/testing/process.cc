@@ -63,8 +63,8 @@ absl::Status Subprocess::Start(const std::vector<std::string>& argv,
                                const std::string& log_path,
                                const std::vector<std::string>& env) {
   log_path_ = log_path;
-  int log = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC,
-                   0644);
+  int log =
+      ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (log < 0) return ErrnoError(absl::StrCat("open ", log_path));
   std::vector<std::string> envs;
   for (char** e = environ; *e; ++e) envs.emplace_back(*e);

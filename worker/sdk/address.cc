@@ -65,8 +65,8 @@ absl::StatusOr<SocketAddress> SocketAddress::Parse(absl::string_view text,
   if (host.empty()) return bad("missing host (use 0.0.0.0 or [::] for any)");
   uint32_t port = 0;
   if (port_text.empty() || !absl::SimpleAtoi(port_text, &port) ||
-      port > 65535 || port_text.find_first_not_of("0123456789") !=
-                          absl::string_view::npos) {
+      port > 65535 ||
+      port_text.find_first_not_of("0123456789") != absl::string_view::npos) {
     return bad("port must be a number from 1 to 65535");
   }
   if (port == 0 && !allow_port_zero) {

@@ -8,9 +8,9 @@
 
 #include <sstream>
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace portfleet {
 
@@ -48,10 +48,10 @@ struct LogVoidify {
 #define PF_LOG_LEVEL_ERROR ::portfleet::LogLevel::kError
 
 // The ternary keeps `if (x) PF_LOG(INFO) << y; else ...` unambiguous.
-#define PF_LOG(level)                                     \
-  (PF_LOG_LEVEL_##level < ::portfleet::GetLogLevel())     \
-      ? (void)0                                           \
-      : ::portfleet::LogVoidify() &                       \
+#define PF_LOG(level)                                 \
+  (PF_LOG_LEVEL_##level < ::portfleet::GetLogLevel()) \
+      ? (void)0                                       \
+      : ::portfleet::LogVoidify() &                   \
             ::portfleet::LogMessage(PF_LOG_LEVEL_##level).stream()
 
 #endif  // PORTFLEET_WORKER_SDK_LOG_H_

@@ -4,16 +4,17 @@
 #define PORTFLEET_WORKER_SDK_STATUS_H_
 
 #include <cerrno>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 
 namespace portfleet {
 
 // Status for a failed syscall: "<what>: <strerror>", coded from errno by
-// absl::ErrnoToStatus (EPERM -> PermissionDenied, EADDRINUSE -> FailedPrecondition,
+// absl::ErrnoToStatus (EPERM -> PermissionDenied, EADDRINUSE ->
+// FailedPrecondition,
 // ...).
 absl::Status ErrnoError(int err, absl::string_view what);
 inline absl::Status ErrnoError(absl::string_view what) {
@@ -29,10 +30,10 @@ absl::Status Annotate(const absl::Status& status, absl::string_view context);
 #define PF_CONCAT_INNER_(a, b) a##b
 #define PF_CONCAT_(a, b) PF_CONCAT_INNER_(a, b)
 
-#define RETURN_IF_ERROR(expr)                    \
-  do {                                           \
-    ::absl::Status pf_status_ = (expr);          \
-    if (!pf_status_.ok()) return pf_status_;     \
+#define RETURN_IF_ERROR(expr)                \
+  do {                                       \
+    ::absl::Status pf_status_ = (expr);      \
+    if (!pf_status_.ok()) return pf_status_; \
   } while (0)
 
 #define ASSIGN_OR_RETURN(lhs, expr) \
