@@ -39,10 +39,10 @@ TEST(LauncherTest, ChildGetsFd3Fd4AndActivationEnv) {
   ASSERT_EQ(::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, ctl), 0);
   LaunchSpec spec;
   spec.path = "/bin/sh";
-  spec.argv = {"sh", "-c",
-               absl::StrCat("echo \"$LISTEN_FDS $LISTEN_PID $$ $X\" > ", out,
-                            "; ls /proc/self/fd | sort -n | tr '\\n' ' ' >> ",
-                            out)};
+  spec.argv = {
+      "sh", "-c",
+      absl::StrCat("echo \"$LISTEN_FDS $LISTEN_PID $$ $X\" > ", out,
+                   "; ls /proc/self/fd | sort -n | tr '\\n' ' ' >> ", out)};
   spec.env = {"X=y", "LISTEN_PID=999"};
   spec.listen_fd = sv[0];
   spec.control_fd = ctl[1];
