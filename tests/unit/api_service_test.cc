@@ -17,8 +17,8 @@
 #include "agent/api/service.h"
 #include "agent/api/state_store.h"
 #include "gtest/gtest.h"
-#include "tests/testing/netns.h"
 #include "portfleet/v1/agent.grpc.pb.h"
+#include "tests/testing/netns.h"
 #include "tests/testing/process.h"
 #include "tests/unit/api_fake_controller.h"
 
