@@ -13,9 +13,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "worker/sdk/base/log.h"
+#include "worker/sdk/base/status.h"
 #include "worker/sdk/control_channel.h"
-#include "worker/sdk/log.h"
-#include "worker/sdk/status.h"
 
 namespace portfleet {
 

@@ -13,7 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "portfleet/v1/control.pb.h"
-#include "worker/sdk/fd.h"
+#include "worker/sdk/base/fd.h"
 
 namespace portfleet {
 

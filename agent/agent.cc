@@ -23,11 +23,12 @@
 #include "agent/launcher.h"
 #include "agent/metrics/metrics_server.h"
 #include "agent/sockets.h"
-#include "agent/spec.h"
+#include "agent/spec/spec.h"
 #include "agent/steering/steering.h"
+#include "worker/sdk/base/log.h"
+#include "worker/sdk/base/status.h"
+#include "worker/sdk/base/version.h"
 #include "worker/sdk/control_channel.h"
-#include "worker/sdk/log.h"
-#include "worker/sdk/status.h"
 
 namespace portfleet {
 namespace {

@@ -9,8 +9,6 @@
 
 namespace portfleet {
 
-inline constexpr char kVersion[] = "0.1.0";
-
 struct AgentOptions {
   std::string config;  // fleet spec file (.textproto or .json)
   std::string api = "unix:///run/portfleet/api.sock";  // gRPC API endpoint

@@ -8,8 +8,8 @@
 #include <future>
 
 #include "absl/time/clock.h"
-#include "worker/sdk/log.h"
-#include "worker/sdk/status.h"
+#include "worker/sdk/base/log.h"
+#include "worker/sdk/base/status.h"
 
 namespace portfleet {
 

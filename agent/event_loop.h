@@ -16,7 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "worker/sdk/fd.h"
+#include "worker/sdk/base/fd.h"
 
 namespace portfleet {
 

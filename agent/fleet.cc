@@ -17,10 +17,11 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "agent/sockets.h"
-#include "agent/spec.h"
+#include "agent/spec/spec.h"
 #include "portfleet/v1/control.pb.h"
-#include "worker/sdk/log.h"
-#include "worker/sdk/status.h"
+#include "worker/sdk/base/log.h"
+#include "worker/sdk/base/status.h"
+#include "worker/sdk/base/time.h"
 
 extern char** environ;
 
@@ -103,13 +104,6 @@ const char* StateName(int state) {
   static const char* kNames[] = {"starting", "running", "backoff",
                                  "stopping", "stopped", "draining"};
   return kNames[state];
-}
-
-std::string HumanDuration(absl::Duration d) {
-  if (d < absl::Seconds(1)) {
-    return absl::StrCat(absl::ToInt64Milliseconds(d), "ms");
-  }
-  return absl::FormatDuration(absl::Trunc(d, absl::Milliseconds(100)));
 }
 
 }  // namespace

@@ -22,8 +22,8 @@
 #include "agent/launcher.h"
 #include "agent/steering/steering.h"
 #include "portfleet/v1/fleet.pb.h"
-#include "worker/sdk/address.h"
-#include "worker/sdk/fd.h"
+#include "worker/sdk/base/address.h"
+#include "worker/sdk/base/fd.h"
 
 namespace portfleet {
 

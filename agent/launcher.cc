@@ -18,7 +18,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "worker/sdk/status.h"
+#include "worker/sdk/base/status.h"
 
 #ifndef P_PIDFD
 #define P_PIDFD 3

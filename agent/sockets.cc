@@ -18,7 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "worker/sdk/status.h"
+#include "worker/sdk/base/status.h"
 
 namespace portfleet {
 

@@ -26,15 +26,12 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "agent/spec.h"
+#include "agent/spec/spec.h"
 #include "ctl/table.h"
 #include "google/protobuf/util/json_util.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "portfleet/v1/agent.grpc.pb.h"
-
-#ifndef PORTFLEET_VERSION
-#define PORTFLEET_VERSION "0.0.0"
-#endif
+#include "worker/sdk/base/version.h"
 
 namespace portfleet::ctl {
 namespace {
@@ -620,11 +617,11 @@ int CmdVersion(Call& call) {
   grpc::Status s = call.stub->GetStatus(&ctx, v1::GetStatusRequest(), &resp);
   std::string server = s.ok() ? resp.version() : "";
   if (call.json()) {
-    call.out() << "{\n  \"client\": \"" << PORTFLEET_VERSION << "\"";
+    call.out() << "{\n  \"client\": \"" << kVersion << "\"";
     if (s.ok()) call.out() << ",\n  \"server\": \"" << server << "\"";
     call.out() << "\n}\n";
   } else {
-    call.out() << "Client: " << PORTFLEET_VERSION << "\n";
+    call.out() << "Client: " << kVersion << "\n";
     if (s.ok()) {
       call.out() << "Server: " << server << "\n";
     } else {

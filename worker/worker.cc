@@ -22,13 +22,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
-#include "worker/sdk/address.h"
+#include "worker/sdk/base/address.h"
+#include "worker/sdk/base/status.h"
+#include "worker/sdk/base/time.h"
+#include "worker/sdk/base/version.h"
 #include "worker/sdk/listen_fds.h"
-#include "worker/sdk/status.h"
 
 namespace portfleet::worker {
-
-const char kVersion[] = PORTFLEET_VERSION;
 
 namespace {
 
@@ -42,21 +42,6 @@ constexpr int kAcceptBatch = 64;
 
 // ---------------------------------------------------------------------------
 // Flags
-
-absl::StatusOr<absl::Duration> ParseTimeout(absl::string_view text) {
-  absl::Duration d;
-  int64_t seconds = 0;
-  if (absl::SimpleAtoi(text, &seconds) && seconds >= 0) {
-    return absl::Seconds(seconds);
-  }
-  if (absl::ParseDuration(text, &d) && d >= absl::ZeroDuration() &&
-      d != absl::InfiniteDuration()) {
-    return d;
-  }
-  return absl::InvalidArgumentError(
-      absl::StrCat("--drain-timeout: '", text,
-                   "' is not a duration (e.g. 30, 30s, 500ms, 2m)"));
-}
 
 // ---------------------------------------------------------------------------
 // HTTP
@@ -285,7 +270,8 @@ absl::StatusOr<Flags> ParseFlags(const std::vector<std::string>& args) {
       if (!level.ok()) return Annotate(level.status(), "--log-level");
       flags.log_level = *level;
     } else if (name == "--drain-timeout") {
-      ASSIGN_OR_RETURN(flags.drain_timeout, ParseTimeout(value));
+      ASSIGN_OR_RETURN(flags.drain_timeout,
+                       ParseFlagDuration(value, "--drain-timeout"));
     } else {
       return absl::InvalidArgumentError(
           absl::StrCat("unknown flag '", name, "'"));

@@ -21,14 +21,11 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "portfleet/v1/control.pb.h"
+#include "worker/sdk/base/fd.h"
+#include "worker/sdk/base/log.h"
 #include "worker/sdk/control_channel.h"
-#include "worker/sdk/fd.h"
-#include "worker/sdk/log.h"
 
 namespace portfleet::worker {
-
-// Version reported in WorkerHello.
-extern const char kVersion[];
 
 // Largest request head (request line + headers + blank line) accepted.
 inline constexpr size_t kMaxHttpHead = 16 * 1024;

@@ -13,9 +13,9 @@
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/struct.pb.h"
 #include "google/protobuf/util/json_util.h"
-#include "worker/sdk/fd.h"
-#include "worker/sdk/log.h"
-#include "worker/sdk/status.h"
+#include "worker/sdk/base/fd.h"
+#include "worker/sdk/base/log.h"
+#include "worker/sdk/base/status.h"
 
 namespace portfleet {
 namespace {

@@ -22,9 +22,9 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "worker/sdk/fd.h"
-#include "worker/sdk/log.h"
-#include "worker/sdk/status.h"
+#include "worker/sdk/base/fd.h"
+#include "worker/sdk/base/log.h"
+#include "worker/sdk/base/status.h"
 
 namespace portfleet {
 namespace {

@@ -12,8 +12,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "agent/spec.h"
-#include "worker/sdk/log.h"
+#include "agent/spec/spec.h"
+#include "worker/sdk/base/log.h"
 
 namespace portfleet {
 

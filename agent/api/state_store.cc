@@ -12,11 +12,11 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
-#include "agent/spec.h"
+#include "agent/spec/spec.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
-#include "worker/sdk/fd.h"
-#include "worker/sdk/status.h"
+#include "worker/sdk/base/fd.h"
+#include "worker/sdk/base/status.h"
 
 namespace portfleet {
 namespace {

@@ -29,9 +29,9 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "worker/sdk/address.h"
-#include "worker/sdk/fd.h"
-#include "worker/sdk/log.h"
+#include "worker/sdk/base/address.h"
+#include "worker/sdk/base/fd.h"
+#include "worker/sdk/base/log.h"
 
 namespace portfleet {
 namespace {

@@ -32,9 +32,9 @@
 #include "agent/steering/steering.h"
 #include "bpf/steering_shared.h"
 #include "steering.skel.h"
-#include "worker/sdk/fd.h"
-#include "worker/sdk/log.h"
-#include "worker/sdk/status.h"
+#include "worker/sdk/base/fd.h"
+#include "worker/sdk/base/log.h"
+#include "worker/sdk/base/status.h"
 
 namespace portfleet {
 namespace {

@@ -32,7 +32,7 @@
 #include "absl/time/time.h"
 #include "agent/steering/steering.h"
 #include "tests/testing/netns.h"
-#include "worker/sdk/fd.h"
+#include "worker/sdk/base/fd.h"
 
 namespace portfleet {
 namespace {

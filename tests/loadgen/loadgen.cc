@@ -22,8 +22,8 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
-#include "worker/sdk/address.h"
-#include "worker/sdk/fd.h"
+#include "worker/sdk/base/address.h"
+#include "worker/sdk/base/fd.h"
 
 namespace portfleet::loadgen {
 

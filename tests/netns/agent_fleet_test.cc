@@ -18,8 +18,8 @@
 #include "tests/testing/client.h"
 #include "tests/testing/netns.h"
 #include "tests/testing/process.h"
-#include "worker/sdk/address.h"
-#include "worker/sdk/fd.h"
+#include "worker/sdk/base/address.h"
+#include "worker/sdk/base/fd.h"
 
 namespace portfleet::testing {
 namespace {
@@ -30,14 +30,14 @@ constexpr char kAddress[] = "127.0.0.1:8080";
 
 std::string Spec(int shards, const std::string& command = "portfleet-worker",
                  const std::string& extra = "") {
-  return absl::StrCat(R"pb(listeners {
-  name: "web"
-  address: "127.0.0.1:8080"
-  shards: )pb",
+  return absl::StrCat(R"pb(listeners { name: "web" address: "127.0.0.1:8080"
+                                       shards:)pb",
                       shards, R"pb(
-  worker { command: ")pb", command, R"pb(" args: "--mode=http" }
-  drain_timeout_seconds: 5
-  )pb", extra, "\n}\n");
+                        worker { command: ")pb",
+                      command, R"pb(" args: " --mode = http " }
+                                    drain_timeout_seconds: 5
+                      )pb",
+                      extra, "\n}\n");
 }
 
 // Steps:
@@ -183,10 +183,11 @@ TEST(AgentFleetTest, StragglerIsKilledAfterDrainTimeout) {
                                   "\nwhile :; do sleep 1; done\n"));
   ::chmod(script.c_str(), 0755);
   ASSERT_TRUE(agent
-                  .Start(absl::StrCat(R"pb(listeners {
-                    name: "web" address: "127.0.0.1:8080" shards: 1
-                    worker { command: ")pb",
-                                      script, R"pb(" }
+                  .Start(absl::StrCat(R"pb(listeners { name: "web"
+                                                       address: "127.0.0.1:8080"
+                                                       shards: 1
+                                                       worker { command: ")pb",
+                                      script, R"pb(                                                                                                      " }
                     drain_timeout_seconds: 1 })pb"))
                   .ok());
   // The worker ignores SIGTERM once its trap is set.
@@ -248,20 +249,23 @@ TEST(AgentFleetTest, WorkerThatExitsAtOnceIsReportedAndRetried) {
   ASSERT_TRUE(agent.Start(Spec(1, "/bin/false")).ok());
   ASSERT_TRUE(agent.WaitLog("exited at once", 2)) << agent.Log();
   EXPECT_TRUE(agent.process().running());
-  EXPECT_THAT(agent.Log(),
-              HasSubstr("listener web shard 0: worker pid "));
+  EXPECT_THAT(agent.Log(), HasSubstr("listener web shard 0: worker pid "));
   EXPECT_THAT(agent.Log(), HasSubstr("exited with status 1 after"));
 }
 
 TEST(AgentFleetTest, IPv6ListenerServes) {
   PF_ENTER_NETNS_OR_SKIP();
   AgentHarness agent;
-  ASSERT_TRUE(agent
-                  .Start(R"pb(listeners {
-                    name: "web6" address: "[::1]:8080" shards: 2
-                    worker { command: "portfleet-worker" args: "--mode=http" }
-                  })pb")
-                  .ok());
+  ASSERT_TRUE(
+      agent
+          .Start(
+              R"pb(listeners {
+                     name: "web6"
+                     address: "[::1]:8080"
+                     shards: 2
+                     worker { command: "portfleet-worker" args: "--mode=http" }
+                   })pb")
+          .ok());
   ASSERT_TRUE(agent.WaitServing("[::1]:8080")) << agent.Log();
   Reply r = HttpGet("[::1]:8080");
   EXPECT_EQ(r.outcome, Outcome::kOk);
@@ -280,22 +284,24 @@ TEST(AgentFleetTest, WorkersRunAsTheConfiguredUser) {
   std::string worker = agent.dir().path() + "/portfleet-worker";
   std::filesystem::copy_file(BinaryPath("portfleet-worker"), worker);
   ::chmod(worker.c_str(), 0755);
-  ASSERT_TRUE(agent
-                  .Start(absl::StrCat(R"pb(listeners {
-                    name: "web" address: "127.0.0.1:8080" shards: 2
-                    worker {
-                      command: ")pb",
-                                      worker, R"pb("
+  ASSERT_TRUE(
+      agent
+          .Start(absl::StrCat(
+              R"pb(listeners { name: "web" address: "127.0.0.1:8080" shards: 2
+                               worker { command: ")pb",
+              worker,
+              R"pb(                                                      "
                       args: "--mode=http"
                       user: "nobody"
                     }
-                  })pb"))
-                  .ok());
+                                                                         })pb"))
+          .ok());
   ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
   std::map<int, pid_t> workers = agent.WorkersByShard();
   ASSERT_EQ(workers.size(), 2u);
   for (const auto& [shard, pid] : workers) {
-    std::string status = ReadFileOrEmpty(absl::StrCat("/proc/", pid, "/status"));
+    std::string status =
+        ReadFileOrEmpty(absl::StrCat("/proc/", pid, "/status"));
     EXPECT_THAT(status, HasSubstr("Uid:\t65534\t65534\t65534\t65534"));
     EXPECT_EQ(ProcessEnv(pid, "USER"), "nobody");
   }
@@ -305,9 +311,14 @@ TEST(AgentFleetTest, WorkersRunAsTheConfiguredUser) {
 
   AgentHarness bad;
   ASSERT_TRUE(bad.Start(R"pb(listeners {
-                name: "api" address: "127.0.0.1:9090" shards: 1
-                worker { command: "portfleet-worker" user: "no-such-user-x" }
-              })pb")
+                               name: "api"
+                               address: "127.0.0.1:9090"
+                               shards: 1
+                               worker {
+                                 command: "portfleet-worker"
+                                 user: "no-such-user-x"
+                               }
+                             })pb")
                   .ok());
   std::optional<int> status = bad.process().Wait(absl::Seconds(10));
   ASSERT_TRUE(status.has_value());
@@ -328,9 +339,11 @@ TEST(AgentFleetTest, TakeoverAutoWithoutARunningAgentStartsNormally) {
 
 TEST(AgentFleetTest, UsageErrors) {
   for (const std::vector<std::string>& args :
-       std::vector<std::vector<std::string>>{
-           {"--bogus"}, {"--config"}, {"--takeover=sometimes"},
-           {"--log-level", "loud"}, {"--check"}}) {
+       std::vector<std::vector<std::string>>{{"--bogus"},
+                                             {"--config"},
+                                             {"--takeover=sometimes"},
+                                             {"--log-level", "loud"},
+                                             {"--check"}}) {
     TempDir dir;
     Subprocess p;
     std::vector<std::string> argv = {BinaryPath("portfleet-agent")};

@@ -20,7 +20,7 @@
 #include "tests/testing/client.h"
 #include "tests/testing/netns.h"
 #include "tests/testing/process.h"
-#include "worker/sdk/fd.h"
+#include "worker/sdk/base/fd.h"
 
 namespace portfleet::testing {
 namespace {
@@ -30,15 +30,13 @@ using ::testing::HasSubstr;
 constexpr char kAddress[] = "127.0.0.1:8080";
 
 std::string Spec(const std::string& steering, int shards = 2) {
-  return absl::StrCat(R"pb(listeners {
-  name: "web"
-  address: "127.0.0.1:8080"
-  shards: )pb",
-                      shards, R"pb(
-  worker { command: "portfleet-worker" args: "--mode=http" }
-  drain_timeout_seconds: 5
-  steering { )pb",
-                      steering, " }\n}\n");
+  return absl::StrCat(
+      R"pb(listeners { name: "web" address: "127.0.0.1:8080" shards:)pb",
+      shards, R"pb(
+        worker { command: "portfleet-worker" args: "--mode=http" }
+        drain_timeout_seconds: 5
+        steering {)pb",
+      steering, " }\n}\n");
 }
 
 std::unique_ptr<v1::FleetService::Stub> Stub(const AgentHarness& agent) {
@@ -238,16 +236,17 @@ TEST(AgentSteeringTest, WithoutBpfPrivilegesServesWithPlainReuseport) {
   AgentHarness agent;
   std::string spec = agent.dir().WriteFile(
       "fleet.textproto", Spec("policy: STEERING_POLICY_HASH", 2));
-  std::string cmd = absl::StrCat(
-      "exec ", BinaryPath("portfleet-agent"), " --config ", spec,
-      " --api unix://", agent.api_socket(), " --state-dir ",
-      agent.state_dir(), " --bpffs ", agent.bpffs());
-  ASSERT_TRUE(agent.process()
-                  .Start({"/usr/sbin/capsh",
-                          "--drop=cap_bpf,cap_sys_admin,cap_net_admin,cap_perfmon",
-                          "--", "-c", cmd},
-                         agent.dir().path() + "/agent.log")
-                  .ok());
+  std::string cmd =
+      absl::StrCat("exec ", BinaryPath("portfleet-agent"), " --config ", spec,
+                   " --api unix://", agent.api_socket(), " --state-dir ",
+                   agent.state_dir(), " --bpffs ", agent.bpffs());
+  ASSERT_TRUE(
+      agent.process()
+          .Start({"/usr/sbin/capsh",
+                  "--drop=cap_bpf,cap_sys_admin,cap_net_admin,cap_perfmon",
+                  "--", "-c", cmd},
+                 agent.dir().path() + "/agent.log")
+          .ok());
   ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
   EXPECT_EQ(CountOccurrences(agent.Log(), "BPF steering unavailable: "), 1)
       << agent.Log();

@@ -20,8 +20,8 @@
 #include "tests/testing/agent_harness.h"
 #include "tests/testing/netns.h"
 #include "tests/testing/process.h"
-#include "worker/sdk/address.h"
-#include "worker/sdk/fd.h"
+#include "worker/sdk/base/address.h"
+#include "worker/sdk/base/fd.h"
 
 namespace portfleet::testing {
 namespace {

@@ -24,7 +24,7 @@
 #include "bpf/steering_shared.h"
 #include "gtest/gtest.h"
 #include "tests/testing/netns.h"
-#include "worker/sdk/fd.h"
+#include "worker/sdk/base/fd.h"
 
 namespace portfleet {
 namespace {

@@ -33,9 +33,9 @@
 #include "tests/testing/client.h"
 #include "tests/testing/netns.h"
 #include "tests/testing/process.h"
+#include "worker/sdk/base/fd.h"
+#include "worker/sdk/base/status.h"
 #include "worker/sdk/control_channel.h"
-#include "worker/sdk/fd.h"
-#include "worker/sdk/status.h"
 
 namespace portfleet {
 namespace {

@@ -11,8 +11,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "worker/sdk/address.h"
-#include "worker/sdk/fd.h"
+#include "worker/sdk/base/address.h"
+#include "worker/sdk/base/fd.h"
 
 namespace portfleet::testing {
 namespace {

@@ -8,8 +8,8 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "worker/sdk/fd.h"
-#include "worker/sdk/status.h"
+#include "worker/sdk/base/fd.h"
+#include "worker/sdk/base/status.h"
 
 namespace portfleet::testing {
 

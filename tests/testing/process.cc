@@ -17,7 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
-#include "worker/sdk/status.h"
+#include "worker/sdk/base/status.h"
 
 extern char** environ;
 

@@ -25,8 +25,8 @@
 #include "gtest/gtest.h"
 #include "portfleet/v1/control.pb.h"
 #include "tests/testing/process.h"
+#include "worker/sdk/base/fd.h"
 #include "worker/sdk/control_channel.h"
-#include "worker/sdk/fd.h"
 #include "worker/sdk/listen_fds.h"
 
 namespace portfleet {

@@ -14,7 +14,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "worker/sdk/status.h"
+#include "worker/sdk/base/status.h"
 
 namespace portfleet {
 namespace {

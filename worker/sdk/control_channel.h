@@ -38,7 +38,7 @@
 #include "absl/strings/string_view.h"
 #include "google/protobuf/message_lite.h"
 #include "portfleet/v1/control.pb.h"
-#include "worker/sdk/fd.h"
+#include "worker/sdk/base/fd.h"
 
 namespace portfleet {
 

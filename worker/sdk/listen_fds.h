@@ -9,7 +9,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "worker/sdk/fd.h"
+#include "worker/sdk/base/fd.h"
 
 namespace portfleet {
 

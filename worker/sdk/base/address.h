@@ -1,6 +1,6 @@
 // IPv4/IPv6 socket addresses written as "host:port" or "[v6]:port".
-#ifndef PORTFLEET_WORKER_SDK_ADDRESS_H_
-#define PORTFLEET_WORKER_SDK_ADDRESS_H_
+#ifndef PORTFLEET_WORKER_SDK_BASE_ADDRESS_H_
+#define PORTFLEET_WORKER_SDK_BASE_ADDRESS_H_
 
 #include <sys/socket.h>
 
@@ -37,4 +37,4 @@ bool operator==(const SocketAddress& a, const SocketAddress& b);
 
 }  // namespace portfleet
 
-#endif  // PORTFLEET_WORKER_SDK_ADDRESS_H_
+#endif  // PORTFLEET_WORKER_SDK_BASE_ADDRESS_H_

@@ -1,7 +1,7 @@
 // Fd: the one owner of a file descriptor (socket, pidfd, BPF map or program,
 // epoll, timerfd, ...). Move-only; closes on destruction.
-#ifndef PORTFLEET_WORKER_SDK_FD_H_
-#define PORTFLEET_WORKER_SDK_FD_H_
+#ifndef PORTFLEET_WORKER_SDK_BASE_FD_H_
+#define PORTFLEET_WORKER_SDK_BASE_FD_H_
 
 #include <unistd.h>
 
@@ -41,4 +41,4 @@ class Fd {
 
 }  // namespace portfleet
 
-#endif  // PORTFLEET_WORKER_SDK_FD_H_
+#endif  // PORTFLEET_WORKER_SDK_BASE_FD_H_

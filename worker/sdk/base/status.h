@@ -1,7 +1,7 @@
 // absl::Status helpers: the small macros bookworm's abseil lacks, and errno
 // conversion at the syscall line.
-#ifndef PORTFLEET_WORKER_SDK_STATUS_H_
-#define PORTFLEET_WORKER_SDK_STATUS_H_
+#ifndef PORTFLEET_WORKER_SDK_BASE_STATUS_H_
+#define PORTFLEET_WORKER_SDK_BASE_STATUS_H_
 
 #include <cerrno>
 
@@ -43,4 +43,4 @@ absl::Status Annotate(const absl::Status& status, absl::string_view context);
   if (!tmp.ok()) return tmp.status();          \
   lhs = std::move(tmp).value()
 
-#endif  // PORTFLEET_WORKER_SDK_STATUS_H_
+#endif  // PORTFLEET_WORKER_SDK_BASE_STATUS_H_

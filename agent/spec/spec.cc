@@ -1,4 +1,4 @@
-#include "agent/spec.h"
+#include "agent/spec/spec.h"
 
 #include <fstream>
 #include <map>
@@ -11,8 +11,8 @@
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
 #include "google/protobuf/util/json_util.h"
-#include "worker/sdk/address.h"
-#include "worker/sdk/status.h"
+#include "worker/sdk/base/address.h"
+#include "worker/sdk/base/status.h"
 
 namespace portfleet {
 namespace {

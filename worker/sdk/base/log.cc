@@ -1,4 +1,4 @@
-#include "worker/sdk/log.h"
+#include "worker/sdk/base/log.h"
 
 #include <sys/time.h>
 #include <time.h>

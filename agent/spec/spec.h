@@ -1,6 +1,6 @@
 // Fleet spec files: parsing (.textproto / .txtpb / .json) and validation.
-#ifndef PORTFLEET_AGENT_SPEC_H_
-#define PORTFLEET_AGENT_SPEC_H_
+#ifndef PORTFLEET_AGENT_SPEC_SPEC_H_
+#define PORTFLEET_AGENT_SPEC_SPEC_H_
 
 #include <string>
 
@@ -47,4 +47,4 @@ uint32_t EffectiveDrainTimeoutSeconds(const v1::Listener& listener);
 
 }  // namespace portfleet
 
-#endif  // PORTFLEET_AGENT_SPEC_H_
+#endif  // PORTFLEET_AGENT_SPEC_SPEC_H_

@@ -1,4 +1,4 @@
-#include "worker/sdk/address.h"
+#include "worker/sdk/base/address.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>

@@ -1,4 +1,4 @@
-#include "worker/sdk/status.h"
+#include "worker/sdk/base/status.h"
 
 #include <cstring>
 

@@ -3,8 +3,8 @@
 //   PF_LOG(INFO) << "listener " << name << ": started";
 //
 // Lines look like "2026-11-27T21:54:55.123Z INFO  agent: message".
-#ifndef PORTFLEET_WORKER_SDK_LOG_H_
-#define PORTFLEET_WORKER_SDK_LOG_H_
+#ifndef PORTFLEET_WORKER_SDK_BASE_LOG_H_
+#define PORTFLEET_WORKER_SDK_BASE_LOG_H_
 
 #include <sstream>
 #include <string>
@@ -54,4 +54,4 @@ struct LogVoidify {
       : ::portfleet::LogVoidify() &                   \
             ::portfleet::LogMessage(PF_LOG_LEVEL_##level).stream()
 
-#endif  // PORTFLEET_WORKER_SDK_LOG_H_
+#endif  // PORTFLEET_WORKER_SDK_BASE_LOG_H_
