@@ -30,13 +30,15 @@ constexpr char kAddress[] = "127.0.0.1:8080";
 
 std::string Spec(int shards, const std::string& command = "portfleet-worker",
                  const std::string& extra = "") {
-  return absl::StrCat(R"pb(listeners { name: "web" address: "127.0.0.1:8080"
-                                       shards:)pb",
+  return absl::StrCat(R"pb(listeners {
+  name: "web"
+  address: "127.0.0.1:8080"
+  shards: )pb",
                       shards, R"pb(
-                        worker { command: ")pb",
-                      command, R"pb(" args: " --mode = http " }
-                                    drain_timeout_seconds: 5
-                      )pb",
+  worker { command: ")pb",
+                      command, R"pb(" args: "--mode=http" }
+  drain_timeout_seconds: 5
+  )pb",
                       extra, "\n}\n");
 }
 
@@ -183,11 +185,10 @@ TEST(AgentFleetTest, StragglerIsKilledAfterDrainTimeout) {
                                   "\nwhile :; do sleep 1; done\n"));
   ::chmod(script.c_str(), 0755);
   ASSERT_TRUE(agent
-                  .Start(absl::StrCat(R"pb(listeners { name: "web"
-                                                       address: "127.0.0.1:8080"
-                                                       shards: 1
-                                                       worker { command: ")pb",
-                                      script, R"pb(                                                                                                      " }
+                  .Start(absl::StrCat(R"pb(listeners {
+                    name: "web" address: "127.0.0.1:8080" shards: 1
+                    worker { command: ")pb",
+                                      script, R"pb(" }
                     drain_timeout_seconds: 1 })pb"))
                   .ok());
   // The worker ignores SIGTERM once its trap is set.
@@ -256,16 +257,12 @@ TEST(AgentFleetTest, WorkerThatExitsAtOnceIsReportedAndRetried) {
 TEST(AgentFleetTest, IPv6ListenerServes) {
   PF_ENTER_NETNS_OR_SKIP();
   AgentHarness agent;
-  ASSERT_TRUE(
-      agent
-          .Start(
-              R"pb(listeners {
-                     name: "web6"
-                     address: "[::1]:8080"
-                     shards: 2
-                     worker { command: "portfleet-worker" args: "--mode=http" }
-                   })pb")
-          .ok());
+  ASSERT_TRUE(agent
+                  .Start(R"pb(listeners {
+                    name: "web6" address: "[::1]:8080" shards: 2
+                    worker { command: "portfleet-worker" args: "--mode=http" }
+                  })pb")
+                  .ok());
   ASSERT_TRUE(agent.WaitServing("[::1]:8080")) << agent.Log();
   Reply r = HttpGet("[::1]:8080");
   EXPECT_EQ(r.outcome, Outcome::kOk);
@@ -284,18 +281,17 @@ TEST(AgentFleetTest, WorkersRunAsTheConfiguredUser) {
   std::string worker = agent.dir().path() + "/portfleet-worker";
   std::filesystem::copy_file(BinaryPath("portfleet-worker"), worker);
   ::chmod(worker.c_str(), 0755);
-  ASSERT_TRUE(
-      agent
-          .Start(absl::StrCat(
-              R"pb(listeners { name: "web" address: "127.0.0.1:8080" shards: 2
-                               worker { command: ")pb",
-              worker,
-              R"pb(                                                      "
+  ASSERT_TRUE(agent
+                  .Start(absl::StrCat(R"pb(listeners {
+                    name: "web" address: "127.0.0.1:8080" shards: 2
+                    worker {
+                      command: ")pb",
+                                      worker, R"pb("
                       args: "--mode=http"
                       user: "nobody"
                     }
-                                                                         })pb"))
-          .ok());
+                  })pb"))
+                  .ok());
   ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
   std::map<int, pid_t> workers = agent.WorkersByShard();
   ASSERT_EQ(workers.size(), 2u);
@@ -311,14 +307,9 @@ TEST(AgentFleetTest, WorkersRunAsTheConfiguredUser) {
 
   AgentHarness bad;
   ASSERT_TRUE(bad.Start(R"pb(listeners {
-                               name: "api"
-                               address: "127.0.0.1:9090"
-                               shards: 1
-                               worker {
-                                 command: "portfleet-worker"
-                                 user: "no-such-user-x"
-                               }
-                             })pb")
+                name: "api" address: "127.0.0.1:9090" shards: 1
+                worker { command: "portfleet-worker" user: "no-such-user-x" }
+              })pb")
                   .ok());
   std::optional<int> status = bad.process().Wait(absl::Seconds(10));
   ASSERT_TRUE(status.has_value());

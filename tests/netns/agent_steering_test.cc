@@ -30,13 +30,15 @@ using ::testing::HasSubstr;
 constexpr char kAddress[] = "127.0.0.1:8080";
 
 std::string Spec(const std::string& steering, int shards = 2) {
-  return absl::StrCat(
-      R"pb(listeners { name: "web" address: "127.0.0.1:8080" shards:)pb",
-      shards, R"pb(
-        worker { command: "portfleet-worker" args: "--mode=http" }
-        drain_timeout_seconds: 5
-        steering {)pb",
-      steering, " }\n}\n");
+  return absl::StrCat(R"pb(listeners {
+  name: "web"
+  address: "127.0.0.1:8080"
+  shards: )pb",
+                      shards, R"pb(
+  worker { command: "portfleet-worker" args: "--mode=http" }
+  drain_timeout_seconds: 5
+  steering { )pb",
+                      steering, " }\n}\n");
 }
 
 std::unique_ptr<v1::FleetService::Stub> Stub(const AgentHarness& agent) {

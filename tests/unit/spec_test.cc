@@ -82,16 +82,8 @@ TEST(SpecTest, SyntaxErrorNamesLine) {
 
 TEST(SpecTest, DuplicateName) {
   absl::Status s = ParseText(R"pb(
-    listeners {
-      name: "web"
-      address: "127.0.0.1:8080"
-      worker { command: "w" }
-    }
-    listeners {
-      name: "web"
-      address: "127.0.0.1:8081"
-      worker { command: "w" }
-    }
+    listeners { name: "web" address: "127.0.0.1:8080" worker { command: "w" } }
+    listeners { name: "web" address: "127.0.0.1:8081" worker { command: "w" } }
   )pb");
   EXPECT_EQ(Message(s),
             "fleet.textproto: listeners[1] (\"web\"): name: duplicate name "
@@ -100,16 +92,8 @@ TEST(SpecTest, DuplicateName) {
 
 TEST(SpecTest, DuplicateAddressAfterCanonicalisation) {
   absl::Status s = ParseText(R"pb(
-    listeners {
-      name: "a"
-      address: "[::1]:8080"
-      worker { command: "w" }
-    }
-    listeners {
-      name: "b"
-      address: "[0:0::1]:8080"
-      worker { command: "w" }
-    }
+    listeners { name: "a" address: "[::1]:8080" worker { command: "w" } }
+    listeners { name: "b" address: "[0:0::1]:8080" worker { command: "w" } }
   )pb");
   EXPECT_EQ(Message(s),
             "fleet.textproto: listeners[1] (\"b\"): address: duplicate "
@@ -149,10 +133,8 @@ TEST(SpecTest, BadAddresses) {
 }
 
 TEST(SpecTest, MissingAddress) {
-  absl::Status s = ParseText(R"pb(listeners {
-                                    name: "web"
-                                    worker { command: "w" }
-                                  })pb");
+  absl::Status s =
+      ParseText(R"pb(listeners { name: "web" worker { command: "w" } })pb");
   EXPECT_EQ(Message(s),
             "fleet.textproto: listeners[0] (\"web\"): address: required "
             "(host:port, e.g. 127.0.0.1:8080 or [::1]:8080)");
@@ -160,23 +142,16 @@ TEST(SpecTest, MissingAddress) {
 
 TEST(SpecTest, ShardsOutOfRange) {
   absl::Status s = ParseText(R"pb(
-    listeners {
-      name: "web"
-      address: "127.0.0.1:80"
-      shards: 65
-      worker { command: "w" }
-    })pb");
+    listeners { name: "web" address: "127.0.0.1:80" shards: 65
+                worker { command: "w" } })pb");
   EXPECT_EQ(Message(s),
             "fleet.textproto: listeners[0] (\"web\"): shards: 65 is out of "
             "range (0-64; 0 = one per online CPU)");
 }
 
 TEST(SpecTest, MissingWorkerCommand) {
-  absl::Status s = ParseText(R"pb(listeners {
-                                    name: "web"
-                                    address: "127.0.0.1:80"
-                                    worker {}
-                                  })pb");
+  absl::Status s = ParseText(
+      R"pb(listeners { name: "web" address: "127.0.0.1:80" worker {} })pb");
   EXPECT_EQ(Message(s),
             "fleet.textproto: listeners[0] (\"web\"): worker.command: "
             "required (the program to run per shard, e.g. "
@@ -184,63 +159,40 @@ TEST(SpecTest, MissingWorkerCommand) {
 }
 
 TEST(SpecTest, BadName) {
-  absl::Status s = ParseText(R"pb(listeners {
-                                    name: "Web_1"
-                                    address: "127.0.0.1:80"
-                                    worker { command: "w" }
-                                  })pb");
+  absl::Status s = ParseText(
+      R"pb(listeners { name: "Web_1" address: "127.0.0.1:80" worker { command: "w" } })pb");
   EXPECT_EQ(Message(s),
             "fleet.textproto: listeners[0] (\"Web_1\"): name: 'Web_1' is not "
             "a DNS label (1-63 characters of a-z, 0-9 and '-', not starting "
             "or ending with '-')");
-  s = ParseText(R"pb(listeners {
-                       address: "127.0.0.1:80"
-                       worker { command: "w" }
-                     })pb");
+  s = ParseText(
+      R"pb(listeners { address: "127.0.0.1:80" worker { command: "w" } })pb");
   EXPECT_EQ(Message(s), "fleet.textproto: listeners[0]: name: required");
 }
 
 TEST(SpecTest, WeightsMustMatchShards) {
   absl::Status s = ParseText(R"pb(
-    listeners {
-      name: "web"
-      address: "127.0.0.1:80"
-      shards: 2
-      worker { command: "w" }
-      steering { weights: [ 1, 2, 3 ] }
-    })pb");
+    listeners { name: "web" address: "127.0.0.1:80" shards: 2
+                worker { command: "w" } steering { weights: [ 1, 2, 3 ] } })pb");
   EXPECT_EQ(Message(s),
             "fleet.textproto: listeners[0] (\"web\"): steering.weights: 3 "
             "weights for 2 shards (want one each)");
   s = ParseText(R"pb(
-    listeners {
-      name: "web"
-      address: "127.0.0.1:80"
-      shards: 2
-      worker { command: "w" }
-      steering { weights: [ 0, 0 ] }
-    })pb");
+    listeners { name: "web" address: "127.0.0.1:80" shards: 2
+                worker { command: "w" } steering { weights: [ 0, 0 ] } })pb");
   EXPECT_THAT(Message(s), HasSubstr("all weights are 0"));
 }
 
 TEST(SpecTest, DrainTimeoutAndBacklogRanges) {
   absl::Status s = ParseText(R"pb(
-    listeners {
-      name: "web"
-      address: "127.0.0.1:80"
-      worker { command: "w" }
-      drain_timeout_seconds: 4000
-    })pb");
+    listeners { name: "web" address: "127.0.0.1:80" worker { command: "w" }
+                drain_timeout_seconds: 4000 })pb");
   EXPECT_EQ(Message(s),
             "fleet.textproto: listeners[0] (\"web\"): drain_timeout_seconds: "
             "4000 is out of range (0-3600; 0 = default 30)");
   s = ParseText(R"pb(
-    listeners {
-      name: "web"
-      address: "127.0.0.1:80"
-      worker { command: "w" }
-      backlog: 70000
-    })pb");
+    listeners { name: "web" address: "127.0.0.1:80" worker { command: "w" }
+                backlog: 70000 })pb");
   EXPECT_EQ(Message(s),
             "fleet.textproto: listeners[0] (\"web\"): backlog: 70000 is out "
             "of range (0-65535; 0 = default 1024)");
@@ -248,11 +200,8 @@ TEST(SpecTest, DrainTimeoutAndBacklogRanges) {
 
 TEST(SpecTest, BadEnvEntry) {
   absl::Status s = ParseText(R"pb(
-    listeners {
-      name: "web"
-      address: "127.0.0.1:80"
-      worker { command: "w" env: "NOVALUE" }
-    })pb");
+    listeners { name: "web" address: "127.0.0.1:80"
+                worker { command: "w" env: "NOVALUE" } })pb");
   EXPECT_EQ(Message(s),
             "fleet.textproto: listeners[0] (\"web\"): worker.env: 'NOVALUE' "
             "is not of the form NAME=value");
