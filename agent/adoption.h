@@ -57,28 +57,6 @@ absl::StatusOr<Adoptee> CheckReconnect(ControlConnection& connection);
 std::vector<Adoptee> CollectReconnects(int listen_fd, size_t want,
                                        absl::Duration timeout);
 
-// The new agent's side of a takeover: connects to the running agent's
-// control socket, asks for its shard sockets and returns them as Adoptees
-// without a control channel (new workers are started on them) plus the
-// desired state they belong to. `*connection` stays open: TakeoverReady is
-// sent on it once the new workers are ready.
-struct TakeoverGrant {
-  v1::FleetSpec spec;
-  std::vector<Adoptee> sockets;
-  Fd connection;
-};
-absl::StatusOr<TakeoverGrant> RequestTakeover(const std::string& control_path,
-                                              absl::Duration timeout);
-
-// The old agent's side: sends every shard socket and TakeoverEnd.
-struct SharedShard {
-  v1::Listener listener;
-  uint32_t shard;
-  int fd;
-};
-absl::Status GrantTakeover(int connection,
-                           const std::vector<SharedShard>& shards);
-
 // True if something accepts connections on the control socket at `path`.
 bool ControlSocketAnswers(const std::string& path);
 

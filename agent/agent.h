@@ -1,44 +1,91 @@
-// The agent process: options, start-up, signal handling, shutdown.
+// Agent: one portfleet agent process's parts wired together — the event
+// loop, the fleet, BPF steering, the API and metrics servers, the control
+// socket, and the two ends of a takeover. Start() brings it up to serving,
+// Run() serves until the shutdown completes. Signals are not its business
+// (SignalHandler in main does them), so a test can run two agents in one
+// process.
 #ifndef PORTFLEET_AGENT_AGENT_H_
 #define PORTFLEET_AGENT_AGENT_H_
 
+#include <memory>
 #include <string>
-#include <vector>
+#include <thread>
 
 #include "absl/status/statusor.h"
+#include "agent/api/server.h"
+#include "agent/control_socket.h"
+#include "agent/event_loop.h"
+#include "agent/fleet/fleet.h"
+#include "agent/fleet_controller.h"
+#include "agent/launcher.h"
+#include "agent/metrics/metrics_server.h"
+#include "agent/options.h"
+#include "agent/steering/steering.h"
+#include "agent/takeover.h"
 
 namespace portfleet {
 
-struct AgentOptions {
-  std::string config;  // fleet spec file (.textproto or .json)
-  std::string api = "unix:///run/portfleet/api.sock";  // gRPC API endpoint
-  std::string metrics = "127.0.0.1:9464";  // /metrics, /healthz, /readyz
-  std::string state_dir = "/var/lib/portfleet";
-  std::string bpffs = "/sys/fs/bpf/portfleet";  // pinned steering maps
-  std::string log_level = "info";
-  std::string api_group;  // group owning the API socket
-  // Where workers reconnect to a restarted agent ("" = derived from --api).
-  std::string control_socket;
-  bool takeover = false;       // --takeover
-  bool takeover_auto = false;  // --takeover=auto: only if an agent runs
-  // Optional remote API: TCP with mutual TLS and an authorization policy.
-  std::string api_tls_address;
-  std::string api_tls_cert;
-  std::string api_tls_key;
-  std::string api_tls_client_ca;
-  std::string api_authz_policy;
+class Agent {
+ public:
+  // Everything up to serving: the desired state (persisted state, else
+  // --config), re-adoption of running workers or a takeover, the fleet, the
+  // API and metrics. An error is a start-up failure (exit code 1) and
+  // leaves nothing running that this call started.
+  static absl::StatusOr<std::unique_ptr<Agent>> Start(
+      const AgentOptions& options);
+  ~Agent();
+  Agent(const Agent&) = delete;
+  Agent& operator=(const Agent&) = delete;
+
+  // Serves until the shutdown (Stop or a handed-over takeover) completes.
+  // Returns the process exit code.
+  int Run();
+  // On the loop thread: a stop request. The first stops the API and drains
+  // the workers; later ones kill the workers at once.
+  void OnStop(const std::string& why, int count);
+  // Thread-safe: OnStop("stop requested", 1) on the loop.
+  void Stop();
+
+  EventLoop* loop() { return loop_.get(); }
+
+ private:
+  explicit Agent(const AgentOptions& options);
+  absl::Status StartFleet();
+  // BPF steering, or the kernel's reuseport hashing with the reason.
+  void OpenSteering();
+  // The donating end of a takeover, wired to this agent.
+  std::unique_ptr<TakeoverDonor> MakeDonor();
+  absl::Status OpenApi();
+  absl::Status OpenControlSocket(Fd listen_fd);
+  void CloseInterfaces();
+  void OnTakeoverReleased(bool ready_sent);
+  void HandOver(std::function<void()> release_done);
+  void StopApiInBackground(std::function<void()> then);
+  void ScheduleCounterLog();
+
+  const AgentOptions options_;
+  const std::string control_path_;
+  bool takeover_ = false;
+  v1::FleetSpec initial_spec_;
+  std::vector<Adoptee> adoptees_;
+  Fd control_listen_;  // bound at start, served once the fleet runs
+
+  std::unique_ptr<EventLoop> loop_;
+  RealProcessLauncher launcher_;
+  std::unique_ptr<SteeringBackend> steering_;
+  std::unique_ptr<Fleet> fleet_;
+  std::unique_ptr<LoopFleetController> controller_;
+  std::unique_ptr<ApiServer> api_;
+  std::unique_ptr<MetricsServer> metrics_;
+  std::unique_ptr<ControlSocketServer> control_server_;
+  std::unique_ptr<TakeoverDonor> donor_;
+  std::unique_ptr<TakeoverReceiver> receiver_;
+  std::thread api_stopper_;
+  bool stopping_ = false;
 };
 
-// Parses argv. `--help` and `--version` are returned as a usage result with
-// `exit_code` 0; errors with exit code 2.
-struct ParsedArgs {
-  AgentOptions options;
-  bool exit_now = false;  // help/version/usage error printed
-  int exit_code = 0;
-};
-ParsedArgs ParseAgentArgs(const std::vector<std::string>& args);
-
-// Runs the agent until SIGTERM/SIGINT. Returns the process exit code.
+// main(): blocks the signals, starts the agent and runs it. Returns the exit
+// code (0 stopped cleanly, 1 start-up failed).
 int RunAgent(const AgentOptions& options);
 
 }  // namespace portfleet

@@ -14,6 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "portfleet/v1/agent.pb.h"
 #include "portfleet/v1/fleet.pb.h"
 
 namespace portfleet {
@@ -27,13 +28,12 @@ struct ShardCountersView {
 
 struct ShardStatus {
   uint32_t index = 0;
-  // "starting", "running", "backoff", "draining", "stopping", "stopped"
-  std::string state;
+  v1::ShardState state = v1::SHARD_STATE_UNSPECIFIED;
   pid_t pid = 0;
   int cpu = -1;  // pinned CPU, -1 = none
   uint32_t restarts = 0;
   uint64_t socket_inode = 0;
-  bool ready = false;               // said ready on its control channel
+  bool ready = false;               // said ready (or accepted, see Fleet)
   uint32_t queue_depth = 0;         // accept queue, from the kernel
   uint64_t active_connections = 0;  // from the worker's load reports
   uint64_t accepted_total = 0;
@@ -54,23 +54,14 @@ struct AgentStatus {
   bool serving = false;  // every listener's shards are up
 };
 
-// One fleet event for WatchEvents.
-struct EventRecord {
-  enum class Type {
-    kShardStarted,
-    kShardExited,
-    kShardRestarted,
-    kDrainBegun,
-    kDrainDone,
-    kSteeringChanged,
-    kListenerCreated,
-    kListenerDeleted,
-    kError,
-  };
-  Type type;
+// Something that happened in the fleet: the one event type, from the fleet's
+// units to logs, the API's WatchEvents and metrics. `type` is the API's enum,
+// so nothing translates it on the way out.
+struct FleetEvent {
+  v1::EventType type = v1::EVENT_TYPE_UNSPECIFIED;
   absl::Time time;
   std::string listener;
-  int shard = -1;
+  int shard = -1;  // -1 = not about one shard
   pid_t pid = 0;
   std::string message;
 };
@@ -87,8 +78,9 @@ class FleetController {
   virtual absl::StatusOr<ListenerStatus> GetListener(
       const std::string& name) = 0;
   virtual absl::Status CreateListener(const v1::Listener& spec) = 0;
-  // Replaces a listener's spec (apply of a changed spec): shard count and
-  // steering are changed in place; a changed address or worker restarts it.
+  // Replaces a listener's spec (apply of a changed spec): drain timeout,
+  // backlog, steering and shard count change in place, a changed worker is
+  // rolled out shard by shard; the address cannot change. All or nothing.
   virtual absl::Status UpdateListener(const v1::Listener& spec) = 0;
   // Drains every shard, then removes the listener. Returns when done.
   virtual absl::Status DeleteListener(const std::string& name) = 0;
@@ -108,7 +100,7 @@ class FleetController {
 
   // Calls `sink` (from any thread) for every event until the returned id is
   // passed to Unsubscribe.
-  virtual uint64_t Subscribe(std::function<void(const EventRecord&)> sink) = 0;
+  virtual uint64_t Subscribe(std::function<void(const FleetEvent&)> sink) = 0;
   virtual void Unsubscribe(uint64_t id) = 0;
 };
 

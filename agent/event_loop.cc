@@ -13,15 +13,15 @@
 
 namespace portfleet {
 
-absl::StatusOr<std::unique_ptr<EventLoop>> EventLoop::Create() {
+absl::StatusOr<std::unique_ptr<EventLoop>> EventLoop::Create(Clock* clock) {
   Fd epoll(::epoll_create1(EPOLL_CLOEXEC));
   if (!epoll) return ErrnoError("epoll_create1");
   Fd wake(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!wake) return ErrnoError("eventfd");
   Fd timer(::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK));
   if (!timer) return ErrnoError("timerfd_create");
-  std::unique_ptr<EventLoop> loop(
-      new EventLoop(std::move(epoll), std::move(wake), std::move(timer)));
+  std::unique_ptr<EventLoop> loop(new EventLoop(
+      std::move(epoll), std::move(wake), std::move(timer), clock));
   RETURN_IF_ERROR(loop->AddFd(loop->wake_.get(), [l = loop.get()](uint32_t) {
     uint64_t n;
     while (::read(l->wake_.get(), &n, sizeof(n)) > 0) {
@@ -36,8 +36,9 @@ absl::StatusOr<std::unique_ptr<EventLoop>> EventLoop::Create() {
   return loop;
 }
 
-EventLoop::EventLoop(Fd epoll, Fd wake, Fd timer)
-    : epoll_(std::move(epoll)),
+EventLoop::EventLoop(Fd epoll, Fd wake, Fd timer, Clock* clock)
+    : clock_(clock),
+      epoll_(std::move(epoll)),
       wake_(std::move(wake)),
       timer_(std::move(timer)),
       loop_thread_(std::this_thread::get_id()) {}
@@ -64,7 +65,7 @@ void EventLoop::RemoveFd(int fd) {
 EventLoop::TimerId EventLoop::AddTimer(absl::Duration delay,
                                        std::function<void()> callback) {
   TimerId id = next_timer_++;
-  absl::Time deadline = absl::Now() + delay;
+  absl::Time deadline = clock_->Now() + delay;
   timers_[{deadline, id}] = std::move(callback);
   timer_deadlines_[id] = deadline;
   ArmTimerFd();
@@ -82,21 +83,29 @@ void EventLoop::CancelTimer(TimerId id) {
 void EventLoop::ArmTimerFd() {
   itimerspec spec{};
   if (!timers_.empty()) {
-    absl::Duration left = timers_.begin()->first.first - absl::Now();
+    absl::Duration left = timers_.begin()->first.first - clock_->Now();
     if (left < absl::Microseconds(1)) left = absl::Microseconds(1);
     spec.it_value = absl::ToTimespec(left);
   }
   ::timerfd_settime(timer_.get(), 0, &spec, nullptr);
 }
 
-void EventLoop::RunDueTimers() {
-  absl::Time now = absl::Now();
+bool EventLoop::RunDueTimers() {
+  bool ran = false;
+  absl::Time now = clock_->Now();
   while (!timers_.empty() && timers_.begin()->first.first <= now) {
     auto node = timers_.extract(timers_.begin());
     timer_deadlines_.erase(node.key().second);
     node.mapped()();
+    ran = true;
   }
   ArmTimerFd();
+  return ran;
+}
+
+absl::Time EventLoop::NextTimer() const {
+  return timers_.empty() ? absl::InfiniteFuture()
+                         : timers_.begin()->first.first;
 }
 
 void EventLoop::Wake() {
@@ -134,33 +143,79 @@ bool EventLoop::InLoopThread() const {
   return std::this_thread::get_id() == loop_thread_;
 }
 
+bool EventLoop::RunPosted() {
+  std::deque<std::function<void()>> tasks;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    tasks.swap(posted_);
+  }
+  for (auto& task : tasks) task();
+  return !tasks.empty();
+}
+
+bool EventLoop::RunReadyFds(int timeout_ms) {
+  epoll_event events[64];
+  int n = ::epoll_wait(epoll_.get(), events, 64, timeout_ms);
+  if (n < 0) {
+    if (errno == EINTR) return false;
+    PF_LOG(ERROR) << "epoll_wait: " << strerror(errno);
+    std::abort();  // cannot happen after init
+  }
+  bool ran = false;
+  for (int i = 0; i < n; ++i) {
+    int fd = events[i].data.fd;
+    auto it = fds_.find(fd);
+    if (it == fds_.end()) continue;  // removed by an earlier callback
+    // The wake and timer fds are bookkeeping, not work.
+    if (fd != wake_.get() && fd != timer_.get()) ran = true;
+    std::shared_ptr<FdCallback> cb = it->second;
+    (*cb)(events[i].events);
+  }
+  return ran;
+}
+
+bool EventLoop::RunOnce(absl::Duration max_wait) {
+  loop_thread_ = std::this_thread::get_id();
+  bool ran = RunPosted();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!posted_.empty()) max_wait = absl::ZeroDuration();
+  }
+  int timeout_ms = max_wait == absl::InfiniteDuration()
+                       ? -1
+                       : static_cast<int>(absl::ToInt64Milliseconds(
+                             absl::Ceil(max_wait, absl::Milliseconds(1))));
+  ran |= RunReadyFds(timeout_ms);
+  ran |= RunDueTimers();
+  return ran;
+}
+
+void EventLoop::RunUntilIdle() {
+  while (RunOnce(absl::ZeroDuration())) {
+  }
+}
+
+void EventLoop::AdvanceTo(ManualClock* clock, absl::Time deadline) {
+  RunUntilIdle();
+  while (NextTimer() <= deadline) {
+    absl::Time next = NextTimer();
+    if (next > clock->Now()) clock->Advance(next - clock->Now());
+    RunUntilIdle();
+  }
+  if (deadline > clock->Now()) clock->Advance(deadline - clock->Now());
+  RunUntilIdle();
+}
+
 void EventLoop::Run() {
   loop_thread_ = std::this_thread::get_id();
-  epoll_event events[64];
   for (;;) {
-    std::deque<std::function<void()>> tasks;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      tasks.swap(posted_);
-    }
-    for (auto& task : tasks) task();
+    RunPosted();
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (stop_ && posted_.empty()) return;
       if (!posted_.empty()) continue;
     }
-    int n = ::epoll_wait(epoll_.get(), events, 64, -1);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      PF_LOG(ERROR) << "epoll_wait: " << strerror(errno);
-      std::abort();  // cannot happen after init
-    }
-    for (int i = 0; i < n; ++i) {
-      auto it = fds_.find(events[i].data.fd);
-      if (it == fds_.end()) continue;  // removed by an earlier callback
-      std::shared_ptr<FdCallback> cb = it->second;
-      (*cb)(events[i].events);
-    }
+    RunReadyFds(-1);
   }
 }
 

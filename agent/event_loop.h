@@ -1,6 +1,10 @@
 // EventLoop: the agent's single control thread. Everything that changes fleet
 // state runs here: fd readiness callbacks (pidfds, control channels,
 // signalfd), timers, and closures posted from other threads (gRPC handlers).
+//
+// Timers read the injected Clock. The agent runs Run() on the real clock; a
+// unit test injects a ManualClock and drives the loop itself with RunOnce()
+// and AdvanceTo(), so restart backoffs and drain timeouts take no real time.
 #ifndef PORTFLEET_AGENT_EVENT_LOOP_H_
 #define PORTFLEET_AGENT_EVENT_LOOP_H_
 
@@ -17,6 +21,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "worker/sdk/base/fd.h"
+#include "worker/sdk/base/time.h"
 
 namespace portfleet {
 
@@ -25,7 +30,9 @@ class EventLoop {
   using FdCallback = std::function<void(uint32_t epoll_events)>;
   using TimerId = uint64_t;
 
-  static absl::StatusOr<std::unique_ptr<EventLoop>> Create();
+  // `clock` (not owned) must outlive the loop.
+  static absl::StatusOr<std::unique_ptr<EventLoop>> Create(
+      Clock* clock = RealClock());
   ~EventLoop();
 
   // Watches `fd` (not owned) for `events` (EPOLLIN by default) until
@@ -48,12 +55,28 @@ class EventLoop {
   void Stop();  // thread-safe
   bool InLoopThread() const;
 
- private:
-  EventLoop(Fd epoll, Fd wake, Fd timer);
-  void Wake();
-  void RunDueTimers();
-  void ArmTimerFd();
+  // One iteration: posted tasks, then fds ready within `max_wait`, then due
+  // timers. Returns true if any callback ran.
+  bool RunOnce(absl::Duration max_wait);
+  // Runs iterations with no waiting until none runs a callback.
+  void RunUntilIdle();
+  // For a ManualClock: moves it forward to `deadline` timer by timer,
+  // running each due timer (and whatever it makes ready) in order.
+  void AdvanceTo(ManualClock* clock, absl::Time deadline);
+  // Deadline of the earliest timer; InfiniteFuture when there is none.
+  absl::Time NextTimer() const;
+  const Clock* clock() const { return clock_; }
+  absl::Time Now() const { return clock_->Now(); }
 
+ private:
+  EventLoop(Fd epoll, Fd wake, Fd timer, Clock* clock);
+  void Wake();
+  bool RunDueTimers();
+  void ArmTimerFd();
+  bool RunPosted();
+  bool RunReadyFds(int timeout_ms);
+
+  Clock* clock_;
   Fd epoll_;
   Fd wake_;   // eventfd
   Fd timer_;  // timerfd for the earliest timer

@@ -25,47 +25,12 @@ LoopFleetController::LoopFleetController(EventLoop* loop, Fleet* fleet,
       started_(absl::Now()) {}
 
 void LoopFleetController::Publish(const FleetEvent& event) {
-  EventRecord r;
-  switch (event.type) {
-    case FleetEvent::Type::kShardStarted:
-    case FleetEvent::Type::kWorkerReady:
-      r.type = EventRecord::Type::kShardStarted;
-      break;
-    case FleetEvent::Type::kWorkerExited:
-      r.type = EventRecord::Type::kShardExited;
-      break;
-    case FleetEvent::Type::kWorkerRestarted:
-      r.type = EventRecord::Type::kShardRestarted;
-      break;
-    case FleetEvent::Type::kDrainBegun:
-      r.type = EventRecord::Type::kDrainBegun;
-      break;
-    case FleetEvent::Type::kDrainDone:
-      r.type = EventRecord::Type::kDrainDone;
-      break;
-    case FleetEvent::Type::kError:
-      r.type = EventRecord::Type::kError;
-      break;
-  }
-  if (event.type == FleetEvent::Type::kWorkerReady) {
-    r.message = "worker ready";
-  } else {
-    r.message = event.message;
-  }
-  r.time = absl::Now();
-  r.listener = event.listener;
-  r.shard = event.shard;
-  r.pid = event.pid;
-  PublishRecord(std::move(r));
-}
-
-void LoopFleetController::PublishRecord(EventRecord record) {
   std::lock_guard<std::mutex> lock(subscribers_mu_);
-  for (auto& [id, sink] : subscribers_) sink(record);
+  for (auto& [id, sink] : subscribers_) sink(event);
 }
 
 uint64_t LoopFleetController::Subscribe(
-    std::function<void(const EventRecord&)> sink) {
+    std::function<void(const FleetEvent&)> sink) {
   std::lock_guard<std::mutex> lock(subscribers_mu_);
   uint64_t id = next_subscriber_++;
   subscribers_[id] = std::move(sink);
@@ -78,7 +43,7 @@ void LoopFleetController::Unsubscribe(uint64_t id) {
 }
 
 absl::Status LoopFleetController::Mutate(
-    const std::function<absl::Status(Fleet::Done)>& op) {
+    const std::function<absl::Status(Done)>& op) {
   std::lock_guard<std::mutex> lock(mu_);
   if (closed_) return ShuttingDown();
   auto done = std::make_shared<std::promise<absl::Status>>();
@@ -111,65 +76,63 @@ absl::StatusOr<ListenerStatus> LoopFleetController::GetListener(
 }
 
 absl::Status LoopFleetController::CreateListener(const v1::Listener& spec) {
-  absl::Status s = Mutate([&](Fleet::Done done) {
+  absl::Status s = Mutate([&](Done done) {
     RETURN_IF_ERROR(fleet_->AddListener(spec));
     done(absl::OkStatus());
     return absl::OkStatus();
   });
   if (s.ok()) {
-    PublishRecord({.type = EventRecord::Type::kListenerCreated,
-                   .time = absl::Now(),
-                   .listener = spec.name(),
-                   .message = "created"});
+    Publish({.type = v1::EVENT_TYPE_LISTENER_CREATED,
+             .time = absl::Now(),
+             .listener = spec.name(),
+             .message = "created"});
   }
   return s;
 }
 
 absl::Status LoopFleetController::UpdateListener(const v1::Listener& spec) {
-  return Mutate([&](Fleet::Done done) {
-    return fleet_->UpdateListener(spec, std::move(done));
-  });
+  return Mutate(
+      [&](Done done) { return fleet_->UpdateListener(spec, std::move(done)); });
 }
 
 absl::Status LoopFleetController::DeleteListener(const std::string& name) {
-  absl::Status s = Mutate([&](Fleet::Done done) {
-    return fleet_->DeleteListener(name, std::move(done));
-  });
+  absl::Status s = Mutate(
+      [&](Done done) { return fleet_->DeleteListener(name, std::move(done)); });
   if (s.ok()) {
-    PublishRecord({.type = EventRecord::Type::kListenerDeleted,
-                   .time = absl::Now(),
-                   .listener = name,
-                   .message = "deleted"});
+    Publish({.type = v1::EVENT_TYPE_LISTENER_DELETED,
+             .time = absl::Now(),
+             .listener = name,
+             .message = "deleted"});
   }
   return s;
 }
 
 absl::Status LoopFleetController::ScaleListener(const std::string& name,
                                                 uint32_t shards) {
-  return Mutate([&](Fleet::Done done) {
+  return Mutate([&](Done done) {
     return fleet_->ScaleListener(name, shards, std::move(done));
   });
 }
 
 absl::Status LoopFleetController::DrainShard(const std::string& name,
                                              uint32_t index) {
-  return Mutate([&](Fleet::Done done) {
+  return Mutate([&](Done done) {
     return fleet_->DrainShard(name, index, std::move(done));
   });
 }
 
 absl::Status LoopFleetController::SetSteering(const std::string& name,
                                               const v1::Steering& steering) {
-  absl::Status s = Mutate([&](Fleet::Done done) {
+  absl::Status s = Mutate([&](Done done) {
     RETURN_IF_ERROR(fleet_->SetSteering(name, steering));
     done(absl::OkStatus());
     return absl::OkStatus();
   });
   if (s.ok()) {
-    PublishRecord({.type = EventRecord::Type::kSteeringChanged,
-                   .time = absl::Now(),
-                   .listener = name,
-                   .message = v1::SteeringPolicy_Name(steering.policy())});
+    Publish({.type = v1::EVENT_TYPE_STEERING_CHANGED,
+             .time = absl::Now(),
+             .listener = name,
+             .message = v1::SteeringPolicy_Name(steering.policy())});
   }
   return s;
 }
@@ -177,7 +140,7 @@ absl::Status LoopFleetController::SetSteering(const std::string& name,
 absl::Status LoopFleetController::RollOut(const std::string& name,
                                           const v1::WorkerSpec& worker,
                                           uint32_t max_surge) {
-  return Mutate([&](Fleet::Done done) {
+  return Mutate([&](Done done) {
     return fleet_->RollOut(name, worker, max_surge, std::move(done));
   });
 }

@@ -11,7 +11,7 @@
 
 #include "agent/controller.h"
 #include "agent/event_loop.h"
-#include "agent/fleet.h"
+#include "agent/fleet/fleet.h"
 
 namespace portfleet {
 
@@ -27,9 +27,8 @@ class LoopFleetController : public FleetController {
   void Close() { closed_ = true; }
   void Reopen() { closed_ = false; }
 
-  // Turns a fleet event into an EventRecord for subscribers (loop thread).
+  // Hands an event to every subscriber (any thread).
   void Publish(const FleetEvent& event);
-  void PublishRecord(EventRecord record);
 
   absl::StatusOr<std::vector<ListenerStatus>> ListListeners() override;
   absl::StatusOr<ListenerStatus> GetListener(const std::string& name) override;
@@ -43,13 +42,13 @@ class LoopFleetController : public FleetController {
   absl::Status RollOut(const std::string& name, const v1::WorkerSpec& worker,
                        uint32_t max_surge) override;
   AgentStatus GetStatus() override;
-  uint64_t Subscribe(std::function<void(const EventRecord&)> sink) override;
+  uint64_t Subscribe(std::function<void(const FleetEvent&)> sink) override;
   void Unsubscribe(uint64_t id) override;
 
  private:
   // Runs `op` on the loop; `op` returns an immediate status or OK and later
   // calls the Done it was given. Persists after success.
-  absl::Status Mutate(const std::function<absl::Status(Fleet::Done)>& op);
+  absl::Status Mutate(const std::function<absl::Status(Done)>& op);
 
   EventLoop* loop_;
   Fleet* fleet_;
@@ -60,7 +59,7 @@ class LoopFleetController : public FleetController {
   std::mutex mu_;  // serialises mutations end to end
   std::mutex subscribers_mu_;
   uint64_t next_subscriber_ = 1;
-  std::map<uint64_t, std::function<void(const EventRecord&)>> subscribers_;
+  std::map<uint64_t, std::function<void(const FleetEvent&)>> subscribers_;
 };
 
 }  // namespace portfleet

@@ -254,6 +254,20 @@ absl::StatusOr<std::optional<int>> RealProcessLauncher::Reap(
   return info.si_status | (info.si_code == CLD_DUMPED ? 0x80 : 0);
 }
 
+absl::Status RealProcessLauncher::SetAffinity(const LaunchedProcess& process,
+                                              const std::vector<int>& cpus) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  for (int c : cpus) CPU_SET(c, &set);
+  if (::sched_setaffinity(process.pid, sizeof(set), &set) != 0) {
+    if (errno == ESRCH) {
+      return absl::NotFoundError(absl::StrCat("pid ", process.pid, " is gone"));
+    }
+    return ErrnoError(absl::StrCat("sched_setaffinity(pid ", process.pid, ")"));
+  }
+  return absl::OkStatus();
+}
+
 std::string DescribeWaitStatus(int status) {
   if (WIFEXITED(status)) {
     return absl::StrCat("exited with status ", WEXITSTATUS(status));

@@ -57,6 +57,10 @@ class ProcessLauncher {
   // nullopt if it has not exited.
   virtual absl::StatusOr<std::optional<int>> Reap(
       const LaunchedProcess& process) = 0;
+  // Restricts a running process to `cpus` (sched_setaffinity). NotFound
+  // when the process is gone.
+  virtual absl::Status SetAffinity(const LaunchedProcess& process,
+                                   const std::vector<int>& cpus) = 0;
 };
 
 // fork + exec, pidfd_open, pidfd_send_signal, waitid(P_PIDFD).
@@ -66,6 +70,8 @@ class RealProcessLauncher : public ProcessLauncher {
   bool Signal(const LaunchedProcess& process, int sig) override;
   absl::StatusOr<std::optional<int>> Reap(
       const LaunchedProcess& process) override;
+  absl::Status SetAffinity(const LaunchedProcess& process,
+                           const std::vector<int>& cpus) override;
 };
 
 // Finds a worker command: a path containing '/' is used as is; a bare name is

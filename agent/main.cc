@@ -2,6 +2,7 @@
 #include <vector>
 
 #include "agent/agent.h"
+#include "agent/options.h"
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);

@@ -219,4 +219,30 @@ absl::StatusOr<uint32_t> AcceptQueueDepth(int fd) {
   return info.tcpi_unacked;
 }
 
+absl::StatusOr<uint32_t> ListenBacklog(int fd) {
+  tcp_info info{};
+  socklen_t len = sizeof(info);
+  if (::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0) {
+    return ErrnoError("getsockopt(TCP_INFO)");
+  }
+  // For a listening socket tcpi_sacked is the backlog.
+  return info.tcpi_sacked;
+}
+
+absl::Status SetListenBacklog(int fd, int backlog) {
+  if (::listen(fd, backlog) != 0) {
+    return ErrnoError(absl::StrCat("listen(backlog ", backlog, ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SocketAddress> LocalAddressOf(int fd) {
+  sockaddr_storage local{};
+  socklen_t len = sizeof(local);
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) != 0) {
+    return ErrnoError("getsockname");
+  }
+  return SocketAddress::FromSockaddr(reinterpret_cast<sockaddr*>(&local), len);
+}
+
 }  // namespace portfleet

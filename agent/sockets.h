@@ -51,6 +51,12 @@ bool IsOrphanedWorkerOf(pid_t pid, const std::string& listener);
 
 // Queued connections of a listening socket (accept queue depth).
 absl::StatusOr<uint32_t> AcceptQueueDepth(int fd);
+// The backlog a listening socket was last listen()ed with (TCP_INFO).
+absl::StatusOr<uint32_t> ListenBacklog(int fd);
+// listen() again on a listening socket: only resizes its backlog.
+absl::Status SetListenBacklog(int fd, int backlog);
+// The local address of a bound socket (getsockname).
+absl::StatusOr<SocketAddress> LocalAddressOf(int fd);
 
 }  // namespace portfleet
 

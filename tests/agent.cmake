@@ -24,3 +24,10 @@ portfleet_test(agent_scale_test
   SOURCES netns/agent_scale_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
   LABELS netns)
+
+# Fleet logic with fakes behind ProcessLauncher and SteeringBackend and a
+# manual clock: no processes, BPF or privileges (unit).
+portfleet_test(fleet_test
+  SOURCES unit/fleet_test.cc
+  LIBS portfleet_agent_lib
+  LABELS unit)

@@ -19,74 +19,20 @@ namespace portfleet {
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
-  grpc::StatusCode code;
-  switch (status.code()) {
-    case absl::StatusCode::kCancelled:
-      code = grpc::CANCELLED;
-      break;
-    case absl::StatusCode::kInvalidArgument:
-      code = grpc::INVALID_ARGUMENT;
-      break;
-    case absl::StatusCode::kDeadlineExceeded:
-      code = grpc::DEADLINE_EXCEEDED;
-      break;
-    case absl::StatusCode::kNotFound:
-      code = grpc::NOT_FOUND;
-      break;
-    case absl::StatusCode::kAlreadyExists:
-      code = grpc::ALREADY_EXISTS;
-      break;
-    case absl::StatusCode::kPermissionDenied:
-      code = grpc::PERMISSION_DENIED;
-      break;
-    case absl::StatusCode::kResourceExhausted:
-      code = grpc::RESOURCE_EXHAUSTED;
-      break;
-    case absl::StatusCode::kFailedPrecondition:
-      code = grpc::FAILED_PRECONDITION;
-      break;
-    case absl::StatusCode::kAborted:
-      code = grpc::ABORTED;
-      break;
-    case absl::StatusCode::kOutOfRange:
-      code = grpc::OUT_OF_RANGE;
-      break;
-    case absl::StatusCode::kUnimplemented:
-      code = grpc::UNIMPLEMENTED;
-      break;
-    case absl::StatusCode::kInternal:
-      code = grpc::INTERNAL;
-      break;
-    case absl::StatusCode::kUnavailable:
-      code = grpc::UNAVAILABLE;
-      break;
-    case absl::StatusCode::kDataLoss:
-      code = grpc::DATA_LOSS;
-      break;
-    case absl::StatusCode::kUnauthenticated:
-      code = grpc::UNAUTHENTICATED;
-      break;
-    default:
-      code = grpc::UNKNOWN;
-      break;
-  }
-  return grpc::Status(code, std::string(status.message()));
-}
-
-v1::ShardState ShardStateFromString(const std::string& state) {
-  if (state == "starting") return v1::SHARD_STATE_STARTING;
-  if (state == "running") return v1::SHARD_STATE_RUNNING;
-  if (state == "backoff") return v1::SHARD_STATE_BACKOFF;
-  if (state == "draining") return v1::SHARD_STATE_DRAINING;
-  if (state == "stopping") return v1::SHARD_STATE_STOPPING;
-  if (state == "stopped") return v1::SHARD_STATE_STOPPED;
-  return v1::SHARD_STATE_UNSPECIFIED;
+  // absl::StatusCode is documented to match google.rpc.Code, which gRPC's
+  // StatusCode also follows, value for value.
+  static_assert(static_cast<int>(absl::StatusCode::kUnauthenticated) ==
+                grpc::StatusCode::UNAUTHENTICATED);
+  static_assert(static_cast<int>(absl::StatusCode::kDataLoss) ==
+                grpc::StatusCode::DATA_LOSS);
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
+                      std::string(status.message()));
 }
 
 v1::Shard ToProto(const ShardStatus& s) {
   v1::Shard out;
   out.set_index(s.index);
-  out.set_state(ShardStateFromString(s.state));
+  out.set_state(s.state);
   out.set_pid(s.pid);
   out.set_cpu(s.cpu);
   out.set_restarts(s.restarts);
@@ -108,37 +54,9 @@ v1::ListenerState ToProto(const ListenerStatus& l) {
   return out;
 }
 
-v1::Event ToProto(const EventRecord& e) {
+v1::Event ToProto(const FleetEvent& e) {
   v1::Event out;
-  switch (e.type) {
-    case EventRecord::Type::kShardStarted:
-      out.set_type(v1::EVENT_TYPE_SHARD_STARTED);
-      break;
-    case EventRecord::Type::kShardExited:
-      out.set_type(v1::EVENT_TYPE_SHARD_EXITED);
-      break;
-    case EventRecord::Type::kShardRestarted:
-      out.set_type(v1::EVENT_TYPE_SHARD_RESTARTED);
-      break;
-    case EventRecord::Type::kDrainBegun:
-      out.set_type(v1::EVENT_TYPE_DRAIN_BEGUN);
-      break;
-    case EventRecord::Type::kDrainDone:
-      out.set_type(v1::EVENT_TYPE_DRAIN_DONE);
-      break;
-    case EventRecord::Type::kSteeringChanged:
-      out.set_type(v1::EVENT_TYPE_STEERING_CHANGED);
-      break;
-    case EventRecord::Type::kListenerCreated:
-      out.set_type(v1::EVENT_TYPE_LISTENER_CREATED);
-      break;
-    case EventRecord::Type::kListenerDeleted:
-      out.set_type(v1::EVENT_TYPE_LISTENER_DELETED);
-      break;
-    case EventRecord::Type::kError:
-      out.set_type(v1::EVENT_TYPE_ERROR);
-      break;
-  }
+  out.set_type(e.type);
   out.set_time_unix_micros(absl::ToUnixMicros(e.time));
   out.set_listener(e.listener);
   out.set_shard(e.shard);
@@ -162,21 +80,10 @@ absl::Status ValidateName(const std::string& name, const std::string& field) {
 
 absl::Status ValidateSteering(const v1::Steering& steering,
                               const std::string& field) {
-  if (!v1::SteeringPolicy_IsValid(steering.policy())) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(field, ".policy: unknown value ", steering.policy()));
-  }
-  if (steering.policy() == v1::STEERING_POLICY_CPU &&
-      steering.weights_size() > 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        field, ".weights: only allowed with STEERING_POLICY_HASH"));
-  }
-  if (steering.weights_size() > static_cast<int>(kMaxShards)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(field, ".weights: ", steering.weights_size(),
-                     " weights for at most ", kMaxShards, " shards"));
-  }
-  return absl::OkStatus();
+  // The shard count is the fleet's to check against.
+  absl::Status s = portfleet::ValidateSteering(steering, std::nullopt);
+  if (s.ok()) return s;
+  return absl::Status(s.code(), absl::StrCat(field, ".", s.message()));
 }
 
 namespace {
@@ -482,7 +389,7 @@ class EventWriter final
     shared_->max_queued = max_queued;
     StartSendInitialMetadata();
     std::weak_ptr<Shared> weak = shared_;
-    subscription_ = controller_->Subscribe([weak](const EventRecord& e) {
+    subscription_ = controller_->Subscribe([weak](const FleetEvent& e) {
       if (std::shared_ptr<Shared> s = weak.lock()) s->Push(e);
     });
   }
@@ -525,7 +432,7 @@ class EventWriter final
     bool finished = false;
     std::optional<grpc::Status> pending_finish;
 
-    void Push(const EventRecord& e) {
+    void Push(const FleetEvent& e) {
       std::lock_guard<std::mutex> lock(mu);
       if (writer == nullptr || finished || pending_finish) return;
       if (!filter.empty() && e.listener != filter) return;

@@ -27,15 +27,14 @@
 
 namespace portfleet {
 
-// The one absl -> gRPC status conversion (codes map one to one; the message
-// is kept).
+// The one absl -> gRPC status conversion: the codes are numerically the same
+// (both follow google.rpc.Code); the message is kept.
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
 // Conversions to the API's messages.
-v1::ShardState ShardStateFromString(const std::string& state);
 v1::Shard ToProto(const ShardStatus& shard);
 v1::ListenerState ToProto(const ListenerStatus& listener);
-v1::Event ToProto(const EventRecord& event);
+v1::Event ToProto(const FleetEvent& event);
 
 // Request checks done before the controller is asked (exposed for tests).
 absl::Status ValidateName(const std::string& name, const std::string& field);

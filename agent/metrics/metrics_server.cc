@@ -29,6 +29,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "agent/spec/enum_names.h"
 #include "worker/sdk/base/address.h"
 #include "worker/sdk/base/fd.h"
 #include "worker/sdk/base/log.h"
@@ -105,11 +106,10 @@ std::string NotReadyReason(const MetricsSnapshot& snapshot) {
   std::vector<std::string> shards;
   for (const ListenerStatus& listener : snapshot.listeners) {
     for (const ShardStatus& shard : listener.shards) {
-      if (shard.state == "running" && shard.ready) continue;
-      shards.push_back(
-          absl::StrCat(listener.spec.name(), "/", shard.index, " ",
-                       shard.state.empty() ? "unknown" : shard.state,
-                       shard.state == "running" ? " (not ready)" : ""));
+      if (shard.state == v1::SHARD_STATE_RUNNING && shard.ready) continue;
+      shards.push_back(absl::StrCat(
+          listener.spec.name(), "/", shard.index, " ", ShortName(shard.state),
+          shard.state == v1::SHARD_STATE_RUNNING ? " (not ready)" : ""));
     }
   }
   constexpr size_t kMaxListed = 16;

@@ -149,7 +149,9 @@ std::string RenderPrometheus(const MetricsSnapshot& snapshot) {
 
   ShardFamily(w, snapshot, "portfleet_shard_up", "gauge",
               "1 when the shard's worker is running.",
-              [](const ShardStatus& s) { return Bool(s.state == "running"); });
+              [](const ShardStatus& s) {
+                return Bool(s.state == v1::SHARD_STATE_RUNNING);
+              });
   ShardFamily(w, snapshot, "portfleet_shard_ready", "gauge",
               "1 when the shard's worker said ready on its control channel.",
               [](const ShardStatus& s) { return Bool(s.ready); });

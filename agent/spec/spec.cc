@@ -2,6 +2,7 @@
 
 #include <fstream>
 #include <map>
+#include <optional>
 #include <sstream>
 
 #include "absl/strings/ascii.h"
@@ -102,39 +103,51 @@ absl::Status ValidateListener(const v1::Listener& l) {
         absl::StrCat("backlog: ", l.backlog(), " is out of range (0-",
                      kMaxBacklog, "; 0 = default ", kDefaultBacklog, ")"));
   }
-  const v1::Steering& s = l.steering();
+  if (l.steering().weights_size() > 0 && l.shards() == 0) {
+    return absl::InvalidArgumentError(
+        "steering.weights: needs an explicit shard count (shards: 0 means "
+        "one per CPU, which varies by host)");
+  }
+  absl::Status steering = ValidateSteering(l.steering(), l.shards());
+  if (steering.ok()) return steering;
+  return absl::Status(steering.code(),
+                      absl::StrCat("steering.", steering.message()));
+}
+
+absl::Status ValidateSteering(const v1::Steering& s,
+                              std::optional<uint32_t> shards) {
   if (!v1::SteeringPolicy_IsValid(s.policy())) {
     return absl::InvalidArgumentError(
-        absl::StrCat("steering.policy: unknown value ", s.policy()));
+        absl::StrCat("policy: unknown value ", s.policy()));
   }
-  if (s.weights_size() > 0) {
-    if (s.policy() == v1::STEERING_POLICY_CPU) {
+  if (s.weights_size() == 0) return absl::OkStatus();
+  if (s.policy() == v1::STEERING_POLICY_CPU) {
+    return absl::InvalidArgumentError(
+        "weights: weights apply to STEERING_POLICY_HASH only");
+  }
+  if (s.weights_size() > static_cast<int>(kMaxShards)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("weights: ", s.weights_size(), " weights for at most ",
+                     kMaxShards, " shards"));
+  }
+  if (shards.has_value() &&
+      static_cast<uint32_t>(s.weights_size()) != *shards) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("weights: ", s.weights_size(), " weights for ", *shards,
+                     " shards (want one each)"));
+  }
+  bool any = false;
+  for (uint32_t w : s.weights()) {
+    if (w > kMaxWeight) {
       return absl::InvalidArgumentError(
-          "steering.weights: weights apply to STEERING_POLICY_HASH only");
+          absl::StrCat("weights: ", w, " is too large (max ", kMaxWeight, ")"));
     }
-    if (l.shards() == 0) {
-      return absl::InvalidArgumentError(
-          "steering.weights: needs an explicit shard count (shards: 0 means "
-          "one per CPU, which varies by host)");
-    }
-    if (static_cast<uint32_t>(s.weights_size()) != l.shards()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("steering.weights: ", s.weights_size(), " weights for ",
-                       l.shards(), " shards (want one each)"));
-    }
-    bool any = false;
-    for (uint32_t w : s.weights()) {
-      if (w > 1000000) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "steering.weights: ", w, " is too large (max 1000000)"));
-      }
-      any = any || w > 0;
-    }
-    if (!any) {
-      return absl::InvalidArgumentError(
-          "steering.weights: all weights are 0 (at least one shard must take "
-          "new connections)");
-    }
+    any = any || w > 0;
+  }
+  if (!any) {
+    return absl::InvalidArgumentError(
+        "weights: all weights are 0 (at least one shard must take new "
+        "connections)");
   }
   return absl::OkStatus();
 }

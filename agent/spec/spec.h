@@ -2,6 +2,8 @@
 #ifndef PORTFLEET_AGENT_SPEC_SPEC_H_
 #define PORTFLEET_AGENT_SPEC_SPEC_H_
 
+#include <cstdint>
+#include <optional>
 #include <string>
 
 #include "absl/status/status.h"
@@ -16,6 +18,7 @@ inline constexpr uint32_t kDefaultDrainTimeoutSeconds = 30;
 inline constexpr uint32_t kMaxDrainTimeoutSeconds = 3600;
 inline constexpr uint32_t kDefaultBacklog = 1024;
 inline constexpr uint32_t kMaxBacklog = 65535;
+inline constexpr uint32_t kMaxWeight = 1000000;
 
 enum class SpecFormat { kTextproto, kJson };
 
@@ -36,6 +39,13 @@ absl::Status ValidateFleetSpec(const v1::FleetSpec& spec,
                                absl::string_view source);
 // One listener on its own (used by the API too).
 absl::Status ValidateListener(const v1::Listener& listener);
+
+// The one check of steering settings (policy, weights: HASH only, at most
+// kMaxShards, each at most kMaxWeight, not all 0). With `shards`, the
+// weights must number exactly that many. Messages name the field relative
+// to the Steering message ("weights: ...").
+absl::Status ValidateSteering(const v1::Steering& steering,
+                              std::optional<uint32_t> shards);
 
 // True for a DNS label: 1-63 of [a-z0-9-], not starting or ending with '-'.
 bool IsDnsLabel(absl::string_view name);

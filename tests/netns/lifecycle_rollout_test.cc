@@ -12,7 +12,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "gmock/gmock.h"
+#include "google/protobuf/text_format.h"
 #include "gtest/gtest.h"
 #include "tests/loadgen/fleet_testing.h"
 #include "tests/loadgen/loadgen.h"
@@ -243,6 +245,94 @@ TEST(LifecycleRolloutTest, LongLivedConnectionsSurviveARollout) {
       },
       absl::Seconds(10)));
   ExpectNoLeaks(agent.pid(), fds_after_start);
+}
+
+grpc::Status Update(v1::FleetService::Stub& stub, const std::string& spec) {
+  v1::FleetSpec fleet;
+  EXPECT_TRUE(google::protobuf::TextFormat::ParseFromString(spec, &fleet));
+  v1::UpdateListenerRequest req;
+  *req.mutable_listener() = fleet.listeners(0);
+  v1::UpdateListenerResponse resp;
+  return stub.UpdateListener(RpcContext(60).get(), req, &resp);
+}
+
+// Steps (apply of an edited spec, issue 17 item 6):
+// 1. Three shards of http workers; short-lived load.
+// 2. UpdateListener with new worker arguments and a larger shard count.
+// 3. The load saw no failure; four shards, every one a new pid running the
+//    new arguments; the persisted spec has both changes.
+TEST(LifecycleRolloutTest, ApplyOfAnEditedWorkerRollsItOutUnderLoad) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  ASSERT_TRUE(agent.Start(Spec(3, "http")).ok());
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 3; },
+                      absl::Seconds(10)))
+      << agent.Log();
+  std::set<pid_t> before = Pids(*stub);
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async,
+                         [&] { return loadgen::Run(ShortLoad(), &stop); });
+  absl::SleepFor(absl::Milliseconds(300));
+  std::string edited = Spec(4, "http\" args: \"--drain-timeout=15s");
+  grpc::Status s = Update(*stub, edited);
+  ASSERT_TRUE(s.ok()) << s.error_message() << "\n" << agent.Log();
+  absl::SleepFor(absl::Milliseconds(300));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary();
+  std::vector<v1::Shard> shards = Shards(*stub, "web");
+  ASSERT_EQ(shards.size(), 4u);
+  for (const v1::Shard& shard : shards) {
+    EXPECT_EQ(before.count(shard.pid()), 0u) << "shard " << shard.index();
+    EXPECT_THAT(Cmdline(shard.pid()), HasSubstr("--drain-timeout=15s"));
+  }
+  std::string state =
+      ReadFileOrEmpty(agent.state_dir() + "/fleet-state.textproto");
+  EXPECT_THAT(state, HasSubstr("--drain-timeout=15s"));
+  EXPECT_THAT(state, HasSubstr("shards: 4"));
+}
+
+// Steps:
+// 1. Two shards; short-lived load.
+// 2. UpdateListener with a worker that exits at once, a third shard and a
+//    new backlog.
+// 3. The call fails; the load saw no failure; the same two pids serve; the
+//    persisted spec is byte-identical to before.
+TEST(LifecycleRolloutTest, FailedApplyOfAnEditedWorkerChangesNothing) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  ASSERT_TRUE(agent.Start(Spec(2, "http")).ok());
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                      absl::Seconds(10)))
+      << agent.Log();
+  std::set<pid_t> before = Pids(*stub);
+  const std::string state_file = agent.state_dir() + "/fleet-state.textproto";
+  std::string state_before = ReadFileOrEmpty(state_file);
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async,
+                         [&] { return loadgen::Run(ShortLoad(), &stop); });
+  absl::SleepFor(absl::Milliseconds(300));
+  std::string edited = Spec(3, "http");
+  absl::StrReplaceAll(
+      {{"portfleet-worker", "/bin/false"},
+       {"drain_timeout_seconds: 10", "drain_timeout_seconds: 10 backlog: 99"}},
+      &edited);
+  grpc::Status s = Update(*stub, edited);
+  EXPECT_FALSE(s.ok());
+  EXPECT_THAT(s.error_message(), HasSubstr("rolled back"));
+  absl::SleepFor(absl::Milliseconds(300));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary();
+  EXPECT_TRUE(WaitFor([&] { return Pids(*stub) == before; }, absl::Seconds(10)))
+      << agent.Log();
+  EXPECT_EQ(ReadFileOrEmpty(state_file), state_before);
 }
 
 }  // namespace

@@ -53,7 +53,7 @@ class FakeController : public FleetController {
     l.spec = spec;
     Reshard(l, spec.shards() == 0 ? 2 : spec.shards());
     listeners_[spec.name()] = l;
-    EmitLocked(EventRecord::Type::kListenerCreated, spec.name(), "created");
+    EmitLocked(v1::EVENT_TYPE_LISTENER_CREATED, spec.name(), "created");
     return Persist();
   }
   absl::Status UpdateListener(const v1::Listener& spec) override {
@@ -67,7 +67,7 @@ class FakeController : public FleetController {
   absl::Status DeleteListener(const std::string& name) override {
     std::lock_guard<std::mutex> lock(mu_);
     if (listeners_.erase(name) == 0) return NotFound(name);
-    EmitLocked(EventRecord::Type::kListenerDeleted, name, "deleted");
+    EmitLocked(v1::EVENT_TYPE_LISTENER_DELETED, name, "deleted");
     return Persist();
   }
   absl::Status ScaleListener(const std::string& name,
@@ -109,7 +109,7 @@ class FakeController : public FleetController {
         }
         shards.erase(s);
         it->second.spec.set_shards(shards.size());
-        EmitLocked(EventRecord::Type::kDrainDone, name, "drained", index);
+        EmitLocked(v1::EVENT_TYPE_DRAIN_DONE, name, "drained", index);
         return Persist();
       }
     }
@@ -132,7 +132,7 @@ class FakeController : public FleetController {
                        " weights for ", it->second.shards.size(), " shards"));
     }
     *it->second.spec.mutable_steering() = steering;
-    EmitLocked(EventRecord::Type::kSteeringChanged, name, "steering changed");
+    EmitLocked(v1::EVENT_TYPE_STEERING_CHANGED, name, "steering changed");
     return Persist();
   }
   AgentStatus GetStatus() override {
@@ -146,7 +146,7 @@ class FakeController : public FleetController {
     s.serving = true;
     return s;
   }
-  uint64_t Subscribe(std::function<void(const EventRecord&)> sink) override {
+  uint64_t Subscribe(std::function<void(const FleetEvent&)> sink) override {
     std::lock_guard<std::mutex> lock(sub_mu_);
     sinks_[++next_id_] = std::move(sink);
     return next_id_;
@@ -160,9 +160,9 @@ class FakeController : public FleetController {
     std::lock_guard<std::mutex> lock(sub_mu_);
     return sinks_.size();
   }
-  void Emit(EventRecord::Type type, const std::string& listener,
+  void Emit(v1::EventType type, const std::string& listener,
             const std::string& message, int shard = -1) {
-    EventRecord e{type, absl::Now(), listener, shard, 1234, message};
+    FleetEvent e{type, absl::Now(), listener, shard, 1234, message};
     std::lock_guard<std::mutex> lock(sub_mu_);
     for (auto& [id, sink] : sinks_) sink(e);
   }
@@ -177,7 +177,7 @@ class FakeController : public FleetController {
     for (uint32_t i = 0; i < n; ++i) {
       ShardStatus s;
       s.index = i;
-      s.state = "running";
+      s.state = v1::SHARD_STATE_RUNNING;
       s.pid = 1000 + i;
       s.cpu = i;
       s.ready = true;
@@ -188,7 +188,7 @@ class FakeController : public FleetController {
       l.shards.push_back(s);
     }
   }
-  void EmitLocked(EventRecord::Type type, const std::string& listener,
+  void EmitLocked(v1::EventType type, const std::string& listener,
                   const std::string& message, int shard = -1) {
     Emit(type, listener, message, shard);
   }
@@ -202,7 +202,7 @@ class FakeController : public FleetController {
   std::mutex mu_;
   std::map<std::string, ListenerStatus> listeners_;
   std::mutex sub_mu_;
-  std::map<uint64_t, std::function<void(const EventRecord&)>> sinks_;
+  std::map<uint64_t, std::function<void(const FleetEvent&)>> sinks_;
   uint64_t next_id_ = 0;
 };
 

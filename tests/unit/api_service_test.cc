@@ -340,8 +340,8 @@ TEST_F(ApiServiceTest, WatchEventsDeliversFiltersAndCancels) {
   ASSERT_TRUE(
       WaitFor([&] { return fake_.subscribers() == 2; }, absl::Seconds(5)));
 
-  fake_.Emit(EventRecord::Type::kShardStarted, "api", "one", 0);
-  fake_.Emit(EventRecord::Type::kShardRestarted, "web", "two", 3);
+  fake_.Emit(v1::EVENT_TYPE_SHARD_STARTED, "api", "one", 0);
+  fake_.Emit(v1::EVENT_TYPE_SHARD_RESTARTED, "web", "two", 3);
   v1::WatchEventsResponse e;
   ASSERT_TRUE(all->Read(&e));
   EXPECT_EQ(e.event().type(), v1::EVENT_TYPE_SHARD_STARTED);
@@ -388,7 +388,7 @@ TEST_F(ApiServiceTest, SlowWatcherIsDroppedWithBoundedQueue) {
   // Far more events than the queue holds, faster than they can be written.
   const std::string big(16 << 10, 'x');
   for (int i = 0; i < 2000; ++i) {
-    fake_.Emit(EventRecord::Type::kError, "web", big);
+    fake_.Emit(v1::EVENT_TYPE_ERROR, "web", big);
   }
   v1::WatchEventsResponse e;
   int read = 0;

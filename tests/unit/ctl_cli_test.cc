@@ -270,7 +270,7 @@ TEST_F(CtlTest, EventsFollowsUntilInterrupted) {
   });
   ASSERT_TRUE(::portfleet::testing::WaitFor(
       [&] { return fake_.subscribers() == 1; }, absl::Seconds(5)));
-  fake_.Emit(EventRecord::Type::kDrainBegun, "web", "draining", 1);
+  fake_.Emit(v1::EVENT_TYPE_DRAIN_BEGUN, "web", "draining", 1);
   absl::SleepFor(absl::Milliseconds(300));
   interrupted = true;
   t.join();
@@ -288,7 +288,7 @@ TEST_F(CtlTest, EventsTable) {
   });
   ASSERT_TRUE(::portfleet::testing::WaitFor(
       [&] { return fake_.subscribers() == 1; }, absl::Seconds(5)));
-  fake_.Emit(EventRecord::Type::kShardRestarted, "web", "exit status 1", 2);
+  fake_.Emit(v1::EVENT_TYPE_SHARD_RESTARTED, "web", "exit status 1", 2);
   absl::SleepFor(absl::Milliseconds(300));
   interrupted = true;
   t.join();

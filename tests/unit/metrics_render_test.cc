@@ -29,7 +29,7 @@ TEST(RenderPrometheusTest, GoldenSmallSnapshot) {
   ListenerStatus web = Listener("web");
   ShardStatus a;
   a.index = 0;
-  a.state = "running";
+  a.state = v1::SHARD_STATE_RUNNING;
   a.pid = 100;
   a.cpu = 2;
   a.restarts = 1;
@@ -40,7 +40,7 @@ TEST(RenderPrometheusTest, GoldenSmallSnapshot) {
   a.counters = {.selected = 990, .migrated = 4, .fallback = 6};
   ShardStatus b;
   b.index = 1;
-  b.state = "backoff";
+  b.state = v1::SHARD_STATE_BACKOFF;
   web.shards = {a, b};
   s.listeners = {web};
 

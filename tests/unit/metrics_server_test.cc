@@ -123,7 +123,7 @@ class FakeAgent {
     l.spec.set_name("web");
     ShardStatus s;
     s.index = 0;
-    s.state = "running";
+    s.state = v1::SHARD_STATE_RUNNING;
     s.ready = true;
     s.accepted_total = 42;
     l.shards.push_back(s);
@@ -143,11 +143,11 @@ class FakeAgent {
     std::lock_guard<std::mutex> lock(mu_);
     error_ = std::move(s);
   }
-  void SetShard(const std::string& state, bool ready) {
+  void SetShard(v1::ShardState state, bool ready) {
     std::lock_guard<std::mutex> lock(mu_);
     snapshot_.listeners[0].shards[0].state = state;
     snapshot_.listeners[0].shards[0].ready = ready;
-    snapshot_.agent.serving = state == "running" && ready;
+    snapshot_.agent.serving = state == v1::SHARD_STATE_RUNNING && ready;
   }
   int calls() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -204,7 +204,7 @@ TEST_F(MetricsServerTest, ReadyzServing) {
 }
 
 TEST_F(MetricsServerTest, ReadyzNotServingNamesTheShards) {
-  agent_.SetShard("backoff", false);
+  agent_.SetShard(v1::SHARD_STATE_BACKOFF, false);
   HttpReply r = Get(port_, "/readyz");
   ASSERT_TRUE(r.ok) << r.error;
   EXPECT_EQ(r.code, 503);
@@ -212,7 +212,7 @@ TEST_F(MetricsServerTest, ReadyzNotServingNamesTheShards) {
   EXPECT_THAT(r.body, HasSubstr("not ready"));
   EXPECT_THAT(r.body, HasSubstr("web/0 backoff"));
 
-  agent_.SetShard("running", false);
+  agent_.SetShard(v1::SHARD_STATE_RUNNING, false);
   r = Get(port_, "/readyz");
   ASSERT_TRUE(r.ok) << r.error;
   EXPECT_EQ(r.code, 503);

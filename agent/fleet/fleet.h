@@ -1,0 +1,158 @@
+// Fleet: the agent's listeners, their shard sockets and the worker process
+// of each shard, and the operations the API asks for. Lives on the EventLoop
+// thread: every method must be called there.
+//
+// Every mutating operation validates and plans first and returns an error
+// without changing anything; otherwise it returns OK and calls `done` when
+// the change is complete (drains take up to the drain timeout). An
+// asynchronous step that fails later (a new worker that never becomes ready)
+// is undone before `done` gets the error: a failed call changes nothing.
+#ifndef PORTFLEET_AGENT_FLEET_FLEET_H_
+#define PORTFLEET_AGENT_FLEET_FLEET_H_
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "agent/adoption.h"
+#include "agent/controller.h"
+#include "agent/event_loop.h"
+#include "agent/fleet/drain.h"
+#include "agent/fleet/model.h"
+#include "agent/fleet/supervisor.h"
+#include "agent/fleet/update.h"
+#include "agent/launcher.h"
+#include "agent/sockets.h"
+#include "agent/steering/steering.h"
+#include "portfleet/v1/fleet.pb.h"
+
+namespace portfleet {
+
+class Fleet {
+ public:
+  Fleet(EventLoop* loop, ProcessLauncher* launcher, FleetOptions options);
+  ~Fleet();
+  Fleet(const Fleet&) = delete;
+  Fleet& operator=(const Fleet&) = delete;
+
+  void SetEventSink(std::function<void(const FleetEvent&)> sink) {
+    ctx_.sink = std::move(sink);
+  }
+  // BPF steering backend (not owned), or nullptr with the reason it is not
+  // available; then listeners use the kernel's plain reuseport hashing.
+  void SetSteeringBackend(SteeringBackend* backend, std::string reason);
+  bool steering_active() const { return ctx_.steering != nullptr; }
+  const std::string& steering_unavailable_reason() const {
+    return ctx_.steering_reason;
+  }
+
+  // Workers that reconnected to a restarted agent (or sockets received in a
+  // takeover): AddListener gives their shards the handed-back sockets and
+  // supervises the running workers instead of starting new ones. Call
+  // before Start.
+  void SetAdoptees(std::vector<Adoptee> adoptees);
+
+  // Every live shard socket (not owned) with its listener, for a takeover.
+  struct SharedSocket {
+    v1::Listener listener;
+    uint32_t shard;
+    int fd;
+  };
+  std::vector<SharedSocket> SharedSockets() const;
+
+  // Creates every listener of `spec`. All or nothing: on error whatever was
+  // created is closed and stopped again.
+  absl::Status Start(const v1::FleetSpec& spec);
+
+  // Creates one listener: its shard sockets, steering, then one worker per
+  // shard. All or nothing.
+  absl::Status AddListener(const v1::Listener& spec);
+
+  absl::Status ScaleListener(const std::string& name, uint32_t shards,
+                             Done done);
+  absl::Status DrainShard(const std::string& name, uint32_t index, Done done);
+  absl::Status DeleteListener(const std::string& name, Done done);
+  // Steering tables and CPU pinning of running workers, together: if the
+  // tables cannot be written or a worker cannot be re-pinned, both are put
+  // back.
+  absl::Status SetSteering(const std::string& name,
+                           const v1::Steering& steering);
+  // Rolling upgrade to `worker` (empty fields keep the current value); see
+  // Rollout. If a new worker fails, the shards already rolled are rolled
+  // back and `done` gets the error.
+  absl::Status RollOut(const std::string& name, const v1::WorkerSpec& worker,
+                       uint32_t max_surge, Done done);
+  // Applies a changed spec (see PlanUpdate): drain timeout and backlog,
+  // steering, shard count and a changed worker (rolled out) in one call.
+  absl::Status UpdateListener(const v1::Listener& spec, Done done);
+  // What UpdateListener(spec) would do, without doing it.
+  absl::StatusOr<ListenerUpdate> PlanListenerUpdate(
+      const v1::Listener& spec) const;
+
+  // SIGTERM to every worker; SIGKILL to those still running after their
+  // listener's drain timeout. Calls `done` once every worker is gone and
+  // every socket closed.
+  void Shutdown(std::function<void()> done);
+  // SIGKILL every worker now (second SIGTERM/SIGINT).
+  void KillAll();
+
+  std::vector<ListenerStatus> Status() const;
+  absl::StatusOr<ListenerStatus> ListenerStatusOf(
+      const std::string& name) const;
+  // Logs each listener's steering counters (summed over CPUs) at debug level.
+  void LogSteeringCounters() const;
+  // Desired state of every listener (as persisted).
+  v1::FleetSpec DesiredSpec() const;
+  bool AllReady() const;
+  size_t listener_count() const { return listeners_.size(); }
+
+ private:
+  friend class ShardAddition;
+  friend class UpdateRun;
+
+  absl::StatusOr<Listener*> Find(const std::string& name) const;
+  // AddListener's steps.
+  absl::StatusOr<std::unique_ptr<Listener>> PrepareListener(
+      const v1::Listener& spec);
+  absl::Status CheckAddressFree(const Listener& listener,
+                                std::vector<ForeignListener>* orphans);
+  std::map<uint32_t, Adoptee> ClaimAdoptees(const Listener& listener,
+                                            uint32_t shards);
+  absl::StatusOr<std::unique_ptr<Shard>> NewShard(Listener& listener,
+                                                  uint32_t index);
+  absl::Status CreateShards(Listener& listener, uint32_t n,
+                            std::map<uint32_t, Adoptee>& adopt);
+  absl::Status AttachSteering(Listener& listener,
+                              const std::map<uint32_t, Adoptee>& adopt);
+  absl::Status StartWorkers(Listener& listener,
+                            std::map<uint32_t, Adoptee>& adopt);
+  void LogServing(const Listener& listener) const;
+
+  // Scale to `target` live shards without checking weights (callers do).
+  absl::Status Resize(Listener& listener, uint32_t target, Done done);
+  // New steering on a validated listener: tables, then re-pinned workers;
+  // both put back on failure.
+  absl::Status ChangeSteering(Listener& listener, const v1::Steering& steering);
+  // Re-pins running workers to their shard's CPU; on failure puts back the
+  // ones already moved.
+  absl::Status RepinWorkers(Listener& listener,
+                            const std::vector<int>& old_cpus);
+  absl::Status ApplyUpdate(Listener& listener, ListenerUpdate update,
+                           Done done);
+  void WorkerGone(Listener& listener, Shard& shard);
+
+  FleetContext ctx_;
+  ListenerMap listeners_;
+  Supervisor supervisor_;
+  Drainer drainer_;
+  std::vector<Adoptee> adoptees_;
+};
+
+}  // namespace portfleet
+
+#endif  // PORTFLEET_AGENT_FLEET_FLEET_H_

@@ -1,0 +1,94 @@
+#include "agent/fleet/model.h"
+
+#include <unistd.h>
+
+#include "absl/strings/str_cat.h"
+#include "worker/sdk/base/status.h"
+
+namespace portfleet {
+
+absl::StatusOr<ResolvedWorker> ResolveWorker(const v1::WorkerSpec& spec) {
+  ResolvedWorker out;
+  out.spec = spec;
+  ASSIGN_OR_RETURN(out.path, ResolveCommand(spec.command()));
+  if (!spec.user().empty() || !spec.group().empty()) {
+    std::string user =
+        spec.user().empty() ? std::to_string(::geteuid()) : spec.user();
+    ASSIGN_OR_RETURN(out.credentials, ResolveCredentials(user, spec.group()));
+  }
+  return out;
+}
+
+std::vector<Shard*> Listener::Live() const {
+  std::vector<Shard*> out;
+  for (const auto& s : shards) {
+    if (!s->draining()) out.push_back(s.get());
+  }
+  return out;
+}
+
+Shard* Listener::Find(uint32_t index) const {
+  for (const auto& s : shards) {
+    if (s->index == index) return s.get();
+  }
+  return nullptr;
+}
+
+std::string Listener::Name(const Shard& shard) const {
+  return absl::StrCat("listener ", spec.name(), " shard ", shard.index);
+}
+
+void FleetContext::Emit(v1::EventType type, const Listener& listener, int shard,
+                        pid_t pid, std::string message) const {
+  if (!sink) return;
+  sink(FleetEvent{.type = type,
+                  .time = Now(),
+                  .listener = listener.spec.name(),
+                  .shard = shard,
+                  .pid = pid,
+                  .message = std::move(message)});
+}
+
+int PinnedCpu(const v1::Steering& steering, uint32_t index,
+              const std::vector<int>& cpus) {
+  if (steering.policy() != v1::STEERING_POLICY_CPU || cpus.empty()) return -1;
+  return cpus[index % cpus.size()];
+}
+
+SteeringTables PlanTables(const Listener& listener) {
+  const v1::Steering& st = listener.spec.steering();
+  SteeringTables tables;
+  tables.policy = st.policy() == v1::STEERING_POLICY_CPU
+                      ? v1::STEERING_POLICY_CPU
+                      : v1::STEERING_POLICY_HASH;
+  uint32_t n = listener.shards.empty() ? 0 : listener.shards.back()->index + 1;
+  tables.num_shards = n;
+  tables.weights.assign(n, 0);
+  tables.shard_cpus.assign(n, -1);
+  // Weights in the spec apply to the live shards in index order.
+  int live = 0;
+  for (const auto& shard : listener.shards) {
+    if (shard->draining() || !shard->in_service) continue;
+    uint32_t w = 1;
+    if (st.weights_size() > 0) {
+      w = live < st.weights_size() ? st.weights(live) : 0;
+    }
+    tables.weights[shard->index] = w;
+    tables.shard_cpus[shard->index] = shard->cpu;
+    live++;
+  }
+  return tables;
+}
+
+absl::Status ApplySteering(Listener& listener) {
+  if (!listener.steering) return absl::OkStatus();
+  SteeringTables tables = PlanTables(listener);
+  bool any = false;
+  for (uint32_t w : tables.weights) any = any || w > 0;
+  if (!any) return absl::OkStatus();  // nothing to steer to (deleting)
+  return Annotate(listener.steering->Apply(tables),
+                  absl::StrCat("listener ", listener.spec.name(),
+                               ": writing steering tables"));
+}
+
+}  // namespace portfleet

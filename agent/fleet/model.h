@@ -1,0 +1,176 @@
+// The fleet's state and what its units share. A Listener owns its shard
+// sockets; a Shard owns the worker processes on its socket (the serving one,
+// a rollout's candidate, old ones finishing their connections). Plain data:
+// the behaviour lives in the units that take a FleetContext
+//   fleet.cc       listener map and the public operations
+//   scale.cc       adding shards (start, await ready, then steer to them)
+//   update.cc      planning and applying a changed listener spec
+//   supervisor.cc  worker processes: launch, watch, adopt, exit, restart,
+//                  control channel, readiness
+//   drain.cc       draining shards, orphans of a previous agent, shutdown
+//   rollout.cc     rolling upgrades and their rollback
+// Everything here lives on the EventLoop thread.
+#ifndef PORTFLEET_AGENT_FLEET_MODEL_H_
+#define PORTFLEET_AGENT_FLEET_MODEL_H_
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "agent/controller.h"
+#include "agent/event_loop.h"
+#include "agent/launcher.h"
+#include "agent/steering/steering.h"
+#include "portfleet/v1/agent.pb.h"
+#include "portfleet/v1/fleet.pb.h"
+#include "worker/sdk/base/address.h"
+#include "worker/sdk/base/fd.h"
+#include "worker/sdk/control_channel.h"
+
+namespace portfleet {
+
+// Called once when an asynchronous change is complete.
+using Done = std::function<void(absl::Status)>;
+
+struct FleetOptions {
+  // CPUs workers may be pinned to (online CPUs, in order).
+  std::vector<int> cpus = {0};
+  // First restart delay after a worker exits; doubles per exit up to the cap.
+  absl::Duration restart_backoff_initial = absl::Milliseconds(100);
+  absl::Duration restart_backoff_max = absl::Seconds(10);
+  // A worker that ran this long resets its backoff to the initial delay.
+  absl::Duration restart_stable_after = absl::Seconds(10);
+  // A worker that exits sooner than this is reported as exiting at once.
+  absl::Duration exit_at_once = absl::Seconds(1);
+  // How long a new worker (scale-up, rollout) may take to say ready, and how
+  // long one without a control channel (no hello) must stay up to count as
+  // ready.
+  absl::Duration ready_timeout = absl::Seconds(10);
+  absl::Duration ready_grace = absl::Seconds(2);
+  // The agent's control socket, passed to workers as PORTFLEET_AGENT_SOCKET
+  // so that they can reconnect to a restarted agent. Empty = none.
+  std::string agent_socket;
+  // Environment passed to every worker before the listener's own entries.
+  // Empty = the agent's environment without LISTEN_*, NOTIFY_SOCKET and
+  // PORTFLEET_* entries.
+  std::vector<std::string> base_env;
+};
+
+// A worker program resolved once, when its spec enters the fleet: the
+// executable and the credentials to run it with.
+struct ResolvedWorker {
+  v1::WorkerSpec spec;
+  std::string path;
+  std::optional<Credentials> credentials;  // unset = the agent's
+};
+// Resolves the command (ResolveCommand) and user/group (ResolveCredentials).
+// Errors say which ("worker command 'x' not found ...", "worker.user: ...").
+absl::StatusOr<ResolvedWorker> ResolveWorker(const v1::WorkerSpec& spec);
+
+struct Worker {
+  LaunchedProcess process;
+  // Agent end of the control channel; unset once closed (or never had one).
+  std::optional<ControlChannel> control;
+  absl::Time started;
+  bool hello = false;    // said hello on its control channel
+  bool adopted = false;  // started by a previous agent; not our child
+  bool ready = false;
+  // Someone waits for this worker to be ready (a scale-up, a rollout): called
+  // once, with OK or with why it cannot become ready.
+  std::function<void(absl::Status)> on_ready;
+  std::vector<EventLoop::TimerId> timers;  // cancelled when it goes away
+  uint64_t active_connections = 0;
+  uint64_t accepted_total = 0;
+};
+
+struct Shard {
+  uint32_t index = 0;
+  Fd socket;
+  uint64_t inode = 0;
+  int cpu = -1;  // pinned CPU, -1 = any
+  v1::ShardState state = v1::SHARD_STATE_STARTING;
+  std::unique_ptr<Worker> worker;     // the serving worker
+  std::unique_ptr<Worker> candidate;  // a rollout's new worker, not serving
+  std::vector<std::unique_ptr<Worker>> retiring;  // finishing connections
+  ResolvedWorker program;  // what the shard runs (listener's or rollout's)
+  uint32_t restarts = 0;
+  absl::Duration backoff;
+  std::optional<EventLoop::TimerId> restart_timer;
+  std::optional<EventLoop::TimerId> drain_timer;
+  std::vector<Done> drain_done;  // called when the drain completes
+  // In the steering tables. A shard added by a scale-up joins them once its
+  // worker is ready.
+  bool in_service = true;
+  // Expires with the shard: a callback that may remove the shard checks it
+  // before touching the shard again.
+  std::shared_ptr<int> lifetime = std::make_shared<int>();
+
+  bool draining() const { return state == v1::SHARD_STATE_DRAINING; }
+  bool HasProcesses() const {
+    return worker != nullptr || candidate != nullptr || !retiring.empty();
+  }
+};
+
+class Rollout;
+
+struct Listener {
+  v1::Listener spec;  // desired state, as last set
+  SocketAddress address;
+  ResolvedWorker program;
+  std::vector<std::unique_ptr<Shard>> shards;  // in index order
+  std::unique_ptr<ListenerSteering> steering;  // null without BPF
+  bool deleting = false;
+  std::vector<Done> delete_done;
+  // The rollout in progress, if any (shared: its callbacks keep it alive
+  // while they run).
+  std::shared_ptr<Rollout> rollout;
+
+  // Shards that take new connections (not draining), in index order.
+  std::vector<Shard*> Live() const;
+  Shard* Find(uint32_t index) const;
+  // "listener web shard 2", the prefix of every log line about a shard.
+  std::string Name(const Shard& shard) const;
+};
+
+using ListenerMap = std::map<std::string, std::unique_ptr<Listener>>;
+
+// What every unit of the fleet shares.
+struct FleetContext {
+  EventLoop* loop = nullptr;
+  ProcessLauncher* launcher = nullptr;
+  FleetOptions options;
+  SteeringBackend* steering = nullptr;  // null: kernel reuseport hashing
+  std::string steering_reason = "not configured";
+  std::function<void(const FleetEvent&)> sink;
+  bool shutting_down = false;
+
+  absl::Time Now() const { return loop->Now(); }
+  void Emit(v1::EventType type, const Listener& listener, int shard, pid_t pid,
+            std::string message) const;
+};
+
+// The CPU shard `index` is pinned to under `steering`: cpus[index % n] for
+// STEERING_POLICY_CPU, -1 (any CPU) otherwise.
+int PinnedCpu(const v1::Steering& steering, uint32_t index,
+              const std::vector<int>& cpus);
+
+// The steering tables for the listener's shards as they are: live,
+// in-service shards get the spec's weights in index order (1 each without
+// weights); draining and not-yet-ready shards get none. Pure.
+SteeringTables PlanTables(const Listener& listener);
+
+// Writes PlanTables(listener) (no-op without BPF or without a live shard).
+absl::Status ApplySteering(Listener& listener);
+
+}  // namespace portfleet
+
+#endif  // PORTFLEET_AGENT_FLEET_MODEL_H_

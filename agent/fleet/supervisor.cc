@@ -1,0 +1,446 @@
+#include "agent/fleet/supervisor.h"
+
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "agent/spec/spec.h"
+#include "portfleet/v1/control.pb.h"
+#include "worker/sdk/base/log.h"
+#include "worker/sdk/base/status.h"
+#include "worker/sdk/base/time.h"
+#include "worker/sdk/control_channel.h"
+
+namespace portfleet {
+namespace {
+
+// The worker's environment: the base, the listener's own entries, then the
+// activation variables; HOME/USER/LOGNAME follow the credentials.
+std::vector<std::string> WorkerEnv(const FleetOptions& options,
+                                   const Listener& listener, const Shard& shard,
+                                   const ResolvedWorker& program) {
+  std::vector<std::string> env;
+  bool other_user = program.credentials.has_value();
+  for (const std::string& e : options.base_env) {
+    if (other_user && (e.rfind("HOME=", 0) == 0 || e.rfind("USER=", 0) == 0 ||
+                       e.rfind("LOGNAME=", 0) == 0)) {
+      continue;
+    }
+    env.push_back(e);
+  }
+  if (other_user) {
+    env.push_back("HOME=" + program.credentials->home);
+    env.push_back("USER=" + program.credentials->user);
+    env.push_back("LOGNAME=" + program.credentials->user);
+  }
+  for (const std::string& e : program.spec.env()) env.push_back(e);
+  const std::string& name = listener.spec.name();
+  env.push_back("LISTEN_FDS=1");
+  env.push_back(absl::StrCat("LISTEN_FDNAMES=", name));
+  env.push_back(absl::StrCat("PORTFLEET_LISTENER=", name));
+  env.push_back(absl::StrCat("PORTFLEET_SHARD=", shard.index));
+  env.push_back(absl::StrCat(ControlChannel::kEnvVar, "=4"));
+  if (!options.agent_socket.empty()) {
+    env.push_back(absl::StrCat(ControlChannel::kAgentSocketEnvVar, "=",
+                               options.agent_socket));
+    env.push_back(absl::StrCat("PORTFLEET_AGENT_UID=", ::geteuid()));
+  }
+  return env;
+}
+
+// Takes the pending readiness waiter of `worker`, if any.
+std::function<void(absl::Status)> TakeWaiter(Worker& worker) {
+  return std::exchange(worker.on_ready, nullptr);
+}
+
+}  // namespace
+
+Supervisor::Supervisor(FleetContext* ctx, WorkerGone gone)
+    : ctx_(ctx), gone_(std::move(gone)) {}
+
+absl::StatusOr<std::unique_ptr<Worker>> Supervisor::Launch(
+    Listener& listener, Shard& shard, const ResolvedWorker& program) {
+  absl::StatusOr<std::pair<ControlChannel, ControlChannel>> pair =
+      ControlChannel::Pair();
+  if (!pair.ok()) {
+    return Annotate(pair.status(),
+                    absl::StrCat(listener.Name(shard), ": control channel"));
+  }
+  ControlChannel agent_end = std::move(pair->first);
+  Fd worker_end = pair->second.Release();
+
+  LaunchSpec launch;
+  launch.path = program.path;
+  launch.argv.push_back(program.spec.command());
+  for (const std::string& a : program.spec.args()) launch.argv.push_back(a);
+  launch.env = WorkerEnv(ctx_->options, listener, shard, program);
+  launch.listen_fd = shard.socket.get();
+  launch.control_fd = worker_end.get();
+  launch.cpu = shard.cpu;
+  launch.credentials = program.credentials;
+  absl::StatusOr<LaunchedProcess> process = ctx_->launcher->Launch(launch);
+  if (!process.ok()) {
+    return Annotate(process.status(),
+                    absl::StrCat(listener.Name(shard), ": starting worker"));
+  }
+  worker_end.Reset();
+  auto worker = std::make_unique<Worker>();
+  worker->process = std::move(*process);
+  worker->control.emplace(std::move(agent_end));
+  worker->started = ctx_->Now();
+  if (absl::Status watched = Watch(listener, shard, *worker); !watched.ok()) {
+    ctx_->launcher->Signal(worker->process, SIGKILL);
+    return watched;
+  }
+  return worker;
+}
+
+absl::Status Supervisor::Start(Listener& listener, Shard& shard) {
+  ASSIGN_OR_RETURN(std::unique_ptr<Worker> worker,
+                   Launch(listener, shard, shard.program));
+  pid_t pid = worker->process.pid;
+  shard.worker = std::move(worker);
+  shard.state = v1::SHARD_STATE_RUNNING;
+  PF_LOG(INFO) << listener.Name(shard) << ": worker pid " << pid
+               << " started on socket inode " << shard.inode
+               << (shard.cpu >= 0 ? absl::StrCat(", pinned to CPU ", shard.cpu)
+                                  : std::string());
+  ctx_->Emit(v1::EVENT_TYPE_SHARD_STARTED, listener, shard.index, pid, "");
+  return absl::OkStatus();
+}
+
+absl::Status Supervisor::Adopt(Listener& listener, Shard& shard,
+                               Adoptee adoptee) {
+  auto worker = std::make_unique<Worker>();
+  worker->process.pid = static_cast<pid_t>(adoptee.hello.pid());
+  worker->process.pidfd =
+      Fd(static_cast<int>(::syscall(SYS_pidfd_open, worker->process.pid, 0)));
+  if (!worker->process.pidfd) {
+    return ErrnoError(absl::StrCat(listener.Name(shard),
+                                   ": pidfd_open of re-adopted worker pid ",
+                                   worker->process.pid));
+  }
+  worker->control.emplace(std::move(adoptee.control));
+  worker->started = ctx_->Now();
+  worker->hello = true;
+  worker->adopted = true;
+  worker->ready = true;  // it has been serving all along
+  RETURN_IF_ERROR(Watch(listener, shard, *worker));
+  pid_t pid = worker->process.pid;
+  shard.worker = std::move(worker);
+  shard.state = v1::SHARD_STATE_RUNNING;
+  PF_LOG(INFO) << listener.Name(shard) << ": re-adopted worker pid " << pid
+               << " on its socket inode " << shard.inode;
+  ctx_->Emit(v1::EVENT_TYPE_SHARD_STARTED, listener, shard.index, pid,
+             "re-adopted");
+  return absl::OkStatus();
+}
+
+absl::Status Supervisor::Watch(Listener& listener, Shard& shard,
+                               Worker& worker) {
+  Listener* l = &listener;
+  Shard* s = &shard;
+  Worker* w = &worker;
+  RETURN_IF_ERROR(
+      ctx_->loop->AddFd(worker.process.pidfd.get(),
+                        [this, l, s, w](uint32_t) { OnExit(*l, *s, w); }));
+  if (worker.control) {
+    absl::Status watched = ctx_->loop->AddFd(
+        worker.control->fd(),
+        [this, l, s, w](uint32_t) { OnControlReadable(*l, *s, w); });
+    if (!watched.ok()) {
+      PF_LOG(WARNING) << listener.Name(shard)
+                      << ": control channel not watched: " << watched;
+      worker.control.reset();
+    }
+  }
+  return absl::OkStatus();
+}
+
+void Supervisor::AwaitReady(Worker& worker,
+                            std::function<void(absl::Status)> done) {
+  if (worker.ready) {
+    done(absl::OkStatus());
+    return;
+  }
+  worker.on_ready = std::move(done);
+  Worker* w = &worker;
+  // A worker that says hello is awaited until ready; one that says nothing
+  // (no control channel) counts as ready once it has stayed up for the grace
+  // period.
+  w->timers.push_back(ctx_->loop->AddTimer(ctx_->options.ready_grace, [w] {
+    if (w->hello || !w->on_ready) return;
+    w->ready = true;
+    TakeWaiter (*w)(absl::OkStatus());
+  }));
+  w->timers.push_back(
+      ctx_->loop->AddTimer(ctx_->options.ready_timeout, [this, w] {
+        if (!w->on_ready) return;
+        TakeWaiter (*w)(absl::UnavailableError(absl::StrCat(
+            "new worker pid ", w->process.pid, " was not ready within ",
+            absl::FormatDuration(ctx_->options.ready_timeout))));
+      }));
+}
+
+bool Supervisor::Signal(const Worker& worker, int sig) {
+  return ctx_->launcher->Signal(worker.process, sig);
+}
+
+void Supervisor::SendDrainOrTerm(Worker& worker, uint32_t timeout_seconds) {
+  bool told = false;
+  if (worker.control) {
+    v1::AgentMessage msg;
+    msg.mutable_drain()->set_deadline_ms(timeout_seconds * 1000);
+    told = worker.control->Send(msg).ok();
+  }
+  if (!told) Signal(worker, SIGTERM);
+}
+
+void Supervisor::TellDrain(const Listener& listener, Worker& worker) {
+  SendDrainOrTerm(worker, EffectiveDrainTimeoutSeconds(listener.spec));
+}
+
+void Supervisor::Retire(Listener& listener, Shard& shard,
+                        std::unique_ptr<Worker> worker) {
+  if (!worker) return;
+  Worker* w = worker.get();
+  uint32_t timeout = EffectiveDrainTimeoutSeconds(listener.spec);
+  SendDrainOrTerm(*w, timeout);
+  Listener* l = &listener;
+  Shard* s = &shard;
+  pid_t pid = w->process.pid;
+  w->timers.push_back(
+      ctx_->loop->AddTimer(absl::Seconds(timeout), [this, l, s, w, pid] {
+        PF_LOG(WARNING) << l->Name(*s) << ": old worker pid " << pid
+                        << " still running after the drain timeout; SIGKILL";
+        Signal(*w, SIGKILL);
+      }));
+  shard.retiring.push_back(std::move(worker));
+}
+
+void Supervisor::KillAndReap(Shard& shard) {
+  if (!shard.worker) return;
+  Signal(*shard.worker, SIGKILL);
+  for (int i = 0; i < 500; ++i) {
+    auto r = ctx_->launcher->Reap(shard.worker->process);
+    if (!r.ok() || r->has_value()) break;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  Detach(shard);
+}
+
+void Supervisor::Forget(Worker& worker) {
+  ctx_->loop->RemoveFd(worker.process.pidfd.get());
+  if (worker.control) ctx_->loop->RemoveFd(worker.control->fd());
+  for (EventLoop::TimerId t : worker.timers) ctx_->loop->CancelTimer(t);
+  worker.timers.clear();
+}
+
+void Supervisor::Detach(Shard& shard) {
+  if (!shard.worker) return;
+  Forget(*shard.worker);
+  shard.worker.reset();
+}
+
+void Supervisor::CancelRestart(Shard& shard) {
+  if (!shard.restart_timer) return;
+  ctx_->loop->CancelTimer(*shard.restart_timer);
+  shard.restart_timer.reset();
+}
+
+void Supervisor::OnExit(Listener& listener, Shard& shard, Worker* w) {
+  absl::StatusOr<std::optional<int>> status = ctx_->launcher->Reap(w->process);
+  if (status.ok() && !status->has_value()) return;  // spurious wake-up
+  pid_t pid = w->process.pid;
+  std::string how = status.ok() ? DescribeWaitStatus(**status)
+                                : std::string(status.status().message());
+  if (w->adopted) {
+    how = "exited (re-adopted worker: its exit status went to its parent)";
+  }
+  absl::Duration uptime = ctx_->Now() - w->started;
+  std::function<void(absl::Status)> waiter = TakeWaiter(*w);
+  Forget(*w);
+
+  // Take the worker out of the shard before anyone hears of it.
+  enum class Role { kServing, kCandidate, kRetiring } role = Role::kRetiring;
+  std::unique_ptr<Worker> gone;
+  if (shard.worker.get() == w) {
+    gone = std::move(shard.worker);
+    role = Role::kServing;
+  } else if (shard.candidate.get() == w) {
+    gone = std::move(shard.candidate);
+    role = Role::kCandidate;
+  } else {
+    auto it = std::find_if(
+        shard.retiring.begin(), shard.retiring.end(),
+        [w](const std::unique_ptr<Worker>& p) { return p.get() == w; });
+    if (it != shard.retiring.end()) {
+      gone = std::move(*it);
+      shard.retiring.erase(it);
+    }
+  }
+  if (waiter) {
+    // Someone waited for this worker to become ready (scale-up, rollout):
+    // they decide what happens to the shard, which may remove it.
+    PF_LOG(WARNING) << listener.Name(shard) << ": new worker pid " << pid << " "
+                    << how << " before it was ready";
+    std::weak_ptr<int> alive = shard.lifetime;
+    waiter(absl::UnavailableError(
+        absl::StrCat("worker pid ", pid, " ", how, " before it was ready")));
+    if (alive.expired()) return;
+  } else if (role == Role::kServing) {
+    OnServingExit(listener, shard, pid, how, uptime);
+  } else {
+    PF_LOG(INFO) << listener.Name(shard)
+                 << (role == Role::kCandidate ? ": new worker pid "
+                                              : ": old worker pid ")
+                 << pid << " " << how
+                 << (role == Role::kRetiring ? " (retired)" : "");
+  }
+  gone_(listener, shard);  // may destroy `shard`
+}
+
+void Supervisor::OnServingExit(Listener& listener, Shard& shard, int pid,
+                               const std::string& how, absl::Duration uptime) {
+  if (shard.draining()) {
+    PF_LOG(INFO) << listener.Name(shard) << ": worker pid " << pid << " " << how
+                 << " (drained)";
+    return;
+  }
+  if (ctx_->shutting_down || shard.state == v1::SHARD_STATE_STOPPING) {
+    shard.state = v1::SHARD_STATE_STOPPED;
+    PF_LOG(INFO) << listener.Name(shard) << ": worker pid " << pid << " " << how
+                 << " (stopping)";
+    return;
+  }
+  std::string message = absl::StrCat("worker pid ", pid, " ", how, " after ",
+                                     HumanDuration(uptime));
+  if (uptime < ctx_->options.exit_at_once) {
+    absl::StrAppend(&message,
+                    " (exited at once: check the worker command, its "
+                    "arguments and its output above)");
+  }
+  ctx_->Emit(v1::EVENT_TYPE_SHARD_EXITED, listener, shard.index, pid, message);
+  if (uptime >= ctx_->options.restart_stable_after) {
+    shard.backoff = ctx_->options.restart_backoff_initial;
+  }
+  PF_LOG(WARNING) << listener.Name(shard) << ": " << message
+                  << "; restarting in " << HumanDuration(shard.backoff)
+                  << " on the same socket (inode " << shard.inode
+                  << "), restarts=" << shard.restarts + 1;
+  ScheduleRestart(listener, shard);
+}
+
+void Supervisor::ScheduleRestart(Listener& listener, Shard& shard) {
+  shard.state = v1::SHARD_STATE_BACKOFF;
+  absl::Duration delay = shard.backoff;
+  shard.backoff =
+      std::min(shard.backoff * 2, ctx_->options.restart_backoff_max);
+  Listener* l = &listener;
+  Shard* s = &shard;
+  shard.restart_timer = ctx_->loop->AddTimer(delay, [this, l, s] {
+    s->restart_timer.reset();
+    if (ctx_->shutting_down) {
+      s->state = v1::SHARD_STATE_STOPPED;
+      gone_(*l, *s);
+      return;
+    }
+    s->restarts++;
+    absl::Status st = Start(*l, *s);
+    if (!st.ok()) {
+      PF_LOG(ERROR) << st << "; retrying in " << HumanDuration(s->backoff);
+      ctx_->Emit(v1::EVENT_TYPE_ERROR, *l, s->index, 0,
+                 std::string(st.message()));
+      ScheduleRestart(*l, *s);
+      return;
+    }
+    ctx_->Emit(v1::EVENT_TYPE_SHARD_RESTARTED, *l, s->index,
+               s->worker->process.pid, absl::StrCat("restarts=", s->restarts));
+  });
+}
+
+void Supervisor::OnControlReadable(Listener& listener, Shard& shard,
+                                   Worker* w) {
+  // Bounded per wake-up so that one chatty worker cannot starve the loop.
+  for (int i = 0; i < 64 && w->control; ++i) {
+    v1::WorkerMessage msg;
+    absl::StatusOr<bool> got = w->control->ReceiveInto(&msg);
+    if (got.ok() && !*got) return;
+    if (!got.ok()) {
+      if (absl::IsUnavailable(got.status())) {
+        // The worker closed its channel (or exited): supervision goes on
+        // through the pidfd.
+        ctx_->loop->RemoveFd(w->control->fd());
+        w->control.reset();
+        return;
+      }
+      PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "
+                      << w->process.pid << ": " << got.status().message()
+                      << "; ignored";
+      continue;
+    }
+    bool was_waiting = w->on_ready != nullptr;
+    OnControlMessage(listener, shard, w, msg);
+    // A readiness waiter may have moved `w` to another role: read the rest
+    // on the next wake-up.
+    if (was_waiting && w->ready) return;
+  }
+}
+
+void Supervisor::OnControlMessage(Listener& listener, Shard& shard, Worker* w,
+                                  const v1::WorkerMessage& msg) {
+  switch (msg.msg_case()) {
+    case v1::WorkerMessage::kHello:
+      w->hello = true;
+      if (msg.hello().socket_inode() != 0 &&
+          msg.hello().socket_inode() != shard.inode) {
+        PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "
+                        << w->process.pid << " reports socket inode "
+                        << msg.hello().socket_inode() << ", expected "
+                        << shard.inode;
+      }
+      PF_LOG(DEBUG) << listener.Name(shard) << ": worker pid " << w->process.pid
+                    << " hello (version " << msg.hello().version() << ")";
+      break;
+    case v1::WorkerMessage::kReady:
+      if (w->ready) break;
+      w->ready = true;
+      if (auto waiter = TakeWaiter(*w)) {
+        waiter(absl::OkStatus());
+        break;
+      }
+      PF_LOG(INFO) << listener.Name(shard) << ": worker pid " << w->process.pid
+                   << " ready";
+      ctx_->Emit(v1::EVENT_TYPE_SHARD_STARTED, listener, shard.index,
+                 w->process.pid, "worker ready");
+      break;
+    case v1::WorkerMessage::kLoad:
+      w->active_connections = msg.load().active_connections();
+      w->accepted_total = msg.load().accepted_total();
+      break;
+    case v1::WorkerMessage::kDrained:
+      PF_LOG(DEBUG) << listener.Name(shard) << ": worker pid " << w->process.pid
+                    << " drained";
+      break;
+    case v1::WorkerMessage::kTakeoverRequest:
+    case v1::WorkerMessage::kTakeoverReady:
+      PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "
+                      << w->process.pid
+                      << " sent a takeover message on its control channel; "
+                         "ignored";
+      break;
+    case v1::WorkerMessage::MSG_NOT_SET:
+      PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "
+                      << w->process.pid
+                      << " sent an empty control message; ignored";
+      break;
+  }
+}
+
+}  // namespace portfleet

@@ -1,0 +1,83 @@
+// Supervisor: the worker processes of every shard. Starts them by the
+// socket-activation convention on the shard's socket, watches their pidfds
+// and control channels, re-adopts workers of a previous agent, restarts a
+// serving worker that dies (same socket, exponential backoff), and decides
+// when a new worker is ready.
+#ifndef PORTFLEET_AGENT_FLEET_SUPERVISOR_H_
+#define PORTFLEET_AGENT_FLEET_SUPERVISOR_H_
+
+#include <functional>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "agent/adoption.h"
+#include "agent/fleet/model.h"
+
+namespace portfleet {
+
+class Supervisor {
+ public:
+  // Called after any worker process of `shard` has gone (reaped) and the
+  // shard's own bookkeeping is done: the fleet finishes drains and the
+  // shutdown there. `shard` may be destroyed by the callee.
+  using WorkerGone = std::function<void(Listener&, Shard&)>;
+
+  Supervisor(FleetContext* ctx, WorkerGone gone);
+  Supervisor(const Supervisor&) = delete;
+  Supervisor& operator=(const Supervisor&) = delete;
+
+  // Starts the shard's program as its serving worker (state RUNNING).
+  absl::Status Start(Listener& listener, Shard& shard);
+  // Starts `program` on the shard's socket and watches it; the caller decides
+  // what it becomes (a rollout's candidate).
+  absl::StatusOr<std::unique_ptr<Worker>> Launch(Listener& listener,
+                                                 Shard& shard,
+                                                 const ResolvedWorker& program);
+  // Supervises a worker of a previous agent that reconnected and handed its
+  // socket back (the shard already holds that socket).
+  absl::Status Adopt(Listener& listener, Shard& shard, Adoptee adoptee);
+
+  // Calls `done` once: OK when `worker` says ready on its control channel,
+  // or, when it never says hello, once it has stayed up for the ready grace
+  // period; an error when it is not ready within the ready timeout or exits
+  // first. The worker must be watched (Start/Launch).
+  void AwaitReady(Worker& worker, std::function<void(absl::Status)> done);
+
+  // Asks `worker` to finish its connections and exit: AgentDrain on its
+  // control channel, or SIGTERM without one.
+  void TellDrain(const Listener& listener, Worker& worker);
+  // Drains an old worker of `shard` without touching the shard's socket (a
+  // new worker serves it); SIGKILL after the listener's drain timeout.
+  void Retire(Listener& listener, Shard& shard, std::unique_ptr<Worker> worker);
+
+  bool Signal(const Worker& worker, int sig);
+  // SIGKILLs the shard's serving worker and waits (up to 5 s) to reap it.
+  // Only for start-up failures, before the loop serves anything.
+  void KillAndReap(Shard& shard);
+  // Stops watching the serving worker and forgets it (it keeps running).
+  void Detach(Shard& shard);
+  // Stops watching `worker` (pidfd, control channel, timers).
+  void Forget(Worker& worker);
+  void CancelRestart(Shard& shard);
+
+ private:
+  absl::Status Watch(Listener& listener, Shard& shard, Worker& worker);
+  void OnExit(Listener& listener, Shard& shard, Worker* worker);
+  // The serving worker ended: restart it unless the shard is draining or the
+  // fleet is stopping.
+  void OnServingExit(Listener& listener, Shard& shard, int pid,
+                     const std::string& how, absl::Duration uptime);
+  void OnControlReadable(Listener& listener, Shard& shard, Worker* worker);
+  void OnControlMessage(Listener& listener, Shard& shard, Worker* worker,
+                        const v1::WorkerMessage& message);
+  void ScheduleRestart(Listener& listener, Shard& shard);
+  void SendDrainOrTerm(Worker& worker, uint32_t timeout_seconds);
+
+  FleetContext* const ctx_;
+  WorkerGone gone_;
+};
+
+}  // namespace portfleet
+
+#endif  // PORTFLEET_AGENT_FLEET_SUPERVISOR_H_

@@ -1,0 +1,240 @@
+#include "agent/fleet/update.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "agent/fleet/fleet.h"
+#include "agent/fleet/rollout.h"
+#include "agent/sockets.h"
+#include "agent/spec/spec.h"
+#include "google/protobuf/util/message_differencer.h"
+#include "worker/sdk/base/log.h"
+#include "worker/sdk/base/status.h"
+
+namespace portfleet {
+namespace {
+
+using google::protobuf::util::MessageDifferencer;
+
+std::string SteeringText(const v1::Steering& s) {
+  std::string out = v1::SteeringPolicy_Name(
+      s.policy() == v1::STEERING_POLICY_UNSPECIFIED ? v1::STEERING_POLICY_HASH
+                                                    : s.policy());
+  if (s.weights_size() > 0) {
+    absl::StrAppend(&out, " weights ", absl::StrJoin(s.weights(), ","));
+  }
+  return out;
+}
+
+std::string WorkerText(const v1::WorkerSpec& w) {
+  std::string out = w.command();
+  for (const std::string& a : w.args()) absl::StrAppend(&out, " ", a);
+  return out;
+}
+
+}  // namespace
+
+std::vector<std::string> ListenerUpdate::Changes() const {
+  std::vector<std::string> out;
+  if (drain_timeout) {
+    out.push_back(absl::StrCat(
+        "drain_timeout_seconds: ", EffectiveDrainTimeoutSeconds(from), " -> ",
+        EffectiveDrainTimeoutSeconds(to)));
+  }
+  if (backlog) {
+    out.push_back(absl::StrCat("backlog: ", EffectiveBacklog(from), " -> ",
+                               EffectiveBacklog(to)));
+  }
+  if (steering) {
+    out.push_back(absl::StrCat("steering: ", SteeringText(from.steering()),
+                               " -> ", SteeringText(*steering)));
+  }
+  if (shards) {
+    out.push_back(absl::StrCat("shards: ", from.shards(), " -> ", *shards));
+  }
+  if (worker) {
+    out.push_back(absl::StrCat("worker: '", WorkerText(from.worker()), "' -> '",
+                               WorkerText(worker->spec),
+                               "' (rolled out shard by shard)"));
+  }
+  return out;
+}
+
+absl::StatusOr<ListenerUpdate> PlanUpdate(const Listener& listener,
+                                          const v1::Listener& desired,
+                                          const FleetContext& ctx) {
+  RETURN_IF_ERROR(ValidateListener(desired));
+  const std::string& name = listener.spec.name();
+  if (*SocketAddress::Parse(desired.address()) != listener.address) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("listener ", name, ": address cannot change (",
+                     listener.address.ToString(), " -> ", desired.address(),
+                     "); delete the listener and create it again"));
+  }
+  ListenerUpdate u;
+  u.from = listener.spec;
+  u.from.set_shards(static_cast<uint32_t>(listener.Live().size()));
+  u.to = desired;
+  u.to.set_shards(
+      EffectiveShards(desired, static_cast<int>(ctx.options.cpus.size())));
+  u.drain_timeout = EffectiveDrainTimeoutSeconds(u.to) !=
+                    EffectiveDrainTimeoutSeconds(u.from);
+  u.backlog = EffectiveBacklog(u.to) != EffectiveBacklog(u.from);
+  if (u.to.shards() != u.from.shards()) u.shards = u.to.shards();
+  if (!MessageDifferencer::Equivalent(u.to.steering(), u.from.steering())) {
+    if (listener.steering == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("listener ", name,
+                       ": steering cannot change: BPF steering is "
+                       "unavailable on this host (",
+                       ctx.steering_reason, ")"));
+    }
+    u.steering = u.to.steering();
+  }
+  if (!MessageDifferencer::Equivalent(u.to.worker(), u.from.worker())) {
+    if (listener.rollout) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "listener ", name, ": a rollout is already in progress"));
+    }
+    absl::StatusOr<ResolvedWorker> worker = ResolveWorker(u.to.worker());
+    if (!worker.ok()) {
+      return absl::InvalidArgumentError(worker.status().message());
+    }
+    u.worker = std::move(*worker);
+  }
+  return u;
+}
+
+// One UpdateListener in flight, step by step (see update.h for the order).
+// Callbacks hold it; every continuation first checks that the fleet is not
+// stopping (then the listener may be gone and nothing is undone).
+class UpdateRun : public std::enable_shared_from_this<UpdateRun> {
+ public:
+  UpdateRun(Fleet* fleet, Listener& listener, ListenerUpdate update, Done done)
+      : fleet_(fleet),
+        listener_(listener),
+        u_(std::move(update)),
+        done_(std::move(done)),
+        live_(static_cast<uint32_t>(listener.Live().size())),
+        target_(u_.shards.value_or(live_)) {}
+
+  // Runs the synchronous steps; an error means nothing was changed and
+  // `done` will not be called.
+  absl::Status Start() {
+    PF_LOG(INFO) << "listener " << listener_.spec.name()
+                 << ": updating: " << absl::StrJoin(u_.Changes(), "; ");
+    RETURN_IF_ERROR(ApplySettings());
+    if (u_.steering) {
+      if (absl::Status s = fleet_->ChangeSteering(listener_, *u_.steering);
+          !s.ok()) {
+        UndoSettings();
+        return s;
+      }
+    }
+    if (target_ > live_) {
+      absl::Status s = fleet_->Resize(
+          listener_, target_,
+          [self = shared_from_this()](absl::Status s) { self->Roll(s); });
+      if (!s.ok()) {
+        UndoSteering();
+        UndoSettings();
+      }
+      return s;
+    }
+    Roll(absl::OkStatus());
+    return absl::OkStatus();
+  }
+
+ private:
+  bool stopping() const { return fleet_->ctx_.shutting_down; }
+
+  // Drain timeout and backlog.
+  absl::Status ApplySettings() {
+    listener_.spec.set_drain_timeout_seconds(u_.to.drain_timeout_seconds());
+    if (!u_.backlog) return absl::OkStatus();
+    int backlog = static_cast<int>(EffectiveBacklog(u_.to));
+    for (size_t i = 0; i < listener_.shards.size(); ++i) {
+      absl::Status s =
+          SetListenBacklog(listener_.shards[i]->socket.get(), backlog);
+      if (s.ok()) continue;
+      SetBacklog(EffectiveBacklog(u_.from), i);
+      listener_.spec.set_drain_timeout_seconds(u_.from.drain_timeout_seconds());
+      return Annotate(s, listener_.Name(*listener_.shards[i]));
+    }
+    listener_.spec.set_backlog(u_.to.backlog());
+    return absl::OkStatus();
+  }
+  // listen() again on the first `n` shards (all by default).
+  void SetBacklog(uint32_t backlog, size_t n = SIZE_MAX) {
+    for (size_t i = 0; i < listener_.shards.size() && i < n; ++i) {
+      SetListenBacklog(listener_.shards[i]->socket.get(),
+                       static_cast<int>(backlog))
+          .IgnoreError();
+    }
+  }
+  void UndoSettings() {
+    if (u_.backlog) {
+      SetBacklog(EffectiveBacklog(u_.from));
+      listener_.spec.set_backlog(u_.from.backlog());
+    }
+    listener_.spec.set_drain_timeout_seconds(u_.from.drain_timeout_seconds());
+  }
+  void UndoSteering() {
+    if (!u_.steering) return;
+    absl::Status s = fleet_->ChangeSteering(listener_, u_.from.steering());
+    if (!s.ok()) {
+      PF_LOG(ERROR) << "listener " << listener_.spec.name()
+                    << ": putting the steering back: " << s;
+    }
+  }
+
+  // After the shards were added (if any): the rollout.
+  void Roll(absl::Status grown) {
+    if (!grown.ok() || stopping()) return Finish(std::move(grown));
+    grew_ = target_ > live_;
+    if (!u_.worker) return Shrink();
+    auto rollout = std::make_shared<Rollout>(
+        &fleet_->ctx_, &fleet_->supervisor_, listener_, *u_.worker, 1,
+        [self = shared_from_this()](absl::Status s) {
+          if (!s.ok() || self->stopping()) return self->Finish(std::move(s));
+          self->Shrink();
+        });
+    listener_.rollout = rollout;
+    rollout->Start();
+  }
+
+  void Shrink() {
+    if (target_ >= live_) return Finish(absl::OkStatus());
+    absl::Status s = fleet_->Resize(
+        listener_, target_,
+        [self = shared_from_this()](absl::Status s) { self->Finish(s); });
+    if (!s.ok()) Finish(s);
+  }
+
+  void Finish(absl::Status s) {
+    if (!s.ok() && !stopping()) {
+      // Added shards drain away again; then steering and settings go back.
+      if (grew_)
+        fleet_->Resize(listener_, live_, [](absl::Status) {}).IgnoreError();
+      UndoSteering();
+      UndoSettings();
+    }
+    done_(std::move(s));
+  }
+
+  Fleet* const fleet_;
+  Listener& listener_;
+  const ListenerUpdate u_;
+  Done done_;
+  const uint32_t live_;    // live shards before
+  const uint32_t target_;  // live shards after
+  bool grew_ = false;
+};
+
+absl::Status Fleet::ApplyUpdate(Listener& listener, ListenerUpdate update,
+                                Done done) {
+  auto run = std::make_shared<UpdateRun>(this, listener, std::move(update),
+                                         std::move(done));
+  return run->Start();
+}
+
+}  // namespace portfleet

@@ -1,0 +1,169 @@
+#include "agent/options.h"
+
+#include <cstdio>
+#include <cstring>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "agent/spec/spec.h"
+#include "worker/sdk/base/log.h"
+#include "worker/sdk/base/version.h"
+
+namespace portfleet {
+namespace {
+
+constexpr char kUsage[] = R"(Usage: portfleet-agent [--config FILE] [options]
+
+Runs a fleet of SO_REUSEPORT listening sockets ("shards") with one worker
+process per shard, steers new connections to shards with an eBPF program,
+restarts workers that die on the same socket, and serves the gRPC API that
+portfleetctl uses.
+
+Desired state: the agent persists every change in --state-dir. At start, a
+persisted state wins over --config (which only seeds a new state dir); use
+'portfleetctl apply -f FILE' to apply an edited spec to a running agent.
+
+Options:
+  --config FILE      fleet spec, protobuf text format (.textproto) or JSON
+                     (.json) of portfleet.v1.FleetSpec
+  --api ADDR         gRPC API endpoint (default unix:///run/portfleet/api.sock;
+                     the socket is 0660, its directory 0750)
+  --api-group GROUP  group owning the API socket (default: the agent's)
+  --api-tls-address HOST:PORT   optional remote API with mutual TLS
+  --api-tls-cert FILE, --api-tls-key FILE, --api-tls-client-ca FILE
+  --api-authz-policy FILE       gRPC authorization policy for the remote API
+  --metrics ADDR     metrics/health HTTP endpoint (default 127.0.0.1:9464)
+  --state-dir DIR    persisted desired state (default /var/lib/portfleet)
+  --control-socket PATH   where workers reconnect to a restarted agent
+                     (default: control.sock beside a unix --api socket, else
+                     in --state-dir)
+  --bpffs DIR        pinned steering maps (default /sys/fs/bpf/portfleet)
+  --log-level LEVEL  debug, info, warning or error (default info)
+  --takeover[=auto]  take over from the agent running on the same control
+                     socket: receive its shard sockets, start our workers on
+                     them, then it drains its workers and exits (upgrades
+                     without a gap, e.g. a DaemonSet with maxSurge 1). With
+                     =auto, start normally when no agent is running.
+  --check            validate the config file and exit (0 = valid)
+  --version          print the version and exit
+  -h, --help         show this help
+
+Signals:
+  SIGTERM, SIGINT    stop: workers get SIGTERM and finish their connections;
+                     after the listeners' drain timeout stragglers get SIGKILL;
+                     exit 0. A second signal kills the workers at once.
+
+Example:
+  portfleet-agent --config deploy/examples/quickstart.textproto
+  curl http://127.0.0.1:8080/
+  portfleetctl get shards web
+
+Exit codes: 0 stopped cleanly or config valid, 1 start-up failed (the log
+says which listener and why), 2 usage error.
+)";
+
+// The option a --flag VALUE sets, or nullptr for an unknown flag.
+std::string* ValueFlag(const std::string& flag, AgentOptions* o) {
+  const std::pair<const char*, std::string*> flags[] = {
+      {"--config", &o->config},
+      {"--api", &o->api},
+      {"--metrics", &o->metrics},
+      {"--state-dir", &o->state_dir},
+      {"--bpffs", &o->bpffs},
+      {"--log-level", &o->log_level},
+      {"--api-group", &o->api_group},
+      {"--control-socket", &o->control_socket},
+      {"--api-tls-address", &o->api_tls_address},
+      {"--api-tls-cert", &o->api_tls_cert},
+      {"--api-tls-key", &o->api_tls_key},
+      {"--api-tls-client-ca", &o->api_tls_client_ca},
+      {"--api-authz-policy", &o->api_authz_policy},
+  };
+  for (const auto& [name, target] : flags) {
+    if (flag == name) return target;
+  }
+  return nullptr;
+}
+
+// --check: 0 when the spec file is valid, else 1 with the error printed.
+int CheckConfigFile(const std::string& path) {
+  absl::StatusOr<v1::FleetSpec> spec = LoadFleetSpecFile(path);
+  if (!spec.ok()) {
+    std::fprintf(stderr, "portfleet-agent: %s\n",
+                 std::string(spec.status().message()).c_str());
+    return 1;
+  }
+  std::printf("%s: valid, %d listener(s)\n", path.c_str(),
+              spec->listeners_size());
+  return 0;
+}
+
+}  // namespace
+
+ParsedArgs ParseAgentArgs(const std::vector<std::string>& args) {
+  ParsedArgs out;
+  bool check_only = false;
+  auto usage_error = [&](const std::string& message) {
+    std::fprintf(
+        stderr,
+        "portfleet-agent: %s\nRun 'portfleet-agent --help' for usage.\n",
+        message.c_str());
+    out.exit_now = true;
+    out.exit_code = 2;
+    return out;
+  };
+  for (size_t i = 0; i < args.size(); ++i) {
+    std::string arg = args[i];
+    std::string value;
+    bool has_inline = false;
+    if (absl::StartsWith(arg, "--") && arg.find('=') != std::string::npos) {
+      value = arg.substr(arg.find('=') + 1);
+      arg = arg.substr(0, arg.find('='));
+      has_inline = true;
+    }
+    if (arg == "-h" || arg == "--help") {
+      std::fputs(kUsage, stdout);
+      out.exit_now = true;
+      return out;
+    }
+    if (arg == "--version") {
+      std::printf("portfleet-agent %s\n", kVersion);
+      out.exit_now = true;
+      return out;
+    }
+    if (arg == "--check") {
+      check_only = true;
+      continue;
+    }
+    if (arg == "--takeover") {
+      if (has_inline && value != "auto" && value != "always") {
+        return usage_error("--takeover: '" + value +
+                           "' is not 'always' or 'auto'");
+      }
+      out.options.takeover = true;
+      out.options.takeover_auto = has_inline && value == "auto";
+      continue;
+    }
+    std::string* target = ValueFlag(arg, &out.options);
+    if (target == nullptr) return usage_error("unknown option '" + arg + "'");
+    if (!has_inline) {
+      if (i + 1 >= args.size()) return usage_error(arg + " needs a value");
+      value = args[++i];
+    }
+    *target = value;
+  }
+  if (!ParseLogLevel(out.options.log_level).ok()) {
+    return usage_error("--log-level: unknown level '" + out.options.log_level +
+                       "' (want debug, info, warning or error)");
+  }
+  if (check_only && out.options.config.empty()) {
+    return usage_error("--check needs --config FILE");
+  }
+  if (check_only) {
+    out.exit_now = true;
+    out.exit_code = CheckConfigFile(out.options.config);
+  }
+  return out;
+}
+
+}  // namespace portfleet

@@ -1,0 +1,41 @@
+// The agent's command line: options with their defaults, parsing, --help.
+#ifndef PORTFLEET_AGENT_OPTIONS_H_
+#define PORTFLEET_AGENT_OPTIONS_H_
+
+#include <string>
+#include <vector>
+
+namespace portfleet {
+
+struct AgentOptions {
+  std::string config;  // fleet spec file (.textproto or .json)
+  std::string api = "unix:///run/portfleet/api.sock";  // gRPC API endpoint
+  std::string metrics = "127.0.0.1:9464";  // /metrics, /healthz, /readyz
+  std::string state_dir = "/var/lib/portfleet";
+  std::string bpffs = "/sys/fs/bpf/portfleet";  // pinned steering maps
+  std::string log_level = "info";
+  std::string api_group;  // group owning the API socket
+  // Where workers reconnect to a restarted agent ("" = derived from --api).
+  std::string control_socket;
+  bool takeover = false;       // --takeover
+  bool takeover_auto = false;  // --takeover=auto: only if an agent runs
+  // Optional remote API: TCP with mutual TLS and an authorization policy.
+  std::string api_tls_address;
+  std::string api_tls_cert;
+  std::string api_tls_key;
+  std::string api_tls_client_ca;
+  std::string api_authz_policy;
+};
+
+// Parses argv. `--help` and `--version` are returned as a usage result with
+// `exit_code` 0; errors with exit code 2.
+struct ParsedArgs {
+  AgentOptions options;
+  bool exit_now = false;  // help/version/usage error printed
+  int exit_code = 0;
+};
+ParsedArgs ParseAgentArgs(const std::vector<std::string>& args);
+
+}  // namespace portfleet
+
+#endif  // PORTFLEET_AGENT_OPTIONS_H_

@@ -1,0 +1,241 @@
+// Fakes behind the fleet's seams, for unit tests of the fleet logic without
+// processes, BPF or privileges:
+//   FakeLauncher   ProcessLauncher: "processes" are eventfds that become
+//                  readable when the test (or a signal) ends them; the
+//                  worker end of each control channel stays with the test.
+//   FakeSteering   SteeringBackend: records the tables and socket slots of
+//                  each listener; can be told to fail the next write.
+// With a ManualClock the event loop runs no real timers: tests advance time.
+#ifndef PORTFLEET_TESTS_UNIT_FLEET_FAKES_H_
+#define PORTFLEET_TESTS_UNIT_FLEET_FAKES_H_
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "agent/launcher.h"
+#include "agent/steering/steering.h"
+#include "portfleet/v1/control.pb.h"
+#include "worker/sdk/control_channel.h"
+
+namespace portfleet::testing {
+
+class FakeLauncher : public ProcessLauncher {
+ public:
+  struct Process {
+    pid_t pid = 0;
+    LaunchSpec spec;
+    int eventfd = -1;  // the pidfd we handed out (owned by the fleet)
+    std::optional<int> wait_status;
+    std::vector<int> signals;
+    std::vector<std::vector<int>> affinity;  // every SetAffinity, in order
+    std::optional<ControlChannel> channel;   // the worker's end
+    bool Exited() const { return wait_status.has_value(); }
+    std::string Arg(size_t i) const {
+      return i < spec.argv.size() ? spec.argv[i] : "";
+    }
+  };
+
+  // What a new worker does by itself.
+  bool auto_ready = true;    // sends hello + ready at once
+  bool exit_on_term = true;  // SIGTERM (or AgentDrain) ends it with 0
+  // The next Launch fails with this.
+  std::optional<absl::Status> fail_next_launch;
+  // SetAffinity fails with this for these pids.
+  std::map<pid_t, absl::Status> affinity_errors;
+
+  absl::StatusOr<LaunchedProcess> Launch(const LaunchSpec& spec) override {
+    if (fail_next_launch) {
+      absl::Status s = *fail_next_launch;
+      fail_next_launch.reset();
+      return s;
+    }
+    auto p = std::make_unique<Process>();
+    p->pid = next_pid_++;
+    p->spec = spec;
+    int efd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (efd < 0) return absl::InternalError("eventfd");
+    p->eventfd = efd;
+    if (spec.control_fd >= 0) {
+      p->channel.emplace(Fd(::fcntl(spec.control_fd, F_DUPFD_CLOEXEC, 0)));
+      if (auto_ready) {
+        SendHello(*p);
+        SendReady(*p);
+      }
+    }
+    LaunchedProcess out;
+    out.pid = p->pid;
+    out.pidfd = Fd(efd);
+    order_.push_back(p->pid);
+    processes_[p->pid] = std::move(p);
+    return out;
+  }
+
+  bool Signal(const LaunchedProcess& process, int sig) override {
+    Process* p = Find(process.pid);
+    if (p == nullptr || p->Exited()) return false;
+    p->signals.push_back(sig);
+    if (sig == SIGKILL) Exit(p->pid, W_EXITCODE(0, SIGKILL));
+    if (sig == SIGTERM && exit_on_term) Exit(p->pid, W_EXITCODE(0, 0));
+    return true;
+  }
+
+  absl::StatusOr<std::optional<int>> Reap(
+      const LaunchedProcess& process) override {
+    Process* p = Find(process.pid);
+    if (p == nullptr) return absl::NotFoundError("no such fake process");
+    return p->wait_status;
+  }
+
+  absl::Status SetAffinity(const LaunchedProcess& process,
+                           const std::vector<int>& cpus) override {
+    Process* p = Find(process.pid);
+    if (p == nullptr || p->Exited()) return absl::NotFoundError("gone");
+    if (auto it = affinity_errors.find(process.pid);
+        it != affinity_errors.end()) {
+      return it->second;
+    }
+    p->affinity.push_back(cpus);
+    return absl::OkStatus();
+  }
+
+  // Ends a process: its pidfd becomes readable; the fleet reaps it on the
+  // next loop turn.
+  void Exit(pid_t pid, int wait_status) {
+    Process* p = Find(pid);
+    if (p == nullptr || p->Exited()) return;
+    p->wait_status = wait_status;
+    uint64_t one = 1;
+    ssize_t unused = ::write(p->eventfd, &one, sizeof(one));
+    (void)unused;
+  }
+  void ExitWith(pid_t pid, int code) { Exit(pid, W_EXITCODE(code, 0)); }
+
+  void SendHello(Process& p) {
+    v1::WorkerMessage m;
+    m.mutable_hello()->set_pid(p.pid);
+    p.channel->Send(m).IgnoreError();
+  }
+  void SendReady(Process& p) {
+    v1::WorkerMessage m;
+    m.mutable_ready();
+    p.channel->Send(m).IgnoreError();
+  }
+  // Messages the agent sent to the worker (AgentDrain...).
+  std::vector<v1::AgentMessage> Received(pid_t pid) {
+    std::vector<v1::AgentMessage> out;
+    Process* p = Find(pid);
+    if (p == nullptr || !p->channel) return out;
+    for (;;) {
+      auto got = p->channel->Receive<v1::AgentMessage>();
+      if (!got.ok() || !got->has_value()) return out;
+      out.push_back(**got);
+    }
+  }
+
+  Process* Find(pid_t pid) {
+    auto it = processes_.find(pid);
+    return it == processes_.end() ? nullptr : it->second.get();
+  }
+  // Every process launched, oldest first.
+  std::vector<Process*> All() {
+    std::vector<Process*> out;
+    for (pid_t pid : order_) out.push_back(processes_[pid].get());
+    return out;
+  }
+  std::vector<Process*> Running() {
+    std::vector<Process*> out;
+    for (Process* p : All()) {
+      if (!p->Exited()) out.push_back(p);
+    }
+    return out;
+  }
+  size_t launches() const { return order_.size(); }
+
+ private:
+  pid_t next_pid_ = 1000;
+  std::vector<pid_t> order_;
+  std::map<pid_t, std::unique_ptr<Process>> processes_;
+};
+
+// Shared by the fake backend and every listener it opened.
+struct FakeSteeringState {
+  struct Listener {
+    bool attached = false;
+    std::map<uint32_t, int> sockets;      // slot -> fd
+    std::vector<SteeringTables> applied;  // every successful write
+    bool pins_removed = false;
+  };
+  std::map<std::string, Listener> listeners;
+  // The next table write fails with this.
+  std::optional<absl::Status> fail_next_apply;
+};
+
+class FakeListenerSteering : public ListenerSteering {
+ public:
+  FakeListenerSteering(FakeSteeringState* state, std::string name)
+      : state_(state), name_(std::move(name)) {}
+  absl::Status AttachTo(int) override {
+    me().attached = true;
+    return absl::OkStatus();
+  }
+  absl::Status SetShardSocket(uint32_t shard, int fd) override {
+    if (me().sockets.count(shard) > 0) {
+      return absl::AlreadyExistsError(absl::StrCat("slot ", shard, " is set"));
+    }
+    me().sockets[shard] = fd;
+    return absl::OkStatus();
+  }
+  absl::Status ClearShardSocket(uint32_t shard) override {
+    me().sockets.erase(shard);
+    return absl::OkStatus();
+  }
+  absl::Status Apply(const SteeringTables& tables) override {
+    if (state_->fail_next_apply) {
+      absl::Status s = *state_->fail_next_apply;
+      state_->fail_next_apply.reset();
+      return s;
+    }
+    me().applied.push_back(tables);
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::vector<ShardCounters>> ReadCounters() override {
+    return std::vector<ShardCounters>(64);
+  }
+  absl::StatusOr<ShardCounters> ReadUnattributedCounters() override {
+    return ShardCounters{};
+  }
+  absl::Status RemovePins() override {
+    me().pins_removed = true;
+    return absl::OkStatus();
+  }
+
+ private:
+  FakeSteeringState::Listener& me() { return state_->listeners[name_]; }
+  FakeSteeringState* state_;
+  std::string name_;
+};
+
+class FakeSteering : public SteeringBackend {
+ public:
+  absl::StatusOr<std::unique_ptr<ListenerSteering>> OpenListener(
+      absl::string_view listener) override {
+    return std::unique_ptr<ListenerSteering>(
+        new FakeListenerSteering(&state, std::string(listener)));
+  }
+  FakeSteeringState state;
+};
+
+}  // namespace portfleet::testing
+
+#endif  // PORTFLEET_TESTS_UNIT_FLEET_FAKES_H_

@@ -1,0 +1,717 @@
+// Fleet logic with fakes (FakeLauncher, FakeSteering) and a manual clock: no
+// processes, no BPF, no privileges, no real waiting. The real system is
+// proven by the netns tier; these cases pin down the state machine: restart
+// backoff, rollout and its rollback, drain timeouts, shutdown while a change
+// is in flight, and that every mutating call that fails changes nothing
+// (spec, tables, CPU pinning, backlog, persisted state).
+#include "agent/fleet/fleet.h"
+
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+
+#include <future>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "agent/fleet_controller.h"
+#include "agent/sockets.h"
+#include "agent/spec/spec.h"
+#include "gmock/gmock.h"
+#include "google/protobuf/text_format.h"
+#include "google/protobuf/util/message_differencer.h"
+#include "gtest/gtest.h"
+#include "tests/unit/fleet_fakes.h"
+#include "worker/sdk/base/log.h"
+
+namespace portfleet::testing {
+namespace {
+
+using ::google::protobuf::util::MessageDifferencer;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+// A loopback port nothing listens on (the kernel's choice, then released).
+int FreePort() {
+  Fd s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  socklen_t len = sizeof(a);
+  ::getsockname(s.get(), reinterpret_cast<sockaddr*>(&a), &len);
+  return ntohs(a.sin_port);
+}
+
+class FleetTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SetLogLevel(LogLevel::kError);
+    loop_ = *EventLoop::Create(&clock_);
+    FleetOptions options;
+    options.cpus = {0, 1};
+    options.base_env = {"PATH=/usr/bin:/bin"};
+    fleet_ = std::make_unique<Fleet>(loop_.get(), &launcher_, options);
+    fleet_->SetSteeringBackend(&steering_, "");
+  }
+  void TearDown() override {
+    // Leave nothing registered on the loop.
+    fleet_.reset();
+  }
+
+  v1::Listener Spec(uint32_t shards, const std::string& extra = "") {
+    v1::Listener l;
+    std::string text = absl::StrCat(
+        "name: 'web' address: '127.0.0.1:", port_, "' shards: ", shards,
+        " worker { command: '/bin/true' args: '--v1' }"
+        " drain_timeout_seconds: 5 ",
+        extra);
+    EXPECT_TRUE(google::protobuf::TextFormat::ParseFromString(text, &l))
+        << text;
+    return l;
+  }
+
+  // Runs the loop until nothing happens; workers told to drain exit (when
+  // the launcher says they do).
+  void Settle() {
+    for (int round = 0; round < 100; ++round) {
+      loop_->RunUntilIdle();
+      bool more = false;
+      if (launcher_.exit_on_term) {
+        for (FakeLauncher::Process* p : launcher_.Running()) {
+          for (const v1::AgentMessage& m : launcher_.Received(p->pid)) {
+            if (m.has_drain()) {
+              launcher_.ExitWith(p->pid, 0);
+              more = true;
+            }
+          }
+        }
+      }
+      if (!more) return;
+    }
+  }
+  void Advance(absl::Duration d) {
+    Settle();
+    absl::Time until = clock_.Now() + d;
+    while (loop_->NextTimer() <= until) {
+      loop_->AdvanceTo(&clock_, loop_->NextTimer());
+      Settle();
+    }
+    loop_->AdvanceTo(&clock_, until);
+    Settle();
+  }
+
+  // Records the result of an asynchronous call.
+  struct Result {
+    bool called = false;
+    absl::Status status;
+  };
+  Done Record(Result* r) {
+    return [r](absl::Status s) {
+      EXPECT_FALSE(r->called) << "done called twice";
+      r->called = true;
+      r->status = std::move(s);
+    };
+  }
+
+  ListenerStatus Status() { return *fleet_->ListenerStatusOf("web"); }
+  std::vector<pid_t> ServingPids() {
+    std::vector<pid_t> out;
+    for (const ShardStatus& s : Status().shards) out.push_back(s.pid);
+    return out;
+  }
+  const FakeSteeringState::Listener& Tables() {
+    return steering_.state.listeners["web"];
+  }
+  std::vector<int> ShardFds() {
+    std::vector<int> out;
+    for (const Fleet::SharedSocket& s : fleet_->SharedSockets()) {
+      out.push_back(s.fd);
+    }
+    return out;
+  }
+
+  int port_ = FreePort();
+  ManualClock clock_;
+  std::unique_ptr<EventLoop> loop_;
+  FakeLauncher launcher_;
+  FakeSteering steering_;
+  std::unique_ptr<Fleet> fleet_;
+};
+
+TEST_F(FleetTest, StartsOneWorkerPerShardOnItsOwnSocket) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(3)).ok());
+  Settle();
+  ASSERT_EQ(launcher_.launches(), 3u);
+  std::set<uint64_t> inodes;
+  for (FakeLauncher::Process* p : launcher_.All()) {
+    EXPECT_EQ(p->Arg(1), "--v1");
+    inodes.insert(*SocketInodeOf(p->spec.listen_fd));
+    EXPECT_THAT(p->spec.env, ::testing::Contains("LISTEN_FDS=1"));
+    EXPECT_THAT(p->spec.env, ::testing::Contains("LISTEN_FDNAMES=web"));
+  }
+  EXPECT_EQ(inodes.size(), 3u);
+  EXPECT_TRUE(fleet_->AllReady());
+  ASSERT_EQ(Tables().applied.size(), 1u);
+  EXPECT_THAT(Tables().applied.back().weights, ElementsAre(1, 1, 1));
+  EXPECT_EQ(Tables().sockets.size(), 3u);
+}
+
+// Steps: a worker that keeps exiting at once is restarted after 100 ms, then
+// 200, 400 ... capped at 10 s; one that ran 10 s resets the delay to 100 ms.
+TEST_F(FleetTest, RestartBackoffDoublesToTenSecondsAndResetsAfterUptime) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(1)).ok());
+  Settle();
+  std::vector<absl::Duration> delays;
+  for (int i = 0; i < 9; ++i) {
+    pid_t pid = ServingPids()[0];
+    launcher_.ExitWith(pid, 1);
+    Settle();
+    EXPECT_EQ(Status().shards[0].state, v1::SHARD_STATE_BACKOFF);
+    absl::Time exited = clock_.Now();
+    size_t before = launcher_.launches();
+    while (launcher_.launches() == before) {
+      ASSERT_LT(loop_->NextTimer(), absl::InfiniteFuture());
+      loop_->AdvanceTo(&clock_, loop_->NextTimer());
+      Settle();
+    }
+    delays.push_back(clock_.Now() - exited);
+  }
+  EXPECT_THAT(delays,
+              ElementsAre(absl::Milliseconds(100), absl::Milliseconds(200),
+                          absl::Milliseconds(400), absl::Milliseconds(800),
+                          absl::Milliseconds(1600), absl::Milliseconds(3200),
+                          absl::Milliseconds(6400), absl::Seconds(10),
+                          absl::Seconds(10)));
+  EXPECT_EQ(Status().shards[0].restarts, 9u);
+  // Stable for 10 s: the next exit is restarted after 100 ms again.
+  Advance(absl::Seconds(10));
+  launcher_.ExitWith(ServingPids()[0], 1);
+  Settle();
+  size_t before = launcher_.launches();
+  Advance(absl::Milliseconds(99));
+  EXPECT_EQ(launcher_.launches(), before);
+  Advance(absl::Milliseconds(1));
+  EXPECT_EQ(launcher_.launches(), before + 1);
+}
+
+TEST_F(FleetTest, ScaleDownDrainsWithinTheTimeoutThenKills) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  launcher_.exit_on_term = false;  // a straggler
+  pid_t victim = ServingPids()[1];
+  Result r;
+  ASSERT_TRUE(fleet_->ScaleListener("web", 1, Record(&r)).ok());
+  Settle();
+  // Out of the tables and the sockarray at once; told to drain.
+  EXPECT_THAT(Tables().applied.back().weights, ElementsAre(1, 0));
+  EXPECT_EQ(Tables().sockets.count(1), 0u);
+  EXPECT_FALSE(r.called);
+  Advance(absl::Milliseconds(4999));
+  EXPECT_FALSE(launcher_.Find(victim)->Exited());
+  EXPECT_FALSE(r.called);
+  Advance(absl::Milliseconds(1));
+  EXPECT_THAT(launcher_.Find(victim)->signals, ElementsAre(SIGKILL));
+  ASSERT_TRUE(r.called);
+  EXPECT_TRUE(r.status.ok()) << r.status;
+  EXPECT_EQ(Status().shards.size(), 1u);
+  EXPECT_EQ(fleet_->DesiredSpec().listeners(0).shards(), 1u);
+}
+
+// Steps: roll 3 shards one at a time; the third new worker exits before it is
+// ready; the two rolled shards are rolled back; the old program is what runs
+// and what the spec says.
+TEST_F(FleetTest, RolloutFailureRollsBackTheShardsAlreadyRolled) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(3)).ok());
+  Settle();
+  std::vector<pid_t> old_pids = ServingPids();
+  v1::WorkerSpec v2;
+  v2.add_args("--v2");
+  launcher_.auto_ready = false;
+  Result r;
+  ASSERT_TRUE(fleet_->RollOut("web", v2, 1, Record(&r)).ok());
+  for (int i = 0; i < 2; ++i) {
+    Settle();
+    FakeLauncher::Process* c = launcher_.All().back();
+    EXPECT_EQ(c->Arg(1), "--v2");
+    launcher_.SendHello(*c);
+    launcher_.SendReady(*c);
+    Settle();
+  }
+  FakeLauncher::Process* third = launcher_.All().back();
+  ASSERT_EQ(third->Arg(1), "--v2");
+  launcher_.ExitWith(third->pid, 3);
+  // Rollback: new workers of the old program on shards 1, then 0.
+  for (int i = 0; i < 2; ++i) {
+    Settle();
+    FakeLauncher::Process* back = launcher_.All().back();
+    EXPECT_EQ(back->Arg(1), "--v1");
+    launcher_.SendHello(*back);
+    launcher_.SendReady(*back);
+  }
+  Settle();
+  ASSERT_TRUE(r.called);
+  EXPECT_TRUE(absl::IsFailedPrecondition(r.status)) << r.status;
+  EXPECT_THAT(r.status.message(), HasSubstr("before it was ready"));
+  for (pid_t pid : ServingPids()) {
+    EXPECT_EQ(launcher_.Find(pid)->Arg(1), "--v1");
+  }
+  EXPECT_EQ(ServingPids()[2], old_pids[2]);  // never replaced
+  EXPECT_EQ(fleet_->DesiredSpec().listeners(0).worker().args(0), "--v1");
+  EXPECT_EQ(launcher_.Running().size(), 3u);
+}
+
+TEST_F(FleetTest, RolloutReplacesEveryWorkerAndUpdatesTheSpec) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  std::vector<pid_t> old_pids = ServingPids();
+  v1::WorkerSpec v2;
+  v2.add_args("--v2");
+  Result r;
+  ASSERT_TRUE(fleet_->RollOut("web", v2, 2, Record(&r)).ok());
+  Settle();
+  ASSERT_TRUE(r.called);
+  EXPECT_TRUE(r.status.ok()) << r.status;
+  for (pid_t pid : ServingPids()) {
+    EXPECT_EQ(launcher_.Find(pid)->Arg(1), "--v2");
+  }
+  for (pid_t pid : old_pids) EXPECT_TRUE(launcher_.Find(pid)->Exited());
+  EXPECT_EQ(fleet_->DesiredSpec().listeners(0).worker().args(0), "--v2");
+}
+
+TEST_F(FleetTest, NewWorkerThatNeverSaysReadyTimesOut) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(1)).ok());
+  Settle();
+  launcher_.auto_ready = false;
+  Result r;
+  ASSERT_TRUE(fleet_->ScaleListener("web", 2, Record(&r)).ok());
+  Settle();
+  launcher_.SendHello(*launcher_.All().back());  // hello, never ready
+  Advance(absl::Milliseconds(9999));
+  EXPECT_FALSE(r.called);
+  Advance(absl::Milliseconds(1));
+  ASSERT_TRUE(r.called);
+  EXPECT_TRUE(absl::IsUnavailable(r.status)) << r.status;
+  EXPECT_THAT(r.status.message(), HasSubstr("was not ready within 10s"));
+  EXPECT_TRUE(launcher_.All().back()->Exited());
+  EXPECT_EQ(Status().shards.size(), 1u);
+}
+
+TEST_F(FleetTest, WorkerWithoutControlChannelIsReadyAfterTheGracePeriod) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(1)).ok());
+  Settle();
+  launcher_.auto_ready = false;  // says nothing at all
+  Result r;
+  ASSERT_TRUE(fleet_->ScaleListener("web", 2, Record(&r)).ok());
+  Advance(absl::Milliseconds(1999));
+  EXPECT_FALSE(r.called);
+  Advance(absl::Milliseconds(1));
+  ASSERT_TRUE(r.called);
+  EXPECT_TRUE(r.status.ok()) << r.status;
+  EXPECT_THAT(Tables().applied.back().weights, ElementsAre(1, 1));
+}
+
+// --- Shutdown while a change is in flight --------------------------------
+
+TEST_F(FleetTest, ShutdownDuringScaleUpCompletesAndStartsNothingMore) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(1)).ok());
+  Settle();
+  launcher_.auto_ready = false;
+  Result scaled;
+  ASSERT_TRUE(fleet_->ScaleListener("web", 3, Record(&scaled)).ok());
+  Settle();
+  size_t launches = launcher_.launches();
+  bool stopped = false;
+  fleet_->Shutdown([&] { stopped = true; });
+  Settle();
+  ASSERT_TRUE(stopped);
+  ASSERT_TRUE(scaled.called);
+  EXPECT_TRUE(absl::IsUnavailable(scaled.status)) << scaled.status;
+  EXPECT_EQ(launcher_.launches(), launches);
+  EXPECT_TRUE(launcher_.Running().empty());
+  EXPECT_EQ(fleet_->listener_count(), 0u);
+}
+
+TEST_F(FleetTest, ShutdownWithASlowNewWorkerKillsItAtTheDrainTimeout) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(1)).ok());
+  Settle();
+  launcher_.auto_ready = false;
+  launcher_.exit_on_term = false;
+  Result scaled;
+  ASSERT_TRUE(fleet_->ScaleListener("web", 2, Record(&scaled)).ok());
+  Settle();
+  bool stopped = false;
+  fleet_->Shutdown([&] { stopped = true; });
+  Advance(absl::Milliseconds(4999));
+  EXPECT_FALSE(stopped);
+  Advance(absl::Milliseconds(1));
+  EXPECT_TRUE(stopped);
+  EXPECT_TRUE(launcher_.Running().empty());
+}
+
+TEST_F(FleetTest, ShutdownDuringRolloutDoesNotRollBack) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  launcher_.auto_ready = false;
+  v1::WorkerSpec v2;
+  v2.add_args("--v2");
+  Result r;
+  ASSERT_TRUE(fleet_->RollOut("web", v2, 1, Record(&r)).ok());
+  Settle();
+  FakeLauncher::Process* c = launcher_.All().back();
+  launcher_.SendHello(*c);
+  launcher_.SendReady(*c);
+  Settle();  // shard 0 rolled; shard 1's candidate waits
+  size_t launches = launcher_.launches();
+  bool stopped = false;
+  fleet_->Shutdown([&] { stopped = true; });
+  Settle();
+  ASSERT_TRUE(r.called);
+  EXPECT_TRUE(absl::IsUnavailable(r.status)) << r.status;
+  EXPECT_TRUE(stopped);
+  EXPECT_EQ(launcher_.launches(), launches);  // no rollback worker
+  EXPECT_TRUE(launcher_.Running().empty());
+}
+
+TEST_F(FleetTest, DeleteDuringRolloutStopsItWithoutRollingBack) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  launcher_.auto_ready = false;
+  v1::WorkerSpec v2;
+  v2.add_args("--v2");
+  Result rolled, deleted;
+  ASSERT_TRUE(fleet_->RollOut("web", v2, 1, Record(&rolled)).ok());
+  Settle();
+  size_t launches = launcher_.launches();
+  ASSERT_TRUE(fleet_->DeleteListener("web", Record(&deleted)).ok());
+  Settle();
+  ASSERT_TRUE(rolled.called);
+  EXPECT_TRUE(absl::IsAborted(rolled.status)) << rolled.status;
+  ASSERT_TRUE(deleted.called);
+  EXPECT_TRUE(deleted.status.ok());
+  EXPECT_EQ(launcher_.launches(), launches);
+  EXPECT_TRUE(launcher_.Running().empty());
+  EXPECT_TRUE(Tables().pins_removed);
+}
+
+// --- A failed call changes nothing ---------------------------------------
+
+// The state a failed call must leave as it was.
+struct Snapshot {
+  v1::FleetSpec spec;
+  size_t tables_written;
+  std::vector<int> cpus;
+  std::vector<pid_t> pids;
+  std::vector<uint32_t> backlogs;
+};
+
+class FleetAtomicityTest : public FleetTest {
+ protected:
+  Snapshot Take() {
+    Snapshot s;
+    s.spec = fleet_->DesiredSpec();
+    s.tables_written = Tables().applied.size();
+    for (const ShardStatus& shard : Status().shards) {
+      s.cpus.push_back(shard.cpu);
+      s.pids.push_back(shard.pid);
+    }
+    for (int fd : ShardFds()) s.backlogs.push_back(*ListenBacklog(fd));
+    return s;
+  }
+  void ExpectUnchanged(const Snapshot& before) {
+    Settle();
+    Snapshot now = Take();
+    EXPECT_TRUE(MessageDifferencer::Equivalent(now.spec, before.spec))
+        << now.spec.DebugString() << "\nwas\n"
+        << before.spec.DebugString();
+    EXPECT_EQ(now.cpus, before.cpus);
+    EXPECT_EQ(now.pids, before.pids);
+    EXPECT_EQ(now.backlogs, before.backlogs);
+    // Tables: either never rewritten, or rewritten back to what they were
+    // (slots of shards that are gone again count as empty).
+    if (now.tables_written != before.tables_written) {
+      SteeringTables last = Trimmed(Tables().applied.back());
+      SteeringTables was = Trimmed(Tables().applied[before.tables_written - 1]);
+      EXPECT_EQ(last.policy, was.policy);
+      EXPECT_EQ(last.weights, was.weights);
+      EXPECT_EQ(last.shard_cpus, was.shard_cpus);
+    }
+  }
+  static SteeringTables Trimmed(SteeringTables t) {
+    while (!t.weights.empty() && t.weights.back() == 0 &&
+           t.shard_cpus.back() == -1) {
+      t.weights.pop_back();
+      t.shard_cpus.pop_back();
+    }
+    return t;
+  }
+  // The CPU set each running worker was last pinned to (empty = never
+  // re-pinned since its start).
+  std::vector<int> LastAffinity(pid_t pid) {
+    FakeLauncher::Process* p = launcher_.Find(pid);
+    if (p->affinity.empty()) {
+      return p->spec.cpu >= 0 ? std::vector<int>{p->spec.cpu}
+                              : std::vector<int>{0, 1};
+    }
+    return p->affinity.back();
+  }
+};
+
+// Regression (440c57c): UpdateListener applied the new drain timeout and
+// re-listen()ed with the new backlog before failing on the steering.
+TEST_F(FleetAtomicityTest, FailedUpdateKeepsDrainTimeoutBacklogAndTables) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  Snapshot before = Take();
+  steering_.state.fail_next_apply = absl::InternalError("map update failed");
+  v1::Listener edited = Spec(2, "backlog: 77 steering { weights: [3, 1] }");
+  edited.set_drain_timeout_seconds(9);
+  absl::Status s = fleet_->UpdateListener(edited, [](absl::Status) {});
+  EXPECT_TRUE(absl::IsInternal(s)) << s;
+  ExpectUnchanged(before);
+  EXPECT_EQ(before.backlogs, (std::vector<uint32_t>{1024, 1024}));
+  EXPECT_EQ(fleet_->DesiredSpec().listeners(0).drain_timeout_seconds(), 5u);
+}
+
+TEST_F(FleetAtomicityTest, InvalidUpdateChangesNothing) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  Snapshot before = Take();
+  std::vector<v1::Listener> bad(3, Spec(2, "backlog: 99"));
+  bad[0].mutable_steering()->add_weights(0);  // all weights 0
+  bad[0].mutable_steering()->add_weights(0);
+  bad[1].set_drain_timeout_seconds(9);  // 3 weights for 2 shards
+  for (int w : {1, 2, 3}) bad[1].mutable_steering()->add_weights(w);
+  bad[2].set_address("127.0.0.1:1");  // the address cannot change
+  for (const v1::Listener& spec : bad) {
+    absl::Status s = fleet_->UpdateListener(spec, [](absl::Status) {});
+    EXPECT_FALSE(s.ok()) << spec.DebugString();
+    ExpectUnchanged(before);
+  }
+}
+
+// Regression (440c57c): SetSteering's rollback did not undo the CPU pinning
+// it had already applied to running workers.
+TEST_F(FleetAtomicityTest, FailedSteeringChangeKeepsThePinning) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  Snapshot before = Take();
+  std::vector<pid_t> pids = ServingPids();
+  steering_.state.fail_next_apply = absl::InternalError("map update failed");
+  v1::Steering cpu;
+  cpu.set_policy(v1::STEERING_POLICY_CPU);
+  EXPECT_FALSE(fleet_->SetSteering("web", cpu).ok());
+  ExpectUnchanged(before);
+  for (pid_t pid : pids) {
+    EXPECT_EQ(LastAffinity(pid), (std::vector<int>{0, 1}));
+  }
+}
+
+TEST_F(FleetAtomicityTest, FailedPinningPutsTablesAndPinsBack) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  Snapshot before = Take();
+  std::vector<pid_t> pids = ServingPids();
+  launcher_.affinity_errors[pids[1]] = absl::PermissionDeniedError("EPERM");
+  v1::Steering cpu;
+  cpu.set_policy(v1::STEERING_POLICY_CPU);
+  absl::Status s = fleet_->SetSteering("web", cpu);
+  EXPECT_TRUE(absl::IsPermissionDenied(s)) << s;
+  EXPECT_THAT(s.message(), HasSubstr("listener web shard 1"));
+  ExpectUnchanged(before);
+  EXPECT_EQ(LastAffinity(pids[0]), (std::vector<int>{0, 1}));
+  EXPECT_EQ(Tables().applied.back().policy, v1::STEERING_POLICY_HASH);
+}
+
+TEST_F(FleetAtomicityTest, SteeringChangeRepinsRunningWorkers) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  std::vector<pid_t> pids = ServingPids();
+  v1::Steering cpu;
+  cpu.set_policy(v1::STEERING_POLICY_CPU);
+  ASSERT_TRUE(fleet_->SetSteering("web", cpu).ok());
+  EXPECT_EQ(LastAffinity(pids[0]), (std::vector<int>{0}));
+  EXPECT_EQ(LastAffinity(pids[1]), (std::vector<int>{1}));
+  EXPECT_EQ(Tables().applied.back().policy, v1::STEERING_POLICY_CPU);
+  EXPECT_THAT(Tables().applied.back().shard_cpus, ElementsAre(0, 1));
+}
+
+TEST_F(FleetAtomicityTest, FailedScaleUpRemovesTheNewShards) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  Snapshot before = Take();
+  launcher_.auto_ready = false;
+  Result r;
+  ASSERT_TRUE(fleet_->ScaleListener("web", 4, Record(&r)).ok());
+  Settle();
+  std::vector<FakeLauncher::Process*> all = launcher_.All();
+  launcher_.SendHello(*all[2]);
+  launcher_.SendReady(*all[2]);
+  launcher_.ExitWith(all[3]->pid, 3);
+  Settle();
+  ASSERT_TRUE(r.called);
+  EXPECT_TRUE(absl::IsUnavailable(r.status)) << r.status;
+  EXPECT_THAT(r.status.message(),
+              HasSubstr("listener web shard 3: worker pid"));
+  ExpectUnchanged(before);
+  EXPECT_TRUE(all[2]->Exited());
+  EXPECT_EQ(Tables().sockets.size(), 2u);
+  // The new shards never entered a table.
+  for (const SteeringTables& t : Tables().applied) {
+    EXPECT_LE(t.weights.size(), 2u);
+  }
+}
+
+TEST_F(FleetAtomicityTest, LaunchFailureDuringScaleUpChangesNothing) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  Snapshot before = Take();
+  launcher_.fail_next_launch = absl::NotFoundError("exec: no such file");
+  Result r;
+  absl::Status s = fleet_->ScaleListener("web", 3, Record(&r));
+  EXPECT_TRUE(absl::IsNotFound(s)) << s;
+  EXPECT_FALSE(r.called);
+  ExpectUnchanged(before);
+}
+
+TEST_F(FleetAtomicityTest, RefusedCallsChangeNothing) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(1)).ok());
+  Settle();
+  Snapshot before = Take();
+  auto ignore = [](absl::Status) {};
+  EXPECT_TRUE(absl::IsFailedPrecondition(fleet_->DrainShard("web", 0, ignore)));
+  EXPECT_TRUE(absl::IsNotFound(fleet_->DrainShard("web", 7, ignore)));
+  EXPECT_TRUE(absl::IsInvalidArgument(fleet_->ScaleListener("web", 0, ignore)));
+  EXPECT_TRUE(absl::IsNotFound(fleet_->ScaleListener("nope", 2, ignore)));
+  v1::WorkerSpec missing;
+  missing.set_command("/no/such/worker");
+  EXPECT_TRUE(
+      absl::IsInvalidArgument(fleet_->RollOut("web", missing, 1, ignore)));
+  v1::Steering weights;
+  weights.add_weights(1);
+  weights.add_weights(1);
+  EXPECT_TRUE(absl::IsInvalidArgument(fleet_->SetSteering("web", weights)));
+  EXPECT_TRUE(absl::IsAlreadyExists(fleet_->AddListener(Spec(1))));
+  ExpectUnchanged(before);
+}
+
+// --- apply of an edited spec -------------------------------------------------
+
+TEST_F(FleetTest, UpdateWithANewWorkerRollsItOut) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  v1::Listener edited = Spec(2, "backlog: 512");
+  edited.mutable_worker()->set_args(0, "--v2");
+  absl::StatusOr<ListenerUpdate> plan = fleet_->PlanListenerUpdate(edited);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_THAT(plan->Changes(),
+              ElementsAre("backlog: 1024 -> 512",
+                          "worker: '/bin/true --v1' -> '/bin/true --v2' "
+                          "(rolled out shard by shard)"));
+  Result r;
+  ASSERT_TRUE(fleet_->UpdateListener(edited, Record(&r)).ok());
+  Settle();
+  ASSERT_TRUE(r.called);
+  EXPECT_TRUE(r.status.ok()) << r.status;
+  for (pid_t pid : ServingPids()) {
+    EXPECT_EQ(launcher_.Find(pid)->Arg(1), "--v2");
+  }
+  for (int fd : ShardFds()) EXPECT_EQ(*ListenBacklog(fd), 512u);
+  EXPECT_EQ(fleet_->DesiredSpec().listeners(0).worker().args(0), "--v2");
+}
+
+TEST_F(FleetAtomicityTest, UpdateWhoseRolloutFailsPutsShardsAndSteeringBack) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  Snapshot before = Take();
+  v1::Listener edited = Spec(3, "steering { weights: [2, 1, 1] }");
+  edited.mutable_worker()->set_args(0, "--v2");
+  launcher_.auto_ready = false;
+  Result r;
+  ASSERT_TRUE(fleet_->UpdateListener(edited, Record(&r)).ok());
+  Settle();
+  // Shard 2 is added with the current program, then the rollout starts.
+  FakeLauncher::Process* added = launcher_.All().back();
+  ASSERT_EQ(added->Arg(1), "--v1");
+  launcher_.SendHello(*added);
+  launcher_.SendReady(*added);
+  Settle();
+  EXPECT_THAT(Tables().applied.back().weights, ElementsAre(2, 1, 1));
+  // Fail every new-program worker.
+  for (int i = 0; i < 10 && !r.called; ++i) {
+    for (FakeLauncher::Process* p : launcher_.Running()) {
+      if (p->Arg(1) == "--v2") launcher_.ExitWith(p->pid, 1);
+    }
+    Settle();
+  }
+  ASSERT_TRUE(r.called);
+  EXPECT_FALSE(r.status.ok());
+  ExpectUnchanged(before);
+  EXPECT_EQ(Status().shards.size(), 2u);
+  EXPECT_THAT(Trimmed(Tables().applied.back()).weights, ElementsAre(1, 1));
+}
+
+TEST_F(FleetTest, UnchangedUpdateDoesNothing) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  size_t launches = launcher_.launches();
+  size_t writes = Tables().applied.size();
+  Result r;
+  ASSERT_TRUE(fleet_->UpdateListener(Spec(2), Record(&r)).ok());
+  Settle();
+  EXPECT_TRUE(r.called && r.status.ok());
+  EXPECT_EQ(launcher_.launches(), launches);
+  EXPECT_EQ(Tables().applied.size(), writes);
+}
+
+// --- Through the controller: the persisted state ----------------------------
+
+// The controller runs calls on the loop thread and persists only what
+// succeeded.
+TEST(FleetControllerTest, PersistsSuccessesOnlyAndRefusesWhenClosed) {
+  SetLogLevel(LogLevel::kError);
+  std::unique_ptr<EventLoop> loop = *EventLoop::Create();
+  FakeLauncher launcher;
+  FakeSteering steering;
+  FleetOptions options;
+  options.base_env = {"PATH=/usr/bin"};
+  Fleet fleet(loop.get(), &launcher, options);
+  fleet.SetSteeringBackend(&steering, "");
+  std::vector<v1::FleetSpec> saved;
+  bool fail_persist = false;
+  LoopFleetController controller(
+      loop.get(), &fleet,
+      [&](const v1::FleetSpec& spec) {
+        if (fail_persist) return absl::ResourceExhaustedError("disk full");
+        saved.push_back(spec);
+        return absl::OkStatus();
+      },
+      "test");
+  std::thread runner([&] { loop->Run(); });
+  v1::Listener spec;
+  ASSERT_TRUE(google::protobuf::TextFormat::ParseFromString(
+      absl::StrCat("name: 'web' address: '127.0.0.1:", FreePort(),
+                   "' shards: 1 worker { command: '/bin/true' }"),
+      &spec));
+  EXPECT_TRUE(controller.CreateListener(spec).ok());
+  ASSERT_EQ(saved.size(), 1u);
+  EXPECT_FALSE(controller.ScaleListener("web", 0).ok());
+  EXPECT_FALSE(controller.DrainShard("web", 0).ok());
+  EXPECT_EQ(saved.size(), 1u);
+  EXPECT_TRUE(controller.ScaleListener("web", 2).ok());
+  ASSERT_EQ(saved.size(), 2u);
+  EXPECT_EQ(saved.back().listeners(0).shards(), 2u);
+  controller.Close();
+  EXPECT_TRUE(absl::IsUnavailable(controller.ScaleListener("web", 3)));
+  EXPECT_EQ(saved.size(), 2u);
+  std::promise<void> stopped;
+  loop->Post([&] { fleet.Shutdown([&] { stopped.set_value(); }); });
+  stopped.get_future().wait();
+  loop->Stop();
+  runner.join();
+}
+
+}  // namespace
+}  // namespace portfleet::testing
