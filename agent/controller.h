@@ -66,6 +66,15 @@ struct FleetEvent {
   std::string message;
 };
 
+// How an asynchronous mutation reports back. `done` is called exactly once,
+// from any thread. `cancelled`, when set, is asked just before the change
+// starts (mutations of one listener run one after another): true drops the
+// change, and `done` gets CANCELLED with nothing changed.
+struct MutationCall {
+  std::function<void(absl::Status)> done;
+  std::function<bool()> cancelled;
+};
+
 class FleetController {
  public:
   virtual ~FleetController() = default;
@@ -73,35 +82,94 @@ class FleetController {
   // Thread-safe. Errors use absl codes by meaning: NotFound (no such
   // listener/shard), AlreadyExists (name or address taken), InvalidArgument
   // (message names the field), FailedPrecondition (e.g. steering without
-  // BPF), ResourceExhausted (limits). A failed call changes nothing.
+  // BPF), ResourceExhausted (limits; the state cannot be persisted),
+  // Unavailable (shutting down). A failed call changes nothing.
+  //
+  // Reads answer at once. Mutations never block the caller: they are queued
+  // per listener and report through `call.done` when complete (a drain takes
+  // up to the drain timeout).
   virtual absl::StatusOr<std::vector<ListenerStatus>> ListListeners() = 0;
   virtual absl::StatusOr<ListenerStatus> GetListener(
       const std::string& name) = 0;
-  virtual absl::Status CreateListener(const v1::Listener& spec) = 0;
+  virtual AgentStatus GetStatus() = 0;
+
+  virtual void CreateListener(const v1::Listener& spec, MutationCall call) = 0;
   // Replaces a listener's spec (apply of a changed spec): drain timeout,
   // backlog, steering and shard count change in place, a changed worker is
   // rolled out shard by shard; the address cannot change. All or nothing.
-  virtual absl::Status UpdateListener(const v1::Listener& spec) = 0;
-  // Drains every shard, then removes the listener. Returns when done.
-  virtual absl::Status DeleteListener(const std::string& name) = 0;
-  virtual absl::Status ScaleListener(const std::string& name,
-                                     uint32_t shards) = 0;
+  virtual void UpdateListener(const v1::Listener& spec, MutationCall call) = 0;
+  // Drains every shard, then removes the listener.
+  virtual void DeleteListener(const std::string& name, MutationCall call) = 0;
+  virtual void ScaleListener(const std::string& name, uint32_t shards,
+                             MutationCall call) = 0;
   // Removes the shard with this index (the last shard's index is reused by
   // no one; indexes of the other shards do not change).
-  virtual absl::Status DrainShard(const std::string& name, uint32_t index) = 0;
-  virtual absl::Status SetSteering(const std::string& name,
-                                   const v1::Steering& steering) = 0;
+  virtual void DrainShard(const std::string& name, uint32_t index,
+                          MutationCall call) = 0;
+  virtual void SetSteering(const std::string& name,
+                           const v1::Steering& steering, MutationCall call) = 0;
   // Rolling upgrade to `worker` (empty fields keep the current value),
-  // `max_surge` shards at a time. Returns when done or rolled back.
-  virtual absl::Status RollOut(const std::string& name,
-                               const v1::WorkerSpec& worker,
-                               uint32_t max_surge) = 0;
-  virtual AgentStatus GetStatus() = 0;
+  // `max_surge` shards at a time. Done when every shard runs it, or when it
+  // was rolled back.
+  virtual void RollOut(const std::string& name, const v1::WorkerSpec& worker,
+                       uint32_t max_surge, MutationCall call) = 0;
 
   // Calls `sink` (from any thread) for every event until the returned id is
   // passed to Unsubscribe.
   virtual uint64_t Subscribe(std::function<void(const FleetEvent&)> sink) = 0;
   virtual void Unsubscribe(uint64_t id) = 0;
+};
+
+// A FleetController written synchronously (test fakes): each mutation runs
+// in the caller's thread and reports at once.
+class SyncFleetController : public FleetController {
+ public:
+  virtual absl::Status CreateListener(const v1::Listener& spec) = 0;
+  virtual absl::Status UpdateListener(const v1::Listener& spec) = 0;
+  virtual absl::Status DeleteListener(const std::string& name) = 0;
+  virtual absl::Status ScaleListener(const std::string& name,
+                                     uint32_t shards) = 0;
+  virtual absl::Status DrainShard(const std::string& name, uint32_t index) = 0;
+  virtual absl::Status SetSteering(const std::string& name,
+                                   const v1::Steering& steering) = 0;
+  virtual absl::Status RollOut(const std::string& name,
+                               const v1::WorkerSpec& worker,
+                               uint32_t max_surge) = 0;
+
+  void CreateListener(const v1::Listener& spec, MutationCall call) override {
+    Run(call, [&] { return CreateListener(spec); });
+  }
+  void UpdateListener(const v1::Listener& spec, MutationCall call) override {
+    Run(call, [&] { return UpdateListener(spec); });
+  }
+  void DeleteListener(const std::string& name, MutationCall call) override {
+    Run(call, [&] { return DeleteListener(name); });
+  }
+  void ScaleListener(const std::string& name, uint32_t shards,
+                     MutationCall call) override {
+    Run(call, [&] { return ScaleListener(name, shards); });
+  }
+  void DrainShard(const std::string& name, uint32_t index,
+                  MutationCall call) override {
+    Run(call, [&] { return DrainShard(name, index); });
+  }
+  void SetSteering(const std::string& name, const v1::Steering& steering,
+                   MutationCall call) override {
+    Run(call, [&] { return SetSteering(name, steering); });
+  }
+  void RollOut(const std::string& name, const v1::WorkerSpec& worker,
+               uint32_t max_surge, MutationCall call) override {
+    Run(call, [&] { return RollOut(name, worker, max_surge); });
+  }
+
+ private:
+  static void Run(MutationCall& call, const std::function<absl::Status()>& op) {
+    if (call.cancelled && call.cancelled()) {
+      call.done(absl::CancelledError("call cancelled"));
+      return;
+    }
+    call.done(op());
+  }
 };
 
 }  // namespace portfleet

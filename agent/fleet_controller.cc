@@ -1,9 +1,10 @@
 #include "agent/fleet_controller.h"
 
-#include <future>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "google/protobuf/util/message_differencer.h"
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/base/status.h"
 
@@ -14,6 +15,20 @@ absl::Status ShuttingDown() {
   return absl::UnavailableError("the agent is shutting down");
 }
 
+// Wraps `done` so that a success also publishes `event` (loop thread).
+MutationCall Announce(MutationCall call, LoopFleetController* controller,
+                      FleetEvent event) {
+  call.done = [done = std::move(call.done), controller,
+               event = std::move(event)](absl::Status s) mutable {
+    if (s.ok()) {
+      event.time = absl::Now();
+      controller->Publish(event);
+    }
+    done(std::move(s));
+  };
+  return call;
+}
+
 }  // namespace
 
 LoopFleetController::LoopFleetController(EventLoop* loop, Fleet* fleet,
@@ -22,7 +37,30 @@ LoopFleetController::LoopFleetController(EventLoop* loop, Fleet* fleet,
       fleet_(fleet),
       persist_(std::move(persist)),
       version_(std::move(version)),
-      started_(absl::Now()) {}
+      started_(absl::Now()) {
+  fleet_->SetCommitHook(
+      [this](const v1::FleetSpec& intended) { return Commit(intended); });
+}
+
+LoopFleetController::~LoopFleetController() {
+  // The loop has stopped by now: nothing calls the hook concurrently.
+  fleet_->SetCommitHook(nullptr);
+}
+
+absl::Status LoopFleetController::Commit(const v1::FleetSpec& intended) {
+  if (!persist_) return absl::OkStatus();
+  if (persisted_.has_value() &&
+      google::protobuf::util::MessageDifferencer::Equals(*persisted_,
+                                                         intended)) {
+    return absl::OkStatus();
+  }
+  absl::Status s = persist_(intended);
+  if (!s.ok()) {
+    return Annotate(s, "saving the desired state (nothing was changed)");
+  }
+  persisted_ = intended;
+  return absl::OkStatus();
+}
 
 void LoopFleetController::Publish(const FleetEvent& event) {
   std::lock_guard<std::mutex> lock(subscribers_mu_);
@@ -42,21 +80,77 @@ void LoopFleetController::Unsubscribe(uint64_t id) {
   subscribers_.erase(id);
 }
 
-absl::Status LoopFleetController::Mutate(
-    const std::function<absl::Status(Done)>& op) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (closed_) return ShuttingDown();
-  auto done = std::make_shared<std::promise<absl::Status>>();
-  std::future<absl::Status> result = done->get_future();
-  loop_->Post([this, &op, done] {
-    absl::Status immediate = op([this, done](absl::Status s) {
-      // Runs on the loop thread when the change is complete.
-      if (s.ok() && persist_) s = persist_(fleet_->DesiredSpec());
-      done->set_value(s);
-    });
-    if (!immediate.ok()) done->set_value(immediate);
-  });
-  return result.get();
+void LoopFleetController::Close() {
+  closed_ = true;
+  // Queued mutations that have not started are dropped; the running ones
+  // finish with the shutdown.
+  std::vector<MutationCall> dropped;
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    for (auto& [key, queue] : queues_) {
+      while (queue.size() > 1) {
+        dropped.push_back(std::move(queue.back().call));
+        queue.pop_back();
+      }
+    }
+  }
+  for (MutationCall& call : dropped) call.done(ShuttingDown());
+}
+
+void LoopFleetController::Mutate(const std::string& key, MutationCall call,
+                                 Op op) {
+  if (closed_) {
+    call.done(ShuttingDown());
+    return;
+  }
+  bool first;
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    std::deque<Pending>& queue = queues_[key];
+    queue.push_back({std::move(call), std::move(op)});
+    first = queue.size() == 1;
+  }
+  if (first) loop_->Post([this, key] { StartNext(key); });
+}
+
+void LoopFleetController::StartNext(const std::string& key) {
+  Pending* next = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    auto it = queues_.find(key);
+    if (it == queues_.end() || it->second.empty()) return;
+    // Stays valid: only Finished() removes the front element.
+    next = &it->second.front();
+  }
+  if (closed_) return Finished(key, ShuttingDown());
+  if (next->call.cancelled && next->call.cancelled()) {
+    return Finished(key, absl::CancelledError("call cancelled"));
+  }
+  absl::Status immediate =
+      next->op([this, key](absl::Status s) { Finished(key, std::move(s)); });
+  if (!immediate.ok()) Finished(key, std::move(immediate));
+}
+
+void LoopFleetController::Finished(const std::string& key,
+                                   absl::Status status) {
+  // The state as it is now: what the change left, or what its undo did
+  // (nothing to do when nothing was ever saved, or it is what was saved).
+  if (persisted_.has_value()) {
+    absl::Status saved = Commit(fleet_->DesiredSpec());
+    if (!saved.ok()) PF_LOG(ERROR) << saved;
+  }
+  MutationCall call;
+  bool more;
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    std::deque<Pending>& queue = queues_[key];
+    call = std::move(queue.front().call);
+    queue.pop_front();
+    more = !queue.empty();
+    if (!more) queues_.erase(key);
+  }
+  if (more) loop_->Post([this, key] { StartNext(key); });
+  call.done(std::move(status));
 }
 
 absl::StatusOr<std::vector<ListenerStatus>>
@@ -75,76 +169,6 @@ absl::StatusOr<ListenerStatus> LoopFleetController::GetListener(
   return out;
 }
 
-absl::Status LoopFleetController::CreateListener(const v1::Listener& spec) {
-  absl::Status s = Mutate([&](Done done) {
-    RETURN_IF_ERROR(fleet_->AddListener(spec));
-    done(absl::OkStatus());
-    return absl::OkStatus();
-  });
-  if (s.ok()) {
-    Publish({.type = v1::EVENT_TYPE_LISTENER_CREATED,
-             .time = absl::Now(),
-             .listener = spec.name(),
-             .message = "created"});
-  }
-  return s;
-}
-
-absl::Status LoopFleetController::UpdateListener(const v1::Listener& spec) {
-  return Mutate(
-      [&](Done done) { return fleet_->UpdateListener(spec, std::move(done)); });
-}
-
-absl::Status LoopFleetController::DeleteListener(const std::string& name) {
-  absl::Status s = Mutate(
-      [&](Done done) { return fleet_->DeleteListener(name, std::move(done)); });
-  if (s.ok()) {
-    Publish({.type = v1::EVENT_TYPE_LISTENER_DELETED,
-             .time = absl::Now(),
-             .listener = name,
-             .message = "deleted"});
-  }
-  return s;
-}
-
-absl::Status LoopFleetController::ScaleListener(const std::string& name,
-                                                uint32_t shards) {
-  return Mutate([&](Done done) {
-    return fleet_->ScaleListener(name, shards, std::move(done));
-  });
-}
-
-absl::Status LoopFleetController::DrainShard(const std::string& name,
-                                             uint32_t index) {
-  return Mutate([&](Done done) {
-    return fleet_->DrainShard(name, index, std::move(done));
-  });
-}
-
-absl::Status LoopFleetController::SetSteering(const std::string& name,
-                                              const v1::Steering& steering) {
-  absl::Status s = Mutate([&](Done done) {
-    RETURN_IF_ERROR(fleet_->SetSteering(name, steering));
-    done(absl::OkStatus());
-    return absl::OkStatus();
-  });
-  if (s.ok()) {
-    Publish({.type = v1::EVENT_TYPE_STEERING_CHANGED,
-             .time = absl::Now(),
-             .listener = name,
-             .message = v1::SteeringPolicy_Name(steering.policy())});
-  }
-  return s;
-}
-
-absl::Status LoopFleetController::RollOut(const std::string& name,
-                                          const v1::WorkerSpec& worker,
-                                          uint32_t max_surge) {
-  return Mutate([&](Done done) {
-    return fleet_->RollOut(name, worker, max_surge, std::move(done));
-  });
-}
-
 AgentStatus LoopFleetController::GetStatus() {
   AgentStatus out;
   out.version = version_;
@@ -157,6 +181,76 @@ AgentStatus LoopFleetController::GetStatus() {
     out.serving = fleet_->AllReady();
   });
   return out;
+}
+
+void LoopFleetController::CreateListener(const v1::Listener& spec,
+                                         MutationCall call) {
+  call = Announce(std::move(call), this,
+                  {.type = v1::EVENT_TYPE_LISTENER_CREATED,
+                   .time = absl::Time(),
+                   .listener = spec.name(),
+                   .message = "created"});
+  Mutate(spec.name(), std::move(call), [this, spec](Done done) {
+    RETURN_IF_ERROR(fleet_->AddListener(spec));
+    done(absl::OkStatus());
+    return absl::OkStatus();
+  });
+}
+
+void LoopFleetController::UpdateListener(const v1::Listener& spec,
+                                         MutationCall call) {
+  Mutate(spec.name(), std::move(call), [this, spec](Done done) {
+    return fleet_->UpdateListener(spec, std::move(done));
+  });
+}
+
+void LoopFleetController::DeleteListener(const std::string& name,
+                                         MutationCall call) {
+  call = Announce(std::move(call), this,
+                  {.type = v1::EVENT_TYPE_LISTENER_DELETED,
+                   .time = absl::Time(),
+                   .listener = name,
+                   .message = "deleted"});
+  Mutate(name, std::move(call), [this, name](Done done) {
+    return fleet_->DeleteListener(name, std::move(done));
+  });
+}
+
+void LoopFleetController::ScaleListener(const std::string& name,
+                                        uint32_t shards, MutationCall call) {
+  Mutate(name, std::move(call), [this, name, shards](Done done) {
+    return fleet_->ScaleListener(name, shards, std::move(done));
+  });
+}
+
+void LoopFleetController::DrainShard(const std::string& name, uint32_t index,
+                                     MutationCall call) {
+  Mutate(name, std::move(call), [this, name, index](Done done) {
+    return fleet_->DrainShard(name, index, std::move(done));
+  });
+}
+
+void LoopFleetController::SetSteering(const std::string& name,
+                                      const v1::Steering& steering,
+                                      MutationCall call) {
+  call = Announce(std::move(call), this,
+                  {.type = v1::EVENT_TYPE_STEERING_CHANGED,
+                   .time = absl::Time(),
+                   .listener = name,
+                   .message = v1::SteeringPolicy_Name(steering.policy())});
+  Mutate(name, std::move(call), [this, name, steering](Done done) {
+    RETURN_IF_ERROR(fleet_->SetSteering(name, steering));
+    done(absl::OkStatus());
+    return absl::OkStatus();
+  });
+}
+
+void LoopFleetController::RollOut(const std::string& name,
+                                  const v1::WorkerSpec& worker,
+                                  uint32_t max_surge, MutationCall call) {
+  Mutate(name, std::move(call), [this, name, worker, max_surge](Done done) {
+    return fleet_->RollOut(name, worker, max_surge, std::move(done));
+  });
 }
 
 }  // namespace portfleet

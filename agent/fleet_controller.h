@@ -1,13 +1,22 @@
-// The real FleetController: runs each API call on the agent's event loop,
-// persists the desired state before a mutation returns success, and fans
-// fleet events out to subscribers.
+// The real FleetController: runs each API call on the agent's event loop.
+//
+// Mutations of one listener run one after another (a queue per listener
+// name); mutations of different listeners and every read proceed meanwhile,
+// and no thread waits for a mutation. The desired state is persisted before
+// a change is applied (the fleet calls the commit hook once it has checked
+// the request and before it touches anything): a state that cannot be
+// saved refuses the change. A change that fails later is undone by the
+// fleet, and the state as it then is is saved again.
 #ifndef PORTFLEET_AGENT_FLEET_CONTROLLER_H_
 #define PORTFLEET_AGENT_FLEET_CONTROLLER_H_
 
 #include <atomic>
+#include <deque>
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <string>
 
 #include "agent/controller.h"
 #include "agent/event_loop.h"
@@ -18,13 +27,15 @@ namespace portfleet {
 class LoopFleetController : public FleetController {
  public:
   // `persist` saves the desired state (temp file, fsync, rename); it runs on
-  // the loop thread after every successful mutation, before the reply.
+  // the loop thread.
   using Persist = std::function<absl::Status(const v1::FleetSpec&)>;
   LoopFleetController(EventLoop* loop, Fleet* fleet, Persist persist,
                       std::string version);
+  ~LoopFleetController() override;
 
-  // After Close every call fails with Unavailable (agent shutting down).
-  void Close() { closed_ = true; }
+  // After Close every call fails with Unavailable (agent shutting down), and
+  // mutations still queued are dropped with it.
+  void Close();
   void Reopen() { closed_ = false; }
 
   // Hands an event to every subscriber (any thread).
@@ -32,23 +43,34 @@ class LoopFleetController : public FleetController {
 
   absl::StatusOr<std::vector<ListenerStatus>> ListListeners() override;
   absl::StatusOr<ListenerStatus> GetListener(const std::string& name) override;
-  absl::Status CreateListener(const v1::Listener& spec) override;
-  absl::Status UpdateListener(const v1::Listener& spec) override;
-  absl::Status DeleteListener(const std::string& name) override;
-  absl::Status ScaleListener(const std::string& name, uint32_t shards) override;
-  absl::Status DrainShard(const std::string& name, uint32_t index) override;
-  absl::Status SetSteering(const std::string& name,
-                           const v1::Steering& steering) override;
-  absl::Status RollOut(const std::string& name, const v1::WorkerSpec& worker,
-                       uint32_t max_surge) override;
   AgentStatus GetStatus() override;
+  void CreateListener(const v1::Listener& spec, MutationCall call) override;
+  void UpdateListener(const v1::Listener& spec, MutationCall call) override;
+  void DeleteListener(const std::string& name, MutationCall call) override;
+  void ScaleListener(const std::string& name, uint32_t shards,
+                     MutationCall call) override;
+  void DrainShard(const std::string& name, uint32_t index,
+                  MutationCall call) override;
+  void SetSteering(const std::string& name, const v1::Steering& steering,
+                   MutationCall call) override;
+  void RollOut(const std::string& name, const v1::WorkerSpec& worker,
+               uint32_t max_surge, MutationCall call) override;
   uint64_t Subscribe(std::function<void(const FleetEvent&)> sink) override;
   void Unsubscribe(uint64_t id) override;
 
  private:
-  // Runs `op` on the loop; `op` returns an immediate status or OK and later
-  // calls the Done it was given. Persists after success.
-  absl::Status Mutate(const std::function<absl::Status(Done)>& op);
+  // A change on the loop: returns an immediate error, or OK and later calls
+  // the Done it was given.
+  using Op = std::function<absl::Status(Done)>;
+  struct Pending {
+    MutationCall call;
+    Op op;
+  };
+  // Queues `op` behind the other mutations of listener `key`.
+  void Mutate(const std::string& key, MutationCall call, Op op);
+  void StartNext(const std::string& key);  // loop thread
+  void Finished(const std::string& key, absl::Status status);
+  absl::Status Commit(const v1::FleetSpec& intended);  // loop thread
 
   EventLoop* loop_;
   Fleet* fleet_;
@@ -56,7 +78,10 @@ class LoopFleetController : public FleetController {
   std::string version_;
   absl::Time started_;
   std::atomic<bool> closed_{false};
-  std::mutex mu_;  // serialises mutations end to end
+  std::mutex queue_mu_;
+  std::map<std::string, std::deque<Pending>> queues_;  // front = running
+  // What the state file holds (loop thread).
+  std::optional<v1::FleetSpec> persisted_;
   std::mutex subscribers_mu_;
   uint64_t next_subscriber_ = 1;
   std::map<uint64_t, std::function<void(const FleetEvent&)>> subscribers_;

@@ -192,6 +192,90 @@ grpc::ServerUnaryReactor* FleetServiceImpl::Run(
   return reactor;
 }
 
+namespace {
+
+// The reactor of a mutating call. The controller answers through `Finish`
+// from any thread, possibly after the client gave up: the shared state makes
+// a late answer harmless. A cancelled call finishes at once (the change
+// itself, if it already started, completes as it must).
+class MutationReactor final : public grpc::ServerUnaryReactor {
+ public:
+  struct State {
+    std::mutex mu;
+    MutationReactor* reactor = nullptr;  // null once done
+    bool finished = false;
+    std::atomic<bool> cancelled{false};
+  };
+
+  MutationReactor() : state_(std::make_shared<State>()) {
+    state_->reactor = this;
+  }
+  std::shared_ptr<State> state() const { return state_; }
+
+  static void FinishOnce(const std::shared_ptr<State>& state,
+                         grpc::Status status) {
+    std::lock_guard<std::mutex> lock(state->mu);
+    if (state->finished || state->reactor == nullptr) return;
+    state->finished = true;
+    state->reactor->Finish(std::move(status));
+  }
+
+  void OnCancel() override {
+    state_->cancelled = true;
+    FinishOnce(state_, grpc::Status(grpc::CANCELLED, "call cancelled"));
+  }
+  void OnDone() override {
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      state_->reactor = nullptr;
+    }
+    delete this;
+  }
+
+ private:
+  std::shared_ptr<State> state_;
+};
+
+}  // namespace
+
+grpc::ServerUnaryReactor* FleetServiceImpl::Mutate(
+    grpc::CallbackServerContext* ctx, const char* method, absl::Status check,
+    std::function<void(MutationCall)> start, std::function<void()> fill) {
+  auto* reactor = new MutationReactor();
+  std::shared_ptr<MutationReactor::State> state = reactor->state();
+  if (grpc::Status denied = Authorize(ctx, method); !denied.ok()) {
+    MutationReactor::FinishOnce(state, denied);
+    return reactor;
+  }
+  if (!check.ok()) {
+    MutationReactor::FinishOnce(state, ToGrpcStatus(check));
+    return reactor;
+  }
+  auto deadline = ctx->deadline();
+  MutationCall call;
+  // Not started when nobody waits for the answer any more: a failed call
+  // changes nothing.
+  call.cancelled = [state, deadline] {
+    return state->cancelled.load() ||
+           deadline <= std::chrono::system_clock::now();
+  };
+  call.done = [this, state, fill = std::move(fill)](absl::Status s) {
+    if (!s.ok() || !fill) {
+      MutationReactor::FinishOnce(state, ToGrpcStatus(s));
+      return;
+    }
+    // The reply carries the listener's state: a read, which must not run on
+    // the agent's loop thread (where `done` may be called).
+    bool posted = runner_->Post([state, fill] {
+      fill();
+      MutationReactor::FinishOnce(state, grpc::Status::OK);
+    });
+    if (!posted) MutationReactor::FinishOnce(state, grpc::Status::OK);
+  };
+  start(std::move(call));
+  return reactor;
+}
+
 grpc::Status FleetServiceImpl::Authorize(grpc::CallbackServerContext* ctx,
                                          const char* method) {
   if (!options_.authorize) return grpc::Status::OK;
@@ -268,36 +352,40 @@ grpc::ServerUnaryReactor* FleetServiceImpl::GetStatus(
 grpc::ServerUnaryReactor* FleetServiceImpl::CreateListener(
     grpc::CallbackServerContext* ctx, const v1::CreateListenerRequest* req,
     v1::CreateListenerResponse* resp) {
-  return Run(ctx, "CreateListener",
-             ValidateListenerField(req->listener(), req->has_listener()),
-             [this, req, resp]() -> absl::Status {
-               absl::Status s = controller_->CreateListener(req->listener());
-               if (s.ok()) {
-                 FillListener(req->listener().name(), resp->mutable_listener());
-               }
-               return s;
-             });
+  return Mutate(
+      ctx, "CreateListener",
+      ValidateListenerField(req->listener(), req->has_listener()),
+      [this, req](MutationCall call) {
+        controller_->CreateListener(req->listener(), std::move(call));
+      },
+      [this, req, resp] {
+        FillListener(req->listener().name(), resp->mutable_listener());
+      });
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::UpdateListener(
     grpc::CallbackServerContext* ctx, const v1::UpdateListenerRequest* req,
     v1::UpdateListenerResponse* resp) {
-  return Run(ctx, "UpdateListener",
-             ValidateListenerField(req->listener(), req->has_listener()),
-             [this, req, resp]() -> absl::Status {
-               absl::Status s = controller_->UpdateListener(req->listener());
-               if (s.ok()) {
-                 FillListener(req->listener().name(), resp->mutable_listener());
-               }
-               return s;
-             });
+  return Mutate(
+      ctx, "UpdateListener",
+      ValidateListenerField(req->listener(), req->has_listener()),
+      [this, req](MutationCall call) {
+        controller_->UpdateListener(req->listener(), std::move(call));
+      },
+      [this, req, resp] {
+        FillListener(req->listener().name(), resp->mutable_listener());
+      });
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::DeleteListener(
     grpc::CallbackServerContext* ctx, const v1::DeleteListenerRequest* req,
     v1::DeleteListenerResponse* resp) {
-  return Run(ctx, "DeleteListener", ValidateName(req->name(), "name"),
-             [this, req] { return controller_->DeleteListener(req->name()); });
+  return Mutate(
+      ctx, "DeleteListener", ValidateName(req->name(), "name"),
+      [this, req](MutationCall call) {
+        controller_->DeleteListener(req->name(), std::move(call));
+      },
+      nullptr);
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::ScaleListener(
@@ -308,11 +396,14 @@ grpc::ServerUnaryReactor* FleetServiceImpl::ScaleListener(
     check = absl::InvalidArgumentError(absl::StrCat(
         "shards: ", req->shards(), " is out of range (1-", kMaxShards, ")"));
   }
-  return Run(ctx, "ScaleListener", check, [this, req, resp]() -> absl::Status {
-    absl::Status s = controller_->ScaleListener(req->name(), req->shards());
-    if (s.ok()) FillListener(req->name(), resp->mutable_listener());
-    return s;
-  });
+  return Mutate(
+      ctx, "ScaleListener", check,
+      [this, req](MutationCall call) {
+        controller_->ScaleListener(req->name(), req->shards(), std::move(call));
+      },
+      [this, req, resp] {
+        FillListener(req->name(), resp->mutable_listener());
+      });
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::RollOutListener(
@@ -324,12 +415,14 @@ grpc::ServerUnaryReactor* FleetServiceImpl::RollOutListener(
         absl::StrCat("max_surge: ", req->max_surge(), " is out of range (0-",
                      kMaxShards, ")"));
   }
-  return Run(
-      ctx, "RollOutListener", check, [this, req, resp]() -> absl::Status {
-        absl::Status s =
-            controller_->RollOut(req->name(), req->worker(), req->max_surge());
-        if (s.ok()) FillListener(req->name(), resp->mutable_listener());
-        return s;
+  return Mutate(
+      ctx, "RollOutListener", check,
+      [this, req](MutationCall call) {
+        controller_->RollOut(req->name(), req->worker(), req->max_surge(),
+                             std::move(call));
+      },
+      [this, req, resp] {
+        FillListener(req->name(), resp->mutable_listener());
       });
 }
 
@@ -341,11 +434,14 @@ grpc::ServerUnaryReactor* FleetServiceImpl::DrainShard(
     check = absl::InvalidArgumentError(absl::StrCat(
         "index: ", req->index(), " is out of range (0-", kMaxShards - 1, ")"));
   }
-  return Run(ctx, "DrainShard", check, [this, req, resp]() -> absl::Status {
-    absl::Status s = controller_->DrainShard(req->name(), req->index());
-    if (s.ok()) FillListener(req->name(), resp->mutable_listener());
-    return s;
-  });
+  return Mutate(
+      ctx, "DrainShard", check,
+      [this, req](MutationCall call) {
+        controller_->DrainShard(req->name(), req->index(), std::move(call));
+      },
+      [this, req, resp] {
+        FillListener(req->name(), resp->mutable_listener());
+      });
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::SetSteering(
@@ -356,11 +452,14 @@ grpc::ServerUnaryReactor* FleetServiceImpl::SetSteering(
     check = absl::InvalidArgumentError("steering: required");
   }
   if (check.ok()) check = ValidateSteering(req->steering(), "steering");
-  return Run(ctx, "SetSteering", check, [this, req, resp]() -> absl::Status {
-    absl::Status s = controller_->SetSteering(req->name(), req->steering());
-    if (s.ok()) FillListener(req->name(), resp->mutable_listener());
-    return s;
-  });
+  return Mutate(
+      ctx, "SetSteering", check,
+      [this, req](MutationCall call) {
+        controller_->SetSteering(req->name(), req->steering(), std::move(call));
+      },
+      [this, req, resp] {
+        FillListener(req->name(), resp->mutable_listener());
+      });
 }
 
 namespace {

@@ -2,12 +2,14 @@
 // FleetController.
 //
 // Requests are validated here first (InvalidArgument naming the field:
-// "listener.name: required"), then the controller runs them on a small pool
-// of threads of this service (controller calls may block, e.g. a delete
-// drains its shards) so gRPC's own threads never block. A call whose
-// deadline has passed or which the client cancelled before it ran is not
-// started. WatchEvents keeps a bounded queue per subscriber: a reader that
-// falls behind is finished with RESOURCE_EXHAUSTED instead of growing memory.
+// "listener.name: required"). Reads run on a small pool of threads of this
+// service so gRPC's own threads never block; mutations are handed to the
+// controller, which answers when the change is complete (a delete drains its
+// shards) without holding any thread meanwhile. A mutation whose deadline
+// has passed or which the client cancelled before it started is not
+// started; a cancelled call is answered CANCELLED at once. WatchEvents keeps a
+// bounded queue per subscriber: a reader that falls behind is finished with
+// RESOURCE_EXHAUSTED instead of growing memory.
 #ifndef PORTFLEET_AGENT_API_SERVICE_H_
 #define PORTFLEET_AGENT_API_SERVICE_H_
 
@@ -121,6 +123,13 @@ class FleetServiceImpl final : public v1::FleetService::CallbackService {
   grpc::ServerUnaryReactor* Run(grpc::CallbackServerContext* ctx,
                                 const char* method, absl::Status check,
                                 std::function<absl::Status()> work);
+  // Authorizes and checks a mutating call, then `start`s it with a
+  // MutationCall that finishes the call (after `fill`, on a pool thread, when
+  // it succeeded). No thread waits while the change runs.
+  grpc::ServerUnaryReactor* Mutate(grpc::CallbackServerContext* ctx,
+                                   const char* method, absl::Status check,
+                                   std::function<void(MutationCall)> start,
+                                   std::function<void()> fill);
   // Fills `out` with the listener's state after a successful mutation.
   void FillListener(const std::string& name, v1::ListenerState* out);
   // OK when there is no authorizer or it lets the call to `method` run.

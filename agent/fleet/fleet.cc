@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <set>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "agent/fleet/rollout.h"
@@ -80,7 +81,30 @@ absl::StatusOr<Listener*> Fleet::Find(const std::string& name) const {
   return it->second.get();
 }
 
+absl::Status Fleet::Commit(const std::string& name, const v1::Listener* spec) {
+  if (!ctx_.commit || starting_) return absl::OkStatus();
+  v1::FleetSpec intended;
+  bool placed = false;
+  for (const auto& [other, listener] : listeners_) {
+    if (listener->deleting) continue;
+    if (other == name) {
+      if (spec != nullptr) *intended.add_listeners() = *spec;
+      placed = true;
+      continue;
+    }
+    if (!placed && other > name && spec != nullptr) {
+      *intended.add_listeners() = *spec;
+      placed = true;
+    }
+    *intended.add_listeners() = listener->spec;
+  }
+  if (!placed && spec != nullptr) *intended.add_listeners() = *spec;
+  return ctx_.commit(intended);
+}
+
 absl::Status Fleet::Start(const v1::FleetSpec& spec) {
+  starting_ = true;
+  absl::Cleanup done = [this] { starting_ = false; };
   std::vector<std::string> added;
   for (const v1::Listener& l : spec.listeners()) {
     absl::Status s = AddListener(l);
@@ -107,6 +131,9 @@ absl::Status Fleet::AddListener(const v1::Listener& spec) {
   RETURN_IF_ERROR(CheckAddressFree(*listener, &orphans));
   uint32_t n =
       EffectiveShards(spec, static_cast<int>(ctx_.options.cpus.size()));
+  v1::Listener intended = listener->spec;
+  intended.set_shards(n);
+  RETURN_IF_ERROR(Commit(spec.name(), &intended));
   std::map<uint32_t, Adoptee> adopt = ClaimAdoptees(*listener, n);
   RETURN_IF_ERROR(CreateShards(*listener, n, adopt));
   RETURN_IF_ERROR(AttachSteering(*listener, adopt));
@@ -349,9 +376,12 @@ absl::Status Fleet::DrainShard(const std::string& name, uint32_t index,
           "first"));
     }
   }
-  *listener->spec.mutable_steering() = steering;
+  v1::Listener intended = listener->spec;
+  *intended.mutable_steering() = steering;
+  intended.set_shards(static_cast<uint32_t>(live.size() - 1));
+  RETURN_IF_ERROR(Commit(name, &intended));
+  listener->spec = intended;
   shard->state = v1::SHARD_STATE_DRAINING;
-  listener->spec.set_shards(static_cast<uint32_t>(live.size() - 1));
   if (absl::Status s = ApplySteering(*listener); !s.ok()) PF_LOG(ERROR) << s;
   drainer_.Begin(*listener, *shard, std::move(done));
   return absl::OkStatus();
@@ -359,6 +389,7 @@ absl::Status Fleet::DrainShard(const std::string& name, uint32_t index,
 
 absl::Status Fleet::DeleteListener(const std::string& name, Done done) {
   ASSIGN_OR_RETURN(Listener * listener, Find(name));
+  RETURN_IF_ERROR(Commit(name, nullptr));
   if (listener->rollout) {
     listener->rollout->Abort(
         absl::AbortedError("the listener is being deleted"));
@@ -396,6 +427,7 @@ absl::Status Fleet::SetSteering(const std::string& name,
   *candidate.mutable_steering() = steering;
   candidate.set_shards(static_cast<uint32_t>(listener->Live().size()));
   RETURN_IF_ERROR(ValidateListener(candidate));
+  RETURN_IF_ERROR(Commit(name, &candidate));
   return ChangeSteering(*listener, steering);
 }
 
@@ -493,6 +525,7 @@ absl::Status Fleet::RollOut(const std::string& name,
     return absl::FailedPreconditionError(
         absl::StrCat("listener ", name, ": a rollout is already in progress"));
   }
+  RETURN_IF_ERROR(Commit(name, &candidate));
   auto rollout = std::make_shared<Rollout>(&ctx_, &supervisor_, *listener,
                                            std::move(*program), max_surge,
                                            std::move(done));
@@ -514,6 +547,7 @@ absl::Status Fleet::UpdateListener(const v1::Listener& spec, Done done) {
     done(absl::OkStatus());
     return absl::OkStatus();
   }
+  RETURN_IF_ERROR(Commit(spec.name(), &update.to));
   return ApplyUpdate(*listener, std::move(update), std::move(done));
 }
 

@@ -43,6 +43,12 @@ class Fleet {
   void SetEventSink(std::function<void(const FleetEvent&)> sink) {
     ctx_.sink = std::move(sink);
   }
+  // Called by every mutating operation, once it has checked the request and
+  // before it changes anything, with the desired state it will produce
+  // (see FleetContext::commit). Not called by Start.
+  void SetCommitHook(std::function<absl::Status(const v1::FleetSpec&)> hook) {
+    ctx_.commit = std::move(hook);
+  }
   // BPF steering backend (not owned), or nullptr with the reason it is not
   // available; then listeners use the kernel's plain reuseport hashing.
   void SetSteeringBackend(SteeringBackend* backend, std::string reason);
@@ -116,6 +122,9 @@ class Fleet {
   friend class UpdateRun;
 
   absl::StatusOr<Listener*> Find(const std::string& name) const;
+  // The commit hook with the desired state where listener `name` becomes
+  // `spec` (nullptr: is removed).
+  absl::Status Commit(const std::string& name, const v1::Listener* spec);
   // AddListener's steps.
   absl::StatusOr<std::unique_ptr<Listener>> PrepareListener(
       const v1::Listener& spec);
@@ -151,6 +160,7 @@ class Fleet {
   Supervisor supervisor_;
   Drainer drainer_;
   std::vector<Adoptee> adoptees_;
+  bool starting_ = false;  // in Start: nothing to commit
 };
 
 }  // namespace portfleet

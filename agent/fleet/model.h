@@ -151,6 +151,10 @@ struct FleetContext {
   SteeringBackend* steering = nullptr;  // null: kernel reuseport hashing
   std::string steering_reason = "not configured";
   std::function<void(const FleetEvent&)> sink;
+  // Persists the desired state a change is about to produce, before the
+  // change touches anything; an error refuses the change. Unset (start-up,
+  // tests): nothing to persist.
+  std::function<absl::Status(const v1::FleetSpec&)> commit;
   bool shutting_down = false;
 
   absl::Time Now() const { return loop->Now(); }

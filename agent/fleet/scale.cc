@@ -155,6 +155,9 @@ absl::Status Fleet::ScaleListener(const std::string& name, uint32_t shards,
                      " steering weights; set weights for ", shards,
                      " shards with SetSteering first, or clear them"));
   }
+  v1::Listener intended = listener->spec;
+  intended.set_shards(shards);
+  RETURN_IF_ERROR(Commit(name, &intended));
   return Resize(*listener, shards, std::move(done));
 }
 

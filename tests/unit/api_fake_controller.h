@@ -18,8 +18,16 @@
 
 namespace portfleet::testing {
 
-class FakeController : public FleetController {
+class FakeController : public SyncFleetController {
  public:
+  using SyncFleetController::CreateListener;
+  using SyncFleetController::DeleteListener;
+  using SyncFleetController::DrainShard;
+  using SyncFleetController::RollOut;
+  using SyncFleetController::ScaleListener;
+  using SyncFleetController::SetSteering;
+  using SyncFleetController::UpdateListener;
+
   // Persisted to `state_dir` after each successful mutation when not empty.
   std::string state_dir;
   bool bpf_active = true;

@@ -666,51 +666,187 @@ TEST_F(FleetTest, UnchangedUpdateDoesNothing) {
   EXPECT_EQ(Tables().applied.size(), writes);
 }
 
-// --- Through the controller: the persisted state ----------------------------
+// --- Through the controller: the persisted state, ordering, threads --------
 
-// The controller runs calls on the loop thread and persists only what
-// succeeded.
-TEST(FleetControllerTest, PersistsSuccessesOnlyAndRefusesWhenClosed) {
-  SetLogLevel(LogLevel::kError);
-  std::unique_ptr<EventLoop> loop = *EventLoop::Create();
-  FakeLauncher launcher;
-  FakeSteering steering;
-  FleetOptions options;
-  options.base_env = {"PATH=/usr/bin"};
-  Fleet fleet(loop.get(), &launcher, options);
-  fleet.SetSteeringBackend(&steering, "");
-  std::vector<v1::FleetSpec> saved;
-  bool fail_persist = false;
-  LoopFleetController controller(
-      loop.get(), &fleet,
-      [&](const v1::FleetSpec& spec) {
-        if (fail_persist) return absl::ResourceExhaustedError("disk full");
-        saved.push_back(spec);
-        return absl::OkStatus();
+// A fleet on a real loop thread with fake processes, behind the controller.
+class FleetControllerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SetLogLevel(LogLevel::kError);
+    loop_ = *EventLoop::Create();
+    FleetOptions options;
+    options.base_env = {"PATH=/usr/bin"};
+    fleet_ = std::make_unique<Fleet>(loop_.get(), &launcher_, options);
+    fleet_->SetSteeringBackend(&steering_, "");
+    controller_ = std::make_unique<LoopFleetController>(
+        loop_.get(), fleet_.get(),
+        [this](const v1::FleetSpec& spec) {
+          std::lock_guard<std::mutex> lock(mu_);
+          if (fail_persist_) return absl::ResourceExhaustedError("disk full");
+          saved_.push_back(spec);
+          return absl::OkStatus();
+        },
+        "test");
+    runner_ = std::thread([this] { loop_->Run(); });
+    ASSERT_TRUE(google::protobuf::TextFormat::ParseFromString(
+        absl::StrCat("name: 'web' address: '127.0.0.1:", FreePort(),
+                     "' shards: 1 worker { command: '/bin/true' }"),
+        &spec_));
+  }
+  void TearDown() override {
+    std::promise<void> stopped;
+    loop_->Post([&] { fleet_->Shutdown([&] { stopped.set_value(); }); });
+    stopped.get_future().wait();
+    loop_->Stop();
+    runner_.join();
+    controller_.reset();
+    fleet_.reset();
+  }
+  // Starts an asynchronous call; the future has its status.
+  std::future<absl::Status> Call(const std::function<void(MutationCall)>& start,
+                                 std::function<bool()> cancelled = nullptr) {
+    auto done = std::make_shared<std::promise<absl::Status>>();
+    std::future<absl::Status> f = done->get_future();
+    start({.done = [done](absl::Status s) { done->set_value(s); },
+           .cancelled = std::move(cancelled)});
+    return f;
+  }
+  absl::Status Scale(uint32_t shards) {
+    return Call([&](MutationCall c) {
+             controller_->ScaleListener("web", shards, std::move(c));
+           })
+        .get();
+  }
+  size_t Saves() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return saved_.size();
+  }
+  v1::FleetSpec LastSaved() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return saved_.back();
+  }
+
+  FakeLauncher launcher_;
+  FakeSteering steering_;
+  std::unique_ptr<EventLoop> loop_;
+  std::unique_ptr<Fleet> fleet_;
+  std::unique_ptr<LoopFleetController> controller_;
+  std::thread runner_;
+  std::mutex mu_;
+  std::vector<v1::FleetSpec> saved_;
+  bool fail_persist_ = false;
+  v1::Listener spec_;
+};
+
+TEST_F(FleetControllerTest, PersistsWhatSucceededOnly) {
+  EXPECT_TRUE(Call([&](MutationCall c) {
+                controller_->CreateListener(spec_, std::move(c));
+              })
+                  .get()
+                  .ok());
+  ASSERT_EQ(Saves(), 1u);
+  EXPECT_FALSE(Scale(0).ok());
+  EXPECT_FALSE(Call([&](MutationCall c) {
+                 controller_->DrainShard("web", 0, std::move(c));
+               })
+                   .get()
+                   .ok());
+  EXPECT_EQ(Saves(), 1u);
+  EXPECT_TRUE(Scale(2).ok());
+  ASSERT_EQ(Saves(), 2u);
+  EXPECT_EQ(LastSaved().listeners(0).shards(), 2u);
+  controller_->Close();
+  EXPECT_TRUE(absl::IsUnavailable(Scale(3)));
+  EXPECT_EQ(Saves(), 2u);
+}
+
+// Issue 9 item 9: a state that cannot be saved refuses the change, and
+// the fleet is not changed.
+TEST_F(FleetControllerTest, UnsavableStateRefusesTheChange) {
+  ASSERT_TRUE(Call([&](MutationCall c) {
+                controller_->CreateListener(spec_, std::move(c));
+              })
+                  .get()
+                  .ok());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    fail_persist_ = true;
+  }
+  size_t launches = launcher_.launches();
+  absl::Status s = Scale(3);
+  EXPECT_TRUE(absl::IsResourceExhausted(s)) << s;
+  EXPECT_THAT(s.message(), HasSubstr("nothing was changed"));
+  EXPECT_EQ(launcher_.launches(), launches);
+  EXPECT_EQ(controller_->GetListener("web")->shards.size(), 1u);
+  v1::Listener other = spec_;
+  other.set_name("api");
+  other.set_address(absl::StrCat("127.0.0.1:", FreePort()));
+  EXPECT_TRUE(absl::IsResourceExhausted(Call([&](MutationCall c) {
+                                          controller_->CreateListener(
+                                              other, std::move(c));
+                                        }).get()));
+  EXPECT_EQ(controller_->ListListeners()->size(), 1u);
+}
+
+// A change whose undo follows a failure leaves the state file as it was.
+TEST_F(FleetControllerTest, FailedChangeSavesTheStateBack) {
+  ASSERT_TRUE(Call([&](MutationCall c) {
+                controller_->CreateListener(spec_, std::move(c));
+              })
+                  .get()
+                  .ok());
+  launcher_.fail_next_launch = absl::NotFoundError("exec failed");
+  EXPECT_FALSE(Scale(2).ok());
+  EXPECT_EQ(LastSaved().listeners(0).shards(), 1u);
+}
+
+// Issue 9 item 7: a slow mutation holds no thread and blocks neither reads
+// nor mutations of other listeners; mutations of one listener run in order;
+// a queued one that is cancelled never starts.
+TEST_F(FleetControllerTest, SlowMutationBlocksOnlyItsOwnListener) {
+  ASSERT_TRUE(Call([&](MutationCall c) {
+                controller_->CreateListener(spec_, std::move(c));
+              })
+                  .get()
+                  .ok());
+  launcher_.auto_ready = false;  // a scale-up waits for ready (10 s)
+  launcher_.exit_on_term = false;
+  std::future<absl::Status> slow = Call([&](MutationCall c) {
+    controller_->ScaleListener("web", 2, std::move(c));
+  });
+  std::atomic<bool> cancel{false};
+  std::future<absl::Status> queued = Call(
+      [&](MutationCall c) {
+        controller_->ScaleListener("web", 1, std::move(c));
       },
-      "test");
-  std::thread runner([&] { loop->Run(); });
-  v1::Listener spec;
-  ASSERT_TRUE(google::protobuf::TextFormat::ParseFromString(
-      absl::StrCat("name: 'web' address: '127.0.0.1:", FreePort(),
-                   "' shards: 1 worker { command: '/bin/true' }"),
-      &spec));
-  EXPECT_TRUE(controller.CreateListener(spec).ok());
-  ASSERT_EQ(saved.size(), 1u);
-  EXPECT_FALSE(controller.ScaleListener("web", 0).ok());
-  EXPECT_FALSE(controller.DrainShard("web", 0).ok());
-  EXPECT_EQ(saved.size(), 1u);
-  EXPECT_TRUE(controller.ScaleListener("web", 2).ok());
-  ASSERT_EQ(saved.size(), 2u);
-  EXPECT_EQ(saved.back().listeners(0).shards(), 2u);
-  controller.Close();
-  EXPECT_TRUE(absl::IsUnavailable(controller.ScaleListener("web", 3)));
-  EXPECT_EQ(saved.size(), 2u);
-  std::promise<void> stopped;
-  loop->Post([&] { fleet.Shutdown([&] { stopped.set_value(); }); });
-  stopped.get_future().wait();
-  loop->Stop();
-  runner.join();
+      [&] { return cancel.load(); });
+  // Reads answer, another listener can be created.
+  EXPECT_TRUE(controller_->ListListeners().ok());
+  v1::Listener other = spec_;
+  other.set_name("api");
+  other.set_address(absl::StrCat("127.0.0.1:", FreePort()));
+  launcher_.auto_ready = true;
+  EXPECT_TRUE(Call([&](MutationCall c) {
+                controller_->CreateListener(other, std::move(c));
+              })
+                  .get()
+                  .ok());
+  EXPECT_EQ(slow.wait_for(std::chrono::milliseconds(0)),
+            std::future_status::timeout);
+  cancel = true;
+  // The slow one fails when its new worker dies before it is ready.
+  loop_->Post([&] {
+    for (FakeLauncher::Process* p : launcher_.Running()) {
+      bool shard1 = std::find(p->spec.env.begin(), p->spec.env.end(),
+                              "PORTFLEET_SHARD=1") != p->spec.env.end();
+      if (shard1 && p->channel) launcher_.ExitWith(p->pid, 1);
+    }
+  });
+  EXPECT_FALSE(slow.get().ok());
+  absl::Status q = queued.get();
+  EXPECT_TRUE(absl::IsCancelled(q)) << q;
+  EXPECT_EQ(controller_->GetListener("web")->shards.size(), 1u);
+  loop_->RunSync([&] { launcher_.exit_on_term = true; });
 }
 
 }  // namespace
