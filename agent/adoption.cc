@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "agent/spec/spec.h"
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/base/status.h"
 #include "worker/sdk/control_channel.h"
@@ -159,7 +160,8 @@ void SendDrain(int control, uint32_t deadline_ms) {
 }
 
 std::vector<Adoptee> CollectReconnects(int listen_fd, size_t want,
-                                       absl::Duration timeout) {
+                                       absl::Duration timeout,
+                                       const std::set<std::string>& listeners) {
   std::vector<Adoptee> out;
   absl::Time deadline = absl::Now() + timeout;
   while (out.size() < want) {
@@ -181,6 +183,14 @@ std::vector<Adoptee> CollectReconnects(int listen_fd, size_t want,
     if (!adoptee.ok()) {
       PF_LOG(WARNING) << adoptee.status().message() << "; asked to drain";
       SendDrain((*conn)->control.get(), 0);
+      continue;
+    }
+    if (listeners.count(adoptee->hello.listener()) == 0) {
+      PF_LOG(WARNING) << "worker pid " << adoptee->peer_pid
+                      << " reconnected for listener "
+                      << adoptee->hello.listener()
+                      << ", which is not in the desired state; asked to drain";
+      SendDrain(adoptee->control.get(), kDefaultDrainTimeoutSeconds * 1000);
       continue;
     }
     out.push_back(std::move(*adoptee));

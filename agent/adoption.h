@@ -7,6 +7,7 @@
 #include <sys/types.h>
 
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -51,11 +52,14 @@ absl::StatusOr<std::optional<ControlConnection>> AcceptControlConnection(
 // they stay in `connection`.
 absl::StatusOr<Adoptee> CheckReconnect(ControlConnection& connection);
 
-// Accepts reconnecting workers until `want` have arrived or `timeout` has
-// passed. Connections that are not valid reconnects are answered with
-// AgentDrain (workers) or closed, and logged.
+// Accepts reconnecting workers of `listeners` until `want` have arrived or
+// `timeout` has passed. Connections that are not valid reconnects, and
+// workers of listeners that are not in the desired state (they would serve
+// an address nobody supervises), are answered with AgentDrain (workers) or
+// closed, logged, and not counted.
 std::vector<Adoptee> CollectReconnects(int listen_fd, size_t want,
-                                       absl::Duration timeout);
+                                       absl::Duration timeout,
+                                       const std::set<std::string>& listeners);
 
 // True if something accepts connections on the control socket at `path`.
 bool ControlSocketAnswers(const std::string& path);

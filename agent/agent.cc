@@ -45,7 +45,9 @@ std::string ControlSocketPath(const AgentOptions& options) {
 
 // Desired state at start: the persisted state wins; --config seeds a new
 // state dir.
-absl::StatusOr<v1::FleetSpec> InitialSpec(const AgentOptions& options) {
+absl::StatusOr<v1::FleetSpec> InitialSpec(const AgentOptions& options,
+                                          bool* seeded) {
+  *seeded = false;
   absl::StatusOr<std::optional<v1::FleetSpec>> persisted =
       LoadFleetState(options.state_dir);
   if (!persisted.ok()) {
@@ -72,6 +74,12 @@ absl::StatusOr<v1::FleetSpec> InitialSpec(const AgentOptions& options) {
       return absl::InvalidArgumentError(
           absl::StrCat("invalid config: ", spec.status().message()));
     }
+    // Stored as absolute paths: a relative command must not depend on the
+    // directory a later agent starts in.
+    for (v1::Listener& l : *spec->mutable_listeners()) {
+      MakeCommandAbsolute(l.mutable_worker());
+    }
+    *seeded = true;
     return spec;
   }
   PF_LOG(INFO) << "no --config and no persisted state: starting with an "
@@ -141,7 +149,8 @@ absl::StatusOr<std::unique_ptr<Agent>> Agent::Start(
                  << agent->initial_spec_.listeners_size()
                  << " listener(s) from the running agent";
   } else {
-    ASSIGN_OR_RETURN(agent->initial_spec_, InitialSpec(options));
+    ASSIGN_OR_RETURN(agent->initial_spec_,
+                     InitialSpec(options, &agent->seeded_));
     absl::StatusOr<Fd> control = ListenControlSocket(agent->control_path_);
     if (!control.ok()) return Annotate(control.status(), "control socket");
     agent->control_listen_ = std::move(*control);
@@ -150,8 +159,12 @@ absl::StatusOr<std::unique_ptr<Agent>> Agent::Start(
       PF_LOG(INFO) << orphans << " worker(s) of a previous agent found; "
                    << "waiting up to 2s for them to reconnect on "
                    << agent->control_path_;
+      std::set<std::string> names;
+      for (const v1::Listener& l : agent->initial_spec_.listeners()) {
+        names.insert(l.name());
+      }
       agent->adoptees_ = CollectReconnects(agent->control_listen_.get(),
-                                           orphans, absl::Seconds(2));
+                                           orphans, absl::Seconds(2), names);
       PF_LOG(INFO) << agent->adoptees_.size() << " worker(s) reconnected";
     }
   }
@@ -181,7 +194,7 @@ absl::Status Agent::StartFleet() {
   if (takeover_) {
     // The old agent keeps the API, metrics and control socket until our
     // workers are ready; we open them once it lets go.
-    RETURN_IF_ERROR(fleet_->Start(initial_spec_));
+    fleet_->Start(initial_spec_);
     return receiver_->Watch(
         loop_.get(), [this] { return fleet_->AllReady(); },
         [this](bool ready_sent) { OnTakeoverReleased(ready_sent); });
@@ -189,12 +202,16 @@ absl::Status Agent::StartFleet() {
   // The API comes up first (NOT_SERVING) so that a failure to bind it stops
   // the start before any worker runs.
   RETURN_IF_ERROR(OpenApi());
-  RETURN_IF_ERROR(fleet_->Start(initial_spec_));
-  if (absl::Status s =
-          SaveFleetState(options_.state_dir, fleet_->DesiredSpec());
-      !s.ok()) {
-    fleet_->KillAll();
-    return Annotate(s, "saving the desired state");
+  size_t failed = fleet_->Start(initial_spec_);
+  if (seeded_) {
+    // A state that cannot be saved is not a reason to stop serving: the API
+    // refuses changes until it can be.
+    absl::Status s = SaveFleetState(options_.state_dir, fleet_->DesiredSpec());
+    if (!s.ok()) {
+      PF_LOG(ERROR) << "saving the desired state from --config: " << s.message()
+                    << " (serving; changes through the API are refused until "
+                       "the state can be saved)";
+    }
   }
   if (absl::Status s = OpenControlSocket(std::move(control_listen_)); !s.ok()) {
     fleet_->KillAll();
@@ -202,8 +219,12 @@ absl::Status Agent::StartFleet() {
   }
   api_->SetServing(true);
   ScheduleCounterLog();
-  PF_LOG(INFO) << "fleet serving: " << fleet_->listener_count()
-               << " listener(s)";
+  PF_LOG(INFO) << "fleet serving: " << fleet_->listener_count() - failed
+               << " listener(s)"
+               << (failed > 0 ? absl::StrCat(", ", failed,
+                                             " not serving (retried; see "
+                                             "above)")
+                              : std::string());
   return absl::OkStatus();
 }
 

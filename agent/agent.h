@@ -67,6 +67,9 @@ class Agent {
   const std::string control_path_;
   bool takeover_ = false;
   v1::FleetSpec initial_spec_;
+  // The initial spec came from --config (a new state dir): save it once.
+  // A loaded state is never rewritten at start.
+  bool seeded_ = false;
   std::vector<Adoptee> adoptees_;
   Fd control_listen_;  // bound at start, served once the fleet runs
 

@@ -43,6 +43,8 @@ struct ShardStatus {
 struct ListenerStatus {
   v1::Listener spec;  // desired state, as last set
   std::vector<ShardStatus> shards;
+  // Not serving: it could not be started and is retried (no shards).
+  std::string error;
 };
 
 struct AgentStatus {

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "agent/spec/spec.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/base/status.h"
@@ -183,8 +184,10 @@ AgentStatus LoopFleetController::GetStatus() {
   return out;
 }
 
-void LoopFleetController::CreateListener(const v1::Listener& spec,
+void LoopFleetController::CreateListener(const v1::Listener& request,
                                          MutationCall call) {
+  v1::Listener spec = request;
+  MakeCommandAbsolute(spec.mutable_worker());
   call = Announce(std::move(call), this,
                   {.type = v1::EVENT_TYPE_LISTENER_CREATED,
                    .time = absl::Time(),
@@ -197,8 +200,10 @@ void LoopFleetController::CreateListener(const v1::Listener& spec,
   });
 }
 
-void LoopFleetController::UpdateListener(const v1::Listener& spec,
+void LoopFleetController::UpdateListener(const v1::Listener& request,
                                          MutationCall call) {
+  v1::Listener spec = request;
+  MakeCommandAbsolute(spec.mutable_worker());
   Mutate(spec.name(), std::move(call), [this, spec](Done done) {
     return fleet_->UpdateListener(spec, std::move(done));
   });
@@ -246,8 +251,10 @@ void LoopFleetController::SetSteering(const std::string& name,
 }
 
 void LoopFleetController::RollOut(const std::string& name,
-                                  const v1::WorkerSpec& worker,
+                                  const v1::WorkerSpec& request,
                                   uint32_t max_surge, MutationCall call) {
+  v1::WorkerSpec worker = request;
+  MakeCommandAbsolute(&worker);
   Mutate(name, std::move(call), [this, name, worker, max_surge](Done done) {
     return fleet_->RollOut(name, worker, max_surge, std::move(done));
   });

@@ -143,16 +143,21 @@ std::optional<ForeignListener> FindForeignListener(
   return all.front();
 }
 
-bool IsOrphanedWorkerOf(pid_t pid, const std::string& listener) {
+std::optional<std::string> ProcessEnvValue(pid_t pid, const std::string& name) {
   std::ifstream env_file(absl::StrCat("/proc/", pid, "/environ"));
   std::stringstream env;
   env << env_file.rdbuf();
-  std::string want = absl::StrCat("PORTFLEET_LISTENER=", listener);
-  bool match = false;
+  std::string prefix = name + "=";
   for (absl::string_view e : absl::StrSplit(env.str(), '\0')) {
-    if (e == want) match = true;
+    if (absl::StartsWith(e, prefix)) {
+      return std::string(e.substr(prefix.size()));
+    }
   }
-  if (!match) return false;
+  return std::nullopt;
+}
+
+bool IsOrphanedWorkerOf(pid_t pid, const std::string& listener) {
+  if (ProcessEnvValue(pid, "PORTFLEET_LISTENER") != listener) return false;
   std::ifstream status(absl::StrCat("/proc/", pid, "/status"));
   std::string line;
   pid_t ppid = 0;

@@ -49,6 +49,10 @@ std::vector<ForeignListener> FindForeignListeners(
 // agent that died.
 bool IsOrphanedWorkerOf(pid_t pid, const std::string& listener);
 
+// The value of `name` in the environment `pid` was started with, or nullopt
+// (not set, or not readable).
+std::optional<std::string> ProcessEnvValue(pid_t pid, const std::string& name);
+
 // Queued connections of a listening socket (accept queue depth).
 absl::StatusOr<uint32_t> AcceptQueueDepth(int fd);
 // The backlog a listening socket was last listen()ed with (TCP_INFO).

@@ -57,3 +57,9 @@ target_compile_options(portfleet-fleet-bench PRIVATE ${PORTFLEET_WARNINGS})
 target_link_libraries(portfleet-fleet-bench PRIVATE portfleet_loadgen
                       portfleet_api portfleet_testing absl::strings
                       absl::str_format absl::time)
+
+# Fault containment at start-up and across restarts (issue 9).
+portfleet_test(agent_resilience_test
+  SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/agent_resilience_test.cc
+  LIBS portfleet_loadgen portfleet_api portfleet_testing
+  LABELS netns)

@@ -51,6 +51,7 @@ v1::ListenerState ToProto(const ListenerStatus& l) {
   v1::ListenerState out;
   *out.mutable_spec() = l.spec;
   for (const ShardStatus& s : l.shards) *out.add_shards() = ToProto(s);
+  out.set_error(l.error);
   return out;
 }
 

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <set>
 
-#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "agent/fleet/rollout.h"
@@ -75,6 +74,9 @@ void Fleet::WorkerGone(Listener& listener, Shard& shard) {
 
 absl::StatusOr<Listener*> Fleet::Find(const std::string& name) const {
   auto it = listeners_.find(name);
+  if (it == listeners_.end() && failed_.count(name) > 0) {
+    return NotServing(name);
+  }
   if (it == listeners_.end() || it->second->deleting) {
     return absl::NotFoundError(absl::StrCat("listener ", name, " not found"));
   }
@@ -85,42 +87,26 @@ absl::Status Fleet::Commit(const std::string& name, const v1::Listener* spec) {
   if (!ctx_.commit || starting_) return absl::OkStatus();
   v1::FleetSpec intended;
   bool placed = false;
-  for (const auto& [other, listener] : listeners_) {
-    if (listener->deleting) continue;
-    if (other == name) {
-      if (spec != nullptr) *intended.add_listeners() = *spec;
-      placed = true;
-      continue;
-    }
-    if (!placed && other > name && spec != nullptr) {
+  const v1::FleetSpec current = DesiredSpec();
+  for (const v1::Listener& l : current.listeners()) {
+    if (!placed && spec != nullptr && l.name() >= name) {
       *intended.add_listeners() = *spec;
       placed = true;
     }
-    *intended.add_listeners() = listener->spec;
+    if (l.name() != name) *intended.add_listeners() = l;
   }
   if (!placed && spec != nullptr) *intended.add_listeners() = *spec;
   return ctx_.commit(intended);
 }
 
-absl::Status Fleet::Start(const v1::FleetSpec& spec) {
-  starting_ = true;
-  absl::Cleanup done = [this] { starting_ = false; };
-  std::vector<std::string> added;
+size_t Fleet::Start(const v1::FleetSpec& spec) {
   for (const v1::Listener& l : spec.listeners()) {
+    starting_ = true;
     absl::Status s = AddListener(l);
-    if (!s.ok()) {
-      // Nothing half-applied: undo the listeners created so far.
-      for (const std::string& name : added) {
-        for (auto& shard : listeners_[name]->shards) {
-          supervisor_.KillAndReap(*shard);
-        }
-        listeners_.erase(name);
-      }
-      return s;
-    }
-    added.push_back(l.name());
+    starting_ = false;
+    if (!s.ok()) RecordFailure(l, std::move(s));
   }
-  return absl::OkStatus();
+  return failed_.size();
 }
 
 // --- AddListener, step by step ----------------------------------------------
@@ -135,9 +121,19 @@ absl::Status Fleet::AddListener(const v1::Listener& spec) {
   intended.set_shards(n);
   RETURN_IF_ERROR(Commit(spec.name(), &intended));
   std::map<uint32_t, Adoptee> adopt = ClaimAdoptees(*listener, n);
-  RETURN_IF_ERROR(CreateShards(*listener, n, adopt));
-  RETURN_IF_ERROR(AttachSteering(*listener, adopt));
-  RETURN_IF_ERROR(StartWorkers(*listener, adopt));
+  absl::Status s = CreateShards(*listener, n, adopt);
+  if (s.ok()) s = AttachSteering(*listener, adopt);
+  if (s.ok()) s = StartWorkers(*listener, adopt);
+  if (!s.ok()) {
+    // Workers that reconnected keep serving and wait for a retry (their
+    // sockets are still theirs: only the ones not yet used go back).
+    for (auto& [index, a] : adopt) {
+      if (a.control.valid() && a.socket.valid()) {
+        adoptees_.push_back(std::move(a));
+      }
+    }
+    return s;
+  }
   listener->spec.set_shards(n);
   LogServing(*listener);
   uint32_t drain_timeout = EffectiveDrainTimeoutSeconds(spec);
@@ -153,7 +149,7 @@ absl::StatusOr<std::unique_ptr<Listener>> Fleet::PrepareListener(
     const v1::Listener& spec) {
   const std::string& name = spec.name();
   RETURN_IF_ERROR(Annotate(ValidateListener(spec), "listener " + name));
-  if (listeners_.count(name) > 0) {
+  if (listeners_.count(name) > 0 || (!starting_ && failed_.count(name) > 0)) {
     return absl::AlreadyExistsError(
         absl::StrCat("listener ", name, ": a listener of this name exists"));
   }
@@ -165,6 +161,16 @@ absl::StatusOr<std::unique_ptr<Listener>> Fleet::PrepareListener(
       return absl::AlreadyExistsError(absl::StrCat(
           "listener ", name, ": address ", listener->address.ToString(),
           " is already served by listener ", other_name));
+    }
+  }
+  for (const auto& [other_name, other] : failed_) {
+    if (other_name != name &&
+        SocketAddress::Parse(other.spec.address()).value_or(SocketAddress()) ==
+            listener->address) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("listener ", name, ": address ",
+                       listener->address.ToString(), " belongs to listener ",
+                       other_name, " (not serving; delete it first)"));
     }
   }
   absl::StatusOr<ResolvedWorker> program = ResolveWorker(spec.worker());
@@ -219,18 +225,29 @@ std::map<uint32_t, Adoptee> Fleet::ClaimAdoptees(const Listener& listener,
       continue;
     }
     absl::StatusOr<SocketAddress> local = LocalAddressOf(it->socket.get());
-    bool same_address = local.ok() && *local == listener.address;
-    if (it->hello.shard() < shards && same_address &&
-        adopt.count(it->hello.shard()) == 0) {
+    std::string mismatch;
+    if (!local.ok()) {
+      mismatch = std::string(local.status().message());
+    } else if (*local != listener.address) {
+      mismatch = absl::StrCat("its socket is on ", local->ToString());
+    } else if (it->hello.shard() >= shards) {
+      mismatch = absl::StrCat("the listener has ", shards, " shards");
+    } else if (adopt.count(it->hello.shard()) > 0) {
+      mismatch = "another worker of this shard reconnected first";
+    } else if (std::optional<std::string> digest = ProcessEnvValue(
+                   static_cast<pid_t>(it->hello.pid()), kWorkerSpecEnvVar);
+               digest.has_value() &&
+               *digest != WorkerSpecDigest(listener.program.spec)) {
+      // E.g. the agent died in a rollout: this worker runs the other version.
+      mismatch = "it runs another worker program than the desired one";
+    }
+    if (mismatch.empty()) {
       adopt.emplace(it->hello.shard(), std::move(*it));
     } else {
       PF_LOG(WARNING) << "listener " << name << ": reconnected worker pid "
                       << it->hello.pid() << " (shard " << it->hello.shard()
-                      << ") does not match the desired state"
-                      << (local.ok() ? ""
-                                     : absl::StrCat(
-                                           " (", local.status().message(), ")"))
-                      << "; draining it";
+                      << ") does not match the desired state (" << mismatch
+                      << "); a new worker replaces it and it drains";
       if (it->control) {
         SendDrain(it->control.get(),
                   EffectiveDrainTimeoutSeconds(listener.spec) * 1000);
@@ -314,6 +331,9 @@ absl::Status Fleet::StartWorkers(Listener& listener,
     if (auto a = adopt.find(shard->index);
         a != adopt.end() && a->second.control.valid()) {
       s = supervisor_.Adopt(listener, *shard, std::move(a->second));
+      adopt.erase(a);
+    } else if (starting_) {
+      supervisor_.StartOrRetry(listener, *shard);
     } else {
       s = supervisor_.Start(listener, *shard);
     }
@@ -388,6 +408,7 @@ absl::Status Fleet::DrainShard(const std::string& name, uint32_t index,
 }
 
 absl::Status Fleet::DeleteListener(const std::string& name, Done done) {
+  if (failed_.count(name) > 0) return DeleteFailed(name, std::move(done));
   ASSIGN_OR_RETURN(Listener * listener, Find(name));
   RETURN_IF_ERROR(Commit(name, nullptr));
   if (listener->rollout) {
@@ -541,6 +562,8 @@ absl::StatusOr<ListenerUpdate> Fleet::PlanListenerUpdate(
 }
 
 absl::Status Fleet::UpdateListener(const v1::Listener& spec, Done done) {
+  if (failed_.count(spec.name()) > 0)
+    return UpdateFailed(spec, std::move(done));
   ASSIGN_OR_RETURN(Listener * listener, Find(spec.name()));
   ASSIGN_OR_RETURN(ListenerUpdate update, PlanUpdate(*listener, spec, ctx_));
   if (update.empty()) {
@@ -565,11 +588,24 @@ std::vector<ListenerStatus> Fleet::Status() const {
     if (listener->deleting) continue;
     out.push_back(*ListenerStatusOf(name));
   }
+  for (const auto& [name, failed] : failed_) {
+    out.push_back(*ListenerStatusOf(name));
+  }
+  std::sort(out.begin(), out.end(),
+            [](const ListenerStatus& a, const ListenerStatus& b) {
+              return a.spec.name() < b.spec.name();
+            });
   return out;
 }
 
 absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
     const std::string& name) const {
+  if (auto f = failed_.find(name); f != failed_.end()) {
+    ListenerStatus view;
+    view.spec = f->second.spec;
+    view.error = std::string(f->second.error.message());
+    return view;
+  }
   ASSIGN_OR_RETURN(Listener * listener, Find(name));
   ListenerStatus view;
   view.spec = listener->spec;
@@ -635,14 +671,18 @@ void Fleet::LogSteeringCounters() const {
 }
 
 v1::FleetSpec Fleet::DesiredSpec() const {
-  v1::FleetSpec spec;
+  std::map<std::string, const v1::Listener*> all;
   for (const auto& [name, listener] : listeners_) {
-    if (!listener->deleting) *spec.add_listeners() = listener->spec;
+    if (!listener->deleting) all[name] = &listener->spec;
   }
+  for (const auto& [name, failed] : failed_) all[name] = &failed.spec;
+  v1::FleetSpec spec;
+  for (const auto& [name, l] : all) *spec.add_listeners() = *l;
   return spec;
 }
 
 bool Fleet::AllReady() const {
+  if (!failed_.empty()) return false;
   for (const auto& [name, listener] : listeners_) {
     for (const auto& shard : listener->shards) {
       if (!shard->worker || !shard->worker->ready) return false;

@@ -71,9 +71,12 @@ class Fleet {
   };
   std::vector<SharedSocket> SharedSockets() const;
 
-  // Creates every listener of `spec`. All or nothing: on error whatever was
-  // created is closed and stopped again.
-  absl::Status Start(const v1::FleetSpec& spec);
+  // Creates every listener of `spec` (at start-up, or after a takeover),
+  // without persisting anything. A listener that cannot be started is
+  // reported (log, event, status) and retried with backoff while the others
+  // serve; a shard whose worker cannot be started is retried like a crashed
+  // one. Returns how many listeners failed.
+  size_t Start(const v1::FleetSpec& spec);
 
   // Creates one listener: its shard sockets, steering, then one worker per
   // shard. All or nothing.
@@ -112,10 +115,12 @@ class Fleet {
       const std::string& name) const;
   // Logs each listener's steering counters (summed over CPUs) at debug level.
   void LogSteeringCounters() const;
-  // Desired state of every listener (as persisted).
+  // Desired state of every listener (as persisted), failed ones included.
   v1::FleetSpec DesiredSpec() const;
+  // Every listener serves and every shard's worker is ready.
   bool AllReady() const;
-  size_t listener_count() const { return listeners_.size(); }
+  size_t listener_count() const { return listeners_.size() + failed_.size(); }
+  size_t failed_count() const { return failed_.size(); }
 
  private:
   friend class ShardAddition;
@@ -154,13 +159,30 @@ class Fleet {
   absl::Status ApplyUpdate(Listener& listener, ListenerUpdate update,
                            Done done);
   void WorkerGone(Listener& listener, Shard& shard);
+  // Listeners that could not be started (retry.cc).
+  struct FailedListener {
+    v1::Listener spec;
+    absl::Status error;
+    int attempts = 0;
+    absl::Duration backoff;
+    std::optional<EventLoop::TimerId> timer;
+  };
+  void RecordFailure(const v1::Listener& spec, absl::Status error);
+  void RetryFailed(const std::string& name);
+  void ForgetFailure(const std::string& name);
+  absl::Status NotServing(const std::string& name) const;
+  absl::Status UpdateFailed(const v1::Listener& spec, Done done);
+  absl::Status DeleteFailed(const std::string& name, Done done);
 
   FleetContext ctx_;
   ListenerMap listeners_;
   Supervisor supervisor_;
   Drainer drainer_;
+  std::map<std::string, FailedListener> failed_;
   std::vector<Adoptee> adoptees_;
-  bool starting_ = false;  // in Start: nothing to commit
+  // In Start (or a retry of it): nothing to commit, and a worker that cannot
+  // be started is retried instead of failing its listener.
+  bool starting_ = false;
 };
 
 }  // namespace portfleet

@@ -3,9 +3,28 @@
 #include <unistd.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "worker/sdk/base/status.h"
 
 namespace portfleet {
+
+std::string WorkerSpecDigest(const v1::WorkerSpec& spec) {
+  // FNV-1a over the fields with their lengths (stable across processes).
+  uint64_t h = 14695981039346656037ull;
+  auto mix = [&h](absl::string_view field) {
+    for (char c : absl::StrCat(field.size(), ":", field)) {
+      h ^= static_cast<unsigned char>(c);
+      h *= 1099511628211ull;
+    }
+  };
+  mix(spec.command());
+  for (const std::string& a : spec.args()) mix(a);
+  mix("--env");
+  for (const std::string& e : spec.env()) mix(e);
+  mix(spec.user());
+  mix(spec.group());
+  return absl::StrFormat("%016x", h);
+}
 
 absl::StatusOr<ResolvedWorker> ResolveWorker(const v1::WorkerSpec& spec) {
   ResolvedWorker out;
@@ -40,10 +59,15 @@ std::string Listener::Name(const Shard& shard) const {
 
 void FleetContext::Emit(v1::EventType type, const Listener& listener, int shard,
                         pid_t pid, std::string message) const {
+  Emit(type, listener.spec.name(), shard, pid, std::move(message));
+}
+
+void FleetContext::Emit(v1::EventType type, const std::string& listener,
+                        int shard, pid_t pid, std::string message) const {
   if (!sink) return;
   sink(FleetEvent{.type = type,
                   .time = Now(),
-                  .listener = listener.spec.name(),
+                  .listener = listener,
                   .shard = shard,
                   .pid = pid,
                   .message = std::move(message)});

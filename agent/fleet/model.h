@@ -59,6 +59,10 @@ struct FleetOptions {
   // The agent's control socket, passed to workers as PORTFLEET_AGENT_SOCKET
   // so that they can reconnect to a restarted agent. Empty = none.
   std::string agent_socket;
+  // A listener that cannot be started at start-up (or after a restart) is
+  // retried after this delay, doubling up to the cap.
+  absl::Duration failed_retry_initial = absl::Seconds(1);
+  absl::Duration failed_retry_max = absl::Seconds(60);
   // Environment passed to every worker before the listener's own entries.
   // Empty = the agent's environment without LISTEN_*, NOTIFY_SOCKET and
   // PORTFLEET_* entries.
@@ -72,6 +76,13 @@ struct ResolvedWorker {
   std::string path;
   std::optional<Credentials> credentials;  // unset = the agent's
 };
+// A stable digest of a worker program (command, args, env, user, group),
+// given to each worker as PORTFLEET_WORKER_SPEC so that a restarted agent
+// can tell which program a running worker is (argv may be rewritten by the
+// worker, e.g. setproctitle).
+std::string WorkerSpecDigest(const v1::WorkerSpec& spec);
+inline constexpr char kWorkerSpecEnvVar[] = "PORTFLEET_WORKER_SPEC";
+
 // Resolves the command (ResolveCommand) and user/group (ResolveCredentials).
 // Errors say which ("worker command 'x' not found ...", "worker.user: ...").
 absl::StatusOr<ResolvedWorker> ResolveWorker(const v1::WorkerSpec& spec);
@@ -160,6 +171,8 @@ struct FleetContext {
   absl::Time Now() const { return loop->Now(); }
   void Emit(v1::EventType type, const Listener& listener, int shard, pid_t pid,
             std::string message) const;
+  void Emit(v1::EventType type, const std::string& listener, int shard,
+            pid_t pid, std::string message) const;
 };
 
 // The CPU shard `index` is pinned to under `steering`: cpus[index % n] for

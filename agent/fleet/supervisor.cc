@@ -46,6 +46,8 @@ std::vector<std::string> WorkerEnv(const FleetOptions& options,
   env.push_back(absl::StrCat("PORTFLEET_LISTENER=", name));
   env.push_back(absl::StrCat("PORTFLEET_SHARD=", shard.index));
   env.push_back(absl::StrCat(ControlChannel::kEnvVar, "=4"));
+  env.push_back(
+      absl::StrCat(kWorkerSpecEnvVar, "=", WorkerSpecDigest(program.spec)));
   if (!options.agent_socket.empty()) {
     env.push_back(absl::StrCat(ControlChannel::kAgentSocketEnvVar, "=",
                                options.agent_socket));
@@ -113,6 +115,15 @@ absl::Status Supervisor::Start(Listener& listener, Shard& shard) {
                                   : std::string());
   ctx_->Emit(v1::EVENT_TYPE_SHARD_STARTED, listener, shard.index, pid, "");
   return absl::OkStatus();
+}
+
+void Supervisor::StartOrRetry(Listener& listener, Shard& shard) {
+  absl::Status s = Start(listener, shard);
+  if (s.ok()) return;
+  PF_LOG(ERROR) << s << "; retrying in " << HumanDuration(shard.backoff);
+  ctx_->Emit(v1::EVENT_TYPE_ERROR, listener, shard.index, 0,
+             std::string(s.message()));
+  ScheduleRestart(listener, shard);
 }
 
 absl::Status Supervisor::Adopt(Listener& listener, Shard& shard,

@@ -29,6 +29,10 @@ class Supervisor {
 
   // Starts the shard's program as its serving worker (state RUNNING).
   absl::Status Start(Listener& listener, Shard& shard);
+  // Start(), or, if the worker cannot be started, the same restart with
+  // backoff as after a crash (at start-up: one bad shard must not fail its
+  // listener, whose other workers may have been re-adopted).
+  void StartOrRetry(Listener& listener, Shard& shard);
   // Starts `program` on the shard's socket and watches it; the caller decides
   // what it becomes (a rollout's candidate).
   absl::StatusOr<std::unique_ptr<Worker>> Launch(Listener& listener,

@@ -1,5 +1,6 @@
 #include "agent/spec/spec.h"
 
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <optional>
@@ -229,6 +230,19 @@ absl::StatusOr<v1::FleetSpec> LoadFleetSpecFile(const std::string& path) {
         ": unknown spec format (want a .textproto, .txtpb or .json file)"));
   }
   return ParseFleetSpec(ss.str(), format, path);
+}
+
+void MakeCommandAbsolute(v1::WorkerSpec* worker) {
+  const std::string& command = worker->command();
+  if (command.empty() || command[0] == '/' ||
+      command.find('/') == std::string::npos) {
+    return;
+  }
+  std::error_code ec;
+  std::filesystem::path absolute = std::filesystem::absolute(command, ec);
+  if (!ec) {
+    worker->set_command(absolute.lexically_normal().string());
+  }
 }
 
 uint32_t EffectiveShards(const v1::Listener& l, int online_cpus) {

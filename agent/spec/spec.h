@@ -47,6 +47,12 @@ absl::Status ValidateListener(const v1::Listener& listener);
 absl::Status ValidateSteering(const v1::Steering& steering,
                               std::optional<uint32_t> shards);
 
+// Makes a relative worker command with a '/' ("bin/w", "./w") absolute
+// against the current directory, so that what is persisted does not depend
+// on where a later agent starts. Bare names (looked up next to the agent and
+// in PATH) and absolute paths are left as they are.
+void MakeCommandAbsolute(v1::WorkerSpec* worker);
+
 // True for a DNS label: 1-63 of [a-z0-9-], not starting or ending with '-'.
 bool IsDnsLabel(absl::string_view name);
 

@@ -86,6 +86,29 @@ std::map<int, pid_t> AgentHarness::WorkersByShard() const {
   return out;
 }
 
+std::vector<pid_t> ProcessesInMyNetns() {
+  std::vector<pid_t> out;
+  char self_ns[64] = {};
+  if (::readlink("/proc/self/ns/net", self_ns, sizeof(self_ns) - 1) <= 0) {
+    return out;
+  }
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc", ec)) {
+    pid_t pid = 0;
+    if (!absl::SimpleAtoi(entry.path().filename().string(), &pid) ||
+        pid == ::getpid()) {
+      continue;
+    }
+    char ns[64] = {};
+    std::string link = absl::StrCat("/proc/", pid, "/ns/net");
+    if (::readlink(link.c_str(), ns, sizeof(ns) - 1) > 0 &&
+        std::string(ns) == self_ns) {
+      out.push_back(pid);
+    }
+  }
+  return out;
+}
+
 void KillOthersInPrivateNetns() {
   char self_ns[64] = {};
   if (!InPrivateNetns() ||

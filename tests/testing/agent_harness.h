@@ -63,6 +63,10 @@ class AgentHarness {
 // test's namespace is its own, so nothing outlives the test.
 void KillOthersInPrivateNetns();
 
+// Every process but this one in this process's network namespace (in a
+// private namespace: the processes this test started).
+std::vector<pid_t> ProcessesInMyNetns();
+
 // Value of NAME in /proc/PID/environ, or nullopt.
 std::optional<std::string> ProcessEnv(pid_t pid, const std::string& name);
 
