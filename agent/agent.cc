@@ -2,12 +2,15 @@
 
 #include <sched.h>
 #include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "agent/adoption.h"
 #include "agent/api/state_store.h"
 #include "agent/signals.h"
@@ -32,6 +35,21 @@ std::vector<int> OnlineCpus() {
   return cpus;
 }
 
+// Every API connection, control connection and worker channel is a
+// descriptor: the soft limit goes up to the hard one (workers inherit it).
+void RaiseFdLimit() {
+  rlimit lim{};
+  if (::getrlimit(RLIMIT_NOFILE, &lim) != 0 || lim.rlim_cur >= lim.rlim_max) {
+    return;
+  }
+  rlim_t was = lim.rlim_cur;
+  lim.rlim_cur = lim.rlim_max;
+  if (::setrlimit(RLIMIT_NOFILE, &lim) == 0) {
+    PF_LOG(DEBUG) << "open file limit raised from " << was << " to "
+                  << lim.rlim_max;
+  }
+}
+
 std::string ControlSocketPath(const AgentOptions& options) {
   if (!options.control_socket.empty()) return options.control_socket;
   for (const char* prefix : {"unix://", "unix:"}) {
@@ -41,6 +59,58 @@ std::string ControlSocketPath(const AgentOptions& options) {
     }
   }
   return options.state_dir + "/control.sock";
+}
+
+// A directory the agent keeps sockets or state in must be its own and not
+// writable by anyone else: another user could otherwise put a socket there
+// that workers or a new agent trust, or replace the state. A directory that
+// does not exist yet is created safely later.
+absl::Status CheckPrivateDirectory(const std::string& dir,
+                                   const std::string& what) {
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0) {
+    if (errno == ENOENT) return absl::OkStatus();
+    return ErrnoError(absl::StrCat(what, " directory ", dir));
+  }
+  if (st.st_uid != ::geteuid()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        what, " directory ", dir, " is owned by uid ", st.st_uid,
+        ", not by this agent's uid ", ::geteuid(),
+        ": another user could replace what the agent keeps there; use a "
+        "directory the agent owns (chown ",
+        ::geteuid(), " ", dir, ")"));
+  }
+  if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        what, " directory ", dir, " is writable by ",
+        (st.st_mode & S_IWOTH) ? "every user" : "its group", " (mode ",
+        absl::StrFormat("%04o", st.st_mode & 07777),
+        "): another user could put a socket or file of their own there; use "
+        "a private directory (chmod go-w ",
+        dir, ") such as /run/portfleet"));
+  }
+  return absl::OkStatus();
+}
+
+std::string ParentDir(const std::string& path) {
+  size_t slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+// Every directory the agent writes sockets or state into.
+absl::Status CheckDirectories(const AgentOptions& options,
+                              const std::string& control_path) {
+  RETURN_IF_ERROR(CheckPrivateDirectory(options.state_dir, "state"));
+  RETURN_IF_ERROR(
+      CheckPrivateDirectory(ParentDir(control_path), "control socket"));
+  for (const char* prefix : {"unix://", "unix:"}) {
+    if (absl::StartsWith(options.api, prefix)) {
+      return CheckPrivateDirectory(
+          ParentDir(options.api.substr(strlen(prefix))), "API socket");
+    }
+  }
+  return absl::OkStatus();
 }
 
 // Desired state at start: the persisted state wins; --config seeds a new
@@ -128,6 +198,7 @@ absl::StatusOr<std::unique_ptr<Agent>> Agent::Start(
                << ::getpid() << ", config " << options.config << ", "
                << OnlineCpus().size() << " CPUs"
                << (options.takeover ? ", takeover" : "") << ")";
+  RETURN_IF_ERROR(CheckDirectories(options, agent->control_path_));
   agent->takeover_ = options.takeover;
   if (options.takeover && options.takeover_auto &&
       !ControlSocketAnswers(agent->control_path_)) {
@@ -290,8 +361,16 @@ absl::Status Agent::OpenApi() {
     return Annotate(started.status(), absl::StrCat("API ", options_.api));
   }
   api_ = std::move(*started);
+  if (absl::StartsWith(options_.api, "unix:")) {
+    prober_ =
+        std::make_unique<ApiProber>(ApiProberOptions{.target = options_.api});
+  }
   MetricsServerOptions metrics_options;
   metrics_options.address = options_.metrics;
+  ApiProber* prober = prober_.get();
+  metrics_options.liveness = [prober] {
+    return prober ? prober->Liveness() : absl::OkStatus();
+  };
   LoopFleetController* controller = controller_.get();
   absl::StatusOr<std::unique_ptr<MetricsServer>> m = MetricsServer::Start(
       metrics_options, [controller]() -> absl::StatusOr<MetricsSnapshot> {
@@ -302,7 +381,15 @@ absl::Status Agent::OpenApi() {
       });
   if (!m.ok()) return m.status();
   metrics_ = std::move(*m);
-  PF_LOG(INFO) << "metrics on http://" << options_.metrics
+  absl::StatusOr<SocketAddress> bound =
+      SocketAddress::Parse(options_.metrics, /*allow_port_zero=*/true);
+  std::string where = options_.metrics;
+  if (bound.ok()) {
+    where =
+        absl::StrCat(bound->ToString().substr(0, bound->ToString().rfind(':')),
+                     ":", metrics_->port());
+  }
+  PF_LOG(INFO) << "metrics on http://" << where
                << "/metrics (also /healthz, /readyz)";
   return absl::OkStatus();
 }
@@ -341,6 +428,7 @@ void Agent::OnTakeoverReleased(bool ready_sent) {
 void Agent::CloseInterfaces() {
   control_server_.reset();
   metrics_.reset();
+  prober_.reset();
 }
 
 void Agent::StopApiInBackground(std::function<void()> then) {
@@ -409,6 +497,7 @@ int RunAgent(const AgentOptions& options) {
   SetLogLevel(*ParseLogLevel(options.log_level));
   // A worker that dies mid-write must not kill us.
   ::signal(SIGPIPE, SIG_IGN);
+  RaiseFdLimit();
   // Before any thread starts.
   absl::StatusOr<std::unique_ptr<SignalHandler>> signals =
       SignalHandler::Block();

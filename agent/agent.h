@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "absl/status/statusor.h"
+#include "agent/api/prober.h"
 #include "agent/api/server.h"
 #include "agent/control_socket.h"
 #include "agent/event_loop.h"
@@ -79,6 +80,7 @@ class Agent {
   std::unique_ptr<Fleet> fleet_;
   std::unique_ptr<LoopFleetController> controller_;
   std::unique_ptr<ApiServer> api_;
+  std::unique_ptr<ApiProber> prober_;  // unix API only
   std::unique_ptr<MetricsServer> metrics_;
   std::unique_ptr<ControlSocketServer> control_server_;
   std::unique_ptr<TakeoverDonor> donor_;

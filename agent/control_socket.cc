@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "agent/spec/spec.h"
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/base/status.h"
@@ -46,9 +47,12 @@ void ControlSocketServer::OnAcceptable() {
       if (errno == EAGAIN || errno == EINTR) return;
       // EMFILE, ENFILE, ENOBUFS...: the connection stays queued. Stop
       // watching for a moment instead of spinning on a readable socket.
-      PF_LOG(WARNING) << "control socket: accept: " << strerror(errno)
-                      << "; retrying in "
-                      << absl::FormatDuration(options_.accept_retry);
+      if (uint64_t dropped; complaints_.Allow(absl::Now(), &dropped)) {
+        PF_LOG(WARNING) << "control socket: accept: " << strerror(errno)
+                        << "; retrying in "
+                        << absl::FormatDuration(options_.accept_retry)
+                        << SuppressedNote(dropped);
+      }
       loop_->RemoveFd(listen_fd_.get());
       watching_ = false;
       retry_timer_ = loop_->AddTimer(options_.accept_retry, [this] {
@@ -58,9 +62,12 @@ void ControlSocketServer::OnAcceptable() {
       return;
     }
     if (pending_.size() >= options_.max_pending) {
-      PF_LOG(WARNING) << "control socket: " << pending_.size()
-                      << " connections already wait for their first message; "
-                         "closing a new one";
+      if (uint64_t dropped; complaints_.Allow(absl::Now(), &dropped)) {
+        PF_LOG(WARNING) << "control socket: " << pending_.size()
+                        << " connections already wait for their first message; "
+                           "closing a new one"
+                        << SuppressedNote(dropped);
+      }
       continue;
     }
     ucred cred{};
@@ -70,16 +77,22 @@ void ControlSocketServer::OnAcceptable() {
     absl::Status watched =
         loop_->AddFd(fd, [this, fd](uint32_t) { OnFirstPacket(fd); });
     if (!watched.ok()) {
-      PF_LOG(WARNING) << "control socket: " << watched;
+      if (uint64_t dropped; complaints_.Allow(absl::Now(), &dropped)) {
+        PF_LOG(WARNING) << "control socket: " << watched
+                        << SuppressedNote(dropped);
+      }
       continue;
     }
     pid_t pid = cred.pid;
     EventLoop::TimerId timer =
         loop_->AddTimer(options_.first_packet_timeout, [this, fd, pid] {
-          PF_LOG(WARNING) << "control socket: connection from pid " << pid
-                          << " sent nothing within "
-                          << absl::FormatDuration(options_.first_packet_timeout)
-                          << "; closed";
+          if (uint64_t dropped; complaints_.Allow(absl::Now(), &dropped)) {
+            PF_LOG(WARNING)
+                << "control socket: connection from pid " << pid
+                << " sent nothing within "
+                << absl::FormatDuration(options_.first_packet_timeout)
+                << "; closed" << SuppressedNote(dropped);
+          }
           Drop(fd);
         });
     pending_[fd] = Pending{std::move(conn), cred.pid, cred.uid, timer};
@@ -105,10 +118,12 @@ void ControlSocketServer::OnFirstPacket(int fd) {
   absl::StatusOr<std::optional<std::pair<v1::WorkerMessage, Fd>>> got =
       channel.ReceiveWithFd<v1::WorkerMessage>();
   if (!got.ok() || !got->has_value()) {
-    PF_LOG(WARNING) << "control socket: connection from pid " << p.pid << ": "
-                    << (got.ok() ? "no message"
-                                 : std::string(got.status().message()))
-                    << "; closed";
+    if (uint64_t dropped; complaints_.Allow(absl::Now(), &dropped)) {
+      PF_LOG(WARNING) << "control socket: connection from pid " << p.pid << ": "
+                      << (got.ok() ? "no message"
+                                   : std::string(got.status().message()))
+                      << "; closed" << SuppressedNote(dropped);
+    }
     return;
   }
   ControlConnection c;
@@ -123,9 +138,12 @@ void ControlSocketServer::OnFirstPacket(int fd) {
 void ControlSocketServer::Dispatch(ControlConnection c) {
   if (c.message.has_takeover_request()) {
     if (c.peer_uid != ::geteuid()) {
-      PF_LOG(WARNING) << "takeover request from pid " << c.peer_pid
-                      << " refused: it runs as uid " << c.peer_uid
-                      << ", not as this agent's uid " << ::geteuid();
+      if (uint64_t dropped; complaints_.Allow(absl::Now(), &dropped)) {
+        PF_LOG(WARNING) << "takeover request from pid " << c.peer_pid
+                        << " refused: it runs as uid " << c.peer_uid
+                        << ", not as this agent's uid " << ::geteuid()
+                        << SuppressedNote(dropped);
+      }
       return;
     }
     handler_(std::move(c));
@@ -140,8 +158,11 @@ void ControlSocketServer::Dispatch(ControlConnection c) {
     SendDrain(c.control.get(), kDefaultDrainTimeoutSeconds * 1000);
     return;
   }
-  PF_LOG(WARNING) << "control socket: unexpected first message from pid "
-                  << c.peer_pid << "; connection closed";
+  if (uint64_t dropped; complaints_.Allow(absl::Now(), &dropped)) {
+    PF_LOG(WARNING) << "control socket: unexpected first message from pid "
+                    << c.peer_pid << "; connection closed"
+                    << SuppressedNote(dropped);
+  }
 }
 
 }  // namespace portfleet

@@ -22,6 +22,7 @@
 #include "agent/adoption.h"
 #include "agent/event_loop.h"
 #include "worker/sdk/base/fd.h"
+#include "worker/sdk/base/log.h"
 
 namespace portfleet {
 
@@ -64,6 +65,7 @@ class ControlSocketServer {
   bool watching_ = false;
   std::optional<EventLoop::TimerId> retry_timer_;
   std::map<int, Pending> pending_;
+  LogRateLimiter complaints_;  // lines caused by connecting peers
 };
 
 }  // namespace portfleet

@@ -237,8 +237,13 @@ absl::StatusOr<LaunchedProcess> RealProcessLauncher::Launch(
 }
 
 bool RealProcessLauncher::Signal(const LaunchedProcess& process, int sig) {
-  return ::syscall(SYS_pidfd_send_signal, process.pidfd.get(), sig, nullptr,
-                   0) == 0;
+  bool sent = ::syscall(SYS_pidfd_send_signal, process.pidfd.get(), sig,
+                        nullptr, 0) == 0;
+  // The worker's process group too (it is the group's leader, see Launch):
+  // a pre-fork server's children must not outlive a stop. A group id stays
+  // reserved while any member lives, so this never reaches strangers.
+  if (process.pid > 0) ::kill(-process.pid, sig);
+  return sent;
 }
 
 absl::StatusOr<std::optional<int>> RealProcessLauncher::Reap(

@@ -51,7 +51,8 @@ class ProcessLauncher {
   // Starts the process; an exec failure (missing binary, not executable) is
   // reported here, not as an exit later.
   virtual absl::StatusOr<LaunchedProcess> Launch(const LaunchSpec& spec) = 0;
-  // Sends `sig`; false if the process is gone.
+  // Sends `sig` to the process and its process group; false if the process
+  // is gone.
   virtual bool Signal(const LaunchedProcess& process, int sig) = 0;
   // Reaps an exited process; returns its wait status (as waitpid's), or
   // nullopt if it has not exited.

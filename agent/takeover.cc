@@ -1,6 +1,7 @@
 #include "agent/takeover.h"
 
 #include <poll.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -33,6 +34,19 @@ absl::StatusOr<std::unique_ptr<TakeoverReceiver>> TakeoverReceiver::Request(
       return fail(absl::DeadlineExceededError("connect timed out"));
     }
     absl::SleepFor(absl::Milliseconds(10));
+  }
+  // Only an agent of our own uid may hand us sockets and a fleet spec to
+  // run (as us): anyone who can bind a socket at that path could answer.
+  ucred peer{};
+  socklen_t len = sizeof(peer);
+  if (::getsockopt(channel->fd(), SOL_SOCKET, SO_PEERCRED, &peer, &len) != 0) {
+    return fail(ErrnoError("getsockopt(SO_PEERCRED)"));
+  }
+  if (peer.uid != ::geteuid()) {
+    return fail(absl::PermissionDeniedError(absl::StrCat(
+        "the process answering there (pid ", peer.pid, ") runs as uid ",
+        peer.uid, ", not as this agent's uid ", ::geteuid(),
+        ": refusing to take sockets and a fleet spec from it")));
   }
   absl::StatusOr<std::unique_ptr<TakeoverReceiver>> receiver =
       Request(std::move(*channel), timeout);

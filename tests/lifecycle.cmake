@@ -63,3 +63,9 @@ portfleet_test(agent_resilience_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/agent_resilience_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
   LABELS netns)
+
+# Hostile users and awkward moments (issue 9).
+portfleet_test(agent_hostile_test
+  SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/agent_hostile_test.cc
+  LIBS portfleet_loadgen portfleet_api portfleet_testing
+  LABELS netns)

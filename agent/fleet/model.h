@@ -34,6 +34,7 @@
 #include "portfleet/v1/fleet.pb.h"
 #include "worker/sdk/base/address.h"
 #include "worker/sdk/base/fd.h"
+#include "worker/sdk/base/log.h"
 #include "worker/sdk/control_channel.h"
 
 namespace portfleet {
@@ -101,6 +102,8 @@ struct Worker {
   std::vector<EventLoop::TimerId> timers;  // cancelled when it goes away
   uint64_t active_connections = 0;
   uint64_t accepted_total = 0;
+  // Lines about this worker's bad control messages.
+  LogRateLimiter complaints;
 };
 
 struct Shard {

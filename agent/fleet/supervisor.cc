@@ -391,9 +391,11 @@ void Supervisor::OnControlReadable(Listener& listener, Shard& shard,
         w->control.reset();
         return;
       }
-      PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "
-                      << w->process.pid << ": " << got.status().message()
-                      << "; ignored";
+      if (uint64_t dropped; w->complaints.Allow(ctx_->Now(), &dropped)) {
+        PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "
+                        << w->process.pid << ": " << got.status().message()
+                        << "; ignored" << SuppressedNote(dropped);
+      }
       continue;
     }
     bool was_waiting = w->on_ready != nullptr;
@@ -441,15 +443,21 @@ void Supervisor::OnControlMessage(Listener& listener, Shard& shard, Worker* w,
       break;
     case v1::WorkerMessage::kTakeoverRequest:
     case v1::WorkerMessage::kTakeoverReady:
-      PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "
-                      << w->process.pid
-                      << " sent a takeover message on its control channel; "
-                         "ignored";
+      if (uint64_t dropped; w->complaints.Allow(ctx_->Now(), &dropped)) {
+        PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "
+                        << w->process.pid
+                        << " sent a takeover message on its control channel; "
+                           "ignored"
+                        << SuppressedNote(dropped);
+      }
       break;
     case v1::WorkerMessage::MSG_NOT_SET:
-      PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "
-                      << w->process.pid
-                      << " sent an empty control message; ignored";
+      if (uint64_t dropped; w->complaints.Allow(ctx_->Now(), &dropped)) {
+        PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "
+                        << w->process.pid
+                        << " sent an empty control message; ignored"
+                        << SuppressedNote(dropped);
+      }
       break;
   }
 }

@@ -38,6 +38,9 @@ namespace portfleet {
 namespace {
 
 constexpr absl::Duration kRequestTimeout = absl::Seconds(5);
+// A client that has not sent a byte by then is idle: probes and scrapers
+// send their request at once.
+constexpr absl::Duration kFirstByteTimeout = absl::Seconds(1);
 constexpr absl::Duration kWriteTimeout = absl::Seconds(5);
 constexpr absl::Duration kLingerTimeout = absl::Seconds(1);
 constexpr size_t kMaxLingerBytes = 256 * 1024;
@@ -134,7 +137,10 @@ struct Connection {
   std::string out;
   size_t out_pos = 0;
   size_t lingered = 0;
+  absl::Time accepted;
   absl::Time deadline;
+  // Nothing received yet: the first to go when every slot is taken.
+  bool Idle() const { return state == State::kReading && in.empty(); }
 };
 
 }  // namespace
@@ -144,6 +150,7 @@ struct MetricsServer::Impl {
   Fd wake_fd;  // eventfd: the destructor asks the thread to stop
   uint16_t port = 0;
   SnapshotFn snapshot;
+  std::function<absl::Status()> liveness;
   std::list<Connection> connections;
   std::thread thread;
 
@@ -201,6 +208,7 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
                    .port();
   impl->wake_fd = Fd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
   if (!impl->wake_fd) return BindError(errno, address);
+  impl->liveness = options.liveness;
   Impl* raw = impl.get();
   impl->thread = std::thread([raw] { raw->Run(); });
   return std::unique_ptr<MetricsServer>(new MetricsServer(std::move(impl)));
@@ -225,7 +233,12 @@ void MetricsServer::Impl::Run() {
     fds.clear();
     polled.clear();
     fds.push_back({wake_fd.get(), POLLIN, 0});
-    bool accepting = connections.size() < static_cast<size_t>(kMaxConnections);
+    // At capacity an idle connection makes room (Accept); only when every
+    // slot has a request in progress does accepting wait.
+    bool accepting =
+        connections.size() < static_cast<size_t>(kMaxConnections) ||
+        std::any_of(connections.begin(), connections.end(),
+                    [](const Connection& c) { return c.Idle(); });
     if (accepting) fds.push_back({listen_fd.get(), POLLIN, 0});
     size_t first_connection = fds.size();
     absl::Time now = absl::Now();
@@ -260,7 +273,9 @@ void MetricsServer::Impl::Run() {
         keep = c.state == Connection::State::kWriting ? OnWritable(c)
                                                       : OnReadable(c);
       } else if (now >= c.deadline) {
-        if (c.state == Connection::State::kReading) {
+        if (c.Idle()) {
+          keep = false;  // never said anything: nobody to answer
+        } else if (c.state == Connection::State::kReading) {
           Respond(c, Text(408, "request timeout\n"));
         } else {
           keep = false;
@@ -277,7 +292,20 @@ void MetricsServer::Impl::Run() {
 }
 
 void MetricsServer::Impl::Accept() {
-  while (connections.size() < static_cast<size_t>(kMaxConnections)) {
+  for (;;) {
+    if (connections.size() >= static_cast<size_t>(kMaxConnections)) {
+      // Shed the oldest idle connection: a slow or hostile client must not
+      // keep /healthz from the kubelet.
+      auto oldest = connections.end();
+      for (auto it = connections.begin(); it != connections.end(); ++it) {
+        if (it->Idle() &&
+            (oldest == connections.end() || it->accepted < oldest->accepted)) {
+          oldest = it;
+        }
+      }
+      if (oldest == connections.end()) return;
+      connections.erase(oldest);
+    }
     int fd = ::accept4(listen_fd.get(), nullptr, nullptr,
                        SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
@@ -289,7 +317,8 @@ void MetricsServer::Impl::Accept() {
     }
     Connection& c = connections.emplace_back();
     c.fd = Fd(fd);
-    c.deadline = absl::Now() + kRequestTimeout;
+    c.accepted = absl::Now();
+    c.deadline = c.accepted + kFirstByteTimeout;
   }
 }
 
@@ -302,6 +331,7 @@ bool MetricsServer::Impl::OnReadable(Connection& c) {
     c.lingered += static_cast<size_t>(n);
     return c.lingered < kMaxLingerBytes;
   }
+  if (c.in.empty()) c.deadline = c.accepted + kRequestTimeout;
   c.in.append(buf, static_cast<size_t>(n));
   size_t end = c.in.find("\r\n\r\n");
   size_t end_len = 4;
@@ -372,7 +402,11 @@ Response MetricsServer::Impl::Handle(absl::string_view head) {
     r.allow_get = true;
     return r;
   }
-  if (path == "/healthz") return Text(200, "ok\n");
+  if (path == "/healthz") {
+    absl::Status live = liveness ? liveness() : absl::OkStatus();
+    if (!live.ok()) return Text(503, absl::StrCat(live.message(), "\n"));
+    return Text(200, "ok\n");
+  }
   absl::StatusOr<MetricsSnapshot> s = TakeSnapshot();
   if (!s.ok()) {
     return Text(

@@ -1,11 +1,13 @@
 // The agent's Prometheus endpoint (`--metrics`, default 127.0.0.1:9464):
 //
 //   GET /metrics  Prometheus text exposition format 0.0.4 of a snapshot
-//   GET /healthz  200 "ok" while the server runs
+//   GET /healthz  200 "ok" while the server runs and `liveness` says so,
+//                 else 503 with its message
 //   GET /readyz   200 when the agent is serving, else 503 with the reason
 //
 // A small HTTP/1.1 server on its own thread (poll(2), non-blocking sockets,
-// "Connection: close", bounded request size and time). It never touches the
+// "Connection: close", bounded request size and time; idle connections
+// cannot starve probes). It never touches the
 // agent's state: everything it reports comes through the `snapshot`
 // callback, so this library does not depend on the agent library.
 #ifndef PORTFLEET_AGENT_METRICS_METRICS_SERVER_H_
@@ -33,6 +35,9 @@ struct MetricsServerOptions {
   // Numeric "host:port" or "[v6]:port"; port 0 = an ephemeral port (tests),
   // read it back with MetricsServer::port().
   std::string address = "127.0.0.1:9464";
+  // /healthz: OK, or why the agent is not alive (e.g. its API stopped
+  // answering). Called on the server thread; must be quick. Unset = alive.
+  std::function<absl::Status()> liveness;
 };
 
 class MetricsServer {
@@ -62,7 +67,9 @@ class MetricsServer {
 
   // Limits, public for tests.
   static constexpr size_t kMaxRequestBytes = 8192;  // request line + headers
-  static constexpr int kMaxConnections = 64;
+  // Connections at once; when all are taken, the oldest idle one (nothing
+  // received yet) is closed for a new one. Idle ones are closed after 1 s.
+  static constexpr int kMaxConnections = 256;
 
  private:
   struct Impl;

@@ -37,7 +37,8 @@ absl::Status AgentHarness::Start(const std::string& spec_text,
 }
 
 absl::Status AgentHarness::Restart(const std::vector<std::string>& extra_args) {
-  std::vector<std::string> argv = {
+  std::vector<std::string> argv = wrapper_;
+  std::vector<std::string> agent = {
       BinaryPath("portfleet-agent"),
       "--config",
       spec_path_,
@@ -50,6 +51,7 @@ absl::Status AgentHarness::Restart(const std::vector<std::string>& extra_args) {
       "--metrics",
       "127.0.0.1:0",
   };
+  argv.insert(argv.end(), agent.begin(), agent.end());
   for (const auto& a : extra_args) argv.push_back(a);
   starts_++;
   return agent_.Start(argv,

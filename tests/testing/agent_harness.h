@@ -33,6 +33,11 @@ class AgentHarness {
                      const std::vector<std::string>& extra_args = {});
   // Starts again with the same paths (after a stop or SIGKILL).
   absl::Status Restart(const std::vector<std::string>& extra_args = {});
+  // A command the agent is started through (e.g. {"prlimit",
+  // "--nofile=128:128", "--"}); it must exec the agent in place.
+  void set_wrapper(std::vector<std::string> wrapper) {
+    wrapper_ = std::move(wrapper);
+  }
 
   Subprocess& process() { return agent_; }
   pid_t pid() const { return agent_.pid(); }
@@ -54,6 +59,7 @@ class AgentHarness {
   std::string spec_path_;
   std::string bpffs_;
   std::vector<std::string> last_args_;
+  std::vector<std::string> wrapper_;
   Subprocess agent_;
   int starts_ = 0;
 };

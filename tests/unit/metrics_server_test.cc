@@ -19,6 +19,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -316,6 +317,50 @@ TEST_F(MetricsServerTest, IdleConnectionsDoNotBlockOthers) {
   ASSERT_TRUE(r.ok) << r.error;
   EXPECT_EQ(r.code, 200);
   for (int fd : idle) ::close(fd);
+}
+
+// Issue 9 item 5: more idle connections than there are slots (a local user
+// holding the port) do not keep /healthz from answering, promptly.
+TEST_F(MetricsServerTest, IdleConnectionsBeyondEverySlotDoNotStarveProbes) {
+  std::vector<int> idle;
+  for (int i = 0; i < MetricsServer::kMaxConnections + 100; ++i) {
+    int fd = Connect(AF_INET, port_);
+    ASSERT_GE(fd, 0);
+    idle.push_back(fd);
+  }
+  for (int i = 0; i < 5; ++i) {
+    absl::Time start = absl::Now();
+    HttpReply r = Get(port_, "/healthz");
+    ASSERT_TRUE(r.ok) << r.error;
+    EXPECT_EQ(r.code, 200);
+    // Well inside a kubelet probe's default 1 s timeout (no slot freed by a
+    // timeout was needed: the idle ones are shed).
+    EXPECT_LT(absl::Now() - start, absl::Milliseconds(500));
+  }
+  for (int fd : idle) ::close(fd);
+}
+
+TEST(MetricsServerLivenessTest, HealthzReportsWhatLivenessSays) {
+  absl::Status live = absl::OkStatus();
+  std::mutex mu;
+  MetricsServerOptions options;
+  options.address = "127.0.0.1:0";
+  options.liveness = [&] {
+    std::lock_guard<std::mutex> lock(mu);
+    return live;
+  };
+  auto server = MetricsServer::Start(
+      options,
+      []() -> absl::StatusOr<MetricsSnapshot> { return MetricsSnapshot{}; });
+  ASSERT_TRUE(server.ok()) << server.status();
+  EXPECT_EQ(Get((*server)->port(), "/healthz").code, 200);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    live = absl::UnavailableError("the API has not answered for 15s");
+  }
+  HttpReply r = Get((*server)->port(), "/healthz");
+  EXPECT_EQ(r.code, 503);
+  EXPECT_THAT(r.body, ::testing::HasSubstr("the API has not answered"));
 }
 
 TEST_F(MetricsServerTest, RequestSentInPieces) {

@@ -9,6 +9,7 @@
 #include <mutex>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
 namespace portfleet {
@@ -70,6 +71,27 @@ LogMessage::~LogMessage() {
   // One write() per line so lines of concurrent processes do not interleave.
   ssize_t unused = ::write(STDERR_FILENO, line.data(), line.size());
   (void)unused;
+}
+
+bool LogRateLimiter::Allow(absl::Time now, uint64_t* dropped) {
+  if (now - window_start_ >= window_) {
+    window_start_ = now;
+    used_ = 0;
+  }
+  if (used_ >= burst_) {
+    dropped_++;
+    return false;
+  }
+  used_++;
+  *dropped = dropped_;
+  dropped_ = 0;
+  return true;
+}
+
+std::string SuppressedNote(uint64_t dropped) {
+  if (dropped == 0) return "";
+  return absl::StrCat(" (", dropped, " similar line", dropped == 1 ? "" : "s",
+                      " suppressed)");
 }
 
 }  // namespace portfleet

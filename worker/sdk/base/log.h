@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 
 namespace portfleet {
 
@@ -34,6 +35,32 @@ class LogMessage {
   LogLevel level_;
   std::ostringstream stream_;
 };
+
+// Limits log lines caused by input from outside (a peer's junk, a flood of
+// connections) to `burst` per `window`, per source: each source owns one.
+// When lines were dropped, the next allowed one says how many.
+//
+//   if (uint64_t dropped; limiter.Allow(now, &dropped)) {
+//     PF_LOG(WARNING) << "junk from pid " << pid << SuppressedNote(dropped);
+//   }
+class LogRateLimiter {
+ public:
+  explicit LogRateLimiter(int burst = 5,
+                          absl::Duration window = absl::Seconds(10))
+      : burst_(burst), window_(window) {}
+  // True when a line may be written; `*dropped` gets the number dropped
+  // since the last allowed one.
+  bool Allow(absl::Time now, uint64_t* dropped);
+
+ private:
+  const int burst_;
+  const absl::Duration window_;
+  absl::Time window_start_ = absl::InfinitePast();
+  int used_ = 0;
+  uint64_t dropped_ = 0;
+};
+// " (N similar lines suppressed)", or "" for 0.
+std::string SuppressedNote(uint64_t dropped);
 
 // Turns a stream expression into void so that PF_LOG fits in a ternary.
 struct LogVoidify {
