@@ -1,9 +1,4 @@
-// The command line against the command table.
-//
-// Leading words select the command (the longest match: "get shards");
-// flags may come anywhere after the program name, but a command's own flags
-// only once its words are complete (its short flags are its own: -f is
-// apply's --filename and events' --follow). "--" ends the flags.
+// The command line against the command table (see parser.h).
 #include <algorithm>
 
 #include "absl/strings/match.h"
@@ -12,6 +7,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "ctl/command.h"
+#include "ctl/parser.h"
 
 namespace portfleet::ctl {
 namespace {
@@ -30,21 +26,6 @@ bool IsCommandPrefix(const std::vector<std::string>& words) {
     }
   }
   return false;
-}
-
-// The flag that `spelling` ("--name" or "-x") names in `flags`.
-const FlagSpec* FindFlag(const std::vector<FlagSpec>& flags,
-                         absl::string_view spelling) {
-  for (const FlagSpec& f : flags) {
-    if (absl::StartsWith(spelling, "--") && spelling.substr(2) == f.name) {
-      return &f;
-    }
-    if (f.short_name != 0 && spelling.size() == 2 && spelling[0] == '-' &&
-        spelling[1] == f.short_name) {
-      return &f;
-    }
-  }
-  return nullptr;
 }
 
 std::string Spelling(const FlagSpec& f) { return absl::StrCat("--", f.name); }
@@ -83,104 +64,143 @@ absl::Status SetGlobal(const FlagSpec& f, const std::string& value,
 
 }  // namespace
 
-absl::StatusOr<Invocation> ParseArgs(const std::vector<std::string>& args) {
-  Invocation inv;
-  std::vector<std::string> words;
-  bool resolved = false;
-  // The longest command whose words begin `words`; the rest are arguments.
-  auto resolve = [&] {
-    resolved = true;
-    size_t best = 0;
-    for (const CommandSpec& c : Commands()) {
-      std::vector<std::string> w = Words(c);
-      if (w.size() > best && w.size() <= words.size() &&
-          std::equal(w.begin(), w.end(), words.begin())) {
-        inv.command = &c;
-        best = w.size();
-      }
+const FlagSpec* FindFlag(const std::vector<FlagSpec>& flags,
+                         absl::string_view spelling) {
+  for (const FlagSpec& f : flags) {
+    if (absl::StartsWith(spelling, "--") && spelling.substr(2) == f.name) {
+      return &f;
     }
-    if (inv.command == nullptr) {
-      inv.words = words;
-      return;
+    if (f.short_name != 0 && spelling.size() == 2 && spelling[0] == '-' &&
+        spelling[1] == f.short_name) {
+      return &f;
     }
-    inv.words.assign(words.begin(), words.begin() + best);
-    inv.args.assign(words.begin() + best, words.end());
-  };
-  auto positional = [&](const std::string& a) {
-    if (resolved) {
-      inv.args.push_back(a);
-      return;
-    }
-    std::vector<std::string> candidate = words;
-    candidate.push_back(a);
-    if (IsCommandPrefix(candidate)) {
-      words = std::move(candidate);
-      return;
-    }
-    if (words.empty()) {
-      words.push_back(a);
-      resolve();
-      return;
-    }
-    resolve();
-    inv.args.push_back(a);
-  };
+  }
+  return nullptr;
+}
 
+void CommandLineParser::Resolve() {
+  // The longest command whose words begin `words_`; the rest are arguments.
+  resolved_ = true;
+  size_t best = 0;
+  for (const CommandSpec& c : Commands()) {
+    std::vector<std::string> w = Words(c);
+    if (w.size() > best && w.size() <= words_.size() &&
+        std::equal(w.begin(), w.end(), words_.begin())) {
+      inv_.command = &c;
+      best = w.size();
+    }
+  }
+  if (inv_.command == nullptr) {
+    inv_.words = words_;
+    return;
+  }
+  inv_.words.assign(words_.begin(), words_.begin() + best);
+  inv_.args.assign(words_.begin() + best, words_.end());
+}
+
+void CommandLineParser::Finish() {
+  if (!resolved_) Resolve();
+}
+
+void CommandLineParser::Positional(const std::string& arg) {
+  if (resolved_) {
+    inv_.args.push_back(arg);
+    return;
+  }
+  std::vector<std::string> candidate = words_;
+  candidate.push_back(arg);
+  if (IsCommandPrefix(candidate)) {
+    words_ = std::move(candidate);
+  } else if (words_.empty()) {
+    words_.push_back(arg);
+    Resolve();
+  } else {
+    Resolve();
+    inv_.args.push_back(arg);
+  }
+}
+
+absl::Status CommandLineParser::Store(const FlagSpec& flag, bool global,
+                                      const std::string& value) {
+  if (global) {
+    absl::Status s = SetGlobal(flag, value, &inv_.global);
+    return lenient_ ? absl::OkStatus() : s;
+  }
+  std::vector<std::string>& values = inv_.flags[flag.name];
+  if (!flag.repeated) values.clear();
+  values.push_back(value);
+  return absl::OkStatus();
+}
+
+absl::Status CommandLineParser::Flag(const std::vector<std::string>& args,
+                                     size_t* i) {
+  const std::string& a = args[*i];
+  if (!resolved_ && !words_.empty()) Resolve();
+  std::string spelling = a;
+  std::optional<std::string> value;
+  if (size_t eq = a.find('='); eq != std::string::npos) {
+    spelling = a.substr(0, eq);
+    value = a.substr(eq + 1);
+  }
+  const FlagSpec* flag = FindFlag(GlobalFlags(), spelling);
+  const bool global = flag != nullptr;
+  if (flag == nullptr && inv_.command != nullptr) {
+    flag = FindFlag(inv_.command->flags, spelling);
+  }
+  if (flag == nullptr) {
+    // An unknown command is reported as such, not by its flags.
+    if (lenient_ || (inv_.command == nullptr && !inv_.words.empty())) {
+      return absl::OkStatus();
+    }
+    return UsageError(
+        inv_.command != nullptr
+            ? absl::StrCat(inv_.command->name, ": unknown flag ", spelling)
+            : absl::StrCat("unknown flag ", spelling));
+  }
+  if (flag->value.empty()) {
+    if (value.has_value() && *value != "true" && *value != "false") {
+      if (lenient_) return absl::OkStatus();
+      return UsageError(
+          absl::StrCat(Spelling(*flag), " takes no value (or =true, =false)"));
+    }
+    value = value.value_or("true");
+  } else if (!value.has_value()) {
+    if (*i + 1 >= args.size()) {
+      if (lenient_) {
+        pending_ = flag;
+        return absl::OkStatus();
+      }
+      return UsageError(absl::StrCat("flag ", spelling, " needs a value (",
+                                     flag->value, ")"));
+    }
+    value = args[++*i];
+  }
+  return Store(*flag, global, *value);
+}
+
+absl::Status CommandLineParser::Walk(const std::vector<std::string>& args) {
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     if (a == "--") {
-      for (++i; i < args.size(); ++i) positional(args[i]);
+      for (++i; i < args.size(); ++i) Positional(args[i]);
       break;
     }
     if (a.size() < 2 || a[0] != '-') {
-      positional(a);
+      Positional(a);
       continue;
     }
-    if (!resolved && !words.empty()) resolve();
-    std::string spelling = a;
-    std::optional<std::string> value;
-    if (size_t eq = a.find('='); eq != std::string::npos) {
-      spelling = a.substr(0, eq);
-      value = a.substr(eq + 1);
-    }
-    const FlagSpec* flag = FindFlag(GlobalFlags(), spelling);
-    const bool global = flag != nullptr;
-    if (flag == nullptr && inv.command != nullptr) {
-      flag = FindFlag(inv.command->flags, spelling);
-    }
-    if (flag == nullptr && inv.command == nullptr && !inv.words.empty()) {
-      continue;  // Run reports the unknown command, not its flags.
-    }
-    if (flag == nullptr) {
-      return UsageError(
-          inv.command != nullptr
-              ? absl::StrCat(inv.command->name, ": unknown flag ", spelling)
-              : absl::StrCat("unknown flag ", spelling));
-    }
-    if (flag->value.empty()) {
-      if (value.has_value() && *value != "true" && *value != "false") {
-        return UsageError(absl::StrCat(Spelling(*flag),
-                                       " takes no value (or =true, =false)"));
-      }
-      value = value.value_or("true");
-    } else if (!value.has_value()) {
-      if (i + 1 >= args.size()) {
-        return UsageError(absl::StrCat("flag ", spelling, " needs a value (",
-                                       flag->value, ")"));
-      }
-      value = args[++i];
-    }
-    if (global) {
-      absl::Status s = SetGlobal(*flag, *value, &inv.global);
-      if (!s.ok()) return s;
-    } else {
-      std::vector<std::string>& values = inv.flags[flag->name];
-      if (!flag->repeated) values.clear();
-      values.push_back(*value);
-    }
+    absl::Status s = Flag(args, &i);
+    if (!s.ok()) return s;
   }
-  if (!resolved) resolve();
-  return inv;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Invocation> ParseArgs(const std::vector<std::string>& args) {
+  CommandLineParser parser(/*lenient=*/false);
+  absl::Status s = parser.Walk(args);
+  if (!s.ok()) return s;
+  parser.Finish();
+  return std::move(parser.invocation());
 }
 
 absl::Status ValidateInvocation(const Invocation& inv) {

@@ -7,6 +7,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
+#include "ctl/parser.h"
 #include "worker/sdk/base/version.h"
 
 namespace portfleet::ctl {
@@ -252,32 +253,8 @@ else
 fi
 )";
 
-const FlagSpec* FindFlag(const std::vector<FlagSpec>& flags,
-                         absl::string_view spelling) {
-  for (const FlagSpec& f : flags) {
-    if (spelling == absl::StrCat("--", f.name)) return &f;
-    if (f.short_name != 0 && spelling.size() == 2 && spelling[0] == '-' &&
-        spelling[1] == f.short_name) {
-      return &f;
-    }
-  }
-  return nullptr;
-}
-
-bool IsPrefixOfCommand(const std::vector<std::string>& words) {
-  return !CommandsUnder(words).empty();
-}
-
 std::string FirstLine(absl::string_view text) {
   return std::string(text.substr(0, text.find('\n')));
-}
-
-void SetGlobalValue(const FlagSpec& f, const std::string& value,
-                    GlobalOptions* g) {
-  if (f.name == "server") g->server = value;
-  if (f.name == "tls-cert") g->tls_cert = value;
-  if (f.name == "tls-key") g->tls_key = value;
-  if (f.name == "tls-ca") g->tls_ca = value;
 }
 
 }  // namespace
@@ -429,53 +406,23 @@ std::vector<std::string> CompletionCandidates(
     const std::function<std::vector<std::string>(const GlobalOptions&)>&
         listeners) {
   const std::string cur = words.empty() ? "" : words.back();
-  // Walk the words before `cur` as the parser does.
-  std::vector<std::string> cmd_words;
-  const CommandSpec* command = nullptr;
-  bool resolved = false;
-  int nargs = 0;
-  const FlagSpec* pending = nullptr;  // a flag waiting for its value
-  bool pending_global = false;
-  GlobalOptions global;
-  auto resolve = [&] {
-    resolved = true;
+  // The words before `cur`, walked as the parser does.
+  CommandLineParser parser(/*lenient=*/true);
+  (void)parser.Walk(std::vector<std::string>(
+      words.begin(), words.empty() ? words.end() : words.end() - 1));
+  const Invocation& inv = parser.invocation();
+  const CommandSpec* command = inv.command;
+  if (!parser.resolved()) {
     for (const CommandSpec& c : Commands()) {
-      if (Words(c) == cmd_words) command = &c;
-    }
-  };
-  for (size_t i = 0; i + 1 < words.size(); ++i) {
-    const std::string& w = words[i];
-    if (pending != nullptr) {
-      if (pending_global) SetGlobalValue(*pending, w, &global);
-      pending = nullptr;
-      continue;
-    }
-    if (w.size() > 1 && w[0] == '-') {
-      if (!resolved && !cmd_words.empty()) resolve();
-      if (w.find('=') != std::string::npos) continue;
-      const FlagSpec* f = FindFlag(GlobalFlags(), w);
-      pending_global = f != nullptr;
-      if (f == nullptr && command != nullptr) f = FindFlag(command->flags, w);
-      if (f != nullptr && !f->value.empty()) pending = f;
-      continue;
-    }
-    if (resolved) {
-      ++nargs;
-      continue;
-    }
-    std::vector<std::string> next = cmd_words;
-    next.push_back(w);
-    if (IsPrefixOfCommand(next)) {
-      cmd_words = std::move(next);
-    } else {
-      resolve();
-      ++nargs;
+      if (Words(c) == parser.words()) command = &c;
     }
   }
-
   std::vector<std::string> out;
   auto offer = [&](const std::string& word, const std::string& description) {
     if (!absl::StartsWith(word, cur)) return;
+    for (const std::string& o : out) {
+      if (o.substr(0, o.find('\t')) == word) return;
+    }
     out.push_back(description.empty() ? word
                                       : absl::StrCat(word, "\t", description));
   };
@@ -486,17 +433,12 @@ std::vector<std::string> CompletionCandidates(
     } else if (kind == Complete::kFile) {
       out = {":file"};
     } else if (kind == Complete::kListener) {
-      for (const std::string& name : listeners(global)) offer(name, "");
+      for (const std::string& name : listeners(inv.global)) offer(name, "");
     }
   };
-  if (pending != nullptr) {
+  if (const FlagSpec* pending = parser.pending()) {
     offer_values(pending->complete, pending->choices);
     return out;
-  }
-  if (!resolved) {
-    for (const CommandSpec& c : Commands()) {
-      if (Words(c) == cmd_words) command = &c;
-    }
   }
   if (absl::StartsWith(cur, "-")) {
     std::vector<FlagSpec> flags = GlobalFlags();
@@ -508,20 +450,16 @@ std::vector<std::string> CompletionCandidates(
     }
     return out;
   }
-  if (!resolved) {
-    // The next command word (and, below, the arguments when the words so far
-    // are a command already).
-    for (const CommandSpec* c : CommandsUnder(cmd_words)) {
+  if (!parser.resolved()) {
+    // The next command word; below, the arguments when the words so far are
+    // a command already.
+    const size_t n = parser.words().size();
+    for (const CommandSpec* c : CommandsUnder(parser.words())) {
       std::vector<std::string> w = Words(*c);
-      if (w.size() <= cmd_words.size()) continue;
-      const std::string& word = w[cmd_words.size()];
-      if (std::find_if(out.begin(), out.end(), [&](const std::string& o) {
-            return o.substr(0, o.find('\t')) == word;
-          }) == out.end()) {
-        offer(word, w.size() == cmd_words.size() + 1 ? c->summary : "");
-      }
+      if (w.size() > n) offer(w[n], w.size() == n + 1 ? c->summary : "");
     }
   }
+  const int nargs = parser.resolved() ? static_cast<int>(inv.args.size()) : 0;
   if (command != nullptr &&
       (command->max_args < 0 || nargs < command->max_args)) {
     offer_values(command->arg_complete, command->arg_choices);
