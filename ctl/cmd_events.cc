@@ -137,14 +137,8 @@ class RawInput {
 };
 
 absl::Status RunTop(Context& ctx) {
-  absl::Duration interval = absl::Seconds(2);
-  if (std::optional<std::string> v = ctx.Flag("interval")) {
-    if (!absl::ParseDuration(*v, &interval) ||
-        interval < absl::Milliseconds(100)) {
-      return UsageError(
-          absl::StrCat("--interval: bad duration '", *v, "' (at least 100ms)"));
-    }
-  }
+  absl::StatusOr<absl::Duration> interval = ctx.IntervalFlag();
+  if (!interval.ok()) return interval.status();
   int iterations = 0;
   if (std::optional<std::string> v = ctx.Flag("iterations")) {
     if (!absl::SimpleAtoi(*v, &iterations) || iterations < 0) {
@@ -162,7 +156,7 @@ absl::Status RunTop(Context& ctx) {
     if (ctx.env().terminal) ctx.out() << "\033[H\033[2J";
     ctx.PrintItem(*resp, [&](Format, std::ostream& out) {
       out << "portfleet top — " << ctx.server() << " — every "
-          << absl::FormatDuration(interval) << " (q to quit)\n\n";
+          << absl::FormatDuration(*interval) << " (q to quit)\n\n";
       Table t({"LISTENER", "SHARD", "STATE", "PID", "CONNECTIONS", "QUEUE",
                "ACCEPTED", "SHARE"});
       for (const v1::ListenerState& l : resp->listeners()) {
@@ -193,7 +187,7 @@ absl::Status RunTop(Context& ctx) {
       t.Print(out, ctx.headers());
     });
     if (iterations != 0 && i + 1 >= iterations) break;
-    if (input.WaitQuit(interval)) break;
+    if (input.WaitQuit(*interval)) break;
   }
   return absl::OkStatus();
 }

@@ -201,15 +201,9 @@ absl::Status WatchShards(Context& ctx, absl::Duration interval) {
 }
 
 absl::Status RunGetShards(Context& ctx) {
-  absl::Duration interval = absl::Seconds(2);
-  if (std::optional<std::string> v = ctx.Flag("interval")) {
-    if (!absl::ParseDuration(*v, &interval) ||
-        interval < absl::Milliseconds(100)) {
-      return UsageError(
-          absl::StrCat("--interval: bad duration '", *v, "' (at least 100ms)"));
-    }
-  }
-  if (ctx.Switch("watch")) return WatchShards(ctx, interval);
+  absl::StatusOr<absl::Duration> interval = ctx.IntervalFlag();
+  if (!interval.ok()) return interval.status();
+  if (ctx.Switch("watch")) return WatchShards(ctx, *interval);
   v1::ListShardsResponse resp;
   absl::Status s = ListShards(ctx, &resp);
   if (!s.ok()) return s;

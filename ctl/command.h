@@ -144,6 +144,8 @@ class Context {
   // Every value of a repeated flag, split on ','.
   std::vector<std::string> FlagList(const std::string& name) const;
   bool Switch(const std::string& name) const;
+  // --interval of the polling commands: default 2s, at least 100ms.
+  absl::StatusOr<absl::Duration> IntervalFlag() const;
   const GlobalOptions& global() const { return inv_.global; }
   Format format() const;
   bool headers() const { return !inv_.global.no_headers; }

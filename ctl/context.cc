@@ -155,6 +155,18 @@ bool Context::Switch(const std::string& name) const {
   return Flag(name).value_or("false") == "true";
 }
 
+absl::StatusOr<absl::Duration> Context::IntervalFlag() const {
+  absl::Duration interval = absl::Seconds(2);
+  if (std::optional<std::string> v = Flag("interval")) {
+    if (!absl::ParseDuration(*v, &interval) ||
+        interval < absl::Milliseconds(100)) {
+      return UsageError(
+          absl::StrCat("--interval: bad duration '", *v, "' (at least 100ms)"));
+    }
+  }
+  return interval;
+}
+
 Format Context::format() const {
   if (inv_.global.output.has_value()) return *inv_.global.output;
   return command().formats.empty() ? Format::kTable : command().formats[0];

@@ -518,6 +518,8 @@ TEST_F(CtlTest, UsageErrorsExitTwo) {
            {"--shards", "3", "scale", "web"},
            {"drain", "web"},
            {"events", "--type", "bogus"},
+           {"top", "--interval", "10ms"},
+           {"get", "shards", "web", "--watch", "--interval", "soon"},
            {"events", "-f", "x"},
            {"apply", "-f"},
            {"completion", "fish"},
