@@ -95,6 +95,10 @@ bool IsUsageError(const absl::Status& status) {
 }
 
 absl::Status FromGrpc(const grpc::Status& status) {
+  static_assert(static_cast<int>(absl::StatusCode::kUnavailable) ==
+                grpc::StatusCode::UNAVAILABLE);
+  static_assert(static_cast<int>(absl::StatusCode::kUnauthenticated) ==
+                grpc::StatusCode::UNAUTHENTICATED);
   return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
                       status.error_message());
 }
