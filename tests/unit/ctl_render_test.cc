@@ -85,7 +85,7 @@ TEST(RenderTest, JsonHasEveryFieldNumbersAndShortEnums) {
             R"("shards":[{"index":0,"state":"running","pid":1000,"cpu":-1,)"
             R"("restarts":0,"ready":true,"queueDepth":0,"activeConnections":0,)"
             R"("acceptedTotal":18446744073709551615,"counters":{"selected":5,)"
-            R"("migrated":0,"fallback":0},"socketInode":0}]})");
+            R"("migrated":0,"fallback":0},"socketInode":0}],"error":""})");
 }
 
 TEST(RenderTest, SpecStyleKeepsOnlySetFieldsAndFullNames) {
