@@ -29,6 +29,7 @@ int main(int argc, char** argv) {
 
   portfleet::ctl::CtlEnv env;
   env.out = &std::cout;
+  env.in = &std::cin;
   env.err = &std::cerr;
   env.getenv = [](const std::string& name) -> std::optional<std::string> {
     const char* v = std::getenv(name.c_str());

@@ -14,6 +14,8 @@ PACKAGES=(
   # tests
   libgtest-dev libgmock-dev iproute2 libcap2-bin curl
   python3 python3-grpcio python3-grpc-tools
+  # portfleetctl tests: YAML output read back, completion scripts, man page
+  python3-yaml bash zsh groff-base
 )
 
 missing=()

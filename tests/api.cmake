@@ -35,3 +35,23 @@ portfleet_test(api_tls_test
   SOURCES unit/api_tls_test.cc
   LIBS portfleet_ctl_lib portfleet_api portfleet_testing
   LABELS unit)
+
+# portfleetctl beyond the commands: the reflection walk behind -o json|yaml
+# (a YAML parser reads the YAML back), golden output per format
+# (tests/unit/testdata/ctl), completion scripts run by bash and zsh against
+# the built binary, the man page rendered by groff.
+portfleet_test(ctl_render_test
+  SOURCES unit/ctl_render_test.cc
+  LIBS portfleet_ctl_lib portfleet_testing
+  LABELS unit)
+
+portfleet_test(ctl_golden_test
+  SOURCES unit/ctl_golden_test.cc
+  LIBS portfleet_ctl_lib portfleet_api portfleet_testing
+  LABELS unit)
+
+portfleet_test(ctl_shell_test
+  SOURCES unit/ctl_shell_test.cc
+  LIBS portfleet_ctl_lib portfleet_api portfleet_testing
+  LABELS unit)
+add_dependencies(ctl_shell_test portfleetctl portfleetctl_man)

@@ -1,97 +1,45 @@
-// portfleetctl in-process: every command's table and JSON output against a
+// portfleetctl in-process: every command and output format against a
 // FakeController behind a real ApiServer, and the exit codes for usage
-// errors (2), agent errors (1) and an unreachable agent (3).
-#include <grpcpp/grpcpp.h>
+// errors (2), agent errors (1), an unreachable agent (3), a socket this user
+// may not open (4) and an agent that is shutting down (5).
+#include <grp.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <cstring>
 #include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
 
-#include "agent/api/server.h"
-#include "ctl/ctl.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "tests/testing/process.h"
-#include "tests/unit/api_fake_controller.h"
+#include "tests/unit/ctl_test_env.h"
+#include "worker/sdk/base/fd.h"
 
 namespace portfleet::ctl {
 namespace {
 
+using ::portfleet::ctl::testing::Background;
+using ::portfleet::ctl::testing::CtlTest;
+using ::portfleet::ctl::testing::Result;
 using ::portfleet::testing::FakeController;
 using ::portfleet::testing::TempDir;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using ::testing::StartsWith;
 
-ApiServerOptions Options(const std::string& address) {
-  ApiServerOptions options;
-  options.address = address;
-  return options;
-}
-
-CtlEnv Env(std::ostream* out, std::ostream* err,
-           const std::atomic<bool>* interrupted = nullptr) {
+CtlEnv Env(std::ostream* out, std::ostream* err) {
   CtlEnv env;
   env.out = out;
   env.err = err;
-  env.interrupted = interrupted;
   return env;
 }
-
-struct Result {
-  int code;
-  std::string out;
-  std::string err;
-};
-
-class CtlTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    server_address_ = "unix://" + dir_.path() + "/api.sock";
-    auto server = ApiServer::Start(Options(server_address_), &fake_);
-    ASSERT_TRUE(server.ok()) << server.status();
-    server_ = std::move(*server);
-  }
-
-  // Runs portfleetctl with `args`, the server from PORTFLEET_SERVER.
-  Result Ctl(std::vector<std::string> args) {
-    std::ostringstream out, err;
-    CtlEnv env;
-    env.out = &out;
-    env.err = &err;
-    env.getenv = [this](const std::string& name) -> std::optional<std::string> {
-      if (name == "PORTFLEET_SERVER") return server_address_;
-      return std::nullopt;
-    };
-    int code = ::portfleet::ctl::Run(env, args);
-    return {code, out.str(), err.str()};
-  }
-
-  void ApplyWeb() {
-    std::string spec = dir_.WriteFile("fleet.textproto", R"pb(
-      listeners {
-        name: "web"
-        address: "127.0.0.1:8080"
-        shards: 2
-        worker { command: "portfleet-worker" args: "--mode=http" }
-      }
-      listeners {
-        name: "api"
-        address: "127.0.0.1:9000"
-        shards: 3
-        worker { command: "portfleet-worker" }
-        steering { policy: STEERING_POLICY_CPU }
-      }
-    )pb");
-    Result r = Ctl({"apply", "-f", spec});
-    ASSERT_EQ(r.code, 0) << r.err;
-  }
-
-  TempDir dir_;
-  FakeController fake_;
-  std::string server_address_;
-  std::unique_ptr<ApiServer> server_;
-};
 
 TEST_F(CtlTest, ApplyCreatesUpdatesAndReportsUnchanged) {
   std::string spec = dir_.WriteFile("fleet.textproto", R"pb(
@@ -122,9 +70,61 @@ TEST_F(CtlTest, ApplyCreatesUpdatesAndReportsUnchanged) {
   )pb");
   r = Ctl({"-o", "json", "apply", "-f", spec});
   EXPECT_EQ(r.code, 0) << r.err;
-  EXPECT_THAT(r.out, HasSubstr(R"({"name": "web", "action": "configured"})"));
-  EXPECT_THAT(r.out, HasSubstr(R"({"name": "api", "action": "created"})"));
+  EXPECT_EQ(r.out, R"({
+  "listeners": [
+    {
+      "name": "web",
+      "action": "configured"
+    },
+    {
+      "name": "api",
+      "action": "created"
+    }
+  ]
+}
+)");
   EXPECT_EQ(fake_.GetListener("web")->shards.size(), 4u);
+  r = Ctl({"apply", "-f", spec, "-o", "name"});
+  EXPECT_EQ(r.out, "listener/web\nlistener/api\n");
+}
+
+TEST_F(CtlTest, ApplyFromStandardInput) {
+  Result r = Ctl({"apply", "-f", "-"}, R"({"listeners": [{"name": "web",
+      "address": "127.0.0.1:8080", "worker": {"command": "w"}}]})");
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "listener/web created\n");
+  r = Ctl({"apply", "-f", "-"},
+          "listeners { name: \"api\" address: \"127.0.0.1:9000\" "
+          "worker { command: \"w\" } }");
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "listener/api created\n");
+  r = Ctl({"apply", "-f", "-"}, "listeners { nme: \"x\" }");
+  EXPECT_EQ(r.code, kExitUsage);
+  EXPECT_THAT(r.err, HasSubstr("<stdin>:1:"));
+}
+
+TEST_F(CtlTest, ApplyStopsAtTheFirstRefusedListener) {
+  ApplyWeb();
+  // "db" takes web's address: the agent refuses it; "zz" is not tried.
+  std::string spec = dir_.WriteFile("clash.textproto", R"pb(
+    listeners {
+      name: "db"
+      address: "127.0.0.1:8080"
+      worker { command: "w" }
+    }
+    listeners {
+      name: "zz"
+      address: "127.0.0.1:7000"
+      worker { command: "w" }
+    }
+  )pb");
+  Result r = Ctl({"apply", "-f", spec, "-o", "yaml"});
+  EXPECT_EQ(r.code, kExitAgentError);
+  EXPECT_EQ(r.out, "listeners: []\n");
+  EXPECT_THAT(r.err, StartsWith("portfleetctl: listener/db: address "
+                                "127.0.0.1:8080 is taken"));
+  EXPECT_THAT(r.err, HasSubstr("(ALREADY_EXISTS)"));
+  EXPECT_FALSE(fake_.GetListener("zz").ok());
 }
 
 TEST_F(CtlTest, ApplyBadFileIsUsageErrorWithFileName) {
@@ -134,7 +134,9 @@ TEST_F(CtlTest, ApplyBadFileIsUsageErrorWithFileName) {
   EXPECT_EQ(r.code, kExitUsage);
   EXPECT_THAT(r.err, StartsWith("portfleetctl: "));
   EXPECT_THAT(r.err, HasSubstr("bad.textproto"));
-  EXPECT_EQ(Ctl({"apply"}).code, kExitUsage);
+  r = Ctl({"apply"});
+  EXPECT_EQ(r.code, kExitUsage);
+  EXPECT_THAT(r.err, HasSubstr("apply: --filename FILE required"));
 }
 
 TEST_F(CtlTest, Status) {
@@ -142,14 +144,22 @@ TEST_F(CtlTest, Status) {
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_THAT(r.out, StartsWith("VERSION   UPTIME   LISTENERS   SERVING   "
                                 "BPF-STEERING\n9.8.7     1h2m     0"));
+  r = Ctl({"status", "-o", "wide", "--no-headers"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, ::testing::MatchesRegex(
+                         "9\\.8\\.7   1h2m   [0-9T:-]+Z   0   yes   active\n"));
   r = Ctl({"status", "-o", "json"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr(R"("version": "9.8.7")"));
+  EXPECT_THAT(r.out, HasSubstr(R"("uptimeSeconds": 3725)"));
   EXPECT_THAT(r.out, HasSubstr(R"("bpfSteeringActive": true)"));
+  r = Ctl({"status", "-o", "proto-json"});
+  EXPECT_THAT(r.out, HasSubstr(R"("uptimeSeconds": "3725")"));
 }
 
 TEST_F(CtlTest, GetListeners) {
   EXPECT_EQ(Ctl({"get", "listeners"}).out, "No listeners.\n");
+  EXPECT_EQ(Ctl({"get", "listeners", "-o", "name"}).out, "");
   ApplyWeb();
   Result r = Ctl({"get", "listeners"});
   ASSERT_EQ(r.code, 0) << r.err;
@@ -162,7 +172,11 @@ TEST_F(CtlTest, GetListeners) {
   r = Ctl({"get", "listeners", "-o", "json"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr(R"("name": "api")"));
+  EXPECT_THAT(r.out, HasSubstr(R"("policy": "cpu")"));
+  r = Ctl({"get", "listeners", "-o", "proto-json"});
   EXPECT_THAT(r.out, HasSubstr(R"("policy": "STEERING_POLICY_CPU")"));
+  EXPECT_EQ(Ctl({"get", "listeners", "-o", "name"}).out,
+            "listener/api\nlistener/web\n");
 }
 
 TEST_F(CtlTest, GetListener) {
@@ -192,8 +206,55 @@ TEST_F(CtlTest, GetShards) {
             "1       running   yes     1001   1     0          1       10   "
             "         10         0          0\n");
   r = Ctl({"get", "shards", "web", "-o", "json"});
-  EXPECT_THAT(r.out, HasSubstr(R"("state": "SHARD_STATE_RUNNING")"));
+  EXPECT_THAT(r.out, HasSubstr(R"("state": "running")"));
   EXPECT_THAT(r.out, HasSubstr(R"("pid": 1001)"));
+  EXPECT_THAT(r.out, HasSubstr(R"("activeConnections": 10)"));
+  r = Ctl({"get", "shards", "web", "-o", "proto-json"});
+  EXPECT_THAT(r.out, HasSubstr(R"("state": "SHARD_STATE_RUNNING")"));
+  EXPECT_THAT(r.out, HasSubstr(R"("activeConnections": "10")"));
+  EXPECT_EQ(Ctl({"get", "shards", "web", "-o", "name"}).out,
+            "listener/web/shard/0\nlistener/web/shard/1\n");
+}
+
+TEST_F(CtlTest, GetShardsWatchPrintsChanges) {
+  ApplyWeb();
+  std::unique_ptr<Background> watch =
+      Start({"get", "shards", "web", "--watch", "--interval", "100ms"});
+  ASSERT_TRUE(watch->WaitForOutput("\n1       running")) << watch->err();
+  ASSERT_EQ(Ctl({"scale", "web", "--shards", "3"}).code, 0);
+  ASSERT_TRUE(watch->WaitForOutput("\n2       running")) << watch->out();
+  ASSERT_EQ(Ctl({"drain", "web", "--shard", "2"}).code, 0);
+  ASSERT_TRUE(watch->WaitForOutput("\n2       stopped")) << watch->out();
+  EXPECT_EQ(watch->Stop(), 0) << watch->err();
+  const std::string out = watch->out();
+  // One header; rows printed later line up with the first table.
+  EXPECT_EQ(out.find("INDEX"), 0u);
+  EXPECT_EQ(out.find("INDEX", 1), std::string::npos);
+  EXPECT_THAT(out, HasSubstr("\n2       running   yes     1002   2     0"));
+  EXPECT_THAT(out, HasSubstr("\n2       stopped   no      -      2     0"));
+}
+
+TEST_F(CtlTest, GetShardsWatchJsonLines) {
+  ApplyWeb();
+  std::unique_ptr<Background> watch = Start(
+      {"get", "shards", "web", "-w", "--interval", "100ms", "-o", "json"});
+  ASSERT_TRUE(watch->WaitForOutput("\"index\":1,")) << watch->err();
+  EXPECT_EQ(watch->Stop(), 0);
+  std::vector<std::string> lines =
+      absl::StrSplit(watch->out(), '\n', absl::SkipEmpty());
+  ASSERT_EQ(lines.size(), 2u);
+  EXPECT_THAT(lines[0],
+              StartsWith(R"({"index":0,"state":"running","pid":1000)"));
+}
+
+TEST_F(CtlTest, GetShardsWatchEndsWithTheListener) {
+  ApplyWeb();
+  std::unique_ptr<Background> watch =
+      Start({"get", "shards", "web", "--watch", "--interval", "100ms"});
+  ASSERT_TRUE(watch->WaitForOutput("\n1       running"));
+  ASSERT_EQ(Ctl({"delete", "listener", "web"}).code, 0);
+  EXPECT_EQ(watch->Join(), kExitAgentError);
+  EXPECT_THAT(watch->err(), HasSubstr("not found (NOT_FOUND)"));
 }
 
 TEST_F(CtlTest, ScaleDrainSteerDelete) {
@@ -209,11 +270,21 @@ TEST_F(CtlTest, ScaleDrainSteerDelete) {
   EXPECT_EQ(r.out, "listener/web steering set to hash (1,2,3)\n");
   r = Ctl({"-o", "json", "steer", "web", "--policy", "cpu"});
   EXPECT_EQ(r.code, 0) << r.err;
-  EXPECT_THAT(r.out, HasSubstr(R"("policy": "STEERING_POLICY_CPU")"));
+  EXPECT_THAT(r.out, HasSubstr(R"("policy": "cpu")"));
+  r = Ctl({"-o", "name", "scale", "web", "--shards", "2"});
+  EXPECT_EQ(r.out, "listener/web\n");
+  r = Ctl({"rollout", "web", "--worker-command", "/opt/v2", "--worker-args",
+           "--mode=echo  -v", "-o", "yaml"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("    worker:\n      command: /opt/v2\n"
+                               "      args:\n      - \"--mode=echo\"\n"
+                               "      - \"-v\"\n"));
   r = Ctl({"delete", "listener", "web"});
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(r.out, "listener/web deleted\n");
-  EXPECT_EQ(Ctl({"delete", "listener", "web"}).code, kExitAgentError);
+  r = Ctl({"delete", "listener", "web"});
+  EXPECT_EQ(r.code, kExitAgentError);
+  EXPECT_EQ(r.err, "portfleetctl: listener \"web\" not found (NOT_FOUND)\n");
 }
 
 TEST_F(CtlTest, AgentErrorsExitOne) {
@@ -228,19 +299,86 @@ TEST_F(CtlTest, AgentErrorsExitOne) {
   r = Ctl({"steer", "web", "--policy", "hash"});
   EXPECT_EQ(r.code, kExitAgentError);
   EXPECT_THAT(r.err, HasSubstr("FAILED_PRECONDITION"));
+  r = Ctl({"rollout", "web", "--worker-command", "fails-to-start"});
+  EXPECT_EQ(r.code, kExitAgentError);
+  EXPECT_THAT(r.err, HasSubstr("rolled back (FAILED_PRECONDITION)"));
+}
+
+TEST_F(CtlTest, GetSpecRoundTripsThroughApply) {
+  ApplyWeb();
+  ASSERT_EQ(Ctl({"steer", "web", "--policy", "hash", "--weights", "1,3"}).code,
+            0);
+  // Another agent (fake) to copy the fleet to.
+  FakeController other;
+  const std::string other_address = "unix://" + dir_.path() + "/other.sock";
+  ApiServerOptions options;
+  options.address = other_address;
+  auto other_server = ApiServer::Start(options, &other);
+  ASSERT_TRUE(other_server.ok()) << other_server.status();
+
+  for (const std::string format : {"textproto", "json"}) {
+    SCOPED_TRACE(format);
+    Result spec = Ctl({"get", "spec", "-o", format});
+    ASSERT_EQ(spec.code, 0) << spec.err;
+    const std::string file = dir_.WriteFile(
+        format == "json" ? "spec.json" : "spec.textproto", spec.out);
+    // Applied back to the same agent: nothing to do.
+    Result r = Ctl({"apply", "-f", file});
+    EXPECT_EQ(r.code, 0) << r.err;
+    EXPECT_EQ(r.out, "listener/api unchanged\nlistener/web unchanged\n");
+    // Applied to another agent: the same spec, byte for byte.
+    r = Ctl({"--server", other_address, "apply", "-f", "-"}, spec.out);
+    EXPECT_EQ(r.code, 0) << r.err;
+    r = Ctl({"--server", other_address, "get", "spec", "-o", format});
+    EXPECT_EQ(r.out, spec.out);
+    for (const char* name : {"api", "web"}) {
+      ASSERT_EQ(
+          Ctl({"--server", other_address, "delete", "listener", name}).code, 0);
+    }
+  }
+}
+
+TEST_F(CtlTest, GetSpecOfOneListener) {
+  ApplyWeb();
+  Result r = Ctl({"get", "spec", "api"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out,
+            "listeners {\n"
+            "  name: \"api\"\n"
+            "  address: \"127.0.0.1:9000\"\n"
+            "  shards: 3\n"
+            "  worker {\n"
+            "    command: \"portfleet-worker\"\n"
+            "  }\n"
+            "  steering {\n"
+            "    policy: STEERING_POLICY_CPU\n"
+            "  }\n"
+            "}\n");
+  r = Ctl({"get", "spec", "nosuch"});
+  EXPECT_EQ(r.code, kExitAgentError);
+  EXPECT_THAT(r.err, HasSubstr("not found (NOT_FOUND)"));
+  r = Ctl({"get", "spec", "-o", "table"});
+  EXPECT_EQ(r.code, kExitUsage);
+  EXPECT_THAT(r.err, HasSubstr("use one of textproto, json, yaml"));
 }
 
 TEST_F(CtlTest, Health) {
   Result r = Ctl({"health"});
   EXPECT_EQ(r.code, kExitAgentError);
   EXPECT_EQ(r.out, "NOT_SERVING\n");
+  EXPECT_THAT(r.err, HasSubstr("not serving"));
   server_->SetServing(true);
   r = Ctl({"health"});
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(r.out, "SERVING\n");
   r = Ctl({"health", "--service", "portfleet.v1.FleetService", "-o", "json"});
   EXPECT_EQ(r.code, 0) << r.err;
-  EXPECT_EQ(r.out, "{\n  \"status\": \"SERVING\"\n}\n");
+  EXPECT_EQ(r.out, "{\n  \"status\": \"serving\"\n}\n");
+  r = Ctl({"health", "-o", "proto-json"});
+  EXPECT_EQ(r.out, "{\n \"status\": \"SERVING\"\n}\n");
+  r = Ctl({"health", "--service", "no.such.Service"});
+  EXPECT_EQ(r.code, kExitAgentError);
+  EXPECT_THAT(r.err, HasSubstr("(NOT_FOUND)"));
 }
 
 TEST_F(CtlTest, Version) {
@@ -248,53 +386,97 @@ TEST_F(CtlTest, Version) {
   EXPECT_EQ(r.code, 0);
   EXPECT_THAT(r.out, HasSubstr("Client: "));
   EXPECT_THAT(r.out, HasSubstr("Server: 9.8.7\n"));
+  r = Ctl({"version", "-o", "json"});
+  EXPECT_THAT(r.out, HasSubstr("\"server\": \"9.8.7\""));
   r = Ctl({"version", "-o", "json", "--server",
            "unix://" + dir_.path() + "/nothing.sock", "--timeout", "1s"});
   EXPECT_EQ(r.code, 0);
   EXPECT_THAT(r.out, HasSubstr("\"client\": "));
-  EXPECT_THAT(r.out, ::testing::Not(HasSubstr("server")));
+  EXPECT_THAT(r.out, Not(HasSubstr("\"server\"")));
+  EXPECT_THAT(r.out, HasSubstr("\"serverError\": \"cannot reach the agent"));
 }
 
 TEST_F(CtlTest, EventsFollowsUntilInterrupted) {
   ApplyWeb();
-  std::atomic<bool> interrupted{false};
-  std::ostringstream out, err;
-  CtlEnv env;
-  env.out = &out;
-  env.err = &err;
-  env.interrupted = &interrupted;
-  int code = -1;
-  std::thread t([&] {
-    code = ::portfleet::ctl::Run(
-        env, {"--server", server_address_, "events", "-o", "json"});
-  });
+  std::unique_ptr<Background> events = Start({"events", "-f", "-o", "json"});
   ASSERT_TRUE(::portfleet::testing::WaitFor(
       [&] { return fake_.subscribers() == 1; }, absl::Seconds(5)));
   fake_.Emit(v1::EVENT_TYPE_DRAIN_BEGUN, "web", "draining", 1);
-  absl::SleepFor(absl::Milliseconds(300));
-  interrupted = true;
-  t.join();
-  EXPECT_EQ(code, 0) << err.str();
-  EXPECT_THAT(out.str(), HasSubstr(R"("type":"EVENT_TYPE_DRAIN_BEGUN")"));
-  EXPECT_THAT(out.str(), HasSubstr(R"("message":"draining")"));
+  ASSERT_TRUE(events->WaitForOutput("\n"));
+  EXPECT_EQ(events->Stop(), 0) << events->err();
+  EXPECT_THAT(events->out(),
+              StartsWith(R"({"type":"drain-begun","timeUnixMicros":)"));
+  EXPECT_THAT(
+      events->out(),
+      HasSubstr(
+          R"("listener":"web","shard":1,"pid":1234,"message":"draining"})"));
 }
 
 TEST_F(CtlTest, EventsTable) {
-  std::atomic<bool> interrupted{false};
-  std::ostringstream out, err;
-  CtlEnv env = Env(&out, &err, &interrupted);
-  std::thread t([&] {
-    ::portfleet::ctl::Run(env, {"--server", server_address_, "events"});
-  });
+  std::unique_ptr<Background> events = Start({"events", "--follow"});
   ASSERT_TRUE(::portfleet::testing::WaitFor(
       [&] { return fake_.subscribers() == 1; }, absl::Seconds(5)));
   fake_.Emit(v1::EVENT_TYPE_SHARD_RESTARTED, "web", "exit status 1", 2);
-  absl::SleepFor(absl::Milliseconds(300));
-  interrupted = true;
-  t.join();
-  EXPECT_THAT(out.str(), StartsWith("TIME "));
-  EXPECT_THAT(out.str(), HasSubstr("shard-restarted    web              2 "));
-  EXPECT_THAT(out.str(), HasSubstr("exit status 1"));
+  ASSERT_TRUE(events->WaitForOutput("exit status 1"));
+  events->Stop();
+  EXPECT_THAT(events->out(),
+              StartsWith("TIME                       TYPE               "
+                         "LISTENER         SHARD   PID      MESSAGE\n"));
+  EXPECT_THAT(events->out(),
+              HasSubstr("Z   shard-restarted    web              2       "
+                        "1234     exit status 1\n"));
+}
+
+TEST_F(CtlTest, EventsFilterByType) {
+  std::unique_ptr<Background> events =
+      Start({"events", "--type", "error", "--type=drain-done,shard-exited",
+             "--no-headers", "-o", "yaml"});
+  ASSERT_TRUE(::portfleet::testing::WaitFor(
+      [&] { return fake_.subscribers() == 1; }, absl::Seconds(5)));
+  fake_.Emit(v1::EVENT_TYPE_SHARD_RESTARTED, "web", "not shown", 2);
+  fake_.Emit(v1::EVENT_TYPE_DRAIN_DONE, "web", "drained", 2);
+  fake_.Emit(v1::EVENT_TYPE_ERROR, "api", "bad", -1);
+  ASSERT_TRUE(events->WaitForOutput("message: bad\n"));
+  events->Stop();
+  const std::string out = events->out();
+  EXPECT_THAT(out, StartsWith("---\ntype: drain-done\n"));
+  EXPECT_THAT(out, HasSubstr("---\ntype: error\n"));
+  EXPECT_THAT(out, Not(HasSubstr("not shown")));
+}
+
+TEST_F(CtlTest, EventsEndWhenTheAgentShutsDown) {
+  std::unique_ptr<Background> events = Start({"events"});
+  ASSERT_TRUE(::portfleet::testing::WaitFor(
+      [&] { return fake_.subscribers() == 1; }, absl::Seconds(5)));
+  server_->Shutdown();
+  EXPECT_EQ(events->Join(), kExitShuttingDown);
+  EXPECT_THAT(events->err(), StartsWith("portfleetctl: the agent at unix://"));
+  EXPECT_THAT(events->err(), HasSubstr("is shutting down"));
+}
+
+// A controller that is closing: every call fails as the agent's does.
+class ClosingController : public FakeController {
+ public:
+  absl::StatusOr<std::vector<ListenerStatus>> ListListeners() override {
+    return absl::UnavailableError("the agent is shutting down");
+  }
+};
+
+TEST(CtlShuttingDownTest, ExitsFive) {
+  TempDir dir;
+  ClosingController closing;
+  ApiServerOptions options;
+  options.address = "unix://" + dir.path() + "/api.sock";
+  auto server = ApiServer::Start(options, &closing);
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::ostringstream out, err;
+  EXPECT_EQ(::portfleet::ctl::Run(Env(&out, &err), {"--server", options.address,
+                                                    "get", "listeners"}),
+            kExitShuttingDown);
+  EXPECT_EQ(err.str(), "portfleetctl: the agent at " + options.address +
+                           " is shutting down (the agent is shutting down); "
+                           "retry once it, or the agent taking over from it, "
+                           "serves\n");
 }
 
 TEST_F(CtlTest, TopShowsShardsAndShare) {
@@ -307,7 +489,7 @@ TEST_F(CtlTest, TopShowsShardsAndShare) {
   EXPECT_THAT(r.out, HasSubstr("web        0       running   1000   0  "
                                "           0       0          33%\n"));
   EXPECT_THAT(r.out, HasSubstr("66%"));
-  EXPECT_THAT(r.out, ::testing::Not(HasSubstr("api ")));
+  EXPECT_THAT(r.out, Not(HasSubstr("api ")));
   r = Ctl({"top", "-o", "json", "--iterations", "2", "--interval", "100ms"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 2);
@@ -322,15 +504,26 @@ TEST_F(CtlTest, UsageErrorsExitTwo) {
            {"get", "widgets"},
            {"get", "listener"},
            {"get", "listener", "a", "b"},
+           {"get", "spec", "-o", "wide"},
            {"scale", "web"},
            {"scale", "web", "--shards", "many"},
            {"steer", "web", "--policy", "random"},
            {"steer", "web", "--policy", "hash", "--weights", "1,x"},
-           {"status", "-o", "yaml"},
+           {"status", "-o", "xml"},
+           {"status", "-o", "name"},
            {"status", "--timeout", "soon"},
            {"status", "--shards", "3"},
            {"status", "--bogus"},
+           {"status", "--no-headers=maybe"},
+           {"--shards", "3", "scale", "web"},
            {"drain", "web"},
+           {"events", "--type", "bogus"},
+           {"top", "--interval", "10ms"},
+           {"get", "shards", "web", "--watch", "--interval", "soon"},
+           {"events", "-f", "x"},
+           {"apply", "-f"},
+           {"completion", "fish"},
+           {"man", "-o", "json"},
            {"--server"},
        }) {
     Result r = Ctl(args);
@@ -338,17 +531,30 @@ TEST_F(CtlTest, UsageErrorsExitTwo) {
     EXPECT_THAT(r.err, HasSubstr("portfleetctl: "));
     EXPECT_EQ(r.out, "");
   }
+  Result r = Ctl({"get", "widgets"});
+  EXPECT_THAT(r.err, StartsWith("portfleetctl: unknown command \"get "
+                                "widgets\"; did you mean get listeners |"));
+  r = Ctl({"events", "--type", "bogus"});
+  EXPECT_THAT(r.err, HasSubstr("--type: 'bogus' is not one of shard-started, "
+                               "shard-exited, shard-restarted"));
+  EXPECT_THAT(r.err, HasSubstr("Run 'portfleetctl events --help' for usage."));
 }
 
 TEST_F(CtlTest, HelpOnEveryCommandHasAnExample) {
   Result r = Ctl({"--help"});
   EXPECT_EQ(r.code, 0);
-  EXPECT_THAT(r.out, HasSubstr("Exit codes"));
+  EXPECT_THAT(r.out, HasSubstr("Exit codes:\n  0   ok\n"));
+  EXPECT_THAT(r.out, HasSubstr("  5   the agent is shutting down"));
+  EXPECT_THAT(r.out, Not(HasSubstr("__complete")));
+  r = Ctl({"get", "--help"});
+  EXPECT_EQ(r.code, 0);
+  EXPECT_THAT(r.out, HasSubstr("  get spec [NAME]"));
   for (const std::vector<std::string>& cmd :
        std::vector<std::vector<std::string>>{{"status"},
                                              {"get", "listeners"},
                                              {"get", "listener"},
                                              {"get", "shards"},
+                                             {"get", "spec"},
                                              {"events"},
                                              {"top"},
                                              {"health"},
@@ -357,12 +563,17 @@ TEST_F(CtlTest, HelpOnEveryCommandHasAnExample) {
                                              {"delete", "listener"},
                                              {"scale"},
                                              {"drain"},
-                                             {"steer"}}) {
+                                             {"steer"},
+                                             {"rollout"},
+                                             {"completion"},
+                                             {"man"}}) {
     std::vector<std::string> args = cmd;
     args.push_back("--help");
     r = Ctl(args);
     EXPECT_EQ(r.code, 0) << cmd[0];
-    EXPECT_THAT(r.out, HasSubstr("Example:\n  portfleetctl " + cmd[0]));
+    EXPECT_THAT(r.out, ::testing::ContainsRegex("Examples?:\n(  # .*\n)?  "));
+    EXPECT_THAT(r.out, HasSubstr("\nUsage:\n  portfleetctl [global flags] " +
+                                 absl::StrJoin(cmd, " ")));
   }
 }
 
@@ -381,10 +592,44 @@ TEST(CtlUnreachableTest, ExitsThree) {
     full.insert(full.end(), args.begin(), args.end());
     err.str("");
     EXPECT_EQ(::portfleet::ctl::Run(env, full), kExitUnreachable) << args[0];
-    EXPECT_THAT(err.str(), StartsWith("portfleetctl: cannot reach the agent"));
-    const std::string text = err.str();
-    EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 1);
+    EXPECT_EQ(err.str(), "portfleetctl: cannot reach the agent at " + server +
+                             ": no socket at " + dir.path() +
+                             "/absent.sock (is portfleet-agent running? set "
+                             "--server or PORTFLEET_SERVER)\n");
   }
+}
+
+TEST(CtlUnreachableTest, StaleSocketIsConnectionRefused) {
+  TempDir dir;
+  const std::string path = dir.path() + "/stale.sock";
+  {
+    // Bound, never listened on: connect() is refused.
+    Fd fd(::socket(AF_UNIX, SOCK_STREAM, 0));
+    sockaddr_un addr = {};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+    ASSERT_EQ(
+        ::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  }
+  std::ostringstream out, err;
+  EXPECT_EQ(::portfleet::ctl::Run(Env(&out, &err),
+                                  {"--server", "unix:" + path, "status"}),
+            kExitUnreachable);
+  EXPECT_THAT(err.str(),
+              HasSubstr("nothing listens on " + path + " (connection refused"));
+}
+
+TEST(CtlUnreachableTest, TcpAgentAbsentFailsFast) {
+  std::ostringstream out, err;
+  const absl::Time start = absl::Now();
+  // Port 1 on loopback: nothing listens, the connection is refused at once.
+  EXPECT_EQ(::portfleet::ctl::Run(Env(&out, &err),
+                                  {"--server", "127.0.0.1:1", "status"}),
+            kExitUnreachable);
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  EXPECT_THAT(err.str(),
+              StartsWith("portfleetctl: cannot reach the agent at "
+                         "127.0.0.1:1 (is portfleet-agent running?"));
 }
 
 TEST(CtlUnreachableTest, ServerFromEnvironment) {
@@ -399,6 +644,71 @@ TEST(CtlUnreachableTest, ServerFromEnvironment) {
   EXPECT_EQ(::portfleet::ctl::Run(env, {"--timeout", "500ms", "status"}),
             kExitUnreachable);
   EXPECT_THAT(err.str(), HasSubstr(server));
+}
+
+// The API socket as the agent makes it (0660 in a 0750 directory of its
+// --api-group, here "daemon"), and portfleetctl run by a user outside that
+// group (nobody) in a child process: exit 4 and how to get access.
+TEST(CtlPermissionTest, SocketThisUserMayNotOpenExitsFour) {
+  if (geteuid() != 0) {
+    if (getenv("PORTFLEET_REQUIRE_PRIVILEGED") != nullptr) {
+      FAIL() << "needs root to run portfleetctl as another user";
+    }
+    GTEST_SKIP() << "needs root to run portfleetctl as another user";
+  }
+  const group* daemon = getgrnam("daemon");
+  ASSERT_NE(daemon, nullptr);
+  const gid_t gid = daemon->gr_gid;
+  TempDir dir;
+  ASSERT_EQ(::chmod(dir.path().c_str(), 0755), 0);
+  const std::string run = dir.path() + "/run";
+  ASSERT_EQ(::mkdir(run.c_str(), 0750), 0);
+  ASSERT_EQ(::chown(run.c_str(), 0, gid), 0);
+  const std::string path = run + "/api.sock";
+  Fd listener(::socket(AF_UNIX, SOCK_STREAM, 0));
+  sockaddr_un addr = {};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  ASSERT_EQ(
+      ::bind(listener.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)),
+      0);
+  ASSERT_EQ(::listen(listener.get(), 4), 0);
+  ASSERT_EQ(::chown(path.c_str(), 0, gid), 0);
+  ASSERT_EQ(::chmod(path.c_str(), 0660), 0);
+
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe(pipe_fds), 0);
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::close(pipe_fds[0]);
+    if (::setgroups(0, nullptr) != 0 || ::setresgid(65534, 65534, 65534) != 0 ||
+        ::setresuid(65534, 65534, 65534) != 0) {
+      ::_exit(100);
+    }
+    std::ostringstream out, err;
+    int code = ::portfleet::ctl::Run(Env(&out, &err),
+                                     {"--server", "unix://" + path, "status"});
+    const std::string text = err.str();
+    (void)!::write(pipe_fds[1], text.data(), text.size());
+    ::_exit(code);
+  }
+  ::close(pipe_fds[1]);
+  std::string text;
+  char buf[512];
+  for (ssize_t n; (n = ::read(pipe_fds[0], buf, sizeof(buf))) > 0;) {
+    text.append(buf, n);
+  }
+  ::close(pipe_fds[0]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), kExitPermissionDenied) << text;
+  EXPECT_EQ(text, "portfleetctl: permission denied on the agent's API socket " +
+                      path + " (unix://" + path +
+                      "): run portfleetctl as root or as a member of group "
+                      "'daemon' (usermod -aG daemon USER, then log in "
+                      "again)\n");
 }
 
 }  // namespace

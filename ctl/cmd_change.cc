@@ -1,0 +1,252 @@
+// The verbs on one listener: delete, scale, drain, steer, rollout.
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "ctl/command.h"
+#include "ctl/render.h"
+
+namespace portfleet::ctl {
+namespace {
+
+absl::StatusOr<uint32_t> Count(const Context& ctx, const std::string& flag) {
+  const std::string value = ctx.Flag(flag).value_or("");
+  uint32_t v;
+  if (!absl::SimpleAtoi(value, &v)) {
+    return UsageError(absl::StrCat("--", flag, ": '", value,
+                                   "' is not a non-negative integer"));
+  }
+  return v;
+}
+
+// Prints the result of a verb on listener `name`: the sentence as text, the
+// name for -o name, else the response message.
+void PrintDone(const Context& ctx, const std::string& name,
+               const std::string& sentence,
+               const google::protobuf::Message& resp) {
+  ctx.Print(resp, [&](Format format, std::ostream& out) {
+    out << (format == Format::kName ? ListenerName(name)
+                                    : ListenerName(name) + " " + sentence)
+        << "\n";
+  });
+}
+
+absl::Status RunDeleteListener(Context& ctx) {
+  v1::DeleteListenerRequest req;
+  req.set_name(ctx.arg(0));
+  absl::StatusOr<v1::DeleteListenerResponse> resp =
+      ctx.Call(&v1::FleetService::Stub::DeleteListener, req);
+  if (!resp.ok()) return resp.status();
+  PrintDone(ctx, req.name(), "deleted", *resp);
+  return absl::OkStatus();
+}
+
+absl::Status RunScale(Context& ctx) {
+  v1::ScaleListenerRequest req;
+  req.set_name(ctx.arg(0));
+  absl::StatusOr<uint32_t> shards = Count(ctx, "shards");
+  if (!shards.ok()) return shards.status();
+  req.set_shards(*shards);
+  absl::StatusOr<v1::ScaleListenerResponse> resp =
+      ctx.Call(&v1::FleetService::Stub::ScaleListener, req);
+  if (!resp.ok()) return resp.status();
+  PrintDone(ctx, req.name(),
+            absl::StrCat("scaled to ", req.shards(), " shards"), *resp);
+  return absl::OkStatus();
+}
+
+absl::Status RunDrain(Context& ctx) {
+  v1::DrainShardRequest req;
+  req.set_name(ctx.arg(0));
+  absl::StatusOr<uint32_t> index = Count(ctx, "shard");
+  if (!index.ok()) return index.status();
+  req.set_index(*index);
+  absl::StatusOr<v1::DrainShardResponse> resp =
+      ctx.Call(&v1::FleetService::Stub::DrainShard, req);
+  if (!resp.ok()) return resp.status();
+  PrintDone(ctx, req.name(), absl::StrCat("shard ", req.index(), " drained"),
+            *resp);
+  return absl::OkStatus();
+}
+
+absl::Status RunSteer(Context& ctx) {
+  v1::SetSteeringRequest req;
+  req.set_name(ctx.arg(0));
+  // --policy was checked against its choices, the short enum names.
+  const google::protobuf::EnumValueDescriptor* policy =
+      FindEnumValueByShortName(v1::SteeringPolicy_descriptor(),
+                               *ctx.Flag("policy"));
+  req.mutable_steering()->set_policy(
+      static_cast<v1::SteeringPolicy>(policy->number()));
+  if (std::optional<std::string> weights = ctx.Flag("weights")) {
+    for (absl::string_view part : absl::StrSplit(*weights, ',')) {
+      uint32_t v;
+      if (!absl::SimpleAtoi(part, &v)) {
+        return UsageError(absl::StrCat("--weights: '", part,
+                                       "' is not a non-negative integer"));
+      }
+      req.mutable_steering()->add_weights(v);
+    }
+  }
+  absl::StatusOr<v1::SetSteeringResponse> resp =
+      ctx.Call(&v1::FleetService::Stub::SetSteering, req);
+  if (!resp.ok()) return resp.status();
+  PrintDone(ctx, req.name(),
+            absl::StrCat("steering set to ", SteeringText(req.steering())),
+            *resp);
+  return absl::OkStatus();
+}
+
+absl::Status RunRollout(Context& ctx) {
+  v1::RollOutListenerRequest req;
+  req.set_name(ctx.arg(0));
+  if (std::optional<std::string> cmd = ctx.Flag("worker-command")) {
+    if (cmd->empty()) return UsageError("--worker-command: empty");
+    req.mutable_worker()->set_command(*cmd);
+  }
+  if (std::optional<std::string> args = ctx.Flag("worker-args")) {
+    for (absl::string_view a :
+         absl::StrSplit(*args, ' ', absl::SkipWhitespace())) {
+      req.mutable_worker()->add_args(std::string(a));
+    }
+  }
+  if (ctx.Flag("max-surge").has_value()) {
+    absl::StatusOr<uint32_t> surge = Count(ctx, "max-surge");
+    if (!surge.ok()) return surge.status();
+    req.set_max_surge(*surge);
+  }
+  absl::StatusOr<v1::RollOutListenerResponse> resp =
+      ctx.Call(&v1::FleetService::Stub::RollOutListener, req);
+  if (!resp.ok()) return resp.status();
+  PrintDone(ctx, req.name(),
+            absl::StrCat("rolled out (",
+                         resp->listener().spec().worker().command(), ")"),
+            *resp);
+  return absl::OkStatus();
+}
+
+std::vector<Format> ChangeFormats() {
+  return {Format::kTable, Format::kJson, Format::kYaml, Format::kName,
+          Format::kProtoJson};
+}
+
+}  // namespace
+
+void AddChangeCommands(std::vector<CommandSpec>* commands) {
+  commands->push_back({
+      .name = "delete listener",
+      .args = "NAME",
+      .min_args = 1,
+      .max_args = 1,
+      .arg_complete = Complete::kListener,
+      .section = Section::kChange,
+      .summary = "drain every shard, then remove the listener",
+      .description =
+          "Drains every shard of a listener (its workers finish their\n"
+          "connections), then removes it.\n",
+      .formats = ChangeFormats(),
+      .examples = {{"", "portfleetctl delete listener web"}},
+      .run = RunDeleteListener,
+  });
+  commands->push_back({
+      .name = "scale",
+      .args = "NAME",
+      .min_args = 1,
+      .max_args = 1,
+      .arg_complete = Complete::kListener,
+      .section = Section::kChange,
+      .summary = "change the shard count",
+      .description =
+          "Changes the number of shards of a listener. New shards enter the\n"
+          "steering tables once their workers are ready; removed shards are\n"
+          "drained and their queues migrate to the others.\n",
+      .flags = {{.name = "shards",
+                 .value = "N",
+                 .help = "new shard count (1-64)",
+                 .required = true}},
+      .formats = ChangeFormats(),
+      .examples = {{"", "portfleetctl scale web --shards 8"}},
+      .run = RunScale,
+  });
+  commands->push_back({
+      .name = "drain",
+      .args = "NAME",
+      .min_args = 1,
+      .max_args = 1,
+      .arg_complete = Complete::kListener,
+      .section = Section::kChange,
+      .summary = "drain one shard and remove it",
+      .description =
+          "Drains one shard of a listener and removes it: it leaves the\n"
+          "steering tables, its queue migrates to the other shards, its\n"
+          "worker finishes its connections.\n",
+      .flags = {{.name = "shard",
+                 .value = "I",
+                 .help = "shard index",
+                 .required = true}},
+      .formats = ChangeFormats(),
+      .examples = {{"", "portfleetctl drain web --shard 3"}},
+      .run = RunDrain,
+  });
+  commands->push_back({
+      .name = "steer",
+      .args = "NAME",
+      .min_args = 1,
+      .max_args = 1,
+      .arg_complete = Complete::kListener,
+      .section = Section::kChange,
+      .summary = "set how new connections spread over the shards",
+      .description =
+          "Sets how new connections are spread over a listener's shards:\n"
+          "cpu sends each to the shard pinned to the CPU that received the\n"
+          "SYN; hash uses the flow hash, optionally weighted.\n",
+      .flags = {{.name = "policy",
+                 .value = "POLICY",
+                 .help = "cpu or hash",
+                 .choices = ShortEnumNames(v1::SteeringPolicy_descriptor()),
+                 .required = true},
+                {.name = "weights",
+                 .value = "W1,W2,...",
+                 .help = "one weight per shard (hash only; 0 = no new\n"
+                         "connections)"}},
+      .formats = ChangeFormats(),
+      .examples = {{"",
+                    "portfleetctl steer web --policy hash --weights 1,1,2,2"},
+                   {"", "portfleetctl steer web --policy cpu"}},
+      .run = RunSteer,
+  });
+  commands->push_back({
+      .name = "rollout",
+      .args = "NAME",
+      .min_args = 1,
+      .max_args = 1,
+      .arg_complete = Complete::kListener,
+      .section = Section::kChange,
+      .summary = "rolling upgrade of the workers",
+      .description =
+          "Rolling upgrade: per shard, starts the new worker on the same\n"
+          "socket, waits until it is ready, then drains the old one. A new\n"
+          "worker that does not become ready is stopped and the shards\n"
+          "already rolled go back to the old worker; no connection is refused\n"
+          "either way. Returns when every shard runs the new worker.\n",
+      .flags = {{.name = "worker-command",
+                 .value = "CMD",
+                 .help = "new worker program (default: the current one)",
+                 .complete = Complete::kFile},
+                {.name = "worker-args",
+                 .value = "\"A B\"",
+                 .help = "its arguments, split on spaces (default: the\n"
+                         "current ones)"},
+                {.name = "max-surge",
+                 .value = "N",
+                 .help = "shards rolled at the same time (default 1)"}},
+      .formats = ChangeFormats(),
+      .examples = {{"",
+                    "portfleetctl rollout web --worker-command "
+                    "/opt/web/v2/server"},
+                   {"restart every worker in place",
+                    "portfleetctl rollout web"}},
+      .run = RunRollout,
+  });
+}
+
+}  // namespace portfleet::ctl

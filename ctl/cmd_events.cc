@@ -1,0 +1,256 @@
+// Following the fleet: events (the WatchEvents stream) and top (a refreshing
+// per-shard view).
+#include <poll.h>
+#include <termios.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "ctl/command.h"
+#include "ctl/render.h"
+#include "ctl/table.h"
+
+namespace portfleet::ctl {
+namespace {
+
+std::string Pad(std::string s, size_t width) {
+  if (s.size() < width) s.append(width - s.size(), ' ');
+  return s + " ";
+}
+
+void PrintEventRow(const v1::Event& e, std::ostream& out) {
+  std::string time = absl::FormatTime(
+      "%Y-%m-%dT%H:%M:%E3SZ", absl::FromUnixMicros(e.time_unix_micros()),
+      absl::UTCTimeZone());
+  out << Pad(time, 26)
+      << Pad(ShortEnumName(v1::EventType_descriptor(), e.type()), 18)
+      << Pad(e.listener().empty() ? "-" : e.listener(), 16)
+      << Pad(e.shard() >= 0 ? absl::StrCat(e.shard()) : "-", 7)
+      << Pad(e.pid() > 0 ? absl::StrCat(e.pid()) : "-", 8) << e.message()
+      << "\n";
+}
+
+absl::Status RunEvents(Context& ctx) {
+  absl::StatusOr<v1::FleetService::Stub*> stub = ctx.Fleet();
+  if (!stub.ok()) return stub.status();
+  std::vector<std::string> types = ctx.FlagList("type");
+  v1::WatchEventsRequest req;
+  req.set_listener(ctx.Flag("listener").value_or(""));
+  grpc::ClientContext call;  // no deadline: follows until stopped
+  std::unique_ptr<grpc::ClientReader<v1::WatchEventsResponse>> reader =
+      (*stub)->WatchEvents(&call, req);
+  // Ctrl-C cancels the stream from this thread.
+  std::atomic<bool> done{false};
+  std::thread watcher([&] {
+    while (!done.load()) {
+      if (ctx.Interrupted()) {
+        call.TryCancel();
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  });
+  bool header = !ctx.headers();
+  v1::WatchEventsResponse resp;
+  while (reader->Read(&resp)) {
+    const v1::Event& e = resp.event();
+    if (!types.empty() && std::find(types.begin(), types.end(),
+                                    ShortEnumName(v1::EventType_descriptor(),
+                                                  e.type())) == types.end()) {
+      continue;
+    }
+    ctx.PrintItem(e, [&](Format, std::ostream& out) {
+      if (!header) {
+        out << Pad("TIME", 26) << Pad("TYPE", 18) << Pad("LISTENER", 16)
+            << Pad("SHARD", 7) << Pad("PID", 8) << "MESSAGE\n";
+        header = true;
+      }
+      PrintEventRow(e, out);
+    });
+  }
+  grpc::Status s = reader->Finish();
+  done.store(true);
+  watcher.join();
+  if (ctx.Interrupted() && s.error_code() == grpc::CANCELLED) {
+    return absl::OkStatus();
+  }
+  if (!s.ok()) return ctx.RpcError(s);
+  return absl::OkStatus();
+}
+
+// Raw keyboard input for `top`: restores the terminal on destruction.
+class RawInput {
+ public:
+  RawInput(int fd, const std::atomic<bool>* interrupted)
+      : fd_(fd), interrupted_(interrupted) {
+    if (fd_ < 0 || tcgetattr(fd_, &saved_) != 0) {
+      fd_ = -1;
+      return;
+    }
+    termios raw = saved_;
+    raw.c_lflag &= ~(ICANON | ECHO);
+    raw.c_cc[VMIN] = 0;
+    raw.c_cc[VTIME] = 0;
+    tcsetattr(fd_, TCSANOW, &raw);
+  }
+  ~RawInput() {
+    if (fd_ >= 0) tcsetattr(fd_, TCSANOW, &saved_);
+  }
+  RawInput(const RawInput&) = delete;
+  RawInput& operator=(const RawInput&) = delete;
+
+  // Waits up to `timeout` for a key; true when 'q' was pressed, the input
+  // ended or the command was interrupted.
+  bool WaitQuit(absl::Duration timeout) {
+    const absl::Time end = absl::Now() + timeout;
+    while (absl::Now() < end) {
+      if (interrupted_ != nullptr && interrupted_->load()) return true;
+      const int ms = static_cast<int>(std::clamp<int64_t>(
+          absl::ToInt64Milliseconds(end - absl::Now()), 1, 50));
+      if (fd_ < 0) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+        continue;
+      }
+      pollfd p{fd_, POLLIN, 0};
+      if (poll(&p, 1, ms) > 0) {
+        char c;
+        ssize_t n = read(fd_, &c, 1);
+        if (n == 0) return true;
+        if (n == 1 && (c == 'q' || c == 'Q')) return true;
+      }
+    }
+    return false;
+  }
+
+ private:
+  int fd_;
+  const std::atomic<bool>* interrupted_;
+  termios saved_{};
+};
+
+absl::Status RunTop(Context& ctx) {
+  absl::StatusOr<absl::Duration> interval = ctx.IntervalFlag();
+  if (!interval.ok()) return interval.status();
+  int iterations = 0;
+  if (std::optional<std::string> v = ctx.Flag("iterations")) {
+    if (!absl::SimpleAtoi(*v, &iterations) || iterations < 0) {
+      return UsageError(absl::StrCat("--iterations: bad count '", *v, "'"));
+    }
+  }
+  const std::string only = ctx.arg(0);
+  RawInput input(ctx.env().input_fd, ctx.env().interrupted);
+  // Previous "selected" counters, to show the steering share per interval.
+  std::map<std::pair<std::string, uint32_t>, uint64_t> previous;
+  for (int i = 0; iterations == 0 || i < iterations; ++i) {
+    absl::StatusOr<v1::ListListenersResponse> resp = ctx.Call(
+        &v1::FleetService::Stub::ListListeners, v1::ListListenersRequest());
+    if (!resp.ok()) return resp.status();
+    if (ctx.env().terminal) ctx.out() << "\033[H\033[2J";
+    ctx.PrintItem(*resp, [&](Format, std::ostream& out) {
+      out << "portfleet top — " << ctx.server() << " — every "
+          << absl::FormatDuration(*interval) << " (q to quit)\n\n";
+      Table t({"LISTENER", "SHARD", "STATE", "PID", "CONNECTIONS", "QUEUE",
+               "ACCEPTED", "SHARE"});
+      for (const v1::ListenerState& l : resp->listeners()) {
+        if (!only.empty() && l.spec().name() != only) continue;
+        uint64_t total = 0;
+        std::vector<uint64_t> delta;
+        for (const v1::Shard& sh : l.shards()) {
+          auto key = std::make_pair(l.spec().name(), sh.index());
+          const uint64_t before = previous.count(key) ? previous[key] : 0;
+          const uint64_t now = sh.counters().selected();
+          const uint64_t d = now >= before ? now - before : now;
+          delta.push_back(d);
+          total += d;
+          previous[key] = now;
+        }
+        for (int j = 0; j < l.shards_size(); ++j) {
+          const v1::Shard& sh = l.shards(j);
+          t.AddRow(
+              {l.spec().name(), absl::StrCat(sh.index()),
+               ShardStateText(sh.state()),
+               sh.pid() > 0 ? absl::StrCat(sh.pid()) : "-",
+               absl::StrCat(sh.active_connections()),
+               absl::StrCat(sh.queue_depth()),
+               absl::StrCat(sh.accepted_total()),
+               total == 0 ? "-" : absl::StrCat(delta[j] * 100 / total, "%")});
+        }
+      }
+      t.Print(out, ctx.headers());
+    });
+    if (iterations != 0 && i + 1 >= iterations) break;
+    if (input.WaitQuit(*interval)) break;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+void AddEventCommands(std::vector<CommandSpec>* commands) {
+  commands->push_back({
+      .name = "events",
+      .section = Section::kRead,
+      .summary = "follow fleet events (Ctrl-C to stop)",
+      .description =
+          "Follows fleet events (shards started, exited, restarted, drains,\n"
+          "steering changes, listeners created and deleted, errors) until\n"
+          "Ctrl-C. The agent keeps no history yet, so events always follows;\n"
+          "-f/--follow says so explicitly and will be needed to follow once\n"
+          "it does. (-f is --follow here, as in kubectl logs -f; for apply it\n"
+          "is --filename.) With -o json each event is one line.\n",
+      .flags = {{.name = "follow",
+                 .short_name = 'f',
+                 .help = "follow new events (the only mode for now)"},
+                {.name = "listener",
+                 .value = "NAME",
+                 .help = "only events of this listener",
+                 .complete = Complete::kListener},
+                {.name = "type",
+                 .value = "TYPE",
+                 .help = "only events of these types (repeat or separate\n"
+                         "with commas)",
+                 .choices = ShortEnumNames(v1::EventType_descriptor()),
+                 .repeated = true}},
+      .formats = {Format::kTable, Format::kJson, Format::kYaml,
+                  Format::kProtoJson},
+      .examples =
+          {{"", "portfleetctl events -f --listener web"},
+           {"restarts and errors only, as JSON lines",
+            "portfleetctl events --type shard-restarted,error -o json"}},
+      .run = RunEvents,
+  });
+  commands->push_back({
+      .name = "top",
+      .args = "[NAME]",
+      .min_args = 0,
+      .max_args = 1,
+      .arg_complete = Complete::kListener,
+      .section = Section::kRead,
+      .summary = "refreshing per-shard view (q or Ctrl-C quits)",
+      .description =
+          "A refreshing per-shard view: connections, accept queue depth and\n"
+          "the share of new connections steered to each shard since the last\n"
+          "refresh. q or Ctrl-C quits. With -o json each refresh is one "
+          "line.\n",
+      .flags = {{.name = "interval",
+                 .value = "DURATION",
+                 .help = "refresh period (default 2s, at least 100ms)"},
+                {.name = "iterations",
+                 .value = "N",
+                 .help = "stop after N refreshes (default 0 = never)"}},
+      .formats = {Format::kTable, Format::kJson, Format::kYaml,
+                  Format::kProtoJson},
+      .examples = {{"", "portfleetctl top web --interval 1s"}},
+      .run = RunTop,
+  });
+}
+
+}  // namespace portfleet::ctl
