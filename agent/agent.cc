@@ -7,10 +7,14 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <set>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "agent/adoption.h"
 #include "agent/api/state_store.h"
 #include "agent/signals.h"
@@ -243,9 +247,42 @@ absl::StatusOr<std::unique_ptr<Agent>> Agent::Start(
   return agent;
 }
 
+static absl::StatusOr<std::set<std::string>> LoadWorkerAllowlist(
+    const std::string& path) {
+  std::set<std::string> out;
+  if (path.empty()) return out;
+  std::ifstream in(path);
+  if (!in) return ErrnoError(absl::StrCat("--worker-allowlist ", path));
+  std::string line;
+  for (int n = 1; std::getline(in, line); ++n) {
+    absl::string_view entry = absl::StripAsciiWhitespace(line);
+    if (entry.empty() || entry[0] == '#') continue;
+    std::error_code ec;
+    std::filesystem::path canonical =
+        std::filesystem::canonical(std::string(entry), ec);
+    if (entry[0] != '/' || ec) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ":", n, ": '", entry,
+                       "' is not an absolute path to an "
+                       "existing file",
+                       ec ? absl::StrCat(" (", ec.message(), ")") : ""));
+    }
+    out.insert(canonical.string());
+  }
+  if (out.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path,
+        ": no worker program listed (an empty allowlist would refuse "
+        "every listener)"));
+  }
+  return out;
+}
+
 absl::Status Agent::StartFleet() {
   ASSIGN_OR_RETURN(loop_, EventLoop::Create());
   FleetOptions fleet_options;
+  ASSIGN_OR_RETURN(fleet_options.worker_allowlist,
+                   LoadWorkerAllowlist(options_.worker_allowlist));
   fleet_options.cpus = OnlineCpus();
   fleet_options.agent_socket = control_path_;
   fleet_ = std::make_unique<Fleet>(loop_.get(), &launcher_, fleet_options);

@@ -2,9 +2,11 @@
 
 #include <fcntl.h>
 #include <grp.h>
+#include <linux/capability.h>
 #include <pwd.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -12,6 +14,7 @@
 
 #include <cerrno>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -42,6 +45,48 @@ void FormatPid(pid_t pid, char* out) {
   } while (v != 0);
   for (int i = 0; i < n; ++i) out[i] = tmp[n - 1 - i];
   out[n] = '\0';
+}
+
+// What the child was doing when it failed.
+enum class ChildStage {
+  kAffinity,
+  kPark,
+  kErrorFd,
+  kListenFd,
+  kControlFd,
+  kSetgroups,
+  kSetgid,
+  kSetuid,
+  kCapabilities,
+  kNoNewPrivs,
+  kExec,
+};
+
+std::string StageText(ChildStage stage, const std::string& path) {
+  switch (stage) {
+    case ChildStage::kAffinity:
+      return "pinning the new worker to its CPU";
+    case ChildStage::kPark:
+      return "duplicating the worker's descriptors (the open file limit of "
+             "the agent may be too low)";
+    case ChildStage::kErrorFd:
+    case ChildStage::kListenFd:
+    case ChildStage::kControlFd:
+      return "placing the worker's descriptors as fds 3-5";
+    case ChildStage::kSetgroups:
+      return "setting the worker's supplementary groups";
+    case ChildStage::kSetgid:
+      return "switching the worker to its group";
+    case ChildStage::kSetuid:
+      return "switching the worker to its user";
+    case ChildStage::kCapabilities:
+      return "dropping the worker's capabilities";
+    case ChildStage::kNoNewPrivs:
+      return "setting no_new_privs for the worker";
+    case ChildStage::kExec:
+      break;
+  }
+  return absl::StrCat("exec ", path);
 }
 
 bool IsExecutableFile(const std::string& path) {
@@ -163,6 +208,13 @@ absl::StatusOr<LaunchedProcess> RealProcessLauncher::Launch(
   CPU_ZERO(&cpus);
   if (spec.cpu >= 0) CPU_SET(spec.cpu, &cpus);
 
+  // Capabilities the running kernel knows (to empty the bounding set).
+  int last_cap = 63;
+  if (std::FILE* f = std::fopen("/proc/sys/kernel/cap_last_cap", "r")) {
+    if (std::fscanf(f, "%d", &last_cap) != 1) last_cap = 63;
+    std::fclose(f);
+  }
+
   int err_pipe[2];
   if (::pipe2(err_pipe, O_CLOEXEC) != 0) return ErrnoError("pipe2");
   Fd err_read(err_pipe[0]);
@@ -171,57 +223,84 @@ absl::StatusOr<LaunchedProcess> RealProcessLauncher::Launch(
   pid_t pid = ::fork();
   if (pid < 0) return ErrnoError("fork");
   if (pid == 0) {
-    int stage_errno = 0;
-    auto fail = [&](int err) {
-      stage_errno = err;
-      ssize_t unused = ::write(5, &stage_errno, sizeof(stage_errno));
+    // Only async-signal-safe calls from here on. A failure is reported as
+    // {stage, errno} on the error pipe (fd 5 once placed).
+    int report_fd = err_write.get();
+    auto fail = [&](ChildStage stage, int err) {
+      int msg[2] = {static_cast<int>(stage), err};
+      ssize_t unused = ::write(report_fd, msg, sizeof(msg));
       (void)unused;
       ::_exit(127);
     };
     // Own process group: a terminal's Ctrl-C reaches the agent, which then
-    // stops the workers in order.
+    // stops the workers in order; a stop signals the whole group.
     ::setpgid(0, 0);
     sigset_t all;
     sigemptyset(&all);
     ::sigprocmask(SIG_SETMASK, &all, nullptr);
     for (int sig = 1; sig < NSIG; ++sig) ::signal(sig, SIG_DFL);
     if (spec.cpu >= 0 && ::sched_setaffinity(0, sizeof(cpus), &cpus) != 0) {
-      fail(errno);
+      fail(ChildStage::kAffinity, errno);
     }
-    // Park the fds above the target range, then place them.
-    int lfd = ::fcntl(spec.listen_fd, F_DUPFD, 100);
-    int cfd =
-        spec.control_fd >= 0 ? ::fcntl(spec.control_fd, F_DUPFD, 100) : -1;
-    int efd = ::fcntl(err_write.get(), F_DUPFD_CLOEXEC, 100);
-    if (lfd < 0 || (spec.control_fd >= 0 && cfd < 0) || efd < 0) fail(errno);
-    if (::dup3(efd, 5, O_CLOEXEC) < 0) fail(errno);
-    if (::dup2(lfd, 3) < 0) fail(errno);
+    // Park the fds above the target range 3-5, then place them.
+    int lfd = ::fcntl(spec.listen_fd, F_DUPFD, 6);
+    int cfd = spec.control_fd >= 0 ? ::fcntl(spec.control_fd, F_DUPFD, 6) : -1;
+    int efd = ::fcntl(err_write.get(), F_DUPFD_CLOEXEC, 6);
+    if (lfd < 0 || (spec.control_fd >= 0 && cfd < 0) || efd < 0) {
+      fail(ChildStage::kPark, errno);
+    }
+    if (::dup3(efd, 5, O_CLOEXEC) < 0) fail(ChildStage::kErrorFd, errno);
+    report_fd = 5;
+    if (::dup2(lfd, 3) < 0) fail(ChildStage::kListenFd, errno);
     if (cfd >= 0) {
-      if (::dup2(cfd, 4) < 0) fail(errno);
+      if (::dup2(cfd, 4) < 0) fail(ChildStage::kControlFd, errno);
     } else {
       ::close(4);
     }
     ::syscall(SYS_close_range, 6, ~0U, 0);
     if (spec.credentials) {
       const Credentials& c = *spec.credentials;
-      if (::setgroups(c.groups.size(), c.groups.data()) != 0) fail(errno);
-      if (::setgid(c.gid) != 0) fail(errno);
-      if (::setuid(c.uid) != 0) fail(errno);
+      if (::setgroups(c.groups.size(), c.groups.data()) != 0) {
+        fail(ChildStage::kSetgroups, errno);
+      }
+      if (::setgid(c.gid) != 0) fail(ChildStage::kSetgid, errno);
+      if (::setuid(c.uid) != 0) fail(ChildStage::kSetuid, errno);
+    }
+    // Workers parse untrusted traffic: no capability at all (also after an
+    // exec as root: the bounding set is empty) and no way to gain one.
+    for (int cap = 0; cap <= last_cap; ++cap) {
+      if (::prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 && errno != EINVAL &&
+          errno != EPERM) {
+        fail(ChildStage::kCapabilities, errno);
+      }
+    }
+    ::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+    __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+    __user_cap_data_struct none[2] = {};
+    if (::syscall(SYS_capset, &header, none) != 0) {
+      fail(ChildStage::kCapabilities, errno);
+    }
+    if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) {
+      fail(ChildStage::kNoNewPrivs, errno);
     }
     FormatPid(::getpid(), listen_pid + kPidOffset);
     ::execve(spec.path.c_str(), argv.data(), envp.data());
-    fail(errno);
+    fail(ChildStage::kExec, errno);
   }
   err_write.Reset();
-  int child_errno = 0;
+  int report[2] = {0, 0};
   ssize_t n;
   do {
-    n = ::read(err_read.get(), &child_errno, sizeof(child_errno));
+    n = ::read(err_read.get(), report, sizeof(report));
   } while (n < 0 && errno == EINTR);
-  if (n == sizeof(child_errno)) {
+  if (n > 0) {
     int st;
     ::waitpid(pid, &st, 0);
-    return ErrnoError(child_errno, absl::StrCat("exec ", spec.path));
+    if (n != sizeof(report)) {
+      return absl::InternalError("the new worker process failed to start");
+    }
+    return ErrnoError(report[1],
+                      StageText(static_cast<ChildStage>(report[0]), spec.path));
   }
   LaunchedProcess out;
   out.pid = pid;

@@ -38,6 +38,10 @@ Options:
                      (default: control.sock beside a unix --api socket, else
                      in --state-dir)
   --bpffs DIR        pinned steering maps (default /sys/fs/bpf/portfleet)
+  --worker-allowlist FILE   worker programs the agent may start, one
+                     absolute path per line ('#' comments); without it,
+                     anyone who may use the API may run any program as the
+                     agent's user (workers get no capabilities)
   --log-level LEVEL  debug, info, warning or error (default info)
   --takeover[=auto]  take over from the agent running on the same control
                      socket: receive its shard sockets, start our workers on
@@ -78,6 +82,7 @@ std::string* ValueFlag(const std::string& flag, AgentOptions* o) {
       {"--api-tls-key", &o->api_tls_key},
       {"--api-tls-client-ca", &o->api_tls_client_ca},
       {"--api-authz-policy", &o->api_authz_policy},
+      {"--worker-allowlist", &o->worker_allowlist},
   };
   for (const auto& [name, target] : flags) {
     if (flag == name) return target;

@@ -25,6 +25,9 @@ struct AgentOptions {
   std::string api_tls_key;
   std::string api_tls_client_ca;
   std::string api_authz_policy;
+  // File of worker programs the agent may run (one absolute path per line,
+  // '#' comments); empty = any program.
+  std::string worker_allowlist;
 };
 
 // Parses argv. `--help` and `--version` are returned as a usage result with

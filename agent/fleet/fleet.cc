@@ -149,6 +149,11 @@ absl::StatusOr<std::unique_ptr<Listener>> Fleet::PrepareListener(
     const v1::Listener& spec) {
   const std::string& name = spec.name();
   RETURN_IF_ERROR(Annotate(ValidateListener(spec), "listener " + name));
+  if (listeners_.size() + failed_.size() >= kMaxListeners) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("listener ", name, ": the agent already has ",
+                     kMaxListeners, " listeners (the most it runs)"));
+  }
   if (listeners_.count(name) > 0 || (!starting_ && failed_.count(name) > 0)) {
     return absl::AlreadyExistsError(
         absl::StrCat("listener ", name, ": a listener of this name exists"));
@@ -173,7 +178,7 @@ absl::StatusOr<std::unique_ptr<Listener>> Fleet::PrepareListener(
                        other_name, " (not serving; delete it first)"));
     }
   }
-  absl::StatusOr<ResolvedWorker> program = ResolveWorker(spec.worker());
+  absl::StatusOr<ResolvedWorker> program = ResolveWorker(spec.worker(), ctx_.options.worker_allowlist);
   if (!program.ok()) return Annotate(program.status(), "listener " + name);
   listener->program = std::move(*program);
   bool wants_steering = spec.steering().policy() == v1::STEERING_POLICY_CPU ||
@@ -538,8 +543,9 @@ absl::Status Fleet::RollOut(const std::string& name,
   v1::Listener candidate = listener->spec;
   *candidate.mutable_worker() = merged;
   RETURN_IF_ERROR(ValidateListener(candidate));
-  absl::StatusOr<ResolvedWorker> program = ResolveWorker(merged);
+  absl::StatusOr<ResolvedWorker> program = ResolveWorker(merged, ctx_.options.worker_allowlist);
   if (!program.ok()) {
+    if (absl::IsPermissionDenied(program.status())) return program.status();
     return absl::InvalidArgumentError(program.status().message());
   }
   if (listener->rollout) {

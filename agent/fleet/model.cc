@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <filesystem>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "worker/sdk/base/status.h"
@@ -26,10 +28,20 @@ std::string WorkerSpecDigest(const v1::WorkerSpec& spec) {
   return absl::StrFormat("%016x", h);
 }
 
-absl::StatusOr<ResolvedWorker> ResolveWorker(const v1::WorkerSpec& spec) {
+absl::StatusOr<ResolvedWorker> ResolveWorker(
+    const v1::WorkerSpec& spec, const std::set<std::string>& allowlist) {
   ResolvedWorker out;
   out.spec = spec;
   ASSIGN_OR_RETURN(out.path, ResolveCommand(spec.command()));
+  if (!allowlist.empty()) {
+    std::error_code ec;
+    std::string canonical = std::filesystem::canonical(out.path, ec).string();
+    if (ec || allowlist.count(canonical) == 0) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "worker command '", spec.command(), "' (", ec ? out.path : canonical,
+          ") is not in this agent's worker allowlist"));
+    }
+  }
   if (!spec.user().empty() || !spec.group().empty()) {
     std::string user =
         spec.user().empty() ? std::to_string(::geteuid()) : spec.user();

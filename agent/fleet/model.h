@@ -20,6 +20,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -64,6 +65,10 @@ struct FleetOptions {
   // retried after this delay, doubling up to the cap.
   absl::Duration failed_retry_initial = absl::Seconds(1);
   absl::Duration failed_retry_max = absl::Seconds(60);
+  // Worker programs the agent may run (canonical absolute paths, see
+  // --worker-allowlist); empty = any. API access otherwise equals running
+  // any program as the agent's user.
+  std::set<std::string> worker_allowlist;
   // Environment passed to every worker before the listener's own entries.
   // Empty = the agent's environment without LISTEN_*, NOTIFY_SOCKET and
   // PORTFLEET_* entries.
@@ -86,7 +91,10 @@ inline constexpr char kWorkerSpecEnvVar[] = "PORTFLEET_WORKER_SPEC";
 
 // Resolves the command (ResolveCommand) and user/group (ResolveCredentials).
 // Errors say which ("worker command 'x' not found ...", "worker.user: ...").
-absl::StatusOr<ResolvedWorker> ResolveWorker(const v1::WorkerSpec& spec);
+// With a non-empty `allowlist` (canonical paths), the resolved command must be
+// one of them: PermissionDenied otherwise.
+absl::StatusOr<ResolvedWorker> ResolveWorker(
+    const v1::WorkerSpec& spec, const std::set<std::string>& allowlist = {});
 
 struct Worker {
   LaunchedProcess process;

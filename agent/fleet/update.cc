@@ -95,8 +95,9 @@ absl::StatusOr<ListenerUpdate> PlanUpdate(const Listener& listener,
       return absl::FailedPreconditionError(absl::StrCat(
           "listener ", name, ": a rollout is already in progress"));
     }
-    absl::StatusOr<ResolvedWorker> worker = ResolveWorker(u.to.worker());
+    absl::StatusOr<ResolvedWorker> worker = ResolveWorker(u.to.worker(), ctx.options.worker_allowlist);
     if (!worker.ok()) {
+      if (absl::IsPermissionDenied(worker.status())) return worker.status();
       return absl::InvalidArgumentError(worker.status().message());
     }
     u.worker = std::move(*worker);

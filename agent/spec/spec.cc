@@ -1,5 +1,8 @@
 #include "agent/spec/spec.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -57,6 +60,45 @@ bool IsDnsLabel(absl::string_view name) {
   return true;
 }
 
+namespace {
+
+// No NUL bytes (an exec'd argv or environment would cut them short) and
+// bounded sizes.
+absl::Status ValidateWorkerStrings(const v1::WorkerSpec& w) {
+  auto check = [](absl::string_view field, const std::string& value) {
+    if (value.find('\0') != std::string::npos) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": contains a NUL byte"));
+    }
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(check("worker.command", w.command()));
+  RETURN_IF_ERROR(check("worker.user", w.user()));
+  RETURN_IF_ERROR(check("worker.group", w.group()));
+  size_t bytes = w.command().size();
+  for (int i = 0; i < w.args_size(); ++i) {
+    RETURN_IF_ERROR(check(absl::StrCat("worker.args[", i, "]"), w.args(i)));
+    bytes += w.args(i).size();
+  }
+  for (int i = 0; i < w.env_size(); ++i) {
+    RETURN_IF_ERROR(check(absl::StrCat("worker.env[", i, "]"), w.env(i)));
+    bytes += w.env(i).size();
+  }
+  if (w.args_size() > kMaxWorkerArgs || w.env_size() > kMaxWorkerArgs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("worker: ", w.args_size(), " args and ", w.env_size(),
+                     " env entries; at most ", kMaxWorkerArgs, " of each"));
+  }
+  if (bytes > kMaxWorkerSpecBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("worker: command, args and env take ", bytes,
+                     " bytes; at most ", kMaxWorkerSpecBytes));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status ValidateListener(const v1::Listener& l) {
   if (l.name().empty()) {
     return absl::InvalidArgumentError("name: required");
@@ -71,10 +113,22 @@ absl::Status ValidateListener(const v1::Listener& l) {
     return absl::InvalidArgumentError(
         "address: required (host:port, e.g. 127.0.0.1:8080 or [::1]:8080)");
   }
-  if (absl::StatusOr<SocketAddress> addr = SocketAddress::Parse(l.address());
-      !addr.ok()) {
+  absl::StatusOr<SocketAddress> addr = SocketAddress::Parse(l.address());
+  if (!addr.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat("address: ", addr.status().message()));
+  }
+  if (addr->family() == AF_INET6) {
+    const auto* in6 = reinterpret_cast<const sockaddr_in6*>(addr->get());
+    if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) {
+      char v4[INET_ADDRSTRLEN] = {};
+      ::inet_ntop(AF_INET, &in6->sin6_addr.s6_addr[12], v4, sizeof(v4));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "address: ", l.address(),
+          " is an IPv4-mapped IPv6 address, which IPv6-only shard sockets "
+          "cannot bind; write it as ",
+          v4, ":", addr->port()));
+    }
   }
   if (l.shards() > kMaxShards) {
     return absl::InvalidArgumentError(
@@ -86,6 +140,7 @@ absl::Status ValidateListener(const v1::Listener& l) {
         "worker.command: required (the program to run per shard, e.g. "
         "\"portfleet-worker\")");
   }
+  RETURN_IF_ERROR(ValidateWorkerStrings(l.worker()));
   for (const std::string& e : l.worker().env()) {
     size_t eq = e.find('=');
     if (eq == std::string::npos || eq == 0) {
@@ -155,6 +210,11 @@ absl::Status ValidateSteering(const v1::Steering& s,
 
 absl::Status ValidateFleetSpec(const v1::FleetSpec& spec,
                                absl::string_view source) {
+  if (spec.listeners_size() > kMaxListeners) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": ", spec.listeners_size(),
+                     " listeners; at most ", kMaxListeners, " per agent"));
+  }
   std::map<std::string, int> names;
   std::map<std::string, int> addresses;  // canonical address -> index
   for (int i = 0; i < spec.listeners_size(); ++i) {

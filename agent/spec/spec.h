@@ -19,6 +19,10 @@ inline constexpr uint32_t kMaxDrainTimeoutSeconds = 3600;
 inline constexpr uint32_t kDefaultBacklog = 1024;
 inline constexpr uint32_t kMaxBacklog = 65535;
 inline constexpr uint32_t kMaxWeight = 1000000;
+// Limits that keep a fleet's state within one API message and a quick save.
+inline constexpr int kMaxListeners = 128;
+inline constexpr size_t kMaxWorkerSpecBytes = 16 * 1024;  // command+args+env
+inline constexpr int kMaxWorkerArgs = 256;                // args, env each
 
 enum class SpecFormat { kTextproto, kJson };
 

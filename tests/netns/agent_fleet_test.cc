@@ -324,6 +324,32 @@ TEST(AgentFleetTest, WorkersRunAsTheConfiguredUser) {
                                    "'no-such-user-x'"));
 }
 
+// Workers parse untrusted traffic: started by a root agent, each runs with
+// no capability at all (effective, permitted, inheritable, ambient and
+// bounding sets empty) and no_new_privs, also when it runs as root.
+TEST(AgentFleetTest, WorkersHaveNoCapabilities) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  ASSERT_TRUE(agent.Start(Spec(2)).ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  std::map<int, pid_t> workers = agent.WorkersByShard();
+  ASSERT_EQ(workers.size(), 2u);
+  for (const auto& [shard, pid] : workers) {
+    std::string status =
+        ReadFileOrEmpty(absl::StrCat("/proc/", pid, "/status"));
+    for (const char* set : {"CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"}) {
+      EXPECT_THAT(status, HasSubstr(absl::StrCat(set, ":\t0000000000000000")))
+          << "shard " << shard << "\n"
+          << status;
+    }
+    EXPECT_THAT(status, HasSubstr("NoNewPrivs:\t1"));
+    EXPECT_THAT(status, HasSubstr("Uid:\t0\t0\t0\t0"));  // still root
+  }
+  Tally tally;
+  for (int i = 0; i < 20; ++i) tally.Add(HttpGet(kAddress));
+  EXPECT_EQ(tally.ok, 20) << tally.first_error;
+}
+
 // --takeover=auto on a host without a running agent starts normally.
 TEST(AgentFleetTest, TakeoverAutoWithoutARunningAgentStartsNormally) {
   PF_ENTER_NETNS_OR_SKIP();

@@ -328,5 +328,38 @@ TEST(AgentHostileTest, SigtermDuringARolloutStartsNothingNew) {
   roll.wait();
 }
 
+// Steps (Low: API access equals running programs): with --worker-allowlist
+// the agent runs only the listed programs; anything else is refused with
+// PERMISSION_DENIED through the API and nothing is started.
+TEST(AgentHostileTest, WorkerAllowlistRefusesOtherPrograms) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  std::string allowlist = agent.dir().WriteFile(
+      "allowed", absl::StrCat("# workers this agent may run\n",
+                              BinaryPath("portfleet-worker"), "\n"));
+  ASSERT_TRUE(agent.Start(Spec(1), {"--worker-allowlist", allowlist}).ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  auto stub = FleetStub(agent.api_socket());
+  v1::CreateListenerRequest req;
+  req.mutable_listener()->set_name("evil");
+  req.mutable_listener()->set_address("127.0.0.1:8081");
+  req.mutable_listener()->set_shards(1);
+  req.mutable_listener()->mutable_worker()->set_command("/bin/sh");
+  req.mutable_listener()->mutable_worker()->add_args("-c");
+  req.mutable_listener()->mutable_worker()->add_args("touch /tmp/pwned");
+  v1::CreateListenerResponse resp;
+  grpc::Status s = stub->CreateListener(RpcContext().get(), req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED)
+      << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("not in this agent's worker "
+                                           "allowlist"));
+  EXPECT_EQ(Shards(*stub, "evil").size(), 0u);
+  // The listed program is allowed.
+  req.mutable_listener()->mutable_worker()->set_command("portfleet-worker");
+  req.mutable_listener()->mutable_worker()->clear_args();
+  s = stub->CreateListener(RpcContext().get(), req, &resp);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+}
+
 }  // namespace
 }  // namespace portfleet::testing

@@ -231,5 +231,61 @@ TEST(SpecTest, EffectiveValues) {
   EXPECT_EQ(EffectiveDrainTimeoutSeconds(l), kDefaultDrainTimeoutSeconds);
 }
 
+// Issue 9: inputs that used to pass --check and fail (or misbehave) later.
+v1::Listener Good() {
+  v1::Listener l;
+  l.set_name("web");
+  l.set_address("127.0.0.1:8080");
+  l.mutable_worker()->set_command("portfleet-worker");
+  return l;
+}
+
+TEST(SpecTest, Ipv4MappedAddressIsRefusedWithTheIpv4Form) {
+  v1::Listener l = Good();
+  l.set_address("[::ffff:127.0.0.1]:8102");
+  absl::Status s = ValidateListener(l);
+  EXPECT_TRUE(absl::IsInvalidArgument(s));
+  EXPECT_THAT(Message(s), HasSubstr("IPv4-mapped"));
+  EXPECT_THAT(Message(s), HasSubstr("write it as 127.0.0.1:8102"));
+}
+
+TEST(SpecTest, NulBytesAreRefusedNotTruncated) {
+  v1::Listener l = Good();
+  l.mutable_worker()->add_args(std::string("--mode=http\0--evil", 19));
+  EXPECT_EQ(Message(ValidateListener(l)),
+            "worker.args[0]: contains a NUL byte");
+  l = Good();
+  l.mutable_worker()->add_env(std::string("A=1\0B=2", 7));
+  EXPECT_EQ(Message(ValidateListener(l)), "worker.env[0]: contains a NUL byte");
+}
+
+TEST(SpecTest, OversizedWorkerAndTooManyListenersAreRefused) {
+  v1::Listener l = Good();
+  for (int i = 0; i < 5; ++i) {
+    l.mutable_worker()->add_args(std::string(4096, 'a'));
+  }
+  EXPECT_THAT(Message(ValidateListener(l)), HasSubstr("at most 16384"));
+  v1::FleetSpec spec;
+  for (int i = 0; i <= kMaxListeners; ++i) {
+    v1::Listener* x = spec.add_listeners();
+    *x = Good();
+    x->set_name(absl::StrCat("l", i));
+    x->set_address(absl::StrCat("127.0.0.1:", 1000 + i));
+  }
+  EXPECT_THAT(Message(ValidateFleetSpec(spec, "f")),
+              HasSubstr("at most 128 per agent"));
+}
+
+TEST(SpecTest, RelativeCommandsBecomeAbsolute) {
+  v1::WorkerSpec w;
+  w.set_command("bin/../w");
+  MakeCommandAbsolute(&w);
+  EXPECT_EQ(w.command().front(), '/');
+  EXPECT_THAT(w.command(), ::testing::EndsWith("/w"));
+  w.set_command("portfleet-worker");  // looked up next to the agent, PATH
+  MakeCommandAbsolute(&w);
+  EXPECT_EQ(w.command(), "portfleet-worker");
+}
+
 }  // namespace
 }  // namespace portfleet
