@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <set>
 
 #include "absl/strings/match.h"
@@ -20,6 +21,7 @@
 #include "agent/signals.h"
 #include "agent/sockets.h"
 #include "agent/spec/spec.h"
+#include "google/protobuf/stubs/logging.h"
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/base/status.h"
 #include "worker/sdk/base/version.h"
@@ -529,9 +531,29 @@ int Agent::Run() {
   return 0;
 }
 
+// protobuf logs an ERROR for every malformed string it parses (e.g. invalid
+// UTF-8 from a worker): through our log, rate-limited, as input from outside.
+void RouteProtobufLogs() {
+  google::protobuf::SetLogHandler([](google::protobuf::LogLevel level,
+                                     const char* filename, int line,
+                                     const std::string& message) {
+    static std::mutex mu;
+    static LogRateLimiter limiter(5, absl::Seconds(10));
+    std::lock_guard<std::mutex> lock(mu);
+    uint64_t dropped = 0;
+    if (!limiter.Allow(absl::Now(), &dropped)) return;
+    if (level >= google::protobuf::LOGLEVEL_ERROR) {
+      PF_LOG(WARNING) << "protobuf: " << message << SuppressedNote(dropped);
+    } else {
+      PF_LOG(DEBUG) << "protobuf: " << message << SuppressedNote(dropped);
+    }
+  });
+}
+
 int RunAgent(const AgentOptions& options) {
   SetLogTag("agent");
   SetLogLevel(*ParseLogLevel(options.log_level));
+  RouteProtobufLogs();
   // A worker that dies mid-write must not kill us.
   ::signal(SIGPIPE, SIG_IGN);
   RaiseFdLimit();

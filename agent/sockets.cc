@@ -163,7 +163,10 @@ bool IsOrphanedWorkerOf(pid_t pid, const std::string& listener) {
   pid_t ppid = 0;
   while (std::getline(status, line)) {
     if (absl::StartsWith(line, "PPid:")) {
-      absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(5)), &ppid);
+      if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(5)),
+                            &ppid)) {
+        return false;
+      }
     }
   }
   if (ppid <= 0) return false;

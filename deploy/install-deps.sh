@@ -11,6 +11,8 @@ PACKAGES=(
   libabsl-dev
   # eBPF steering: clang compiles the program, bpftool makes the skeleton
   clang llvm libbpf-dev bpftool linux-libc-dev
+  # fuzzing: the libFuzzer runtime (deploy/fuzz.sh)
+  libclang-rt-14-dev
   # tests
   libgtest-dev libgmock-dev iproute2 libcap2-bin curl
   python3 python3-grpcio python3-grpc-tools

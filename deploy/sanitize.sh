@@ -2,7 +2,9 @@
 # Builds portfleet with a sanitizer and runs the unit and netns test tiers
 # under it.
 #
-#   deploy/sanitize.sh asan    # ASan + UBSan (and LeakSanitizer) in build-asan/
+#   deploy/sanitize.sh asan    # ASan + UBSan (and LeakSanitizer) in build-asan/,
+#                              # built with clang together with the libFuzzer
+#                              # targets that deploy/fuzz.sh then runs
 #   deploy/sanitize.sh tsan    # ThreadSanitizer in build-tsan/
 #
 # Extra arguments go to cmake (through deploy/build.sh). Environment:
@@ -24,9 +26,21 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 usage() { echo "usage: $0 asan|tsan [cmake args...]" >&2; exit 2; }
 (($# >= 1)) || usage
 mode="$1"; shift
+extra=()
 case "$mode" in
-  asan) option=-DPORTFLEET_ASAN=ON ;;
-  tsan) option=-DPORTFLEET_TSAN=ON ;;
+  asan)
+    # clang: the same build gives the fuzz targets (deploy/fuzz.sh).
+    option=-DPORTFLEET_ASAN=ON
+    extra=(-DPORTFLEET_FUZZ=ON)
+    export CC=clang CXX=clang++
+    ;;
+  tsan)
+    option=-DPORTFLEET_TSAN=ON
+    # GCC 12 reports false -Wmaybe-uninitialized inside <regex>/<functional>
+    # when sanitizers instrument the code; keep the warning, do not fail on
+    # it in sanitizer builds.
+    extra=(-DCMAKE_CXX_FLAGS=-Wno-error=maybe-uninitialized)
+    ;;
   *) usage ;;
 esac
 
@@ -51,11 +65,7 @@ esac
 
 now() { date +%s; }
 t0=$(now)
-# GCC 12 reports false -Wmaybe-uninitialized inside <regex>/<functional> when
-# sanitizers instrument the code (tests/testing/client.cc fails under -Werror
-# with ASan). Keep the warning, do not fail on it in sanitizer builds.
-PORTFLEET_BUILD_DIR="$build" "$root/deploy/build.sh" "$option" \
-  -DCMAKE_CXX_FLAGS="-Wno-error=maybe-uninitialized" "$@"
+PORTFLEET_BUILD_DIR="$build" "$root/deploy/build.sh" "$option" "${extra[@]}" "$@"
 t1=$(now)
 echo "sanitize($mode): build took $((t1 - t0))s" >&2
 
@@ -78,8 +88,8 @@ rc=0
 t2=$(now)
 echo "sanitize($mode): tests took $((t2 - t1))s (ctest exit $rc)" >&2
 
-# GCC 12's combined ASan+UBSan runtime ignores log_path for UBSan reports:
-# they go to the process's stderr. Test binaries' stderr is in ctest's log;
+# UBSan reports may go to the process's stderr instead of log_path (GCC 12's
+# combined runtime ignores it). Test binaries' stderr is in ctest's log;
 # copy any report found there next to the others. (An agent or worker that
 # tests start writes stderr to a per-test log file; its UBSan abort shows as
 # a failing test, not here.)

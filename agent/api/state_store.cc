@@ -127,7 +127,12 @@ absl::StatusOr<std::optional<v1::FleetSpec>> LoadFleetState(
     if (n == 0) break;
     text.append(chunk, static_cast<size_t>(n));
   }
+  ASSIGN_OR_RETURN(v1::FleetSpec spec, ParseFleetState(text, path));
+  return std::optional<v1::FleetSpec>(std::move(spec));
+}
 
+absl::StatusOr<v1::FleetSpec> ParseFleetState(absl::string_view text,
+                                              const std::string& path) {
   // The last non-empty line must be the end marker; otherwise the file was
   // cut short (or edited into something we did not write).
   std::vector<absl::string_view> lines = absl::StrSplit(text, '\n');
@@ -147,7 +152,7 @@ absl::StatusOr<std::optional<v1::FleetSpec>> LoadFleetState(
   ErrorCollector errors;
   google::protobuf::TextFormat::Parser parser;
   parser.RecordErrorsTo(&errors);
-  if (!parser.ParseFromString(text, &spec)) {
+  if (!parser.ParseFromString(std::string(text), &spec)) {
     return absl::DataLossError(absl::StrCat(
         path, ":",
         errors.error().empty() ? "corrupt fleet state" : errors.error()));
@@ -155,7 +160,7 @@ absl::StatusOr<std::optional<v1::FleetSpec>> LoadFleetState(
   if (absl::Status s = ValidateFleetSpec(spec, path); !s.ok()) {
     return absl::DataLossError(s.message());
   }
-  return std::optional<v1::FleetSpec>(std::move(spec));
+  return spec;
 }
 
 }  // namespace portfleet

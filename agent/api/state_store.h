@@ -14,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "portfleet/v1/fleet.pb.h"
 
 namespace portfleet {
@@ -39,6 +40,11 @@ absl::Status SaveFleetState(const std::string& state_dir,
 // with the file path and, where known, the line: "<path>:7: ...".
 absl::StatusOr<std::optional<v1::FleetSpec>> LoadFleetState(
     const std::string& state_dir);
+
+// The checks and parsing of LoadFleetState on a file's contents; `path`
+// names it in errors.
+absl::StatusOr<v1::FleetSpec> ParseFleetState(absl::string_view text,
+                                              const std::string& path);
 
 }  // namespace portfleet
 

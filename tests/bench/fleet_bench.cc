@@ -137,8 +137,8 @@ uint64_t ProcessJiffies(const std::vector<pid_t>& pids) {
     uint64_t utime = 0, stime = 0;
     // After "pid (comm)": state is field 3; utime 14, stime 15.
     for (int i = 3; i <= 15 && in >> field; ++i) {
-      if (i == 14) absl::SimpleAtoi(field, &utime);
-      if (i == 15) absl::SimpleAtoi(field, &stime);
+      if (i == 14 && !absl::SimpleAtoi(field, &utime)) utime = 0;
+      if (i == 15 && !absl::SimpleAtoi(field, &stime)) stime = 0;
     }
     sum += utime + stime;
   }

@@ -58,7 +58,7 @@ int HttpStatus(const std::string& path, std::string* body = nullptr) {
   ssize_t n;
   while ((n = ::recv(fd.get(), buf, sizeof(buf), 0)) > 0) raw.append(buf, n);
   int code = 0;
-  if (raw.size() > 12) absl::SimpleAtoi(raw.substr(9, 3), &code);
+  if (raw.size() > 12 && !absl::SimpleAtoi(raw.substr(9, 3), &code)) code = 0;
   if (body != nullptr && raw.find("\r\n\r\n") != std::string::npos) {
     *body = raw.substr(raw.find("\r\n\r\n") + 4);
   }
