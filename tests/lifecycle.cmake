@@ -69,3 +69,10 @@ portfleet_test(agent_hostile_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/agent_hostile_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
   LABELS netns)
+
+# The randomized fault soak (issue 9), bounded by PORTFLEET_SOAK_SECONDS
+# (default 60) and replayable with PORTFLEET_SOAK_SEED.
+portfleet_test(fault_soak_test
+  SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/fault_soak_test.cc
+  LIBS portfleet_loadgen portfleet_api portfleet_testing
+  LABELS netns)
