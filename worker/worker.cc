@@ -207,6 +207,11 @@ Environment:
                         its listening socket attached, so that a restarted
                         agent can adopt it; the new connection is then the
                         control channel.
+  PORTFLEET_AGENT_UID   Optional uid of the agent. The listening socket is
+                        handed only to a peer at PORTFLEET_AGENT_SOCKET that
+                        runs as this uid (SO_PEERCRED); without it, only to
+                        uid 0 or the worker's own uid. Other peers are
+                        refused (logged) and the worker keeps serving.
 
 Signals:
   SIGTERM, SIGINT  Drain: stop accepting, answer requests in progress with
@@ -478,7 +483,10 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(
 
 absl::Status Worker::Init(Fd listen_fd, std::optional<ControlChannel> control) {
   listen_fd_ = std::move(listen_fd);
-  control_ = std::move(control);
+  ASSIGN_OR_RETURN(
+      agent_,
+      AgentLink::Create({.listener = config_.listener, .shard = config_.shard},
+                        listen_fd_, std::move(control), config_.agent));
   body_ = IdentityBody(config_.listener, config_.shard, ::getpid());
 
   ::signal(SIGPIPE, SIG_IGN);
@@ -495,10 +503,7 @@ absl::Status Worker::Init(Fd listen_fd, std::optional<ControlChannel> control) {
   if (!epoll_) return ErrnoError("epoll_create1");
   RETURN_IF_ERROR(
       EpollCtl(epoll_.get(), EPOLL_CTL_ADD, signal_fd_.get(), EPOLLIN));
-  if (control_) {
-    RETURN_IF_ERROR(
-        EpollCtl(epoll_.get(), EPOLL_CTL_ADD, control_->fd(), EPOLLIN));
-  }
+  RETURN_IF_ERROR(EpollCtl(epoll_.get(), EPOLL_CTL_ADD, agent_->fd(), EPOLLIN));
   RETURN_IF_ERROR(
       EpollCtl(epoll_.get(), EPOLL_CTL_ADD, listen_fd_.get(), EPOLLIN));
   accepting_ = true;
@@ -523,15 +528,9 @@ absl::Status Worker::Run() {
                << " on " << where << " (fd " << listen_fd_.get()
                << ", socket inode " << st.st_ino << ", pid " << ::getpid()
                << ")";
-  socket_inode_ = st.st_ino;
-  if (control_) {
-    SendControl(HelloMessage(/*reconnect=*/false));
-    v1::WorkerMessage ready;
-    ready.mutable_ready();
-    SendControl(ready);
-    // A failed send closes the channel; then there is nothing to report to.
-    if (control_) next_load_ = absl::Now() + config_.load_interval;
-  }
+  agent_->SendHello();
+  agent_->SendReady();
+  next_load_ = absl::Now() + config_.load_interval;
 
   epoll_event events[64];
   while (!done_) {
@@ -546,8 +545,9 @@ absl::Status Worker::Run() {
         HandleSignals();
       } else if (listen_fd_ && fd == listen_fd_.get()) {
         AcceptAll();
-      } else if (control_ && fd == control_->fd()) {
-        HandleControl();
+      } else if (fd == agent_->fd()) {
+        agent_->Dispatch(
+            [this](const v1::AgentMessage& m) { OnAgentMessage(m); });
       } else {
         HandleConnection(fd, events[i].events);
       }
@@ -561,7 +561,7 @@ absl::Status Worker::Run() {
                  << " connections served); exiting";
     v1::WorkerMessage drained;
     drained.mutable_drained();
-    SendControl(drained);
+    agent_->Send(drained);
   }
   return absl::OkStatus();
 }
@@ -572,15 +572,14 @@ int Worker::EpollTimeoutMs(absl::Time now) const {
   next = std::min(next, drain_deadline_);
   if (resume_accept_at_) next = std::min(next, *resume_accept_at_);
   if (lingering_ > 0) next = std::min(next, now + absl::Milliseconds(100));
-  if (reconnect_at_) next = std::min(next, *reconnect_at_);
   int64_t ms =
       absl::ToInt64Milliseconds(absl::Ceil(next - now, absl::Milliseconds(1)));
   return static_cast<int>(std::clamp<int64_t>(ms, 0, 1000));
 }
 
 void Worker::OnTimers(absl::Time now) {
-  if (control_ && now >= next_load_) {
-    SendLoad();
+  if (now >= next_load_) {
+    if (agent_->connected()) SendLoad();
     next_load_ = now + config_.load_interval;
   }
   if (resume_accept_at_ && now >= *resume_accept_at_) {
@@ -604,7 +603,6 @@ void Worker::OnTimers(absl::Time now) {
     }
     for (int fd : expired) CloseConnection(fd);
   }
-  if (reconnect_at_ && now >= *reconnect_at_) TryReconnect(now);
   if (draining_ && now >= drain_deadline_) {
     ForceClose("drain deadline reached");
   }
@@ -824,7 +822,7 @@ void Worker::BeginDrain(absl::Duration timeout, absl::string_view why) {
   draining_ = true;
   drain_deadline_ = deadline;
   resume_accept_at_.reset();
-  StopReconnecting();  // the listening socket goes; nothing to re-adopt
+  agent_->StopReadoption();  // the listening socket goes
   if (accepting_) {
     LogIfError(EpollCtl(epoll_.get(), EPOLL_CTL_DEL, listen_fd_.get(), 0));
     accepting_ = false;
@@ -858,170 +856,19 @@ void Worker::ForceClose(absl::string_view why) {
   done_ = true;
 }
 
-void Worker::HandleControl() {
-  while (control_) {
-    absl::StatusOr<std::optional<v1::AgentMessage>> got = control_->Receive();
-    if (!got.ok()) {
-      if (absl::IsInvalidArgument(got.status())) {
-        PF_LOG(WARNING) << got.status().message();
-        continue;
-      }
-      LoseControl(got.status().message(), /*on_send=*/false);
-      return;
+void Worker::OnAgentMessage(const v1::AgentMessage& message) {
+  switch (message.msg_case()) {
+    case v1::AgentMessage::kDrain: {
+      uint32_t ms = message.drain().deadline_ms();
+      BeginDrain(ms > 0 ? absl::Milliseconds(ms) : config_.drain_timeout,
+                 "agent asked to drain");
+      break;
     }
-    if (!got->has_value()) return;
-    const v1::AgentMessage& message = **got;
-    switch (message.msg_case()) {
-      case v1::AgentMessage::kDrain: {
-        uint32_t ms = message.drain().deadline_ms();
-        BeginDrain(ms > 0 ? absl::Milliseconds(ms) : config_.drain_timeout,
-                   "agent asked to drain");
-        break;
-      }
-      default:
-        PF_LOG(WARNING) << "ignoring an agent message of unknown kind "
-                        << message.msg_case();
-        break;
-    }
+    default:
+      PF_LOG(WARNING) << "ignoring an agent message of unknown kind "
+                      << message.msg_case();
+      break;
   }
-}
-
-void Worker::SendControl(const v1::WorkerMessage& message) {
-  if (!control_) return;
-  absl::Status s = control_->Send(message);
-  if (s.ok()) return;
-  if (absl::IsResourceExhausted(s)) {
-    PF_LOG(DEBUG) << s.message();
-    return;
-  }
-  LoseControl(s.message(), /*on_send=*/true);
-}
-
-void Worker::CloseControl() {
-  if (!control_) return;
-  // Closing the fd removes it from the epoll set.
-  control_.reset();
-  next_load_ = absl::InfiniteFuture();
-}
-
-bool Worker::CanReconnect() const {
-  return !config_.agent_socket.empty() && !draining_ && listen_fd_.valid();
-}
-
-void Worker::LoseControl(absl::string_view why, bool on_send) {
-  CloseControl();
-  if (!CanReconnect()) {
-    if (on_send) {
-      PF_LOG(WARNING) << why << "; serving on without the agent";
-    } else {
-      PF_LOG(WARNING) << why << "; the agent is gone, serving on without it";
-    }
-    return;
-  }
-  PF_LOG(WARNING) << why << "; the agent is gone, serving on and reconnecting "
-                  << "to " << config_.agent_socket << " every "
-                  << config_.reconnect_interval;
-  absl::Time now = absl::Now();
-  control_lost_at_ = now;
-  reconnect_failures_ = 0;
-  last_reconnect_log_ = absl::InfinitePast();
-  reconnecting_.reset();
-  reconnect_at_ = now;  // first attempt at once, on the next loop turn
-}
-
-void Worker::StopReconnecting() {
-  reconnect_at_.reset();
-  reconnecting_.reset();
-}
-
-v1::WorkerMessage Worker::HelloMessage(bool reconnect) const {
-  v1::WorkerMessage message;
-  v1::WorkerHello* hello = message.mutable_hello();
-  hello->set_pid(::getpid());
-  hello->set_listener(config_.listener);
-  hello->set_shard(config_.shard);
-  hello->set_version(kVersion);
-  hello->set_socket_inode(socket_inode_);
-  hello->set_reconnect(reconnect);
-  return message;
-}
-
-void Worker::TryReconnect(absl::Time now) {
-  reconnect_at_.reset();
-  if (control_ || !CanReconnect()) {
-    reconnecting_.reset();
-    return;
-  }
-  // A connect that was in progress, or a new one. Neither blocks: a Unix
-  // connect completes or fails at once, and one still in progress is polled
-  // on this timer rather than waited for.
-  std::optional<ControlChannel> channel;
-  if (reconnecting_) {
-    absl::StatusOr<bool> done = reconnecting_->FinishConnect();
-    if (done.ok() && !*done && now < reconnect_connect_deadline_) {
-      reconnect_at_ = now + config_.reconnect_interval;
-      return;
-    }
-    channel = std::move(reconnecting_);
-    reconnecting_.reset();
-    if (!done.ok() || !*done) {
-      return ReconnectFailed(
-          now, done.ok() ? absl::DeadlineExceededError("connect timed out")
-                         : done.status());
-    }
-  } else {
-    absl::StatusOr<ControlChannel> connected =
-        ControlChannel::Connect(config_.agent_socket);
-    if (!connected.ok()) return ReconnectFailed(now, connected.status());
-    if (connected->connecting()) {
-      reconnecting_ = std::move(*connected);
-      reconnect_connect_deadline_ = now + config_.reconnect_connect_timeout;
-      reconnect_at_ = now + config_.reconnect_interval;
-      return;
-    }
-    channel = std::move(*connected);
-  }
-  // The hello and the listening socket in one packet: the new agent checks
-  // the socket against its state before it adopts the worker.
-  if (absl::Status s = channel->SendWithFd(HelloMessage(/*reconnect=*/true),
-                                           listen_fd_.get());
-      !s.ok()) {
-    return ReconnectFailed(now, Annotate(s, "sending hello"));
-  }
-  if (absl::Status s =
-          EpollCtl(epoll_.get(), EPOLL_CTL_ADD, channel->fd(), EPOLLIN);
-      !s.ok()) {
-    return ReconnectFailed(now, s);
-  }
-  control_ = std::move(channel);
-  PF_LOG(INFO) << "reconnected to the agent at " << config_.agent_socket
-               << " after " << reconnect_failures_ << " failed attempts ("
-               << absl::Trunc(now - control_lost_at_, absl::Milliseconds(1))
-               << " without an agent); sent hello with the listening socket";
-  reconnect_failures_ = 0;
-  v1::WorkerMessage ready;
-  ready.mutable_ready();
-  SendControl(ready);
-  if (control_) next_load_ = now + config_.load_interval;
-}
-
-void Worker::ReconnectFailed(absl::Time now, const absl::Status& status) {
-  ++reconnect_failures_;
-  // The first failure, then at most one line per reconnect_log_interval:
-  // the agent may stay away for long.
-  if (reconnect_failures_ == 1) {
-    PF_LOG(WARNING) << "cannot reconnect to the agent: " << status.message()
-                    << "; retrying every " << config_.reconnect_interval;
-    last_reconnect_log_ = now;
-  } else if (now - last_reconnect_log_ >= config_.reconnect_log_interval) {
-    PF_LOG(WARNING) << "still cannot reconnect to the agent: "
-                    << status.message() << " (" << reconnect_failures_
-                    << " attempts in "
-                    << absl::Trunc(now - control_lost_at_, absl::Seconds(1))
-                    << ")";
-    last_reconnect_log_ = now;
-  }
-  reconnect_at_ = now + config_.reconnect_interval;
 }
 
 void Worker::SendLoad() {
@@ -1031,7 +878,7 @@ void Worker::SendLoad() {
   l->set_accepted_total(accepted_total_);
   l->set_bytes_in_total(bytes_in_);
   l->set_bytes_out_total(bytes_out_);
-  SendControl(load);
+  agent_->Send(load);
 }
 
 // ---------------------------------------------------------------------------
@@ -1069,10 +916,13 @@ int Main(int argc, char** argv) {
       return 2;
     }
   }
-  if (const char* a = std::getenv(ControlChannel::kAgentSocketEnvVar);
-      a && *a) {
-    config.agent_socket = a;
+  absl::StatusOr<AgentLinkOptions> agent = AgentLinkOptionsFromEnv();
+  if (!agent.ok()) {
+    std::fprintf(stderr, "portfleet-worker: %s\n",
+                 std::string(agent.status().message()).c_str());
+    return 2;
   }
+  config.agent = std::move(*agent);
   SetLogTag(absl::StrCat("worker ", config.listener, "/", config.shard));
 
   absl::StatusOr<Fd> listen_fd = TakeListenFd();

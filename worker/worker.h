@@ -21,6 +21,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "portfleet/v1/control.pb.h"
+#include "worker/sdk/agent_link.h"
 #include "worker/sdk/base/fd.h"
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/control_channel.h"
@@ -129,17 +130,9 @@ struct WorkerConfig {
   // How long a closing connection waits for the peer's FIN after our FIN, so
   // that unread input does not turn our close into a reset.
   absl::Duration linger_timeout = absl::Seconds(2);
-  // PORTFLEET_AGENT_SOCKET: the agent's control socket (a Unix
-  // SOCK_SEQPACKET listener). When the control channel hits end-of-file
-  // while the worker accepts, it connects there every `reconnect_interval`
-  // and says hello again with its listening socket attached (re-adoption,
-  // see WorkerHello in control.proto). Empty: serve on without an agent.
-  std::string agent_socket;
-  absl::Duration reconnect_interval = absl::Milliseconds(250);
-  // A reconnect whose connect is still in progress after this is abandoned.
-  absl::Duration reconnect_connect_timeout = absl::Seconds(2);
-  // Repeated reconnect failures are logged at most this often.
-  absl::Duration reconnect_log_interval = absl::Seconds(10);
+  // Re-adoption (PORTFLEET_AGENT_SOCKET, PORTFLEET_AGENT_UID): see
+  // worker/sdk/agent_link.h.
+  AgentLinkOptions agent;
 };
 
 class Worker {
@@ -172,19 +165,9 @@ class Worker {
   void Settle(Connection& conn);    // close, linger, or update epoll
   void CloseConnection(int fd);
   void HandleSignals();
-  void HandleControl();
+  void OnAgentMessage(const v1::AgentMessage& message);
   void BeginDrain(absl::Duration timeout, absl::string_view why);
   void ForceClose(absl::string_view why);
-  void SendControl(const v1::WorkerMessage& message);
-  void CloseControl();
-  // The control channel failed (`why`): close it and, if the worker still
-  // accepts and has an agent socket, start reconnecting.
-  void LoseControl(absl::string_view why, bool on_send);
-  bool CanReconnect() const;
-  void TryReconnect(absl::Time now);
-  void ReconnectFailed(absl::Time now, const absl::Status& status);
-  void StopReconnecting();
-  v1::WorkerMessage HelloMessage(bool reconnect) const;
   void SendLoad();
   void OnTimers(absl::Time now);
   int EpollTimeoutMs(absl::Time now) const;
@@ -193,8 +176,8 @@ class Worker {
   Fd epoll_;
   Fd signal_fd_;
   Fd listen_fd_;
-  std::optional<ControlChannel> control_;
-  std::string body_;  // HTTP identity body
+  std::unique_ptr<AgentLink> agent_;  // hello, load, drain, re-adoption
+  std::string body_;                  // HTTP identity body
   std::unordered_map<int, std::unique_ptr<Connection>> connections_;
 
   bool accepting_ = false;  // listen fd registered with epoll
@@ -203,16 +186,8 @@ class Worker {
   bool done_ = false;
   absl::Time drain_deadline_ = absl::InfiniteFuture();
   absl::Time next_load_ = absl::InfiniteFuture();
-  uint64_t socket_inode_ = 0;  // of listen_fd_, for WorkerHello
   int lingering_ = 0;
 
-  // Reconnecting to config_.agent_socket after the control channel is lost.
-  std::optional<absl::Time> reconnect_at_;      // next attempt
-  std::optional<ControlChannel> reconnecting_;  // connect in progress
-  absl::Time reconnect_connect_deadline_ = absl::InfiniteFuture();
-  absl::Time control_lost_at_ = absl::InfinitePast();
-  uint64_t reconnect_failures_ = 0;  // since the channel was lost
-  absl::Time last_reconnect_log_ = absl::InfinitePast();
   absl::Time last_accept_warning_ = absl::InfinitePast();
   uint64_t accept_warnings_suppressed_ = 0;
 

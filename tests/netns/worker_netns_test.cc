@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <optional>
@@ -783,6 +784,118 @@ TEST(WorkerNetnsTest, DoesNotReconnectWhileDraining) {
   slow.Reset();  // rather than wait out the worker's linger
   EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
   EXPECT_THAT(w.Log(), Not(HasSubstr("reconnect")));
+}
+
+// A seqpacket listener at `address` whose SO_PEERCRED says `uid`: a child
+// that runs as `uid` listens on it and hands it back over a socketpair (the
+// kernel records the credentials of the process that called listen()).
+Fd AgentSocketListenerAsUid(const std::string& address, uid_t uid) {
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) {
+    ADD_FAILURE() << "socketpair: " << std::strerror(errno);
+    return Fd();
+  }
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    if (::setresgid(uid, uid, uid) != 0 || ::setresuid(uid, uid, uid) != 0) {
+      ::_exit(1);
+    }
+    int fd = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    // "@name": an abstract address, which any uid may bind.
+    std::memcpy(addr.sun_path + 1, address.data() + 1, address.size() - 1);
+    socklen_t len = offsetof(sockaddr_un, sun_path) + address.size();
+    if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), len) != 0 ||
+        ::listen(fd, 8) != 0) {
+      ::_exit(2);
+    }
+    ControlChannel back{Fd(sv[1])};
+    v1::WorkerMessage note;
+    note.mutable_ready();
+    ::_exit(back.SendWithFd(note, fd).ok() ? 0 : 3);
+  }
+  ::close(sv[1]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      << "listener child failed: " << status;
+  ControlChannel from_child{Fd(sv[0])};
+  auto got = from_child.ReceiveWithFd();
+  if (!got.ok() || !got->has_value()) {
+    ADD_FAILURE() << "no listener from the child: " << got.status();
+    return Fd();
+  }
+  return std::move((*got)->second);
+}
+
+// Issue 9 (item 2), the worker's half: a process of another uid that
+// listens at $PORTFLEET_AGENT_SOCKET never gets the listening socket.
+// 1. A listener at the agent socket address, listened as uid 65534.
+// 2. The worker (root, no PORTFLEET_AGENT_UID: trusts uid 0 or its own)
+//    loses its agent: it connects to that listener every 250 ms, refuses
+//    the peer and keeps serving; it logs the refusal once.
+// 3. Counted from the squatter's side: connections, no packet, no fd.
+// 4. Control case: a worker told PORTFLEET_AGENT_UID=65534 hands it over.
+TEST(WorkerNetnsTest, HandsItsSocketOnlyToThePeerOfTheAgentUid) {
+  PF_ENTER_NETNS_OR_SKIP();
+  constexpr uid_t kNobody = 65534;
+  Listener l = ListenLoopback();
+  const std::string address = absl::StrCat("@portfleet-test-", ::getpid());
+  Fd squatter = AgentSocketListenerAsUid(address, kNobody);
+  ASSERT_TRUE(squatter.valid());
+  for (bool trusted : {false, true}) {
+    SCOPED_TRACE(trusted ? "PORTFLEET_AGENT_UID=65534" : "default uids");
+    auto pair = ControlChannel::Pair();
+    ASSERT_TRUE(pair.ok()) << pair.status();
+    ControlChannel agent = std::move(pair->first);
+    StartOptions options{
+        .env = {"PORTFLEET_LISTENER=web", "PORTFLEET_SHARD=1",
+                absl::StrCat("PORTFLEET_AGENT_SOCKET=", address)},
+        .fd3 = l.fd.get(),
+        .control_fd = pair->second.fd()};
+    if (trusted) options.env.push_back("PORTFLEET_AGENT_UID=65534");
+    WorkerProcess w;
+    w.Start(options);
+    pair->second.Close();
+    ASSERT_TRUE(NextMessage(agent, absl::Seconds(5)).has_value()) << w.Log();
+    agent.Close();  // the agent dies
+
+    if (trusted) {
+      std::optional<ControlChannel> adopted =
+          AcceptAgentConnection(squatter.get(), absl::Seconds(2));
+      ASSERT_TRUE(adopted.has_value()) << w.Log();
+      ExpectReconnectHello(*adopted, w, Inode(l.fd.get()));
+    } else {
+      int connections = 0;
+      absl::Time until = absl::Now() + absl::Seconds(1);
+      while (absl::Now() < until) {
+        testing::Reply r = testing::HttpGet(l.address());
+        ASSERT_EQ(r.outcome, Outcome::kOk) << r.error << "\n" << w.Log();
+        std::optional<ControlChannel> c =
+            AcceptAgentConnection(squatter.get(), absl::Milliseconds(100));
+        if (!c) continue;
+        ++connections;
+        // The worker closed it without a word: end-of-file, no descriptor.
+        pollfd p{c->fd(), POLLIN, 0};
+        ASSERT_EQ(::poll(&p, 1, 2000), 1);
+        auto got = c->ReceiveWithFd();
+        EXPECT_EQ(got.status().code(), absl::StatusCode::kUnavailable)
+            << "the squatter received a packet";
+      }
+      EXPECT_GE(connections, 2) << w.Log();
+      ASSERT_TRUE(w.running()) << w.Log();
+      std::string log = w.Log();
+      EXPECT_EQ(Count(log, "refusing to hand the listening socket"), 1) << log;
+      EXPECT_THAT(log, HasSubstr("it runs as uid 65534"));
+      EXPECT_THAT(log, Not(HasSubstr("reconnected to the agent")));
+    }
+    w.Signal(SIGTERM);
+    EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
+    // Connections the worker made after the last accept above.
+    while (AcceptAgentConnection(squatter.get(), absl::ZeroDuration())) {
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------
