@@ -389,11 +389,17 @@ void HttpSession::Respond(const HttpRequestHead& head, std::string* out) {
   bool keep_alive = head.keep_alive && !draining_;
   absl::StrAppend(out, Response(200, body_, keep_alive, head.minor_version == 0,
                                 head.method == "HEAD"));
-  if (!keep_alive) closing_ = true;
+  if (!keep_alive) {
+    closing_ = true;
+    client_close_ = !head.keep_alive;
+  }
 }
 
 void HttpSession::Consume(absl::string_view data, std::string* out) {
-  if (closing_) return;
+  if (closing_) {
+    if (!data.empty()) unanswered_input_ = true;
+    return;
+  }
   // Discard body bytes without buffering them.
   if (in_body_ && buffer_.empty()) {
     uint64_t n = std::min<uint64_t>(body_remaining_, data.size());
@@ -402,7 +408,10 @@ void HttpSession::Consume(absl::string_view data, std::string* out) {
     if (body_remaining_ > 0) return;
     in_body_ = false;
     Respond(pending_, out);
-    if (closing_) return;
+    if (closing_) {
+      if (!data.empty()) unanswered_input_ = true;
+      return;
+    }
   }
   buffer_.append(data.data(), data.size());
   size_t pos = 0;
@@ -439,6 +448,7 @@ void HttpSession::Consume(absl::string_view data, std::string* out) {
     Respond(r.head, out);
   }
   if (closing_) {
+    if (pos < buffer_.size()) unanswered_input_ = true;
     buffer_.clear();
     in_body_ = false;
   } else {
@@ -463,10 +473,12 @@ struct Worker::Connection {
   std::optional<HttpSession> http;  // in http mode
   std::string out;                  // output not yet sent, from out_offset
   size_t out_offset = 0;
-  bool read_eof = false;   // the peer will send nothing more
+  bool read_eof = false;  // the peer will send nothing more
+  // The last recv() found the receive queue empty (a short read or EAGAIN).
+  bool input_drained = false;
   bool lingering = false;  // our FIN is sent; waiting for the peer's
   absl::Time linger_deadline;
-  uint32_t events = 0;  // registered with epoll
+  uint32_t events = 0;  // registered with epoll; 0 = not registered yet
 
   size_t pending() const { return out.size() - out_offset; }
 };
@@ -507,6 +519,13 @@ absl::Status Worker::Init(Fd listen_fd, std::optional<ControlChannel> control) {
   RETURN_IF_ERROR(
       EpollCtl(epoll_.get(), EPOLL_CTL_ADD, listen_fd_.get(), EPOLLIN));
   accepting_ = true;
+  // Accepted sockets inherit TCP_NODELAY from the listener (the agent sets
+  // it on shard sockets): then no setsockopt per connection.
+  int nodelay = 0;
+  socklen_t length = sizeof(nodelay);
+  listener_nodelay_ = ::getsockopt(listen_fd_.get(), IPPROTO_TCP, TCP_NODELAY,
+                                   &nodelay, &length) == 0 &&
+                      nodelay != 0;
   return absl::OkStatus();
 }
 
@@ -677,17 +696,17 @@ void Worker::AcceptAll() {
     }
     auto conn = std::make_unique<Connection>();
     conn->fd = Fd(fd);
-    int one = 1;
-    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (config_.mode == Mode::kHttp) conn->http.emplace(body_);
-    conn->events = EPOLLIN;
-    if (absl::Status s = EpollCtl(epoll_.get(), EPOLL_CTL_ADD, fd, EPOLLIN);
-        !s.ok()) {
-      PF_LOG(ERROR) << s.message();
-      continue;  // conn closes the fd
+    if (!listener_nodelay_) {
+      int one = 1;
+      ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     }
+    if (config_.mode == Mode::kHttp) conn->http.emplace(body_);
     ++accepted_total_;
     connections_[fd] = std::move(conn);
+    // Read at once rather than after a round through epoll: the request is
+    // usually there already (always with TCP_DEFER_ACCEPT on the listener).
+    // A connection that is finished here never enters the epoll set.
+    HandleConnection(fd, EPOLLIN);
   }
 }
 
@@ -710,7 +729,10 @@ bool Worker::ReadFrom(Connection& conn) {
     ssize_t n = ::recv(conn.fd.get(), buf, sizeof(buf), 0);
     if (n < 0) {
       if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) return true;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        conn.input_drained = true;
+        return true;
+      }
       PF_LOG(DEBUG) << "recv: " << std::strerror(errno);
       return false;
     }
@@ -720,13 +742,20 @@ bool Worker::ReadFrom(Connection& conn) {
     }
     bytes_in_ += n;
     budget -= std::min<size_t>(budget, n);
-    if (conn.lingering) continue;  // discard
-    absl::string_view data(buf, n);
-    if (conn.http) {
-      conn.http->Consume(data, &conn.out);
-    } else {
-      conn.out.append(data.data(), data.size());
+    // A short read emptied the receive queue: the next recv() would only
+    // say EAGAIN, so leave it to epoll to say when more comes.
+    conn.input_drained = static_cast<size_t>(n) < sizeof(buf);
+    if (!conn.lingering) {
+      absl::string_view data(buf, n);
+      if (conn.http) {
+        conn.http->Consume(data, &conn.out);
+        // Nothing more will be answered: reading on is Settle()'s business.
+        if (conn.http->closing()) return true;
+      } else {
+        conn.out.append(data.data(), data.size());
+      }
     }
+    if (conn.input_drained) return true;
   }
   return true;
 }
@@ -756,6 +785,12 @@ void Worker::Settle(Connection& conn) {
     if (conn.read_eof && (conn.lingering || finished)) {
       return CloseConnection(fd);
     }
+    if (finished && !conn.lingering && conn.http && conn.http->clean_close() &&
+        conn.input_drained) {
+      // The client asked to close and nothing of its input is left unread:
+      // close at once (no shutdown, no wait for its FIN).
+      return CloseConnection(fd);
+    }
     if (finished && !conn.lingering) {
       // Send our FIN but keep reading until the peer's, so that input we
       // never read (e.g. pipelined requests after "Connection: close") does
@@ -779,8 +814,8 @@ void Worker::Settle(Connection& conn) {
     want = EPOLLOUT;
   }
   if (want != conn.events) {
-    if (absl::Status s = EpollCtl(epoll_.get(), EPOLL_CTL_MOD, fd, want);
-        !s.ok()) {
+    int op = conn.events == 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
+    if (absl::Status s = EpollCtl(epoll_.get(), op, fd, want); !s.ok()) {
       PF_LOG(ERROR) << s.message();
       return CloseConnection(fd);
     }
@@ -837,7 +872,21 @@ void Worker::BeginDrain(absl::Duration timeout, absl::string_view why) {
   for (const auto& [fd, conn] : connections_) fds.push_back(fd);
   for (int fd : fds) {
     Connection& conn = *connections_[fd];
+    if (conn.http && conn.http->idle() && !conn.read_eof && !conn.lingering) {
+      // What is idle depends on what has arrived: take in bytes already
+      // queued (e.g. a request sent just before the signal, whose readiness
+      // epoll has not reported yet), so that the request is answered rather
+      // than dropped with the connection.
+      if (!ReadFrom(conn)) {
+        CloseConnection(fd);
+        continue;
+      }
+    }
     if (conn.http) conn.http->StartDrain();
+    if (conn.pending() > 0 && !WriteTo(conn)) {
+      CloseConnection(fd);
+      continue;
+    }
     Settle(conn);
   }
   if (connections_.empty()) done_ = true;

@@ -99,6 +99,13 @@ class HttpSession {
 
   // No further requests will be answered: close once the output is written.
   bool closing() const { return closing_; }
+  // closing() because the client asked for it ("Connection: close", or
+  // HTTP/1.0 without keep-alive), and it sent nothing after that request:
+  // no input of its own is left that a close could turn into a reset, so
+  // the connection may be closed without waiting for the client's FIN.
+  bool clean_close() const {
+    return closing_ && client_close_ && !unanswered_input_;
+  }
   // No partial request (head or body) is buffered.
   bool idle() const { return buffer_.empty() && !in_body_; }
   uint64_t requests() const { return requests_; }
@@ -113,6 +120,8 @@ class HttpSession {
   HttpRequestHead pending_;  // head whose body is being discarded
   bool draining_ = false;
   bool closing_ = false;
+  bool client_close_ = false;      // the client's request said close
+  bool unanswered_input_ = false;  // bytes came after the last answer
   uint64_t requests_ = 0;
 };
 
@@ -180,7 +189,8 @@ class Worker {
   std::string body_;                  // HTTP identity body
   std::unordered_map<int, std::unique_ptr<Connection>> connections_;
 
-  bool accepting_ = false;  // listen fd registered with epoll
+  bool accepting_ = false;         // listen fd registered with epoll
+  bool listener_nodelay_ = false;  // accepted sockets inherit TCP_NODELAY
   std::optional<absl::Time> resume_accept_at_;
   bool draining_ = false;
   bool done_ = false;

@@ -7,10 +7,12 @@
 // $PORTFLEET_AGENT_SOCKET that the worker reconnects to.
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -60,9 +62,29 @@ struct Listener {
   std::string address() const { return absl::StrCat("127.0.0.1:", port); }
 };
 
-Listener ListenLoopback() {
+// Options the agent may set on a shard socket (agent/sockets.h).
+struct ListenOptions {
+  bool nodelay = false;  // TCP_NODELAY, inherited by accepted sockets
+  int defer_accept = 0;  // TCP_DEFER_ACCEPT seconds
+  std::string name() const {
+    return absl::StrCat(nodelay ? "nodelay" : "plain", "/defer=", defer_accept);
+  }
+};
+
+Listener ListenLoopback(const ListenOptions& options = {}) {
   Listener l;
   l.fd = Fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  int one = 1;
+  if (options.nodelay) {
+    EXPECT_EQ(
+        ::setsockopt(l.fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)),
+        0);
+  }
+  if (options.defer_accept > 0) {
+    EXPECT_EQ(::setsockopt(l.fd.get(), IPPROTO_TCP, TCP_DEFER_ACCEPT,
+                           &options.defer_accept, sizeof(int)),
+              0);
+  }
   sockaddr_in sin{};
   sin.sin_family = AF_INET;
   sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
@@ -237,6 +259,15 @@ bool ReadsEof(int fd, absl::Duration timeout) {
   return ::recv(fd, &c, 1, MSG_DONTWAIT) == 0;
 }
 
+int Count(const std::string& haystack, const std::string& needle) {
+  int n = 0;
+  for (size_t pos = haystack.find(needle); pos != std::string::npos;
+       pos = haystack.find(needle, pos + needle.size())) {
+    ++n;
+  }
+  return n;
+}
+
 constexpr char kGet[] = "GET / HTTP/1.1\r\nHost: test\r\n\r\n";
 constexpr char kGetClose[] =
     "GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
@@ -363,6 +394,126 @@ TEST(WorkerNetnsTest, EchoModeEchoes) {
 }
 
 // ---------------------------------------------------------------------------
+// The new-connection path (issue 14): the worker reads right after accept,
+// closes a "Connection: close" exchange without waiting for the client's FIN
+// when nothing of the client's is left unread, and skips TCP_NODELAY per
+// connection when the listener carries it. None of that may cost a slow
+// client, a request in pieces or a body, on any listener the agent makes.
+
+// The port of the peer of a connected socket.
+int PeerPort(int fd) {
+  sockaddr_in sin{};
+  socklen_t len = sizeof(sin);
+  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&sin), &len) != 0) {
+    return -1;
+  }
+  return ntohs(sin.sin_port);
+}
+
+int LocalPort(int fd) {
+  sockaddr_in sin{};
+  socklen_t len = sizeof(sin);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&sin), &len);
+  return ntohs(sin.sin_port);
+}
+
+// TCP_NODELAY of the socket that `pid` holds for the client connection
+// `client` (found by its peer port and copied with pidfd_getfd); -1 if none.
+int WorkerSideNodelay(pid_t pid, int client) {
+  Fd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+  if (!pidfd) return -1;
+  const int want = LocalPort(client);
+  for (int target = 0; target < 1024; ++target) {
+    Fd copy(
+        static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd.get(), target, 0)));
+    if (!copy || PeerPort(copy.get()) != want) continue;
+    int nodelay = -1;
+    socklen_t len = sizeof(nodelay);
+    ::getsockopt(copy.get(), IPPROTO_TCP, TCP_NODELAY, &nodelay, &len);
+    return nodelay;
+  }
+  return -1;
+}
+
+// Reads everything until EOF (or a 5 s timeout / error): the bytes, and
+// whether it ended in EOF rather than an error (a reset).
+std::pair<std::string, bool> ReadToEof(int fd) {
+  std::string all;
+  char buf[16384];
+  for (;;) {
+    ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+    if (n == 0) return {all, true};
+    if (n < 0) return {all, false};
+    all.append(buf, n);
+  }
+}
+
+TEST(WorkerNetnsTest, NewConnectionPathOnEveryListenerVariant) {
+  PF_ENTER_NETNS_OR_SKIP();
+  for (ListenOptions options :
+       {ListenOptions{}, ListenOptions{.nodelay = true},
+        ListenOptions{.defer_accept = 1},
+        ListenOptions{.nodelay = true, .defer_accept = 1}}) {
+    SCOPED_TRACE(options.name());
+    Listener l = ListenLoopback(options);
+    WorkerProcess w;
+    w.Start({.env = {"PORTFLEET_LISTENER=web"}, .fd3 = l.fd.get()});
+    for (int i = 0; i < 20; ++i) {
+      testing::Reply r = testing::HttpGet(l.address());
+      ASSERT_EQ(r.outcome, Outcome::kOk) << r.error << "\n" << w.Log();
+      EXPECT_EQ(r.pid, w.pid());
+    }
+    // A slow client: nothing for 300 ms after connect, then its request.
+    {
+      Fd c = Connect(l.port);
+      absl::SleepFor(absl::Milliseconds(300));
+      SendAll(c.get(), kGetClose);
+      auto [all, eof] = ReadToEof(c.get());
+      EXPECT_THAT(all, HasSubstr("HTTP/1.1 200 OK\r\n")) << w.Log();
+      EXPECT_TRUE(eof);
+    }
+    // A request in pieces; the worker's connection has TCP_NODELAY whether
+    // the listener carried it or the worker set it.
+    {
+      Fd c = Connect(l.port);
+      SendAll(c.get(), "GET / HTTP/1.1\r\nHo");
+      absl::SleepFor(absl::Milliseconds(100));
+      EXPECT_EQ(WorkerSideNodelay(w.pid(), c.get()), 1) << w.Log();
+      SendAll(c.get(), "st: a\r\nConnection: cl");
+      absl::SleepFor(absl::Milliseconds(50));
+      SendAll(c.get(), "ose\r\n\r\n");
+      auto [all, eof] = ReadToEof(c.get());
+      EXPECT_EQ(Count(all, "HTTP/1.1 200 OK\r\n"), 1) << all;
+      EXPECT_TRUE(eof);
+    }
+    // A body in two pieces, then close.
+    {
+      Fd c = Connect(l.port);
+      SendAll(c.get(),
+              "POST / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+              "Content-Length: 10\r\n\r\n01234");
+      absl::SleepFor(absl::Milliseconds(50));
+      SendAll(c.get(), "56789");
+      auto [all, eof] = ReadToEof(c.get());
+      EXPECT_EQ(Count(all, "HTTP/1.1 200 OK\r\n"), 1) << all;
+      EXPECT_TRUE(eof);
+    }
+    // Input after a "Connection: close" request (which the client must not
+    // send, RFC 9112 9.6): the answer still arrives whole and the
+    // connection ends with a FIN, not a reset that could destroy it.
+    {
+      Fd c = Connect(l.port);
+      SendAll(c.get(), absl::StrCat(kGetClose, std::string(200 * 1024, 'x')));
+      auto [all, eof] = ReadToEof(c.get());
+      EXPECT_EQ(Count(all, "HTTP/1.1 200 OK\r\n"), 1) << all;
+      EXPECT_TRUE(eof) << "reset instead of end-of-file";
+    }
+    w.Signal(SIGTERM);
+    EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Drain
 
 // 1. A client makes a request on a keep-alive connection and leaves it idle.
@@ -398,7 +549,7 @@ TEST(WorkerNetnsTest, SigtermFinishesTheRequestInFlightAndExitsZero) {
 
   SendAll(slow.get(), "\r\n");
   std::string response = ReadResponse(slow.get(), &slow_buffer);
-  EXPECT_THAT(response, HasSubstr("HTTP/1.1 200 OK\r\n"));
+  EXPECT_THAT(response, HasSubstr("HTTP/1.1 200 OK\r\n")) << w.Log();
   EXPECT_THAT(response, HasSubstr("Connection: close\r\n"));
   EXPECT_THAT(response, HasSubstr("portfleet listener=web"));
   EXPECT_TRUE(ReadsEof(slow.get(), absl::Seconds(3)));
@@ -592,15 +743,6 @@ ino_t Inode(int fd) {
   return st.st_ino;
 }
 
-int Count(const std::string& haystack, const std::string& needle) {
-  int n = 0;
-  for (size_t pos = haystack.find(needle); pos != std::string::npos;
-       pos = haystack.find(needle, pos + needle.size())) {
-    ++n;
-  }
-  return n;
-}
-
 // Expects the hello of a reconnect on `channel` (listening socket attached)
 // and then ready.
 void ExpectReconnectHello(ControlChannel& channel, const WorkerProcess& w,
@@ -780,7 +922,8 @@ TEST(WorkerNetnsTest, DoesNotReconnectWhileDraining) {
   ASSERT_TRUE(w.running()) << w.Log();
   SendAll(slow.get(), "\r\n");
   EXPECT_THAT(ReadResponse(slow.get(), &buffer),
-              HasSubstr("Connection: close\r\n"));
+              HasSubstr("Connection: close\r\n"))
+      << w.Log();
   slow.Reset();  // rather than wait out the worker's linger
   EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
   EXPECT_THAT(w.Log(), Not(HasSubstr("reconnect")));
