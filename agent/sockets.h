@@ -19,10 +19,17 @@ namespace portfleet {
 
 struct ShardSocketOptions {
   int backlog = 1024;  // listen() backlog
+  // TCP_NODELAY on the listening socket: accepted connections inherit it, so
+  // workers need no setsockopt per connection (portfleet-worker checks the
+  // listener once and skips its own).
+  bool tcp_nodelay = true;
+  // TCP_DEFER_ACCEPT in seconds (Listener.defer_accept_seconds); 0 = off.
+  int defer_accept_seconds = 0;
 };
 
-// socket + SO_REUSEADDR + SO_REUSEPORT (+ IPV6_V6ONLY for IPv6) + bind +
-// listen. Blocking, close-on-exec. EADDRINUSE -> AlreadyExists.
+// socket + SO_REUSEADDR + SO_REUSEPORT (+ IPV6_V6ONLY for IPv6) + the
+// options above + bind + listen. Blocking, close-on-exec. EADDRINUSE ->
+// AlreadyExists.
 absl::StatusOr<Fd> CreateShardSocket(const SocketAddress& address,
                                      const ShardSocketOptions& options);
 
