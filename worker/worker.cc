@@ -1,5 +1,6 @@
 #include "worker/worker.h"
 
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
@@ -7,6 +8,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -39,6 +41,15 @@ constexpr size_t kMaxPendingOutput = 1 << 20;
 constexpr size_t kReadBudget = 256 * 1024;
 // Connections accepted per readiness event of the listening socket.
 constexpr int kAcceptBatch = 64;
+// Longest a blocking accept() may wait when another process took the
+// connection it was meant for (see Worker::AcceptAll).
+constexpr absl::Duration kAcceptGuard = absl::Milliseconds(20);
+
+// SIGALRM ends a blocking accept() that lost its connection to another
+// process (the handler runs, accept() fails with EINTR); the count tells
+// whether the guard timer has already fired.
+volatile sig_atomic_t accept_guard_fired = 0;
+void OnAcceptGuard(int) { accept_guard_fired = accept_guard_fired + 1; }
 
 // ---------------------------------------------------------------------------
 // Flags
@@ -521,6 +532,18 @@ absl::Status Worker::Init(Fd listen_fd, std::optional<ControlChannel> control) {
   accepting_ = true;
   // Accepted sockets inherit TCP_NODELAY from the listener (the agent sets
   // it on shard sockets): then no setsockopt per connection.
+  int status_flags = ::fcntl(listen_fd_.get(), F_GETFL);
+  if (status_flags < 0) return ErrnoError("fcntl(listening socket, F_GETFL)");
+  listener_nonblocking_ = (status_flags & O_NONBLOCK) != 0;
+  if (!listener_nonblocking_) {
+    // Without SA_RESTART, so that the signal ends a blocking accept().
+    struct sigaction action {};
+    action.sa_handler = OnAcceptGuard;
+    sigemptyset(&action.sa_mask);
+    if (::sigaction(SIGALRM, &action, nullptr) != 0) {
+      return ErrnoError("sigaction(SIGALRM)");
+    }
+  }
   int nodelay = 0;
   socklen_t length = sizeof(nodelay);
   listener_nodelay_ = ::getsockopt(listen_fd_.get(), IPPROTO_TCP, TCP_NODELAY,
@@ -651,63 +674,124 @@ void Worker::WarnAcceptPaused(int err) {
   accept_warnings_suppressed_ = 0;
 }
 
-void Worker::AcceptAll() {
-  for (int i = 0; i < kAcceptBatch && accepting_; ++i) {
-    int fd = ::accept4(listen_fd_.get(), nullptr, nullptr,
-                       SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0) {
-      switch (errno) {
-        case EAGAIN:
-          return;
-        // The connection died in the queue, or a pending network error
-        // (accept(2)): nothing to do with the listening socket.
-        case EINTR:
-        case ECONNABORTED:
-        case EPROTO:
-        case ENETDOWN:
-        case ENOPROTOOPT:
-        case EHOSTDOWN:
-        case ENONET:
-        case EHOSTUNREACH:
-        case EOPNOTSUPP:
-        case ENETUNREACH:
-        case EPERM:
-          continue;
-        case EINVAL:
-          // The agent shut the listening socket down (its shard is being
-          // drained; the kernel migrated the queue to the other shards).
-          BeginDrain(config_.drain_timeout, "listening socket shut down");
-          return;
-        case EMFILE:
-        case ENFILE:
-        case ENOBUFS:
-        case ENOMEM:
-          // Leave the connections in the queue and retry shortly; level-
-          // triggered epoll would otherwise spin.
-          WarnAcceptPaused(errno);
-          PauseAccepting(absl::Milliseconds(100));
-          return;
-        default:
-          PF_LOG(ERROR) << "accept: " << std::strerror(errno)
-                        << "; pausing accept for 1s";
-          PauseAccepting(absl::Seconds(1));
-          return;
-      }
-    }
-    auto conn = std::make_unique<Connection>();
-    conn->fd = Fd(fd);
-    if (!listener_nodelay_) {
-      int one = 1;
-      ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    }
-    if (config_.mode == Mode::kHttp) conn->http.emplace(body_);
-    ++accepted_total_;
-    connections_[fd] = std::move(conn);
-    // Read at once rather than after a round through epoll: the request is
-    // usually there already (always with TCP_DEFER_ACCEPT on the listener).
-    // A connection that is finished here never enters the epoll set.
-    HandleConnection(fd, EPOLLIN);
+int Worker::QueuedConnections() {
+  tcp_info info{};
+  socklen_t length = sizeof(info);
+  if (::getsockopt(listen_fd_.get(), IPPROTO_TCP, TCP_INFO, &info, &length) !=
+      0) {
+    PF_LOG(ERROR) << "getsockopt(listening socket, TCP_INFO): "
+                  << std::strerror(errno) << "; pausing accept for 1s";
+    PauseAccepting(absl::Seconds(1));
+    return 0;
   }
+  if (info.tcpi_state != TCP_LISTEN) {
+    // The agent shut the listening socket down (as accept's EINVAL below).
+    BeginDrain(config_.drain_timeout, "listening socket shut down");
+    return 0;
+  }
+  // For a listening socket, tcpi_unacked is its accept queue length.
+  return static_cast<int>(info.tcpi_unacked);
+}
+
+void Worker::ArmAcceptGuard() {
+  itimerval guard{};
+  guard.it_value = absl::ToTimeval(kAcceptGuard);
+  accept_guard_fired = 0;
+  accept_guard_armed_ = true;
+  if (::setitimer(ITIMER_REAL, &guard, nullptr) != 0) {
+    PF_LOG(ERROR) << "setitimer: " << std::strerror(errno);  // cannot happen
+    std::abort();
+  }
+}
+
+void Worker::AcceptAll() {
+  int accepted = 0;
+  while (accepting_ && accepted < kAcceptBatch) {
+    int budget = kAcceptBatch - accepted;
+    if (!listener_nonblocking_) {
+      // The listening socket is in blocking mode and must stay so:
+      // O_NONBLOCK belongs to the open file description that the agent and
+      // every worker on this socket share (a blocking worker may be rolled
+      // onto it). An accept() on an empty queue would block this loop until
+      // the next connection, so accept only as many as are queued, counting
+      // again after each batch as the EAGAIN of a non-blocking socket would.
+      // Another process may take one between the count and the accept: the
+      // accept guard (a SIGALRM timer) bounds that wait to kAcceptGuard.
+      budget = std::min(budget, QueuedConnections());
+      if (budget <= 0) return;
+    }
+    for (int i = 0; i < budget; ++i, ++accepted) {
+      if (!accepting_ || !AcceptOne()) return;
+    }
+  }
+}
+
+bool Worker::AcceptOne() {
+  // The guard stays armed across batches until it fires (at most one
+  // setitimer per kAcceptGuard while connections keep coming, none when
+  // idle).
+  if (!listener_nonblocking_ &&
+      (!accept_guard_armed_ || accept_guard_fired != 0)) {
+    ArmAcceptGuard();
+  }
+  int fd = ::accept4(listen_fd_.get(), nullptr, nullptr,
+                     SOCK_NONBLOCK | SOCK_CLOEXEC);
+  if (fd < 0) {
+    if (errno == EINTR && !listener_nonblocking_) {
+      return false;  // the guard fired: another process took the connection
+    }
+    switch (errno) {
+      case EAGAIN:
+        return false;
+      // The connection died in the queue, or a pending network error
+      // (accept(2)): nothing to do with the listening socket.
+      case EINTR:
+      case ECONNABORTED:
+      case EPROTO:
+      case ENETDOWN:
+      case ENOPROTOOPT:
+      case EHOSTDOWN:
+      case ENONET:
+      case EHOSTUNREACH:
+      case EOPNOTSUPP:
+      case ENETUNREACH:
+      case EPERM:
+        return true;
+      case EINVAL:
+        // The agent shut the listening socket down (its shard is being
+        // drained; the kernel migrated the queue to the other shards).
+        BeginDrain(config_.drain_timeout, "listening socket shut down");
+        return false;
+      case EMFILE:
+      case ENFILE:
+      case ENOBUFS:
+      case ENOMEM:
+        // Leave the connections in the queue and retry shortly; level-
+        // triggered epoll would otherwise spin.
+        WarnAcceptPaused(errno);
+        PauseAccepting(absl::Milliseconds(100));
+        return false;
+      default:
+        PF_LOG(ERROR) << "accept: " << std::strerror(errno)
+                      << "; pausing accept for 1s";
+        PauseAccepting(absl::Seconds(1));
+        return false;
+    }
+  }
+  auto conn = std::make_unique<Connection>();
+  conn->fd = Fd(fd);
+  if (!listener_nodelay_) {
+    int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  }
+  if (config_.mode == Mode::kHttp) conn->http.emplace(body_);
+  ++accepted_total_;
+  connections_[fd] = std::move(conn);
+  // Read at once rather than after a round through epoll: the request is
+  // usually there already (always with TCP_DEFER_ACCEPT on the listener).
+  // A connection that is finished here never enters the epoll set.
+  HandleConnection(fd, EPOLLIN);
+  return true;
 }
 
 void Worker::HandleConnection(int fd, uint32_t events) {

@@ -146,9 +146,10 @@ struct WorkerConfig {
 
 class Worker {
  public:
-  // `listen_fd` must be a non-blocking listening TCP socket (TakeListenFd).
-  // Blocks SIGTERM and SIGINT (they are read from a signalfd) and ignores
-  // SIGPIPE for the process.
+  // `listen_fd` must be a listening TCP socket (TakeListenFd), blocking or
+  // not; its O_NONBLOCK is left as it is. Blocks SIGTERM and SIGINT (they
+  // are read from a signalfd) and ignores SIGPIPE for the process; on a
+  // blocking socket, also handles SIGALRM (the accept guard).
   static absl::StatusOr<std::unique_ptr<Worker>> Create(
       WorkerConfig config, Fd listen_fd, std::optional<ControlChannel> control);
   ~Worker();
@@ -166,6 +167,11 @@ class Worker {
   absl::Status Init(Fd listen_fd, std::optional<ControlChannel> control);
 
   void AcceptAll();
+  bool AcceptOne();  // false: stop accepting in this round
+  // Accept queue length of the listening socket; 0 (and the matching
+  // action) when it cannot be read or the socket no longer listens.
+  int QueuedConnections();
+  void ArmAcceptGuard();
   void PauseAccepting(absl::Duration pause);
   void WarnAcceptPaused(int err);
   void HandleConnection(int fd, uint32_t events);
@@ -191,6 +197,10 @@ class Worker {
 
   bool accepting_ = false;         // listen fd registered with epoll
   bool listener_nodelay_ = false;  // accepted sockets inherit TCP_NODELAY
+  // O_NONBLOCK on the listening socket's open file description, as found
+  // (never changed: it is shared with the agent and other workers).
+  bool listener_nonblocking_ = false;
+  bool accept_guard_armed_ = false;  // set once it was first armed
   std::optional<absl::Time> resume_accept_at_;
   bool draining_ = false;
   bool done_ = false;

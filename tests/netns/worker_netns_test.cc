@@ -17,11 +17,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <optional>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -511,6 +513,90 @@ TEST(WorkerNetnsTest, NewConnectionPathOnEveryListenerVariant) {
     w.Signal(SIGTERM);
     EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
   }
+}
+
+// Issue 9 (Low): the shard socket's open file description is shared by the
+// agent and by every worker on the socket, e.g. a blocking third-party
+// worker rolled onto it. portfleet-worker must leave it blocking, and its
+// epoll loop must not hang in accept() when the other process wins a
+// connection.
+// 1. A blocking socket; the worker serves it, and so does a blocking
+//    acceptor thread here (the third-party worker), which answers with its
+//    own body and counts accept() errors.
+// 2. 300 connections: every one is answered by one of the two; the
+//    acceptor never saw EAGAIN; the socket is still blocking.
+// 3. With the acceptor blocked in accept() and no new connection coming,
+//    a keep-alive connection that the worker holds is still answered at
+//    once (a worker stuck in a blocking accept() would never answer).
+TEST(WorkerNetnsTest, SharesABlockingSocketWithABlockingAcceptor) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Listener l = ListenLoopback({.nodelay = true});
+  ASSERT_EQ(::fcntl(l.fd.get(), F_GETFL) & O_NONBLOCK, 0);
+  WorkerProcess w;
+  w.Start({.env = {"PORTFLEET_LISTENER=web"}, .fd3 = l.fd.get()});
+  // A keep-alive connection to the worker (the acceptor is not there yet).
+  Fd keep = Connect(l.port);
+  std::string keep_buffer;
+  SendAll(keep.get(), kGet);
+  ASSERT_THAT(ReadResponse(keep.get(), &keep_buffer),
+              HasSubstr("portfleet listener=web"))
+      << w.Log();
+
+  std::atomic<int> third_party_answers{0};
+  std::atomic<int> third_party_errors{0};
+  std::atomic<bool> stop{false};
+  std::thread acceptor([&] {
+    while (!stop) {
+      int fd = ::accept4(l.fd.get(), nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) {
+        if (errno != EINTR) ++third_party_errors;
+        if (errno == EAGAIN) absl::SleepFor(absl::Milliseconds(1));
+        continue;
+      }
+      char buf[4096];
+      (void)::recv(fd, buf, sizeof(buf), 0);
+      constexpr char kAnswer[] =
+          "HTTP/1.1 200 OK\r\nContent-Length: 12\r\n"
+          "Connection: close\r\n\r\nthird-party\n";
+      (void)::send(fd, kAnswer, sizeof(kAnswer) - 1, MSG_NOSIGNAL);
+      ::close(fd);
+      ++third_party_answers;
+    }
+  });
+  int by_worker = 0;
+  int by_third_party = 0;
+  for (int i = 0; i < 300; ++i) {
+    Fd c = Connect(l.port);
+    SendAll(c.get(), kGetClose);
+    auto [all, eof] = ReadToEof(c.get());
+    if (absl::StrContains(all, "portfleet listener=web")) {
+      ++by_worker;
+    } else if (absl::StrContains(all, "third-party")) {
+      ++by_third_party;
+    } else {
+      ADD_FAILURE() << "connection " << i << " unanswered: '" << all << "'";
+    }
+  }
+  EXPECT_EQ(by_worker + by_third_party, 300);
+  EXPECT_GT(by_third_party, 0);
+  EXPECT_EQ(third_party_errors.load(), 0)
+      << "the blocking acceptor's accept() failed (EAGAIN: O_NONBLOCK set)";
+  EXPECT_EQ(::fcntl(l.fd.get(), F_GETFL) & O_NONBLOCK, 0);
+
+  // No connection arrives now; the acceptor waits in accept().
+  absl::Time start = absl::Now();
+  SendAll(keep.get(), kGet);
+  EXPECT_THAT(ReadResponse(keep.get(), &keep_buffer),
+              HasSubstr("portfleet listener=web"))
+      << w.Log();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1));
+
+  stop = true;
+  ::shutdown(l.fd.get(), SHUT_RD);  // wakes a blocked accept() (EINVAL)
+  acceptor.join();
+  // The shut-down socket makes the worker drain, as the agent's drain does.
+  EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
+  EXPECT_THAT(w.Log(), HasSubstr("listening socket shut down"));
 }
 
 // ---------------------------------------------------------------------------

@@ -138,6 +138,19 @@ TEST(WorkerSdkTakeListenFdTest, ListeningTcpV4IsTaken) {
     SetActivationEnv();
     return Take();
   });
+  // O_NONBLOCK stays as the manager made it (shared open file description).
+  EXPECT_EQ(out, "OK fd=3 nonblock=0 cloexec=1 env_left=000 name=web");
+}
+
+TEST(WorkerSdkTakeListenFdTest, ANonBlockingListenerStaysNonBlocking) {
+  std::string out = InChild([] {
+    int fd = TcpSocket(AF_INET, true);
+    if (fd < 0) return std::string("socket setup failed");
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+    PlaceAt3(fd);
+    SetActivationEnv();
+    return Take();
+  });
   EXPECT_EQ(out, "OK fd=3 nonblock=1 cloexec=1 env_left=000 name=web");
 }
 
@@ -150,7 +163,7 @@ TEST(WorkerSdkTakeListenFdTest, ListeningTcpV6WithoutListenPidIsTaken) {
     return Take();
   });
   if (out == "no IPv6 loopback") GTEST_SKIP() << out;
-  EXPECT_EQ(out, "OK fd=3 nonblock=1 cloexec=1 env_left=000 name=web");
+  EXPECT_EQ(out, "OK fd=3 nonblock=0 cloexec=1 env_left=000 name=web");
 }
 
 TEST(WorkerSdkTakeListenFdTest, MissingListenFds) {
