@@ -95,13 +95,19 @@ HttpParseResult Error(int status, std::string why) {
 // Parses "METHOD SP target SP HTTP/1.x".
 std::optional<HttpParseResult> ParseRequestLine(absl::string_view line,
                                                 HttpRequestHead* head) {
-  std::vector<absl::string_view> parts = absl::StrSplit(line, ' ');
-  if (parts.size() != 3) {
+  // Exactly two spaces.
+  const size_t sp1 = line.find(' ');
+  const size_t sp2 =
+      sp1 == absl::string_view::npos ? sp1 : line.find(' ', sp1 + 1);
+  if (sp2 == absl::string_view::npos ||
+      line.find(' ', sp2 + 1) != absl::string_view::npos) {
     return Error(400, "request line is not 'METHOD TARGET HTTP/1.x'");
   }
-  if (!IsToken(parts[0])) return Error(400, "bad method");
-  if (!IsRequestTarget(parts[1])) return Error(400, "bad request target");
-  absl::string_view version = parts[2];
+  absl::string_view method = line.substr(0, sp1);
+  absl::string_view target = line.substr(sp1 + 1, sp2 - sp1 - 1);
+  absl::string_view version = line.substr(sp2 + 1);
+  if (!IsToken(method)) return Error(400, "bad method");
+  if (!IsRequestTarget(target)) return Error(400, "bad request target");
   if (version == "HTTP/1.1") {
     head->minor_version = 1;
   } else if (version == "HTTP/1.0") {
@@ -114,8 +120,8 @@ std::optional<HttpParseResult> ParseRequestLine(absl::string_view line,
   } else {
     return Error(400, "bad HTTP version");
   }
-  head->method = std::string(parts[0]);
-  head->target = std::string(parts[1]);
+  head->method = std::string(method);
+  head->target = std::string(target);
   return std::nullopt;
 }
 
@@ -135,19 +141,16 @@ absl::string_view ReasonPhrase(int status) {
   return "Error";
 }
 
-std::string Response(int status, absl::string_view body, bool keep_alive,
-                     bool http10, bool head_only) {
-  std::string out = absl::StrCat(
-      "HTTP/1.1 ", status, " ", ReasonPhrase(status),
-      "\r\nContent-Type: text/plain\r\nContent-Length: ", body.size(), "\r\n");
-  if (!keep_alive) {
-    absl::StrAppend(&out, "Connection: close\r\n");
-  } else if (http10) {
-    absl::StrAppend(&out, "Connection: keep-alive\r\n");
-  }
-  absl::StrAppend(&out, "\r\n");
-  if (!head_only) absl::StrAppend(&out, body);
-  return out;
+// Appends a whole response to `out` (one buffer, so one send()).
+void AppendResponse(std::string* out, int status, absl::string_view body,
+                    bool keep_alive, bool http10, bool head_only) {
+  absl::StrAppend(
+      out, "HTTP/1.1 ", status, " ", ReasonPhrase(status),
+      "\r\nContent-Type: text/plain\r\nContent-Length: ", body.size(),
+      !keep_alive ? "\r\nConnection: close\r\n\r\n"
+      : http10    ? "\r\nConnection: keep-alive\r\n\r\n"
+                  : "\r\n\r\n",
+      head_only ? absl::string_view() : body);
 }
 
 // ---------------------------------------------------------------------------
@@ -329,16 +332,22 @@ HttpParseResult ParseHttpRequestHead(absl::string_view buffer,
   }
   HttpParseResult result;
   HttpRequestHead& head = result.head;
-  std::vector<absl::string_view> lines =
-      absl::StrSplit(rest.substr(0, end), "\r\n");
-  if (auto error = ParseRequestLine(lines[0], &head)) return *error;
+  absl::string_view head_text = rest.substr(0, end);
+  const size_t first_eol = head_text.find("\r\n");
+  if (auto error = ParseRequestLine(head_text.substr(0, first_eol), &head)) {
+    return *error;
+  }
 
   bool saw_close = false;
   bool saw_keep_alive = false;
   bool saw_length = false;
   int hosts = 0;
-  for (size_t i = 1; i < lines.size(); ++i) {
-    absl::string_view line = lines[i];
+  // The header lines, split lazily (no vector).
+  absl::string_view fields = first_eol == absl::string_view::npos
+                                 ? absl::string_view()
+                                 : head_text.substr(first_eol + 2);
+  for (absl::string_view line : absl::StrSplit(fields, "\r\n")) {
+    if (first_eol == absl::string_view::npos) break;
     if (line.front() == ' ' || line.front() == '\t') {
       return Error(400, "obsolete header line folding");
     }
@@ -398,8 +407,8 @@ std::string IdentityBody(absl::string_view listener, uint32_t shard,
 void HttpSession::Respond(const HttpRequestHead& head, std::string* out) {
   ++requests_;
   bool keep_alive = head.keep_alive && !draining_;
-  absl::StrAppend(out, Response(200, body_, keep_alive, head.minor_version == 0,
-                                head.method == "HEAD"));
+  AppendResponse(out, 200, body_, keep_alive, head.minor_version == 0,
+                 head.method == "HEAD");
   if (!keep_alive) {
     closing_ = true;
     client_close_ = !head.keep_alive;
@@ -424,11 +433,15 @@ void HttpSession::Consume(absl::string_view data, std::string* out) {
       return;
     }
   }
-  buffer_.append(data.data(), data.size());
+  // Parse straight from `data` unless a partial request is buffered; only
+  // what is left unparsed is copied into the buffer.
+  const bool from_buffer = !buffer_.empty();
+  if (from_buffer) buffer_.append(data.data(), data.size());
+  const absl::string_view in = from_buffer ? absl::string_view(buffer_) : data;
   size_t pos = 0;
-  while (!closing_ && pos < buffer_.size()) {
+  while (!closing_ && pos < in.size()) {
     if (in_body_) {
-      uint64_t n = std::min<uint64_t>(body_remaining_, buffer_.size() - pos);
+      uint64_t n = std::min<uint64_t>(body_remaining_, in.size() - pos);
       body_remaining_ -= n;
       pos += n;
       if (body_remaining_ > 0) break;
@@ -436,16 +449,14 @@ void HttpSession::Consume(absl::string_view data, std::string* out) {
       Respond(pending_, out);
       continue;
     }
-    HttpParseResult r =
-        ParseHttpRequestHead(absl::string_view(buffer_).substr(pos));
+    HttpParseResult r = ParseHttpRequestHead(in.substr(pos));
     if (r.kind == HttpParseResult::Kind::kIncomplete) break;
     if (r.kind == HttpParseResult::Kind::kError) {
       PF_LOG(DEBUG) << "bad request: " << r.error;
-      absl::StrAppend(out, Response(r.error_status,
-                                    absl::StrCat(ReasonPhrase(r.error_status),
-                                                 ": ", r.error, "\n"),
-                                    /*keep_alive=*/false, /*http10=*/false,
-                                    /*head_only=*/false));
+      AppendResponse(
+          out, r.error_status,
+          absl::StrCat(ReasonPhrase(r.error_status), ": ", r.error, "\n"),
+          /*keep_alive=*/false, /*http10=*/false, /*head_only=*/false);
       closing_ = true;
       break;
     }
@@ -459,11 +470,13 @@ void HttpSession::Consume(absl::string_view data, std::string* out) {
     Respond(r.head, out);
   }
   if (closing_) {
-    if (pos < buffer_.size()) unanswered_input_ = true;
+    if (pos < in.size()) unanswered_input_ = true;
     buffer_.clear();
     in_body_ = false;
-  } else {
+  } else if (from_buffer) {
     buffer_.erase(0, pos);
+  } else {
+    buffer_.assign(in.data() + pos, in.size() - pos);
   }
 }
 

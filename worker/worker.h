@@ -85,7 +85,8 @@ std::string IdentityBody(absl::string_view listener, uint32_t shard, pid_t pid);
 // and discarded; the answer is sent when the whole request has arrived.
 class HttpSession {
  public:
-  explicit HttpSession(std::string body) : body_(std::move(body)) {}
+  // `body` must outlive the session (the worker's identity body does).
+  explicit HttpSession(absl::string_view body) : body_(body) {}
 
   // Consumes received bytes and appends responses to `out`. Once closing(),
   // further input is ignored.
@@ -113,7 +114,7 @@ class HttpSession {
  private:
   void Respond(const HttpRequestHead& head, std::string* out);
 
-  std::string body_;
+  absl::string_view body_;
   std::string buffer_;  // unparsed input
   bool in_body_ = false;
   uint64_t body_remaining_ = 0;
