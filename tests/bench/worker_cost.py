@@ -10,7 +10,7 @@ connection), while portfleet-loadgen opens a fixed number of connections
 depend on how busy the machine is, so this works on a shared machine where
 timings do not. Benchmarks are not run by CI. Run as root:
 
-  tests/bench/worker_cost.py [--build BUILD_DIR] [--conns 5000]
+  tests/bench/worker_cost.py [--build BUILD_DIR] [--worker BINARY] [--conns 5000]
                              [--concurrency 8] [--defer-accept 0]
                              [--no-listener-nodelay] [--tool strace|callgrind]
                              [--keepalive]
@@ -66,17 +66,21 @@ def children(pid):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--build", default=os.path.join(TOP, "build"))
+    p.add_argument("--worker", help="worker binary (default: from --build)")
     p.add_argument("--conns", type=int, default=5000)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--defer-accept", type=int, default=0)
     p.add_argument("--no-listener-nodelay", action="store_true")
     p.add_argument("--tool", choices=["strace", "callgrind"], default="strace")
+    p.add_argument("--keep", metavar="FILE",
+                   help="keep the strace/callgrind output in FILE")
     p.add_argument("--keepalive", action="store_true",
                    help="long mode: 8 connections, requests on each")
     args = p.parse_args()
     in_private_netns()
 
-    worker = os.path.join(args.build, "worker", "portfleet-worker")
+    worker = args.worker or os.path.join(args.build, "worker",
+                                         "portfleet-worker")
     loadgen = os.path.join(args.build, "tests", "portfleet-loadgen")
     port = 8099
     fd = shard_socket(port, not args.no_listener_nodelay,
@@ -85,7 +89,7 @@ def main():
         os.dup2(fd, 3, inheritable=True)
         os.close(fd)
     os.set_inheritable(3, True)
-    out = tempfile.mktemp(prefix="worker-cost-")
+    out = args.keep or tempfile.mktemp(prefix="worker-cost-")
     if args.tool == "strace":
         wrap = ["strace", "-c", "-f", "-o", out]
     else:
@@ -103,7 +107,7 @@ def main():
             proc.kill()
             for pid in children(proc.pid):
                 os.kill(pid, signal.SIGKILL)
-        if os.path.exists(out):
+        if not args.keep and os.path.exists(out):
             os.unlink(out)
 
 
