@@ -76,6 +76,15 @@ absl::StatusOr<Fd> CreateShardSocket(const SocketAddress& address,
   return fd;
 }
 
+absl::Status SetDeferAccept(int fd, int seconds) {
+  if (::setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &seconds,
+                   sizeof(seconds)) != 0) {
+    return ErrnoError(
+        absl::StrCat("setsockopt(TCP_DEFER_ACCEPT, ", seconds, ")"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<uint64_t> SocketInodeOf(int fd) {
   struct stat st;
   if (::fstat(fd, &st) != 0) return ErrnoError("fstat socket");

@@ -33,6 +33,11 @@ struct ShardSocketOptions {
 absl::StatusOr<Fd> CreateShardSocket(const SocketAddress& address,
                                      const ShardSocketOptions& options);
 
+// Sets TCP_DEFER_ACCEPT on a shard socket that already listens (a changed
+// Listener.defer_accept_seconds; it applies to connections from then on).
+// 0 turns it off.
+absl::Status SetDeferAccept(int fd, int seconds);
+
 // Inode number of a socket fd (stable identity, as in /proc/PID/fd links).
 absl::StatusOr<uint64_t> SocketInodeOf(int fd);
 
