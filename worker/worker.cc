@@ -556,6 +556,13 @@ absl::Status Worker::Init(Fd listen_fd, std::optional<ControlChannel> control) {
     if (::sigaction(SIGALRM, &action, nullptr) != 0) {
       return ErrnoError("sigaction(SIGALRM)");
     }
+    // A mask inherited from the parent must not keep the guard from firing.
+    sigset_t alarm;
+    sigemptyset(&alarm);
+    sigaddset(&alarm, SIGALRM);
+    if (::sigprocmask(SIG_UNBLOCK, &alarm, nullptr) != 0) {
+      return ErrnoError("sigprocmask(SIG_UNBLOCK, SIGALRM)");
+    }
   }
   int nodelay = 0;
   socklen_t length = sizeof(nodelay);
