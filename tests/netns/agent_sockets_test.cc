@@ -1,6 +1,7 @@
 // Shard socket options (agent/sockets.h) on real sockets in a private
 // network namespace: what accepted connections inherit, and
 // TCP_DEFER_ACCEPT at creation and on a listening socket.
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
@@ -79,6 +80,8 @@ TEST(AgentSocketsTest, DeferAcceptHoldsConnectionsUntilData) {
   absl::StatusOr<Fd> shard = Shard(8302, {.defer_accept_seconds = 5});
   ASSERT_TRUE(shard.ok()) << shard.status();
   EXPECT_GT(IntOption(shard->get(), IPPROTO_TCP, TCP_DEFER_ACCEPT), 0);
+  // Probe with accept() without blocking (this test owns the socket).
+  ASSERT_EQ(::fcntl(shard->get(), F_SETFL, O_NONBLOCK), 0);
   Fd client = ConnectTo(8302);
   absl::SleepFor(absl::Milliseconds(100));
   Fd none(
