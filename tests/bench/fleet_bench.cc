@@ -214,6 +214,7 @@ struct Round {
   int64_t late_starts = 0;   // fixed rate: starts delayed by max_in_flight
   double cpu_us = 0;         // machine busy CPU per answered connection
   double own_cpu_us = 0;     // client + server processes, per connection
+  double server_cpu_us = 0;  // server processes only, per connection
   double busy = 0;           // machine busy fraction during the round
   double background = 0;     // machine busy fraction just before it
   loadgen::Percentiles lat;  // ms, request written -> answer complete
@@ -259,6 +260,8 @@ Round RunRound(const std::string& target, const std::vector<pid_t>& server,
   double own_secs = (self_b - self_a) + (server_b - server_a) / hz;
   r.cpu_us = res->ok() > 0 ? busy_secs * 1e6 / res->ok() : 0;
   r.own_cpu_us = res->ok() > 0 ? own_secs * 1e6 / res->ok() : 0;
+  r.server_cpu_us =
+      res->ok() > 0 ? (server_b - server_a) / hz * 1e6 / res->ok() : 0;
   r.busy = BusyFraction(a, b);
   r.lat = res->latency_ms;
   if (!res->first_errors.empty()) r.first_error = res->first_errors[0];
@@ -350,6 +353,7 @@ Round RunWrkRound(const std::string& wrk, const std::string& target,
                    (cb.ru_stime.tv_usec - ca.ru_stime.tv_usec)) /
                       1e6;
   r.own_cpu_us = (client + (server_b - server_a) / hz) * 1e6 / requests;
+  r.server_cpu_us = (server_b - server_a) / hz * 1e6 / requests;
   r.cpu_us = (b.busy - a.busy) / hz * 1e6 / requests;
   r.busy = BusyFraction(a, b);
   return r;
@@ -403,6 +407,7 @@ std::vector<double> Ratios(const std::vector<Round>& rounds,
 void PrintTable(const Load& load, const Results& results) {
   const auto rate = [](const Round& r) { return r.rate; };
   const auto own = [](const Round& r) { return r.own_cpu_us; };
+  const auto server = [](const Round& r) { return r.server_cpu_us; };
   const auto cpu = [](const Round& r) { return r.cpu_us; };
   const auto p99 = [](const Round& r) { return r.lat.p99; };
   const auto busy = [](const Round& r) { return 100 * r.busy; };
@@ -410,11 +415,12 @@ void PrintTable(const Load& load, const Results& results) {
   std::cout << "\n### " << load.name << "\n\n"
             << absl::StrReplaceAll(
                    "| server | conn/s | ratio | CPU µs/conn, client+server | "
-                   "ratio | machine CPU µs/conn | ratio | p99 ms | ratio | "
-                   "failures | machine busy % (before) |\n",
+                   "ratio | server CPU µs/conn | ratio | machine CPU µs/conn | "
+                   "ratio | p99 ms | ratio | failures | machine busy % "
+                   "(before) |\n",
                    {{"conn", load.keep_alive ? "req" : "conn"}})
             << "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-               "| ---: | ---: |\n";
+               "| ---: | ---: | ---: | ---: |\n";
   const std::vector<Round>& ref = results[0];
   for (size_t s = 0; s < results.size(); ++s) {
     const std::vector<Round>& rounds = results[s];
@@ -424,9 +430,11 @@ void PrintTable(const Load& load, const Results& results) {
       return s == 0 ? std::string("1") : MedRange(Ratios(rounds, ref, f), 2);
     };
     std::cout << absl::StrFormat(
-        "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %d | %.0f (%.0f) |\n",
+        "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %d | %.0f "
+        "(%.0f) |\n",
         Servers()[s].name, MedRange(Values(rounds, rate), 0), ratio(rate),
         MedRange(Values(rounds, own), 1), ratio(own),
+        MedRange(Values(rounds, server), 1), ratio(server),
         MedRange(Values(rounds, cpu), 1), ratio(cpu),
         MedRange(Values(rounds, p99), 2), ratio(p99), failures,
         Median(Values(rounds, busy)), Median(Values(rounds, bg)));
