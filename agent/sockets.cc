@@ -40,6 +40,16 @@ absl::StatusOr<Fd> CreateShardSocket(const SocketAddress& address,
           0) {
     return ErrnoError("setsockopt(IPV6_V6ONLY)");
   }
+  if (options.tcp_nodelay && ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY,
+                                          &one, sizeof(one)) != 0) {
+    return ErrnoError("setsockopt(TCP_NODELAY)");
+  }
+  if (options.defer_accept_seconds > 0 &&
+      ::setsockopt(fd.get(), IPPROTO_TCP, TCP_DEFER_ACCEPT,
+                   &options.defer_accept_seconds,
+                   sizeof(options.defer_accept_seconds)) != 0) {
+    return ErrnoError("setsockopt(TCP_DEFER_ACCEPT)");
+  }
   if (::bind(fd.get(), address.get(), address.length) != 0) {
     int err = errno;
     if (err == EADDRINUSE) {
@@ -64,6 +74,15 @@ absl::StatusOr<Fd> CreateShardSocket(const SocketAddress& address,
     return ErrnoError(absl::StrCat("listen ", address.ToString()));
   }
   return fd;
+}
+
+absl::Status SetDeferAccept(int fd, int seconds) {
+  if (::setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &seconds,
+                   sizeof(seconds)) != 0) {
+    return ErrnoError(
+        absl::StrCat("setsockopt(TCP_DEFER_ACCEPT, ", seconds, ")"));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<uint64_t> SocketInodeOf(int fd) {

@@ -19,12 +19,24 @@ namespace portfleet {
 
 struct ShardSocketOptions {
   int backlog = 1024;  // listen() backlog
+  // TCP_NODELAY on the listening socket: accepted connections inherit it, so
+  // workers need no setsockopt per connection (portfleet-worker checks the
+  // listener once and skips its own).
+  bool tcp_nodelay = true;
+  // TCP_DEFER_ACCEPT in seconds (Listener.defer_accept_seconds); 0 = off.
+  int defer_accept_seconds = 0;
 };
 
-// socket + SO_REUSEADDR + SO_REUSEPORT (+ IPV6_V6ONLY for IPv6) + bind +
-// listen. Blocking, close-on-exec. EADDRINUSE -> AlreadyExists.
+// socket + SO_REUSEADDR + SO_REUSEPORT (+ IPV6_V6ONLY for IPv6) + the
+// options above + bind + listen. Blocking, close-on-exec. EADDRINUSE ->
+// AlreadyExists.
 absl::StatusOr<Fd> CreateShardSocket(const SocketAddress& address,
                                      const ShardSocketOptions& options);
+
+// Sets TCP_DEFER_ACCEPT on a shard socket that already listens (a changed
+// Listener.defer_accept_seconds; it applies to connections from then on).
+// 0 turns it off.
+absl::Status SetDeferAccept(int fd, int seconds);
 
 // Inode number of a socket fd (stable identity, as in /proc/PID/fd links).
 absl::StatusOr<uint64_t> SocketInodeOf(int fd);

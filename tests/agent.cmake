@@ -15,6 +15,11 @@ portfleet_test(agent_fleet_test
   LIBS portfleet_agent_lib portfleet_testing
   LABELS netns)
 
+portfleet_test(agent_sockets_test
+  SOURCES netns/agent_sockets_test.cc
+  LIBS portfleet_agent_lib portfleet_testing
+  LABELS netns)
+
 portfleet_test(agent_steering_test
   SOURCES netns/agent_steering_test.cc
   LIBS portfleet_api portfleet_testing PkgConfig::LIBBPF

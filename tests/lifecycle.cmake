@@ -76,3 +76,11 @@ portfleet_test(fault_soak_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/fault_soak_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
   LABELS netns)
+
+# Agent overhead (idle CPU/RSS by shard count, ListShards latency, steering
+# program ns per SYN): a plain executable, never a ctest test.
+add_executable(portfleet-agent-bench ${CMAKE_CURRENT_LIST_DIR}/bench/agent_bench.cc)
+target_compile_options(portfleet-agent-bench PRIVATE ${PORTFLEET_WARNINGS})
+target_link_libraries(portfleet-agent-bench PRIVATE portfleet_loadgen
+                      portfleet_api portfleet_testing absl::strings
+                      absl::str_format absl::time)

@@ -1,5 +1,6 @@
 #include "worker/worker.h"
 
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
@@ -7,6 +8,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -39,6 +41,15 @@ constexpr size_t kMaxPendingOutput = 1 << 20;
 constexpr size_t kReadBudget = 256 * 1024;
 // Connections accepted per readiness event of the listening socket.
 constexpr int kAcceptBatch = 64;
+// Longest a blocking accept() may wait when another process took the
+// connection it was meant for (see Worker::AcceptAll).
+constexpr absl::Duration kAcceptGuard = absl::Milliseconds(20);
+
+// SIGALRM ends a blocking accept() that lost its connection to another
+// process (the handler runs, accept() fails with EINTR); the count tells
+// whether the guard timer has already fired.
+volatile sig_atomic_t accept_guard_fired = 0;
+void OnAcceptGuard(int) { accept_guard_fired = accept_guard_fired + 1; }
 
 // ---------------------------------------------------------------------------
 // Flags
@@ -84,13 +95,19 @@ HttpParseResult Error(int status, std::string why) {
 // Parses "METHOD SP target SP HTTP/1.x".
 std::optional<HttpParseResult> ParseRequestLine(absl::string_view line,
                                                 HttpRequestHead* head) {
-  std::vector<absl::string_view> parts = absl::StrSplit(line, ' ');
-  if (parts.size() != 3) {
+  // Exactly two spaces.
+  const size_t sp1 = line.find(' ');
+  const size_t sp2 =
+      sp1 == absl::string_view::npos ? sp1 : line.find(' ', sp1 + 1);
+  if (sp2 == absl::string_view::npos ||
+      line.find(' ', sp2 + 1) != absl::string_view::npos) {
     return Error(400, "request line is not 'METHOD TARGET HTTP/1.x'");
   }
-  if (!IsToken(parts[0])) return Error(400, "bad method");
-  if (!IsRequestTarget(parts[1])) return Error(400, "bad request target");
-  absl::string_view version = parts[2];
+  absl::string_view method = line.substr(0, sp1);
+  absl::string_view target = line.substr(sp1 + 1, sp2 - sp1 - 1);
+  absl::string_view version = line.substr(sp2 + 1);
+  if (!IsToken(method)) return Error(400, "bad method");
+  if (!IsRequestTarget(target)) return Error(400, "bad request target");
   if (version == "HTTP/1.1") {
     head->minor_version = 1;
   } else if (version == "HTTP/1.0") {
@@ -103,8 +120,8 @@ std::optional<HttpParseResult> ParseRequestLine(absl::string_view line,
   } else {
     return Error(400, "bad HTTP version");
   }
-  head->method = std::string(parts[0]);
-  head->target = std::string(parts[1]);
+  head->method = std::string(method);
+  head->target = std::string(target);
   return std::nullopt;
 }
 
@@ -124,19 +141,16 @@ absl::string_view ReasonPhrase(int status) {
   return "Error";
 }
 
-std::string Response(int status, absl::string_view body, bool keep_alive,
-                     bool http10, bool head_only) {
-  std::string out = absl::StrCat(
-      "HTTP/1.1 ", status, " ", ReasonPhrase(status),
-      "\r\nContent-Type: text/plain\r\nContent-Length: ", body.size(), "\r\n");
-  if (!keep_alive) {
-    absl::StrAppend(&out, "Connection: close\r\n");
-  } else if (http10) {
-    absl::StrAppend(&out, "Connection: keep-alive\r\n");
-  }
-  absl::StrAppend(&out, "\r\n");
-  if (!head_only) absl::StrAppend(&out, body);
-  return out;
+// Appends a whole response to `out` (one buffer, so one send()).
+void AppendResponse(std::string* out, int status, absl::string_view body,
+                    bool keep_alive, bool http10, bool head_only) {
+  absl::StrAppend(
+      out, "HTTP/1.1 ", status, " ", ReasonPhrase(status),
+      "\r\nContent-Type: text/plain\r\nContent-Length: ", body.size(),
+      !keep_alive ? "\r\nConnection: close\r\n\r\n"
+      : http10    ? "\r\nConnection: keep-alive\r\n\r\n"
+                  : "\r\n\r\n",
+      head_only ? absl::string_view() : body);
 }
 
 // ---------------------------------------------------------------------------
@@ -207,6 +221,11 @@ Environment:
                         its listening socket attached, so that a restarted
                         agent can adopt it; the new connection is then the
                         control channel.
+  PORTFLEET_AGENT_UID   Optional uid of the agent. The listening socket is
+                        handed only to a peer at PORTFLEET_AGENT_SOCKET that
+                        runs as this uid (SO_PEERCRED); without it, only to
+                        uid 0 or the worker's own uid. Other peers are
+                        refused (logged) and the worker keeps serving.
 
 Signals:
   SIGTERM, SIGINT  Drain: stop accepting, answer requests in progress with
@@ -313,16 +332,22 @@ HttpParseResult ParseHttpRequestHead(absl::string_view buffer,
   }
   HttpParseResult result;
   HttpRequestHead& head = result.head;
-  std::vector<absl::string_view> lines =
-      absl::StrSplit(rest.substr(0, end), "\r\n");
-  if (auto error = ParseRequestLine(lines[0], &head)) return *error;
+  absl::string_view head_text = rest.substr(0, end);
+  const size_t first_eol = head_text.find("\r\n");
+  if (auto error = ParseRequestLine(head_text.substr(0, first_eol), &head)) {
+    return *error;
+  }
 
   bool saw_close = false;
   bool saw_keep_alive = false;
   bool saw_length = false;
   int hosts = 0;
-  for (size_t i = 1; i < lines.size(); ++i) {
-    absl::string_view line = lines[i];
+  // The header lines, split lazily (no vector).
+  absl::string_view fields = first_eol == absl::string_view::npos
+                                 ? absl::string_view()
+                                 : head_text.substr(first_eol + 2);
+  for (absl::string_view line : absl::StrSplit(fields, "\r\n")) {
+    if (first_eol == absl::string_view::npos) break;
     if (line.front() == ' ' || line.front() == '\t') {
       return Error(400, "obsolete header line folding");
     }
@@ -382,13 +407,19 @@ std::string IdentityBody(absl::string_view listener, uint32_t shard,
 void HttpSession::Respond(const HttpRequestHead& head, std::string* out) {
   ++requests_;
   bool keep_alive = head.keep_alive && !draining_;
-  absl::StrAppend(out, Response(200, body_, keep_alive, head.minor_version == 0,
-                                head.method == "HEAD"));
-  if (!keep_alive) closing_ = true;
+  AppendResponse(out, 200, body_, keep_alive, head.minor_version == 0,
+                 head.method == "HEAD");
+  if (!keep_alive) {
+    closing_ = true;
+    client_close_ = !head.keep_alive;
+  }
 }
 
 void HttpSession::Consume(absl::string_view data, std::string* out) {
-  if (closing_) return;
+  if (closing_) {
+    if (!data.empty()) unanswered_input_ = true;
+    return;
+  }
   // Discard body bytes without buffering them.
   if (in_body_ && buffer_.empty()) {
     uint64_t n = std::min<uint64_t>(body_remaining_, data.size());
@@ -397,13 +428,20 @@ void HttpSession::Consume(absl::string_view data, std::string* out) {
     if (body_remaining_ > 0) return;
     in_body_ = false;
     Respond(pending_, out);
-    if (closing_) return;
+    if (closing_) {
+      if (!data.empty()) unanswered_input_ = true;
+      return;
+    }
   }
-  buffer_.append(data.data(), data.size());
+  // Parse straight from `data` unless a partial request is buffered; only
+  // what is left unparsed is copied into the buffer.
+  const bool from_buffer = !buffer_.empty();
+  if (from_buffer) buffer_.append(data.data(), data.size());
+  const absl::string_view in = from_buffer ? absl::string_view(buffer_) : data;
   size_t pos = 0;
-  while (!closing_ && pos < buffer_.size()) {
+  while (!closing_ && pos < in.size()) {
     if (in_body_) {
-      uint64_t n = std::min<uint64_t>(body_remaining_, buffer_.size() - pos);
+      uint64_t n = std::min<uint64_t>(body_remaining_, in.size() - pos);
       body_remaining_ -= n;
       pos += n;
       if (body_remaining_ > 0) break;
@@ -411,16 +449,14 @@ void HttpSession::Consume(absl::string_view data, std::string* out) {
       Respond(pending_, out);
       continue;
     }
-    HttpParseResult r =
-        ParseHttpRequestHead(absl::string_view(buffer_).substr(pos));
+    HttpParseResult r = ParseHttpRequestHead(in.substr(pos));
     if (r.kind == HttpParseResult::Kind::kIncomplete) break;
     if (r.kind == HttpParseResult::Kind::kError) {
       PF_LOG(DEBUG) << "bad request: " << r.error;
-      absl::StrAppend(out, Response(r.error_status,
-                                    absl::StrCat(ReasonPhrase(r.error_status),
-                                                 ": ", r.error, "\n"),
-                                    /*keep_alive=*/false, /*http10=*/false,
-                                    /*head_only=*/false));
+      AppendResponse(
+          out, r.error_status,
+          absl::StrCat(ReasonPhrase(r.error_status), ": ", r.error, "\n"),
+          /*keep_alive=*/false, /*http10=*/false, /*head_only=*/false);
       closing_ = true;
       break;
     }
@@ -434,10 +470,13 @@ void HttpSession::Consume(absl::string_view data, std::string* out) {
     Respond(r.head, out);
   }
   if (closing_) {
+    if (pos < in.size()) unanswered_input_ = true;
     buffer_.clear();
     in_body_ = false;
-  } else {
+  } else if (from_buffer) {
     buffer_.erase(0, pos);
+  } else {
+    buffer_.assign(in.data() + pos, in.size() - pos);
   }
 }
 
@@ -458,10 +497,12 @@ struct Worker::Connection {
   std::optional<HttpSession> http;  // in http mode
   std::string out;                  // output not yet sent, from out_offset
   size_t out_offset = 0;
-  bool read_eof = false;   // the peer will send nothing more
+  bool read_eof = false;  // the peer will send nothing more
+  // The last recv() found the receive queue empty (a short read or EAGAIN).
+  bool input_drained = false;
   bool lingering = false;  // our FIN is sent; waiting for the peer's
   absl::Time linger_deadline;
-  uint32_t events = 0;  // registered with epoll
+  uint32_t events = 0;  // registered with epoll; 0 = not registered yet
 
   size_t pending() const { return out.size() - out_offset; }
 };
@@ -478,7 +519,10 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(
 
 absl::Status Worker::Init(Fd listen_fd, std::optional<ControlChannel> control) {
   listen_fd_ = std::move(listen_fd);
-  control_ = std::move(control);
+  ASSIGN_OR_RETURN(
+      agent_,
+      AgentLink::Create({.listener = config_.listener, .shard = config_.shard},
+                        listen_fd_, std::move(control), config_.agent));
   body_ = IdentityBody(config_.listener, config_.shard, ::getpid());
 
   ::signal(SIGPIPE, SIG_IGN);
@@ -495,13 +539,36 @@ absl::Status Worker::Init(Fd listen_fd, std::optional<ControlChannel> control) {
   if (!epoll_) return ErrnoError("epoll_create1");
   RETURN_IF_ERROR(
       EpollCtl(epoll_.get(), EPOLL_CTL_ADD, signal_fd_.get(), EPOLLIN));
-  if (control_) {
-    RETURN_IF_ERROR(
-        EpollCtl(epoll_.get(), EPOLL_CTL_ADD, control_->fd(), EPOLLIN));
-  }
+  RETURN_IF_ERROR(EpollCtl(epoll_.get(), EPOLL_CTL_ADD, agent_->fd(), EPOLLIN));
   RETURN_IF_ERROR(
       EpollCtl(epoll_.get(), EPOLL_CTL_ADD, listen_fd_.get(), EPOLLIN));
   accepting_ = true;
+  // Accepted sockets inherit TCP_NODELAY from the listener (the agent sets
+  // it on shard sockets): then no setsockopt per connection.
+  int status_flags = ::fcntl(listen_fd_.get(), F_GETFL);
+  if (status_flags < 0) return ErrnoError("fcntl(listening socket, F_GETFL)");
+  listener_nonblocking_ = (status_flags & O_NONBLOCK) != 0;
+  if (!listener_nonblocking_) {
+    // Without SA_RESTART, so that the signal ends a blocking accept().
+    struct sigaction action {};
+    action.sa_handler = OnAcceptGuard;
+    sigemptyset(&action.sa_mask);
+    if (::sigaction(SIGALRM, &action, nullptr) != 0) {
+      return ErrnoError("sigaction(SIGALRM)");
+    }
+    // A mask inherited from the parent must not keep the guard from firing.
+    sigset_t alarm;
+    sigemptyset(&alarm);
+    sigaddset(&alarm, SIGALRM);
+    if (::sigprocmask(SIG_UNBLOCK, &alarm, nullptr) != 0) {
+      return ErrnoError("sigprocmask(SIG_UNBLOCK, SIGALRM)");
+    }
+  }
+  int nodelay = 0;
+  socklen_t length = sizeof(nodelay);
+  listener_nodelay_ = ::getsockopt(listen_fd_.get(), IPPROTO_TCP, TCP_NODELAY,
+                                   &nodelay, &length) == 0 &&
+                      nodelay != 0;
   return absl::OkStatus();
 }
 
@@ -523,15 +590,9 @@ absl::Status Worker::Run() {
                << " on " << where << " (fd " << listen_fd_.get()
                << ", socket inode " << st.st_ino << ", pid " << ::getpid()
                << ")";
-  socket_inode_ = st.st_ino;
-  if (control_) {
-    SendControl(HelloMessage(/*reconnect=*/false));
-    v1::WorkerMessage ready;
-    ready.mutable_ready();
-    SendControl(ready);
-    // A failed send closes the channel; then there is nothing to report to.
-    if (control_) next_load_ = absl::Now() + config_.load_interval;
-  }
+  agent_->SendHello();
+  agent_->SendReady();
+  next_load_ = absl::Now() + config_.load_interval;
 
   epoll_event events[64];
   while (!done_) {
@@ -546,8 +607,9 @@ absl::Status Worker::Run() {
         HandleSignals();
       } else if (listen_fd_ && fd == listen_fd_.get()) {
         AcceptAll();
-      } else if (control_ && fd == control_->fd()) {
-        HandleControl();
+      } else if (fd == agent_->fd()) {
+        agent_->Dispatch(
+            [this](const v1::AgentMessage& m) { OnAgentMessage(m); });
       } else {
         HandleConnection(fd, events[i].events);
       }
@@ -561,7 +623,7 @@ absl::Status Worker::Run() {
                  << " connections served); exiting";
     v1::WorkerMessage drained;
     drained.mutable_drained();
-    SendControl(drained);
+    agent_->Send(drained);
   }
   return absl::OkStatus();
 }
@@ -572,15 +634,14 @@ int Worker::EpollTimeoutMs(absl::Time now) const {
   next = std::min(next, drain_deadline_);
   if (resume_accept_at_) next = std::min(next, *resume_accept_at_);
   if (lingering_ > 0) next = std::min(next, now + absl::Milliseconds(100));
-  if (reconnect_at_) next = std::min(next, *reconnect_at_);
   int64_t ms =
       absl::ToInt64Milliseconds(absl::Ceil(next - now, absl::Milliseconds(1)));
   return static_cast<int>(std::clamp<int64_t>(ms, 0, 1000));
 }
 
 void Worker::OnTimers(absl::Time now) {
-  if (control_ && now >= next_load_) {
-    SendLoad();
+  if (now >= next_load_) {
+    if (agent_->connected()) SendLoad();
     next_load_ = now + config_.load_interval;
   }
   if (resume_accept_at_ && now >= *resume_accept_at_) {
@@ -604,7 +665,6 @@ void Worker::OnTimers(absl::Time now) {
     }
     for (int fd : expired) CloseConnection(fd);
   }
-  if (reconnect_at_ && now >= *reconnect_at_) TryReconnect(now);
   if (draining_ && now >= drain_deadline_) {
     ForceClose("drain deadline reached");
   }
@@ -634,63 +694,124 @@ void Worker::WarnAcceptPaused(int err) {
   accept_warnings_suppressed_ = 0;
 }
 
+int Worker::QueuedConnections() {
+  tcp_info info{};
+  socklen_t length = sizeof(info);
+  if (::getsockopt(listen_fd_.get(), IPPROTO_TCP, TCP_INFO, &info, &length) !=
+      0) {
+    PF_LOG(ERROR) << "getsockopt(listening socket, TCP_INFO): "
+                  << std::strerror(errno) << "; pausing accept for 1s";
+    PauseAccepting(absl::Seconds(1));
+    return 0;
+  }
+  if (info.tcpi_state != TCP_LISTEN) {
+    // The agent shut the listening socket down (as accept's EINVAL below).
+    BeginDrain(config_.drain_timeout, "listening socket shut down");
+    return 0;
+  }
+  // For a listening socket, tcpi_unacked is its accept queue length.
+  return static_cast<int>(info.tcpi_unacked);
+}
+
+void Worker::ArmAcceptGuard() {
+  itimerval guard{};
+  guard.it_value = absl::ToTimeval(kAcceptGuard);
+  accept_guard_fired = 0;
+  accept_guard_armed_ = true;
+  if (::setitimer(ITIMER_REAL, &guard, nullptr) != 0) {
+    PF_LOG(ERROR) << "setitimer: " << std::strerror(errno);  // cannot happen
+    std::abort();
+  }
+}
+
 void Worker::AcceptAll() {
-  for (int i = 0; i < kAcceptBatch && accepting_; ++i) {
-    int fd = ::accept4(listen_fd_.get(), nullptr, nullptr,
-                       SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0) {
-      switch (errno) {
-        case EAGAIN:
-          return;
-        // The connection died in the queue, or a pending network error
-        // (accept(2)): nothing to do with the listening socket.
-        case EINTR:
-        case ECONNABORTED:
-        case EPROTO:
-        case ENETDOWN:
-        case ENOPROTOOPT:
-        case EHOSTDOWN:
-        case ENONET:
-        case EHOSTUNREACH:
-        case EOPNOTSUPP:
-        case ENETUNREACH:
-        case EPERM:
-          continue;
-        case EINVAL:
-          // The agent shut the listening socket down (its shard is being
-          // drained; the kernel migrated the queue to the other shards).
-          BeginDrain(config_.drain_timeout, "listening socket shut down");
-          return;
-        case EMFILE:
-        case ENFILE:
-        case ENOBUFS:
-        case ENOMEM:
-          // Leave the connections in the queue and retry shortly; level-
-          // triggered epoll would otherwise spin.
-          WarnAcceptPaused(errno);
-          PauseAccepting(absl::Milliseconds(100));
-          return;
-        default:
-          PF_LOG(ERROR) << "accept: " << std::strerror(errno)
-                        << "; pausing accept for 1s";
-          PauseAccepting(absl::Seconds(1));
-          return;
-      }
+  int accepted = 0;
+  while (accepting_ && accepted < kAcceptBatch) {
+    int budget = kAcceptBatch - accepted;
+    if (!listener_nonblocking_) {
+      // The listening socket is in blocking mode and must stay so:
+      // O_NONBLOCK belongs to the open file description that the agent and
+      // every worker on this socket share (a blocking worker may be rolled
+      // onto it). An accept() on an empty queue would block this loop until
+      // the next connection, so accept only as many as are queued, counting
+      // again after each batch as the EAGAIN of a non-blocking socket would.
+      // Another process may take one between the count and the accept: the
+      // accept guard (a SIGALRM timer) bounds that wait to kAcceptGuard.
+      budget = std::min(budget, QueuedConnections());
+      if (budget <= 0) return;
     }
-    auto conn = std::make_unique<Connection>();
-    conn->fd = Fd(fd);
+    for (int i = 0; i < budget; ++i, ++accepted) {
+      if (!accepting_ || !AcceptOne()) return;
+    }
+  }
+}
+
+bool Worker::AcceptOne() {
+  // The guard stays armed across batches until it fires (at most one
+  // setitimer per kAcceptGuard while connections keep coming, none when
+  // idle).
+  if (!listener_nonblocking_ &&
+      (!accept_guard_armed_ || accept_guard_fired != 0)) {
+    ArmAcceptGuard();
+  }
+  int fd = ::accept4(listen_fd_.get(), nullptr, nullptr,
+                     SOCK_NONBLOCK | SOCK_CLOEXEC);
+  if (fd < 0) {
+    if (errno == EINTR && !listener_nonblocking_) {
+      return false;  // the guard fired: another process took the connection
+    }
+    switch (errno) {
+      case EAGAIN:
+        return false;
+      // The connection died in the queue, or a pending network error
+      // (accept(2)): nothing to do with the listening socket.
+      case EINTR:
+      case ECONNABORTED:
+      case EPROTO:
+      case ENETDOWN:
+      case ENOPROTOOPT:
+      case EHOSTDOWN:
+      case ENONET:
+      case EHOSTUNREACH:
+      case EOPNOTSUPP:
+      case ENETUNREACH:
+      case EPERM:
+        return true;
+      case EINVAL:
+        // The agent shut the listening socket down (its shard is being
+        // drained; the kernel migrated the queue to the other shards).
+        BeginDrain(config_.drain_timeout, "listening socket shut down");
+        return false;
+      case EMFILE:
+      case ENFILE:
+      case ENOBUFS:
+      case ENOMEM:
+        // Leave the connections in the queue and retry shortly; level-
+        // triggered epoll would otherwise spin.
+        WarnAcceptPaused(errno);
+        PauseAccepting(absl::Milliseconds(100));
+        return false;
+      default:
+        PF_LOG(ERROR) << "accept: " << std::strerror(errno)
+                      << "; pausing accept for 1s";
+        PauseAccepting(absl::Seconds(1));
+        return false;
+    }
+  }
+  auto conn = std::make_unique<Connection>();
+  conn->fd = Fd(fd);
+  if (!listener_nodelay_) {
     int one = 1;
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (config_.mode == Mode::kHttp) conn->http.emplace(body_);
-    conn->events = EPOLLIN;
-    if (absl::Status s = EpollCtl(epoll_.get(), EPOLL_CTL_ADD, fd, EPOLLIN);
-        !s.ok()) {
-      PF_LOG(ERROR) << s.message();
-      continue;  // conn closes the fd
-    }
-    ++accepted_total_;
-    connections_[fd] = std::move(conn);
   }
+  if (config_.mode == Mode::kHttp) conn->http.emplace(body_);
+  ++accepted_total_;
+  connections_[fd] = std::move(conn);
+  // Read at once rather than after a round through epoll: the request is
+  // usually there already (always with TCP_DEFER_ACCEPT on the listener).
+  // A connection that is finished here never enters the epoll set.
+  HandleConnection(fd, EPOLLIN);
+  return true;
 }
 
 void Worker::HandleConnection(int fd, uint32_t events) {
@@ -712,7 +833,10 @@ bool Worker::ReadFrom(Connection& conn) {
     ssize_t n = ::recv(conn.fd.get(), buf, sizeof(buf), 0);
     if (n < 0) {
       if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) return true;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        conn.input_drained = true;
+        return true;
+      }
       PF_LOG(DEBUG) << "recv: " << std::strerror(errno);
       return false;
     }
@@ -722,13 +846,20 @@ bool Worker::ReadFrom(Connection& conn) {
     }
     bytes_in_ += n;
     budget -= std::min<size_t>(budget, n);
-    if (conn.lingering) continue;  // discard
-    absl::string_view data(buf, n);
-    if (conn.http) {
-      conn.http->Consume(data, &conn.out);
-    } else {
-      conn.out.append(data.data(), data.size());
+    // A short read emptied the receive queue: the next recv() would only
+    // say EAGAIN, so leave it to epoll to say when more comes.
+    conn.input_drained = static_cast<size_t>(n) < sizeof(buf);
+    if (!conn.lingering) {
+      absl::string_view data(buf, n);
+      if (conn.http) {
+        conn.http->Consume(data, &conn.out);
+        // Nothing more will be answered: reading on is Settle()'s business.
+        if (conn.http->closing()) return true;
+      } else {
+        conn.out.append(data.data(), data.size());
+      }
     }
+    if (conn.input_drained) return true;
   }
   return true;
 }
@@ -758,6 +889,12 @@ void Worker::Settle(Connection& conn) {
     if (conn.read_eof && (conn.lingering || finished)) {
       return CloseConnection(fd);
     }
+    if (finished && !conn.lingering && conn.http && conn.http->clean_close() &&
+        conn.input_drained) {
+      // The client asked to close and nothing of its input is left unread:
+      // close at once (no shutdown, no wait for its FIN).
+      return CloseConnection(fd);
+    }
     if (finished && !conn.lingering) {
       // Send our FIN but keep reading until the peer's, so that input we
       // never read (e.g. pipelined requests after "Connection: close") does
@@ -781,8 +918,8 @@ void Worker::Settle(Connection& conn) {
     want = EPOLLOUT;
   }
   if (want != conn.events) {
-    if (absl::Status s = EpollCtl(epoll_.get(), EPOLL_CTL_MOD, fd, want);
-        !s.ok()) {
+    int op = conn.events == 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
+    if (absl::Status s = EpollCtl(epoll_.get(), op, fd, want); !s.ok()) {
       PF_LOG(ERROR) << s.message();
       return CloseConnection(fd);
     }
@@ -824,7 +961,7 @@ void Worker::BeginDrain(absl::Duration timeout, absl::string_view why) {
   draining_ = true;
   drain_deadline_ = deadline;
   resume_accept_at_.reset();
-  StopReconnecting();  // the listening socket goes; nothing to re-adopt
+  agent_->StopReadoption();  // the listening socket goes
   if (accepting_) {
     LogIfError(EpollCtl(epoll_.get(), EPOLL_CTL_DEL, listen_fd_.get(), 0));
     accepting_ = false;
@@ -839,7 +976,21 @@ void Worker::BeginDrain(absl::Duration timeout, absl::string_view why) {
   for (const auto& [fd, conn] : connections_) fds.push_back(fd);
   for (int fd : fds) {
     Connection& conn = *connections_[fd];
+    if (conn.http && conn.http->idle() && !conn.read_eof && !conn.lingering) {
+      // What is idle depends on what has arrived: take in bytes already
+      // queued (e.g. a request sent just before the signal, whose readiness
+      // epoll has not reported yet), so that the request is answered rather
+      // than dropped with the connection.
+      if (!ReadFrom(conn)) {
+        CloseConnection(fd);
+        continue;
+      }
+    }
     if (conn.http) conn.http->StartDrain();
+    if (conn.pending() > 0 && !WriteTo(conn)) {
+      CloseConnection(fd);
+      continue;
+    }
     Settle(conn);
   }
   if (connections_.empty()) done_ = true;
@@ -858,170 +1009,19 @@ void Worker::ForceClose(absl::string_view why) {
   done_ = true;
 }
 
-void Worker::HandleControl() {
-  while (control_) {
-    absl::StatusOr<std::optional<v1::AgentMessage>> got = control_->Receive();
-    if (!got.ok()) {
-      if (absl::IsInvalidArgument(got.status())) {
-        PF_LOG(WARNING) << got.status().message();
-        continue;
-      }
-      LoseControl(got.status().message(), /*on_send=*/false);
-      return;
+void Worker::OnAgentMessage(const v1::AgentMessage& message) {
+  switch (message.msg_case()) {
+    case v1::AgentMessage::kDrain: {
+      uint32_t ms = message.drain().deadline_ms();
+      BeginDrain(ms > 0 ? absl::Milliseconds(ms) : config_.drain_timeout,
+                 "agent asked to drain");
+      break;
     }
-    if (!got->has_value()) return;
-    const v1::AgentMessage& message = **got;
-    switch (message.msg_case()) {
-      case v1::AgentMessage::kDrain: {
-        uint32_t ms = message.drain().deadline_ms();
-        BeginDrain(ms > 0 ? absl::Milliseconds(ms) : config_.drain_timeout,
-                   "agent asked to drain");
-        break;
-      }
-      default:
-        PF_LOG(WARNING) << "ignoring an agent message of unknown kind "
-                        << message.msg_case();
-        break;
-    }
+    default:
+      PF_LOG(WARNING) << "ignoring an agent message of unknown kind "
+                      << message.msg_case();
+      break;
   }
-}
-
-void Worker::SendControl(const v1::WorkerMessage& message) {
-  if (!control_) return;
-  absl::Status s = control_->Send(message);
-  if (s.ok()) return;
-  if (absl::IsResourceExhausted(s)) {
-    PF_LOG(DEBUG) << s.message();
-    return;
-  }
-  LoseControl(s.message(), /*on_send=*/true);
-}
-
-void Worker::CloseControl() {
-  if (!control_) return;
-  // Closing the fd removes it from the epoll set.
-  control_.reset();
-  next_load_ = absl::InfiniteFuture();
-}
-
-bool Worker::CanReconnect() const {
-  return !config_.agent_socket.empty() && !draining_ && listen_fd_.valid();
-}
-
-void Worker::LoseControl(absl::string_view why, bool on_send) {
-  CloseControl();
-  if (!CanReconnect()) {
-    if (on_send) {
-      PF_LOG(WARNING) << why << "; serving on without the agent";
-    } else {
-      PF_LOG(WARNING) << why << "; the agent is gone, serving on without it";
-    }
-    return;
-  }
-  PF_LOG(WARNING) << why << "; the agent is gone, serving on and reconnecting "
-                  << "to " << config_.agent_socket << " every "
-                  << config_.reconnect_interval;
-  absl::Time now = absl::Now();
-  control_lost_at_ = now;
-  reconnect_failures_ = 0;
-  last_reconnect_log_ = absl::InfinitePast();
-  reconnecting_.reset();
-  reconnect_at_ = now;  // first attempt at once, on the next loop turn
-}
-
-void Worker::StopReconnecting() {
-  reconnect_at_.reset();
-  reconnecting_.reset();
-}
-
-v1::WorkerMessage Worker::HelloMessage(bool reconnect) const {
-  v1::WorkerMessage message;
-  v1::WorkerHello* hello = message.mutable_hello();
-  hello->set_pid(::getpid());
-  hello->set_listener(config_.listener);
-  hello->set_shard(config_.shard);
-  hello->set_version(kVersion);
-  hello->set_socket_inode(socket_inode_);
-  hello->set_reconnect(reconnect);
-  return message;
-}
-
-void Worker::TryReconnect(absl::Time now) {
-  reconnect_at_.reset();
-  if (control_ || !CanReconnect()) {
-    reconnecting_.reset();
-    return;
-  }
-  // A connect that was in progress, or a new one. Neither blocks: a Unix
-  // connect completes or fails at once, and one still in progress is polled
-  // on this timer rather than waited for.
-  std::optional<ControlChannel> channel;
-  if (reconnecting_) {
-    absl::StatusOr<bool> done = reconnecting_->FinishConnect();
-    if (done.ok() && !*done && now < reconnect_connect_deadline_) {
-      reconnect_at_ = now + config_.reconnect_interval;
-      return;
-    }
-    channel = std::move(reconnecting_);
-    reconnecting_.reset();
-    if (!done.ok() || !*done) {
-      return ReconnectFailed(
-          now, done.ok() ? absl::DeadlineExceededError("connect timed out")
-                         : done.status());
-    }
-  } else {
-    absl::StatusOr<ControlChannel> connected =
-        ControlChannel::Connect(config_.agent_socket);
-    if (!connected.ok()) return ReconnectFailed(now, connected.status());
-    if (connected->connecting()) {
-      reconnecting_ = std::move(*connected);
-      reconnect_connect_deadline_ = now + config_.reconnect_connect_timeout;
-      reconnect_at_ = now + config_.reconnect_interval;
-      return;
-    }
-    channel = std::move(*connected);
-  }
-  // The hello and the listening socket in one packet: the new agent checks
-  // the socket against its state before it adopts the worker.
-  if (absl::Status s = channel->SendWithFd(HelloMessage(/*reconnect=*/true),
-                                           listen_fd_.get());
-      !s.ok()) {
-    return ReconnectFailed(now, Annotate(s, "sending hello"));
-  }
-  if (absl::Status s =
-          EpollCtl(epoll_.get(), EPOLL_CTL_ADD, channel->fd(), EPOLLIN);
-      !s.ok()) {
-    return ReconnectFailed(now, s);
-  }
-  control_ = std::move(channel);
-  PF_LOG(INFO) << "reconnected to the agent at " << config_.agent_socket
-               << " after " << reconnect_failures_ << " failed attempts ("
-               << absl::Trunc(now - control_lost_at_, absl::Milliseconds(1))
-               << " without an agent); sent hello with the listening socket";
-  reconnect_failures_ = 0;
-  v1::WorkerMessage ready;
-  ready.mutable_ready();
-  SendControl(ready);
-  if (control_) next_load_ = now + config_.load_interval;
-}
-
-void Worker::ReconnectFailed(absl::Time now, const absl::Status& status) {
-  ++reconnect_failures_;
-  // The first failure, then at most one line per reconnect_log_interval:
-  // the agent may stay away for long.
-  if (reconnect_failures_ == 1) {
-    PF_LOG(WARNING) << "cannot reconnect to the agent: " << status.message()
-                    << "; retrying every " << config_.reconnect_interval;
-    last_reconnect_log_ = now;
-  } else if (now - last_reconnect_log_ >= config_.reconnect_log_interval) {
-    PF_LOG(WARNING) << "still cannot reconnect to the agent: "
-                    << status.message() << " (" << reconnect_failures_
-                    << " attempts in "
-                    << absl::Trunc(now - control_lost_at_, absl::Seconds(1))
-                    << ")";
-    last_reconnect_log_ = now;
-  }
-  reconnect_at_ = now + config_.reconnect_interval;
 }
 
 void Worker::SendLoad() {
@@ -1031,7 +1031,7 @@ void Worker::SendLoad() {
   l->set_accepted_total(accepted_total_);
   l->set_bytes_in_total(bytes_in_);
   l->set_bytes_out_total(bytes_out_);
-  SendControl(load);
+  agent_->Send(load);
 }
 
 // ---------------------------------------------------------------------------
@@ -1069,10 +1069,13 @@ int Main(int argc, char** argv) {
       return 2;
     }
   }
-  if (const char* a = std::getenv(ControlChannel::kAgentSocketEnvVar);
-      a && *a) {
-    config.agent_socket = a;
+  absl::StatusOr<AgentLinkOptions> agent = AgentLinkOptionsFromEnv();
+  if (!agent.ok()) {
+    std::fprintf(stderr, "portfleet-worker: %s\n",
+                 std::string(agent.status().message()).c_str());
+    return 2;
   }
+  config.agent = std::move(*agent);
   SetLogTag(absl::StrCat("worker ", config.listener, "/", config.shard));
 
   absl::StatusOr<Fd> listen_fd = TakeListenFd();

@@ -21,6 +21,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "portfleet/v1/control.pb.h"
+#include "worker/sdk/agent_link.h"
 #include "worker/sdk/base/fd.h"
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/control_channel.h"
@@ -84,7 +85,8 @@ std::string IdentityBody(absl::string_view listener, uint32_t shard, pid_t pid);
 // and discarded; the answer is sent when the whole request has arrived.
 class HttpSession {
  public:
-  explicit HttpSession(std::string body) : body_(std::move(body)) {}
+  // `body` must outlive the session (the worker's identity body does).
+  explicit HttpSession(absl::string_view body) : body_(body) {}
 
   // Consumes received bytes and appends responses to `out`. Once closing(),
   // further input is ignored.
@@ -98,6 +100,13 @@ class HttpSession {
 
   // No further requests will be answered: close once the output is written.
   bool closing() const { return closing_; }
+  // closing() because the client asked for it ("Connection: close", or
+  // HTTP/1.0 without keep-alive), and it sent nothing after that request:
+  // no input of its own is left that a close could turn into a reset, so
+  // the connection may be closed without waiting for the client's FIN.
+  bool clean_close() const {
+    return closing_ && client_close_ && !unanswered_input_;
+  }
   // No partial request (head or body) is buffered.
   bool idle() const { return buffer_.empty() && !in_body_; }
   uint64_t requests() const { return requests_; }
@@ -105,13 +114,15 @@ class HttpSession {
  private:
   void Respond(const HttpRequestHead& head, std::string* out);
 
-  std::string body_;
+  absl::string_view body_;
   std::string buffer_;  // unparsed input
   bool in_body_ = false;
   uint64_t body_remaining_ = 0;
   HttpRequestHead pending_;  // head whose body is being discarded
   bool draining_ = false;
   bool closing_ = false;
+  bool client_close_ = false;      // the client's request said close
+  bool unanswered_input_ = false;  // bytes came after the last answer
   uint64_t requests_ = 0;
 };
 
@@ -129,24 +140,17 @@ struct WorkerConfig {
   // How long a closing connection waits for the peer's FIN after our FIN, so
   // that unread input does not turn our close into a reset.
   absl::Duration linger_timeout = absl::Seconds(2);
-  // PORTFLEET_AGENT_SOCKET: the agent's control socket (a Unix
-  // SOCK_SEQPACKET listener). When the control channel hits end-of-file
-  // while the worker accepts, it connects there every `reconnect_interval`
-  // and says hello again with its listening socket attached (re-adoption,
-  // see WorkerHello in control.proto). Empty: serve on without an agent.
-  std::string agent_socket;
-  absl::Duration reconnect_interval = absl::Milliseconds(250);
-  // A reconnect whose connect is still in progress after this is abandoned.
-  absl::Duration reconnect_connect_timeout = absl::Seconds(2);
-  // Repeated reconnect failures are logged at most this often.
-  absl::Duration reconnect_log_interval = absl::Seconds(10);
+  // Re-adoption (PORTFLEET_AGENT_SOCKET, PORTFLEET_AGENT_UID): see
+  // worker/sdk/agent_link.h.
+  AgentLinkOptions agent;
 };
 
 class Worker {
  public:
-  // `listen_fd` must be a non-blocking listening TCP socket (TakeListenFd).
-  // Blocks SIGTERM and SIGINT (they are read from a signalfd) and ignores
-  // SIGPIPE for the process.
+  // `listen_fd` must be a listening TCP socket (TakeListenFd), blocking or
+  // not; its O_NONBLOCK is left as it is. Blocks SIGTERM and SIGINT (they
+  // are read from a signalfd) and ignores SIGPIPE for the process; on a
+  // blocking socket, also handles SIGALRM (the accept guard).
   static absl::StatusOr<std::unique_ptr<Worker>> Create(
       WorkerConfig config, Fd listen_fd, std::optional<ControlChannel> control);
   ~Worker();
@@ -164,6 +168,11 @@ class Worker {
   absl::Status Init(Fd listen_fd, std::optional<ControlChannel> control);
 
   void AcceptAll();
+  bool AcceptOne();  // false: stop accepting in this round
+  // Accept queue length of the listening socket; 0 (and the matching
+  // action) when it cannot be read or the socket no longer listens.
+  int QueuedConnections();
+  void ArmAcceptGuard();
   void PauseAccepting(absl::Duration pause);
   void WarnAcceptPaused(int err);
   void HandleConnection(int fd, uint32_t events);
@@ -172,19 +181,9 @@ class Worker {
   void Settle(Connection& conn);    // close, linger, or update epoll
   void CloseConnection(int fd);
   void HandleSignals();
-  void HandleControl();
+  void OnAgentMessage(const v1::AgentMessage& message);
   void BeginDrain(absl::Duration timeout, absl::string_view why);
   void ForceClose(absl::string_view why);
-  void SendControl(const v1::WorkerMessage& message);
-  void CloseControl();
-  // The control channel failed (`why`): close it and, if the worker still
-  // accepts and has an agent socket, start reconnecting.
-  void LoseControl(absl::string_view why, bool on_send);
-  bool CanReconnect() const;
-  void TryReconnect(absl::Time now);
-  void ReconnectFailed(absl::Time now, const absl::Status& status);
-  void StopReconnecting();
-  v1::WorkerMessage HelloMessage(bool reconnect) const;
   void SendLoad();
   void OnTimers(absl::Time now);
   int EpollTimeoutMs(absl::Time now) const;
@@ -193,26 +192,23 @@ class Worker {
   Fd epoll_;
   Fd signal_fd_;
   Fd listen_fd_;
-  std::optional<ControlChannel> control_;
-  std::string body_;  // HTTP identity body
+  std::unique_ptr<AgentLink> agent_;  // hello, load, drain, re-adoption
+  std::string body_;                  // HTTP identity body
   std::unordered_map<int, std::unique_ptr<Connection>> connections_;
 
-  bool accepting_ = false;  // listen fd registered with epoll
+  bool accepting_ = false;         // listen fd registered with epoll
+  bool listener_nodelay_ = false;  // accepted sockets inherit TCP_NODELAY
+  // O_NONBLOCK on the listening socket's open file description, as found
+  // (never changed: it is shared with the agent and other workers).
+  bool listener_nonblocking_ = false;
+  bool accept_guard_armed_ = false;  // set once it was first armed
   std::optional<absl::Time> resume_accept_at_;
   bool draining_ = false;
   bool done_ = false;
   absl::Time drain_deadline_ = absl::InfiniteFuture();
   absl::Time next_load_ = absl::InfiniteFuture();
-  uint64_t socket_inode_ = 0;  // of listen_fd_, for WorkerHello
   int lingering_ = 0;
 
-  // Reconnecting to config_.agent_socket after the control channel is lost.
-  std::optional<absl::Time> reconnect_at_;      // next attempt
-  std::optional<ControlChannel> reconnecting_;  // connect in progress
-  absl::Time reconnect_connect_deadline_ = absl::InfiniteFuture();
-  absl::Time control_lost_at_ = absl::InfinitePast();
-  uint64_t reconnect_failures_ = 0;  // since the channel was lost
-  absl::Time last_reconnect_log_ = absl::InfinitePast();
   absl::Time last_accept_warning_ = absl::InfinitePast();
   uint64_t accept_warnings_suppressed_ = 0;
 

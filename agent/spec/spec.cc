@@ -159,6 +159,11 @@ absl::Status ValidateListener(const v1::Listener& l) {
         absl::StrCat("backlog: ", l.backlog(), " is out of range (0-",
                      kMaxBacklog, "; 0 = default ", kDefaultBacklog, ")"));
   }
+  if (l.defer_accept_seconds() > kMaxDeferAcceptSeconds) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "defer_accept_seconds: ", l.defer_accept_seconds(),
+        " is out of range (0-", kMaxDeferAcceptSeconds, "; 0 = off)"));
+  }
   if (l.steering().weights_size() > 0 && l.shards() == 0) {
     return absl::InvalidArgumentError(
         "steering.weights: needs an explicit shard count (shards: 0 means "

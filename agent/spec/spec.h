@@ -23,6 +23,7 @@ inline constexpr uint32_t kMaxWeight = 1000000;
 inline constexpr int kMaxListeners = 128;
 inline constexpr size_t kMaxWorkerSpecBytes = 16 * 1024;  // command+args+env
 inline constexpr int kMaxWorkerArgs = 256;                // args, env each
+inline constexpr uint32_t kMaxDeferAcceptSeconds = 600;
 
 enum class SpecFormat { kTextproto, kJson };
 

@@ -13,6 +13,9 @@
 // Load: the loadgen library in-process, 2 threads, one connection per request
 // (GET, "Connection: close", every answer checked), at saturation
 // (--concurrency in flight) and at a fixed offered rate (--rate, 10k/s).
+// With wrk (--wrk, found in PATH by default) two more loads as a
+// cross-check: keep-alive (wrk -t2 -c50) and a new connection per request
+// (wrk -t2 -c32 -H "Connection: close"); wrk's latency excludes connect.
 // Rounds follow BENCHMARKING.md: a warm-up, then --pairs sets in which every
 // server runs once per load (order reversed every other set), ~--seconds
 // each, after waiting (bounded) for the machine to be idle. Ratios are taken
@@ -30,6 +33,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -43,6 +47,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "tests/loadgen/fleet_testing.h"
@@ -204,11 +209,12 @@ class Nginx {
 // ---- rounds ----
 
 struct Round {
-  double rate = 0;           // answered connections per second
+  double rate = 0;           // answered connections (wrk: requests) per s
   int64_t failures = 0;      // client-side, any kind
   int64_t late_starts = 0;   // fixed rate: starts delayed by max_in_flight
   double cpu_us = 0;         // machine busy CPU per answered connection
   double own_cpu_us = 0;     // client + server processes, per connection
+  double server_cpu_us = 0;  // server processes only, per connection
   double busy = 0;           // machine busy fraction during the round
   double background = 0;     // machine busy fraction just before it
   loadgen::Percentiles lat;  // ms, request written -> answer complete
@@ -254,9 +260,102 @@ Round RunRound(const std::string& target, const std::vector<pid_t>& server,
   double own_secs = (self_b - self_a) + (server_b - server_a) / hz;
   r.cpu_us = res->ok() > 0 ? busy_secs * 1e6 / res->ok() : 0;
   r.own_cpu_us = res->ok() > 0 ? own_secs * 1e6 / res->ok() : 0;
+  r.server_cpu_us =
+      res->ok() > 0 ? (server_b - server_a) / hz * 1e6 / res->ok() : 0;
   r.busy = BusyFraction(a, b);
   r.lat = res->latency_ms;
   if (!res->first_errors.empty()) r.first_error = res->first_errors[0];
+  return r;
+}
+
+// One wrk round: `connections` kept busy for `duration`, keep-alive or a
+// new connection per request. Failures are wrk's socket errors plus non-2xx
+// answers; client CPU is wrk's (getrusage of waited-for children).
+Round RunWrkRound(const std::string& wrk, const std::string& target,
+                  const std::vector<pid_t>& server, int connections,
+                  bool keep_alive, absl::Duration duration) {
+  Round r;
+  r.background = WaitIdle(0.3, absl::Seconds(1));
+  CpuTimes a = ReadCpu();
+  const uint64_t server_a = ProcessJiffies(server);
+  rusage ca{};
+  ::getrusage(RUSAGE_CHILDREN, &ca);
+  std::string cmd = absl::StrFormat(
+      "'%s' -t2 -c%d -d%ds --latency %s http://%s/ 2>&1", wrk, connections,
+      static_cast<int>(absl::ToInt64Seconds(duration)),
+      keep_alive ? "" : "-H 'Connection: close'", target);
+  std::string out;
+  if (FILE* p = ::popen(cmd.c_str(), "r")) {
+    char buf[4096];
+    for (size_t n; (n = std::fread(buf, 1, sizeof(buf), p)) > 0;) {
+      out.append(buf, n);
+    }
+    ::pclose(p);
+  }
+  rusage cb{};
+  ::getrusage(RUSAGE_CHILDREN, &cb);
+  const uint64_t server_b = ProcessJiffies(server);
+  CpuTimes b = ReadCpu();
+  // "  38978 requests in 2.07s, 4.80MB read"
+  auto number_before = [&](const std::string& marker) -> double {
+    size_t at = out.find(marker);
+    if (at == std::string::npos) return -1;
+    size_t start = out.rfind(' ', at - 1);
+    double v = -1;
+    (void)absl::SimpleAtod(out.substr(start + 1, at - start - 1), &v);
+    return v;
+  };
+  auto number_after = [&](const std::string& marker) -> double {
+    size_t at = out.find(marker);
+    if (at == std::string::npos) return 0;
+    at += marker.size();
+    while (at < out.size() && out[at] == ' ') ++at;
+    size_t end = out.find_first_not_of("0123456789.", at);
+    double v = 0;
+    (void)absl::SimpleAtod(out.substr(at, end - at), &v);
+    return v;
+  };
+  double requests = number_before(" requests in ");
+  if (requests <= 0) {
+    r.failures = -1;
+    r.first_error = "wrk: " + out.substr(0, 200);
+    return r;
+  }
+  r.rate = number_after("Requests/sec:");
+  for (const char* kind : {"connect ", "read ", "write ", "timeout "}) {
+    size_t errors = out.find("Socket errors:");
+    if (errors == std::string::npos) break;
+    size_t at = out.find(kind, errors);
+    if (at != std::string::npos) {
+      int64_t v = 0;
+      size_t end = out.find_first_of(",\n", at);
+      (void)absl::SimpleAtoi(
+          out.substr(at + std::strlen(kind), end - at - std::strlen(kind)), &v);
+      r.failures += v;
+    }
+  }
+  r.failures += static_cast<int64_t>(number_after("Non-2xx or 3xx responses:"));
+  if (r.failures > 0) r.first_error = out;
+  // "     99%   19.37ms"
+  if (size_t at = out.find(" 99% "); at != std::string::npos) {
+    at += 5;
+    while (at < out.size() && out[at] == ' ') ++at;
+    size_t end = out.find_first_not_of("0123456789.", at);
+    double v = 0;
+    (void)absl::SimpleAtod(out.substr(at, end - at), &v);
+    std::string unit = out.substr(end, 2);
+    r.lat.p99 = unit == "us" ? v / 1000 : unit == "ms" ? v : v * 1000;
+  }
+  const double hz = ::sysconf(_SC_CLK_TCK);
+  double client = (cb.ru_utime.tv_sec - ca.ru_utime.tv_sec) +
+                  (cb.ru_stime.tv_sec - ca.ru_stime.tv_sec) +
+                  ((cb.ru_utime.tv_usec - ca.ru_utime.tv_usec) +
+                   (cb.ru_stime.tv_usec - ca.ru_stime.tv_usec)) /
+                      1e6;
+  r.own_cpu_us = (client + (server_b - server_a) / hz) * 1e6 / requests;
+  r.server_cpu_us = (server_b - server_a) / hz * 1e6 / requests;
+  r.cpu_us = (b.busy - a.busy) / hz * 1e6 / requests;
+  r.busy = BusyFraction(a, b);
   return r;
 }
 
@@ -279,7 +378,10 @@ std::string MedRange(const std::vector<double>& v, int decimals) {
 
 struct Load {
   std::string name;
-  int rate;  // 0 = saturation
+  int rate;                 // 0 = saturation
+  bool wrk = false;         // wrk instead of the loadgen
+  bool keep_alive = false;  // wrk: keep-alive rather than a connection each
+  int connections = 0;      // wrk -c
 };
 
 using Results = std::vector<std::vector<Round>>;  // [server][pair]
@@ -305,16 +407,20 @@ std::vector<double> Ratios(const std::vector<Round>& rounds,
 void PrintTable(const Load& load, const Results& results) {
   const auto rate = [](const Round& r) { return r.rate; };
   const auto own = [](const Round& r) { return r.own_cpu_us; };
+  const auto server = [](const Round& r) { return r.server_cpu_us; };
   const auto cpu = [](const Round& r) { return r.cpu_us; };
   const auto p99 = [](const Round& r) { return r.lat.p99; };
   const auto busy = [](const Round& r) { return 100 * r.busy; };
   const auto bg = [](const Round& r) { return 100 * r.background; };
   std::cout << "\n### " << load.name << "\n\n"
-            << "| server | conn/s | ratio | CPU µs/conn, client+server | "
-               "ratio | machine CPU µs/conn | ratio | p99 ms | ratio | "
-               "failures | machine busy % (before) |\n"
+            << absl::StrReplaceAll(
+                   "| server | conn/s | ratio | CPU µs/conn, client+server | "
+                   "ratio | server CPU µs/conn | ratio | machine CPU µs/conn | "
+                   "ratio | p99 ms | ratio | failures | machine busy % "
+                   "(before) |\n",
+                   {{"conn", load.keep_alive ? "req" : "conn"}})
             << "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-               "| ---: | ---: |\n";
+               "| ---: | ---: | ---: | ---: |\n";
   const std::vector<Round>& ref = results[0];
   for (size_t s = 0; s < results.size(); ++s) {
     const std::vector<Round>& rounds = results[s];
@@ -324,9 +430,11 @@ void PrintTable(const Load& load, const Results& results) {
       return s == 0 ? std::string("1") : MedRange(Ratios(rounds, ref, f), 2);
     };
     std::cout << absl::StrFormat(
-        "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %d | %.0f (%.0f) |\n",
+        "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %d | %.0f "
+        "(%.0f) |\n",
         Servers()[s].name, MedRange(Values(rounds, rate), 0), ratio(rate),
         MedRange(Values(rounds, own), 1), ratio(own),
+        MedRange(Values(rounds, server), 1), ratio(server),
         MedRange(Values(rounds, cpu), 1), ratio(cpu),
         MedRange(Values(rounds, p99), 2), ratio(p99), failures,
         Median(Values(rounds, busy)), Median(Values(rounds, bg)));
@@ -405,6 +513,15 @@ std::string FindNginx(const std::string& flag) {
   return "";
 }
 
+std::string FindWrk(const std::string& flag) {
+  if (flag == "none") return "";
+  if (!flag.empty()) return flag;
+  for (const char* p : {"/usr/bin/wrk", "/usr/local/bin/wrk"}) {
+    if (::access(p, X_OK) == 0) return p;
+  }
+  return "";
+}
+
 bool HaveGnuplot() { return std::system("command -v gnuplot >/dev/null") == 0; }
 
 int Main(int argc, char** argv) {
@@ -412,7 +529,7 @@ int Main(int argc, char** argv) {
   double seconds = 5;
   int concurrency = 32;
   int fixed_rate = 10000;
-  std::string nginx_flag, png;
+  std::string nginx_flag, png, wrk_flag;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&](const char* name, std::string* out) {
@@ -427,7 +544,7 @@ int Main(int argc, char** argv) {
           << "Usage: portfleet-fleet-bench [--pairs=5] [--seconds=5] "
              "[--concurrency=32] [--rate=10000]\n"
              "                            [--nginx=/usr/sbin/nginx] "
-             "[--png=FILE]\n"
+             "[--wrk=wrk|none] [--png=FILE]\n"
              "Compares the portfleet agent (2 shards, HASH and CPU) with "
              "nginx (reuseport, and one\nshared listener) in a private "
              "network namespace. Run as root from the build\ndirectory; "
@@ -442,7 +559,8 @@ int Main(int argc, char** argv) {
                concurrency <= 1000) {
     } else if (value("--rate", &v) && absl::SimpleAtoi(v, &fixed_rate) &&
                fixed_rate > 0 && fixed_rate <= 100000) {
-    } else if (value("--nginx", &nginx_flag) || value("--png", &png)) {
+    } else if (value("--nginx", &nginx_flag) || value("--png", &png) ||
+               value("--wrk", &wrk_flag)) {
     } else {
       std::cerr << "portfleet-fleet-bench: bad argument '" << a << "'\n";
       return 2;
@@ -497,7 +615,7 @@ int Main(int argc, char** argv) {
     }
   }
 
-  const std::vector<Load> loads = {
+  std::vector<Load> loads = {
       {absl::StrFormat("Saturation (%d connections in flight, 2 client "
                        "threads)",
                        concurrency),
@@ -506,6 +624,17 @@ int Main(int argc, char** argv) {
                        fixed_rate),
        fixed_rate},
   };
+  const std::string wrk = FindWrk(wrk_flag);
+  if (!wrk.empty()) {
+    loads.push_back({"wrk cross-check: keep-alive (wrk -t2 -c50)", 0,
+                     /*wrk=*/true, /*keep_alive=*/true, 50});
+    loads.push_back(
+        {"wrk cross-check: new connection per request (wrk -t2 -c32 -H "
+         "'Connection: close')",
+         0, /*wrk=*/true, /*keep_alive=*/false, 32});
+  } else {
+    std::cerr << "wrk not found: no wrk rounds\n";
+  }
   const absl::Duration duration = absl::Seconds(seconds);
   const size_t n = Servers().size();
   // The processes whose CPU time counts as each server's: nginx's master and
@@ -530,15 +659,19 @@ int Main(int argc, char** argv) {
     for (size_t l = 0; l < loads.size(); ++l) {
       for (size_t k = 0; k < n; ++k) {
         size_t s = p % 2 ? n - 1 - k : k;  // reverse the order every other set
-        Round r = RunRound(Servers()[s].address, server_pids[s], loads[l].rate,
-                           concurrency, duration);
+        Round r = loads[l].wrk
+                      ? RunWrkRound(wrk, Servers()[s].address, server_pids[s],
+                                    loads[l].connections, loads[l].keep_alive,
+                                    duration)
+                      : RunRound(Servers()[s].address, server_pids[s],
+                                 loads[l].rate, concurrency, duration);
         std::cerr << absl::StrFormat(
             "set %d, %s, %s: %.0f conn/s, %.1f µs/conn, p99 %.2f ms, %d "
             "failures, %d late starts, %.1f µs/conn in client+server, "
             "machine busy %.0f%% (before %.0f%%)\n",
-            p + 1, loads[l].rate ? "fixed rate" : "saturation",
-            Servers()[s].name, r.rate, r.cpu_us, r.lat.p99, r.failures,
-            r.late_starts, r.own_cpu_us, 100 * r.busy, 100 * r.background);
+            p + 1, loads[l].name, Servers()[s].name, r.rate, r.cpu_us,
+            r.lat.p99, r.failures, r.late_starts, r.own_cpu_us, 100 * r.busy,
+            100 * r.background);
         all[l][s].push_back(r);
       }
     }
@@ -584,7 +717,15 @@ int Main(int argc, char** argv) {
   for (size_t l = 0; l < loads.size(); ++l) PrintTable(loads[l], all[l]);
   if (!png.empty()) {
     if (HaveGnuplot()) {
-      WritePlot(png, loads, all, dir.path());
+      // The loadgen's loads (wrk gives no p50..max of its own here).
+      std::vector<Load> plotted;
+      std::vector<Results> plotted_results;
+      for (size_t l = 0; l < loads.size(); ++l) {
+        if (loads[l].wrk) continue;
+        plotted.push_back(loads[l]);
+        plotted_results.push_back(all[l]);
+      }
+      WritePlot(png, plotted, plotted_results, dir.path());
     } else {
       std::cerr << "gnuplot not found: no plot\n";
     }

@@ -1,8 +1,8 @@
 #!/bin/sh
 # Runs portfleet-fleet-bench: the agent (2 shards, HASH and CPU) vs nginx
 # (reuseport, and one shared listener), in a private network namespace.
-# Installs nginx-light (or nginx) and gnuplot-nox with apt-get if they are
-# missing. Benchmarks are not run by CI. Run as root:
+# Installs nginx-light (or nginx), wrk and gnuplot-nox with apt-get if they
+# are missing. Benchmarks are not run by CI. Run as root:
 #
 #   tests/bench/run_fleet_bench.sh [BUILD_DIR] [-- extra bench flags]
 #
@@ -48,12 +48,15 @@ if [ -z "$nginx" ]; then
   nginx=/usr/sbin/nginx
 fi
 command -v gnuplot >/dev/null 2>&1 || apt_install gnuplot-nox || true
+command -v wrk >/dev/null 2>&1 || apt_install wrk || true
 
 if [ ! -x "$build/tests/portfleet-fleet-bench" ]; then
   cmake -S "$here" -B "$build" >&2
-  make -C "$build" -j2 portfleet-agent portfleet-worker portfleet-fleet-bench >&2
+  make -C "$build" -j2 portfleet-agent portfleet-worker portfleet-fleet-bench \
+    portfleet-agent-bench >&2
 fi
 
+build=$(cd "$build" && pwd)  # absolute: the bench runs from inside it
 cd "$build"
 exec "$build/tests/portfleet-fleet-bench" --nginx="$nginx" \
   --png="$build/fleet-bench-latency.png" "$@"

@@ -67,16 +67,19 @@ TEST(AgentFleetTest, FourShardsAnswerEveryConnection) {
   EXPECT_EQ(tally.by_pid.size(), 4u);
 }
 
-// Accepted connections (sockets other than fd 3 and 4) a worker holds.
+// Accepted connections a worker holds: sockets other than fd 3 and 4 and
+// other than copies of its listening socket (the worker SDK keeps one to
+// hand back on re-adoption).
 int HeldConnections(pid_t pid) {
   int held = 0;
   std::string dir = absl::StrCat("/proc/", pid, "/fd");
+  std::error_code ec;
+  const std::string listening = std::filesystem::read_symlink(dir + "/3", ec);
   for (const auto& entry : std::filesystem::directory_iterator(dir)) {
     std::string name = entry.path().filename();
     if (name == "3" || name == "4") continue;
-    std::error_code ec;
     std::string target = std::filesystem::read_symlink(entry.path(), ec);
-    if (!ec && target.rfind("socket:", 0) == 0) held++;
+    if (!ec && target.rfind("socket:", 0) == 0 && target != listening) held++;
   }
   return held;
 }

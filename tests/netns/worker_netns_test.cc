@@ -7,18 +7,23 @@
 // $PORTFLEET_AGENT_SOCKET that the worker reconnects to.
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <optional>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -59,9 +64,29 @@ struct Listener {
   std::string address() const { return absl::StrCat("127.0.0.1:", port); }
 };
 
-Listener ListenLoopback() {
+// Options the agent may set on a shard socket (agent/sockets.h).
+struct ListenOptions {
+  bool nodelay = false;  // TCP_NODELAY, inherited by accepted sockets
+  int defer_accept = 0;  // TCP_DEFER_ACCEPT seconds
+  std::string name() const {
+    return absl::StrCat(nodelay ? "nodelay" : "plain", "/defer=", defer_accept);
+  }
+};
+
+Listener ListenLoopback(const ListenOptions& options = {}) {
   Listener l;
   l.fd = Fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  int one = 1;
+  if (options.nodelay) {
+    EXPECT_EQ(
+        ::setsockopt(l.fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)),
+        0);
+  }
+  if (options.defer_accept > 0) {
+    EXPECT_EQ(::setsockopt(l.fd.get(), IPPROTO_TCP, TCP_DEFER_ACCEPT,
+                           &options.defer_accept, sizeof(int)),
+              0);
+  }
   sockaddr_in sin{};
   sin.sin_family = AF_INET;
   sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
@@ -236,6 +261,15 @@ bool ReadsEof(int fd, absl::Duration timeout) {
   return ::recv(fd, &c, 1, MSG_DONTWAIT) == 0;
 }
 
+int Count(const std::string& haystack, const std::string& needle) {
+  int n = 0;
+  for (size_t pos = haystack.find(needle); pos != std::string::npos;
+       pos = haystack.find(needle, pos + needle.size())) {
+    ++n;
+  }
+  return n;
+}
+
 constexpr char kGet[] = "GET / HTTP/1.1\r\nHost: test\r\n\r\n";
 constexpr char kGetClose[] =
     "GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
@@ -362,6 +396,210 @@ TEST(WorkerNetnsTest, EchoModeEchoes) {
 }
 
 // ---------------------------------------------------------------------------
+// The new-connection path (issue 14): the worker reads right after accept,
+// closes a "Connection: close" exchange without waiting for the client's FIN
+// when nothing of the client's is left unread, and skips TCP_NODELAY per
+// connection when the listener carries it. None of that may cost a slow
+// client, a request in pieces or a body, on any listener the agent makes.
+
+// The port of the peer of a connected socket.
+int PeerPort(int fd) {
+  sockaddr_in sin{};
+  socklen_t len = sizeof(sin);
+  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&sin), &len) != 0) {
+    return -1;
+  }
+  return ntohs(sin.sin_port);
+}
+
+int LocalPort(int fd) {
+  sockaddr_in sin{};
+  socklen_t len = sizeof(sin);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&sin), &len);
+  return ntohs(sin.sin_port);
+}
+
+// TCP_NODELAY of the socket that `pid` holds for the client connection
+// `client` (found by its peer port and copied with pidfd_getfd); -1 if none.
+int WorkerSideNodelay(pid_t pid, int client) {
+  Fd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+  if (!pidfd) return -1;
+  const int want = LocalPort(client);
+  for (int target = 0; target < 1024; ++target) {
+    Fd copy(
+        static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd.get(), target, 0)));
+    if (!copy || PeerPort(copy.get()) != want) continue;
+    int nodelay = -1;
+    socklen_t len = sizeof(nodelay);
+    ::getsockopt(copy.get(), IPPROTO_TCP, TCP_NODELAY, &nodelay, &len);
+    return nodelay;
+  }
+  return -1;
+}
+
+// Reads everything until EOF (or a 5 s timeout / error): the bytes, and
+// whether it ended in EOF rather than an error (a reset).
+std::pair<std::string, bool> ReadToEof(int fd) {
+  std::string all;
+  char buf[16384];
+  for (;;) {
+    ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+    if (n == 0) return {all, true};
+    if (n < 0) return {all, false};
+    all.append(buf, n);
+  }
+}
+
+TEST(WorkerNetnsTest, NewConnectionPathOnEveryListenerVariant) {
+  PF_ENTER_NETNS_OR_SKIP();
+  for (ListenOptions options :
+       {ListenOptions{}, ListenOptions{.nodelay = true},
+        ListenOptions{.defer_accept = 1},
+        ListenOptions{.nodelay = true, .defer_accept = 1}}) {
+    SCOPED_TRACE(options.name());
+    Listener l = ListenLoopback(options);
+    WorkerProcess w;
+    w.Start({.env = {"PORTFLEET_LISTENER=web"}, .fd3 = l.fd.get()});
+    for (int i = 0; i < 20; ++i) {
+      testing::Reply r = testing::HttpGet(l.address());
+      ASSERT_EQ(r.outcome, Outcome::kOk) << r.error << "\n" << w.Log();
+      EXPECT_EQ(r.pid, w.pid());
+    }
+    // A slow client: nothing for 300 ms after connect, then its request.
+    {
+      Fd c = Connect(l.port);
+      absl::SleepFor(absl::Milliseconds(300));
+      SendAll(c.get(), kGetClose);
+      auto [all, eof] = ReadToEof(c.get());
+      EXPECT_THAT(all, HasSubstr("HTTP/1.1 200 OK\r\n")) << w.Log();
+      EXPECT_TRUE(eof);
+    }
+    // A request in pieces; the worker's connection has TCP_NODELAY whether
+    // the listener carried it or the worker set it.
+    {
+      Fd c = Connect(l.port);
+      SendAll(c.get(), "GET / HTTP/1.1\r\nHo");
+      absl::SleepFor(absl::Milliseconds(100));
+      EXPECT_EQ(WorkerSideNodelay(w.pid(), c.get()), 1) << w.Log();
+      SendAll(c.get(), "st: a\r\nConnection: cl");
+      absl::SleepFor(absl::Milliseconds(50));
+      SendAll(c.get(), "ose\r\n\r\n");
+      auto [all, eof] = ReadToEof(c.get());
+      EXPECT_EQ(Count(all, "HTTP/1.1 200 OK\r\n"), 1) << all;
+      EXPECT_TRUE(eof);
+    }
+    // A body in two pieces, then close.
+    {
+      Fd c = Connect(l.port);
+      SendAll(c.get(),
+              "POST / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+              "Content-Length: 10\r\n\r\n01234");
+      absl::SleepFor(absl::Milliseconds(50));
+      SendAll(c.get(), "56789");
+      auto [all, eof] = ReadToEof(c.get());
+      EXPECT_EQ(Count(all, "HTTP/1.1 200 OK\r\n"), 1) << all;
+      EXPECT_TRUE(eof);
+    }
+    // Input after a "Connection: close" request (which the client must not
+    // send, RFC 9112 9.6): the answer still arrives whole and the
+    // connection ends with a FIN, not a reset that could destroy it.
+    {
+      Fd c = Connect(l.port);
+      SendAll(c.get(), absl::StrCat(kGetClose, std::string(200 * 1024, 'x')));
+      auto [all, eof] = ReadToEof(c.get());
+      EXPECT_EQ(Count(all, "HTTP/1.1 200 OK\r\n"), 1) << all;
+      EXPECT_TRUE(eof) << "reset instead of end-of-file";
+    }
+    w.Signal(SIGTERM);
+    EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
+  }
+}
+
+// Issue 9 (Low): the shard socket's open file description is shared by the
+// agent and by every worker on the socket, e.g. a blocking third-party
+// worker rolled onto it. portfleet-worker must leave it blocking, and its
+// epoll loop must not hang in accept() when the other process wins a
+// connection.
+// 1. A blocking socket; the worker serves it, and so does a blocking
+//    acceptor thread here (the third-party worker), which answers with its
+//    own body and counts accept() errors.
+// 2. 300 connections: every one is answered by one of the two; the
+//    acceptor never saw EAGAIN; the socket is still blocking.
+// 3. With the acceptor blocked in accept() and no new connection coming,
+//    a keep-alive connection that the worker holds is still answered at
+//    once (a worker stuck in a blocking accept() would never answer).
+TEST(WorkerNetnsTest, SharesABlockingSocketWithABlockingAcceptor) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Listener l = ListenLoopback({.nodelay = true});
+  ASSERT_EQ(::fcntl(l.fd.get(), F_GETFL) & O_NONBLOCK, 0);
+  WorkerProcess w;
+  w.Start({.env = {"PORTFLEET_LISTENER=web"}, .fd3 = l.fd.get()});
+  // A keep-alive connection to the worker (the acceptor is not there yet).
+  Fd keep = Connect(l.port);
+  std::string keep_buffer;
+  SendAll(keep.get(), kGet);
+  ASSERT_THAT(ReadResponse(keep.get(), &keep_buffer),
+              HasSubstr("portfleet listener=web"))
+      << w.Log();
+
+  std::atomic<int> third_party_answers{0};
+  std::atomic<int> third_party_errors{0};
+  std::atomic<bool> stop{false};
+  std::thread acceptor([&] {
+    while (!stop) {
+      int fd = ::accept4(l.fd.get(), nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) {
+        if (errno != EINTR) ++third_party_errors;
+        if (errno == EAGAIN) absl::SleepFor(absl::Milliseconds(1));
+        continue;
+      }
+      char buf[4096];
+      (void)::recv(fd, buf, sizeof(buf), 0);
+      constexpr char kAnswer[] =
+          "HTTP/1.1 200 OK\r\nContent-Length: 12\r\n"
+          "Connection: close\r\n\r\nthird-party\n";
+      (void)::send(fd, kAnswer, sizeof(kAnswer) - 1, MSG_NOSIGNAL);
+      ::close(fd);
+      ++third_party_answers;
+    }
+  });
+  int by_worker = 0;
+  int by_third_party = 0;
+  for (int i = 0; i < 300; ++i) {
+    Fd c = Connect(l.port);
+    SendAll(c.get(), kGetClose);
+    auto [all, eof] = ReadToEof(c.get());
+    if (absl::StrContains(all, "portfleet listener=web")) {
+      ++by_worker;
+    } else if (absl::StrContains(all, "third-party")) {
+      ++by_third_party;
+    } else {
+      ADD_FAILURE() << "connection " << i << " unanswered: '" << all << "'";
+    }
+  }
+  EXPECT_EQ(by_worker + by_third_party, 300);
+  EXPECT_GT(by_third_party, 0);
+  EXPECT_EQ(third_party_errors.load(), 0)
+      << "the blocking acceptor's accept() failed (EAGAIN: O_NONBLOCK set)";
+  EXPECT_EQ(::fcntl(l.fd.get(), F_GETFL) & O_NONBLOCK, 0);
+
+  // No connection arrives now; the acceptor waits in accept().
+  absl::Time start = absl::Now();
+  SendAll(keep.get(), kGet);
+  EXPECT_THAT(ReadResponse(keep.get(), &keep_buffer),
+              HasSubstr("portfleet listener=web"))
+      << w.Log();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1));
+
+  stop = true;
+  ::shutdown(l.fd.get(), SHUT_RD);  // wakes a blocked accept() (EINVAL)
+  acceptor.join();
+  // The shut-down socket makes the worker drain, as the agent's drain does.
+  EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
+  EXPECT_THAT(w.Log(), HasSubstr("listening socket shut down"));
+}
+
+// ---------------------------------------------------------------------------
 // Drain
 
 // 1. A client makes a request on a keep-alive connection and leaves it idle.
@@ -397,7 +635,7 @@ TEST(WorkerNetnsTest, SigtermFinishesTheRequestInFlightAndExitsZero) {
 
   SendAll(slow.get(), "\r\n");
   std::string response = ReadResponse(slow.get(), &slow_buffer);
-  EXPECT_THAT(response, HasSubstr("HTTP/1.1 200 OK\r\n"));
+  EXPECT_THAT(response, HasSubstr("HTTP/1.1 200 OK\r\n")) << w.Log();
   EXPECT_THAT(response, HasSubstr("Connection: close\r\n"));
   EXPECT_THAT(response, HasSubstr("portfleet listener=web"));
   EXPECT_TRUE(ReadsEof(slow.get(), absl::Seconds(3)));
@@ -591,15 +829,6 @@ ino_t Inode(int fd) {
   return st.st_ino;
 }
 
-int Count(const std::string& haystack, const std::string& needle) {
-  int n = 0;
-  for (size_t pos = haystack.find(needle); pos != std::string::npos;
-       pos = haystack.find(needle, pos + needle.size())) {
-    ++n;
-  }
-  return n;
-}
-
 // Expects the hello of a reconnect on `channel` (listening socket attached)
 // and then ready.
 void ExpectReconnectHello(ControlChannel& channel, const WorkerProcess& w,
@@ -779,10 +1008,123 @@ TEST(WorkerNetnsTest, DoesNotReconnectWhileDraining) {
   ASSERT_TRUE(w.running()) << w.Log();
   SendAll(slow.get(), "\r\n");
   EXPECT_THAT(ReadResponse(slow.get(), &buffer),
-              HasSubstr("Connection: close\r\n"));
+              HasSubstr("Connection: close\r\n"))
+      << w.Log();
   slow.Reset();  // rather than wait out the worker's linger
   EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
   EXPECT_THAT(w.Log(), Not(HasSubstr("reconnect")));
+}
+
+// A seqpacket listener at `address` whose SO_PEERCRED says `uid`: a child
+// that runs as `uid` listens on it and hands it back over a socketpair (the
+// kernel records the credentials of the process that called listen()).
+Fd AgentSocketListenerAsUid(const std::string& address, uid_t uid) {
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) {
+    ADD_FAILURE() << "socketpair: " << std::strerror(errno);
+    return Fd();
+  }
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    if (::setresgid(uid, uid, uid) != 0 || ::setresuid(uid, uid, uid) != 0) {
+      ::_exit(1);
+    }
+    int fd = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    // "@name": an abstract address, which any uid may bind.
+    std::memcpy(addr.sun_path + 1, address.data() + 1, address.size() - 1);
+    socklen_t len = offsetof(sockaddr_un, sun_path) + address.size();
+    if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), len) != 0 ||
+        ::listen(fd, 8) != 0) {
+      ::_exit(2);
+    }
+    ControlChannel back{Fd(sv[1])};
+    v1::WorkerMessage note;
+    note.mutable_ready();
+    ::_exit(back.SendWithFd(note, fd).ok() ? 0 : 3);
+  }
+  ::close(sv[1]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      << "listener child failed: " << status;
+  ControlChannel from_child{Fd(sv[0])};
+  auto got = from_child.ReceiveWithFd();
+  if (!got.ok() || !got->has_value()) {
+    ADD_FAILURE() << "no listener from the child: " << got.status();
+    return Fd();
+  }
+  return std::move((*got)->second);
+}
+
+// Issue 9 (item 2), the worker's half: a process of another uid that
+// listens at $PORTFLEET_AGENT_SOCKET never gets the listening socket.
+// 1. A listener at the agent socket address, listened as uid 65534.
+// 2. The worker (root, no PORTFLEET_AGENT_UID: trusts uid 0 or its own)
+//    loses its agent: it connects to that listener every 250 ms, refuses
+//    the peer and keeps serving; it logs the refusal once.
+// 3. Counted from the squatter's side: connections, no packet, no fd.
+// 4. Control case: a worker told PORTFLEET_AGENT_UID=65534 hands it over.
+TEST(WorkerNetnsTest, HandsItsSocketOnlyToThePeerOfTheAgentUid) {
+  PF_ENTER_NETNS_OR_SKIP();
+  constexpr uid_t kNobody = 65534;
+  Listener l = ListenLoopback();
+  const std::string address = absl::StrCat("@portfleet-test-", ::getpid());
+  Fd squatter = AgentSocketListenerAsUid(address, kNobody);
+  ASSERT_TRUE(squatter.valid());
+  for (bool trusted : {false, true}) {
+    SCOPED_TRACE(trusted ? "PORTFLEET_AGENT_UID=65534" : "default uids");
+    auto pair = ControlChannel::Pair();
+    ASSERT_TRUE(pair.ok()) << pair.status();
+    ControlChannel agent = std::move(pair->first);
+    StartOptions options{
+        .env = {"PORTFLEET_LISTENER=web", "PORTFLEET_SHARD=1",
+                absl::StrCat("PORTFLEET_AGENT_SOCKET=", address)},
+        .fd3 = l.fd.get(),
+        .control_fd = pair->second.fd()};
+    if (trusted) options.env.push_back("PORTFLEET_AGENT_UID=65534");
+    WorkerProcess w;
+    w.Start(options);
+    pair->second.Close();
+    ASSERT_TRUE(NextMessage(agent, absl::Seconds(5)).has_value()) << w.Log();
+    agent.Close();  // the agent dies
+
+    if (trusted) {
+      std::optional<ControlChannel> adopted =
+          AcceptAgentConnection(squatter.get(), absl::Seconds(2));
+      ASSERT_TRUE(adopted.has_value()) << w.Log();
+      ExpectReconnectHello(*adopted, w, Inode(l.fd.get()));
+    } else {
+      int connections = 0;
+      absl::Time until = absl::Now() + absl::Seconds(1);
+      while (absl::Now() < until) {
+        testing::Reply r = testing::HttpGet(l.address());
+        ASSERT_EQ(r.outcome, Outcome::kOk) << r.error << "\n" << w.Log();
+        std::optional<ControlChannel> c =
+            AcceptAgentConnection(squatter.get(), absl::Milliseconds(100));
+        if (!c) continue;
+        ++connections;
+        // The worker closed it without a word: end-of-file, no descriptor.
+        pollfd p{c->fd(), POLLIN, 0};
+        ASSERT_EQ(::poll(&p, 1, 2000), 1);
+        auto got = c->ReceiveWithFd();
+        EXPECT_EQ(got.status().code(), absl::StatusCode::kUnavailable)
+            << "the squatter received a packet";
+      }
+      EXPECT_GE(connections, 2) << w.Log();
+      ASSERT_TRUE(w.running()) << w.Log();
+      std::string log = w.Log();
+      EXPECT_EQ(Count(log, "refusing to hand the listening socket"), 1) << log;
+      EXPECT_THAT(log, HasSubstr("it runs as uid 65534"));
+      EXPECT_THAT(log, Not(HasSubstr("reconnected to the agent")));
+    }
+    w.Signal(SIGTERM);
+    EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
+    // Connections the worker made after the last accept above.
+    while (AcceptAgentConnection(squatter.get(), absl::ZeroDuration())) {
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------

@@ -196,6 +196,24 @@ TEST(SpecTest, DrainTimeoutAndBacklogRanges) {
   EXPECT_EQ(Message(s),
             "fleet.textproto: listeners[0] (\"web\"): backlog: 70000 is out "
             "of range (0-65535; 0 = default 1024)");
+  s = ParseText(R"pb(
+    listeners {
+      name: "web"
+      address: "127.0.0.1:80"
+      worker { command: "w" }
+      defer_accept_seconds: 601
+    })pb");
+  EXPECT_EQ(Message(s),
+            "fleet.textproto: listeners[0] (\"web\"): defer_accept_seconds: "
+            "601 is out of range (0-600; 0 = off)");
+  EXPECT_TRUE(ParseText(R"pb(
+                listeners {
+                  name: "web"
+                  address: "127.0.0.1:80"
+                  worker { command: "w" }
+                  defer_accept_seconds: 600
+                })pb")
+                  .ok());
 }
 
 TEST(SpecTest, BadEnvEntry) {

@@ -276,6 +276,83 @@ TEST(WorkerHttpSessionTest, ManyPipelinedRequests) {
   EXPECT_TRUE(session.idle());
 }
 
+// clean_close(): the worker may close without waiting for the client's FIN
+// only when the client asked to close and sent nothing after that request.
+TEST(WorkerHttpSessionTest, CleanCloseOnlyWhenTheClientAskedAndSentNoMore) {
+  constexpr char kClose[] =
+      "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+  {
+    HttpSession s(kBody);
+    std::string out;
+    s.Consume(kClose, &out);
+    EXPECT_TRUE(s.clean_close());
+  }
+  {
+    HttpSession s(kBody);  // HTTP/1.0 closes by default
+    std::string out;
+    s.Consume("GET / HTTP/1.0\r\n\r\n", &out);
+    EXPECT_TRUE(s.clean_close());
+  }
+  {
+    HttpSession s(kBody);  // a body, then close
+    std::string out;
+    s.Consume(
+        "POST / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+        "Content-Length: 3\r\n\r\nab",
+        &out);
+    EXPECT_FALSE(s.closing());
+    s.Consume("c", &out);
+    EXPECT_TRUE(s.clean_close());
+  }
+  {
+    HttpSession s(kBody);  // body bytes beyond Content-Length
+    std::string out;
+    s.Consume(
+        "POST / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+        "Content-Length: 3\r\n\r\nabcGET",
+        &out);
+    EXPECT_TRUE(s.closing());
+    EXPECT_FALSE(s.clean_close());
+  }
+  {
+    HttpSession s(kBody);  // pipelined after the close request
+    std::string out;
+    s.Consume(std::string(kClose) + "GET / HTTP/1.1\r\n", &out);
+    EXPECT_TRUE(s.closing());
+    EXPECT_FALSE(s.clean_close());
+  }
+  {
+    HttpSession s(kBody);  // input arriving after the close was decided
+    std::string out;
+    s.Consume(kClose, &out);
+    s.Consume("x", &out);
+    EXPECT_FALSE(s.clean_close());
+  }
+  {
+    HttpSession s(kBody);  // our decision (drain), not the client's
+    std::string out;
+    s.Consume("GET / HTTP/1.1\r\nHost: a\r\n", &out);
+    s.StartDrain();
+    s.Consume("\r\n", &out);
+    EXPECT_TRUE(s.closing());
+    EXPECT_FALSE(s.clean_close());
+  }
+  {
+    HttpSession s(kBody);  // an error answer
+    std::string out;
+    s.Consume("BAD\r\n\r\n", &out);
+    EXPECT_TRUE(s.closing());
+    EXPECT_FALSE(s.clean_close());
+  }
+  {
+    HttpSession s(kBody);  // keep-alive
+    std::string out;
+    s.Consume("GET / HTTP/1.1\r\nHost: a\r\n\r\n", &out);
+    EXPECT_FALSE(s.closing());
+    EXPECT_FALSE(s.clean_close());
+  }
+}
+
 TEST(WorkerFlagsTest, Defaults) {
   absl::StatusOr<Flags> flags = ParseFlags({});
   ASSERT_TRUE(flags.ok()) << flags.status();

@@ -1,6 +1,7 @@
-// Worker SDK: TakeListenFd (socket activation) and ControlChannel, including
+// Worker SDK: TakeListenFd (socket activation), ControlChannel, including
 // descriptor passing (SendWithFd / ReceiveWithFd) and Connect() for the
-// re-adoption handshake.
+// re-adoption handshake, and AgentLink (hello/ready, drain, re-adoption with
+// the peer uid check).
 //
 // TakeListenFd reads the environment and fd 3 of the calling process, so each
 // of its cases runs in a forked child that arranges fd 3 and the environment
@@ -8,6 +9,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -25,6 +27,7 @@
 #include "gtest/gtest.h"
 #include "portfleet/v1/control.pb.h"
 #include "tests/testing/process.h"
+#include "worker/sdk/agent_link.h"
 #include "worker/sdk/base/fd.h"
 #include "worker/sdk/control_channel.h"
 #include "worker/sdk/listen_fds.h"
@@ -135,6 +138,19 @@ TEST(WorkerSdkTakeListenFdTest, ListeningTcpV4IsTaken) {
     SetActivationEnv();
     return Take();
   });
+  // O_NONBLOCK stays as the manager made it (shared open file description).
+  EXPECT_EQ(out, "OK fd=3 nonblock=0 cloexec=1 env_left=000 name=web");
+}
+
+TEST(WorkerSdkTakeListenFdTest, ANonBlockingListenerStaysNonBlocking) {
+  std::string out = InChild([] {
+    int fd = TcpSocket(AF_INET, true);
+    if (fd < 0) return std::string("socket setup failed");
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+    PlaceAt3(fd);
+    SetActivationEnv();
+    return Take();
+  });
   EXPECT_EQ(out, "OK fd=3 nonblock=1 cloexec=1 env_left=000 name=web");
 }
 
@@ -147,7 +163,7 @@ TEST(WorkerSdkTakeListenFdTest, ListeningTcpV6WithoutListenPidIsTaken) {
     return Take();
   });
   if (out == "no IPv6 loopback") GTEST_SKIP() << out;
-  EXPECT_EQ(out, "OK fd=3 nonblock=1 cloexec=1 env_left=000 name=web");
+  EXPECT_EQ(out, "OK fd=3 nonblock=0 cloexec=1 env_left=000 name=web");
 }
 
 TEST(WorkerSdkTakeListenFdTest, MissingListenFds) {
@@ -666,6 +682,237 @@ TEST(WorkerSdkConnectTest, Errors) {
   auto wrong_type = ControlChannel::Connect(stream);
   EXPECT_FALSE(wrong_type.ok());
   EXPECT_EQ(OpenFdCount(), before);  // failed connects leak no socket
+}
+
+// ---------------------------------------------------------------------------
+// AgentLink
+
+// Dispatches `link` whenever its fd is readable until `done` holds or
+// `timeout` passes; messages from the agent go to `messages`.
+bool PumpUntil(AgentLink& link, const std::function<bool()>& done,
+               absl::Duration timeout,
+               std::vector<v1::AgentMessage>* messages = nullptr) {
+  absl::Time deadline = absl::Now() + timeout;
+  while (!done()) {
+    if (absl::Now() >= deadline) return false;
+    pollfd p{link.fd(), POLLIN, 0};
+    ::poll(&p, 1, 10);
+    link.Dispatch([&](const v1::AgentMessage& m) {
+      if (messages != nullptr) messages->push_back(m);
+    });
+  }
+  return true;
+}
+
+// A listening TCP socket on loopback, standing in for the shard socket.
+Fd ShardSocket() { return Fd(TcpSocket(AF_INET, /*listening=*/true)); }
+
+AgentLinkOptions FastOptions(const std::string& agent_socket) {
+  AgentLinkOptions options;
+  options.agent_socket = agent_socket;
+  options.reconnect_interval = absl::Milliseconds(20);
+  options.log_interval = absl::Milliseconds(100);
+  return options;
+}
+
+// The next connection on `listener` within `timeout`, as a channel.
+std::optional<ControlChannel> AcceptChannel(int listener,
+                                            absl::Duration timeout) {
+  pollfd p{listener, POLLIN, 0};
+  if (::poll(&p, 1, absl::ToInt64Milliseconds(timeout)) != 1) {
+    return std::nullopt;
+  }
+  absl::StatusOr<ControlChannel> c = ControlChannel::Adopt(
+      Fd(::accept4(listener, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC)));
+  if (!c.ok()) return std::nullopt;
+  return std::move(*c);
+}
+
+// 1. The link starts on a socketpair channel: hello, ready, a drain
+//    message reaches the worker.
+// 2. The agent end closes: the link connects to the agent socket and sends
+//    hello{reconnect} with the shard socket, then ready.
+// 3. The new channel carries messages both ways.
+TEST(WorkerSdkAgentLinkTest, HelloReadyDrainAndReconnectWithTheSocket) {
+  testing::TempDir dir;
+  std::string path = dir.path() + "/control.sock";
+  Fd agent_listener = SeqpacketListener(path);
+  Fd shard = ShardSocket();
+  auto pair = ControlChannel::Pair();
+  ASSERT_TRUE(pair.ok()) << pair.status();
+  ControlChannel agent = std::move(pair->first);
+  auto link = AgentLink::Create({.listener = "web", .shard = 3}, shard,
+                                std::move(pair->second), FastOptions(path));
+  ASSERT_TRUE(link.ok()) << link.status();
+  const int link_fd = (*link)->fd();
+  (*link)->SendHello();
+  (*link)->SendReady();
+  auto hello = agent.Receive<v1::WorkerMessage>();
+  ASSERT_TRUE(hello.ok() && hello->has_value()) << hello.status();
+  EXPECT_FALSE((*hello)->hello().reconnect());
+  EXPECT_EQ((*hello)->hello().listener(), "web");
+  EXPECT_EQ((*hello)->hello().shard(), 3u);
+  EXPECT_EQ((*hello)->hello().socket_inode(), Inode(shard.get()));
+  auto ready = agent.Receive<v1::WorkerMessage>();
+  ASSERT_TRUE(ready.ok() && ready->has_value() && (*ready)->has_ready());
+
+  v1::AgentMessage drain;
+  drain.mutable_drain()->set_deadline_ms(7);
+  ASSERT_TRUE(agent.Send(drain).ok());
+  std::vector<v1::AgentMessage> got;
+  ASSERT_TRUE(PumpUntil(
+      **link, [&] { return !got.empty(); }, absl::Seconds(2), &got));
+  EXPECT_EQ(got[0].drain().deadline_ms(), 7u);
+
+  agent.Close();  // the agent dies
+  ASSERT_TRUE(PumpUntil(
+      **link,
+      [&] { return (*link)->connected() && (*link)->reconnects() == 1; },
+      absl::Seconds(2)));
+  EXPECT_EQ((*link)->fd(), link_fd);  // the loop's fd never changes
+  std::optional<ControlChannel> adopted =
+      AcceptChannel(agent_listener.get(), absl::Seconds(1));
+  ASSERT_TRUE(adopted.has_value());
+  auto with_fd = adopted->ReceiveWithFd();
+  ASSERT_TRUE(with_fd.ok() && with_fd->has_value()) << with_fd.status();
+  EXPECT_TRUE((*with_fd)->first.hello().reconnect());
+  EXPECT_EQ((*with_fd)->first.hello().pid(), static_cast<uint32_t>(::getpid()));
+  ASSERT_TRUE((*with_fd)->second.valid()) << "no socket attached";
+  EXPECT_EQ(Inode((*with_fd)->second.get()), Inode(shard.get()));
+  ready = adopted->Receive<v1::WorkerMessage>();
+  ASSERT_TRUE(ready.ok() && ready->has_value() && (*ready)->has_ready());
+
+  v1::WorkerMessage load;
+  load.mutable_load()->set_accepted_total(9);
+  (*link)->Send(load);
+  auto got_load = adopted->Receive<v1::WorkerMessage>();
+  ASSERT_TRUE(got_load.ok() && got_load->has_value());
+  EXPECT_EQ((*got_load)->load().accepted_total(), 9u);
+  got.clear();
+  ASSERT_TRUE(adopted->Send(drain).ok());
+  ASSERT_TRUE(PumpUntil(
+      **link, [&] { return !got.empty(); }, absl::Seconds(2), &got));
+}
+
+// A peer that does not run as the expected agent uid never receives the
+// socket: the link closes each such connection without sending anything and
+// keeps trying; the same peer with the expected uid gets it.
+TEST(WorkerSdkAgentLinkTest, RefusesAPeerOfAnotherUid) {
+  testing::TempDir dir;
+  std::string path = dir.path() + "/control.sock";
+  Fd agent_listener = SeqpacketListener(path);
+  Fd shard = ShardSocket();
+  AgentLinkOptions options = FastOptions(path);
+  options.agent_uid = ::geteuid() + 1;  // the listener runs as geteuid()
+  auto pair = ControlChannel::Pair();
+  ASSERT_TRUE(pair.ok());
+  auto link = AgentLink::Create({.listener = "web"}, shard,
+                                std::move(pair->second), options);
+  ASSERT_TRUE(link.ok()) << link.status();
+  pair->first.Close();  // the agent dies
+  ASSERT_TRUE(PumpUntil(
+      **link, [&] { return (*link)->refused_peers() >= 3; }, absl::Seconds(3)));
+  EXPECT_FALSE((*link)->connected());
+  EXPECT_TRUE((*link)->reconnecting());
+  // Count from the squatter's side: connections, but no packet and no fd.
+  int connections = 0;
+  while (std::optional<ControlChannel> c =
+             AcceptChannel(agent_listener.get(), absl::ZeroDuration())) {
+    ++connections;
+    auto got = c->ReceiveWithFd();
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kUnavailable)
+        << "the refused peer received something";
+  }
+  EXPECT_GE(connections, 3);
+
+  // The control case: the same listener, now the expected uid.
+  auto pair2 = ControlChannel::Pair();
+  ASSERT_TRUE(pair2.ok());
+  options.agent_uid = ::geteuid();
+  auto trusting = AgentLink::Create({.listener = "web"}, shard,
+                                    std::move(pair2->second), options);
+  ASSERT_TRUE(trusting.ok());
+  pair2->first.Close();
+  ASSERT_TRUE(PumpUntil(
+      **trusting, [&] { return (*trusting)->connected(); }, absl::Seconds(2)));
+  EXPECT_EQ((*trusting)->refused_peers(), 0u);
+}
+
+// After StopReadoption() (the worker drains) the link holds no copy of the
+// shard socket and never reconnects.
+TEST(WorkerSdkAgentLinkTest, StopReadoptionClosesTheCopyAndStopsReconnecting) {
+  testing::TempDir dir;
+  std::string path = dir.path() + "/control.sock";
+  Fd agent_listener = SeqpacketListener(path);
+  Fd shard = ShardSocket();
+  auto pair = ControlChannel::Pair();
+  ASSERT_TRUE(pair.ok());
+  int before = OpenFdCount();
+  auto link = AgentLink::Create({.listener = "web"}, shard,
+                                std::move(pair->second), FastOptions(path));
+  ASSERT_TRUE(link.ok());
+  // Its epoll set, its timer and its copy of the shard socket (the worker
+  // end of the pair moved into it).
+  EXPECT_EQ(OpenFdCount(), before + 3);
+  (*link)->StopReadoption();
+  EXPECT_EQ(OpenFdCount(), before + 2);  // the copy is gone
+  pair->first.Close();
+  PumpUntil(
+      **link, [] { return false; }, absl::Milliseconds(200));
+  EXPECT_FALSE((*link)->connected());
+  EXPECT_FALSE((*link)->reconnecting());
+  EXPECT_FALSE(AcceptChannel(agent_listener.get(), absl::ZeroDuration()));
+}
+
+// Without an agent socket a lost channel is just gone.
+TEST(WorkerSdkAgentLinkTest, WithoutAnAgentSocketServesOnAlone) {
+  Fd shard = ShardSocket();
+  auto pair = ControlChannel::Pair();
+  ASSERT_TRUE(pair.ok());
+  auto link = AgentLink::Create({.listener = "web"}, shard,
+                                std::move(pair->second), AgentLinkOptions{});
+  ASSERT_TRUE(link.ok());
+  EXPECT_TRUE((*link)->connected());
+  pair->first.Close();
+  PumpUntil(
+      **link, [&] { return !(*link)->connected(); }, absl::Seconds(1));
+  EXPECT_FALSE((*link)->connected());
+  EXPECT_FALSE((*link)->reconnecting());
+  v1::WorkerMessage load;
+  load.mutable_load();
+  (*link)->Send(load);  // nothing to send to: a no-op
+}
+
+TEST(WorkerSdkAgentLinkTest, OptionsFromEnv) {
+  std::string out = InChild([] {
+    std::string r;
+    ::unsetenv("PORTFLEET_AGENT_SOCKET");
+    ::unsetenv("PORTFLEET_AGENT_UID");
+    auto none = AgentLinkOptionsFromEnv();
+    absl::StrAppend(&r, none.ok() && none->agent_socket.empty() &&
+                                !none->agent_uid.has_value()
+                            ? "none-ok "
+                            : "none-bad ");
+    ::setenv("PORTFLEET_AGENT_SOCKET", "/run/portfleet/control.sock", 1);
+    ::setenv("PORTFLEET_AGENT_UID", "1234", 1);
+    auto set = AgentLinkOptionsFromEnv();
+    absl::StrAppend(&r, set.ok()
+                            ? absl::StrCat(set->agent_socket,
+                                           " uid=", set->agent_uid.value_or(0))
+                            : set.status().ToString());
+    for (const char* bad : {"abc", "-1", "4294967295", "12x", "+5"}) {
+      ::setenv("PORTFLEET_AGENT_UID", bad, 1);
+      auto s = AgentLinkOptionsFromEnv();
+      absl::StrAppend(
+          &r, " ", bad, ":",
+          s.ok() ? "accepted" : absl::StatusCodeToString(s.status().code()));
+    }
+    return r;
+  });
+  EXPECT_EQ(out,
+            "none-ok /run/portfleet/control.sock uid=1234 abc:INVALID_ARGUMENT "
+            "-1:INVALID_ARGUMENT 4294967295:INVALID_ARGUMENT "
+            "12x:INVALID_ARGUMENT +5:INVALID_ARGUMENT");
 }
 
 }  // namespace

@@ -135,11 +135,8 @@ absl::StatusOr<Fd> TakeListenFd() {
   }
   RETURN_IF_ERROR(ValidateListeningTcp(kListenFdsStart));
 
-  int status_flags = ::fcntl(kListenFdsStart, F_GETFL);
-  if (status_flags < 0 ||
-      ::fcntl(kListenFdsStart, F_SETFL, status_flags | O_NONBLOCK) != 0) {
-    return ErrnoError("set O_NONBLOCK on fd 3");
-  }
+  // O_NONBLOCK is left as it is: it belongs to the open file description,
+  // which the manager and any other process serving the same socket share.
   int fd_flags = ::fcntl(kListenFdsStart, F_GETFD);
   if (fd_flags < 0 ||
       ::fcntl(kListenFdsStart, F_SETFD, fd_flags | FD_CLOEXEC) != 0) {
