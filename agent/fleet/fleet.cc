@@ -178,7 +178,8 @@ absl::StatusOr<std::unique_ptr<Listener>> Fleet::PrepareListener(
                        other_name, " (not serving; delete it first)"));
     }
   }
-  absl::StatusOr<ResolvedWorker> program = ResolveWorker(spec.worker(), ctx_.options.worker_allowlist);
+  absl::StatusOr<ResolvedWorker> program =
+      ResolveWorker(spec.worker(), ctx_.options.worker_allowlist);
   if (!program.ok()) return Annotate(program.status(), "listener " + name);
   listener->program = std::move(*program);
   bool wants_steering = spec.steering().policy() == v1::STEERING_POLICY_CPU ||
@@ -271,7 +272,9 @@ absl::StatusOr<std::unique_ptr<Shard>> Fleet::NewShard(Listener& listener,
   shard->program = listener.program;
   shard->cpu = PinnedCpu(listener.spec.steering(), index, ctx_.options.cpus);
   ShardSocketOptions socket_options{
-      .backlog = static_cast<int>(EffectiveBacklog(listener.spec))};
+      .backlog = static_cast<int>(EffectiveBacklog(listener.spec)),
+      .defer_accept_seconds =
+          static_cast<int>(listener.spec.defer_accept_seconds())};
   absl::StatusOr<Fd> sock = CreateShardSocket(listener.address, socket_options);
   if (!sock.ok()) {
     return Annotate(sock.status(), absl::StrCat("shard ", index));
@@ -543,7 +546,8 @@ absl::Status Fleet::RollOut(const std::string& name,
   v1::Listener candidate = listener->spec;
   *candidate.mutable_worker() = merged;
   RETURN_IF_ERROR(ValidateListener(candidate));
-  absl::StatusOr<ResolvedWorker> program = ResolveWorker(merged, ctx_.options.worker_allowlist);
+  absl::StatusOr<ResolvedWorker> program =
+      ResolveWorker(merged, ctx_.options.worker_allowlist);
   if (!program.ok()) {
     if (absl::IsPermissionDenied(program.status())) return program.status();
     return absl::InvalidArgumentError(program.status().message());

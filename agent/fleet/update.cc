@@ -44,6 +44,11 @@ std::vector<std::string> ListenerUpdate::Changes() const {
     out.push_back(absl::StrCat("backlog: ", EffectiveBacklog(from), " -> ",
                                EffectiveBacklog(to)));
   }
+  if (defer_accept) {
+    out.push_back(
+        absl::StrCat("defer_accept_seconds: ", from.defer_accept_seconds(),
+                     " -> ", to.defer_accept_seconds()));
+  }
   if (steering) {
     out.push_back(absl::StrCat("steering: ", SteeringText(from.steering()),
                                " -> ", SteeringText(*steering)));
@@ -79,6 +84,7 @@ absl::StatusOr<ListenerUpdate> PlanUpdate(const Listener& listener,
   u.drain_timeout = EffectiveDrainTimeoutSeconds(u.to) !=
                     EffectiveDrainTimeoutSeconds(u.from);
   u.backlog = EffectiveBacklog(u.to) != EffectiveBacklog(u.from);
+  u.defer_accept = u.to.defer_accept_seconds() != u.from.defer_accept_seconds();
   if (u.to.shards() != u.from.shards()) u.shards = u.to.shards();
   if (!MessageDifferencer::Equivalent(u.to.steering(), u.from.steering())) {
     if (listener.steering == nullptr) {
@@ -95,7 +101,8 @@ absl::StatusOr<ListenerUpdate> PlanUpdate(const Listener& listener,
       return absl::FailedPreconditionError(absl::StrCat(
           "listener ", name, ": a rollout is already in progress"));
     }
-    absl::StatusOr<ResolvedWorker> worker = ResolveWorker(u.to.worker(), ctx.options.worker_allowlist);
+    absl::StatusOr<ResolvedWorker> worker =
+        ResolveWorker(u.to.worker(), ctx.options.worker_allowlist);
     if (!worker.ok()) {
       if (absl::IsPermissionDenied(worker.status())) return worker.status();
       return absl::InvalidArgumentError(worker.status().message());
@@ -148,36 +155,45 @@ class UpdateRun : public std::enable_shared_from_this<UpdateRun> {
  private:
   bool stopping() const { return fleet_->ctx_.shutting_down; }
 
-  // Drain timeout and backlog.
+  // Drain timeout, backlog and TCP_DEFER_ACCEPT.
   absl::Status ApplySettings() {
+    RETURN_IF_ERROR(ApplySocketSettings(u_.to, u_.from));
     listener_.spec.set_drain_timeout_seconds(u_.to.drain_timeout_seconds());
-    if (!u_.backlog) return absl::OkStatus();
-    int backlog = static_cast<int>(EffectiveBacklog(u_.to));
-    for (size_t i = 0; i < listener_.shards.size(); ++i) {
-      absl::Status s =
-          SetListenBacklog(listener_.shards[i]->socket.get(), backlog);
-      if (s.ok()) continue;
-      SetBacklog(EffectiveBacklog(u_.from), i);
-      listener_.spec.set_drain_timeout_seconds(u_.from.drain_timeout_seconds());
-      return Annotate(s, listener_.Name(*listener_.shards[i]));
-    }
     listener_.spec.set_backlog(u_.to.backlog());
+    listener_.spec.set_defer_accept_seconds(u_.to.defer_accept_seconds());
     return absl::OkStatus();
   }
-  // listen() again on the first `n` shards (all by default).
-  void SetBacklog(uint32_t backlog, size_t n = SIZE_MAX) {
-    for (size_t i = 0; i < listener_.shards.size() && i < n; ++i) {
-      SetListenBacklog(listener_.shards[i]->socket.get(),
-                       static_cast<int>(backlog))
-          .IgnoreError();
-    }
-  }
   void UndoSettings() {
-    if (u_.backlog) {
-      SetBacklog(EffectiveBacklog(u_.from));
-      listener_.spec.set_backlog(u_.from.backlog());
-    }
+    ApplySocketSettings(u_.from, u_.to).IgnoreError();
     listener_.spec.set_drain_timeout_seconds(u_.from.drain_timeout_seconds());
+    listener_.spec.set_backlog(u_.from.backlog());
+    listener_.spec.set_defer_accept_seconds(u_.from.defer_accept_seconds());
+  }
+  // The socket settings of `want` on every shard socket; on a failure the
+  // sockets already changed go back to `was`.
+  absl::Status ApplySocketSettings(const v1::Listener& want,
+                                   const v1::Listener& was) {
+    for (size_t i = 0; i < listener_.shards.size(); ++i) {
+      absl::Status s =
+          SetSocketSettings(listener_.shards[i]->socket.get(), want);
+      if (s.ok()) continue;
+      for (size_t j = 0; j <= i; ++j) {
+        SetSocketSettings(listener_.shards[j]->socket.get(), was).IgnoreError();
+      }
+      return Annotate(s, listener_.Name(*listener_.shards[i]));
+    }
+    return absl::OkStatus();
+  }
+  absl::Status SetSocketSettings(int fd, const v1::Listener& l) {
+    if (u_.backlog) {
+      RETURN_IF_ERROR(
+          SetListenBacklog(fd, static_cast<int>(EffectiveBacklog(l))));
+    }
+    if (u_.defer_accept) {
+      RETURN_IF_ERROR(
+          SetDeferAccept(fd, static_cast<int>(l.defer_accept_seconds())));
+    }
+    return absl::OkStatus();
   }
   void UndoSteering() {
     if (!u_.steering) return;

@@ -25,12 +25,14 @@ struct ListenerUpdate {
   v1::Listener to;    // the spec asked for, with the shard count resolved
   bool drain_timeout = false;            // drain_timeout_seconds changes
   bool backlog = false;                  // backlog changes
+  bool defer_accept = false;             // defer_accept_seconds changes
   std::optional<v1::Steering> steering;  // new steering
   std::optional<uint32_t> shards;        // new number of live shards
   std::optional<ResolvedWorker> worker;  // new worker, rolled out
 
   bool empty() const {
-    return !drain_timeout && !backlog && !steering && !shards && !worker;
+    return !drain_timeout && !backlog && !defer_accept && !steering &&
+           !shards && !worker;
   }
   // One line per change: "shards: 2 -> 4", "worker: rolled out (args)".
   std::vector<std::string> Changes() const;

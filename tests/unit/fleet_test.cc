@@ -7,6 +7,7 @@
 #include "agent/fleet/fleet.h"
 
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <sys/socket.h>
 
@@ -651,6 +652,25 @@ TEST_F(FleetAtomicityTest, UpdateWhoseRolloutFailsPutsShardsAndSteeringBack) {
   ExpectUnchanged(before);
   EXPECT_EQ(Status().shards.size(), 2u);
   EXPECT_THAT(Trimmed(Tables().applied.back()).weights, ElementsAre(1, 1));
+}
+
+int DeferAcceptOf(int fd) {
+  int value = 0;
+  socklen_t len = sizeof(value);
+  ::getsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &value, &len);
+  return value;
+}
+
+TEST_F(FleetTest, DeferAcceptIsSetAtCreationAndByAnUpdate) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2, "defer_accept_seconds: 3")).ok());
+  Settle();
+  for (int fd : ShardFds()) EXPECT_GT(DeferAcceptOf(fd), 0);
+  Result r;
+  ASSERT_TRUE(fleet_->UpdateListener(Spec(2), Record(&r)).ok());
+  Settle();
+  EXPECT_TRUE(r.called && r.status.ok());
+  for (int fd : ShardFds()) EXPECT_EQ(DeferAcceptOf(fd), 0);
+  EXPECT_EQ(fleet_->DesiredSpec().listeners(0).defer_accept_seconds(), 0u);
 }
 
 TEST_F(FleetTest, UnchangedUpdateDoesNothing) {
