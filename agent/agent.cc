@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -28,6 +29,9 @@
 
 namespace portfleet {
 namespace {
+
+// How often every shard is observed (FleetOptions::health_period).
+constexpr absl::Duration kHealthPeriod = absl::Milliseconds(200);
 
 std::vector<int> OnlineCpus() {
   cpu_set_t set;
@@ -287,6 +291,7 @@ absl::Status Agent::StartFleet() {
                    LoadWorkerAllowlist(options_.worker_allowlist));
   fleet_options.cpus = OnlineCpus();
   fleet_options.agent_socket = control_path_;
+  fleet_options.health_period = kHealthPeriod;
   fleet_ = std::make_unique<Fleet>(loop_.get(), &launcher_, fleet_options);
   fleet_->SetAdoptees(std::move(adoptees_));
   OpenSteering();
@@ -296,7 +301,16 @@ absl::Status Agent::StartFleet() {
       [state_dir](const v1::FleetSpec& desired) {
         return SaveFleetState(state_dir, desired);
       },
-      kVersion);
+      kVersion, &board_);
+  notifier_ = SdNotifier::FromEnvironment();
+  board_.OnChange([this](const AgentHealth& h) { OnHealthChange(h); });
+  fleet_->SetAfterHealthTick([this] { PublishHealth(); });
+  fleet_->StartHealthMonitor();
+  if (std::optional<absl::Duration> interval = SdNotifier::WatchdogInterval();
+      interval && notifier_) {
+    watchdog_ = std::make_unique<WatchdogPinger>(loop_.get(), notifier_.get(),
+                                                 *interval);
+  }
   fleet_->SetEventSink(
       [c = controller_.get()](const FleetEvent& e) { c->Publish(e); });
   donor_ = MakeDonor();
@@ -327,7 +341,7 @@ absl::Status Agent::StartFleet() {
     fleet_->KillAll();
     return s;
   }
-  api_->SetServing(true);
+  BeginServing();
   ScheduleCounterLog();
   PF_LOG(INFO) << "fleet serving: " << fleet_->listener_count() - failed
                << " listener(s)"
@@ -336,6 +350,39 @@ absl::Status Agent::StartFleet() {
                                              "above)")
                               : std::string());
   return absl::OkStatus();
+}
+
+void Agent::BeginServing() {
+  phase_ = AgentPhase::kServing;
+  fleet_->ObserveHealthNow();  // publishes
+  if (api_) api_->SetHealth(board_.Current());
+  Notify(absl::StrCat("READY=1\nSTATUS=", DescribeHealth(board_.Current())));
+}
+
+void Agent::PublishHealth() {
+  board_.Beat(absl::Now());
+  board_.Publish(ComputeAgentHealth(phase_, fleet_->Health()));
+}
+
+void Agent::OnHealthChange(const AgentHealth& health) {
+  // On the loop thread (Publish runs there).
+  std::string text = DescribeHealth(health);
+  if (health.state == v1::HEALTH_STATE_SERVING ||
+      health.state == v1::HEALTH_STATE_STARTING ||
+      health.state == v1::HEALTH_STATE_STOPPING) {
+    PF_LOG(INFO) << "health: " << text;
+  } else {
+    PF_LOG(WARNING) << "health: " << text;
+  }
+  if (api_ && !(donor_ && donor_->in_progress())) api_->SetHealth(health);
+  Notify("STATUS=" + text);
+}
+
+void Agent::Notify(const std::string& assignments) {
+  if (!notifier_) return;
+  if (absl::Status s = notifier_->Send(assignments); !s.ok()) {
+    PF_LOG(DEBUG) << s;
+  }
 }
 
 void Agent::OpenSteering() {
@@ -377,7 +424,7 @@ std::unique_ptr<TakeoverDonor> Agent::MakeDonor() {
                            .resume =
                                [this] {
                                  controller_->Reopen();
-                                 if (api_) api_->SetServing(true);
+                                 if (api_) api_->SetHealth(board_.Current());
                                },
                            .hand_over =
                                [this](std::function<void()> release_done) {
@@ -404,12 +451,22 @@ absl::Status Agent::OpenApi() {
     prober_ =
         std::make_unique<ApiProber>(ApiProberOptions{.target = options_.api});
   }
+  return OpenMetrics();
+}
+
+absl::Status Agent::OpenMetrics() {
   MetricsServerOptions metrics_options;
   metrics_options.address = options_.metrics;
+  // Alive: the event loop beats after every health round (a loop that has
+  // not for this long is wedged) and the API answers.
   ApiProber* prober = prober_.get();
-  metrics_options.liveness = [prober] {
+  const HealthBoard* board = &board_;
+  absl::Duration max_beat_age = std::max(absl::Seconds(3), 15 * kHealthPeriod);
+  metrics_options.liveness = [prober, board, max_beat_age] {
+    RETURN_IF_ERROR(board->Live(absl::Now(), max_beat_age));
     return prober ? prober->Liveness() : absl::OkStatus();
   };
+  metrics_options.health = [board] { return board->Current(); };
   LoopFleetController* controller = controller_.get();
   absl::StatusOr<std::unique_ptr<MetricsServer>> m = MetricsServer::Start(
       metrics_options, [controller]() -> absl::StatusOr<MetricsSnapshot> {
@@ -443,7 +500,10 @@ absl::Status Agent::OpenControlSocket(Fd listen_fd) {
         }
         donor_->OnRequest(std::move(c));
       });
-  return Annotate(control_server_->Start(), "control socket");
+  RETURN_IF_ERROR(Annotate(control_server_->Start(), "control socket"));
+  struct stat st;
+  if (::stat(control_path_.c_str(), &st) == 0) control_inode_ = st.st_ino;
+  return absl::OkStatus();
 }
 
 void Agent::OnTakeoverReleased(bool ready_sent) {
@@ -458,7 +518,7 @@ void Agent::OnTakeoverReleased(bool ready_sent) {
                   << "; the fleet keeps serving without them";
     return;
   }
-  api_->SetServing(true);
+  BeginServing();
   ScheduleCounterLog();
   PF_LOG(INFO) << "takeover complete: this agent serves the API"
                << (ready_sent ? "" : " (the old agent went away first)");
@@ -484,6 +544,9 @@ void Agent::StopApiInBackground(std::function<void()> then) {
 
 void Agent::HandOver(std::function<void()> release_done) {
   stopping_ = true;
+  phase_ = AgentPhase::kStopping;
+  PublishHealth();
+  Notify("STOPPING=1\nSTATUS=handed over to a new agent; draining workers");
   CloseInterfaces();
   // Closing the connection (release_done) tells the new agent we let go.
   StopApiInBackground(std::move(release_done));
@@ -501,6 +564,9 @@ void Agent::OnStop(const std::string& why, int count) {
     return;
   }
   stopping_ = true;
+  phase_ = AgentPhase::kStopping;
+  PublishHealth();
+  Notify("STOPPING=1\nSTATUS=stopping: draining workers");
   PF_LOG(INFO) << why << ": stopping the API and the workers";
   if (api_) api_->SetServing(false);
   controller_->Close();
@@ -526,7 +592,13 @@ int Agent::Run() {
   if (api_stopper_.joinable()) api_stopper_.join();
   CloseInterfaces();
   bool handed_over = donor_ && donor_->handed_over();
-  if (!handed_over) ::unlink(control_path_.c_str());
+  // Only our own socket: after a takeover the new agent's is at that path,
+  // and an agent whose takeover failed never had one there.
+  struct stat st;
+  if (!handed_over && control_inode_ != 0 &&
+      ::stat(control_path_.c_str(), &st) == 0 && st.st_ino == control_inode_) {
+    ::unlink(control_path_.c_str());
+  }
   PF_LOG(INFO) << (handed_over ? "handed over; stopped" : "stopped");
   return 0;
 }

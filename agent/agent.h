@@ -18,9 +18,11 @@
 #include "agent/event_loop.h"
 #include "agent/fleet/fleet.h"
 #include "agent/fleet_controller.h"
+#include "agent/health_board.h"
 #include "agent/launcher.h"
 #include "agent/metrics/metrics_server.h"
 #include "agent/options.h"
+#include "agent/sd_notify.h"
 #include "agent/steering/steering.h"
 #include "agent/takeover.h"
 
@@ -57,12 +59,20 @@ class Agent {
   // The donating end of a takeover, wired to this agent.
   std::unique_ptr<TakeoverDonor> MakeDonor();
   absl::Status OpenApi();
+  absl::Status OpenMetrics();
   absl::Status OpenControlSocket(Fd listen_fd);
   void CloseInterfaces();
   void OnTakeoverReleased(bool ready_sent);
   void HandOver(std::function<void()> release_done);
   void StopApiInBackground(std::function<void()> then);
   void ScheduleCounterLog();
+  // Health: recomputes it from the fleet and the phase, publishes it on the
+  // board (-> gRPC health, sd_notify STATUS=) and beats the heartbeat.
+  void PublishHealth();
+  void OnHealthChange(const AgentHealth& health);
+  // The agent serves: phase, health, READY=1.
+  void BeginServing();
+  void Notify(const std::string& assignments);
 
   const AgentOptions options_;
   const std::string control_path_;
@@ -87,6 +97,13 @@ class Agent {
   std::unique_ptr<TakeoverReceiver> receiver_;
   std::thread api_stopper_;
   bool stopping_ = false;
+  AgentPhase phase_ = AgentPhase::kStarting;
+  HealthBoard board_;
+  std::unique_ptr<SdNotifier> notifier_;
+  std::unique_ptr<WatchdogPinger> watchdog_;
+  // Inode of the control socket this agent bound (0: none): only that one
+  // is unlinked at exit, never a running agent's after a failed takeover.
+  uint64_t control_inode_ = 0;
 };
 
 // main(): blocks the signals, starts the agent and runs it. Returns the exit

@@ -38,6 +38,10 @@ struct ShardStatus {
   uint64_t active_connections = 0;  // from the worker's load reports
   uint64_t accepted_total = 0;
   ShardCountersView counters;  // from the steering program
+  v1::ShardHealth health = v1::SHARD_HEALTH_UNSPECIFIED;
+  std::string health_reason;  // empty when HEALTHY
+  uint32_t ejections = 0;
+  uint32_t replacements = 0;
 };
 
 struct ListenerStatus {
@@ -47,13 +51,46 @@ struct ListenerStatus {
   std::string error;
 };
 
+// Health of one listener (see v1::ListenerHealth).
+struct ListenerHealthStatus {
+  std::string name;
+  v1::HealthState state = v1::HEALTH_STATE_UNSPECIFIED;
+  std::string reason;
+  uint32_t healthy_shards = 0;
+  uint32_t shards = 0;
+};
+
+// The agent's health: one value, published by the agent's event loop, that
+// gRPC health, /readyz, GetStatus and /metrics all report.
+struct AgentHealth {
+  v1::HealthState state = v1::HEALTH_STATE_STARTING;
+  std::string reason;  // empty when SERVING
+  std::vector<ListenerHealthStatus> listeners;
+  // Ready to take traffic: SERVING or DEGRADED.
+  bool ready() const {
+    return state == v1::HEALTH_STATE_SERVING ||
+           state == v1::HEALTH_STATE_DEGRADED;
+  }
+};
+
+inline bool operator==(const ListenerHealthStatus& a,
+                       const ListenerHealthStatus& b) {
+  return a.name == b.name && a.state == b.state && a.reason == b.reason &&
+         a.healthy_shards == b.healthy_shards && a.shards == b.shards;
+}
+inline bool operator==(const AgentHealth& a, const AgentHealth& b) {
+  return a.state == b.state && a.reason == b.reason &&
+         a.listeners == b.listeners;
+}
+
 struct AgentStatus {
   std::string version;
   absl::Time started;
   bool bpf_steering_active = false;
   std::string bpf_unavailable_reason;  // empty when active
   uint32_t listeners = 0;
-  bool serving = false;  // every listener's shards are up
+  bool serving = false;  // ready: health.ready()
+  AgentHealth health;
 };
 
 // Something that happened in the fleet: the one event type, from the fleet's
@@ -115,6 +152,10 @@ class FleetController {
   // was rolled back.
   virtual void RollOut(const std::string& name, const v1::WorkerSpec& worker,
                        uint32_t max_surge, MutationCall call) = 0;
+  // Takes a shard out of rotation by hand (maintenance) or puts it back.
+  // FailedPrecondition for the last shard in rotation.
+  virtual void SetShardMaintenance(const std::string& name, uint32_t index,
+                                   bool maintenance, MutationCall call) = 0;
 
   // Calls `sink` (from any thread) for every event until the returned id is
   // passed to Unsubscribe.
@@ -137,6 +178,9 @@ class SyncFleetController : public FleetController {
   virtual absl::Status RollOut(const std::string& name,
                                const v1::WorkerSpec& worker,
                                uint32_t max_surge) = 0;
+  virtual absl::Status SetShardMaintenance(const std::string& name,
+                                           uint32_t index,
+                                           bool maintenance) = 0;
 
   void CreateListener(const v1::Listener& spec, MutationCall call) override {
     Run(call, [&] { return CreateListener(spec); });
@@ -162,6 +206,10 @@ class SyncFleetController : public FleetController {
   void RollOut(const std::string& name, const v1::WorkerSpec& worker,
                uint32_t max_surge, MutationCall call) override {
     Run(call, [&] { return RollOut(name, worker, max_surge); });
+  }
+  void SetShardMaintenance(const std::string& name, uint32_t index,
+                           bool maintenance, MutationCall call) override {
+    Run(call, [&] { return SetShardMaintenance(name, index, maintenance); });
   }
 
  private:

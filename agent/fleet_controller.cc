@@ -33,11 +33,13 @@ MutationCall Announce(MutationCall call, LoopFleetController* controller,
 }  // namespace
 
 LoopFleetController::LoopFleetController(EventLoop* loop, Fleet* fleet,
-                                         Persist persist, std::string version)
+                                         Persist persist, std::string version,
+                                         const HealthBoard* board)
     : loop_(loop),
       fleet_(fleet),
       persist_(std::move(persist)),
       version_(std::move(version)),
+      board_(board),
       started_(absl::Now()) {
   fleet_->SetCommitHook(
       [this](const v1::FleetSpec& intended) { return Commit(intended); });
@@ -174,12 +176,21 @@ AgentStatus LoopFleetController::GetStatus() {
   AgentStatus out;
   out.version = version_;
   out.started = started_;
+  // The health is the board's (what gRPC health and /readyz say), read
+  // without the loop.
+  if (board_ != nullptr) {
+    out.health = board_->Current();
+    out.serving = out.health.ready();
+  }
   if (closed_) return out;
   loop_->RunSync([&] {
     out.bpf_steering_active = fleet_->steering_active();
     out.bpf_unavailable_reason = fleet_->steering_unavailable_reason();
     out.listeners = static_cast<uint32_t>(fleet_->listener_count());
-    out.serving = fleet_->AllReady();
+    if (board_ == nullptr) {
+      out.health = ComputeAgentHealth(AgentPhase::kServing, fleet_->Health());
+      out.serving = out.health.ready();
+    }
   });
   return out;
 }
@@ -257,6 +268,17 @@ void LoopFleetController::RollOut(const std::string& name,
   MakeCommandAbsolute(&worker);
   Mutate(name, std::move(call), [this, name, worker, max_surge](Done done) {
     return fleet_->RollOut(name, worker, max_surge, std::move(done));
+  });
+}
+
+void LoopFleetController::SetShardMaintenance(const std::string& name,
+                                              uint32_t index, bool maintenance,
+                                              MutationCall call) {
+  // Runtime state, not desired state: nothing new to persist.
+  Mutate(name, std::move(call), [this, name, index, maintenance](Done done) {
+    RETURN_IF_ERROR(fleet_->SetShardMaintenance(name, index, maintenance));
+    done(absl::OkStatus());
+    return absl::OkStatus();
   });
 }
 

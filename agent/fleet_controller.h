@@ -21,6 +21,7 @@
 #include "agent/controller.h"
 #include "agent/event_loop.h"
 #include "agent/fleet/fleet.h"
+#include "agent/health_board.h"
 
 namespace portfleet {
 
@@ -29,8 +30,9 @@ class LoopFleetController : public FleetController {
   // `persist` saves the desired state (temp file, fsync, rename); it runs on
   // the loop thread.
   using Persist = std::function<absl::Status(const v1::FleetSpec&)>;
+  // `board` (not owned, may be null) is where GetStatus reads the health.
   LoopFleetController(EventLoop* loop, Fleet* fleet, Persist persist,
-                      std::string version);
+                      std::string version, const HealthBoard* board = nullptr);
   ~LoopFleetController() override;
 
   // After Close every call fails with Unavailable (agent shutting down), and
@@ -55,6 +57,8 @@ class LoopFleetController : public FleetController {
                    MutationCall call) override;
   void RollOut(const std::string& name, const v1::WorkerSpec& worker,
                uint32_t max_surge, MutationCall call) override;
+  void SetShardMaintenance(const std::string& name, uint32_t index,
+                           bool maintenance, MutationCall call) override;
   uint64_t Subscribe(std::function<void(const FleetEvent&)> sink) override;
   void Unsubscribe(uint64_t id) override;
 
@@ -76,6 +80,7 @@ class LoopFleetController : public FleetController {
   Fleet* fleet_;
   Persist persist_;
   std::string version_;
+  const HealthBoard* board_;
   absl::Time started_;
   std::atomic<bool> closed_{false};
   std::mutex queue_mu_;

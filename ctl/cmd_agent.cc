@@ -3,6 +3,7 @@
 #include "absl/time/time.h"
 #include "ctl/command.h"
 #include "ctl/output.pb.h"
+#include "ctl/render.h"
 #include "ctl/table.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "worker/sdk/base/version.h"
@@ -24,6 +25,11 @@ std::string FormatUptime(int64_t seconds) {
   return absl::StrCat(seconds, "s");
 }
 
+std::string HealthStateText(v1::HealthState state) {
+  if (state == v1::HEALTH_STATE_UNSPECIFIED) return "-";
+  return ShortEnumName(v1::HealthState_descriptor(), state);
+}
+
 absl::Status RunStatus(Context& ctx) {
   absl::StatusOr<v1::GetStatusResponse> resp =
       ctx.Call(&v1::FleetService::Stub::GetStatus, v1::GetStatusRequest());
@@ -31,16 +37,19 @@ absl::Status RunStatus(Context& ctx) {
   ctx.Print(*resp, [&](Format format, std::ostream& out) {
     const bool wide = format == Format::kWide;
     std::vector<std::string> headers = {"VERSION", "UPTIME", "LISTENERS",
-                                        "SERVING", "BPF-STEERING"};
+                                        "SERVING", "HEALTH", "BPF-STEERING"};
     if (wide) headers.insert(headers.begin() + 2, "STARTED");
     Table t(headers);
     std::string bpf =
         resp->bpf_steering_active()
             ? "active"
             : absl::StrCat("inactive: ", resp->bpf_unavailable_reason());
-    std::vector<std::string> row = {
-        resp->version(), FormatUptime(resp->uptime_seconds()),
-        absl::StrCat(resp->listeners()), resp->serving() ? "yes" : "no", bpf};
+    std::vector<std::string> row = {resp->version(),
+                                    FormatUptime(resp->uptime_seconds()),
+                                    absl::StrCat(resp->listeners()),
+                                    resp->serving() ? "yes" : "no",
+                                    HealthStateText(resp->health()),
+                                    bpf};
     if (wide) {
       row.insert(
           row.begin() + 2,
@@ -50,6 +59,14 @@ absl::Status RunStatus(Context& ctx) {
     }
     t.AddRow(row);
     t.Print(out, ctx.headers());
+    // Why it is not SERVING, one line per listener that is not.
+    for (const v1::ListenerHealth& l : resp->listener_health()) {
+      if (l.state() == v1::HEALTH_STATE_SERVING) continue;
+      out << "listener " << l.name() << ": " << HealthStateText(l.state())
+          << " (" << l.healthy_shards() << "/" << l.shards()
+          << " shards healthy)" << (l.reason().empty() ? "" : ": ")
+          << l.reason() << "\n";
+    }
   });
   return absl::OkStatus();
 }
@@ -107,9 +124,11 @@ void AddAgentCommands(std::vector<CommandSpec>* commands) {
       .section = Section::kRead,
       .summary = "agent version, uptime, listeners, BPF steering",
       .description =
-          "Shows the agent's version, uptime, listener count, whether every\n"
-          "listener is serving, and whether BPF steering is active (and why\n"
-          "not). -o wide adds the start time.\n",
+          "Shows the agent's version, uptime, listener count, whether it is\n"
+          "ready (SERVING) and its health (serving, degraded, not-serving,\n"
+          "starting, stopping: the same as /readyz and grpc.health.v1, with\n"
+          "a line per listener that is not fully serving), and whether BPF\n"
+          "steering is active (and why not). -o wide adds the start time.\n",
       .formats = {Format::kTable, Format::kWide, Format::kJson, Format::kYaml,
                   Format::kProtoJson},
       .examples = {{"", "portfleetctl status"},

@@ -68,6 +68,28 @@ absl::Status RunDrain(Context& ctx) {
   return absl::OkStatus();
 }
 
+// maint / ready: a shard out of rotation by hand, or back.
+absl::Status RunMaintenance(Context& ctx, bool maintenance) {
+  v1::SetShardMaintenanceRequest req;
+  req.set_name(ctx.arg(0));
+  absl::StatusOr<uint32_t> index = Count(ctx, "shard");
+  if (!index.ok()) return index.status();
+  req.set_index(*index);
+  req.set_maintenance(maintenance);
+  absl::StatusOr<v1::SetShardMaintenanceResponse> resp =
+      ctx.Call(&v1::FleetService::Stub::SetShardMaintenance, req);
+  if (!resp.ok()) return resp.status();
+  PrintDone(ctx, req.name(),
+            absl::StrCat("shard ", req.index(),
+                         maintenance ? " out of rotation (maintenance)"
+                                     : " back in rotation"),
+            *resp);
+  return absl::OkStatus();
+}
+
+absl::Status RunMaint(Context& ctx) { return RunMaintenance(ctx, true); }
+absl::Status RunReady(Context& ctx) { return RunMaintenance(ctx, false); }
+
 absl::Status RunSteer(Context& ctx) {
   v1::SetSteeringRequest req;
   req.set_name(ctx.arg(0));
@@ -187,6 +209,35 @@ void AddChangeCommands(std::vector<CommandSpec>* commands) {
       .examples = {{"", "portfleetctl drain web --shard 3"}},
       .run = RunDrain,
   });
+  for (bool maint : {true, false}) {
+    commands->push_back({
+        .name = maint ? "maint" : "ready",
+        .args = "NAME",
+        .min_args = 1,
+        .max_args = 1,
+        .arg_complete = Complete::kListener,
+        .section = Section::kChange,
+        .summary = maint ? "take one shard out of rotation (maintenance)"
+                         : "put a shard in maintenance back in rotation",
+        .description =
+            maint
+                ? "Takes one shard out of the steering tables by hand: no new\n"
+                  "connections reach it; its worker keeps running and "
+                  "finishes\n"
+                  "what is queued and open. The last shard in rotation stays.\n"
+                  "Not persisted: an agent restart puts it back.\n"
+                : "Puts a shard taken out with maint back into the steering\n"
+                  "tables.\n",
+        .flags = {{.name = "shard",
+                   .value = "I",
+                   .help = "shard index",
+                   .required = true}},
+        .formats = ChangeFormats(),
+        .examples = {{"", maint ? "portfleetctl maint web --shard 1"
+                                : "portfleetctl ready web --shard 1"}},
+        .run = maint ? RunMaint : RunReady,
+    });
+  }
   commands->push_back({
       .name = "steer",
       .args = "NAME",

@@ -157,8 +157,8 @@ absl::Status RunTop(Context& ctx) {
     ctx.PrintItem(*resp, [&](Format, std::ostream& out) {
       out << "portfleet top — " << ctx.server() << " — every "
           << absl::FormatDuration(*interval) << " (q to quit)\n\n";
-      Table t({"LISTENER", "SHARD", "STATE", "PID", "CONNECTIONS", "QUEUE",
-               "ACCEPTED", "SHARE"});
+      Table t({"LISTENER", "SHARD", "STATE", "HEALTH", "PID", "CONNECTIONS",
+               "QUEUE", "ACCEPTED", "SHARE"});
       for (const v1::ListenerState& l : resp->listeners()) {
         if (!only.empty() && l.spec().name() != only) continue;
         uint64_t total = 0;
@@ -176,7 +176,7 @@ absl::Status RunTop(Context& ctx) {
           const v1::Shard& sh = l.shards(j);
           t.AddRow(
               {l.spec().name(), absl::StrCat(sh.index()),
-               ShardStateText(sh.state()),
+               ShardStateText(sh.state()), ShardHealthText(sh.health()),
                sh.pid() > 0 ? absl::StrCat(sh.pid()) : "-",
                absl::StrCat(sh.active_connections()),
                absl::StrCat(sh.queue_depth()),

@@ -98,9 +98,10 @@ std::string ShardName(const std::string& listener, const v1::Shard& s) {
 
 Table ShardTable(bool wide) {
   std::vector<std::string> headers = {
-      "INDEX", "STATE",       "READY",    "PID",      "CPU",     "RESTARTS",
-      "QUEUE", "CONNECTIONS", "SELECTED", "MIGRATED", "FALLBACK"};
+      "INDEX",    "STATE", "READY",       "HEALTH",   "PID",      "CPU",
+      "RESTARTS", "QUEUE", "CONNECTIONS", "SELECTED", "MIGRATED", "FALLBACK"};
   if (wide) headers.insert(headers.end(), {"ACCEPTED", "INODE"});
+  headers.push_back("REASON");
   return Table(headers);
 }
 
@@ -108,6 +109,7 @@ void AddShardRow(Table& t, const v1::Shard& s, bool wide) {
   std::vector<std::string> row = {absl::StrCat(s.index()),
                                   ShardStateText(s.state()),
                                   s.ready() ? "yes" : "no",
+                                  ShardHealthText(s.health()),
                                   s.pid() > 0 ? absl::StrCat(s.pid()) : "-",
                                   s.cpu() >= 0 ? absl::StrCat(s.cpu()) : "-",
                                   absl::StrCat(s.restarts()),
@@ -120,6 +122,7 @@ void AddShardRow(Table& t, const v1::Shard& s, bool wide) {
     row.push_back(absl::StrCat(s.accepted_total()));
     row.push_back(s.socket_inode() > 0 ? absl::StrCat(s.socket_inode()) : "-");
   }
+  row.push_back(s.health_reason().empty() ? "-" : s.health_reason());
   t.AddRow(row);
 }
 
@@ -160,6 +163,8 @@ absl::Status WatchShards(Context& ctx, absl::Duration interval) {
         gone.set_state(v1::SHARD_STATE_STOPPED);
         gone.set_ready(false);
         gone.set_pid(0);
+        gone.set_health(v1::SHARD_HEALTH_UNSPECIFIED);
+        gone.clear_health_reason();
         changed.push_back(gone);
       }
     }

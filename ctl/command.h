@@ -200,6 +200,7 @@ class Context {
 
 // Shared by the commands' text printers.
 std::string ShardStateText(v1::ShardState state);        // "running"
+std::string ShardHealthText(v1::ShardHealth health);     // "ejected"
 std::string SteeringText(const v1::Steering& steering);  // "hash (1,2)"
 // The -o name of a listener: "listener/web".
 std::string ListenerName(absl::string_view name);

@@ -286,6 +286,11 @@ std::string ShardStateText(v1::ShardState state) {
   return ShortEnumName(v1::ShardState_descriptor(), state);
 }
 
+std::string ShardHealthText(v1::ShardHealth health) {
+  if (health == v1::SHARD_HEALTH_UNSPECIFIED) return "-";
+  return ShortEnumName(v1::ShardHealth_descriptor(), health);
+}
+
 std::string SteeringText(const v1::Steering& steering) {
   // UNSPECIFIED means HASH (fleet.proto).
   v1::SteeringPolicy policy =

@@ -10,6 +10,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
@@ -351,6 +352,31 @@ void ApiServer::SetServing(bool serving) {
     s->GetHealthCheckService()->SetServingStatus("", serving);
     s->GetHealthCheckService()->SetServingStatus(kFleetServiceName, serving);
   }
+}
+
+void ApiServer::SetHealth(const AgentHealth& health) {
+  std::vector<std::pair<std::string, bool>> statuses;
+  std::vector<std::string> names;
+  for (const ListenerHealthStatus& l : health.listeners) {
+    bool serving = l.state == v1::HEALTH_STATE_SERVING ||
+                   l.state == v1::HEALTH_STATE_DEGRADED;
+    std::string name = absl::StrCat(kListenerServicePrefix, l.name);
+    statuses.emplace_back(name, serving);
+    names.push_back(name);
+  }
+  for (const std::string& old : listener_services_) {
+    if (std::find(names.begin(), names.end(), old) == names.end()) {
+      statuses.emplace_back(old, false);
+    }
+  }
+  listener_services_ = std::move(names);
+  for (grpc::Server* s : {server_.get(), tls_server_.get()}) {
+    if (s == nullptr || s->GetHealthCheckService() == nullptr) continue;
+    for (const auto& [name, serving] : statuses) {
+      s->GetHealthCheckService()->SetServingStatus(name, serving);
+    }
+  }
+  SetServing(health.ready());
 }
 
 void ApiServer::Shutdown() {

@@ -23,6 +23,8 @@ namespace portfleet {
 
 inline constexpr char kDefaultApiAddress[] = "unix:///run/portfleet/api.sock";
 inline constexpr char kFleetServiceName[] = "portfleet.v1.FleetService";
+// grpc.health.v1 service name of a listener: "listener/NAME".
+inline constexpr char kListenerServicePrefix[] = "listener/";
 
 struct ApiServerOptions {
   // "unix:///abs/path" or "unix:path". Empty = no unix socket.
@@ -64,6 +66,11 @@ class ApiServer {
 
   // grpc.health.v1 status of "" and "portfleet.v1.FleetService".
   void SetServing(bool serving);
+  // All of grpc.health.v1 from the agent's health: "" and
+  // "portfleet.v1.FleetService" SERVING when it is ready, and
+  // "listener/NAME" SERVING while that listener serves (SERVING or
+  // DEGRADED); listeners that went away become NOT_SERVING.
+  void SetHealth(const AgentHealth& health);
   // Stops accepting, cancels streams, waits up to 5 s for calls in progress,
   // removes the socket. Idempotent.
   void Shutdown();
@@ -83,6 +90,7 @@ class ApiServer {
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<grpc::Server> tls_server_;
   std::string socket_path_;
+  std::vector<std::string> listener_services_;  // published by SetHealth
   int tls_port_ = 0;
   bool shut_down_ = false;
 };

@@ -44,6 +44,10 @@ v1::Shard ToProto(const ShardStatus& s) {
   out.mutable_counters()->set_migrated(s.counters.migrated);
   out.mutable_counters()->set_fallback(s.counters.fallback);
   out.set_socket_inode(s.socket_inode);
+  out.set_health(s.health);
+  out.set_health_reason(s.health_reason);
+  out.set_ejections(s.ejections);
+  out.set_replacements(s.replacements);
   return out;
 }
 
@@ -346,6 +350,16 @@ grpc::ServerUnaryReactor* FleetServiceImpl::GetStatus(
         resp->set_bpf_unavailable_reason(s.bpf_unavailable_reason);
         resp->set_listeners(s.listeners);
         resp->set_serving(s.serving);
+        resp->set_health(s.health.state);
+        resp->set_health_reason(s.health.reason);
+        for (const ListenerHealthStatus& l : s.health.listeners) {
+          v1::ListenerHealth* out = resp->add_listener_health();
+          out->set_name(l.name);
+          out->set_state(l.state);
+          out->set_reason(l.reason);
+          out->set_healthy_shards(l.healthy_shards);
+          out->set_shards(l.shards);
+        }
         return absl::OkStatus();
       });
 }
@@ -439,6 +453,25 @@ grpc::ServerUnaryReactor* FleetServiceImpl::DrainShard(
       ctx, "DrainShard", check,
       [this, req](MutationCall call) {
         controller_->DrainShard(req->name(), req->index(), std::move(call));
+      },
+      [this, req, resp] {
+        FillListener(req->name(), resp->mutable_listener());
+      });
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::SetShardMaintenance(
+    grpc::CallbackServerContext* ctx, const v1::SetShardMaintenanceRequest* req,
+    v1::SetShardMaintenanceResponse* resp) {
+  absl::Status check = ValidateName(req->name(), "name");
+  if (check.ok() && req->index() >= kMaxShards) {
+    check = absl::InvalidArgumentError(absl::StrCat(
+        "index: ", req->index(), " is out of range (0-", kMaxShards - 1, ")"));
+  }
+  return Mutate(
+      ctx, "SetShardMaintenance", check,
+      [this, req](MutationCall call) {
+        controller_->SetShardMaintenance(req->name(), req->index(),
+                                         req->maintenance(), std::move(call));
       },
       [this, req, resp] {
         FillListener(req->name(), resp->mutable_listener());

@@ -112,6 +112,10 @@ class FleetServiceImpl final : public v1::FleetService::CallbackService {
   grpc::ServerUnaryReactor* DrainShard(grpc::CallbackServerContext* ctx,
                                        const v1::DrainShardRequest* req,
                                        v1::DrainShardResponse* resp) override;
+  grpc::ServerUnaryReactor* SetShardMaintenance(
+      grpc::CallbackServerContext* ctx,
+      const v1::SetShardMaintenanceRequest* req,
+      v1::SetShardMaintenanceResponse* resp) override;
   grpc::ServerUnaryReactor* SetSteering(grpc::CallbackServerContext* ctx,
                                         const v1::SetSteeringRequest* req,
                                         v1::SetSteeringResponse* resp) override;

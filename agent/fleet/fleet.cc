@@ -37,7 +37,8 @@ std::vector<std::string> InheritedEnv() {
 
 Fleet::Fleet(EventLoop* loop, ProcessLauncher* launcher, FleetOptions options)
     : supervisor_(&ctx_, [this](Listener& l, Shard& s) { WorkerGone(l, s); }),
-      drainer_(&ctx_, &supervisor_, &listeners_) {
+      drainer_(&ctx_, &supervisor_, &listeners_),
+      health_(&ctx_, &supervisor_, &listeners_) {
   ctx_.loop = loop;
   ctx_.launcher = launcher;
   ctx_.options = std::move(options);
@@ -51,6 +52,7 @@ Fleet::~Fleet() {
   for (auto& [name, listener] : listeners_) {
     for (auto& shard : listener->shards) {
       supervisor_.CancelRestart(*shard);
+      health_.Forget(*shard);
       if (shard->drain_timer) ctx_.loop->CancelTimer(*shard->drain_timer);
       supervisor_.Detach(*shard);
       if (shard->candidate) supervisor_.Forget(*shard->candidate);
@@ -295,6 +297,9 @@ absl::Status Fleet::CreateShards(Listener& listener, uint32_t n,
       shard->cpu = PinnedCpu(listener.spec.steering(), i, ctx_.options.cpus);
       shard->socket = std::move(a->second.socket);
       shard->inode = SocketInodeOf(shard->socket.get()).value_or(0);
+      // A takeover's socket: the old agent's worker serves it too until it
+      // drains.
+      shard->health.shared_socket = !a->second.control.valid();
       listener.shards.push_back(std::move(shard));
       continue;
     }
@@ -637,6 +642,10 @@ absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
       s.accepted_total = shard->worker->accepted_total;
     }
     s.queue_depth = AcceptQueueDepth(shard->socket.get()).value_or(0);
+    s.health = shard->health.health;
+    s.health_reason = shard->health.reason;
+    s.ejections = shard->health.ejections;
+    s.replacements = shard->health.replacements;
     if (shard->index < counters.size()) {
       s.counters.selected = counters[shard->index].selected;
       s.counters.migrated = counters[shard->index].migrated;

@@ -23,6 +23,7 @@
 #include "agent/controller.h"
 #include "agent/event_loop.h"
 #include "agent/fleet/drain.h"
+#include "agent/fleet/health_monitor.h"
 #include "agent/fleet/model.h"
 #include "agent/fleet/supervisor.h"
 #include "agent/fleet/update.h"
@@ -56,6 +57,23 @@ class Fleet {
   const std::string& steering_unavailable_reason() const {
     return ctx_.steering_reason;
   }
+
+  // Shard health: the observer (not owned; the kernel's by default), a
+  // callback after every observation round, and the start of the periodic
+  // observation (the agent starts it; unit tests may Tick by hand).
+  void SetShardObserver(ShardObserver* observer) {
+    health_.SetObserver(observer);
+  }
+  void SetAfterHealthTick(std::function<void()> after) {
+    health_.SetAfterTick(std::move(after));
+  }
+  void StartHealthMonitor() { health_.Start(); }
+  void ObserveHealthNow() { health_.Tick(); }
+  // Every listener's health, from its shards as last observed.
+  std::vector<ListenerHealthView> Health() const;
+  // Maintenance by hand: out of rotation (or back), see HealthMonitor.
+  absl::Status SetShardMaintenance(const std::string& name, uint32_t index,
+                                   bool maintenance);
 
   // Workers that reconnected to a restarted agent (or sockets received in a
   // takeover): AddListener gives their shards the handed-back sockets and
@@ -179,6 +197,7 @@ class Fleet {
   Supervisor supervisor_;
   Drainer drainer_;
   std::map<std::string, FailedListener> failed_;
+  HealthMonitor health_;
   std::vector<Adoptee> adoptees_;
   // In Start (or a retry of it): nothing to commit, and a worker that cannot
   // be started is retried instead of failing its listener.

@@ -109,9 +109,10 @@ SteeringTables PlanTables(const Listener& listener) {
     if (st.weights_size() > 0) {
       w = live < st.weights_size() ? st.weights(live) : 0;
     }
+    live++;
+    if (!shard->Steered()) continue;
     tables.weights[shard->index] = w;
     tables.shard_cpus[shard->index] = shard->cpu;
-    live++;
   }
   return tables;
 }

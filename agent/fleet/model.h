@@ -9,6 +9,8 @@
 //                  control channel, readiness
 //   drain.cc       draining shards, orphans of a previous agent, shutdown
 //   rollout.cc     rolling upgrades and their rollback
+//   health_monitor.cc  observing every shard, ejecting stalled ones,
+//                  restoring and replacing them, maintenance
 // Everything here lives on the EventLoop thread.
 #ifndef PORTFLEET_AGENT_FLEET_MODEL_H_
 #define PORTFLEET_AGENT_FLEET_MODEL_H_
@@ -29,6 +31,7 @@
 #include "absl/time/time.h"
 #include "agent/controller.h"
 #include "agent/event_loop.h"
+#include "agent/fleet/health.h"
 #include "agent/launcher.h"
 #include "agent/steering/steering.h"
 #include "portfleet/v1/agent.pb.h"
@@ -58,6 +61,12 @@ struct FleetOptions {
   // ready.
   absl::Duration ready_timeout = absl::Seconds(10);
   absl::Duration ready_grace = absl::Seconds(2);
+  // Shard health: how often every shard is observed, and the policy's
+  // report timeout and restore hysteresis (the stall window and grace are
+  // per listener, see HealthSpec).
+  absl::Duration health_period = absl::Milliseconds(200);
+  absl::Duration report_timeout = absl::Seconds(3);
+  absl::Duration restore_after = absl::Seconds(1);
   // The agent's control socket, passed to workers as PORTFLEET_AGENT_SOCKET
   // so that they can reconnect to a restarted agent. Empty = none.
   std::string agent_socket;
@@ -110,8 +119,35 @@ struct Worker {
   std::vector<EventLoop::TimerId> timers;  // cancelled when it goes away
   uint64_t active_connections = 0;
   uint64_t accepted_total = 0;
+  bool reports = false;  // has sent a load report
+  absl::Time last_report;
   // Lines about this worker's bad control messages.
   LogRateLimiter complaints;
+};
+
+// What the health monitor keeps about a shard (see health_monitor.h).
+struct ShardHealthTrack {
+  v1::ShardHealth health = v1::SHARD_HEALTH_STARTING;
+  std::string reason;
+  StallDetector detector;
+  bool stalled = false;      // the detector's verdict, acted upon
+  bool ejected = false;      // out of the tables for a stall
+  bool maintenance = false;  // out of the tables by hand
+  bool ever_ready = false;   // a worker of this shard was ready once
+  // Queue depth at the previous observation (readiness by draining).
+  std::optional<uint32_t> last_depth;
+  // Set when a stall episode starts; the worker is replaced when its grace
+  // period ends and it is still (or again) stalled.
+  std::optional<EventLoop::TimerId> grace_timer;
+  uint32_t episodes = 0;  // stalls since the grace timer started
+  pid_t stalled_pid = 0;  // the worker that stalled last
+  uint32_t ejections = 0;
+  uint32_t replacements = 0;
+  // The serving worker is being replaced: restart at once, no back-off.
+  bool replacing = false;
+  // The socket is also served by processes this agent does not supervise (a
+  // takeover's old workers): a draining queue says nothing about ours.
+  bool shared_socket = false;
 };
 
 struct Shard {
@@ -132,11 +168,16 @@ struct Shard {
   // In the steering tables. A shard added by a scale-up joins them once its
   // worker is ready.
   bool in_service = true;
+  ShardHealthTrack health;
   // Expires with the shard: a callback that may remove the shard checks it
   // before touching the shard again.
   std::shared_ptr<int> lifetime = std::make_shared<int>();
 
   bool draining() const { return state == v1::SHARD_STATE_DRAINING; }
+  // Gets table slots: live, in service, not ejected, not in maintenance.
+  bool Steered() const {
+    return !draining() && in_service && !health.ejected && !health.maintenance;
+  }
   bool HasProcesses() const {
     return worker != nullptr || candidate != nullptr || !retiring.empty();
   }
@@ -193,7 +234,8 @@ int PinnedCpu(const v1::Steering& steering, uint32_t index,
 
 // The steering tables for the listener's shards as they are: live,
 // in-service shards get the spec's weights in index order (1 each without
-// weights); draining and not-yet-ready shards get none. Pure.
+// weights); draining and not-yet-ready shards get none; ejected shards and
+// shards in maintenance keep their place in the weights with none. Pure.
 SteeringTables PlanTables(const Listener& listener);
 
 // Writes PlanTables(listener) (no-op without BPF or without a live shard).

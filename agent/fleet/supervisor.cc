@@ -100,6 +100,7 @@ absl::StatusOr<std::unique_ptr<Worker>> Supervisor::Launch(
     ctx_->launcher->Signal(worker->process, SIGKILL);
     return watched;
   }
+  ArmReadiness(listener, shard, *worker);
   return worker;
 }
 
@@ -181,22 +182,75 @@ void Supervisor::AwaitReady(Worker& worker,
     return;
   }
   worker.on_ready = std::move(done);
+}
+
+void Supervisor::ArmReadiness(Listener& listener, Shard& shard,
+                              Worker& worker) {
+  Listener* l = &listener;
+  Shard* s = &shard;
   Worker* w = &worker;
-  // A worker that says hello is awaited until ready; one that says nothing
-  // (no control channel) counts as ready once it has stayed up for the grace
-  // period.
-  w->timers.push_back(ctx_->loop->AddTimer(ctx_->options.ready_grace, [w] {
-    if (w->hello || !w->on_ready) return;
-    w->ready = true;
-    TakeWaiter (*w)(absl::OkStatus());
-  }));
+  // A worker that says nothing (no control channel) counts as ready once it
+  // has stayed up for the grace period (or, earlier, once the health monitor
+  // sees it drain its queue); one that says hello is awaited until ready.
   w->timers.push_back(
-      ctx_->loop->AddTimer(ctx_->options.ready_timeout, [this, w] {
-        if (!w->on_ready) return;
-        TakeWaiter (*w)(absl::UnavailableError(absl::StrCat(
-            "new worker pid ", w->process.pid, " was not ready within ",
-            absl::FormatDuration(ctx_->options.ready_timeout))));
+      ctx_->loop->AddTimer(ctx_->options.ready_grace, [this, l, s, w] {
+        if (w->hello || w->ready) return;
+        MarkReady(*l, *s, *w,
+                  "no control channel; "
+                  "up for the ready "
+                  "grace period");
       }));
+  w->timers.push_back(
+      ctx_->loop->AddTimer(ctx_->options.ready_timeout,
+                           [this, l, s, w] { ReadyTimeout(*l, *s, w); }));
+}
+
+void Supervisor::ReadyTimeout(Listener& listener, Shard& shard, Worker* w) {
+  if (w->ready) return;
+  std::string why =
+      absl::StrCat("worker pid ", w->process.pid, " was not ready within ",
+                   absl::FormatDuration(ctx_->options.ready_timeout));
+  if (w->on_ready) {
+    // A scale-up or rollout waits for it: it decides what happens.
+    TakeWaiter (*w)(absl::UnavailableError(absl::StrCat(
+        "new worker pid ", w->process.pid, " was not ready within ",
+        absl::FormatDuration(ctx_->options.ready_timeout))));
+    return;
+  }
+  if (shard.worker.get() != w || shard.draining()) return;
+  Replace(listener, shard, why + " (it said hello but never ready)");
+}
+
+void Supervisor::MarkReady(Listener& listener, Shard& shard, Worker& worker,
+                           absl::string_view how) {
+  if (worker.ready) return;
+  worker.ready = true;
+  if (shard.worker.get() == &worker) shard.health.ever_ready = true;
+  if (auto waiter = TakeWaiter(worker)) {
+    waiter(absl::OkStatus());
+    return;
+  }
+  PF_LOG(INFO) << listener.Name(shard) << ": worker pid " << worker.process.pid
+               << " ready" << (how.empty() ? "" : " (") << how
+               << (how.empty() ? "" : ")");
+  ctx_->Emit(v1::EVENT_TYPE_SHARD_STARTED, listener, shard.index,
+             worker.process.pid,
+             how.empty() ? std::string("worker ready")
+                         : absl::StrCat("worker ready (", how, ")"));
+}
+
+void Supervisor::Replace(Listener& listener, Shard& shard,
+                         const std::string& why) {
+  if (!shard.worker) return;
+  pid_t pid = shard.worker->process.pid;
+  shard.health.replacing = true;
+  shard.health.replacements++;
+  PF_LOG(WARNING) << listener.Name(shard) << ": " << why
+                  << "; SIGKILL to worker pid " << pid
+                  << " and a new worker on the same socket (inode "
+                  << shard.inode << ")";
+  ctx_->Emit(v1::EVENT_TYPE_SHARD_REPLACED, listener, shard.index, pid, why);
+  Signal(*shard.worker, SIGKILL);
 }
 
 bool Supervisor::Signal(const Worker& worker, int sig) {
@@ -330,6 +384,19 @@ void Supervisor::OnServingExit(Listener& listener, Shard& shard, int pid,
                  << " (stopping)";
     return;
   }
+  if (shard.health.replacing) {
+    shard.health.replacing = false;
+    PF_LOG(INFO) << listener.Name(shard) << ": replaced worker pid " << pid
+                 << " " << how << "; starting its replacement";
+    shard.restarts++;
+    if (absl::Status st = Start(listener, shard); !st.ok()) {
+      PF_LOG(ERROR) << st << "; retrying in " << HumanDuration(shard.backoff);
+      ctx_->Emit(v1::EVENT_TYPE_ERROR, listener, shard.index, 0,
+                 std::string(st.message()));
+      ScheduleRestart(listener, shard);
+    }
+    return;
+  }
   std::string message = absl::StrCat("worker pid ", pid, " ", how, " after ",
                                      HumanDuration(uptime));
   if (uptime < ctx_->options.exit_at_once) {
@@ -422,20 +489,13 @@ void Supervisor::OnControlMessage(Listener& listener, Shard& shard, Worker* w,
                     << " hello (version " << msg.hello().version() << ")";
       break;
     case v1::WorkerMessage::kReady:
-      if (w->ready) break;
-      w->ready = true;
-      if (auto waiter = TakeWaiter(*w)) {
-        waiter(absl::OkStatus());
-        break;
-      }
-      PF_LOG(INFO) << listener.Name(shard) << ": worker pid " << w->process.pid
-                   << " ready";
-      ctx_->Emit(v1::EVENT_TYPE_SHARD_STARTED, listener, shard.index,
-                 w->process.pid, "worker ready");
+      MarkReady(listener, shard, *w, "");
       break;
     case v1::WorkerMessage::kLoad:
       w->active_connections = msg.load().active_connections();
       w->accepted_total = msg.load().accepted_total();
+      w->reports = true;
+      w->last_report = ctx_->Now();
       break;
     case v1::WorkerMessage::kDrained:
       PF_LOG(DEBUG) << listener.Name(shard) << ": worker pid " << w->process.pid

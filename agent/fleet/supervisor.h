@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "agent/adoption.h"
 #include "agent/fleet/model.h"
 
@@ -42,11 +43,22 @@ class Supervisor {
   // socket back (the shard already holds that socket).
   absl::Status Adopt(Listener& listener, Shard& shard, Adoptee adoptee);
 
-  // Calls `done` once: OK when `worker` says ready on its control channel,
-  // or, when it never says hello, once it has stayed up for the ready grace
-  // period; an error when it is not ready within the ready timeout or exits
-  // first. The worker must be watched (Start/Launch).
+  // Calls `done` once: OK when `worker` is ready (see MarkReady), an error
+  // when it is not ready within the ready timeout or exits first. The
+  // worker must be watched (Start/Launch).
   void AwaitReady(Worker& worker, std::function<void(absl::Status)> done);
+
+  // Readiness, the same rule for every worker the agent starts (start,
+  // restart, scale-up, rollout, takeover): ready when it says so on its
+  // control channel; without a control channel (no hello) when it is seen
+  // to accept (its queue drains, see HealthMonitor) or once it has stayed up
+  // for the ready grace period. A serving worker that is not ready within
+  // the ready timeout is replaced; a awaited one fails its waiter.
+  void MarkReady(Listener& listener, Shard& shard, Worker& worker,
+                 absl::string_view how);
+  // SIGKILLs the shard's serving worker and starts a new one on the same
+  // socket as soon as it is reaped (no back-off); emits SHARD_REPLACED.
+  void Replace(Listener& listener, Shard& shard, const std::string& why);
 
   // Asks `worker` to finish its connections and exit: AgentDrain on its
   // control channel, or SIGTERM without one.
@@ -76,6 +88,8 @@ class Supervisor {
   void OnControlMessage(Listener& listener, Shard& shard, Worker* worker,
                         const v1::WorkerMessage& message);
   void ScheduleRestart(Listener& listener, Shard& shard);
+  void ArmReadiness(Listener& listener, Shard& shard, Worker& worker);
+  void ReadyTimeout(Listener& listener, Shard& shard, Worker* worker);
   void SendDrainOrTerm(Worker& worker, uint32_t timeout_seconds);
 
   FleetContext* const ctx_;

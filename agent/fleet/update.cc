@@ -31,6 +31,16 @@ std::string WorkerText(const v1::WorkerSpec& w) {
   return out;
 }
 
+// The health settings of `from` into `to`, absent if absent (the persisted
+// state stays as it was written).
+void CopyHealth(const v1::Listener& from, v1::Listener& to) {
+  if (from.has_health()) {
+    *to.mutable_health() = from.health();
+  } else {
+    to.clear_health();
+  }
+}
+
 }  // namespace
 
 std::vector<std::string> ListenerUpdate::Changes() const {
@@ -48,6 +58,13 @@ std::vector<std::string> ListenerUpdate::Changes() const {
     out.push_back(
         absl::StrCat("defer_accept_seconds: ", from.defer_accept_seconds(),
                      " -> ", to.defer_accept_seconds()));
+  }
+  if (health) {
+    out.push_back(absl::StrCat("health: stall window ",
+                               EffectiveStallWindowMs(from), "ms -> ",
+                               EffectiveStallWindowMs(to), "ms, stall grace ",
+                               EffectiveStallGraceSeconds(from), "s -> ",
+                               EffectiveStallGraceSeconds(to), "s"));
   }
   if (steering) {
     out.push_back(absl::StrCat("steering: ", SteeringText(from.steering()),
@@ -85,6 +102,9 @@ absl::StatusOr<ListenerUpdate> PlanUpdate(const Listener& listener,
                     EffectiveDrainTimeoutSeconds(u.from);
   u.backlog = EffectiveBacklog(u.to) != EffectiveBacklog(u.from);
   u.defer_accept = u.to.defer_accept_seconds() != u.from.defer_accept_seconds();
+  u.health =
+      EffectiveStallWindowMs(u.to) != EffectiveStallWindowMs(u.from) ||
+      EffectiveStallGraceSeconds(u.to) != EffectiveStallGraceSeconds(u.from);
   if (u.to.shards() != u.from.shards()) u.shards = u.to.shards();
   if (!MessageDifferencer::Equivalent(u.to.steering(), u.from.steering())) {
     if (listener.steering == nullptr) {
@@ -159,6 +179,7 @@ class UpdateRun : public std::enable_shared_from_this<UpdateRun> {
   absl::Status ApplySettings() {
     RETURN_IF_ERROR(ApplySocketSettings(u_.to, u_.from));
     listener_.spec.set_drain_timeout_seconds(u_.to.drain_timeout_seconds());
+    CopyHealth(u_.to, listener_.spec);
     listener_.spec.set_backlog(u_.to.backlog());
     listener_.spec.set_defer_accept_seconds(u_.to.defer_accept_seconds());
     return absl::OkStatus();
@@ -166,6 +187,7 @@ class UpdateRun : public std::enable_shared_from_this<UpdateRun> {
   void UndoSettings() {
     ApplySocketSettings(u_.from, u_.to).IgnoreError();
     listener_.spec.set_drain_timeout_seconds(u_.from.drain_timeout_seconds());
+    CopyHealth(u_.from, listener_.spec);
     listener_.spec.set_backlog(u_.from.backlog());
     listener_.spec.set_defer_accept_seconds(u_.from.defer_accept_seconds());
   }

@@ -2,8 +2,8 @@
 // everything that can be checked is checked before anything is touched, and
 // the plan says what will change. Fleet::UpdateListener applies it in an
 // order that lets every step be undone:
-//   drain timeout and backlog -> steering (tables and pinning) -> more
-//   shards -> worker rollout -> fewer shards
+//   drain timeout, health settings and backlog -> steering (tables and pinning)
+//   -> more shards -> worker rollout -> fewer shards
 // A failing step undoes the ones before it (added shards are drained again),
 // so a failed update changes nothing.
 #ifndef PORTFLEET_AGENT_FLEET_UPDATE_H_
@@ -26,13 +26,14 @@ struct ListenerUpdate {
   bool drain_timeout = false;            // drain_timeout_seconds changes
   bool backlog = false;                  // backlog changes
   bool defer_accept = false;             // defer_accept_seconds changes
+  bool health = false;                   // health settings change
   std::optional<v1::Steering> steering;  // new steering
   std::optional<uint32_t> shards;        // new number of live shards
   std::optional<ResolvedWorker> worker;  // new worker, rolled out
 
   bool empty() const {
-    return !drain_timeout && !backlog && !defer_accept && !steering &&
-           !shards && !worker;
+    return !drain_timeout && !backlog && !defer_accept && !health &&
+           !steering && !shards && !worker;
   }
   // One line per change: "shards: 2 -> 4", "worker: rolled out (args)".
   std::vector<std::string> Changes() const;

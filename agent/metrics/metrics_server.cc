@@ -129,6 +129,25 @@ std::string NotReadyReason(const MetricsSnapshot& snapshot) {
   return out + "\n";
 }
 
+std::string HealthStateName(v1::HealthState state) {
+  return v1::HealthState_Name(state).substr(sizeof("HEALTH_STATE_") - 1);
+}
+
+}  // namespace
+
+std::pair<int, std::string> ReadinessAnswer(const AgentHealth& health) {
+  if (health.ready()) {
+    if (health.state == v1::HEALTH_STATE_SERVING) return {200, "ready\n"};
+    return {200, absl::StrCat("ready (", HealthStateName(health.state), ": ",
+                              health.reason, ")\n")};
+  }
+  return {503,
+          absl::StrCat("not ready: ", HealthStateName(health.state),
+                       health.reason.empty() ? "" : ": ", health.reason, "\n")};
+}
+
+namespace {
+
 struct Connection {
   enum class State { kReading, kWriting, kLingering };
   Fd fd;
@@ -151,6 +170,7 @@ struct MetricsServer::Impl {
   uint16_t port = 0;
   SnapshotFn snapshot;
   std::function<absl::Status()> liveness;
+  std::function<AgentHealth()> health;
   std::list<Connection> connections;
   std::thread thread;
 
@@ -209,6 +229,7 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
   impl->wake_fd = Fd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
   if (!impl->wake_fd) return BindError(errno, address);
   impl->liveness = options.liveness;
+  impl->health = options.health;
   Impl* raw = impl.get();
   impl->thread = std::thread([raw] { raw->Run(); });
   return std::unique_ptr<MetricsServer>(new MetricsServer(std::move(impl)));
@@ -406,6 +427,10 @@ Response MetricsServer::Impl::Handle(absl::string_view head) {
     absl::Status live = liveness ? liveness() : absl::OkStatus();
     if (!live.ok()) return Text(503, absl::StrCat(live.message(), "\n"));
     return Text(200, "ok\n");
+  }
+  if (path == "/readyz" && health) {
+    auto [code, body] = ReadinessAnswer(health());
+    return Text(code, std::move(body));
   }
   absl::StatusOr<MetricsSnapshot> s = TakeSnapshot();
   if (!s.ok()) {

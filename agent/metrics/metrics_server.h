@@ -1,9 +1,10 @@
 // The agent's Prometheus endpoint (`--metrics`, default 127.0.0.1:9464):
 //
 //   GET /metrics  Prometheus text exposition format 0.0.4 of a snapshot
-//   GET /healthz  200 "ok" while the server runs and `liveness` says so,
-//                 else 503 with its message
-//   GET /readyz   200 when the agent is serving, else 503 with the reason
+//   GET /healthz  200 "ok" while `liveness` says the agent is alive (its
+//                 event loop beats, its API answers), else 503 with why
+//   GET /readyz   200 when the agent is ready (health SERVING or DEGRADED),
+//                 else 503 with the health and its reason
 //
 // A small HTTP/1.1 server on its own thread (poll(2), non-blocking sockets,
 // "Connection: close", bounded request size and time; idle connections
@@ -17,6 +18,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -38,6 +40,9 @@ struct MetricsServerOptions {
   // /healthz: OK, or why the agent is not alive (e.g. its API stopped
   // answering). Called on the server thread; must be quick. Unset = alive.
   std::function<absl::Status()> liveness;
+  // /readyz: the agent's health, read without waiting for its event loop.
+  // Unset = from the snapshot's AgentStatus.
+  std::function<AgentHealth()> health;
 };
 
 class MetricsServer {
@@ -81,6 +86,10 @@ class MetricsServer {
 // family has HELP and TYPE lines, even without samples; label values are
 // escaped per the format (\\, \", \n).
 std::string RenderPrometheus(const MetricsSnapshot& snapshot);
+
+// The /readyz answer for a health: 200 "ready" (with the state when
+// DEGRADED) or 503 with the state and reason. Pure.
+std::pair<int, std::string> ReadinessAnswer(const AgentHealth& health);
 
 // The content type of RenderPrometheus's output.
 inline constexpr char kPrometheusContentType[] =

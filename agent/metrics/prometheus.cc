@@ -109,6 +109,14 @@ void ShardFamily(Writer& w, const MetricsSnapshot& snapshot,
 
 std::string Bool(bool b) { return b ? "1" : "0"; }
 
+std::string StateLabel(v1::HealthState state) {
+  return v1::HealthState_Name(state).substr(sizeof("HEALTH_STATE_") - 1);
+}
+
+std::string ShardHealthLabel(v1::ShardHealth health) {
+  return v1::ShardHealth_Name(health).substr(sizeof("SHARD_HEALTH_") - 1);
+}
+
 }  // namespace
 
 std::string RenderPrometheus(const MetricsSnapshot& snapshot) {
@@ -124,8 +132,32 @@ std::string RenderPrometheus(const MetricsSnapshot& snapshot) {
   w.Sample("portfleet_up", {}, "1");
 
   w.Family("portfleet_serving", "gauge",
-           "1 when every listener's shards are up (the agent is ready).");
+           "1 when the agent is ready (health SERVING or DEGRADED), as "
+           "/readyz and grpc.health.v1 say.");
   w.Sample("portfleet_serving", {}, Bool(agent.serving));
+
+  w.Family("portfleet_health_state", "gauge",
+           "1 for the agent's current health state, 0 for the others.");
+  for (int i = v1::HEALTH_STATE_STARTING; i <= v1::HEALTH_STATE_STOPPING; ++i) {
+    auto state = static_cast<v1::HealthState>(i);
+    w.Sample("portfleet_health_state", {{"state", StateLabel(state)}},
+             Bool(agent.health.state == state));
+  }
+
+  w.Family("portfleet_listener_serving", "gauge",
+           "1 while the listener has a healthy shard in rotation (its "
+           "grpc.health.v1 service listener/NAME is SERVING).");
+  for (const ListenerHealthStatus& l : agent.health.listeners) {
+    w.Sample("portfleet_listener_serving", {{"listener", l.name}},
+             Bool(l.state == v1::HEALTH_STATE_SERVING ||
+                  l.state == v1::HEALTH_STATE_DEGRADED));
+  }
+  w.Family("portfleet_listener_healthy_shards", "gauge",
+           "Shards of the listener that are healthy and in rotation.");
+  for (const ListenerHealthStatus& l : agent.health.listeners) {
+    w.Sample("portfleet_listener_healthy_shards", {{"listener", l.name}},
+             absl::StrCat(l.healthy_shards));
+  }
 
   w.Family("portfleet_start_time_seconds", "gauge",
            "Start time of the agent since the Unix epoch, in seconds.");
@@ -182,6 +214,32 @@ std::string RenderPrometheus(const MetricsSnapshot& snapshot) {
       "Connections meant for the shard while its socket slot was empty; the "
       "kernel chose another socket.",
       [](const ShardStatus& s) { return absl::StrCat(s.counters.fallback); });
+  ShardFamily(w, snapshot, "portfleet_shard_healthy", "gauge",
+              "1 when the shard is healthy and in rotation.",
+              [](const ShardStatus& s) {
+                return Bool(s.health == v1::SHARD_HEALTH_HEALTHY);
+              });
+  w.Family("portfleet_shard_health", "gauge",
+           "1 for the shard's current health (HEALTHY, STARTING, DOWN, "
+           "STALLED, EJECTED, MAINTENANCE, DRAINING); the reason is in "
+           "ListShards.");
+  for (const ListenerStatus& listener : snapshot.listeners) {
+    for (const ShardStatus& shard : listener.shards) {
+      w.Sample("portfleet_shard_health",
+               {{"listener", listener.spec.name()},
+                {"shard", absl::StrCat(shard.index)},
+                {"health", ShardHealthLabel(shard.health)}},
+               "1");
+    }
+  }
+  ShardFamily(w, snapshot, "portfleet_shard_ejections_total", "counter",
+              "Times the shard left the steering tables because it stalled.",
+              [](const ShardStatus& s) { return absl::StrCat(s.ejections); });
+  ShardFamily(
+      w, snapshot, "portfleet_shard_replacements_total", "counter",
+      "Workers of the shard replaced (stalled past the grace period, or "
+      "never ready).",
+      [](const ShardStatus& s) { return absl::StrCat(s.replacements); });
   ShardFamily(w, snapshot, "portfleet_shard_cpu", "gauge",
               "CPU the shard's worker is pinned to; -1 when not pinned.",
               [](const ShardStatus& s) { return absl::StrCat(s.cpu); });

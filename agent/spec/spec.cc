@@ -164,6 +164,21 @@ absl::Status ValidateListener(const v1::Listener& l) {
         "defer_accept_seconds: ", l.defer_accept_seconds(),
         " is out of range (0-", kMaxDeferAcceptSeconds, "; 0 = off)"));
   }
+  const v1::HealthSpec& health = l.health();
+  if (health.stall_window_ms() != 0 &&
+      (health.stall_window_ms() < kMinStallWindowMs ||
+       health.stall_window_ms() > kMaxStallWindowMs)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "health.stall_window_ms: ", health.stall_window_ms(),
+        " is out of range (", kMinStallWindowMs, "-", kMaxStallWindowMs,
+        "; 0 = default ", kDefaultStallWindowMs, ")"));
+  }
+  if (health.stall_grace_seconds() > kMaxStallGraceSeconds) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "health.stall_grace_seconds: ", health.stall_grace_seconds(),
+        " is out of range (0-", kMaxStallGraceSeconds, "; 0 = default ",
+        kDefaultStallGraceSeconds, ")"));
+  }
   if (l.steering().weights_size() > 0 && l.shards() == 0) {
     return absl::InvalidArgumentError(
         "steering.weights: needs an explicit shard count (shards: 0 means "
@@ -323,6 +338,16 @@ uint32_t EffectiveBacklog(const v1::Listener& l) {
 uint32_t EffectiveDrainTimeoutSeconds(const v1::Listener& l) {
   return l.drain_timeout_seconds() > 0 ? l.drain_timeout_seconds()
                                        : kDefaultDrainTimeoutSeconds;
+}
+
+uint32_t EffectiveStallWindowMs(const v1::Listener& l) {
+  return l.health().stall_window_ms() > 0 ? l.health().stall_window_ms()
+                                          : kDefaultStallWindowMs;
+}
+
+uint32_t EffectiveStallGraceSeconds(const v1::Listener& l) {
+  return l.health().stall_grace_seconds() > 0 ? l.health().stall_grace_seconds()
+                                              : kDefaultStallGraceSeconds;
 }
 
 }  // namespace portfleet

@@ -24,6 +24,11 @@ inline constexpr int kMaxListeners = 128;
 inline constexpr size_t kMaxWorkerSpecBytes = 16 * 1024;  // command+args+env
 inline constexpr int kMaxWorkerArgs = 256;                // args, env each
 inline constexpr uint32_t kMaxDeferAcceptSeconds = 600;
+inline constexpr uint32_t kDefaultStallWindowMs = 600;
+inline constexpr uint32_t kMinStallWindowMs = 100;
+inline constexpr uint32_t kMaxStallWindowMs = 60000;
+inline constexpr uint32_t kDefaultStallGraceSeconds = 10;
+inline constexpr uint32_t kMaxStallGraceSeconds = 3600;
 
 enum class SpecFormat { kTextproto, kJson };
 
@@ -65,6 +70,8 @@ bool IsDnsLabel(absl::string_view name);
 uint32_t EffectiveShards(const v1::Listener& listener, int online_cpus);
 uint32_t EffectiveBacklog(const v1::Listener& listener);
 uint32_t EffectiveDrainTimeoutSeconds(const v1::Listener& listener);
+uint32_t EffectiveStallWindowMs(const v1::Listener& listener);
+uint32_t EffectiveStallGraceSeconds(const v1::Listener& listener);
 
 }  // namespace portfleet
 

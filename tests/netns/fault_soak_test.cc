@@ -266,13 +266,13 @@ class Soak {
     // No leak across cycles, no zombie.
     EXPECT_TRUE(ZombieChildren(agent_->pid()).empty());
     int fds = CountFds(agent_->pid());
-    auto [it, first] = fds_by_shards_.emplace(shards.size(), fds);
-    if (!first) {
-      EXPECT_TRUE(WaitFor([&] { return CountFds(agent_->pid()) == it->second; },
+    const auto inserted = fds_by_shards_.emplace(shards.size(), fds);
+    if (!inserted.second) {
+      const int earlier = inserted.first->second;
+      EXPECT_TRUE(WaitFor([&] { return CountFds(agent_->pid()) == earlier; },
                           absl::Seconds(5)))
           << "agent fds with " << shards.size()
-          << " shards: " << CountFds(agent_->pid()) << ", earlier "
-          << it->second;
+          << " shards: " << CountFds(agent_->pid()) << ", earlier " << earlier;
     }
   }
 

@@ -25,6 +25,7 @@ class FakeController : public SyncFleetController {
   using SyncFleetController::DrainShard;
   using SyncFleetController::RollOut;
   using SyncFleetController::ScaleListener;
+  using SyncFleetController::SetShardMaintenance;
   using SyncFleetController::SetSteering;
   using SyncFleetController::UpdateListener;
 
@@ -143,6 +144,23 @@ class FakeController : public SyncFleetController {
     EmitLocked(v1::EVENT_TYPE_STEERING_CHANGED, name, "steering changed");
     return Persist();
   }
+  absl::Status SetShardMaintenance(const std::string& name, uint32_t index,
+                                   bool maintenance) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = listeners_.find(name);
+    if (it == listeners_.end()) return NotFound(name);
+    for (ShardStatus& s : it->second.shards) {
+      if (s.index != index) continue;
+      s.health =
+          maintenance ? v1::SHARD_HEALTH_MAINTENANCE : v1::SHARD_HEALTH_HEALTHY;
+      EmitLocked(maintenance ? v1::EVENT_TYPE_SHARD_EJECTED
+                             : v1::EVENT_TYPE_SHARD_RESTORED,
+                 name, "maintenance", index);
+      return absl::OkStatus();
+    }
+    return absl::NotFoundError(
+        absl::StrCat("listener \"", name, "\" has no shard ", index));
+  }
   AgentStatus GetStatus() override {
     std::lock_guard<std::mutex> lock(mu_);
     AgentStatus s;
@@ -152,6 +170,7 @@ class FakeController : public SyncFleetController {
     if (!bpf_active) s.bpf_unavailable_reason = "no CAP_BPF";
     s.listeners = listeners_.size();
     s.serving = true;
+    s.health.state = v1::HEALTH_STATE_SERVING;
     return s;
   }
   uint64_t Subscribe(std::function<void(const FleetEvent&)> sink) override {
@@ -186,6 +205,7 @@ class FakeController : public SyncFleetController {
       ShardStatus s;
       s.index = i;
       s.state = v1::SHARD_STATE_RUNNING;
+      s.health = v1::SHARD_HEALTH_HEALTHY;
       s.pid = 1000 + i;
       s.cpu = i;
       s.ready = true;

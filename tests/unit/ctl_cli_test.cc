@@ -142,12 +142,15 @@ TEST_F(CtlTest, ApplyBadFileIsUsageErrorWithFileName) {
 TEST_F(CtlTest, Status) {
   Result r = Ctl({"status"});
   ASSERT_EQ(r.code, 0) << r.err;
-  EXPECT_THAT(r.out, StartsWith("VERSION   UPTIME   LISTENERS   SERVING   "
-                                "BPF-STEERING\n9.8.7     1h2m     0"));
+  EXPECT_THAT(r.out,
+              StartsWith("VERSION   UPTIME   LISTENERS   SERVING   HEALTH    "
+                         "BPF-STEERING\n9.8.7     1h2m     0           yes   "
+                         "    serving   active\n"));
   r = Ctl({"status", "-o", "wide", "--no-headers"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_THAT(r.out, ::testing::MatchesRegex(
-                         "9\\.8\\.7   1h2m   [0-9T:-]+Z   0   yes   active\n"));
+                         "9\\.8\\.7   1h2m   [0-9T:-]+Z   0   yes   serving   "
+                         "active\n"));
   r = Ctl({"status", "-o", "json"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr(R"("version": "9.8.7")"));
@@ -199,12 +202,12 @@ TEST_F(CtlTest, GetShards) {
   Result r = Ctl({"get", "shards", "web"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(r.out,
-            "INDEX   STATE     READY   PID    CPU   RESTARTS   QUEUE   "
-            "CONNECTIONS   SELECTED   MIGRATED   FALLBACK\n"
-            "0       running   yes     1000   0     0          0       0    "
-            "         5          0          0\n"
-            "1       running   yes     1001   1     0          1       10   "
-            "         10         0          0\n");
+            "INDEX   STATE     READY   HEALTH    PID    CPU   RESTARTS   "
+            "QUEUE   CONNECTIONS   SELECTED   MIGRATED   FALLBACK   REASON\n"
+            "0       running   yes     healthy   1000   0     0          0     "
+            "  0             5          0          0          -\n"
+            "1       running   yes     healthy   1001   1     0          1     "
+            "  10            10         0          0          -\n");
   r = Ctl({"get", "shards", "web", "-o", "json"});
   EXPECT_THAT(r.out, HasSubstr(R"("state": "running")"));
   EXPECT_THAT(r.out, HasSubstr(R"("pid": 1001)"));
@@ -230,8 +233,8 @@ TEST_F(CtlTest, GetShardsWatchPrintsChanges) {
   // One header; rows printed later line up with the first table.
   EXPECT_EQ(out.find("INDEX"), 0u);
   EXPECT_EQ(out.find("INDEX", 1), std::string::npos);
-  EXPECT_THAT(out, HasSubstr("\n2       running   yes     1002   2     0"));
-  EXPECT_THAT(out, HasSubstr("\n2       stopped   no      -      2     0"));
+  EXPECT_THAT(out, HasSubstr("\n2       running   yes     healthy   1002   2"));
+  EXPECT_THAT(out, HasSubstr("\n2       stopped   no      -         -      2"));
 }
 
 TEST_F(CtlTest, GetShardsWatchJsonLines) {
@@ -483,11 +486,12 @@ TEST_F(CtlTest, TopShowsShardsAndShare) {
   ApplyWeb();
   Result r = Ctl({"top", "web", "--iterations", "1"});
   ASSERT_EQ(r.code, 0) << r.err;
-  EXPECT_THAT(r.out, HasSubstr("LISTENER   SHARD   STATE     PID    "
+  EXPECT_THAT(r.out, HasSubstr("LISTENER   SHARD   STATE     HEALTH    PID    "
                                "CONNECTIONS   QUEUE   ACCEPTED   SHARE\n"));
   // selected counters 5 and 10 -> 33% and 66%.
-  EXPECT_THAT(r.out, HasSubstr("web        0       running   1000   0  "
-                               "           0       0          33%\n"));
+  EXPECT_THAT(r.out,
+              HasSubstr("web        0       running   healthy   1000   0  "
+                        "           0       0          33%\n"));
   EXPECT_THAT(r.out, HasSubstr("66%"));
   EXPECT_THAT(r.out, Not(HasSubstr("api ")));
   r = Ctl({"top", "-o", "json", "--iterations", "2", "--interval", "100ms"});

@@ -82,11 +82,14 @@ TEST(RenderTest, JsonHasEveryFieldNumbersAndShortEnums) {
             R"("worker":{"command":"portfleet-worker","args":["--mode=http"],)"
             R"("env":[],"user":"","group":""},"steering":{"policy":"hash",)"
             R"("weights":[1,3]},"drainTimeoutSeconds":0,"backlog":0,)"
-            R"("deferAcceptSeconds":0},)"
+            R"("deferAcceptSeconds":0,)"
+            R"("health":{"stallWindowMs":0,"stallGraceSeconds":0}},)"
             R"("shards":[{"index":0,"state":"running","pid":1000,"cpu":-1,)"
             R"("restarts":0,"ready":true,"queueDepth":0,"activeConnections":0,)"
             R"("acceptedTotal":18446744073709551615,"counters":{"selected":5,)"
-            R"("migrated":0,"fallback":0},"socketInode":0}],"error":""})");
+            R"("migrated":0,"fallback":0},"socketInode":0,)"
+            R"("health":"unspecified","healthReason":"","ejections":0,)"
+            R"("replacements":0}],"error":""})");
 }
 
 TEST(RenderTest, SpecStyleKeepsOnlySetFieldsAndFullNames) {

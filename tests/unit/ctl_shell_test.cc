@@ -47,8 +47,9 @@ TEST(CompletionCandidatesTest, CommandsFlagsAndValues) {
   EXPECT_THAT(Words({"--server", "unix:/x", "sc"}), ElementsAre("scale"));
   EXPECT_THAT(Words({"steer", "web", "--policy", ""}),
               ElementsAre("hash", "cpu"));
-  EXPECT_THAT(Words({"events", "--type", "shard-r"}),
-              ElementsAre("shard-restarted"));
+  EXPECT_THAT(
+      Words({"events", "--type", "shard-re"}),
+      ElementsAre("shard-restarted", "shard-restored", "shard-replaced"));
   EXPECT_THAT(Words({"-o", "pr"}), ElementsAre("proto-json"));
   EXPECT_THAT(Words({"apply", "-f", ""}), ElementsAre(":file"));
   // -f is events' --follow: no value to complete, the next word is free.

@@ -5,6 +5,9 @@
 //                  worker end of each control channel stays with the test.
 //   FakeSteering   SteeringBackend: records the tables and socket slots of
 //                  each listener; can be told to fail the next write.
+//   FakeObserver   ShardObserver: queue depths by socket fd and process
+//                  states by pid, as the test sets them (default: empty
+//                  queue, running).
 // With a ManualClock the event loop runs no real timers: tests advance time.
 #ifndef PORTFLEET_TESTS_UNIT_FLEET_FAKES_H_
 #define PORTFLEET_TESTS_UNIT_FLEET_FAKES_H_
@@ -23,6 +26,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "agent/fleet/observer.h"
 #include "agent/launcher.h"
 #include "agent/steering/steering.h"
 #include "portfleet/v1/control.pb.h"
@@ -234,6 +238,22 @@ class FakeSteering : public SteeringBackend {
         new FakeListenerSteering(&state, std::string(listener)));
   }
   FakeSteeringState state;
+};
+
+class FakeObserver : public ShardObserver {
+ public:
+  std::map<int, uint32_t> queue_depth;  // by socket fd
+  std::map<pid_t, ProcessState> state;  // by pid
+  absl::StatusOr<QueueInfo> Queue(int socket_fd) override {
+    auto it = queue_depth.find(socket_fd);
+    return QueueInfo{.depth = it == queue_depth.end() ? 0 : it->second,
+                     .backlog = 1024};
+  }
+  ProcessInfo Process(pid_t pid) override {
+    auto it = state.find(pid);
+    return ProcessInfo{.state = it == state.end() ? ProcessState::kRunning
+                                                  : it->second};
+  }
 };
 
 }  // namespace portfleet::testing

@@ -26,6 +26,12 @@ TEST(RenderPrometheusTest, GoldenSmallSnapshot) {
   s.agent.bpf_steering_active = true;
   s.agent.listeners = 1;
   s.agent.serving = false;
+  s.agent.health.state = v1::HEALTH_STATE_NOT_SERVING;
+  s.agent.health.listeners = {{.name = "web",
+                               .state = v1::HEALTH_STATE_DEGRADED,
+                               .reason = "shard 1 DOWN",
+                               .healthy_shards = 1,
+                               .shards = 2}};
   ListenerStatus web = Listener("web");
   ShardStatus a;
   a.index = 0;
@@ -38,9 +44,13 @@ TEST(RenderPrometheusTest, GoldenSmallSnapshot) {
   a.active_connections = 7;
   a.accepted_total = 1000;
   a.counters = {.selected = 990, .migrated = 4, .fallback = 6};
+  a.health = v1::SHARD_HEALTH_HEALTHY;
+  a.ejections = 2;
   ShardStatus b;
   b.index = 1;
   b.state = v1::SHARD_STATE_BACKOFF;
+  b.health = v1::SHARD_HEALTH_DOWN;
+  b.replacements = 1;
   web.shards = {a, b};
   s.listeners = {web};
 
@@ -51,9 +61,22 @@ portfleet_build_info{version="0.1.0"} 1
 # HELP portfleet_up 1 when the agent answered this scrape with a snapshot.
 # TYPE portfleet_up gauge
 portfleet_up 1
-# HELP portfleet_serving 1 when every listener's shards are up (the agent is ready).
+# HELP portfleet_serving 1 when the agent is ready (health SERVING or DEGRADED), as /readyz and grpc.health.v1 say.
 # TYPE portfleet_serving gauge
 portfleet_serving 0
+# HELP portfleet_health_state 1 for the agent's current health state, 0 for the others.
+# TYPE portfleet_health_state gauge
+portfleet_health_state{state="STARTING"} 0
+portfleet_health_state{state="SERVING"} 0
+portfleet_health_state{state="DEGRADED"} 0
+portfleet_health_state{state="NOT_SERVING"} 1
+portfleet_health_state{state="STOPPING"} 0
+# HELP portfleet_listener_serving 1 while the listener has a healthy shard in rotation (its grpc.health.v1 service listener/NAME is SERVING).
+# TYPE portfleet_listener_serving gauge
+portfleet_listener_serving{listener="web"} 1
+# HELP portfleet_listener_healthy_shards Shards of the listener that are healthy and in rotation.
+# TYPE portfleet_listener_healthy_shards gauge
+portfleet_listener_healthy_shards{listener="web"} 1
 # HELP portfleet_start_time_seconds Start time of the agent since the Unix epoch, in seconds.
 # TYPE portfleet_start_time_seconds gauge
 portfleet_start_time_seconds 1700000000.250
@@ -102,6 +125,22 @@ portfleet_steering_migrated_total{listener="web",shard="1"} 0
 # TYPE portfleet_steering_fallback_total counter
 portfleet_steering_fallback_total{listener="web",shard="0"} 6
 portfleet_steering_fallback_total{listener="web",shard="1"} 0
+# HELP portfleet_shard_healthy 1 when the shard is healthy and in rotation.
+# TYPE portfleet_shard_healthy gauge
+portfleet_shard_healthy{listener="web",shard="0"} 1
+portfleet_shard_healthy{listener="web",shard="1"} 0
+# HELP portfleet_shard_health 1 for the shard's current health (HEALTHY, STARTING, DOWN, STALLED, EJECTED, MAINTENANCE, DRAINING); the reason is in ListShards.
+# TYPE portfleet_shard_health gauge
+portfleet_shard_health{listener="web",shard="0",health="HEALTHY"} 1
+portfleet_shard_health{listener="web",shard="1",health="DOWN"} 1
+# HELP portfleet_shard_ejections_total Times the shard left the steering tables because it stalled.
+# TYPE portfleet_shard_ejections_total counter
+portfleet_shard_ejections_total{listener="web",shard="0"} 2
+portfleet_shard_ejections_total{listener="web",shard="1"} 0
+# HELP portfleet_shard_replacements_total Workers of the shard replaced (stalled past the grace period, or never ready).
+# TYPE portfleet_shard_replacements_total counter
+portfleet_shard_replacements_total{listener="web",shard="0"} 0
+portfleet_shard_replacements_total{listener="web",shard="1"} 1
 # HELP portfleet_shard_cpu CPU the shard's worker is pinned to; -1 when not pinned.
 # TYPE portfleet_shard_cpu gauge
 portfleet_shard_cpu{listener="web",shard="0"} 2
