@@ -5,6 +5,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "agent/retired.h"
 #include "agent/spec/spec.h"
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/base/version.h"
@@ -48,6 +49,15 @@ Options:
                      them, then it drains its workers and exits (upgrades
                      without a gap, e.g. a DaemonSet with maxSurge 1). With
                      =auto, start normally when no agent is running.
+  --instance-id ID   who this agent is across its own restarts (Kubernetes:
+                     the pod UID from the downward API). Once an agent with
+                     this ID has handed over, it is retired: restarted with
+                     the same ID it never takes the sockets back; it stays
+                     idle, not ready, until terminated.
+  --after-handover=exit|idle   after a takeover drained our workers: exit 0
+                     (default), or stay idle (not ready, no API, no metrics)
+                     until SIGTERM, so that a container with restartPolicy
+                     Always is not restarted.
   --check            validate the config file and exit (0 = valid)
   --version          print the version and exit
   -h, --help         show this help
@@ -83,6 +93,7 @@ std::string* ValueFlag(const std::string& flag, AgentOptions* o) {
       {"--api-tls-client-ca", &o->api_tls_client_ca},
       {"--api-authz-policy", &o->api_authz_policy},
       {"--worker-allowlist", &o->worker_allowlist},
+      {"--instance-id", &o->instance_id},
   };
   for (const auto& [name, target] : flags) {
     if (flag == name) return target;
@@ -149,6 +160,18 @@ ParsedArgs ParseAgentArgs(const std::vector<std::string>& args) {
       out.options.takeover_auto = has_inline && value == "auto";
       continue;
     }
+    if (arg == "--after-handover") {
+      if (!has_inline) {
+        if (i + 1 >= args.size()) return usage_error(arg + " needs a value");
+        value = args[++i];
+      }
+      if (value != "exit" && value != "idle") {
+        return usage_error("--after-handover: '" + value +
+                           "' is not 'exit' or 'idle'");
+      }
+      out.options.idle_after_handover = value == "idle";
+      continue;
+    }
     std::string* target = ValueFlag(arg, &out.options);
     if (target == nullptr) return usage_error("unknown option '" + arg + "'");
     if (!has_inline) {
@@ -160,6 +183,11 @@ ParsedArgs ParseAgentArgs(const std::vector<std::string>& args) {
   if (!ParseLogLevel(out.options.log_level).ok()) {
     return usage_error("--log-level: unknown level '" + out.options.log_level +
                        "' (want debug, info, warning or error)");
+  }
+  if (!out.options.instance_id.empty()) {
+    if (absl::Status s = ValidateInstanceId(out.options.instance_id); !s.ok()) {
+      return usage_error("--instance-id: " + std::string(s.message()));
+    }
   }
   if (check_only && out.options.config.empty()) {
     return usage_error("--check needs --config FILE");

@@ -19,6 +19,13 @@ struct AgentOptions {
   std::string control_socket;
   bool takeover = false;       // --takeover
   bool takeover_auto = false;  // --takeover=auto: only if an agent runs
+  // Identity of this agent across restarts of the same deployment unit (in
+  // Kubernetes the pod UID): once it has handed over, an agent of this ID
+  // never takes sockets back (see agent/retired.h). "" = no such guard.
+  std::string instance_id;
+  // After handing over and draining: exit 0, or stay idle (not ready) until
+  // terminated (a container with restartPolicy Always).
+  bool idle_after_handover = false;
   // Optional remote API: TCP with mutual TLS and an authorization policy.
   std::string api_tls_address;
   std::string api_tls_cert;
