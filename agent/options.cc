@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "agent/retired.h"
 #include "agent/spec/spec.h"
+#include "worker/sdk/base/address.h"
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/base/version.h"
 
@@ -33,7 +34,11 @@ Options:
   --api-tls-address HOST:PORT   optional remote API with mutual TLS
   --api-tls-cert FILE, --api-tls-key FILE, --api-tls-client-ca FILE
   --api-authz-policy FILE       gRPC authorization policy for the remote API
-  --metrics ADDR     metrics/health HTTP endpoint (default 127.0.0.1:9464)
+  --metrics ADDR     metrics/health HTTP endpoint (default 127.0.0.1:9474;
+                     before 0.2 it was 127.0.0.1:9464)
+  --metrics-address IP   bind the metrics endpoint to this IPv4 or IPv6
+                     address (no brackets) on --metrics' port, e.g. the node
+                     IP from the Kubernetes downward API: $(NODE_IP)
   --state-dir DIR    persisted desired state (default /var/lib/portfleet)
   --control-socket PATH   where workers reconnect to a restarted agent
                      (default: control.sock beside a unix --api socket, else
@@ -94,6 +99,7 @@ std::string* ValueFlag(const std::string& flag, AgentOptions* o) {
       {"--api-authz-policy", &o->api_authz_policy},
       {"--worker-allowlist", &o->worker_allowlist},
       {"--instance-id", &o->instance_id},
+      {"--metrics-address", &o->metrics_address},
   };
   for (const auto& [name, target] : flags) {
     if (flag == name) return target;
@@ -112,6 +118,24 @@ int CheckConfigFile(const std::string& path) {
   std::printf("%s: valid, %d listener(s)\n", path.c_str(),
               spec->listeners_size());
   return 0;
+}
+
+// `address` (host:port) with its host replaced by the bare IP literal `ip`.
+absl::StatusOr<std::string> WithHost(const std::string& address,
+                                     const std::string& ip) {
+  absl::StatusOr<SocketAddress> old =
+      SocketAddress::Parse(address, /*allow_port_zero=*/true);
+  if (!old.ok()) return old.status();
+  std::string joined = ip.find(':') == std::string::npos
+                           ? absl::StrCat(ip, ":", old->port())
+                           : absl::StrCat("[", ip, "]:", old->port());
+  absl::StatusOr<SocketAddress> parsed =
+      SocketAddress::Parse(joined, /*allow_port_zero=*/true);
+  if (!parsed.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", ip, "' is not an IPv4 or IPv6 address"));
+  }
+  return parsed->ToString();
 }
 
 }  // namespace
@@ -183,6 +207,15 @@ ParsedArgs ParseAgentArgs(const std::vector<std::string>& args) {
   if (!ParseLogLevel(out.options.log_level).ok()) {
     return usage_error("--log-level: unknown level '" + out.options.log_level +
                        "' (want debug, info, warning or error)");
+  }
+  if (!out.options.metrics_address.empty()) {
+    absl::StatusOr<std::string> metrics =
+        WithHost(out.options.metrics, out.options.metrics_address);
+    if (!metrics.ok()) {
+      return usage_error("--metrics-address: " +
+                         std::string(metrics.status().message()));
+    }
+    out.options.metrics = *metrics;
   }
   if (!out.options.instance_id.empty()) {
     if (absl::Status s = ValidateInstanceId(out.options.instance_id); !s.ok()) {

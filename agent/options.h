@@ -10,7 +10,14 @@ namespace portfleet {
 struct AgentOptions {
   std::string config;  // fleet spec file (.textproto or .json)
   std::string api = "unix:///run/portfleet/api.sock";  // gRPC API endpoint
-  std::string metrics = "127.0.0.1:9464";  // /metrics, /healthz, /readyz
+  // /metrics, /healthz, /readyz. 9464 until 0.1.0; it is the default port
+  // of OpenTelemetry's Prometheus exporter, which often runs on the same
+  // nodes.
+  std::string metrics = "127.0.0.1:9474";
+  // --metrics-address IP: the host part of --metrics as a bare IPv4 or IPv6
+  // literal (Kubernetes: $(NODE_IP) from status.hostIP). Resolved into
+  // `metrics` by ParseAgentArgs.
+  std::string metrics_address;
   std::string state_dir = "/var/lib/portfleet";
   std::string bpffs = "/sys/fs/bpf/portfleet";  // pinned steering maps
   std::string log_level = "info";
