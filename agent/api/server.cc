@@ -22,6 +22,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "worker/sdk/base/fd.h"
 #include "worker/sdk/base/log.h"
@@ -68,8 +69,9 @@ std::string Dirname(const std::string& path) {
   return path.substr(0, slash);
 }
 
-// Creates `dir` 0750 (and its group) if missing. An existing directory is
-// left as it is.
+// Creates `dir` 0750 (and its group) if missing. An existing directory of
+// ours loses any permission beyond 0750 (a hostPath or RuntimeDirectory is
+// created 0755): the promise is "directory 0750" however it came to exist.
 absl::Status EnsureSocketDir(const std::string& dir, gid_t gid) {
   if (::mkdir(dir.c_str(), 0750) != 0) {
     if (errno == EEXIST) {
@@ -80,6 +82,11 @@ absl::Status EnsureSocketDir(const std::string& dir, gid_t gid) {
       if (!S_ISDIR(st.st_mode)) {
         return absl::FailedPreconditionError(
             absl::StrCat("API socket directory ", dir, " is not a directory"));
+      }
+      const mode_t mode = st.st_mode & 07777;
+      if (st.st_uid == ::geteuid() && (mode & ~0750) != 0 &&
+          ::chmod(dir.c_str(), mode & 0750) != 0) {
+        return ErrnoError(absl::StrFormat("chmod %04o %s", mode & 0750, dir));
       }
       return absl::OkStatus();
     }
