@@ -295,7 +295,7 @@ absl::Status Agent::StartFleet() {
   fleet_options.health_period = kHealthPeriod;
   fleet_ = std::make_unique<Fleet>(loop_.get(), &launcher_, fleet_options);
   fleet_->SetAdoptees(std::move(adoptees_));
-  OpenSteering();
+  RETURN_IF_ERROR(OpenSteering());
   std::string state_dir = options_.state_dir;
   controller_ = std::make_unique<LoopFleetController>(
       loop_.get(), fleet_.get(),
@@ -386,7 +386,7 @@ void Agent::Notify(const std::string& assignments) {
   }
 }
 
-void Agent::OpenSteering() {
+absl::Status Agent::OpenSteering() {
   // BPF steering, or the kernel's plain reuseport hashing with the reason.
   absl::StatusOr<std::unique_ptr<SteeringBackend>> steering =
       OpenBpfSteering(options_.bpffs);
@@ -395,6 +395,10 @@ void Agent::OpenSteering() {
     fleet_->SetSteeringBackend(steering_.get(), "");
     PF_LOG(INFO) << "BPF steering active (maps pinned under " << options_.bpffs
                  << ")";
+  } else if (options_.require_steering) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("BPF steering unavailable (--require-steering): ",
+                     steering.status().message()));
   } else {
     fleet_->SetSteeringBackend(nullptr,
                                std::string(steering.status().message()));
@@ -403,6 +407,7 @@ void Agent::OpenSteering() {
                     << "; listeners use the kernel's reuseport hash and "
                        "steering requests will fail";
   }
+  return absl::OkStatus();
 }
 
 std::unique_ptr<TakeoverDonor> Agent::MakeDonor() {

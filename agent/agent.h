@@ -54,8 +54,9 @@ class Agent {
  private:
   explicit Agent(const AgentOptions& options);
   absl::Status StartFleet();
-  // BPF steering, or the kernel's reuseport hashing with the reason.
-  void OpenSteering();
+  // BPF steering, or the kernel's reuseport hashing with the reason (an
+  // error instead with --require-steering).
+  absl::Status OpenSteering();
   // The donating end of a takeover, wired to this agent.
   std::unique_ptr<TakeoverDonor> MakeDonor();
   absl::Status OpenApi();

@@ -44,6 +44,9 @@ Options:
                      (default: control.sock beside a unix --api socket, else
                      in --state-dir)
   --bpffs DIR        pinned steering maps (default /sys/fs/bpf/portfleet)
+  --require-steering fail the start (exit 1) when BPF steering cannot be
+                     opened (no bpffs mounted, no CAP_BPF, a seccomp filter),
+                     instead of serving with the kernel's reuseport hash
   --worker-allowlist FILE   worker programs the agent may start, one
                      absolute path per line ('#' comments); without it,
                      anyone who may use the API may run any program as the
@@ -170,6 +173,10 @@ ParsedArgs ParseAgentArgs(const std::vector<std::string>& args) {
       std::printf("portfleet-agent %s\n", kVersion);
       out.exit_now = true;
       return out;
+    }
+    if (arg == "--require-steering") {
+      out.options.require_steering = true;
+      continue;
     }
     if (arg == "--check") {
       check_only = true;

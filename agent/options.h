@@ -20,6 +20,9 @@ struct AgentOptions {
   std::string metrics_address;
   std::string state_dir = "/var/lib/portfleet";
   std::string bpffs = "/sys/fs/bpf/portfleet";  // pinned steering maps
+  // Start-up fails when BPF steering cannot be opened (no bpffs, no
+  // CAP_BPF, seccomp) instead of serving with the kernel's hash.
+  bool require_steering = false;
   std::string log_level = "info";
   std::string api_group;  // group owning the API socket
   // Where workers reconnect to a restarted agent ("" = derived from --api).
