@@ -426,9 +426,14 @@ std::unique_ptr<TakeoverDonor> Agent::MakeDonor() {
                                [this] {
                                  if (api_) api_->SetServing(false);
                                  controller_->Close();
+                                 // Not ready (/readyz 503, STATUS=).
+                                 phase_ = AgentPhase::kHandingOver;
+                                 PublishHealth();
                                },
                            .resume =
                                [this] {
+                                 phase_ = AgentPhase::kServing;
+                                 PublishHealth();
                                  controller_->Reopen();
                                  if (api_) api_->SetHealth(board_.Current());
                                },
