@@ -720,6 +720,9 @@ int RunRetired(const AgentOptions& options, SignalHandler* signals) {
 int RunAgent(const AgentOptions& options) {
   SetLogTag("agent");
   SetLogLevel(*ParseLogLevel(options.log_level));
+  if (!options.log_format.empty()) {
+    SetLogFormat(*ParseLogFormat(options.log_format));
+  }
   RouteProtobufLogs();
   // A worker that dies mid-write must not kill us.
   ::signal(SIGPIPE, SIG_IGN);

@@ -52,6 +52,9 @@ Options:
                      anyone who may use the API may run any program as the
                      agent's user (workers get no capabilities)
   --log-level LEVEL  debug, info, warning or error (default info)
+  --log-format FORMAT   text or json (one JSON object a line). Without it:
+                     text, and under systemd (stderr is $JOURNAL_STREAM)
+                     each line carries its journald priority ("<6>INFO ...")
   --takeover[=auto]  take over from the agent running on the same control
                      socket: receive its shard sockets, start our workers on
                      them, then it drains its workers and exits (upgrades
@@ -93,6 +96,7 @@ std::string* ValueFlag(const std::string& flag, AgentOptions* o) {
       {"--state-dir", &o->state_dir},
       {"--bpffs", &o->bpffs},
       {"--log-level", &o->log_level},
+      {"--log-format", &o->log_format},
       {"--api-group", &o->api_group},
       {"--control-socket", &o->control_socket},
       {"--api-tls-address", &o->api_tls_address},
@@ -214,6 +218,11 @@ ParsedArgs ParseAgentArgs(const std::vector<std::string>& args) {
   if (!ParseLogLevel(out.options.log_level).ok()) {
     return usage_error("--log-level: unknown level '" + out.options.log_level +
                        "' (want debug, info, warning or error)");
+  }
+  if (!out.options.log_format.empty() &&
+      !ParseLogFormat(out.options.log_format).ok()) {
+    return usage_error("--log-format: unknown format '" +
+                       out.options.log_format + "' (want text or json)");
   }
   if (!out.options.metrics_address.empty()) {
     absl::StatusOr<std::string> metrics =

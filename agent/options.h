@@ -24,6 +24,9 @@ struct AgentOptions {
   // CAP_BPF, seccomp) instead of serving with the kernel's hash.
   bool require_steering = false;
   std::string log_level = "info";
+  // "text", "json", or "" (text; with journald priorities when stderr is
+  // the journal).
+  std::string log_format;
   std::string api_group;  // group owning the API socket
   // Where workers reconnect to a restarted agent ("" = derived from --api).
   std::string control_socket;

@@ -66,6 +66,13 @@ TEST(AgentOptionsTest, InstanceIdAndAfterHandover) {
   EXPECT_EQ(Parse({"--instance-id", std::string(129, 'a')}).exit_code, 2);
 }
 
+TEST(AgentOptionsTest, LogFormat) {
+  EXPECT_EQ(Parse({}).options.log_format, "");
+  EXPECT_EQ(Parse({"--log-format=json"}).options.log_format, "json");
+  EXPECT_EQ(Parse({"--log-format", "text"}).options.log_format, "text");
+  EXPECT_EQ(Parse({"--log-format=xml"}).exit_code, 2);
+}
+
 TEST(RetiredInstancesTest, RetireListsTheIdOnceAndKeepsTheLast32) {
   TempDir dir;
   const std::string state = dir.path() + "/state";
