@@ -99,13 +99,14 @@ class Container {
     return out;
   }
   std::string LastLog() const {
-    return ReadFileOrEmpty(absl::StrCat(log_prefix_, ".", restarts_, ".log"));
+    return ReadFileOrEmpty(
+        absl::StrCat(log_prefix_, ".", restarts_.load(), ".log"));
   }
 
  private:
   absl::Status StartLocked() {
     absl::Status s = process_.Start(
-        argv_, absl::StrCat(log_prefix_, ".", restarts_, ".log"));
+        argv_, absl::StrCat(log_prefix_, ".", restarts_.load(), ".log"));
     pid_ = process_.pid();
     return s;
   }
