@@ -213,6 +213,10 @@ ParsedArgs ParseAgentArgs(const std::vector<std::string>& args) {
       if (i + 1 >= args.size()) return usage_error(arg + " needs a value");
       value = args[++i];
     }
+    if (arg == "--metrics-address" && value.empty()) {
+      // e.g. an unset $(NODE_IP): never fall back to the default silently.
+      return usage_error("--metrics-address needs an IPv4 or IPv6 address");
+    }
     *target = value;
   }
   if (!ParseLogLevel(out.options.log_level).ok()) {
