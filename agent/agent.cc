@@ -690,7 +690,8 @@ bool IsRetired(const AgentOptions& options) {
 // or sockets) and waits for SIGTERM or SIGINT: restarted by its container
 // engine, it must not take the sockets back from the agent it handed them
 // to, nor be restarted again and again.
-int RunRetired(const AgentOptions& options, SignalHandler* signals) {
+int RunRetired(const AgentOptions& options,
+               std::unique_ptr<SignalHandler>* signals) {
   PF_LOG(WARNING) << "instance " << options.instance_id
                   << " already handed its sockets over to a newer agent ("
                   << options.state_dir << "/" << kRetiredInstancesFileName
@@ -702,16 +703,18 @@ int RunRetired(const AgentOptions& options, SignalHandler* signals) {
     return 1;
   }
   EventLoop* l = loop->get();
-  absl::Status watched = signals->Watch(l, [l](int sig, int) {
+  absl::Status watched = (*signals)->Watch(l, [l](int sig, int) {
     PF_LOG(INFO) << "received SIG" << sigabbrev_np(sig)
                  << ": retired agent stops";
     l->Stop();
   });
   if (!watched.ok()) {
     PF_LOG(ERROR) << "start-up failed: " << watched;
+    signals->reset();  // before the loop it watches
     return 1;
   }
   l->Run();
+  signals->reset();  // before the loop it watches
   return 0;
 }
 
@@ -734,7 +737,7 @@ int RunAgent(const AgentOptions& options) {
     PF_LOG(ERROR) << "start-up failed: " << signals.status();
     return 1;
   }
-  if (IsRetired(options)) return RunRetired(options, signals->get());
+  if (IsRetired(options)) return RunRetired(options, &*signals);
   absl::StatusOr<std::unique_ptr<Agent>> agent = Agent::Start(options);
   if (!agent.ok()) {
     PF_LOG(ERROR) << "start-up failed: " << agent.status().message();
