@@ -352,6 +352,24 @@ TEST_F(ApiAgentTest, ExistingSocketDirectoryIsNarrowedTo0750) {
   EXPECT_EQ(st.st_mode & 07777, 0750u);
 }
 
+// A socket directory shared with other files (here the worker binary that
+// the workers, running as another user, must reach) keeps its mode.
+TEST_F(ApiAgentTest, SharedSocketDirectoryKeepsItsMode) {
+  PF_ENTER_NETNS_OR_SKIP();
+  const std::string dir = agent_.dir().path() + "/run";
+  ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0);
+  ASSERT_EQ(::chmod(dir.c_str(), 0755), 0);
+  agent_.dir().WriteFile("run/other-file", "x");
+  const std::string sock = dir + "/api.sock";
+  ASSERT_TRUE(agent_.Start(Spec(), {"--api", "unix://" + sock}).ok());
+  ASSERT_TRUE(WaitFor([&] { return access(sock.c_str(), F_OK) == 0; },
+                      absl::Seconds(10)))
+      << agent_.Log();
+  struct stat st;
+  ASSERT_EQ(stat(dir.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0755u);
+}
+
 // Steps:
 // 1. Start the agent with its socket in a directory it creates.
 // 2. The socket is 0660, the directory 0750.
