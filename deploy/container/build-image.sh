@@ -1,4 +1,4 @@
-#!/bin/sh
+#!/bin/bash
 # Builds the portfleet image with podman on a Debian 12 host without an image
 # registry: the Debian base images are made from the host's Debian mirror
 # with mmdebstrap and imported under the names the Containerfile's short
