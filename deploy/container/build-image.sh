@@ -14,8 +14,9 @@
 # (CONTAINERS_CONF, the host's configuration is not touched):
 #   - runc, not crun (crun refuses a hybrid cgroup layout);
 #   - cgroup_manager "cgroupfs" and events_logger "file" (no systemd as PID 1);
-#   - default_ulimits at the host's hard limits (podman's rootful default,
-#     1048576, cannot be set without CAP_SYS_RESOURCE).
+#   - default_ulimits nofile at the host's hard limit and nproc 4096
+#     (podman's rootful defaults, 1048576, cannot be set without
+#     CAP_SYS_RESOURCE), passed to podman build's RUN steps as --ulimit.
 # Prints how long each step took. Needs root (rootful podman).
 set -eu
 
@@ -54,9 +55,11 @@ fi
 done_step
 
 nofile=$(ulimit -Hn)
-nproc=$(ulimit -Hu)
-[ "$nproc" = unlimited ] && nproc=1048576
 [ "$nofile" = unlimited ] && nofile=1048576
+# nproc: runc fails to set anything much above a few thousand here (EPERM
+# for 50000 with a hard limit of 96363); 4096 processes per uid is plenty
+# for an agent and its workers.
+nproc=4096
 cat > "$work/containers.conf" <<CONF
 [containers]
 default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
@@ -66,6 +69,8 @@ cgroup_manager = "cgroupfs"
 events_logger = "file"
 CONF
 export CONTAINERS_CONF="$work/containers.conf"
+# podman build's RUN steps do not take default_ulimits: pass them.
+ulimits="--ulimit nofile=$nofile:$nofile --ulimit nproc=$nproc:$nproc"
 
 # The host's Debian sources (deb822 or one-line format).
 sources=""
@@ -90,11 +95,16 @@ if [ "$runtime_only" = 1 ]; then
     [ -x "$build_dir/$b" ] || { echo "build-image.sh: $build_dir/$b missing (deploy/build.sh)" >&2; exit 1; }
   done
   step "runtime base: mmdebstrap minbase bookworm + runtime libraries"
+  if [ -n "${PORTFLEET_REUSE_BASE:-}" ] &&
+     podman image exists localhost/portfleet-runtime-base:bookworm; then
+    echo "   reusing localhost/portfleet-runtime-base:bookworm"
+  else
   include=$(echo $runtime_pkgs | tr ' ' ',')
   mmdebstrap --quiet --variant=minbase --include="$include" bookworm \
     "$work/runtime.tar" "$sources"
   podman import --quiet "$work/runtime.tar" localhost/portfleet-runtime-base:bookworm >/dev/null
   rm -f "$work/runtime.tar"
+  fi
   done_step
   step "image $tag from $build_dir (runtime only)"
   ctx="$work/context"
@@ -113,7 +123,7 @@ RUN for b in portfleet-agent portfleet-worker portfleetctl; do \
 ENTRYPOINT ["/usr/local/bin/portfleet-agent"]
 CMD ["--config", "/etc/portfleet/fleet.textproto"]
 CF
-  podman build --quiet --network=none -t "$tag" "$ctx" >/dev/null
+  podman build --quiet $ulimits --network=none -t "$tag" "$ctx" >/dev/null
   rm -rf "$ctx"
   done_step
 else
@@ -126,7 +136,7 @@ else
   rm -f "$work/base.tar"
   done_step
   step "image $tag: deploy/container/Containerfile (multi-stage: build on bookworm, run on bookworm-slim)"
-  git archive HEAD | podman build --network=host -f deploy/container/Containerfile -t "$tag" -
+  git archive HEAD | podman build $ulimits --network=host -f deploy/container/Containerfile -t "$tag" -
   done_step
 fi
 podman image ls "$tag"
