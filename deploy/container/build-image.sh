@@ -43,15 +43,8 @@ step_start=0
 step() { step_start=$(date +%s); echo "== $*"; }
 done_step() { echo "   took $(( $(date +%s) - step_start ))s"; }
 
-step "packages: podman runc mmdebstrap"
-missing=""
-for p in podman runc mmdebstrap; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing
-fi
+step "packages: podman runc catatonit mmdebstrap (deploy/install-deps.sh --deploy)"
+deploy/install-deps.sh --deploy
 done_step
 
 nofile=$(ulimit -Hn)
