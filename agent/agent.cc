@@ -19,6 +19,7 @@
 #include "absl/strings/strip.h"
 #include "agent/adoption.h"
 #include "agent/api/state_store.h"
+#include "agent/retired.h"
 #include "agent/signals.h"
 #include "agent/sockets.h"
 #include "agent/spec/spec.h"
@@ -294,7 +295,7 @@ absl::Status Agent::StartFleet() {
   fleet_options.health_period = kHealthPeriod;
   fleet_ = std::make_unique<Fleet>(loop_.get(), &launcher_, fleet_options);
   fleet_->SetAdoptees(std::move(adoptees_));
-  OpenSteering();
+  RETURN_IF_ERROR(OpenSteering());
   std::string state_dir = options_.state_dir;
   controller_ = std::make_unique<LoopFleetController>(
       loop_.get(), fleet_.get(),
@@ -385,7 +386,7 @@ void Agent::Notify(const std::string& assignments) {
   }
 }
 
-void Agent::OpenSteering() {
+absl::Status Agent::OpenSteering() {
   // BPF steering, or the kernel's plain reuseport hashing with the reason.
   absl::StatusOr<std::unique_ptr<SteeringBackend>> steering =
       OpenBpfSteering(options_.bpffs);
@@ -394,6 +395,10 @@ void Agent::OpenSteering() {
     fleet_->SetSteeringBackend(steering_.get(), "");
     PF_LOG(INFO) << "BPF steering active (maps pinned under " << options_.bpffs
                  << ")";
+  } else if (options_.require_steering) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("BPF steering unavailable (--require-steering): ",
+                     steering.status().message()));
   } else {
     fleet_->SetSteeringBackend(nullptr,
                                std::string(steering.status().message()));
@@ -402,6 +407,7 @@ void Agent::OpenSteering() {
                     << "; listeners use the kernel's reuseport hash and "
                        "steering requests will fail";
   }
+  return absl::OkStatus();
 }
 
 std::unique_ptr<TakeoverDonor> Agent::MakeDonor() {
@@ -420,9 +426,14 @@ std::unique_ptr<TakeoverDonor> Agent::MakeDonor() {
                                [this] {
                                  if (api_) api_->SetServing(false);
                                  controller_->Close();
+                                 // Not ready (/readyz 503, STATUS=).
+                                 phase_ = AgentPhase::kHandingOver;
+                                 PublishHealth();
                                },
                            .resume =
                                [this] {
+                                 phase_ = AgentPhase::kServing;
+                                 PublishHealth();
                                  controller_->Reopen();
                                  if (api_) api_->SetHealth(board_.Current());
                                },
@@ -545,17 +556,51 @@ void Agent::StopApiInBackground(std::function<void()> then) {
 void Agent::HandOver(std::function<void()> release_done) {
   stopping_ = true;
   phase_ = AgentPhase::kStopping;
+  if (!options_.instance_id.empty()) {
+    // Before anything else: from now on a restart of this instance must
+    // never take the sockets back.
+    absl::Status s = RetireInstance(options_.state_dir, options_.instance_id);
+    if (s.ok()) {
+      PF_LOG(INFO) << "instance " << options_.instance_id
+                   << " retired: restarted with this --instance-id, an agent "
+                      "stays idle and never takes the sockets back";
+    } else {
+      PF_LOG(ERROR) << "recording instance " << options_.instance_id
+                    << " as retired: " << s.message()
+                    << " (a restart of this instance could take the sockets "
+                       "back)";
+    }
+  }
   PublishHealth();
   Notify("STOPPING=1\nSTATUS=handed over to a new agent; draining workers");
   CloseInterfaces();
   // Closing the connection (release_done) tells the new agent we let go.
   StopApiInBackground(std::move(release_done));
-  fleet_->Shutdown([this] { loop_->Stop(); });
+  fleet_->Shutdown([this] { OnHandedOverDrained(); });
+}
+
+void Agent::OnHandedOverDrained() {
+  drained_ = true;
+  if (!options_.idle_after_handover || stop_requested_) {
+    loop_->Stop();
+    return;
+  }
+  PF_LOG(INFO) << "handed over and our workers drained; idle (no API, no "
+                  "metrics, not ready) until terminated "
+                  "(--after-handover=idle)";
 }
 
 void Agent::OnStop(const std::string& why, int count) {
   if (donor_ && donor_->handed_over() && count == 1) {
-    PF_LOG(INFO) << why << ": already handed over and draining our workers";
+    if (drained_) {
+      PF_LOG(INFO) << why << ": handed over and idle; stopping";
+      loop_->Stop();
+      return;
+    }
+    PF_LOG(INFO) << why
+                 << ": already handed over; stopping once our workers "
+                    "are drained";
+    stop_requested_ = true;
     return;
   }
   if (count > 1 || stopping_) {
@@ -622,9 +667,65 @@ void RouteProtobufLogs() {
   });
 }
 
+namespace {
+
+// Whether this agent's --instance-id has handed over before (see
+// agent/retired.h).
+bool IsRetired(const AgentOptions& options) {
+  if (options.instance_id.empty()) return false;
+  absl::StatusOr<std::vector<std::string>> retired =
+      LoadRetiredInstances(options.state_dir);
+  if (!retired.ok()) {
+    PF_LOG(WARNING) << "cannot read the retired instances: "
+                    << retired.status().message()
+                    << " (starting as if instance " << options.instance_id
+                    << " had never handed over)";
+    return false;
+  }
+  return std::find(retired->begin(), retired->end(), options.instance_id) !=
+         retired->end();
+}
+
+// A retired instance opens nothing (no API, metrics, control socket, state
+// or sockets) and waits for SIGTERM or SIGINT: restarted by its container
+// engine, it must not take the sockets back from the agent it handed them
+// to, nor be restarted again and again.
+int RunRetired(const AgentOptions& options,
+               std::unique_ptr<SignalHandler>* signals) {
+  PF_LOG(WARNING) << "instance " << options.instance_id
+                  << " already handed its sockets over to a newer agent ("
+                  << options.state_dir << "/" << kRetiredInstancesFileName
+                  << "): retired; staying idle (no API, no metrics, not "
+                     "ready, no takeover) until terminated";
+  absl::StatusOr<std::unique_ptr<EventLoop>> loop = EventLoop::Create();
+  if (!loop.ok()) {
+    PF_LOG(ERROR) << "start-up failed: " << loop.status();
+    return 1;
+  }
+  EventLoop* l = loop->get();
+  absl::Status watched = (*signals)->Watch(l, [l](int sig, int) {
+    PF_LOG(INFO) << "received SIG" << sigabbrev_np(sig)
+                 << ": retired agent stops";
+    l->Stop();
+  });
+  if (!watched.ok()) {
+    PF_LOG(ERROR) << "start-up failed: " << watched;
+    signals->reset();  // before the loop it watches
+    return 1;
+  }
+  l->Run();
+  signals->reset();  // before the loop it watches
+  return 0;
+}
+
+}  // namespace
+
 int RunAgent(const AgentOptions& options) {
   SetLogTag("agent");
   SetLogLevel(*ParseLogLevel(options.log_level));
+  if (!options.log_format.empty()) {
+    SetLogFormat(*ParseLogFormat(options.log_format));
+  }
   RouteProtobufLogs();
   // A worker that dies mid-write must not kill us.
   ::signal(SIGPIPE, SIG_IGN);
@@ -636,6 +737,7 @@ int RunAgent(const AgentOptions& options) {
     PF_LOG(ERROR) << "start-up failed: " << signals.status();
     return 1;
   }
+  if (IsRetired(options)) return RunRetired(options, &*signals);
   absl::StatusOr<std::unique_ptr<Agent>> agent = Agent::Start(options);
   if (!agent.ok()) {
     PF_LOG(ERROR) << "start-up failed: " << agent.status().message();

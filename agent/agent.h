@@ -54,8 +54,9 @@ class Agent {
  private:
   explicit Agent(const AgentOptions& options);
   absl::Status StartFleet();
-  // BPF steering, or the kernel's reuseport hashing with the reason.
-  void OpenSteering();
+  // BPF steering, or the kernel's reuseport hashing with the reason (an
+  // error instead with --require-steering).
+  absl::Status OpenSteering();
   // The donating end of a takeover, wired to this agent.
   std::unique_ptr<TakeoverDonor> MakeDonor();
   absl::Status OpenApi();
@@ -64,6 +65,8 @@ class Agent {
   void CloseInterfaces();
   void OnTakeoverReleased(bool ready_sent);
   void HandOver(std::function<void()> release_done);
+  // Our workers drained after a hand-over: exit, or idle until a stop.
+  void OnHandedOverDrained();
   void StopApiInBackground(std::function<void()> then);
   void ScheduleCounterLog();
   // Health: recomputes it from the fleet and the phase, publishes it on the
@@ -97,6 +100,9 @@ class Agent {
   std::unique_ptr<TakeoverReceiver> receiver_;
   std::thread api_stopper_;
   bool stopping_ = false;
+  // After a hand-over: our workers are drained / a stop was asked for.
+  bool drained_ = false;
+  bool stop_requested_ = false;
   AgentPhase phase_ = AgentPhase::kStarting;
   HealthBoard board_;
   std::unique_ptr<SdNotifier> notifier_;

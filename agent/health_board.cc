@@ -34,6 +34,11 @@ AgentHealth ComputeAgentHealth(AgentPhase phase,
     out.reason = "the agent is stopping";
     return out;
   }
+  if (phase == AgentPhase::kHandingOver) {
+    out.state = v1::HEALTH_STATE_STOPPING;
+    out.reason = "the agent is handing its sockets over to a new agent";
+    return out;
+  }
   // The worst listener decides.
   auto rank = [](v1::HealthState s) {
     switch (s) {

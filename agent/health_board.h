@@ -21,7 +21,9 @@ namespace portfleet {
 
 // Where the agent is in its life; the fleet's health matters only while it
 // serves.
-enum class AgentPhase { kStarting, kServing, kStopping };
+// kHandingOver: a takeover is in progress (this agent donates its sockets);
+// not ready, like kStopping, and back to kServing if it is aborted.
+enum class AgentPhase { kStarting, kServing, kHandingOver, kStopping };
 
 // The agent's health from its phase and its listeners' health (pure):
 // STARTING/STOPPING follow the phase; serving, it is NOT_SERVING if a

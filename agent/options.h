@@ -10,15 +10,35 @@ namespace portfleet {
 struct AgentOptions {
   std::string config;  // fleet spec file (.textproto or .json)
   std::string api = "unix:///run/portfleet/api.sock";  // gRPC API endpoint
-  std::string metrics = "127.0.0.1:9464";  // /metrics, /healthz, /readyz
+  // /metrics, /healthz, /readyz. 9464 until 0.1.0; it is the default port
+  // of OpenTelemetry's Prometheus exporter, which often runs on the same
+  // nodes.
+  std::string metrics = "127.0.0.1:9474";
+  // --metrics-address IP: the host part of --metrics as a bare IPv4 or IPv6
+  // literal (Kubernetes: $(NODE_IP) from status.hostIP). Resolved into
+  // `metrics` by ParseAgentArgs.
+  std::string metrics_address;
   std::string state_dir = "/var/lib/portfleet";
   std::string bpffs = "/sys/fs/bpf/portfleet";  // pinned steering maps
+  // Start-up fails when BPF steering cannot be opened (no bpffs, no
+  // CAP_BPF, seccomp) instead of serving with the kernel's hash.
+  bool require_steering = false;
   std::string log_level = "info";
+  // "text", "json", or "" (text; with journald priorities when stderr is
+  // the journal).
+  std::string log_format;
   std::string api_group;  // group owning the API socket
   // Where workers reconnect to a restarted agent ("" = derived from --api).
   std::string control_socket;
   bool takeover = false;       // --takeover
   bool takeover_auto = false;  // --takeover=auto: only if an agent runs
+  // Identity of this agent across restarts of the same deployment unit (in
+  // Kubernetes the pod UID): once it has handed over, an agent of this ID
+  // never takes sockets back (see agent/retired.h). "" = no such guard.
+  std::string instance_id;
+  // After handing over and draining: exit 0, or stay idle (not ready) until
+  // terminated (a container with restartPolicy Always).
+  bool idle_after_handover = false;
   // Optional remote API: TCP with mutual TLS and an authorization policy.
   std::string api_tls_address;
   std::string api_tls_cert;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 (bookworm) packages portfleet needs to build, run and
-# test. Idempotent: quiet and quick when everything is present.
+# test (deploy/install-deps.sh --deploy adds the container engine for the
+# deploy tier). Idempotent: quiet and quick when everything is present.
 set -euo pipefail
 
 PACKAGES=(
@@ -19,6 +20,12 @@ PACKAGES=(
   # portfleetctl tests: YAML output read back, completion scripts, man page
   python3-yaml bash zsh groff-base
 )
+# --deploy: also what the deploy tier needs (deploy/container/build-image.sh,
+# tests/deploy/): podman with runc, catatonit (kube play's pause process) and
+# mmdebstrap (the base image from the Debian mirror).
+if [[ "${1:-}" == "--deploy" ]]; then
+  PACKAGES+=(podman runc catatonit mmdebstrap)
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -36,3 +36,9 @@ portfleet_test(fleet_test
   SOURCES unit/fleet_test.cc
   LIBS portfleet_agent_lib
   LABELS unit)
+
+# Command line and retired instances (issue 12).
+portfleet_test(agent_options_test
+  SOURCES unit/agent_options_test.cc
+  LIBS portfleet_agent portfleet_testing
+  LABELS unit)

@@ -50,6 +50,12 @@ portfleet_test(lifecycle_takeover_test
   LIBS portfleet_loadgen portfleet_api portfleet_testing
   LABELS netns)
 
+# The DaemonSet's surge upgrade with restartPolicy Always (issue 12).
+portfleet_test(lifecycle_surge_test
+  SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/lifecycle_surge_test.cc
+  LIBS portfleet_loadgen portfleet_api portfleet_testing
+  LABELS netns)
+
 # The fleet benchmark (a plain executable, never a ctest test): the agent vs
 # nginx under load. tests/bench/run_fleet_bench.sh installs nginx and runs it.
 add_executable(portfleet-fleet-bench ${CMAKE_CURRENT_LIST_DIR}/bench/fleet_bench.cc)

@@ -1,5 +1,6 @@
 #include "agent/api/server.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
@@ -22,6 +23,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "worker/sdk/base/fd.h"
 #include "worker/sdk/base/log.h"
@@ -68,8 +70,31 @@ std::string Dirname(const std::string& path) {
   return path.substr(0, slash);
 }
 
-// Creates `dir` 0750 (and its group) if missing. An existing directory is
-// left as it is.
+// Whether `dir` holds nothing but sockets (*.sock) and our temporary bind
+// directories (.api-*): a socket directory made for us (a hostPath, a
+// RuntimeDirectory), not a directory the operator shares with other files.
+bool OnlySocketsIn(const std::string& dir) {
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return false;
+  bool only = true;
+  while (dirent* e = ::readdir(d)) {
+    absl::string_view name(e->d_name);
+    if (name == "." || name == ".." || absl::EndsWith(name, ".sock") ||
+        absl::StartsWith(name, ".api-")) {
+      continue;
+    }
+    only = false;
+    break;
+  }
+  ::closedir(d);
+  return only;
+}
+
+// Creates `dir` 0750 (and its group) if missing. An existing directory of
+// ours that holds only sockets loses any permission beyond 0750 (a hostPath
+// or RuntimeDirectory is created 0755): the promise is "directory 0750"
+// however it came to exist. A directory shared with other files is left as
+// it is (the socket itself is 0660).
 absl::Status EnsureSocketDir(const std::string& dir, gid_t gid) {
   if (::mkdir(dir.c_str(), 0750) != 0) {
     if (errno == EEXIST) {
@@ -80,6 +105,11 @@ absl::Status EnsureSocketDir(const std::string& dir, gid_t gid) {
       if (!S_ISDIR(st.st_mode)) {
         return absl::FailedPreconditionError(
             absl::StrCat("API socket directory ", dir, " is not a directory"));
+      }
+      const mode_t mode = st.st_mode & 07777;
+      if (st.st_uid == ::geteuid() && (mode & ~0750) != 0 &&
+          OnlySocketsIn(dir) && ::chmod(dir.c_str(), mode & 0750) != 0) {
+        return ErrnoError(absl::StrFormat("chmod %04o %s", mode & 0750, dir));
       }
       return absl::OkStatus();
     }

@@ -45,7 +45,7 @@ constexpr absl::Duration kWriteTimeout = absl::Seconds(5);
 constexpr absl::Duration kLingerTimeout = absl::Seconds(1);
 constexpr size_t kMaxLingerBytes = 256 * 1024;
 
-// "metrics 127.0.0.1:9464: address already in use": the errno's code, its
+// "metrics 127.0.0.1:9474: address already in use": the errno's code, its
 // text in lower case (strerror capitalises it).
 absl::Status BindError(int err, absl::string_view address) {
   std::string text = std::strerror(err);

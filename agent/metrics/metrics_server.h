@@ -1,4 +1,4 @@
-// The agent's Prometheus endpoint (`--metrics`, default 127.0.0.1:9464):
+// The agent's Prometheus endpoint (`--metrics`, default 127.0.0.1:9474):
 //
 //   GET /metrics  Prometheus text exposition format 0.0.4 of a snapshot
 //   GET /healthz  200 "ok" while `liveness` says the agent is alive (its
@@ -36,7 +36,7 @@ struct MetricsSnapshot {
 struct MetricsServerOptions {
   // Numeric "host:port" or "[v6]:port"; port 0 = an ephemeral port (tests),
   // read it back with MetricsServer::port().
-  std::string address = "127.0.0.1:9464";
+  std::string address = "127.0.0.1:9474";
   // /healthz: OK, or why the agent is not alive (e.g. its API stopped
   // answering). Called on the server thread; must be quick. Unset = alive.
   std::function<absl::Status()> liveness;
@@ -50,7 +50,7 @@ class MetricsServer {
   using SnapshotFn = std::function<absl::StatusOr<MetricsSnapshot>()>;
 
   // Binds and listens before returning, then serves on its own thread.
-  // Errors name the address: "metrics 127.0.0.1:9464: address already in
+  // Errors name the address: "metrics 127.0.0.1:9474: address already in
   // use" (code as absl::ErrnoToStatus maps the errno), "metrics foo:
   // invalid address ..." (InvalidArgument).
   //

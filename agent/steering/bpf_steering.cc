@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <array>
@@ -23,8 +24,10 @@
 #include <utility>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -60,11 +63,88 @@ void RouteLibbpfLogging() {
   std::call_once(once, [] { libbpf_set_print(LibbpfPrint); });
 }
 
+// The first line of a small file, or "".
+std::string ReadSmallFile(const char* path) {
+  std::FILE* f = std::fopen(path, "re");
+  if (f == nullptr) return "";
+  char line[256] = {};
+  if (std::fgets(line, sizeof(line), f) == nullptr) line[0] = '\0';
+  std::fclose(f);
+  return line;
+}
+
+// The value of "Name:" in /proc/self/status, or "".
+std::string ProcStatusField(absl::string_view name) {
+  std::FILE* f = std::fopen("/proc/self/status", "re");
+  if (f == nullptr) return "";
+  char line[256];
+  std::string out;
+  const std::string prefix = absl::StrCat(name, ":");
+  while (std::fgets(line, sizeof(line), f) != nullptr) {
+    absl::string_view l(line);
+    if (absl::ConsumePrefix(&l, prefix)) {
+      out = std::string(absl::StripAsciiWhitespace(l));
+      break;
+    }
+  }
+  std::fclose(f);
+  return out;
+}
+
+// Why bpf() was refused with EPERM or EACCES. Without CAP_BPF (or
+// CAP_SYS_ADMIN) that is the reason. With it, the kernel would not refuse
+// us: a probe (bpf() with an unknown command, which the kernel answers with
+// EINVAL to a capable caller) tells whether bpf() itself is blocked, and
+// /proc/self/status whether by a seccomp filter (a container runtime's
+// default profile allows bpf() only with CAP_SYS_ADMIN) or something else.
+std::string PrivilegeHint() {
+  constexpr uint64_t kCapSysAdmin = 21, kCapBpf = 39;
+  uint64_t eff = 0;
+  if (!absl::SimpleHexAtoi(ProcStatusField("CapEff"), &eff)) {
+    return " (needs CAP_BPF)";
+  }
+  const bool bpf = (eff >> kCapBpf) & 1, sys_admin = (eff >> kCapSysAdmin) & 1;
+  if (!bpf && !sys_admin) return " (needs CAP_BPF)";
+  const char* cap = bpf ? "CAP_BPF" : "CAP_SYS_ADMIN";
+  std::string uid_map = ReadSmallFile("/proc/self/uid_map");
+  std::vector<absl::string_view> map =
+      absl::StrSplit(uid_map, ' ', absl::SkipEmpty());
+  if (map.size() >= 3 && absl::StripAsciiWhitespace(map[2]) != "4294967295") {
+    return absl::StrCat(" (", cap,
+                        " is effective only inside a user namespace; bpf() "
+                        "needs it in the initial one: run the agent rootful, "
+                        "not in a rootless container)");
+  }
+  errno = 0;
+  long probe = ::syscall(__NR_bpf, 0x7fff, nullptr, 0);
+  const int probe_err = errno;
+  if (probe == 0 || probe_err != EPERM) {
+    return absl::StrCat(" (", cap,
+                        " is effective and bpf() is allowed; the kernel "
+                        "refused this operation: check kernel lockdown and "
+                        "the LSM's bpf policy)");
+  }
+  const std::string seccomp = ProcStatusField("Seccomp");
+  if (seccomp == "2") {
+    return absl::StrCat(
+        " (", cap,
+        " is in the effective set, but a seccomp filter refused bpf(): "
+        "container runtimes' default profiles allow bpf() only with "
+        "CAP_SYS_ADMIN; run the agent with the seccomp profile "
+        "deploy/kubernetes/seccomp/portfleet-agent.json (Localhost) or add "
+        "CAP_SYS_ADMIN)");
+  }
+  return absl::StrCat(" (", cap,
+                      " is in the effective set, but bpf() is refused for "
+                      "every command: an LSM (AppArmor, SELinux) policy "
+                      "denies it)");
+}
+
 // errno -> status with a hint for privilege errors.
 absl::Status BpfError(int err, absl::string_view what) {
   std::string hint;
   if (err == EPERM || err == EACCES) {
-    hint = " (needs CAP_BPF)";
+    hint = PrivilegeHint();
   }
   absl::Status s = absl::ErrnoToStatus(err, "");
   return absl::Status(s.code(),

@@ -362,6 +362,29 @@ TEST(AgentFleetTest, TakeoverAutoWithoutARunningAgentStartsNormally) {
   EXPECT_THAT(agent.Log(), HasSubstr("--takeover=auto: no agent answers on"));
 }
 
+// --require-steering: a --bpffs that is not on a bpf filesystem (a hostPath
+// on plain sysfs or tmpfs) fails the start with the reason, and no worker
+// is left running.
+TEST(AgentFleetTest, RequireSteeringFailsTheStartWithoutABpffs) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  const std::string not_bpffs = agent.dir().path() + "/plain";
+  ASSERT_EQ(::mkdir(not_bpffs.c_str(), 0700), 0);
+  ASSERT_TRUE(agent
+                  .Start(Spec(2), {"--bpffs", not_bpffs + "/portfleet",
+                                   "--require-steering"})
+                  .ok());
+  std::optional<int> status = agent.process().Wait(absl::Seconds(15));
+  ASSERT_TRUE(status.has_value()) << agent.Log();
+  EXPECT_EQ(WEXITSTATUS(*status), 1) << agent.Log();
+  EXPECT_THAT(agent.Log(),
+              HasSubstr("BPF steering unavailable (--require-steering): "
+                        "bpffs root " +
+                        not_bpffs + "/portfleet: " + not_bpffs +
+                        " is not on a bpf filesystem"));
+  EXPECT_TRUE(ProcessesInMyNetns().empty());
+}
+
 TEST(AgentFleetTest, UsageErrors) {
   for (const std::vector<std::string>& args :
        std::vector<std::vector<std::string>>{{"--bogus"},

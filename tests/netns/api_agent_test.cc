@@ -1,7 +1,6 @@
 // The control API of the real portfleet-agent, each case in its own network
 // namespace.
 
-
 #include <grp.h>
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
@@ -62,9 +61,9 @@ class ApiAgentTest : public ::testing::Test {
     if (!WaitFor([&] { return access(agent_.api_socket().c_str(), F_OK) == 0; },
                  absl::Seconds(10))) {
       FAIL() << "portfleet-agent does not serve the "
-                      "API on "
-                   << agent_.api_socket() << "\n"
-                   << agent_.Log();
+                "API on "
+             << agent_.api_socket() << "\n"
+             << agent_.Log();
     }
     channel_ = grpc::CreateChannel("unix://" + agent_.api_socket(),
                                    grpc::InsecureChannelCredentials());
@@ -334,6 +333,41 @@ TEST_F(ApiAgentTest, RestartRestoresLastSetState) {
   if (steering_set) {
     EXPECT_EQ(web.spec().steering().weights_size(), 3);
   }
+}
+
+// An API socket directory that already exists (a hostPath the kubelet made,
+// a RuntimeDirectory) 0755 is narrowed to 0750, as documented.
+TEST_F(ApiAgentTest, ExistingSocketDirectoryIsNarrowedTo0750) {
+  PF_ENTER_NETNS_OR_SKIP();
+  const std::string dir = agent_.dir().path() + "/run";
+  ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0);
+  ASSERT_EQ(::chmod(dir.c_str(), 0755), 0);
+  const std::string sock = dir + "/api.sock";
+  ASSERT_TRUE(agent_.Start(Spec(), {"--api", "unix://" + sock}).ok());
+  ASSERT_TRUE(WaitFor([&] { return access(sock.c_str(), F_OK) == 0; },
+                      absl::Seconds(10)))
+      << agent_.Log();
+  struct stat st;
+  ASSERT_EQ(stat(dir.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0750u);
+}
+
+// A socket directory shared with other files (here the worker binary that
+// the workers, running as another user, must reach) keeps its mode.
+TEST_F(ApiAgentTest, SharedSocketDirectoryKeepsItsMode) {
+  PF_ENTER_NETNS_OR_SKIP();
+  const std::string dir = agent_.dir().path() + "/run";
+  ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0);
+  ASSERT_EQ(::chmod(dir.c_str(), 0755), 0);
+  agent_.dir().WriteFile("run/other-file", "x");
+  const std::string sock = dir + "/api.sock";
+  ASSERT_TRUE(agent_.Start(Spec(), {"--api", "unix://" + sock}).ok());
+  ASSERT_TRUE(WaitFor([&] { return access(sock.c_str(), F_OK) == 0; },
+                      absl::Seconds(10)))
+      << agent_.Log();
+  struct stat st;
+  ASSERT_EQ(stat(dir.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0755u);
 }
 
 // Steps:

@@ -5,14 +5,21 @@
 #include <arpa/inet.h>
 #include <bpf/bpf.h>
 #include <fcntl.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sched.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
+#include <cstddef>
 #include <cstring>
 #include <filesystem>
 #include <string>
@@ -446,6 +453,61 @@ TEST_F(SteeringKernelTest, RejectsNonListeningSocket) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ((*l)->Apply({.weights = {0, 0}}).code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// Returns EPERM for bpf() and allows everything else, like a container
+// runtime's default seccomp profile for a process without CAP_SYS_ADMIN.
+bool DenyBpfWithSeccomp() {
+  sock_filter filter[] = {
+      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, arch)),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 0, 3),
+      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_bpf, 0, 1),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (EPERM & SECCOMP_RET_DATA)),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+  };
+  sock_fprog prog{static_cast<unsigned short>(std::size(filter)), filter};
+  return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
+         ::syscall(__NR_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) == 0;
+}
+
+// With CAP_BPF in the effective set but bpf() refused by a seccomp filter,
+// the error says so (instead of "needs CAP_BPF"). The filter is installed in
+// a child process, which reports the error over a pipe.
+TEST_F(SteeringKernelTest, SeccompRefusingBpfIsNamed) {
+#if !defined(__x86_64__)
+  GTEST_SKIP() << "the test's seccomp filter is written for x86-64";
+#endif
+  Init();
+  if (!backend_) return;
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC), 0);
+  Fd read_end(pipe_fds[0]), write_end(pipe_fds[1]);
+  pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    std::string out = "filter not installed";
+    if (DenyBpfWithSeccomp()) {
+      auto backend = OpenBpfSteering(root_ + "-seccomp");
+      out = backend.ok() ? "opened" : std::string(backend.status().message());
+    }
+    ssize_t unused = ::write(write_end.get(), out.data(), out.size());
+    (void)unused;
+    ::_exit(0);
+  }
+  write_end.Reset();
+  std::string got;
+  char buf[1024];
+  for (ssize_t n; (n = ::read(read_end.get(), buf, sizeof(buf))) > 0;) {
+    got.append(buf, static_cast<size_t>(n));
+  }
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  EXPECT_NE(got.find("CAP_BPF is in the effective set, but a seccomp filter "
+                     "refused bpf()"),
+            std::string::npos)
+      << got;
+  EXPECT_EQ(got.find("needs CAP_BPF"), std::string::npos) << got;
 }
 
 }  // namespace

@@ -330,6 +330,13 @@ TEST(AgentHealthTest, WorstListenerDecides) {
             v1::HEALTH_STATE_STOPPING);
   EXPECT_EQ(ComputeAgentHealth(AgentPhase::kServing, {}).state,
             v1::HEALTH_STATE_SERVING);
+  // Donating its sockets, the old agent is not ready: in a DaemonSet the new
+  // pod's probes reach the old agent's endpoint (same host port) until the
+  // new agent opens its own, which must not make the new pod ready.
+  AgentHealth handing = ComputeAgentHealth(AgentPhase::kHandingOver, {ok});
+  EXPECT_EQ(handing.state, v1::HEALTH_STATE_STOPPING);
+  EXPECT_FALSE(handing.ready());
+  EXPECT_THAT(handing.reason, HasSubstr("handing its sockets over"));
 }
 
 }  // namespace

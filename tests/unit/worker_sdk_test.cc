@@ -23,12 +23,14 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "portfleet/v1/control.pb.h"
 #include "tests/testing/process.h"
 #include "worker/sdk/agent_link.h"
 #include "worker/sdk/base/fd.h"
+#include "worker/sdk/base/log.h"
 #include "worker/sdk/control_channel.h"
 #include "worker/sdk/listen_fds.h"
 
@@ -916,4 +918,49 @@ TEST(WorkerSdkAgentLinkTest, OptionsFromEnv) {
 }
 
 }  // namespace
+// Log lines: text (time first), journal (syslog priority, no time: journald
+// adds its own) and JSON (one object a line, escaped).
+TEST(LogFormatTest, TextJournalAndJsonLines) {
+  absl::Time t = absl::FromUnixMillis(1796000000123);  // 2026-11-30T...
+  std::string when =
+      absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", t, absl::UTCTimeZone());
+  EXPECT_EQ(FormatLogLine(LogFormat::kText, LogLevel::kWarning, "agent",
+                          "listener web: down", t),
+            when + " WARN  agent: listener web: down\n");
+  EXPECT_EQ(
+      FormatLogLine(LogFormat::kJournal, LogLevel::kError, "agent", "x", t),
+      "<3>ERROR agent: x\n");
+  EXPECT_EQ(FormatLogLine(LogFormat::kJournal, LogLevel::kInfo, "w", "y", t),
+            "<6>INFO  w: y\n");
+  EXPECT_EQ(FormatLogLine(LogFormat::kJournal, LogLevel::kWarning, "w", "y", t)
+                .substr(0, 3),
+            "<4>");
+  EXPECT_EQ(FormatLogLine(LogFormat::kJournal, LogLevel::kDebug, "w", "y", t)
+                .substr(0, 3),
+            "<7>");
+  EXPECT_EQ(FormatLogLine(LogFormat::kJson, LogLevel::kInfo, "worker web/2",
+                          "say \"hi\"\\ \n\x01", t),
+            "{\"time\":\"" + when +
+                "\",\"level\":\"info\",\"tag\":\"worker web/2\","
+                "\"msg\":\"say \\\"hi\\\"\\\\ \\n\\u0001\"}\n");
+  EXPECT_TRUE(ParseLogFormat("JSON").ok());
+  EXPECT_FALSE(ParseLogFormat("journal").ok());
+}
+
+TEST(LogFormatTest, JournalStreamMatchesOnlyTheFileItNames) {
+  portfleet::testing::TempDir dir;
+  std::string path = dir.WriteFile("stream", "");
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(fd.valid());
+  struct stat st {};
+  ASSERT_EQ(::fstat(fd.get(), &st), 0);
+  std::string same = absl::StrCat(st.st_dev, ":", st.st_ino);
+  std::string other = absl::StrCat(st.st_dev, ":", st.st_ino + 1);
+  EXPECT_TRUE(IsJournalStream(fd.get(), same.c_str()));
+  EXPECT_FALSE(IsJournalStream(fd.get(), other.c_str()));
+  EXPECT_FALSE(IsJournalStream(fd.get(), nullptr));
+  EXPECT_FALSE(IsJournalStream(fd.get(), "junk"));
+  EXPECT_FALSE(IsJournalStream(fd.get(), ""));
+}
+
 }  // namespace portfleet

@@ -2,7 +2,12 @@
 //
 //   PF_LOG(INFO) << "listener " << name << ": started";
 //
-// Lines look like "2026-11-27T21:54:55.123Z INFO  agent: message".
+// Lines look like "2026-11-27T21:54:55.123Z INFO  agent: message" (text).
+// When stderr is the journal's stream (JOURNAL_STREAM names its device and
+// inode, as systemd sets it) a line carries its syslog priority instead of
+// the time: "<6>INFO  agent: message" (journald strips the prefix and files
+// the line at that priority). SetLogFormat(kJson) writes one JSON object a
+// line: {"time":"...","level":"info","tag":"agent","msg":"message"}.
 #ifndef PORTFLEET_WORKER_SDK_BASE_LOG_H_
 #define PORTFLEET_WORKER_SDK_BASE_LOG_H_
 
@@ -22,6 +27,24 @@ void SetLogLevel(LogLevel level);
 LogLevel GetLogLevel();
 void SetLogTag(std::string tag);  // e.g. "agent", "worker web/2"
 absl::StatusOr<LogLevel> ParseLogLevel(absl::string_view name);
+
+enum class LogFormat {
+  kText,     // time, level, tag, message
+  kJournal,  // "<N>" syslog priority, level, tag, message (no time)
+  kJson,     // one JSON object a line
+};
+// kText is the default; the first line written switches it to kJournal when
+// stderr is JOURNAL_STREAM, unless SetLogFormat was called before.
+void SetLogFormat(LogFormat format);
+// "text" or "json" (the journal format is chosen by itself).
+absl::StatusOr<LogFormat> ParseLogFormat(absl::string_view name);
+// Whether `journal_stream` ("DEV:INODE", from $JOURNAL_STREAM) names the
+// file behind `fd`.
+bool IsJournalStream(int fd, const char* journal_stream);
+// One line, newline included, as LogMessage writes it.
+std::string FormatLogLine(LogFormat format, LogLevel level,
+                          absl::string_view tag, absl::string_view message,
+                          absl::Time time);
 
 class LogMessage {
  public:
