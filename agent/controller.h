@@ -14,6 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "agent/spec/plan.h"
 #include "portfleet/v1/agent.pb.h"
 #include "portfleet/v1/fleet.pb.h"
 
@@ -109,9 +110,17 @@ struct FleetEvent {
 // from any thread. `cancelled`, when set, is asked just before the change
 // starts (mutations of one listener run one after another): true drops the
 // change, and `done` gets CANCELLED with nothing changed.
+//
+// `plan`, when set, makes the call a dry run (validate_only): the change is
+// checked as it would be made, up to the point where the new desired state
+// would be saved, and nothing changes (no process, socket, event or state
+// file). On success `plan` gets what the change would do to the listener,
+// then `done` gets OK; a change that would be refused gets the same error as
+// the real call.
 struct MutationCall {
   std::function<void(absl::Status)> done;
   std::function<bool()> cancelled;
+  std::function<void(v1::ListenerPlan)> plan;
 };
 
 class FleetController {
@@ -182,43 +191,75 @@ class SyncFleetController : public FleetController {
                                            uint32_t index,
                                            bool maintenance) = 0;
 
+  // Dry runs (MutationCall::plan): the desired spec, and a way to try a
+  // change and take it back. The default refuses dry runs.
+  virtual v1::FleetSpec DesiredSpec() {
+    v1::FleetSpec spec;
+    absl::StatusOr<std::vector<ListenerStatus>> all = ListListeners();
+    if (all.ok()) {
+      for (const ListenerStatus& l : *all) *spec.add_listeners() = l.spec;
+    }
+    return spec;
+  }
+  // Until EndDryRun, mutations change a copy that EndDryRun throws away
+  // (and publish and persist nothing).
+  virtual absl::Status BeginDryRun() {
+    return absl::UnimplementedError("this controller has no dry run");
+  }
+  virtual void EndDryRun() {}
+
   void CreateListener(const v1::Listener& spec, MutationCall call) override {
-    Run(call, [&] { return CreateListener(spec); });
+    Run(call, spec.name(), [&] { return CreateListener(spec); });
   }
   void UpdateListener(const v1::Listener& spec, MutationCall call) override {
-    Run(call, [&] { return UpdateListener(spec); });
+    Run(call, spec.name(), [&] { return UpdateListener(spec); });
   }
   void DeleteListener(const std::string& name, MutationCall call) override {
-    Run(call, [&] { return DeleteListener(name); });
+    Run(call, name, [&] { return DeleteListener(name); });
   }
   void ScaleListener(const std::string& name, uint32_t shards,
                      MutationCall call) override {
-    Run(call, [&] { return ScaleListener(name, shards); });
+    Run(call, name, [&] { return ScaleListener(name, shards); });
   }
   void DrainShard(const std::string& name, uint32_t index,
                   MutationCall call) override {
-    Run(call, [&] { return DrainShard(name, index); });
+    Run(call, name, [&] { return DrainShard(name, index); });
   }
   void SetSteering(const std::string& name, const v1::Steering& steering,
                    MutationCall call) override {
-    Run(call, [&] { return SetSteering(name, steering); });
+    Run(call, name, [&] { return SetSteering(name, steering); });
   }
   void RollOut(const std::string& name, const v1::WorkerSpec& worker,
                uint32_t max_surge, MutationCall call) override {
-    Run(call, [&] { return RollOut(name, worker, max_surge); });
+    Run(call, name, [&] { return RollOut(name, worker, max_surge); });
   }
   void SetShardMaintenance(const std::string& name, uint32_t index,
                            bool maintenance, MutationCall call) override {
-    Run(call, [&] { return SetShardMaintenance(name, index, maintenance); });
+    Run(call, name,
+        [&] { return SetShardMaintenance(name, index, maintenance); });
   }
 
  private:
-  static void Run(MutationCall& call, const std::function<absl::Status()>& op) {
+  void Run(MutationCall& call, const std::string& name,
+           const std::function<absl::Status()>& op) {
     if (call.cancelled && call.cancelled()) {
       call.done(absl::CancelledError("call cancelled"));
       return;
     }
-    call.done(op());
+    if (!call.plan) {
+      call.done(op());
+      return;
+    }
+    const v1::FleetSpec before = DesiredSpec();
+    if (absl::Status s = BeginDryRun(); !s.ok()) {
+      call.done(s);
+      return;
+    }
+    absl::Status s = op();
+    const v1::FleetSpec after = DesiredSpec();
+    EndDryRun();
+    if (s.ok()) call.plan(PlanListener(name, before, after));
+    call.done(s);
   }
 };
 

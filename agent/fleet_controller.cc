@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "agent/spec/plan.h"
 #include "agent/spec/spec.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "worker/sdk/base/log.h"
@@ -19,6 +20,7 @@ absl::Status ShuttingDown() {
 // Wraps `done` so that a success also publishes `event` (loop thread).
 MutationCall Announce(MutationCall call, LoopFleetController* controller,
                       FleetEvent event) {
+  if (call.plan) return call;  // a dry run announces nothing
   call.done = [done = std::move(call.done), controller,
                event = std::move(event)](absl::Status s) mutable {
     if (s.ok()) {
@@ -51,6 +53,12 @@ LoopFleetController::~LoopFleetController() {
 }
 
 absl::Status LoopFleetController::Commit(const v1::FleetSpec& intended) {
+  if (dry_run_) {
+    // The change has been checked; this is what it would produce. Refusing
+    // it here stops the fleet before it touches anything.
+    dry_run_intended_ = intended;
+    return absl::AbortedError("dry run: nothing was changed");
+  }
   if (!persist_) return absl::OkStatus();
   if (persisted_.has_value() &&
       google::protobuf::util::MessageDifferencer::Equals(*persisted_,
@@ -100,12 +108,55 @@ void LoopFleetController::Close() {
   for (MutationCall& call : dropped) call.done(ShuttingDown());
 }
 
+LoopFleetController::Op LoopFleetController::DryRun(
+    const std::string& key, std::function<void(v1::ListenerPlan)> plan,
+    Op op) {
+  return [this, key, plan = std::move(plan),
+          op = std::move(op)](Done done) -> absl::Status {
+    const v1::FleetSpec before = fleet_->DesiredSpec();
+    struct Sync {
+      bool called = false;
+      absl::Status status;
+    };
+    auto sync = std::make_shared<Sync>();
+    dry_run_ = true;
+    dry_run_intended_.reset();
+    absl::Status s = op([sync](absl::Status st) {
+      sync->called = true;
+      sync->status = std::move(st);
+    });
+    dry_run_ = false;
+    std::optional<v1::FleetSpec> intended = std::move(dry_run_intended_);
+    dry_run_intended_.reset();
+    if (intended.has_value()) {
+      // Stopped at the commit: the change would have been made.
+      plan(PlanListener(key, before, *intended));
+      done(absl::OkStatus());
+      return absl::OkStatus();
+    }
+    if (!s.ok()) return s;
+    if (sync->called) {
+      // Finished without a commit: nothing to change (e.g. the same spec).
+      if (sync->status.ok()) plan(PlanListener(key, before, before));
+      done(sync->status);
+      return absl::OkStatus();
+    }
+    // Every fleet change commits before it starts; one that did not is a bug
+    // that a dry run must not hide.
+    PF_LOG(ERROR) << "listener " << key
+                  << ": a dry run started a change without saving it first";
+    return absl::InternalError(absl::StrCat(
+        "listener ", key, ": the dry run could not stop the change"));
+  };
+}
+
 void LoopFleetController::Mutate(const std::string& key, MutationCall call,
                                  Op op) {
   if (closed_) {
     call.done(ShuttingDown());
     return;
   }
+  if (call.plan) op = DryRun(key, std::move(call.plan), std::move(op));
   bool first;
   {
     std::lock_guard<std::mutex> lock(queue_mu_);

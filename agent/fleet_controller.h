@@ -72,6 +72,9 @@ class LoopFleetController : public FleetController {
   };
   // Queues `op` behind the other mutations of listener `key`.
   void Mutate(const std::string& key, MutationCall call, Op op);
+  // `op` as a dry run: stopped at its commit, answered with the plan.
+  Op DryRun(const std::string& key, std::function<void(v1::ListenerPlan)> plan,
+            Op op);
   void StartNext(const std::string& key);  // loop thread
   void Finished(const std::string& key, absl::Status status);
   absl::Status Commit(const v1::FleetSpec& intended);  // loop thread
@@ -87,6 +90,9 @@ class LoopFleetController : public FleetController {
   std::map<std::string, std::deque<Pending>> queues_;  // front = running
   // What the state file holds (loop thread).
   std::optional<v1::FleetSpec> persisted_;
+  // A dry run is in progress; Commit keeps what it would save (loop thread).
+  bool dry_run_ = false;
+  std::optional<v1::FleetSpec> dry_run_intended_;
   std::mutex subscribers_mu_;
   uint64_t next_subscriber_ = 1;
   std::map<uint64_t, std::function<void(const FleetEvent&)>> subscribers_;

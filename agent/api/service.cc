@@ -245,7 +245,8 @@ class MutationReactor final : public grpc::ServerUnaryReactor {
 
 grpc::ServerUnaryReactor* FleetServiceImpl::Mutate(
     grpc::CallbackServerContext* ctx, const char* method, absl::Status check,
-    std::function<void(MutationCall)> start, std::function<void()> fill) {
+    std::function<void(MutationCall)> start, std::function<void()> fill,
+    v1::ListenerPlan* plan) {
   auto* reactor = new MutationReactor();
   std::shared_ptr<MutationReactor::State> state = reactor->state();
   if (grpc::Status denied = Authorize(ctx, method); !denied.ok()) {
@@ -264,6 +265,16 @@ grpc::ServerUnaryReactor* FleetServiceImpl::Mutate(
     return state->cancelled.load() ||
            deadline <= std::chrono::system_clock::now();
   };
+  if (plan != nullptr) {
+    // A dry run: the reply is the plan alone. It is written under the
+    // reactor's lock, and only while the call is not finished (the response
+    // message goes with the call).
+    call.plan = [state, plan](v1::ListenerPlan p) {
+      std::lock_guard<std::mutex> lock(state->mu);
+      if (!state->finished && state->reactor != nullptr) *plan = std::move(p);
+    };
+    fill = nullptr;
+  }
   call.done = [this, state, fill = std::move(fill)](absl::Status s) {
     if (!s.ok() || !fill) {
       MutationReactor::FinishOnce(state, ToGrpcStatus(s));
@@ -375,7 +386,8 @@ grpc::ServerUnaryReactor* FleetServiceImpl::CreateListener(
       },
       [this, req, resp] {
         FillListener(req->listener().name(), resp->mutable_listener());
-      });
+      },
+      req->validate_only() ? resp->mutable_plan() : nullptr);
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::UpdateListener(
@@ -389,7 +401,8 @@ grpc::ServerUnaryReactor* FleetServiceImpl::UpdateListener(
       },
       [this, req, resp] {
         FillListener(req->listener().name(), resp->mutable_listener());
-      });
+      },
+      req->validate_only() ? resp->mutable_plan() : nullptr);
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::DeleteListener(
@@ -400,7 +413,7 @@ grpc::ServerUnaryReactor* FleetServiceImpl::DeleteListener(
       [this, req](MutationCall call) {
         controller_->DeleteListener(req->name(), std::move(call));
       },
-      nullptr);
+      nullptr, req->validate_only() ? resp->mutable_plan() : nullptr);
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::ScaleListener(
@@ -418,7 +431,8 @@ grpc::ServerUnaryReactor* FleetServiceImpl::ScaleListener(
       },
       [this, req, resp] {
         FillListener(req->name(), resp->mutable_listener());
-      });
+      },
+      req->validate_only() ? resp->mutable_plan() : nullptr);
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::RollOutListener(
@@ -493,7 +507,8 @@ grpc::ServerUnaryReactor* FleetServiceImpl::SetSteering(
       },
       [this, req, resp] {
         FillListener(req->name(), resp->mutable_listener());
-      });
+      },
+      req->validate_only() ? resp->mutable_plan() : nullptr);
 }
 
 namespace {

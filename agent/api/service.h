@@ -133,7 +133,8 @@ class FleetServiceImpl final : public v1::FleetService::CallbackService {
   grpc::ServerUnaryReactor* Mutate(grpc::CallbackServerContext* ctx,
                                    const char* method, absl::Status check,
                                    std::function<void(MutationCall)> start,
-                                   std::function<void()> fill);
+                                   std::function<void()> fill,
+                                   v1::ListenerPlan* plan = nullptr);
   // Fills `out` with the listener's state after a successful mutation.
   void FillListener(const std::string& name, v1::ListenerState* out);
   // OK when there is no authorizer or it lets the call to `method` run.

@@ -161,6 +161,18 @@ class FakeController : public SyncFleetController {
     return absl::NotFoundError(
         absl::StrCat("listener \"", name, "\" has no shard ", index));
   }
+  // Dry runs change a copy that EndDryRun throws away.
+  absl::Status BeginDryRun() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    saved_ = listeners_;
+    dry_run_ = true;
+    return absl::OkStatus();
+  }
+  void EndDryRun() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    listeners_ = std::move(saved_);
+    dry_run_ = false;
+  }
   AgentStatus GetStatus() override {
     std::lock_guard<std::mutex> lock(mu_);
     AgentStatus s;
@@ -218,10 +230,11 @@ class FakeController : public SyncFleetController {
   }
   void EmitLocked(v1::EventType type, const std::string& listener,
                   const std::string& message, int shard = -1) {
+    if (dry_run_) return;
     Emit(type, listener, message, shard);
   }
   absl::Status Persist() {
-    if (state_dir.empty()) return absl::OkStatus();
+    if (state_dir.empty() || dry_run_) return absl::OkStatus();
     v1::FleetSpec spec;
     for (const auto& [name, l] : listeners_) *spec.add_listeners() = l.spec;
     return SaveFleetState(state_dir, spec);
@@ -229,6 +242,8 @@ class FakeController : public SyncFleetController {
 
   std::mutex mu_;
   std::map<std::string, ListenerStatus> listeners_;
+  bool dry_run_ = false;
+  std::map<std::string, ListenerStatus> saved_;
   std::mutex sub_mu_;
   std::map<uint64_t, std::function<void(const FleetEvent&)>> sinks_;
   uint64_t next_id_ = 0;
