@@ -166,9 +166,15 @@ class FleetController {
   virtual void SetShardMaintenance(const std::string& name, uint32_t index,
                                    bool maintenance, MutationCall call) = 0;
 
-  // Calls `sink` (from any thread) for every event until the returned id is
-  // passed to Unsubscribe.
-  virtual uint64_t Subscribe(std::function<void(const FleetEvent&)> sink) = 0;
+  // The agent keeps its last events (a bounded history, oldest dropped
+  // first). Subscribe calls `sink` (from any thread) for each kept event at
+  // or after `since` (none for absl::InfiniteFuture()), then for every new
+  // event until the returned id is passed to Unsubscribe. `sink` must not
+  // call the controller.
+  virtual uint64_t Subscribe(std::function<void(const FleetEvent&)> sink,
+                             absl::Time since) = 0;
+  // The kept events at or after `since`, oldest first.
+  virtual std::vector<FleetEvent> Events(absl::Time since) = 0;
   virtual void Unsubscribe(uint64_t id) = 0;
 };
 

@@ -74,21 +74,20 @@ absl::Status LoopFleetController::Commit(const v1::FleetSpec& intended) {
 }
 
 void LoopFleetController::Publish(const FleetEvent& event) {
-  std::lock_guard<std::mutex> lock(subscribers_mu_);
-  for (auto& [id, sink] : subscribers_) sink(event);
+  events_.Publish(event);
 }
 
 uint64_t LoopFleetController::Subscribe(
-    std::function<void(const FleetEvent&)> sink) {
-  std::lock_guard<std::mutex> lock(subscribers_mu_);
-  uint64_t id = next_subscriber_++;
-  subscribers_[id] = std::move(sink);
-  return id;
+    std::function<void(const FleetEvent&)> sink, absl::Time since) {
+  return events_.Subscribe(std::move(sink), since);
+}
+
+std::vector<FleetEvent> LoopFleetController::Events(absl::Time since) {
+  return events_.Since(since);
 }
 
 void LoopFleetController::Unsubscribe(uint64_t id) {
-  std::lock_guard<std::mutex> lock(subscribers_mu_);
-  subscribers_.erase(id);
+  events_.Unsubscribe(id);
 }
 
 void LoopFleetController::Close() {

@@ -19,6 +19,7 @@
 #include <string>
 
 #include "agent/controller.h"
+#include "agent/event_history.h"
 #include "agent/event_loop.h"
 #include "agent/fleet/fleet.h"
 #include "agent/health_board.h"
@@ -59,7 +60,9 @@ class LoopFleetController : public FleetController {
                uint32_t max_surge, MutationCall call) override;
   void SetShardMaintenance(const std::string& name, uint32_t index,
                            bool maintenance, MutationCall call) override;
-  uint64_t Subscribe(std::function<void(const FleetEvent&)> sink) override;
+  uint64_t Subscribe(std::function<void(const FleetEvent&)> sink,
+                     absl::Time since) override;
+  std::vector<FleetEvent> Events(absl::Time since) override;
   void Unsubscribe(uint64_t id) override;
 
  private:
@@ -93,9 +96,7 @@ class LoopFleetController : public FleetController {
   // A dry run is in progress; Commit keeps what it would save (loop thread).
   bool dry_run_ = false;
   std::optional<v1::FleetSpec> dry_run_intended_;
-  std::mutex subscribers_mu_;
-  uint64_t next_subscriber_ = 1;
-  std::map<uint64_t, std::function<void(const FleetEvent&)>> subscribers_;
+  EventHistory events_;
 };
 
 }  // namespace portfleet

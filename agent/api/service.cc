@@ -527,8 +527,11 @@ class EventWriter final
     s->FinishLocked(grpc::Status(grpc::UNAVAILABLE, "agent shutting down"));
   }
 
+  // Sends the kept events at or after `since` (InfiniteFuture: none), then
+  // follows; or, with `history_only`, ends after them.
   EventWriter(FleetController* controller, std::string filter,
-              size_t max_queued, std::atomic<int>* watchers)
+              size_t max_queued, std::atomic<int>* watchers, absl::Time since,
+              bool history_only)
       : controller_(controller),
         shared_(std::make_shared<Shared>()),
         watchers_(watchers) {
@@ -536,10 +539,23 @@ class EventWriter final
     shared_->filter = std::move(filter);
     shared_->max_queued = max_queued;
     StartSendInitialMetadata();
+    // The history is sent whole: the queue limit is for new events.
+    shared_->replaying = true;
+    if (history_only) {
+      for (const FleetEvent& e : controller_->Events(since)) shared_->Push(e);
+      std::lock_guard<std::mutex> lock(shared_->mu);
+      shared_->FinishLocked(grpc::Status::OK, /*drop_queued=*/false);
+      return;
+    }
     std::weak_ptr<Shared> weak = shared_;
-    subscription_ = controller_->Subscribe([weak](const FleetEvent& e) {
-      if (std::shared_ptr<Shared> s = weak.lock()) s->Push(e);
-    });
+    subscription_ = controller_->Subscribe(
+        [weak](const FleetEvent& e) {
+          if (std::shared_ptr<Shared> s = weak.lock()) s->Push(e);
+        },
+        since);
+    subscribed_ = true;
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    shared_->replaying = false;
   }
 
   void OnWriteDone(bool ok) override {
@@ -559,7 +575,7 @@ class EventWriter final
   }
 
   void OnDone() override {
-    controller_->Unsubscribe(subscription_);
+    if (subscribed_) controller_->Unsubscribe(subscription_);
     {
       std::lock_guard<std::mutex> lock(shared_->mu);
       shared_->writer = nullptr;
@@ -578,13 +594,14 @@ class EventWriter final
     v1::WatchEventsResponse in_flight;
     bool writing = false;
     bool finished = false;
+    bool replaying = false;  // sending the history: no queue limit
     std::optional<grpc::Status> pending_finish;
 
     void Push(const FleetEvent& e) {
       std::lock_guard<std::mutex> lock(mu);
       if (writer == nullptr || finished || pending_finish) return;
       if (!filter.empty() && e.listener != filter) return;
-      if (queue.size() >= max_queued) {
+      if (!replaying && queue.size() >= max_queued) {
         queue.clear();
         FinishLocked(grpc::Status(
             grpc::RESOURCE_EXHAUSTED,
@@ -613,10 +630,11 @@ class EventWriter final
       writer->StartWrite(&in_flight);
     }
 
-    // Finishes after the write in flight (if any); queued events are dropped.
-    void FinishLocked(grpc::Status status) {
+    // Finishes after the write in flight (if any); queued events are dropped
+    // unless `drop_queued` is false (then they are sent first).
+    void FinishLocked(grpc::Status status, bool drop_queued = true) {
       if (finished || pending_finish) return;
-      queue.clear();
+      if (drop_queued) queue.clear();
       pending_finish = std::move(status);
       NextLocked();
     }
@@ -626,6 +644,7 @@ class EventWriter final
   std::shared_ptr<Shared> shared_;
   std::atomic<int>* watchers_;
   uint64_t subscription_ = 0;
+  bool subscribed_ = false;
 };
 
 class RejectedWriter final
@@ -653,8 +672,15 @@ FleetServiceImpl::WatchEvents(grpc::CallbackServerContext* ctx,
         grpc::RESOURCE_EXHAUSTED, absl::StrCat("too many event watchers (max ",
                                                options_.max_watchers, ")")));
   }
-  auto* writer = new EventWriter(controller_, req->listener(),
-                                 options_.max_queued_events, &watchers_);
+  absl::Time since = absl::InfiniteFuture();
+  if (req->since_unix_micros() > 0) {
+    since = absl::FromUnixMicros(req->since_unix_micros());
+  } else if (req->history_only()) {
+    since = absl::InfinitePast();
+  }
+  auto* writer =
+      new EventWriter(controller_, req->listener(), options_.max_queued_events,
+                      &watchers_, since, req->history_only());
   std::lock_guard<std::mutex> lock(streams_mu_);
   std::erase_if(streams_,
                 [](const std::weak_ptr<void>& w) { return w.expired(); });

@@ -15,6 +15,7 @@
 #include "absl/time/clock.h"
 #include "agent/api/state_store.h"
 #include "agent/controller.h"
+#include "agent/event_history.h"
 
 namespace portfleet::testing {
 
@@ -32,6 +33,9 @@ class FakeController : public SyncFleetController {
   // Persisted to `state_dir` after each successful mutation when not empty.
   std::string state_dir;
   bool bpf_active = true;
+  // Listeners created with this worker command never serve: their shards
+  // are in restart back-off, as a worker that always exits leaves them.
+  std::string crashing_command = "crashes";
 
   absl::StatusOr<std::vector<ListenerStatus>> ListListeners() override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -61,6 +65,16 @@ class FakeController : public SyncFleetController {
     ListenerStatus l;
     l.spec = spec;
     Reshard(l, spec.shards() == 0 ? 2 : spec.shards());
+    if (spec.worker().command() == crashing_command) {
+      for (ShardStatus& s : l.shards) {
+        s.state = v1::SHARD_STATE_BACKOFF;
+        s.ready = false;
+        s.pid = 0;
+        s.restarts = 4;
+        s.health = v1::SHARD_HEALTH_DOWN;
+        s.health_reason = "worker exited with status 1";
+      }
+    }
     listeners_[spec.name()] = l;
     EmitLocked(v1::EVENT_TYPE_LISTENER_CREATED, spec.name(), "created");
     return Persist();
@@ -185,26 +199,21 @@ class FakeController : public SyncFleetController {
     s.health.state = v1::HEALTH_STATE_SERVING;
     return s;
   }
-  uint64_t Subscribe(std::function<void(const FleetEvent&)> sink) override {
-    std::lock_guard<std::mutex> lock(sub_mu_);
-    sinks_[++next_id_] = std::move(sink);
-    return next_id_;
+  uint64_t Subscribe(std::function<void(const FleetEvent&)> sink,
+                     absl::Time since) override {
+    return events_.Subscribe(std::move(sink), since);
   }
-  void Unsubscribe(uint64_t id) override {
-    std::lock_guard<std::mutex> lock(sub_mu_);
-    sinks_.erase(id);
+  std::vector<FleetEvent> Events(absl::Time since) override {
+    return events_.Since(since);
   }
+  void Unsubscribe(uint64_t id) override { events_.Unsubscribe(id); }
 
-  int subscribers() {
-    std::lock_guard<std::mutex> lock(sub_mu_);
-    return sinks_.size();
-  }
+  int subscribers() { return static_cast<int>(events_.subscribers()); }
   void Emit(v1::EventType type, const std::string& listener,
             const std::string& message, int shard = -1) {
-    FleetEvent e{type, absl::Now(), listener, shard, 1234, message};
-    std::lock_guard<std::mutex> lock(sub_mu_);
-    for (auto& [id, sink] : sinks_) sink(e);
+    Emit(FleetEvent{type, absl::Now(), listener, shard, 1234, message});
   }
+  void Emit(const FleetEvent& e) { events_.Publish(e); }
 
  private:
   static absl::Status NotFound(const std::string& name) {
@@ -244,9 +253,7 @@ class FakeController : public SyncFleetController {
   std::map<std::string, ListenerStatus> listeners_;
   bool dry_run_ = false;
   std::map<std::string, ListenerStatus> saved_;
-  std::mutex sub_mu_;
-  std::map<uint64_t, std::function<void(const FleetEvent&)>> sinks_;
-  uint64_t next_id_ = 0;
+  EventHistory events_;
 };
 
 }  // namespace portfleet::testing
