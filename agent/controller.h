@@ -117,10 +117,26 @@ struct FleetEvent {
 // file). On success `plan` gets what the change would do to the listener,
 // then `done` gets OK; a change that would be refused gets the same error as
 // the real call.
+//
+// `started` (RollOut only), when set, gets the rollout's record as soon as it
+// started, before `done` (which comes when it ends).
 struct MutationCall {
   std::function<void(absl::Status)> done;
   std::function<bool()> cancelled;
   std::function<void(v1::ListenerPlan)> plan;
+  std::function<void(const v1::RollOut&)> started;
+};
+
+// A rolling upgrade asked of the controller.
+struct RollOutOptions {
+  // The new worker; empty fields keep the current value.
+  v1::WorkerSpec worker{};
+  // Shards rolled at the same time; 0 = 1.
+  uint32_t max_surge = 0;
+  // Undo (worker empty): the rollout in progress rolls back (`done` comes at
+  // once, with the record in `started`), or else the worker that ran before
+  // the last successful rollout is rolled out.
+  bool undo = false;
 };
 
 class FleetController {
@@ -159,8 +175,16 @@ class FleetController {
   // Rolling upgrade to `worker` (empty fields keep the current value),
   // `max_surge` shards at a time. Done when every shard runs it, or when it
   // was rolled back.
-  virtual void RollOut(const std::string& name, const v1::WorkerSpec& worker,
-                       uint32_t max_surge, MutationCall call) = 0;
+  virtual void RollOut(const std::string& name, const RollOutOptions& options,
+                       MutationCall call) = 0;
+  // A listener's rollouts: the one in progress, then the last finished ones,
+  // newest first (empty: none since the agent started).
+  virtual absl::StatusOr<std::vector<v1::RollOut>> ListRollOuts(
+      const std::string& name) = 0;
+  // Pauses (or resumes) the rollout in progress; FailedPrecondition when none
+  // runs.
+  virtual absl::StatusOr<v1::RollOut> PauseRollOut(const std::string& name,
+                                                   bool paused) = 0;
   // Takes a shard out of rotation by hand (maintenance) or puts it back.
   // FailedPrecondition for the last shard in rotation.
   virtual void SetShardMaintenance(const std::string& name, uint32_t index,
@@ -190,9 +214,10 @@ class SyncFleetController : public FleetController {
   virtual absl::Status DrainShard(const std::string& name, uint32_t index) = 0;
   virtual absl::Status SetSteering(const std::string& name,
                                    const v1::Steering& steering) = 0;
-  virtual absl::Status RollOut(const std::string& name,
-                               const v1::WorkerSpec& worker,
-                               uint32_t max_surge) = 0;
+  // The rollout's record when it ended (or, for an undo of one in
+  // progress, as it is then).
+  virtual absl::StatusOr<v1::RollOut> RollOut(
+      const std::string& name, const RollOutOptions& options) = 0;
   virtual absl::Status SetShardMaintenance(const std::string& name,
                                            uint32_t index,
                                            bool maintenance) = 0;
@@ -235,9 +260,13 @@ class SyncFleetController : public FleetController {
                    MutationCall call) override {
     Run(call, name, [&] { return SetSteering(name, steering); });
   }
-  void RollOut(const std::string& name, const v1::WorkerSpec& worker,
-               uint32_t max_surge, MutationCall call) override {
-    Run(call, name, [&] { return RollOut(name, worker, max_surge); });
+  void RollOut(const std::string& name, const RollOutOptions& options,
+               MutationCall call) override {
+    Run(call, name, [&]() -> absl::Status {
+      absl::StatusOr<v1::RollOut> r = RollOut(name, options);
+      if (r.ok() && call.started) call.started(*r);
+      return r.status();
+    });
   }
   void SetShardMaintenance(const std::string& name, uint32_t index,
                            bool maintenance, MutationCall call) override {

@@ -312,13 +312,70 @@ void LoopFleetController::SetSteering(const std::string& name,
 }
 
 void LoopFleetController::RollOut(const std::string& name,
-                                  const v1::WorkerSpec& request,
-                                  uint32_t max_surge, MutationCall call) {
-  v1::WorkerSpec worker = request;
-  MakeCommandAbsolute(&worker);
-  Mutate(name, std::move(call), [this, name, worker, max_surge](Done done) {
-    return fleet_->RollOut(name, worker, max_surge, std::move(done));
+                                  const RollOutOptions& options,
+                                  MutationCall call) {
+  if (!options.undo || closed_) {
+    StartRollOut(name, options, std::move(call));
+    return;
+  }
+  // An undo of the rollout in progress does not queue behind it (the
+  // rollout holds its listener's queue until it ends).
+  auto pending = std::make_shared<MutationCall>(std::move(call));
+  loop_->Post([this, name, options, pending] {
+    absl::StatusOr<std::optional<v1::RollOut>> undone =
+        fleet_->UndoRollOutInProgress(name);
+    if (!undone.ok()) {
+      pending->done(undone.status());
+      return;
+    }
+    if (undone->has_value()) {
+      if (pending->started) pending->started(**undone);
+      pending->done(absl::OkStatus());
+      return;
+    }
+    StartRollOut(name, options, std::move(*pending));
   });
+}
+
+void LoopFleetController::StartRollOut(const std::string& name,
+                                       const RollOutOptions& options,
+                                       MutationCall call) {
+  v1::WorkerSpec worker = options.worker;
+  MakeCommandAbsolute(&worker);
+  std::function<void(const v1::RollOut&)> started = std::move(call.started);
+  Mutate(name, std::move(call),
+         [this, name, worker, options, started](Done done) -> absl::Status {
+           if (options.undo) {
+             RETURN_IF_ERROR(fleet_->RollOutPrevious(name, options.max_surge,
+                                                     std::move(done)));
+           } else {
+             RETURN_IF_ERROR(fleet_->RollOut(name, worker, options.max_surge,
+                                             std::move(done)));
+           }
+           if (started) {
+             absl::StatusOr<std::vector<v1::RollOut>> all =
+                 fleet_->RollOuts(name);
+             if (all.ok() && !all->empty()) started(all->front());
+           }
+           return absl::OkStatus();
+         });
+}
+
+absl::StatusOr<std::vector<v1::RollOut>> LoopFleetController::ListRollOuts(
+    const std::string& name) {
+  if (closed_) return ShuttingDown();
+  absl::StatusOr<std::vector<v1::RollOut>> out =
+      absl::UnknownError("not run");
+  loop_->RunSync([&] { out = fleet_->RollOuts(name); });
+  return out;
+}
+
+absl::StatusOr<v1::RollOut> LoopFleetController::PauseRollOut(
+    const std::string& name, bool paused) {
+  if (closed_) return ShuttingDown();
+  absl::StatusOr<v1::RollOut> out = absl::UnknownError("not run");
+  loop_->RunSync([&] { out = fleet_->PauseRollOut(name, paused); });
+  return out;
 }
 
 void LoopFleetController::SetShardMaintenance(const std::string& name,

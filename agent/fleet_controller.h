@@ -56,8 +56,12 @@ class LoopFleetController : public FleetController {
                   MutationCall call) override;
   void SetSteering(const std::string& name, const v1::Steering& steering,
                    MutationCall call) override;
-  void RollOut(const std::string& name, const v1::WorkerSpec& worker,
-               uint32_t max_surge, MutationCall call) override;
+  void RollOut(const std::string& name, const RollOutOptions& options,
+               MutationCall call) override;
+  absl::StatusOr<std::vector<v1::RollOut>> ListRollOuts(
+      const std::string& name) override;
+  absl::StatusOr<v1::RollOut> PauseRollOut(const std::string& name,
+                                           bool paused) override;
   void SetShardMaintenance(const std::string& name, uint32_t index,
                            bool maintenance, MutationCall call) override;
   uint64_t Subscribe(std::function<void(const FleetEvent&)> sink,
@@ -75,6 +79,9 @@ class LoopFleetController : public FleetController {
   };
   // Queues `op` behind the other mutations of listener `key`.
   void Mutate(const std::string& key, MutationCall call, Op op);
+  // Queues a rollout (or an undo rollout) of listener `name`.
+  void StartRollOut(const std::string& name, const RollOutOptions& options,
+                    MutationCall call);
   // `op` as a dry run: stopped at its commit, answered with the plan.
   Op DryRun(const std::string& key, std::function<void(v1::ListenerPlan)> plan,
             Op op);

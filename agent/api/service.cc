@@ -246,7 +246,7 @@ class MutationReactor final : public grpc::ServerUnaryReactor {
 grpc::ServerUnaryReactor* FleetServiceImpl::Mutate(
     grpc::CallbackServerContext* ctx, const char* method, absl::Status check,
     std::function<void(MutationCall)> start, std::function<void()> fill,
-    v1::ListenerPlan* plan) {
+    v1::ListenerPlan* plan, v1::RollOut* started) {
   auto* reactor = new MutationReactor();
   std::shared_ptr<MutationReactor::State> state = reactor->state();
   if (grpc::Status denied = Authorize(ctx, method); !denied.ok()) {
@@ -272,6 +272,17 @@ grpc::ServerUnaryReactor* FleetServiceImpl::Mutate(
     call.plan = [state, plan](v1::ListenerPlan p) {
       std::lock_guard<std::mutex> lock(state->mu);
       if (!state->finished && state->reactor != nullptr) *plan = std::move(p);
+    };
+    fill = nullptr;
+  }
+  if (started != nullptr) {
+    // Answered as soon as the rollout started; its end is not waited for.
+    call.started = [state, started](const v1::RollOut& r) {
+      std::lock_guard<std::mutex> lock(state->mu);
+      if (state->finished || state->reactor == nullptr) return;
+      *started = r;
+      state->finished = true;
+      state->reactor->Finish(grpc::Status::OK);
     };
     fill = nullptr;
   }
@@ -444,15 +455,74 @@ grpc::ServerUnaryReactor* FleetServiceImpl::RollOutListener(
         absl::StrCat("max_surge: ", req->max_surge(), " is out of range (0-",
                      kMaxShards, ")"));
   }
+  if (check.ok() && req->undo() && req->has_worker() &&
+      req->worker().ByteSizeLong() > 0) {
+    check = absl::InvalidArgumentError(
+        "worker: must be empty with undo (an undo rolls out the previous "
+        "worker)");
+  }
   return Mutate(
       ctx, "RollOutListener", check,
       [this, req](MutationCall call) {
-        controller_->RollOut(req->name(), req->worker(), req->max_surge(),
-                             std::move(call));
+        RollOutOptions options;
+        options.worker = req->worker();
+        options.max_surge = req->max_surge();
+        options.undo = req->undo();
+        controller_->RollOut(req->name(), options, std::move(call));
       },
       [this, req, resp] {
         FillListener(req->name(), resp->mutable_listener());
-      });
+        absl::StatusOr<std::vector<v1::RollOut>> all =
+            controller_->ListRollOuts(req->name());
+        if (all.ok() && !all->empty()) *resp->mutable_rollout() = all->front();
+      },
+      nullptr, req->async() ? resp->mutable_rollout() : nullptr);
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::GetRollOut(
+    grpc::CallbackServerContext* ctx, const v1::GetRollOutRequest* req,
+    v1::GetRollOutResponse* resp) {
+  return Run(ctx, "GetRollOut", ValidateName(req->name(), "name"),
+             [this, req, resp]() -> absl::Status {
+               absl::StatusOr<std::vector<v1::RollOut>> all =
+                   controller_->ListRollOuts(req->name());
+               if (!all.ok()) return all.status();
+               if (all->empty()) {
+                 return absl::NotFoundError(
+                     absl::StrCat("listener ", req->name(),
+                                  ": no rollout since the agent started"));
+               }
+               *resp->mutable_rollout() = all->front();
+               return absl::OkStatus();
+             });
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::ListRollOuts(
+    grpc::CallbackServerContext* ctx, const v1::ListRollOutsRequest* req,
+    v1::ListRollOutsResponse* resp) {
+  return Run(ctx, "ListRollOuts", ValidateName(req->name(), "name"),
+             [this, req, resp]() -> absl::Status {
+               absl::StatusOr<std::vector<v1::RollOut>> all =
+                   controller_->ListRollOuts(req->name());
+               if (!all.ok()) return all.status();
+               for (v1::RollOut& r : *all) {
+                 *resp->add_rollouts() = std::move(r);
+               }
+               return absl::OkStatus();
+             });
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::PauseRollOut(
+    grpc::CallbackServerContext* ctx, const v1::PauseRollOutRequest* req,
+    v1::PauseRollOutResponse* resp) {
+  return Run(ctx, "PauseRollOut", ValidateName(req->name(), "name"),
+             [this, req, resp]() -> absl::Status {
+               absl::StatusOr<v1::RollOut> r =
+                   controller_->PauseRollOut(req->name(), req->paused());
+               if (!r.ok()) return r.status();
+               *resp->mutable_rollout() = std::move(*r);
+               return absl::OkStatus();
+             });
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::DrainShard(

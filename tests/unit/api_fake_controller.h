@@ -5,6 +5,8 @@
 #ifndef PORTFLEET_TESTS_UNIT_API_FAKE_CONTROLLER_H_
 #define PORTFLEET_TESTS_UNIT_API_FAKE_CONTROLLER_H_
 
+#include <algorithm>
+#include <deque>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -102,22 +104,96 @@ class FakeController : public SyncFleetController {
     Reshard(it->second, shards);
     return Persist();
   }
-  absl::Status RollOut(const std::string& name, const v1::WorkerSpec& worker,
-                       uint32_t max_surge) override {
+  // Rollouts finish at once unless `hold_rollouts`: then one stays in
+  // progress (ROLLING, no shard rolled) until FinishRollOut or an undo.
+  bool hold_rollouts = false;
+  absl::StatusOr<v1::RollOut> RollOut(const std::string& name,
+                                      const RollOutOptions& options) override {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = listeners_.find(name);
     if (it == listeners_.end()) return NotFound(name);
-    if (worker.command() == "fails-to-start") {
+    std::deque<v1::RollOut>& history = rollouts_[name];
+    if (!history.empty() && InProgress(history.front())) {
+      if (!options.undo) {
+        return absl::FailedPreconditionError(
+            "listener " + name + ": a rollout is already in progress");
+      }
+      v1::RollOut& r = history.front();
+      r.set_state(v1::ROLL_OUT_STATE_ROLLED_BACK);
+      r.set_message("rollout " + r.id() + " undone by request");
+      return r;
+    }
+    v1::WorkerSpec target = it->second.spec.worker();
+    if (options.undo) {
+      auto last = std::find_if(history.begin(), history.end(), [](auto& r) {
+        return r.state() == v1::ROLL_OUT_STATE_SUCCEEDED;
+      });
+      if (last == history.end()) {
+        return absl::FailedPreconditionError("listener " + name +
+                                             ": nothing to undo");
+      }
+      target = last->previous_worker();
+    } else {
+      if (options.worker.command() == "fails-to-start") {
+        return absl::FailedPreconditionError(
+            "listener " + name + " shard 0: new worker exited; rolled back");
+      }
+      if (!options.worker.command().empty()) {
+        target.set_command(options.worker.command());
+      }
+      if (options.worker.args_size() > 0) {
+        *target.mutable_args() = options.worker.args();
+      }
+    }
+    v1::RollOut r;
+    r.set_number(static_cast<uint32_t>(++started_[name]));
+    r.set_id(absl::StrCat(name, "/", r.number()));
+    r.set_listener(name);
+    *r.mutable_worker() = target;
+    *r.mutable_previous_worker() = it->second.spec.worker();
+    r.set_max_surge(options.max_surge == 0 ? 1 : options.max_surge);
+    r.set_shards(static_cast<uint32_t>(it->second.shards.size()));
+    r.set_undo(options.undo);
+    r.set_start_time_unix_micros(1700000000000000);
+    if (hold_rollouts && !dry_run_) {
+      r.set_state(v1::ROLL_OUT_STATE_ROLLING);
+    } else {
+      r.set_state(v1::ROLL_OUT_STATE_SUCCEEDED);
+      r.set_shards_rolled(r.shards());
+      r.set_end_time_unix_micros(1700000060000000);
+      *it->second.spec.mutable_worker() = target;
+    }
+    history.push_front(r);
+    return r;
+  }
+  absl::StatusOr<std::vector<v1::RollOut>> ListRollOuts(
+      const std::string& name) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (listeners_.count(name) == 0) return NotFound(name);
+    const std::deque<v1::RollOut>& h = rollouts_[name];
+    return std::vector<v1::RollOut>(h.begin(), h.end());
+  }
+  absl::StatusOr<v1::RollOut> PauseRollOut(const std::string& name,
+                                           bool paused) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (listeners_.count(name) == 0) return NotFound(name);
+    std::deque<v1::RollOut>& h = rollouts_[name];
+    if (h.empty() || !InProgress(h.front())) {
       return absl::FailedPreconditionError(
-          "listener " + name + " shard 0: new worker exited; rolled back");
+          "listener " + name + ": no rollout in progress");
     }
-    if (!worker.command().empty()) {
-      it->second.spec.mutable_worker()->set_command(worker.command());
-    }
-    if (worker.args_size() > 0) {
-      *it->second.spec.mutable_worker()->mutable_args() = worker.args();
-    }
-    return Persist();
+    h.front().set_state(paused ? v1::ROLL_OUT_STATE_PAUSED
+                               : v1::ROLL_OUT_STATE_ROLLING);
+    return h.front();
+  }
+  // Completes the held rollout of `name`.
+  void FinishRollOut(const std::string& name) {
+    std::lock_guard<std::mutex> lock(mu_);
+    v1::RollOut& r = rollouts_[name].front();
+    r.set_state(v1::ROLL_OUT_STATE_SUCCEEDED);
+    r.set_shards_rolled(r.shards());
+    r.set_end_time_unix_micros(1700000060000000);
+    *listeners_[name].spec.mutable_worker() = r.worker();
   }
   absl::Status DrainShard(const std::string& name, uint32_t index) override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -216,6 +292,10 @@ class FakeController : public SyncFleetController {
   void Emit(const FleetEvent& e) { events_.Publish(e); }
 
  private:
+  static bool InProgress(const v1::RollOut& r) {
+    return r.state() == v1::ROLL_OUT_STATE_ROLLING ||
+           r.state() == v1::ROLL_OUT_STATE_PAUSED;
+  }
   static absl::Status NotFound(const std::string& name) {
     return absl::NotFoundError(
         absl::StrCat("listener \"", name, "\" not found"));
@@ -252,6 +332,8 @@ class FakeController : public SyncFleetController {
   std::mutex mu_;
   std::map<std::string, ListenerStatus> listeners_;
   bool dry_run_ = false;
+  std::map<std::string, std::deque<v1::RollOut>> rollouts_;
+  std::map<std::string, int> started_;
   std::map<std::string, ListenerStatus> saved_;
   EventHistory events_;
 };
