@@ -87,13 +87,13 @@ absl::Status StartRollOut(Context& ctx, bool wait, bool undo) {
       out << "\n";
       return;
     }
-    if (!wait) {
-      out << " rollout " << r.id() << " "
-          << (r.state() == v1::ROLL_OUT_STATE_ROLLING_BACK ? "rolling back"
-                                                           : "started")
-          << " (" << WorkerText(r.worker()) << ")\n";
-    } else if (r.state() == v1::ROLL_OUT_STATE_ROLLING_BACK) {
-      out << " rollout " << r.id() << " rolling back\n";
+    if (r.state() == v1::ROLL_OUT_STATE_ROLLING_BACK ||
+        r.state() == v1::ROLL_OUT_STATE_ROLLED_BACK) {
+      // An undo of the rollout in progress.
+      out << " rollout " << r.id() << " " << StateText(r.state()) << "\n";
+    } else if (!wait) {
+      out << " rollout " << r.id() << " started (" << WorkerText(r.worker())
+          << ")\n";
     } else {
       out << " rolled out (" << WorkerText(resp->listener().spec().worker())
           << ")\n";

@@ -279,5 +279,117 @@ TEST_F(OperatorTest, EventsSinceShowsWhatHappenedBefore) {
   EXPECT_EQ(r.out, "");
 }
 
+std::string Cmdline(pid_t pid) {
+  std::string raw = ReadFileOrEmpty(absl::StrCat("/proc/", pid, "/cmdline"));
+  for (char& c : raw) {
+    if (c == '\0') c = ' ';
+  }
+  return raw;
+}
+
+// Steps:
+// 1. Start the agent with "web" (4 shards); `rollout start --wait` new
+//    worker arguments; every shard runs them.
+// 2. Under load: `rollout undo --wait`.
+// 3. Every shard runs a new worker with the previous arguments; the load saw
+//    no failure; `rollout history` lists the undo and the first rollout.
+TEST_F(OperatorTest, RolloutUndoUnderLoad) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Start(ListenerText("web", 8080, 4));
+  ASSERT_TRUE(AllReady("web", 4)) << agent_.Log();
+  CtlResult r = Ctl({"rollout", "start", "web", "--wait", "--worker-args",
+                     "--mode=http --drain-timeout=7s", "--max-surge", "2"});
+  ASSERT_EQ(r.code, 0) << r.err << agent_.Log();
+  ASSERT_TRUE(AllReady("web", 4)) << agent_.Log();
+  std::set<pid_t> rolled = Pids("web");
+  for (pid_t pid : rolled) {
+    EXPECT_THAT(Cmdline(pid), HasSubstr("--drain-timeout=7s"));
+  }
+
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async, [&] {
+    return loadgen::Run(Load("127.0.0.1:8080"), &stop);
+  });
+  absl::SleepFor(absl::Milliseconds(500));
+  r = Ctl({"rollout", "undo", "web", "--wait"});
+  absl::SleepFor(absl::Milliseconds(500));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_EQ(r.code, 0) << r.err << agent_.Log();
+  EXPECT_EQ(r.out, "listener/web rolled out (portfleet-worker --mode=http)\n");
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary();
+  EXPECT_GT(result->ok(), 100);
+
+  std::vector<v1::Shard> shards = Shards(*stub_, "web");
+  ASSERT_EQ(shards.size(), 4u);
+  for (const v1::Shard& shard : shards) {
+    EXPECT_EQ(rolled.count(shard.pid()), 0u) << "shard " << shard.index();
+    EXPECT_THAT(Cmdline(shard.pid()), Not(HasSubstr("--drain-timeout")))
+        << "shard " << shard.index();
+  }
+  EXPECT_THAT(StateFile(), Not(HasSubstr("--drain-timeout")));
+  r = Ctl({"rollout", "history", "web", "--no-headers", "-o", "name"});
+  EXPECT_EQ(r.out, "rollout/web/2\nrollout/web/1\n");
+  r = Ctl({"rollout", "status", "web"});
+  EXPECT_THAT(r.out, HasSubstr("rollout web/2 (undo) succeeded: 4 of 4"));
+}
+
+// Steps:
+// 1. Start the agent with "web" (4 shards); under load, `rollout start`
+//    (one shard at a time, returns at once) and `rollout pause` at once.
+// 2. The rollout stays paused with fewer than 4 shards rolled.
+// 3. `rollout undo`: the rolled shards go back; `rollout status --watch`
+//    ends rolled-back (exit 1); every shard runs the original arguments;
+//    the load saw no failure.
+TEST_F(OperatorTest, RolloutPauseThenUndoUnderLoad) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Start(ListenerText("web", 8080, 4));
+  ASSERT_TRUE(AllReady("web", 4)) << agent_.Log();
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async, [&] {
+    return loadgen::Run(Load("127.0.0.1:8080"), &stop);
+  });
+  absl::SleepFor(absl::Milliseconds(300));
+  CtlResult r = Ctl({"rollout", "start", "web", "--worker-args",
+                     "--mode=http --drain-timeout=7s"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out,
+            "listener/web rollout web/1 started (portfleet-worker --mode=http "
+            "--drain-timeout=7s)\n");
+  r = Ctl({"rollout", "pause", "web", "-o", "json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr(R"("state": "paused")"));
+  // Shards in flight finish; no further one starts.
+  absl::SleepFor(absl::Seconds(2));
+  v1::GetRollOutRequest get;
+  get.set_name("web");
+  v1::GetRollOutResponse paused;
+  ASSERT_TRUE(stub_->GetRollOut(RpcContext().get(), get, &paused).ok());
+  EXPECT_EQ(paused.rollout().state(), v1::ROLL_OUT_STATE_PAUSED);
+  EXPECT_LT(paused.rollout().shards_rolled(), 4u);
+  absl::SleepFor(absl::Seconds(1));
+  v1::GetRollOutResponse still;
+  ASSERT_TRUE(stub_->GetRollOut(RpcContext().get(), get, &still).ok());
+  EXPECT_EQ(still.rollout().shards_rolled(), paused.rollout().shards_rolled());
+
+  r = Ctl({"rollout", "undo", "web"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  r = Ctl({"rollout", "status", "web", "--watch", "--interval", "200ms"});
+  EXPECT_EQ(r.code, ctl::kExitAgentError) << r.out;
+  EXPECT_THAT(r.out, HasSubstr("rollout web/1 rolled-back"));
+  absl::SleepFor(absl::Milliseconds(500));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary();
+  ASSERT_TRUE(AllReady("web", 4)) << agent_.Log();
+  for (const v1::Shard& shard : Shards(*stub_, "web")) {
+    EXPECT_THAT(Cmdline(shard.pid()), Not(HasSubstr("--drain-timeout")))
+        << "shard " << shard.index();
+  }
+  EXPECT_THAT(StateFile(), Not(HasSubstr("--drain-timeout")));
+}
+
 }  // namespace
 }  // namespace portfleet::testing

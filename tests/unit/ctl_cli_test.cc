@@ -492,6 +492,75 @@ TEST_F(CtlTest, ScaleDrainSteerDelete) {
   EXPECT_EQ(r.err, "portfleetctl: listener \"web\" not found (NOT_FOUND)\n");
 }
 
+TEST_F(CtlTest, RolloutStartStatusPauseResumeUndoHistory) {
+  ApplyWeb();
+  fake_.hold_rollouts = true;
+  Result r = Ctl({"rollout", "start", "web", "--worker-args", "--mode=echo"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out,
+            "listener/web rollout web/1 started (portfleet-worker "
+            "--mode=echo)\n");
+  r = Ctl({"rollout", "status", "web"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out,
+            "rollout web/1 rolling: 0 of 2 shards rolled\n"
+            "  worker:   portfleet-worker --mode=echo\n"
+            "  previous: portfleet-worker --mode=http\n");
+  r = Ctl({"rollout", "pause", "web"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "listener/web rollout web/1 paused: 0 of 2 shards rolled\n");
+  r = Ctl({"rollout", "resume", "web", "-o", "json"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr(R"("state": "rolling")"));
+  // Another rollout while one runs is refused.
+  r = Ctl({"rollout", "start", "web"});
+  EXPECT_EQ(r.code, kExitAgentError);
+  EXPECT_THAT(r.err, HasSubstr("already in progress (FAILED_PRECONDITION)"));
+  fake_.FinishRollOut("web");
+  r = Ctl({"rollout", "status", "web", "--watch", "--interval", "100ms"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "rollout web/1 succeeded: 2 of 2 shards rolled\n");
+  r = Ctl({"rollout", "pause", "web"});
+  EXPECT_EQ(r.code, kExitAgentError);
+  EXPECT_THAT(r.err, HasSubstr("no rollout in progress"));
+
+  // Undo with nothing in progress: the previous worker, rolled out.
+  fake_.hold_rollouts = false;
+  r = Ctl({"rollout", "undo", "web"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out,
+            "listener/web rollout web/2 started (portfleet-worker "
+            "--mode=http)\n");
+  EXPECT_EQ(fake_.GetListener("web")->spec.worker().args(0), "--mode=http");
+
+  // Undo of a rollout in progress: it rolls back; status says so (exit 1).
+  fake_.hold_rollouts = true;
+  ASSERT_EQ(Ctl({"rollout", "start", "web", "--worker-args", "x"}).code, 0);
+  r = Ctl({"rollout", "undo", "web"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "listener/web rollout web/3 rolled-back\n");
+  r = Ctl({"rollout", "status", "web", "--watch"});
+  EXPECT_EQ(r.code, kExitAgentError);
+  EXPECT_THAT(r.out, StartsWith("rollout web/3 rolled-back: 0 of 2 shards "
+                                "rolled (rollout web/3 undone by request)"));
+
+  r = Ctl({"rollout", "history", "web"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out,
+            "ROLLOUT        STATE         SHARDS   STARTED                "
+            "ENDED                  WORKER\n"
+            "web/3          rolled-back   0/2      2023-11-14T22:13:20Z   -"
+            "                      portfleet-worker x\n"
+            "web/2 (undo)   succeeded     2/2      2023-11-14T22:13:20Z   "
+            "2023-11-14T22:14:20Z   portfleet-worker --mode=http\n"
+            "web/1          succeeded     2/2      2023-11-14T22:13:20Z   "
+            "2023-11-14T22:14:20Z   portfleet-worker --mode=echo\n");
+  r = Ctl({"rollout", "history", "web", "-o", "name"});
+  EXPECT_EQ(r.out, "rollout/web/3\nrollout/web/2\nrollout/web/1\n");
+  r = Ctl({"rollout", "status", "nosuch"});
+  EXPECT_EQ(r.code, kExitAgentError);
+}
+
 TEST_F(CtlTest, AgentErrorsExitOne) {
   ApplyWeb();
   Result r = Ctl({"scale", "web", "--shards", "0"});
@@ -771,6 +840,13 @@ TEST_F(CtlTest, HelpOnEveryCommandHasAnExample) {
                                              {"drain"},
                                              {"steer"},
                                              {"rollout"},
+                                             {"rollout", "start"},
+                                             {"rollout", "status"},
+                                             {"rollout", "pause"},
+                                             {"rollout", "resume"},
+                                             {"rollout", "undo"},
+                                             {"rollout", "history"},
+                                             {"diff"},
                                              {"completion"},
                                              {"man"}}) {
     std::vector<std::string> args = cmd;
