@@ -133,10 +133,10 @@ std::vector<std::string> LineDiff(const std::vector<std::string>& a,
       out.push_back(" " + a[i]);
       ++i;
       ++j;
-    } else if (j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j])) {
-      out.push_back("+" + b[j++]);
+    } else if (i < n && (j == m || lcs[i + 1][j] >= lcs[i][j + 1])) {
+      out.push_back("-" + a[i++]);  // removals first, as diff -u
     } else {
-      out.push_back("-" + a[i++]);
+      out.push_back("+" + b[j++]);
     }
   }
   return out;

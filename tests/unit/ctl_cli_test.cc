@@ -75,13 +75,18 @@ TEST_F(CtlTest, ApplyCreatesUpdatesAndReportsUnchanged) {
   "listeners": [
     {
       "name": "web",
-      "action": "configured"
+      "action": "configured",
+      "changedFields": [
+        "shards"
+      ]
     },
     {
       "name": "api",
-      "action": "created"
+      "action": "created",
+      "changedFields": []
     }
-  ]
+  ],
+  "dryRun": false
 }
 )");
   EXPECT_EQ(fake_.GetListener("web")->shards.size(), 4u);
@@ -121,7 +126,7 @@ TEST_F(CtlTest, ApplyStopsAtTheFirstRefusedListener) {
   )pb");
   Result r = Ctl({"apply", "-f", spec, "-o", "yaml"});
   EXPECT_EQ(r.code, kExitAgentError);
-  EXPECT_EQ(r.out, "listeners: []\n");
+  EXPECT_EQ(r.out, "listeners: []\ndryRun: false\n");
   EXPECT_THAT(r.err, StartsWith("portfleetctl: listener/db: address "
                                 "127.0.0.1:8080 is taken"));
   EXPECT_THAT(r.err, HasSubstr("(ALREADY_EXISTS)"));
