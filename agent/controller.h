@@ -121,10 +121,10 @@ struct FleetEvent {
 // `started` (RollOut only), when set, gets the rollout's record as soon as it
 // started, before `done` (which comes when it ends).
 struct MutationCall {
-  std::function<void(absl::Status)> done;
-  std::function<bool()> cancelled;
-  std::function<void(v1::ListenerPlan)> plan;
-  std::function<void(const v1::RollOut&)> started;
+  std::function<void(absl::Status)> done{};
+  std::function<bool()> cancelled{};
+  std::function<void(v1::ListenerPlan)> plan{};
+  std::function<void(const v1::RollOut&)> started{};
 };
 
 // A rolling upgrade asked of the controller.

@@ -86,9 +86,7 @@ std::vector<FleetEvent> LoopFleetController::Events(absl::Time since) {
   return events_.Since(since);
 }
 
-void LoopFleetController::Unsubscribe(uint64_t id) {
-  events_.Unsubscribe(id);
-}
+void LoopFleetController::Unsubscribe(uint64_t id) { events_.Unsubscribe(id); }
 
 void LoopFleetController::Close() {
   closed_ = true;
@@ -108,8 +106,7 @@ void LoopFleetController::Close() {
 }
 
 LoopFleetController::Op LoopFleetController::DryRun(
-    const std::string& key, std::function<void(v1::ListenerPlan)> plan,
-    Op op) {
+    const std::string& key, std::function<void(v1::ListenerPlan)> plan, Op op) {
   return [this, key, plan = std::move(plan),
           op = std::move(op)](Done done) -> absl::Status {
     const v1::FleetSpec before = fleet_->DesiredSpec();
@@ -364,8 +361,7 @@ void LoopFleetController::StartRollOut(const std::string& name,
 absl::StatusOr<std::vector<v1::RollOut>> LoopFleetController::ListRollOuts(
     const std::string& name) {
   if (closed_) return ShuttingDown();
-  absl::StatusOr<std::vector<v1::RollOut>> out =
-      absl::UnknownError("not run");
+  absl::StatusOr<std::vector<v1::RollOut>> out = absl::UnknownError("not run");
   loop_->RunSync([&] { out = fleet_->RollOuts(name); });
   return out;
 }

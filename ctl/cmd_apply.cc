@@ -69,16 +69,20 @@ absl::StatusOr<v1::FleetPlan> PlanSpec(Context& ctx, const v1::FleetSpec& spec,
       req.set_validate_only(true);
       absl::StatusOr<v1::CreateListenerResponse> resp =
           ctx.Call(&v1::FleetService::Stub::CreateListener, req);
-      if (resp.ok()) one = resp->plan();
-      else one = resp.status();
+      if (resp.ok())
+        one = resp->plan();
+      else
+        one = resp.status();
     } else {
       v1::UpdateListenerRequest req;
       *req.mutable_listener() = l;
       req.set_validate_only(true);
       absl::StatusOr<v1::UpdateListenerResponse> resp =
           ctx.Call(&v1::FleetService::Stub::UpdateListener, req);
-      if (resp.ok()) one = resp->plan();
-      else one = resp.status();
+      if (resp.ok())
+        one = resp->plan();
+      else
+        one = resp.status();
     }
     if (!one.ok()) return WithPrefix(one.status(), ListenerName(l.name()));
     *plan.add_listeners() = std::move(*one);
@@ -237,10 +241,10 @@ std::string NotServing(const v1::ListenerState& l,
   for (const v1::Shard& s : l.shards()) {
     auto before = restarts_before.find(s.index());
     uint32_t base = before == restarts_before.end() ? 0 : before->second;
-    std::string why = s.health_reason().empty()
-                          ? ShardStateText(s.state())
-                          : absl::StrCat(ShardStateText(s.state()), ": ",
-                                         s.health_reason());
+    std::string why =
+        s.health_reason().empty()
+            ? ShardStateText(s.state())
+            : absl::StrCat(ShardStateText(s.state()), ": ", s.health_reason());
     if (s.restarts() >= base + kCrashLoopRestarts) {
       *final = true;
       return absl::StrCat("shard ", s.index(), ": the worker keeps exiting (",
@@ -390,8 +394,9 @@ const FlagSpec kFilenameFlag = {
     .name = "filename",
     .short_name = 'f',
     .value = "FILE",
-    .help = "fleet spec: .textproto/.txtpb or .json; - reads\n"
-            "standard input (JSON if it starts with '{')",
+    .help =
+        "fleet spec: .textproto/.txtpb or .json; - reads\n"
+        "standard input (JSON if it starts with '{')",
     .complete = Complete::kFile,
     .required = true};
 

@@ -31,7 +31,7 @@ void PrintEventRow(const v1::Event& e, std::ostream& out) {
       "%Y-%m-%dT%H:%M:%E3SZ", absl::FromUnixMicros(e.time_unix_micros()),
       absl::UTCTimeZone());
   out << Pad(time, 26)
-      << Pad(ShortEnumName(v1::EventType_descriptor(), e.type()), 18)
+      << Pad(ShortEnumName(v1::EventType_descriptor(), e.type()), 19)
       << Pad(e.listener().empty() ? "-" : e.listener(), 16)
       << Pad(e.shard() >= 0 ? absl::StrCat(e.shard()) : "-", 7)
       << Pad(e.pid() > 0 ? absl::StrCat(e.pid()) : "-", 8) << e.message()
@@ -86,7 +86,7 @@ absl::Status RunEvents(Context& ctx) {
     }
     ctx.PrintItem(e, [&](Format, std::ostream& out) {
       if (!header) {
-        out << Pad("TIME", 26) << Pad("TYPE", 18) << Pad("LISTENER", 16)
+        out << Pad("TIME", 26) << Pad("TYPE", 19) << Pad("LISTENER", 16)
             << Pad("SHARD", 7) << Pad("PID", 8) << "MESSAGE\n";
         header = true;
       }
@@ -221,7 +221,8 @@ void AddEventCommands(std::vector<CommandSpec>* commands) {
           "steering changes, listeners created and deleted, errors). The\n"
           "agent keeps its last 1000 events: without -f, events prints them\n"
           "(those since --since, else all) and exits; with -f it prints those\n"
-          "since --since (else none) and follows new ones until Ctrl-C. (-f is\n"
+          "since --since (else none) and follows new ones until Ctrl-C. (-f "
+          "is\n"
           "--follow here, as in kubectl logs -f; for apply and diff it is\n"
           "--filename.) With -o json each event is one line.\n",
       .flags = {{.name = "follow",

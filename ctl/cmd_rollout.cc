@@ -34,10 +34,9 @@ bool InProgress(const v1::RollOut& r) {
 
 // "web/3 rolling: 1 of 4 shards rolled"
 std::string Summary(const v1::RollOut& r) {
-  std::string out = absl::StrCat("rollout ", r.id(), r.undo() ? " (undo)" : "",
-                                 " ", StateText(r.state()), ": ",
-                                 r.shards_rolled(), " of ", r.shards(),
-                                 " shards rolled");
+  std::string out = absl::StrCat(
+      "rollout ", r.id(), r.undo() ? " (undo)" : "", " ", StateText(r.state()),
+      ": ", r.shards_rolled(), " of ", r.shards(), " shards rolled");
   if (!r.message().empty()) absl::StrAppend(&out, " (", r.message(), ")");
   return out;
 }
@@ -134,7 +133,8 @@ absl::Status RunStatus(Context& ctx) {
   absl::StatusOr<v1::RollOut> r = Get(ctx, ctx.arg(0));
   if (!r.ok()) return r.status();
   if (!ctx.Switch("watch")) {
-    ctx.Print(*r, [&](Format, std::ostream& out) { PrintRollOutText(*r, out); });
+    ctx.Print(*r,
+              [&](Format, std::ostream& out) { PrintRollOutText(*r, out); });
     return absl::OkStatus();
   }
   absl::StatusOr<absl::Duration> interval = ctx.IntervalFlag();
@@ -144,9 +144,8 @@ absl::Status RunStatus(Context& ctx) {
   for (;;) {
     const std::string now = r->ShortDebugString();
     if (now != last) {
-      ctx.PrintItem(*r, [&](Format, std::ostream& out) {
-        out << Summary(*r) << "\n";
-      });
+      ctx.PrintItem(
+          *r, [&](Format, std::ostream& out) { out << Summary(*r) << "\n"; });
       last = now;
     }
     if (!InProgress(*r) || ctx.Interrupted()) break;
@@ -251,8 +250,9 @@ CommandSpec OneListener(std::string name, std::string summary,
 
 void AddRollOutCommands(std::vector<CommandSpec>* commands) {
   const FlagSpec wait = {.name = "wait",
-                         .help = "return when the rollout has ended (exit 1\n"
-                                 "if it was rolled back)"};
+                         .help =
+                             "return when the rollout has ended (exit 1\n"
+                             "if it was rolled back)"};
   CommandSpec start = OneListener(
       "rollout start", "start a rolling upgrade of the workers",
       "Starts a rolling upgrade: per shard, the new worker starts on the\n"
@@ -264,7 +264,8 @@ void AddRollOutCommands(std::vector<CommandSpec>* commands) {
       "blocking form, as before.) Other changes of the listener wait until\n"
       "the rollout has ended; pause, resume and undo do not.\n",
       RunStart,
-      {{"", "portfleetctl rollout start web --worker-command /opt/web/v2/server"},
+      {{"",
+        "portfleetctl rollout start web --worker-command /opt/web/v2/server"},
        {"restart every worker in place, and wait",
         "portfleetctl rollout start web --wait"}});
   start.flags = WorkerFlags();
@@ -278,8 +279,9 @@ void AddRollOutCommands(std::vector<CommandSpec>* commands) {
       "The blocking form of `rollout start`: returns when every shard runs\n"
       "the new worker, or fails (exit 1) when it was rolled back.\n";
   blocking.flags = WorkerFlags();
-  blocking.examples = {{"", "portfleetctl rollout web --worker-args "
-                            "\"--mode=http\""}};
+  blocking.examples = {{"",
+                        "portfleetctl rollout web --worker-args "
+                        "\"--mode=http\""}};
   blocking.run = RunBlocking;
   commands->push_back(blocking);
 
@@ -292,12 +294,11 @@ void AddRollOutCommands(std::vector<CommandSpec>* commands) {
       "aborted.\n",
       RunStatus, {{"", "portfleetctl rollout status web --watch"}});
   status.section = Section::kRead;
-  status.flags = {{.name = "watch",
-                   .short_name = 'w',
-                   .help = "follow it until it ends"},
-                  {.name = "interval",
-                   .value = "DURATION",
-                   .help = "poll period with --watch (default 2s)"}};
+  status.flags = {
+      {.name = "watch", .short_name = 'w', .help = "follow it until it ends"},
+      {.name = "interval",
+       .value = "DURATION",
+       .help = "poll period with --watch (default 2s)"}};
   commands->push_back(status);
 
   commands->push_back(OneListener(
@@ -305,9 +306,9 @@ void AddRollOutCommands(std::vector<CommandSpec>* commands) {
       "No further shard starts rolling; shards in flight finish. The\n"
       "listener keeps serving with both workers until resume or undo.\n",
       RunPause, {{"", "portfleetctl rollout pause web"}}));
-  commands->push_back(OneListener(
-      "rollout resume", "resume a paused rollout", "Goes on rolling.\n",
-      RunResume, {{"", "portfleetctl rollout resume web"}}));
+  commands->push_back(OneListener("rollout resume", "resume a paused rollout",
+                                  "Goes on rolling.\n", RunResume,
+                                  {{"", "portfleetctl rollout resume web"}}));
 
   CommandSpec undo = OneListener(
       "rollout undo", "roll back to the previous worker",

@@ -570,8 +570,8 @@ absl::Status Fleet::RollOut(const std::string& name,
   return absl::OkStatus();
 }
 
-absl::Status Fleet::RollOutPrevious(const std::string& name,
-                                    uint32_t max_surge, Done done) {
+absl::Status Fleet::RollOutPrevious(const std::string& name, uint32_t max_surge,
+                                    Done done) {
   ASSIGN_OR_RETURN(Listener * listener, Find(name));
   for (const v1::RollOut& r : listener->rollout_history) {
     if (r.state() != v1::ROLL_OUT_STATE_SUCCEEDED) continue;
@@ -620,9 +620,9 @@ absl::StatusOr<v1::RollOut> Fleet::PauseRollOut(const std::string& name,
   ASSIGN_OR_RETURN(Listener * listener, Find(name));
   if (!listener->rollout ||
       listener->rollout->phase() != Rollout::Phase::kRolling) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "listener ", name, ": no rollout in progress to ",
-        paused ? "pause" : "resume"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("listener ", name, ": no rollout in progress to ",
+                     paused ? "pause" : "resume"));
   }
   if (paused) {
     listener->rollout->Pause();

@@ -32,9 +32,10 @@ Rollout::Rollout(FleetContext* ctx, Supervisor* supervisor, Listener& listener,
 v1::RollOut Rollout::Record() const {
   v1::RollOut out = record_;
   if (out.state() == v1::ROLL_OUT_STATE_UNSPECIFIED) {
-    out.set_state(phase_ == Phase::kRollingBack ? v1::ROLL_OUT_STATE_ROLLING_BACK
-                  : paused_                     ? v1::ROLL_OUT_STATE_PAUSED
-                                                : v1::ROLL_OUT_STATE_ROLLING);
+    out.set_state(phase_ == Phase::kRollingBack
+                      ? v1::ROLL_OUT_STATE_ROLLING_BACK
+                  : paused_ ? v1::ROLL_OUT_STATE_PAUSED
+                            : v1::ROLL_OUT_STATE_ROLLING);
     out.set_shards_rolled(static_cast<uint32_t>(rolled_.size()));
     if (!error_.ok()) out.set_message(std::string(error_.message()));
   }
@@ -76,8 +77,8 @@ void Rollout::Resume() {
 void Rollout::Undo() {
   if (phase_ != Phase::kRolling) return;
   PF_LOG(WARNING) << "listener " << listener_.spec.name() << ": rollout "
-                  << record_.id() << " undone; rolling back "
-                  << rolled_.size() << " shard(s)";
+                  << record_.id() << " undone; rolling back " << rolled_.size()
+                  << " shard(s)";
   paused_ = false;
   error_ = absl::AbortedError(
       absl::StrCat("rollout ", record_.id(), " undone by request"));
@@ -165,9 +166,8 @@ void Rollout::Finish(absl::Status status, v1::RollOutState state) {
   std::shared_ptr<Rollout> self = shared_from_this();
   if (listener_.rollout.get() == this) listener_.rollout.reset();
   record_.set_state(state);
-  record_.set_shards_rolled(state == v1::ROLL_OUT_STATE_SUCCEEDED
-                                ? record_.shards()
-                                : 0);
+  record_.set_shards_rolled(
+      state == v1::ROLL_OUT_STATE_SUCCEEDED ? record_.shards() : 0);
   if (state == v1::ROLL_OUT_STATE_ABORTED) {
     record_.set_shards_rolled(static_cast<uint32_t>(rolled_.size()));
   }

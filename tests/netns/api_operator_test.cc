@@ -108,7 +108,8 @@ TEST_F(OperatorTest, GetSpecThenApplyIsANoOp) {
 
   CtlResult spec = Ctl({"get", "spec"});
   ASSERT_EQ(spec.code, 0) << spec.err;
-  const std::string file = agent_.dir().WriteFile("running.textproto", spec.out);
+  const std::string file =
+      agent_.dir().WriteFile("running.textproto", spec.out);
   CtlResult r = Ctl({"apply", "-f", file});
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(r.out, "listener/web unchanged\n");
@@ -142,8 +143,8 @@ TEST_F(OperatorTest, DryRunChangesNothing) {
   const std::string file = agent_.dir().WriteFile(
       "next.textproto",
       ListenerText("web", 8080, 4) + ListenerText("api", 8081, 1));
-  const std::string since = absl::FormatTime(absl::RFC3339_full, absl::Now(),
-                                             absl::UTCTimeZone());
+  const std::string since =
+      absl::FormatTime(absl::RFC3339_full, absl::Now(), absl::UTCTimeZone());
 
   CtlResult r = Ctl({"apply", "-f", file, "--dry-run", "--prune"});
   EXPECT_EQ(r.code, 0) << r.err;
@@ -165,12 +166,11 @@ TEST_F(OperatorTest, DryRunChangesNothing) {
   EXPECT_THAT(r.out, HasSubstr("  -shards: 2\n  +shards: 4\n"));
   EXPECT_THAT(r.out, HasSubstr("listener/api: create\n"));
   EXPECT_THAT(r.out, HasSubstr("listener/old: delete\n"));
-  EXPECT_THAT(r.out, HasSubstr(
-                         "plan: 1 to create, 1 to update, 1 to delete, 0 "
-                         "unchanged\n"));
+  EXPECT_THAT(r.out, HasSubstr("plan: 1 to create, 1 to update, 1 to delete, 0 "
+                               "unchanged\n"));
 
-  const std::string clash = agent_.dir().WriteFile(
-      "clash.textproto", ListenerText("api", 8080, 1));
+  const std::string clash =
+      agent_.dir().WriteFile("clash.textproto", ListenerText("api", 8080, 1));
   r = Ctl({"apply", "-f", clash, "--dry-run"});
   EXPECT_EQ(r.code, ctl::kExitAgentError);
   EXPECT_THAT(r.err, HasSubstr("listener/api: "));
@@ -272,8 +272,8 @@ TEST_F(OperatorTest, EventsSinceShowsWhatHappenedBefore) {
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr(absl::StrCat("\"shard\":1,\"pid\":", added)));
   absl::SleepFor(absl::Milliseconds(10));
-  const std::string later = absl::FormatTime(absl::RFC3339_full, absl::Now(),
-                                             absl::UTCTimeZone());
+  const std::string later =
+      absl::FormatTime(absl::RFC3339_full, absl::Now(), absl::UTCTimeZone());
   r = Ctl({"events", "--since", later});
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(r.out, "");

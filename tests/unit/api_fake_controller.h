@@ -179,8 +179,8 @@ class FakeController : public SyncFleetController {
     if (listeners_.count(name) == 0) return NotFound(name);
     std::deque<v1::RollOut>& h = rollouts_[name];
     if (h.empty() || !InProgress(h.front())) {
-      return absl::FailedPreconditionError(
-          "listener " + name + ": no rollout in progress");
+      return absl::FailedPreconditionError("listener " + name +
+                                           ": no rollout in progress");
     }
     h.front().set_state(paused ? v1::ROLL_OUT_STATE_PAUSED
                                : v1::ROLL_OUT_STATE_ROLLING);

@@ -491,12 +491,12 @@ TEST_F(ApiServiceTest, SlowWatcherIsDroppedWithBoundedQueue) {
 
 TEST_F(ApiServiceTest, WatchEventsHistory) {
   const absl::Time now = absl::Now();
-  fake_.Emit({v1::EVENT_TYPE_SHARD_EXITED, now - absl::Minutes(30), "web", 0,
-              1, "old"});
+  fake_.Emit({v1::EVENT_TYPE_SHARD_EXITED, now - absl::Minutes(30), "web", 0, 1,
+              "old"});
   fake_.Emit(
       {v1::EVENT_TYPE_ERROR, now - absl::Minutes(5), "api", -1, 0, "mid"});
-  fake_.Emit({v1::EVENT_TYPE_SHARD_RESTARTED, now - absl::Seconds(1), "web",
-              1, 2, "new"});
+  fake_.Emit({v1::EVENT_TYPE_SHARD_RESTARTED, now - absl::Seconds(1), "web", 1,
+              2, "new"});
   auto read_all = [&](const v1::WatchEventsRequest& req, grpc::Status* end) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() +
@@ -511,7 +511,8 @@ TEST_F(ApiServiceTest, WatchEventsHistory) {
   grpc::Status end;
   v1::WatchEventsRequest req;
   req.set_history_only(true);
-  EXPECT_EQ(read_all(req, &end), (std::vector<std::string>{"old", "mid", "new"}));
+  EXPECT_EQ(read_all(req, &end),
+            (std::vector<std::string>{"old", "mid", "new"}));
   EXPECT_TRUE(end.ok()) << end.error_message();
   req.set_since_unix_micros(absl::ToUnixMicros(now - absl::Minutes(10)));
   EXPECT_EQ(read_all(req, &end), (std::vector<std::string>{"mid", "new"}));
@@ -550,20 +551,20 @@ TEST(EventHistoryTest, KeepsTheLastEventsAndReplaysWithoutGaps) {
   EXPECT_EQ(kept[2].message, "e4");
   EXPECT_EQ(history.Since(t0 + absl::Seconds(4)).size(), 1u);
   std::vector<std::string> seen;
-  uint64_t id = history.Subscribe(
-      [&](const FleetEvent& e) { seen.push_back(e.message); },
-      t0 + absl::Seconds(3));
-  history.Publish({v1::EVENT_TYPE_ERROR, t0 + absl::Seconds(9), "web", 0, 0,
-                   "e9"});
+  uint64_t id =
+      history.Subscribe([&](const FleetEvent& e) { seen.push_back(e.message); },
+                        t0 + absl::Seconds(3));
+  history.Publish(
+      {v1::EVENT_TYPE_ERROR, t0 + absl::Seconds(9), "web", 0, 0, "e9"});
   history.Unsubscribe(id);
-  history.Publish({v1::EVENT_TYPE_ERROR, t0 + absl::Seconds(10), "web", 0, 0,
-                   "e10"});
+  history.Publish(
+      {v1::EVENT_TYPE_ERROR, t0 + absl::Seconds(10), "web", 0, 0, "e10"});
   EXPECT_EQ(seen, (std::vector<std::string>{"e3", "e4", "e9"}));
   EXPECT_EQ(history.subscribers(), 0u);
   seen.clear();
-  id = history.Subscribe(
-      [&](const FleetEvent& e) { seen.push_back(e.message); },
-      absl::InfiniteFuture());
+  id =
+      history.Subscribe([&](const FleetEvent& e) { seen.push_back(e.message); },
+                        absl::InfiniteFuture());
   EXPECT_TRUE(seen.empty());
   history.Unsubscribe(id);
 }

@@ -699,10 +699,10 @@ TEST_F(CtlTest, EventsTable) {
   ASSERT_TRUE(events->WaitForOutput("exit status 1"));
   events->Stop();
   EXPECT_THAT(events->out(),
-              StartsWith("TIME                       TYPE               "
+              StartsWith("TIME                       TYPE                "
                          "LISTENER         SHARD   PID      MESSAGE\n"));
   EXPECT_THAT(events->out(),
-              HasSubstr("Z   shard-restarted    web              2       "
+              HasSubstr("Z   shard-restarted     web              2       "
                         "1234     exit status 1\n"));
 }
 

@@ -131,13 +131,12 @@ TEST_F(CtlGoldenTest, DiffAndDryRun) {
 
 TEST_F(CtlGoldenTest, Rollout) {
   ApplyWeb();
-  ASSERT_EQ(Ctl({"rollout", "start", "web", "--worker-args", "--mode=echo"})
-                .code,
-            0);
+  ASSERT_EQ(
+      Ctl({"rollout", "start", "web", "--worker-args", "--mode=echo"}).code, 0);
   fake_.hold_rollouts = true;
-  ExpectGolden("rollout_start.yaml", {"rollout", "start", "web",
-                                      "--worker-args", "--mode=http", "-o",
-                                      "yaml"});
+  ExpectGolden("rollout_start.yaml",
+               {"rollout", "start", "web", "--worker-args", "--mode=http", "-o",
+                "yaml"});
   ExpectGolden("rollout_status.table", {"rollout", "status", "web"});
   ExpectGolden("rollout_status.json",
                {"rollout", "status", "web", "-o", "json"});
@@ -148,8 +147,7 @@ TEST_F(CtlGoldenTest, Rollout) {
 
 TEST_F(CtlGoldenTest, EventHistory) {
   const absl::Time t = absl::FromUnixSeconds(1764654872);
-  fake_.Emit({v1::EVENT_TYPE_SHARD_EXITED, t, "web", 2, 1234,
-              "exit status 1"});
+  fake_.Emit({v1::EVENT_TYPE_SHARD_EXITED, t, "web", 2, 1234, "exit status 1"});
   fake_.Emit({v1::EVENT_TYPE_SHARD_RESTARTED, t + absl::Milliseconds(250),
               "web", 2, 1240, "restart 1"});
   fake_.Emit({v1::EVENT_TYPE_ROLLOUT_STARTED, t + absl::Seconds(3), "api", -1,
