@@ -80,7 +80,10 @@ absl::Status StartRollOut(Context& ctx, bool wait, bool undo) {
       ctx.Call(&v1::FleetService::Stub::RollOutListener, req);
   if (!resp.ok()) return resp.status();
   const v1::RollOut& r = resp->rollout();
-  ctx.Print(*resp, [&](Format format, std::ostream& out) {
+  // Started (not waited for): the result is the rollout alone.
+  const google::protobuf::Message& result =
+      wait ? static_cast<const google::protobuf::Message&>(*resp) : r;
+  ctx.Print(result, [&](Format format, std::ostream& out) {
     out << ListenerName(req.name());
     if (format == Format::kName) {
       out << "\n";
