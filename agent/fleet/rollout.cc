@@ -83,6 +83,11 @@ void Rollout::Undo() {
   error_ = absl::AbortedError(
       absl::StrCat("rollout ", record_.id(), " undone by request"));
   phase_ = Phase::kRollingBack;
+  // New workers not ready yet are not waited for: stopped, their shards end
+  // as not rolled (the old workers never stopped serving).
+  for (const auto& shard : listener_.shards) {
+    if (shard->candidate) supervisor_->Signal(*shard->candidate, SIGKILL);
+  }
   if (in_flight_ == 0) {
     ctx_->loop->Post([self = shared_from_this()] { self->RollBackNext(); });
   }
