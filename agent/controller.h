@@ -14,6 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "agent/spec/plan.h"
 #include "portfleet/v1/agent.pb.h"
 #include "portfleet/v1/fleet.pb.h"
 
@@ -109,9 +110,33 @@ struct FleetEvent {
 // from any thread. `cancelled`, when set, is asked just before the change
 // starts (mutations of one listener run one after another): true drops the
 // change, and `done` gets CANCELLED with nothing changed.
+//
+// `plan`, when set, makes the call a dry run (validate_only): the change is
+// checked as it would be made, up to the point where the new desired state
+// would be saved, and nothing changes (no process, socket, event or state
+// file). On success `plan` gets what the change would do to the listener,
+// then `done` gets OK; a change that would be refused gets the same error as
+// the real call.
+//
+// `started` (RollOut only), when set, gets the rollout's record as soon as it
+// started, before `done` (which comes when it ends).
 struct MutationCall {
-  std::function<void(absl::Status)> done;
-  std::function<bool()> cancelled;
+  std::function<void(absl::Status)> done{};
+  std::function<bool()> cancelled{};
+  std::function<void(v1::ListenerPlan)> plan{};
+  std::function<void(const v1::RollOut&)> started{};
+};
+
+// A rolling upgrade asked of the controller.
+struct RollOutOptions {
+  // The new worker; empty fields keep the current value.
+  v1::WorkerSpec worker{};
+  // Shards rolled at the same time; 0 = 1.
+  uint32_t max_surge = 0;
+  // Undo (worker empty): the rollout in progress rolls back (`done` comes at
+  // once, with the record in `started`), or else the worker that ran before
+  // the last successful rollout is rolled out.
+  bool undo = false;
 };
 
 class FleetController {
@@ -150,16 +175,30 @@ class FleetController {
   // Rolling upgrade to `worker` (empty fields keep the current value),
   // `max_surge` shards at a time. Done when every shard runs it, or when it
   // was rolled back.
-  virtual void RollOut(const std::string& name, const v1::WorkerSpec& worker,
-                       uint32_t max_surge, MutationCall call) = 0;
+  virtual void RollOut(const std::string& name, const RollOutOptions& options,
+                       MutationCall call) = 0;
+  // A listener's rollouts: the one in progress, then the last finished ones,
+  // newest first (empty: none since the agent started).
+  virtual absl::StatusOr<std::vector<v1::RollOut>> ListRollOuts(
+      const std::string& name) = 0;
+  // Pauses (or resumes) the rollout in progress; FailedPrecondition when none
+  // runs.
+  virtual absl::StatusOr<v1::RollOut> PauseRollOut(const std::string& name,
+                                                   bool paused) = 0;
   // Takes a shard out of rotation by hand (maintenance) or puts it back.
   // FailedPrecondition for the last shard in rotation.
   virtual void SetShardMaintenance(const std::string& name, uint32_t index,
                                    bool maintenance, MutationCall call) = 0;
 
-  // Calls `sink` (from any thread) for every event until the returned id is
-  // passed to Unsubscribe.
-  virtual uint64_t Subscribe(std::function<void(const FleetEvent&)> sink) = 0;
+  // The agent keeps its last events (a bounded history, oldest dropped
+  // first). Subscribe calls `sink` (from any thread) for each kept event at
+  // or after `since` (none for absl::InfiniteFuture()), then for every new
+  // event until the returned id is passed to Unsubscribe. `sink` must not
+  // call the controller.
+  virtual uint64_t Subscribe(std::function<void(const FleetEvent&)> sink,
+                             absl::Time since) = 0;
+  // The kept events at or after `since`, oldest first.
+  virtual std::vector<FleetEvent> Events(absl::Time since) = 0;
   virtual void Unsubscribe(uint64_t id) = 0;
 };
 
@@ -175,50 +214,87 @@ class SyncFleetController : public FleetController {
   virtual absl::Status DrainShard(const std::string& name, uint32_t index) = 0;
   virtual absl::Status SetSteering(const std::string& name,
                                    const v1::Steering& steering) = 0;
-  virtual absl::Status RollOut(const std::string& name,
-                               const v1::WorkerSpec& worker,
-                               uint32_t max_surge) = 0;
+  // The rollout's record when it ended (or, for an undo of one in
+  // progress, as it is then).
+  virtual absl::StatusOr<v1::RollOut> RollOut(
+      const std::string& name, const RollOutOptions& options) = 0;
   virtual absl::Status SetShardMaintenance(const std::string& name,
                                            uint32_t index,
                                            bool maintenance) = 0;
 
+  // Dry runs (MutationCall::plan): the desired spec, and a way to try a
+  // change and take it back. The default refuses dry runs.
+  virtual v1::FleetSpec DesiredSpec() {
+    v1::FleetSpec spec;
+    absl::StatusOr<std::vector<ListenerStatus>> all = ListListeners();
+    if (all.ok()) {
+      for (const ListenerStatus& l : *all) *spec.add_listeners() = l.spec;
+    }
+    return spec;
+  }
+  // Until EndDryRun, mutations change a copy that EndDryRun throws away
+  // (and publish and persist nothing).
+  virtual absl::Status BeginDryRun() {
+    return absl::UnimplementedError("this controller has no dry run");
+  }
+  virtual void EndDryRun() {}
+
   void CreateListener(const v1::Listener& spec, MutationCall call) override {
-    Run(call, [&] { return CreateListener(spec); });
+    Run(call, spec.name(), [&] { return CreateListener(spec); });
   }
   void UpdateListener(const v1::Listener& spec, MutationCall call) override {
-    Run(call, [&] { return UpdateListener(spec); });
+    Run(call, spec.name(), [&] { return UpdateListener(spec); });
   }
   void DeleteListener(const std::string& name, MutationCall call) override {
-    Run(call, [&] { return DeleteListener(name); });
+    Run(call, name, [&] { return DeleteListener(name); });
   }
   void ScaleListener(const std::string& name, uint32_t shards,
                      MutationCall call) override {
-    Run(call, [&] { return ScaleListener(name, shards); });
+    Run(call, name, [&] { return ScaleListener(name, shards); });
   }
   void DrainShard(const std::string& name, uint32_t index,
                   MutationCall call) override {
-    Run(call, [&] { return DrainShard(name, index); });
+    Run(call, name, [&] { return DrainShard(name, index); });
   }
   void SetSteering(const std::string& name, const v1::Steering& steering,
                    MutationCall call) override {
-    Run(call, [&] { return SetSteering(name, steering); });
+    Run(call, name, [&] { return SetSteering(name, steering); });
   }
-  void RollOut(const std::string& name, const v1::WorkerSpec& worker,
-               uint32_t max_surge, MutationCall call) override {
-    Run(call, [&] { return RollOut(name, worker, max_surge); });
+  void RollOut(const std::string& name, const RollOutOptions& options,
+               MutationCall call) override {
+    Run(call, name, [&]() -> absl::Status {
+      absl::StatusOr<v1::RollOut> r = RollOut(name, options);
+      if (r.ok() && call.started) call.started(*r);
+      return r.status();
+    });
   }
   void SetShardMaintenance(const std::string& name, uint32_t index,
                            bool maintenance, MutationCall call) override {
-    Run(call, [&] { return SetShardMaintenance(name, index, maintenance); });
+    Run(call, name,
+        [&] { return SetShardMaintenance(name, index, maintenance); });
   }
 
  private:
-  static void Run(MutationCall& call, const std::function<absl::Status()>& op) {
+  void Run(MutationCall& call, const std::string& name,
+           const std::function<absl::Status()>& op) {
     if (call.cancelled && call.cancelled()) {
       call.done(absl::CancelledError("call cancelled"));
       return;
     }
-    call.done(op());
+    if (!call.plan) {
+      call.done(op());
+      return;
+    }
+    const v1::FleetSpec before = DesiredSpec();
+    if (absl::Status s = BeginDryRun(); !s.ok()) {
+      call.done(s);
+      return;
+    }
+    absl::Status s = op();
+    const v1::FleetSpec after = DesiredSpec();
+    EndDryRun();
+    if (s.ok()) call.plan(PlanListener(name, before, after));
+    call.done(s);
   }
 };
 

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "agent/spec/plan.h"
 #include "agent/spec/spec.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "worker/sdk/base/log.h"
@@ -19,6 +20,7 @@ absl::Status ShuttingDown() {
 // Wraps `done` so that a success also publishes `event` (loop thread).
 MutationCall Announce(MutationCall call, LoopFleetController* controller,
                       FleetEvent event) {
+  if (call.plan) return call;  // a dry run announces nothing
   call.done = [done = std::move(call.done), controller,
                event = std::move(event)](absl::Status s) mutable {
     if (s.ok()) {
@@ -51,6 +53,12 @@ LoopFleetController::~LoopFleetController() {
 }
 
 absl::Status LoopFleetController::Commit(const v1::FleetSpec& intended) {
+  if (dry_run_) {
+    // The change has been checked; this is what it would produce. Refusing
+    // it here stops the fleet before it touches anything.
+    dry_run_intended_ = intended;
+    return absl::AbortedError("dry run: nothing was changed");
+  }
   if (!persist_) return absl::OkStatus();
   if (persisted_.has_value() &&
       google::protobuf::util::MessageDifferencer::Equals(*persisted_,
@@ -66,22 +74,19 @@ absl::Status LoopFleetController::Commit(const v1::FleetSpec& intended) {
 }
 
 void LoopFleetController::Publish(const FleetEvent& event) {
-  std::lock_guard<std::mutex> lock(subscribers_mu_);
-  for (auto& [id, sink] : subscribers_) sink(event);
+  events_.Publish(event);
 }
 
 uint64_t LoopFleetController::Subscribe(
-    std::function<void(const FleetEvent&)> sink) {
-  std::lock_guard<std::mutex> lock(subscribers_mu_);
-  uint64_t id = next_subscriber_++;
-  subscribers_[id] = std::move(sink);
-  return id;
+    std::function<void(const FleetEvent&)> sink, absl::Time since) {
+  return events_.Subscribe(std::move(sink), since);
 }
 
-void LoopFleetController::Unsubscribe(uint64_t id) {
-  std::lock_guard<std::mutex> lock(subscribers_mu_);
-  subscribers_.erase(id);
+std::vector<FleetEvent> LoopFleetController::Events(absl::Time since) {
+  return events_.Since(since);
 }
+
+void LoopFleetController::Unsubscribe(uint64_t id) { events_.Unsubscribe(id); }
 
 void LoopFleetController::Close() {
   closed_ = true;
@@ -100,12 +105,54 @@ void LoopFleetController::Close() {
   for (MutationCall& call : dropped) call.done(ShuttingDown());
 }
 
+LoopFleetController::Op LoopFleetController::DryRun(
+    const std::string& key, std::function<void(v1::ListenerPlan)> plan, Op op) {
+  return [this, key, plan = std::move(plan),
+          op = std::move(op)](Done done) -> absl::Status {
+    const v1::FleetSpec before = fleet_->DesiredSpec();
+    struct Sync {
+      bool called = false;
+      absl::Status status;
+    };
+    auto sync = std::make_shared<Sync>();
+    dry_run_ = true;
+    dry_run_intended_.reset();
+    absl::Status s = op([sync](absl::Status st) {
+      sync->called = true;
+      sync->status = std::move(st);
+    });
+    dry_run_ = false;
+    std::optional<v1::FleetSpec> intended = std::move(dry_run_intended_);
+    dry_run_intended_.reset();
+    if (intended.has_value()) {
+      // Stopped at the commit: the change would have been made.
+      plan(PlanListener(key, before, *intended));
+      done(absl::OkStatus());
+      return absl::OkStatus();
+    }
+    if (!s.ok()) return s;
+    if (sync->called) {
+      // Finished without a commit: nothing to change (e.g. the same spec).
+      if (sync->status.ok()) plan(PlanListener(key, before, before));
+      done(sync->status);
+      return absl::OkStatus();
+    }
+    // Every fleet change commits before it starts; one that did not is a bug
+    // that a dry run must not hide.
+    PF_LOG(ERROR) << "listener " << key
+                  << ": a dry run started a change without saving it first";
+    return absl::InternalError(absl::StrCat(
+        "listener ", key, ": the dry run could not stop the change"));
+  };
+}
+
 void LoopFleetController::Mutate(const std::string& key, MutationCall call,
                                  Op op) {
   if (closed_) {
     call.done(ShuttingDown());
     return;
   }
+  if (call.plan) op = DryRun(key, std::move(call.plan), std::move(op));
   bool first;
   {
     std::lock_guard<std::mutex> lock(queue_mu_);
@@ -262,13 +309,69 @@ void LoopFleetController::SetSteering(const std::string& name,
 }
 
 void LoopFleetController::RollOut(const std::string& name,
-                                  const v1::WorkerSpec& request,
-                                  uint32_t max_surge, MutationCall call) {
-  v1::WorkerSpec worker = request;
-  MakeCommandAbsolute(&worker);
-  Mutate(name, std::move(call), [this, name, worker, max_surge](Done done) {
-    return fleet_->RollOut(name, worker, max_surge, std::move(done));
+                                  const RollOutOptions& options,
+                                  MutationCall call) {
+  if (!options.undo || closed_) {
+    StartRollOut(name, options, std::move(call));
+    return;
+  }
+  // An undo of the rollout in progress does not queue behind it (the
+  // rollout holds its listener's queue until it ends).
+  auto pending = std::make_shared<MutationCall>(std::move(call));
+  loop_->Post([this, name, options, pending] {
+    absl::StatusOr<std::optional<v1::RollOut>> undone =
+        fleet_->UndoRollOutInProgress(name);
+    if (!undone.ok()) {
+      pending->done(undone.status());
+      return;
+    }
+    if (undone->has_value()) {
+      if (pending->started) pending->started(**undone);
+      pending->done(absl::OkStatus());
+      return;
+    }
+    StartRollOut(name, options, std::move(*pending));
   });
+}
+
+void LoopFleetController::StartRollOut(const std::string& name,
+                                       const RollOutOptions& options,
+                                       MutationCall call) {
+  v1::WorkerSpec worker = options.worker;
+  MakeCommandAbsolute(&worker);
+  std::function<void(const v1::RollOut&)> started = std::move(call.started);
+  Mutate(name, std::move(call),
+         [this, name, worker, options, started](Done done) -> absl::Status {
+           if (options.undo) {
+             RETURN_IF_ERROR(fleet_->RollOutPrevious(name, options.max_surge,
+                                                     std::move(done)));
+           } else {
+             RETURN_IF_ERROR(fleet_->RollOut(name, worker, options.max_surge,
+                                             std::move(done)));
+           }
+           if (started) {
+             absl::StatusOr<std::vector<v1::RollOut>> all =
+                 fleet_->RollOuts(name);
+             if (all.ok() && !all->empty()) started(all->front());
+           }
+           return absl::OkStatus();
+         });
+}
+
+absl::StatusOr<std::vector<v1::RollOut>> LoopFleetController::ListRollOuts(
+    const std::string& name) {
+  if (closed_) return ShuttingDown();
+  absl::StatusOr<std::vector<v1::RollOut>> out = absl::UnknownError("not run");
+  loop_->RunSync([&] { out = fleet_->RollOuts(name); });
+  return out;
+}
+
+absl::StatusOr<v1::RollOut> LoopFleetController::PauseRollOut(
+    const std::string& name, bool paused) {
+  if (closed_) return ShuttingDown();
+  absl::StatusOr<v1::RollOut> out = absl::UnknownError("not run");
+  loop_->RunSync([&] { out = fleet_->PauseRollOut(name, paused); });
+  return out;
 }
 
 void LoopFleetController::SetShardMaintenance(const std::string& name,

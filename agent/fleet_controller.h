@@ -19,6 +19,7 @@
 #include <string>
 
 #include "agent/controller.h"
+#include "agent/event_history.h"
 #include "agent/event_loop.h"
 #include "agent/fleet/fleet.h"
 #include "agent/health_board.h"
@@ -55,11 +56,17 @@ class LoopFleetController : public FleetController {
                   MutationCall call) override;
   void SetSteering(const std::string& name, const v1::Steering& steering,
                    MutationCall call) override;
-  void RollOut(const std::string& name, const v1::WorkerSpec& worker,
-               uint32_t max_surge, MutationCall call) override;
+  void RollOut(const std::string& name, const RollOutOptions& options,
+               MutationCall call) override;
+  absl::StatusOr<std::vector<v1::RollOut>> ListRollOuts(
+      const std::string& name) override;
+  absl::StatusOr<v1::RollOut> PauseRollOut(const std::string& name,
+                                           bool paused) override;
   void SetShardMaintenance(const std::string& name, uint32_t index,
                            bool maintenance, MutationCall call) override;
-  uint64_t Subscribe(std::function<void(const FleetEvent&)> sink) override;
+  uint64_t Subscribe(std::function<void(const FleetEvent&)> sink,
+                     absl::Time since) override;
+  std::vector<FleetEvent> Events(absl::Time since) override;
   void Unsubscribe(uint64_t id) override;
 
  private:
@@ -72,6 +79,12 @@ class LoopFleetController : public FleetController {
   };
   // Queues `op` behind the other mutations of listener `key`.
   void Mutate(const std::string& key, MutationCall call, Op op);
+  // Queues a rollout (or an undo rollout) of listener `name`.
+  void StartRollOut(const std::string& name, const RollOutOptions& options,
+                    MutationCall call);
+  // `op` as a dry run: stopped at its commit, answered with the plan.
+  Op DryRun(const std::string& key, std::function<void(v1::ListenerPlan)> plan,
+            Op op);
   void StartNext(const std::string& key);  // loop thread
   void Finished(const std::string& key, absl::Status status);
   absl::Status Commit(const v1::FleetSpec& intended);  // loop thread
@@ -87,9 +100,10 @@ class LoopFleetController : public FleetController {
   std::map<std::string, std::deque<Pending>> queues_;  // front = running
   // What the state file holds (loop thread).
   std::optional<v1::FleetSpec> persisted_;
-  std::mutex subscribers_mu_;
-  uint64_t next_subscriber_ = 1;
-  std::map<uint64_t, std::function<void(const FleetEvent&)>> subscribers_;
+  // A dry run is in progress; Commit keeps what it would save (loop thread).
+  bool dry_run_ = false;
+  std::optional<v1::FleetSpec> dry_run_intended_;
+  EventHistory events_;
 };
 
 }  // namespace portfleet

@@ -1,4 +1,5 @@
-// The verbs on one listener: delete, scale, drain, steer, rollout.
+// The verbs on one listener: delete, scale, drain, maint, ready, steer
+// (rollouts are in cmd_rollout.cc).
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -114,34 +115,6 @@ absl::Status RunSteer(Context& ctx) {
   if (!resp.ok()) return resp.status();
   PrintDone(ctx, req.name(),
             absl::StrCat("steering set to ", SteeringText(req.steering())),
-            *resp);
-  return absl::OkStatus();
-}
-
-absl::Status RunRollout(Context& ctx) {
-  v1::RollOutListenerRequest req;
-  req.set_name(ctx.arg(0));
-  if (std::optional<std::string> cmd = ctx.Flag("worker-command")) {
-    if (cmd->empty()) return UsageError("--worker-command: empty");
-    req.mutable_worker()->set_command(*cmd);
-  }
-  if (std::optional<std::string> args = ctx.Flag("worker-args")) {
-    for (absl::string_view a :
-         absl::StrSplit(*args, ' ', absl::SkipWhitespace())) {
-      req.mutable_worker()->add_args(std::string(a));
-    }
-  }
-  if (ctx.Flag("max-surge").has_value()) {
-    absl::StatusOr<uint32_t> surge = Count(ctx, "max-surge");
-    if (!surge.ok()) return surge.status();
-    req.set_max_surge(*surge);
-  }
-  absl::StatusOr<v1::RollOutListenerResponse> resp =
-      ctx.Call(&v1::FleetService::Stub::RollOutListener, req);
-  if (!resp.ok()) return resp.status();
-  PrintDone(ctx, req.name(),
-            absl::StrCat("rolled out (",
-                         resp->listener().spec().worker().command(), ")"),
             *resp);
   return absl::OkStatus();
 }
@@ -264,39 +237,6 @@ void AddChangeCommands(std::vector<CommandSpec>* commands) {
                     "portfleetctl steer web --policy hash --weights 1,1,2,2"},
                    {"", "portfleetctl steer web --policy cpu"}},
       .run = RunSteer,
-  });
-  commands->push_back({
-      .name = "rollout",
-      .args = "NAME",
-      .min_args = 1,
-      .max_args = 1,
-      .arg_complete = Complete::kListener,
-      .section = Section::kChange,
-      .summary = "rolling upgrade of the workers",
-      .description =
-          "Rolling upgrade: per shard, starts the new worker on the same\n"
-          "socket, waits until it is ready, then drains the old one. A new\n"
-          "worker that does not become ready is stopped and the shards\n"
-          "already rolled go back to the old worker; no connection is refused\n"
-          "either way. Returns when every shard runs the new worker.\n",
-      .flags = {{.name = "worker-command",
-                 .value = "CMD",
-                 .help = "new worker program (default: the current one)",
-                 .complete = Complete::kFile},
-                {.name = "worker-args",
-                 .value = "\"A B\"",
-                 .help = "its arguments, split on spaces (default: the\n"
-                         "current ones)"},
-                {.name = "max-surge",
-                 .value = "N",
-                 .help = "shards rolled at the same time (default 1)"}},
-      .formats = ChangeFormats(),
-      .examples = {{"",
-                    "portfleetctl rollout web --worker-command "
-                    "/opt/web/v2/server"},
-                   {"restart every worker in place",
-                    "portfleetctl rollout web"}},
-      .run = RunRollout,
   });
 }
 

@@ -31,7 +31,7 @@ void PrintEventRow(const v1::Event& e, std::ostream& out) {
       "%Y-%m-%dT%H:%M:%E3SZ", absl::FromUnixMicros(e.time_unix_micros()),
       absl::UTCTimeZone());
   out << Pad(time, 26)
-      << Pad(ShortEnumName(v1::EventType_descriptor(), e.type()), 18)
+      << Pad(ShortEnumName(v1::EventType_descriptor(), e.type()), 19)
       << Pad(e.listener().empty() ? "-" : e.listener(), 16)
       << Pad(e.shard() >= 0 ? absl::StrCat(e.shard()) : "-", 7)
       << Pad(e.pid() > 0 ? absl::StrCat(e.pid()) : "-", 8) << e.message()
@@ -44,7 +44,24 @@ absl::Status RunEvents(Context& ctx) {
   std::vector<std::string> types = ctx.FlagList("type");
   v1::WatchEventsRequest req;
   req.set_listener(ctx.Flag("listener").value_or(""));
-  grpc::ClientContext call;  // no deadline: follows until stopped
+  if (std::optional<std::string> v = ctx.Flag("since")) {
+    absl::Duration ago;
+    absl::Time at;
+    std::string error;
+    if (absl::ParseDuration(*v, &ago) && ago >= absl::ZeroDuration()) {
+      at = absl::Now() - ago;
+    } else if (!absl::ParseTime(absl::RFC3339_full, *v, &at, &error)) {
+      return UsageError(absl::StrCat(
+          "--since: '", *v,
+          "' is neither a duration (10m, 1h30m) nor an RFC 3339 time"));
+    }
+    // 0 means "none" to the agent: the epoch itself is 1 µs later.
+    req.set_since_unix_micros(std::max<int64_t>(1, absl::ToUnixMicros(at)));
+  }
+  const bool follow = ctx.Switch("follow");
+  req.set_history_only(!follow);
+  grpc::ClientContext call;  // no deadline when following
+  if (!follow) ctx.SetDeadline(&call);
   std::unique_ptr<grpc::ClientReader<v1::WatchEventsResponse>> reader =
       (*stub)->WatchEvents(&call, req);
   // Ctrl-C cancels the stream from this thread.
@@ -69,7 +86,7 @@ absl::Status RunEvents(Context& ctx) {
     }
     ctx.PrintItem(e, [&](Format, std::ostream& out) {
       if (!header) {
-        out << Pad("TIME", 26) << Pad("TYPE", 18) << Pad("LISTENER", 16)
+        out << Pad("TIME", 26) << Pad("TYPE", 19) << Pad("LISTENER", 16)
             << Pad("SHARD", 7) << Pad("PID", 8) << "MESSAGE\n";
         header = true;
       }
@@ -198,17 +215,23 @@ void AddEventCommands(std::vector<CommandSpec>* commands) {
   commands->push_back({
       .name = "events",
       .section = Section::kRead,
-      .summary = "follow fleet events (Ctrl-C to stop)",
+      .summary = "recent fleet events, or follow them (-f)",
       .description =
-          "Follows fleet events (shards started, exited, restarted, drains,\n"
-          "steering changes, listeners created and deleted, errors) until\n"
-          "Ctrl-C. The agent keeps no history yet, so events always follows;\n"
-          "-f/--follow says so explicitly and will be needed to follow once\n"
-          "it does. (-f is --follow here, as in kubectl logs -f; for apply it\n"
-          "is --filename.) With -o json each event is one line.\n",
+          "Prints fleet events (shards started, exited, restarted, drains,\n"
+          "steering changes, listeners created and deleted, errors). The\n"
+          "agent keeps its last 1000 events: without -f, events prints them\n"
+          "(those since --since, else all) and exits; with -f it prints those\n"
+          "since --since (else none) and follows new ones until Ctrl-C. (-f "
+          "is\n"
+          "--follow here, as in kubectl logs -f; for apply and diff it is\n"
+          "--filename.) With -o json each event is one line.\n",
       .flags = {{.name = "follow",
                  .short_name = 'f',
-                 .help = "follow new events (the only mode for now)"},
+                 .help = "follow new events until Ctrl-C"},
+                {.name = "since",
+                 .value = "DURATION|TIME",
+                 .help = "only events at most this old (10m, 2h) or since\n"
+                         "an RFC 3339 time"},
                 {.name = "listener",
                  .value = "NAME",
                  .help = "only events of this listener",
@@ -222,7 +245,9 @@ void AddEventCommands(std::vector<CommandSpec>* commands) {
       .formats = {Format::kTable, Format::kJson, Format::kYaml,
                   Format::kProtoJson},
       .examples =
-          {{"", "portfleetctl events -f --listener web"},
+          {{"what happened in the last 10 minutes",
+            "portfleetctl events --since 10m"},
+           {"follow one listener", "portfleetctl events -f --listener web"},
            {"restarts and errors only, as JSON lines",
             "portfleetctl events --type shard-restarted,error -o json"}},
       .run = RunEvents,

@@ -87,12 +87,13 @@ const std::vector<CommandSpec>& Commands();
 const std::vector<FlagSpec>& GlobalFlags();
 
 // The command groups (one file each).
-void AddAgentCommands(std::vector<CommandSpec>* commands);   // cmd_agent.cc
-void AddGetCommands(std::vector<CommandSpec>* commands);     // cmd_get.cc
-void AddEventCommands(std::vector<CommandSpec>* commands);   // cmd_events.cc
-void AddApplyCommands(std::vector<CommandSpec>* commands);   // cmd_apply.cc
-void AddChangeCommands(std::vector<CommandSpec>* commands);  // cmd_change.cc
-void AddShellCommands(std::vector<CommandSpec>* commands);   // cmd_shell.cc
+void AddAgentCommands(std::vector<CommandSpec>* commands);    // cmd_agent.cc
+void AddGetCommands(std::vector<CommandSpec>* commands);      // cmd_get.cc
+void AddEventCommands(std::vector<CommandSpec>* commands);    // cmd_events.cc
+void AddApplyCommands(std::vector<CommandSpec>* commands);    // cmd_apply.cc
+void AddChangeCommands(std::vector<CommandSpec>* commands);   // cmd_change.cc
+void AddRollOutCommands(std::vector<CommandSpec>* commands);  // cmd_rollout.cc
+void AddShellCommands(std::vector<CommandSpec>* commands);    // cmd_shell.cc
 
 struct GlobalOptions {
   std::string server;  // empty = $PORTFLEET_SERVER or kDefaultServer

@@ -12,6 +12,7 @@ const std::vector<CommandSpec>& Commands() {
     AddEventCommands(c);
     AddApplyCommands(c);
     AddChangeCommands(c);
+    AddRollOutCommands(c);
     AddShellCommands(c);
     return c;
   }();

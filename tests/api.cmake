@@ -55,3 +55,10 @@ portfleet_test(ctl_shell_test
   LIBS portfleet_ctl_lib portfleet_api portfleet_testing
   LABELS unit)
 add_dependencies(ctl_shell_test portfleetctl portfleetctl_man)
+
+# The operator loop (get spec, diff, apply --dry-run/--prune, events
+# --since) through portfleetctl against the real agent, under load.
+portfleet_test(api_operator_test
+  SOURCES netns/api_operator_test.cc
+  LIBS portfleet_ctl_lib portfleet_loadgen portfleet_api portfleet_testing
+  LABELS netns)

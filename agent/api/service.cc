@@ -245,7 +245,8 @@ class MutationReactor final : public grpc::ServerUnaryReactor {
 
 grpc::ServerUnaryReactor* FleetServiceImpl::Mutate(
     grpc::CallbackServerContext* ctx, const char* method, absl::Status check,
-    std::function<void(MutationCall)> start, std::function<void()> fill) {
+    std::function<void(MutationCall)> start, std::function<void()> fill,
+    v1::ListenerPlan* plan, v1::RollOut* started) {
   auto* reactor = new MutationReactor();
   std::shared_ptr<MutationReactor::State> state = reactor->state();
   if (grpc::Status denied = Authorize(ctx, method); !denied.ok()) {
@@ -264,6 +265,27 @@ grpc::ServerUnaryReactor* FleetServiceImpl::Mutate(
     return state->cancelled.load() ||
            deadline <= std::chrono::system_clock::now();
   };
+  if (plan != nullptr) {
+    // A dry run: the reply is the plan alone. It is written under the
+    // reactor's lock, and only while the call is not finished (the response
+    // message goes with the call).
+    call.plan = [state, plan](v1::ListenerPlan p) {
+      std::lock_guard<std::mutex> lock(state->mu);
+      if (!state->finished && state->reactor != nullptr) *plan = std::move(p);
+    };
+    fill = nullptr;
+  }
+  if (started != nullptr) {
+    // Answered as soon as the rollout started; its end is not waited for.
+    call.started = [state, started](const v1::RollOut& r) {
+      std::lock_guard<std::mutex> lock(state->mu);
+      if (state->finished || state->reactor == nullptr) return;
+      *started = r;
+      state->finished = true;
+      state->reactor->Finish(grpc::Status::OK);
+    };
+    fill = nullptr;
+  }
   call.done = [this, state, fill = std::move(fill)](absl::Status s) {
     if (!s.ok() || !fill) {
       MutationReactor::FinishOnce(state, ToGrpcStatus(s));
@@ -375,7 +397,8 @@ grpc::ServerUnaryReactor* FleetServiceImpl::CreateListener(
       },
       [this, req, resp] {
         FillListener(req->listener().name(), resp->mutable_listener());
-      });
+      },
+      req->validate_only() ? resp->mutable_plan() : nullptr);
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::UpdateListener(
@@ -389,7 +412,8 @@ grpc::ServerUnaryReactor* FleetServiceImpl::UpdateListener(
       },
       [this, req, resp] {
         FillListener(req->listener().name(), resp->mutable_listener());
-      });
+      },
+      req->validate_only() ? resp->mutable_plan() : nullptr);
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::DeleteListener(
@@ -400,7 +424,7 @@ grpc::ServerUnaryReactor* FleetServiceImpl::DeleteListener(
       [this, req](MutationCall call) {
         controller_->DeleteListener(req->name(), std::move(call));
       },
-      nullptr);
+      nullptr, req->validate_only() ? resp->mutable_plan() : nullptr);
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::ScaleListener(
@@ -418,7 +442,8 @@ grpc::ServerUnaryReactor* FleetServiceImpl::ScaleListener(
       },
       [this, req, resp] {
         FillListener(req->name(), resp->mutable_listener());
-      });
+      },
+      req->validate_only() ? resp->mutable_plan() : nullptr);
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::RollOutListener(
@@ -430,15 +455,74 @@ grpc::ServerUnaryReactor* FleetServiceImpl::RollOutListener(
         absl::StrCat("max_surge: ", req->max_surge(), " is out of range (0-",
                      kMaxShards, ")"));
   }
+  if (check.ok() && req->undo() && req->has_worker() &&
+      req->worker().ByteSizeLong() > 0) {
+    check = absl::InvalidArgumentError(
+        "worker: must be empty with undo (an undo rolls out the previous "
+        "worker)");
+  }
   return Mutate(
       ctx, "RollOutListener", check,
       [this, req](MutationCall call) {
-        controller_->RollOut(req->name(), req->worker(), req->max_surge(),
-                             std::move(call));
+        RollOutOptions options;
+        options.worker = req->worker();
+        options.max_surge = req->max_surge();
+        options.undo = req->undo();
+        controller_->RollOut(req->name(), options, std::move(call));
       },
       [this, req, resp] {
         FillListener(req->name(), resp->mutable_listener());
-      });
+        absl::StatusOr<std::vector<v1::RollOut>> all =
+            controller_->ListRollOuts(req->name());
+        if (all.ok() && !all->empty()) *resp->mutable_rollout() = all->front();
+      },
+      nullptr, req->async() ? resp->mutable_rollout() : nullptr);
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::GetRollOut(
+    grpc::CallbackServerContext* ctx, const v1::GetRollOutRequest* req,
+    v1::GetRollOutResponse* resp) {
+  return Run(ctx, "GetRollOut", ValidateName(req->name(), "name"),
+             [this, req, resp]() -> absl::Status {
+               absl::StatusOr<std::vector<v1::RollOut>> all =
+                   controller_->ListRollOuts(req->name());
+               if (!all.ok()) return all.status();
+               if (all->empty()) {
+                 return absl::NotFoundError(
+                     absl::StrCat("listener ", req->name(),
+                                  ": no rollout since the agent started"));
+               }
+               *resp->mutable_rollout() = all->front();
+               return absl::OkStatus();
+             });
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::ListRollOuts(
+    grpc::CallbackServerContext* ctx, const v1::ListRollOutsRequest* req,
+    v1::ListRollOutsResponse* resp) {
+  return Run(ctx, "ListRollOuts", ValidateName(req->name(), "name"),
+             [this, req, resp]() -> absl::Status {
+               absl::StatusOr<std::vector<v1::RollOut>> all =
+                   controller_->ListRollOuts(req->name());
+               if (!all.ok()) return all.status();
+               for (v1::RollOut& r : *all) {
+                 *resp->add_rollouts() = std::move(r);
+               }
+               return absl::OkStatus();
+             });
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::PauseRollOut(
+    grpc::CallbackServerContext* ctx, const v1::PauseRollOutRequest* req,
+    v1::PauseRollOutResponse* resp) {
+  return Run(ctx, "PauseRollOut", ValidateName(req->name(), "name"),
+             [this, req, resp]() -> absl::Status {
+               absl::StatusOr<v1::RollOut> r =
+                   controller_->PauseRollOut(req->name(), req->paused());
+               if (!r.ok()) return r.status();
+               *resp->mutable_rollout() = std::move(*r);
+               return absl::OkStatus();
+             });
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::DrainShard(
@@ -493,7 +577,8 @@ grpc::ServerUnaryReactor* FleetServiceImpl::SetSteering(
       },
       [this, req, resp] {
         FillListener(req->name(), resp->mutable_listener());
-      });
+      },
+      req->validate_only() ? resp->mutable_plan() : nullptr);
 }
 
 namespace {
@@ -512,8 +597,11 @@ class EventWriter final
     s->FinishLocked(grpc::Status(grpc::UNAVAILABLE, "agent shutting down"));
   }
 
+  // Sends the kept events at or after `since` (InfiniteFuture: none), then
+  // follows; or, with `history_only`, ends after them.
   EventWriter(FleetController* controller, std::string filter,
-              size_t max_queued, std::atomic<int>* watchers)
+              size_t max_queued, std::atomic<int>* watchers, absl::Time since,
+              bool history_only)
       : controller_(controller),
         shared_(std::make_shared<Shared>()),
         watchers_(watchers) {
@@ -521,10 +609,23 @@ class EventWriter final
     shared_->filter = std::move(filter);
     shared_->max_queued = max_queued;
     StartSendInitialMetadata();
+    // The history is sent whole: the queue limit is for new events.
+    shared_->replaying = true;
+    if (history_only) {
+      for (const FleetEvent& e : controller_->Events(since)) shared_->Push(e);
+      std::lock_guard<std::mutex> lock(shared_->mu);
+      shared_->FinishLocked(grpc::Status::OK, /*drop_queued=*/false);
+      return;
+    }
     std::weak_ptr<Shared> weak = shared_;
-    subscription_ = controller_->Subscribe([weak](const FleetEvent& e) {
-      if (std::shared_ptr<Shared> s = weak.lock()) s->Push(e);
-    });
+    subscription_ = controller_->Subscribe(
+        [weak](const FleetEvent& e) {
+          if (std::shared_ptr<Shared> s = weak.lock()) s->Push(e);
+        },
+        since);
+    subscribed_ = true;
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    shared_->replaying = false;
   }
 
   void OnWriteDone(bool ok) override {
@@ -544,7 +645,7 @@ class EventWriter final
   }
 
   void OnDone() override {
-    controller_->Unsubscribe(subscription_);
+    if (subscribed_) controller_->Unsubscribe(subscription_);
     {
       std::lock_guard<std::mutex> lock(shared_->mu);
       shared_->writer = nullptr;
@@ -563,13 +664,14 @@ class EventWriter final
     v1::WatchEventsResponse in_flight;
     bool writing = false;
     bool finished = false;
+    bool replaying = false;  // sending the history: no queue limit
     std::optional<grpc::Status> pending_finish;
 
     void Push(const FleetEvent& e) {
       std::lock_guard<std::mutex> lock(mu);
       if (writer == nullptr || finished || pending_finish) return;
       if (!filter.empty() && e.listener != filter) return;
-      if (queue.size() >= max_queued) {
+      if (!replaying && queue.size() >= max_queued) {
         queue.clear();
         FinishLocked(grpc::Status(
             grpc::RESOURCE_EXHAUSTED,
@@ -598,10 +700,11 @@ class EventWriter final
       writer->StartWrite(&in_flight);
     }
 
-    // Finishes after the write in flight (if any); queued events are dropped.
-    void FinishLocked(grpc::Status status) {
+    // Finishes after the write in flight (if any); queued events are dropped
+    // unless `drop_queued` is false (then they are sent first).
+    void FinishLocked(grpc::Status status, bool drop_queued = true) {
       if (finished || pending_finish) return;
-      queue.clear();
+      if (drop_queued) queue.clear();
       pending_finish = std::move(status);
       NextLocked();
     }
@@ -611,6 +714,7 @@ class EventWriter final
   std::shared_ptr<Shared> shared_;
   std::atomic<int>* watchers_;
   uint64_t subscription_ = 0;
+  bool subscribed_ = false;
 };
 
 class RejectedWriter final
@@ -638,8 +742,15 @@ FleetServiceImpl::WatchEvents(grpc::CallbackServerContext* ctx,
         grpc::RESOURCE_EXHAUSTED, absl::StrCat("too many event watchers (max ",
                                                options_.max_watchers, ")")));
   }
-  auto* writer = new EventWriter(controller_, req->listener(),
-                                 options_.max_queued_events, &watchers_);
+  absl::Time since = absl::InfiniteFuture();
+  if (req->since_unix_micros() > 0) {
+    since = absl::FromUnixMicros(req->since_unix_micros());
+  } else if (req->history_only()) {
+    since = absl::InfinitePast();
+  }
+  auto* writer =
+      new EventWriter(controller_, req->listener(), options_.max_queued_events,
+                      &watchers_, since, req->history_only());
   std::lock_guard<std::mutex> lock(streams_mu_);
   std::erase_if(streams_,
                 [](const std::weak_ptr<void>& w) { return w.expired(); });

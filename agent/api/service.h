@@ -112,6 +112,15 @@ class FleetServiceImpl final : public v1::FleetService::CallbackService {
   grpc::ServerUnaryReactor* DrainShard(grpc::CallbackServerContext* ctx,
                                        const v1::DrainShardRequest* req,
                                        v1::DrainShardResponse* resp) override;
+  grpc::ServerUnaryReactor* GetRollOut(grpc::CallbackServerContext* ctx,
+                                       const v1::GetRollOutRequest* req,
+                                       v1::GetRollOutResponse* resp) override;
+  grpc::ServerUnaryReactor* ListRollOuts(
+      grpc::CallbackServerContext* ctx, const v1::ListRollOutsRequest* req,
+      v1::ListRollOutsResponse* resp) override;
+  grpc::ServerUnaryReactor* PauseRollOut(
+      grpc::CallbackServerContext* ctx, const v1::PauseRollOutRequest* req,
+      v1::PauseRollOutResponse* resp) override;
   grpc::ServerUnaryReactor* SetShardMaintenance(
       grpc::CallbackServerContext* ctx,
       const v1::SetShardMaintenanceRequest* req,
@@ -133,7 +142,9 @@ class FleetServiceImpl final : public v1::FleetService::CallbackService {
   grpc::ServerUnaryReactor* Mutate(grpc::CallbackServerContext* ctx,
                                    const char* method, absl::Status check,
                                    std::function<void(MutationCall)> start,
-                                   std::function<void()> fill);
+                                   std::function<void()> fill,
+                                   v1::ListenerPlan* plan = nullptr,
+                                   v1::RollOut* started = nullptr);
   // Fills `out` with the listener's state after a successful mutation.
   void FillListener(const std::string& name, v1::ListenerState* out);
   // OK when there is no authorizer or it lets the call to `method` run.

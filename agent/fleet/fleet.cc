@@ -570,6 +570,76 @@ absl::Status Fleet::RollOut(const std::string& name,
   return absl::OkStatus();
 }
 
+absl::Status Fleet::RollOutPrevious(const std::string& name, uint32_t max_surge,
+                                    Done done) {
+  ASSIGN_OR_RETURN(Listener * listener, Find(name));
+  for (const v1::RollOut& r : listener->rollout_history) {
+    if (r.state() != v1::ROLL_OUT_STATE_SUCCEEDED) continue;
+    // The previous worker whole: an empty field is not "keep".
+    v1::Listener candidate = listener->spec;
+    *candidate.mutable_worker() = r.previous_worker();
+    RETURN_IF_ERROR(ValidateListener(candidate));
+    absl::StatusOr<ResolvedWorker> program =
+        ResolveWorker(r.previous_worker(), ctx_.options.worker_allowlist);
+    if (!program.ok()) {
+      return Annotate(program.status(),
+                      absl::StrCat("listener ", name, ": undo to rollout ",
+                                   r.id(), "'s previous worker"));
+    }
+    if (listener->rollout) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "listener ", name, ": a rollout is already in progress"));
+    }
+    RETURN_IF_ERROR(Commit(name, &candidate));
+    auto rollout = std::make_shared<Rollout>(&ctx_, &supervisor_, *listener,
+                                             std::move(*program), max_surge,
+                                             std::move(done));
+    rollout->set_undo(true);
+    listener->rollout = rollout;
+    rollout->Start();
+    return absl::OkStatus();
+  }
+  return absl::FailedPreconditionError(
+      absl::StrCat("listener ", name,
+                   ": nothing to undo (no rollout succeeded since the agent "
+                   "started)"));
+}
+
+absl::StatusOr<std::vector<v1::RollOut>> Fleet::RollOuts(
+    const std::string& name) const {
+  ASSIGN_OR_RETURN(Listener * listener, Find(name));
+  std::vector<v1::RollOut> out;
+  if (listener->rollout) out.push_back(listener->rollout->Record());
+  out.insert(out.end(), listener->rollout_history.begin(),
+             listener->rollout_history.end());
+  return out;
+}
+
+absl::StatusOr<v1::RollOut> Fleet::PauseRollOut(const std::string& name,
+                                                bool paused) {
+  ASSIGN_OR_RETURN(Listener * listener, Find(name));
+  if (!listener->rollout ||
+      listener->rollout->phase() != Rollout::Phase::kRolling) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("listener ", name, ": no rollout in progress to ",
+                     paused ? "pause" : "resume"));
+  }
+  if (paused) {
+    listener->rollout->Pause();
+  } else {
+    listener->rollout->Resume();
+  }
+  return listener->rollout->Record();
+}
+
+absl::StatusOr<std::optional<v1::RollOut>> Fleet::UndoRollOutInProgress(
+    const std::string& name) {
+  ASSIGN_OR_RETURN(Listener * listener, Find(name));
+  if (!listener->rollout) return std::nullopt;
+  listener->rollout->Undo();
+  return listener->rollout->Record();
+}
+
 absl::StatusOr<ListenerUpdate> Fleet::PlanListenerUpdate(
     const v1::Listener& spec) const {
   ASSIGN_OR_RETURN(Listener * listener, Find(spec.name()));

@@ -114,6 +114,20 @@ class Fleet {
   // back and `done` gets the error.
   absl::Status RollOut(const std::string& name, const v1::WorkerSpec& worker,
                        uint32_t max_surge, Done done);
+  // Rolls out the worker the listener ran before its last successful
+  // rollout (an undo); FailedPrecondition when there is none.
+  absl::Status RollOutPrevious(const std::string& name, uint32_t max_surge,
+                               Done done);
+  // The rollout in progress first, then the finished ones, newest first.
+  absl::StatusOr<std::vector<v1::RollOut>> RollOuts(
+      const std::string& name) const;
+  // Pauses or resumes the rollout in progress (FailedPrecondition: none).
+  absl::StatusOr<v1::RollOut> PauseRollOut(const std::string& name,
+                                           bool paused);
+  // Undoes the rollout in progress (see Rollout::Undo); nullopt when none
+  // runs.
+  absl::StatusOr<std::optional<v1::RollOut>> UndoRollOutInProgress(
+      const std::string& name);
   // Applies a changed spec (see PlanUpdate): drain timeout and backlog,
   // steering, shard count and a changed worker (rolled out) in one call.
   absl::Status UpdateListener(const v1::Listener& spec, Done done);

@@ -18,6 +18,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -196,6 +197,10 @@ struct Listener {
   // The rollout in progress, if any (shared: its callbacks keep it alive
   // while they run).
   std::shared_ptr<Rollout> rollout;
+  // Rollouts started since the agent started (numbers them), and the last
+  // finished ones, newest first (at most kRollOutHistory).
+  uint32_t rollouts_started = 0;
+  std::deque<v1::RollOut> rollout_history;
 
   // Shards that take new connections (not draining), in index order.
   std::vector<Shard*> Live() const;

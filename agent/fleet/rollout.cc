@@ -3,6 +3,7 @@
 #include <signal.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "worker/sdk/base/log.h"
 
 namespace portfleet {
@@ -17,17 +18,83 @@ Rollout::Rollout(FleetContext* ctx, Supervisor* supervisor, Listener& listener,
       max_surge_(max_surge == 0 ? 1 : max_surge),
       done_(std::move(done)) {
   for (Shard* s : listener.Live()) order_.push_back(s->index);
+  const uint32_t number = ++listener.rollouts_started;
+  record_.set_id(absl::StrCat(listener.spec.name(), "/", number));
+  record_.set_listener(listener.spec.name());
+  record_.set_number(number);
+  *record_.mutable_worker() = target_.spec;
+  *record_.mutable_previous_worker() = previous_.spec;
+  record_.set_max_surge(max_surge_);
+  record_.set_shards(static_cast<uint32_t>(order_.size()));
+  record_.set_start_time_unix_micros(absl::ToUnixMicros(absl::Now()));
+}
+
+v1::RollOut Rollout::Record() const {
+  v1::RollOut out = record_;
+  if (out.state() == v1::ROLL_OUT_STATE_UNSPECIFIED) {
+    out.set_state(phase_ == Phase::kRollingBack
+                      ? v1::ROLL_OUT_STATE_ROLLING_BACK
+                  : paused_ ? v1::ROLL_OUT_STATE_PAUSED
+                            : v1::ROLL_OUT_STATE_ROLLING);
+    out.set_shards_rolled(static_cast<uint32_t>(rolled_.size()));
+    if (!error_.ok()) out.set_message(std::string(error_.message()));
+  }
+  return out;
 }
 
 void Rollout::Start() {
   PF_LOG(INFO) << "listener " << listener_.spec.name() << ": rolling out '"
                << target_.spec.command() << "' to " << order_.size()
                << " shard(s), " << max_surge_ << " at a time";
+  ctx_->Emit(v1::EVENT_TYPE_ROLLOUT_STARTED, listener_, -1, 0,
+             absl::StrCat(record_.id(), record_.undo() ? " (undo)" : "",
+                          ": rolling out '", target_.spec.command(), "' to ",
+                          order_.size(), " shard(s)"));
   Pump();
 }
 
+void Rollout::Pause() {
+  if (phase_ != Phase::kRolling || paused_) return;
+  paused_ = true;
+  PF_LOG(INFO) << "listener " << listener_.spec.name() << ": rollout "
+               << record_.id() << " paused";
+  ctx_->Emit(v1::EVENT_TYPE_ROLLOUT_PAUSED, listener_, -1, 0,
+             absl::StrCat(record_.id(), ": paused after ", rolled_.size(),
+                          " of ", order_.size(), " shard(s)"));
+}
+
+void Rollout::Resume() {
+  if (phase_ != Phase::kRolling || !paused_) return;
+  paused_ = false;
+  PF_LOG(INFO) << "listener " << listener_.spec.name() << ": rollout "
+               << record_.id() << " resumed";
+  ctx_->Emit(v1::EVENT_TYPE_ROLLOUT_RESUMED, listener_, -1, 0,
+             absl::StrCat(record_.id(), ": resumed"));
+  // The loop, not the caller's stack, goes on with it.
+  ctx_->loop->Post([self = shared_from_this()] { self->Pump(); });
+}
+
+void Rollout::Undo() {
+  if (phase_ != Phase::kRolling) return;
+  PF_LOG(WARNING) << "listener " << listener_.spec.name() << ": rollout "
+                  << record_.id() << " undone; rolling back " << rolled_.size()
+                  << " shard(s)";
+  paused_ = false;
+  error_ = absl::AbortedError(
+      absl::StrCat("rollout ", record_.id(), " undone by request"));
+  phase_ = Phase::kRollingBack;
+  // New workers not ready yet are not waited for: stopped, their shards end
+  // as not rolled (the old workers never stopped serving).
+  for (const auto& shard : listener_.shards) {
+    if (shard->candidate) supervisor_->Signal(*shard->candidate, SIGKILL);
+  }
+  if (in_flight_ == 0) {
+    ctx_->loop->Post([self = shared_from_this()] { self->RollBackNext(); });
+  }
+}
+
 void Rollout::Pump() {
-  while (phase_ == Phase::kRolling && in_flight_ < max_surge_ &&
+  while (phase_ == Phase::kRolling && !paused_ && in_flight_ < max_surge_ &&
          next_ < order_.size()) {
     uint32_t index = order_[next_++];
     Shard* shard = listener_.Find(index);
@@ -43,7 +110,7 @@ void Rollout::Pump() {
     *listener_.spec.mutable_worker() = target_.spec;
     PF_LOG(INFO) << "listener " << listener_.spec.name()
                  << ": rollout complete";
-    Finish(absl::OkStatus());
+    Finish(absl::OkStatus(), v1::ROLL_OUT_STATE_SUCCEEDED);
   }
 }
 
@@ -68,7 +135,7 @@ void Rollout::RollBackNext() {
   if (rolled_.empty()) {
     PF_LOG(ERROR) << "listener " << listener_.spec.name()
                   << ": rollout failed: " << error_.message();
-    Finish(error_);
+    Finish(error_, v1::ROLL_OUT_STATE_ROLLED_BACK);
     return;
   }
   uint32_t index = rolled_.back();
@@ -95,14 +162,34 @@ void Rollout::Abort(absl::Status why) {
   if (phase_ == Phase::kDone) return;
   PF_LOG(WARNING) << "listener " << listener_.spec.name()
                   << ": rollout stopped: " << why.message();
-  Finish(std::move(why));
+  Finish(std::move(why), v1::ROLL_OUT_STATE_ABORTED);
 }
 
-void Rollout::Finish(absl::Status status) {
+void Rollout::Finish(absl::Status status, v1::RollOutState state) {
   phase_ = Phase::kDone;
   // The callbacks in flight hold their own reference.
   std::shared_ptr<Rollout> self = shared_from_this();
   if (listener_.rollout.get() == this) listener_.rollout.reset();
+  record_.set_state(state);
+  record_.set_shards_rolled(
+      state == v1::ROLL_OUT_STATE_SUCCEEDED ? record_.shards() : 0);
+  if (state == v1::ROLL_OUT_STATE_ABORTED) {
+    record_.set_shards_rolled(static_cast<uint32_t>(rolled_.size()));
+  }
+  record_.set_message(std::string(status.message()));
+  record_.set_end_time_unix_micros(absl::ToUnixMicros(absl::Now()));
+  listener_.rollout_history.push_front(record_);
+  while (listener_.rollout_history.size() > kRollOutHistory) {
+    listener_.rollout_history.pop_back();
+  }
+  ctx_->Emit(state == v1::ROLL_OUT_STATE_SUCCEEDED
+                 ? v1::EVENT_TYPE_ROLLOUT_SUCCEEDED
+             : state == v1::ROLL_OUT_STATE_ROLLED_BACK
+                 ? v1::EVENT_TYPE_ROLLOUT_ROLLED_BACK
+                 : v1::EVENT_TYPE_ROLLOUT_ABORTED,
+             listener_, -1, 0,
+             status.ok() ? record_.id()
+                         : absl::StrCat(record_.id(), ": ", status.message()));
   if (done_) std::exchange(done_, nullptr)(std::move(status));
 }
 

@@ -12,6 +12,11 @@
 // any worker; candidates in flight are stopped by whoever aborted. Nothing
 // refuses a connection in any state: a shard's old worker serves until its
 // successor is ready.
+//
+// By hand (the API): Pause stops kRolling from starting more shards (those
+// in flight finish), Resume goes on, Undo goes to kRollingBack as a failed
+// worker does. The rollout's record (v1::RollOut) says where it is; when it
+// ends, the record goes to the front of the listener's rollout_history.
 #ifndef PORTFLEET_AGENT_FLEET_ROLLOUT_H_
 #define PORTFLEET_AGENT_FLEET_ROLLOUT_H_
 
@@ -38,6 +43,14 @@ class Rollout : public std::enable_shared_from_this<Rollout> {
   // Stops here: `done` gets `why`; nothing is rolled back or started.
   void Abort(absl::Status why);
   Phase phase() const { return phase_; }
+  void Pause();
+  void Resume();
+  // Rolls the shards already rolled back; `done` gets Aborted.
+  void Undo();
+  // Marks the record as an undo (set before Start).
+  void set_undo(bool undo) { record_.set_undo(undo); }
+  // Where it is now.
+  v1::RollOut Record() const;
 
   // Rolling upgrade of one shard: starts `program` on the shard's socket,
   // waits for it to be ready, then makes it the shard's worker and retires
@@ -51,7 +64,7 @@ class Rollout : public std::enable_shared_from_this<Rollout> {
   void Pump();
   void OnShardDone(uint32_t index, absl::Status status);
   void RollBackNext();
-  void Finish(absl::Status status);
+  void Finish(absl::Status status, v1::RollOutState state);
 
   FleetContext* const ctx_;
   Supervisor* const supervisor_;
@@ -66,7 +79,12 @@ class Rollout : public std::enable_shared_from_this<Rollout> {
   size_t in_flight_ = 0;
   std::vector<uint32_t> rolled_;  // done, in order
   absl::Status error_;
+  bool paused_ = false;
+  v1::RollOut record_;  // id, specs, times; state and counts by Record()
 };
+
+// Finished rollouts kept per listener.
+inline constexpr size_t kRollOutHistory = 10;
 
 }  // namespace portfleet
 

@@ -5,6 +5,8 @@
 #ifndef PORTFLEET_TESTS_UNIT_API_FAKE_CONTROLLER_H_
 #define PORTFLEET_TESTS_UNIT_API_FAKE_CONTROLLER_H_
 
+#include <algorithm>
+#include <deque>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -15,6 +17,7 @@
 #include "absl/time/clock.h"
 #include "agent/api/state_store.h"
 #include "agent/controller.h"
+#include "agent/event_history.h"
 
 namespace portfleet::testing {
 
@@ -32,6 +35,9 @@ class FakeController : public SyncFleetController {
   // Persisted to `state_dir` after each successful mutation when not empty.
   std::string state_dir;
   bool bpf_active = true;
+  // Listeners created with this worker command never serve: their shards
+  // are in restart back-off, as a worker that always exits leaves them.
+  std::string crashing_command = "crashes";
 
   absl::StatusOr<std::vector<ListenerStatus>> ListListeners() override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -61,6 +67,16 @@ class FakeController : public SyncFleetController {
     ListenerStatus l;
     l.spec = spec;
     Reshard(l, spec.shards() == 0 ? 2 : spec.shards());
+    if (spec.worker().command() == crashing_command) {
+      for (ShardStatus& s : l.shards) {
+        s.state = v1::SHARD_STATE_BACKOFF;
+        s.ready = false;
+        s.pid = 0;
+        s.restarts = 4;
+        s.health = v1::SHARD_HEALTH_DOWN;
+        s.health_reason = "worker exited with status 1";
+      }
+    }
     listeners_[spec.name()] = l;
     EmitLocked(v1::EVENT_TYPE_LISTENER_CREATED, spec.name(), "created");
     return Persist();
@@ -88,22 +104,96 @@ class FakeController : public SyncFleetController {
     Reshard(it->second, shards);
     return Persist();
   }
-  absl::Status RollOut(const std::string& name, const v1::WorkerSpec& worker,
-                       uint32_t max_surge) override {
+  // Rollouts finish at once unless `hold_rollouts`: then one stays in
+  // progress (ROLLING, no shard rolled) until FinishRollOut or an undo.
+  bool hold_rollouts = false;
+  absl::StatusOr<v1::RollOut> RollOut(const std::string& name,
+                                      const RollOutOptions& options) override {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = listeners_.find(name);
     if (it == listeners_.end()) return NotFound(name);
-    if (worker.command() == "fails-to-start") {
-      return absl::FailedPreconditionError(
-          "listener " + name + " shard 0: new worker exited; rolled back");
+    std::deque<v1::RollOut>& history = rollouts_[name];
+    if (!history.empty() && InProgress(history.front())) {
+      if (!options.undo) {
+        return absl::FailedPreconditionError(
+            "listener " + name + ": a rollout is already in progress");
+      }
+      v1::RollOut& r = history.front();
+      r.set_state(v1::ROLL_OUT_STATE_ROLLED_BACK);
+      r.set_message("rollout " + r.id() + " undone by request");
+      return r;
     }
-    if (!worker.command().empty()) {
-      it->second.spec.mutable_worker()->set_command(worker.command());
+    v1::WorkerSpec target = it->second.spec.worker();
+    if (options.undo) {
+      auto last = std::find_if(history.begin(), history.end(), [](auto& r) {
+        return r.state() == v1::ROLL_OUT_STATE_SUCCEEDED;
+      });
+      if (last == history.end()) {
+        return absl::FailedPreconditionError("listener " + name +
+                                             ": nothing to undo");
+      }
+      target = last->previous_worker();
+    } else {
+      if (options.worker.command() == "fails-to-start") {
+        return absl::FailedPreconditionError(
+            "listener " + name + " shard 0: new worker exited; rolled back");
+      }
+      if (!options.worker.command().empty()) {
+        target.set_command(options.worker.command());
+      }
+      if (options.worker.args_size() > 0) {
+        *target.mutable_args() = options.worker.args();
+      }
     }
-    if (worker.args_size() > 0) {
-      *it->second.spec.mutable_worker()->mutable_args() = worker.args();
+    v1::RollOut r;
+    r.set_number(static_cast<uint32_t>(++started_[name]));
+    r.set_id(absl::StrCat(name, "/", r.number()));
+    r.set_listener(name);
+    *r.mutable_worker() = target;
+    *r.mutable_previous_worker() = it->second.spec.worker();
+    r.set_max_surge(options.max_surge == 0 ? 1 : options.max_surge);
+    r.set_shards(static_cast<uint32_t>(it->second.shards.size()));
+    r.set_undo(options.undo);
+    r.set_start_time_unix_micros(1700000000000000);
+    if (hold_rollouts && !dry_run_) {
+      r.set_state(v1::ROLL_OUT_STATE_ROLLING);
+    } else {
+      r.set_state(v1::ROLL_OUT_STATE_SUCCEEDED);
+      r.set_shards_rolled(r.shards());
+      r.set_end_time_unix_micros(1700000060000000);
+      *it->second.spec.mutable_worker() = target;
     }
-    return Persist();
+    history.push_front(r);
+    return r;
+  }
+  absl::StatusOr<std::vector<v1::RollOut>> ListRollOuts(
+      const std::string& name) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (listeners_.count(name) == 0) return NotFound(name);
+    const std::deque<v1::RollOut>& h = rollouts_[name];
+    return std::vector<v1::RollOut>(h.begin(), h.end());
+  }
+  absl::StatusOr<v1::RollOut> PauseRollOut(const std::string& name,
+                                           bool paused) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (listeners_.count(name) == 0) return NotFound(name);
+    std::deque<v1::RollOut>& h = rollouts_[name];
+    if (h.empty() || !InProgress(h.front())) {
+      return absl::FailedPreconditionError("listener " + name +
+                                           ": no rollout in progress");
+    }
+    h.front().set_state(paused ? v1::ROLL_OUT_STATE_PAUSED
+                               : v1::ROLL_OUT_STATE_ROLLING);
+    return h.front();
+  }
+  // Completes the held rollout of `name`.
+  void FinishRollOut(const std::string& name) {
+    std::lock_guard<std::mutex> lock(mu_);
+    v1::RollOut& r = rollouts_[name].front();
+    r.set_state(v1::ROLL_OUT_STATE_SUCCEEDED);
+    r.set_shards_rolled(r.shards());
+    r.set_end_time_unix_micros(1700000060000000);
+    *listeners_[name].spec.mutable_worker() = r.worker();
   }
   absl::Status DrainShard(const std::string& name, uint32_t index) override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -161,6 +251,18 @@ class FakeController : public SyncFleetController {
     return absl::NotFoundError(
         absl::StrCat("listener \"", name, "\" has no shard ", index));
   }
+  // Dry runs change a copy that EndDryRun throws away.
+  absl::Status BeginDryRun() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    saved_ = listeners_;
+    dry_run_ = true;
+    return absl::OkStatus();
+  }
+  void EndDryRun() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    listeners_ = std::move(saved_);
+    dry_run_ = false;
+  }
   AgentStatus GetStatus() override {
     std::lock_guard<std::mutex> lock(mu_);
     AgentStatus s;
@@ -173,28 +275,27 @@ class FakeController : public SyncFleetController {
     s.health.state = v1::HEALTH_STATE_SERVING;
     return s;
   }
-  uint64_t Subscribe(std::function<void(const FleetEvent&)> sink) override {
-    std::lock_guard<std::mutex> lock(sub_mu_);
-    sinks_[++next_id_] = std::move(sink);
-    return next_id_;
+  uint64_t Subscribe(std::function<void(const FleetEvent&)> sink,
+                     absl::Time since) override {
+    return events_.Subscribe(std::move(sink), since);
   }
-  void Unsubscribe(uint64_t id) override {
-    std::lock_guard<std::mutex> lock(sub_mu_);
-    sinks_.erase(id);
+  std::vector<FleetEvent> Events(absl::Time since) override {
+    return events_.Since(since);
   }
+  void Unsubscribe(uint64_t id) override { events_.Unsubscribe(id); }
 
-  int subscribers() {
-    std::lock_guard<std::mutex> lock(sub_mu_);
-    return sinks_.size();
-  }
+  int subscribers() { return static_cast<int>(events_.subscribers()); }
   void Emit(v1::EventType type, const std::string& listener,
             const std::string& message, int shard = -1) {
-    FleetEvent e{type, absl::Now(), listener, shard, 1234, message};
-    std::lock_guard<std::mutex> lock(sub_mu_);
-    for (auto& [id, sink] : sinks_) sink(e);
+    Emit(FleetEvent{type, absl::Now(), listener, shard, 1234, message});
   }
+  void Emit(const FleetEvent& e) { events_.Publish(e); }
 
  private:
+  static bool InProgress(const v1::RollOut& r) {
+    return r.state() == v1::ROLL_OUT_STATE_ROLLING ||
+           r.state() == v1::ROLL_OUT_STATE_PAUSED;
+  }
   static absl::Status NotFound(const std::string& name) {
     return absl::NotFoundError(
         absl::StrCat("listener \"", name, "\" not found"));
@@ -218,10 +319,11 @@ class FakeController : public SyncFleetController {
   }
   void EmitLocked(v1::EventType type, const std::string& listener,
                   const std::string& message, int shard = -1) {
+    if (dry_run_) return;
     Emit(type, listener, message, shard);
   }
   absl::Status Persist() {
-    if (state_dir.empty()) return absl::OkStatus();
+    if (state_dir.empty() || dry_run_) return absl::OkStatus();
     v1::FleetSpec spec;
     for (const auto& [name, l] : listeners_) *spec.add_listeners() = l.spec;
     return SaveFleetState(state_dir, spec);
@@ -229,9 +331,11 @@ class FakeController : public SyncFleetController {
 
   std::mutex mu_;
   std::map<std::string, ListenerStatus> listeners_;
-  std::mutex sub_mu_;
-  std::map<uint64_t, std::function<void(const FleetEvent&)>> sinks_;
-  uint64_t next_id_ = 0;
+  bool dry_run_ = false;
+  std::map<std::string, std::deque<v1::RollOut>> rollouts_;
+  std::map<std::string, int> started_;
+  std::map<std::string, ListenerStatus> saved_;
+  EventHistory events_;
 };
 
 }  // namespace portfleet::testing

@@ -12,10 +12,12 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "agent/api/server.h"
 #include "agent/api/service.h"
 #include "agent/api/state_store.h"
+#include "agent/event_history.h"
 #include "gtest/gtest.h"
 #include "portfleet/v1/agent.grpc.pb.h"
 #include "tests/testing/netns.h"
@@ -316,6 +318,92 @@ TEST_F(ApiServiceTest, SetSteering) {
                  grpc::FAILED_PRECONDITION, "BPF");
 }
 
+TEST_F(ApiServiceTest, ValidateOnlyAnswersWithAPlanAndChangesNothing) {
+  ASSERT_TRUE(Create(Web()).ok());
+  const std::string state = StateFile();
+  grpc::ClientContext watch_ctx;
+  auto watch = stub_->WatchEvents(&watch_ctx, {});
+  watch->WaitForInitialMetadata();
+  ASSERT_TRUE(
+      WaitFor([&] { return fake_.subscribers() == 1; }, absl::Seconds(5)));
+
+  v1::CreateListenerRequest create;
+  *create.mutable_listener() = Web("api", "127.0.0.1:9000");
+  create.set_validate_only(true);
+  v1::CreateListenerResponse created;
+  ASSERT_TRUE(stub_->CreateListener(Ctx().get(), create, &created).ok());
+  EXPECT_EQ(created.plan().name(), "api");
+  EXPECT_EQ(created.plan().action(), v1::ListenerPlan::ACTION_CREATE);
+  EXPECT_FALSE(created.plan().has_current());
+  EXPECT_EQ(created.plan().desired().address(), "127.0.0.1:9000");
+  EXPECT_FALSE(created.has_listener());
+  EXPECT_FALSE(fake_.GetListener("api").ok());
+
+  v1::UpdateListenerRequest update;
+  *update.mutable_listener() = Web();
+  update.mutable_listener()->set_shards(4);
+  update.set_validate_only(true);
+  v1::UpdateListenerResponse updated;
+  ASSERT_TRUE(stub_->UpdateListener(Ctx().get(), update, &updated).ok());
+  EXPECT_EQ(updated.plan().action(), v1::ListenerPlan::ACTION_UPDATE);
+  ASSERT_EQ(updated.plan().changed_fields_size(), 1);
+  EXPECT_EQ(updated.plan().changed_fields(0), "shards");
+  EXPECT_EQ(updated.plan().current().shards(), 2u);
+  EXPECT_EQ(updated.plan().desired().shards(), 4u);
+  *update.mutable_listener() = Web();
+  ASSERT_TRUE(stub_->UpdateListener(Ctx().get(), update, &updated).ok());
+  EXPECT_EQ(updated.plan().action(), v1::ListenerPlan::ACTION_UNCHANGED);
+
+  v1::ScaleListenerRequest scale;
+  scale.set_name("web");
+  scale.set_shards(3);
+  scale.set_validate_only(true);
+  v1::ScaleListenerResponse scaled;
+  ASSERT_TRUE(stub_->ScaleListener(Ctx().get(), scale, &scaled).ok());
+  EXPECT_EQ(scaled.plan().action(), v1::ListenerPlan::ACTION_UPDATE);
+  EXPECT_EQ(scaled.plan().desired().shards(), 3u);
+
+  v1::SetSteeringRequest steer;
+  steer.set_name("web");
+  steer.mutable_steering()->set_policy(v1::STEERING_POLICY_CPU);
+  steer.set_validate_only(true);
+  v1::SetSteeringResponse steered;
+  ASSERT_TRUE(stub_->SetSteering(Ctx().get(), steer, &steered).ok());
+  ASSERT_EQ(steered.plan().changed_fields_size(), 1);
+  EXPECT_EQ(steered.plan().changed_fields(0), "steering");
+
+  v1::DeleteListenerRequest del;
+  del.set_name("web");
+  del.set_validate_only(true);
+  v1::DeleteListenerResponse deleted;
+  ASSERT_TRUE(stub_->DeleteListener(Ctx().get(), del, &deleted).ok());
+  EXPECT_EQ(deleted.plan().action(), v1::ListenerPlan::ACTION_DELETE);
+  EXPECT_FALSE(deleted.plan().has_desired());
+
+  // What the real call would refuse, the dry run refuses the same way.
+  *create.mutable_listener() = Web("dup", "127.0.0.1:8080");
+  ExpectRejected(
+      [&] { return stub_->CreateListener(Ctx().get(), create, &created); },
+      grpc::ALREADY_EXISTS, "127.0.0.1:8080");
+  del.set_name("nosuch");
+  ExpectRejected(
+      [&] { return stub_->DeleteListener(Ctx().get(), del, &deleted); },
+      grpc::NOT_FOUND, "nosuch");
+  fake_.bpf_active = false;
+  ExpectRejected(
+      [&] { return stub_->SetSteering(Ctx().get(), steer, &steered); },
+      grpc::FAILED_PRECONDITION, "BPF");
+
+  // Nothing changed: the state file, the listener, no event.
+  EXPECT_EQ(StateFile(), state);
+  EXPECT_EQ(fake_.GetListener("web")->shards.size(), 2u);
+  EXPECT_EQ(fake_.GetListener("web")->spec.steering().policy(),
+            v1::STEERING_POLICY_UNSPECIFIED);
+  EXPECT_TRUE(fake_.Events(absl::InfinitePast()).size() == 1u);  // created
+  watch_ctx.TryCancel();
+  watch->Finish();
+}
+
 TEST_F(ApiServiceTest, ExpiredDeadlineDoesNotRun) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() - std::chrono::seconds(1));
@@ -399,6 +487,86 @@ TEST_F(ApiServiceTest, SlowWatcherIsDroppedWithBoundedQueue) {
   EXPECT_LT(read, 2000);
   EXPECT_TRUE(
       WaitFor([&] { return fake_.subscribers() == 0; }, absl::Seconds(5)));
+}
+
+TEST_F(ApiServiceTest, WatchEventsHistory) {
+  const absl::Time now = absl::Now();
+  fake_.Emit({v1::EVENT_TYPE_SHARD_EXITED, now - absl::Minutes(30), "web", 0, 1,
+              "old"});
+  fake_.Emit(
+      {v1::EVENT_TYPE_ERROR, now - absl::Minutes(5), "api", -1, 0, "mid"});
+  fake_.Emit({v1::EVENT_TYPE_SHARD_RESTARTED, now - absl::Seconds(1), "web", 1,
+              2, "new"});
+  auto read_all = [&](const v1::WatchEventsRequest& req, grpc::Status* end) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() +
+                     std::chrono::seconds(10));
+    auto reader = stub_->WatchEvents(&ctx, req);
+    std::vector<std::string> out;
+    v1::WatchEventsResponse e;
+    while (reader->Read(&e)) out.push_back(e.event().message());
+    *end = reader->Finish();
+    return out;
+  };
+  grpc::Status end;
+  v1::WatchEventsRequest req;
+  req.set_history_only(true);
+  EXPECT_EQ(read_all(req, &end),
+            (std::vector<std::string>{"old", "mid", "new"}));
+  EXPECT_TRUE(end.ok()) << end.error_message();
+  req.set_since_unix_micros(absl::ToUnixMicros(now - absl::Minutes(10)));
+  EXPECT_EQ(read_all(req, &end), (std::vector<std::string>{"mid", "new"}));
+  req.set_listener("web");
+  EXPECT_EQ(read_all(req, &end), (std::vector<std::string>{"new"}));
+  EXPECT_TRUE(end.ok());
+  EXPECT_EQ(fake_.subscribers(), 0);
+
+  // Following with since: the history first, then new events, in order.
+  grpc::ClientContext ctx;
+  v1::WatchEventsRequest follow;
+  follow.set_since_unix_micros(absl::ToUnixMicros(now - absl::Minutes(10)));
+  auto reader = stub_->WatchEvents(&ctx, follow);
+  v1::WatchEventsResponse e;
+  ASSERT_TRUE(reader->Read(&e));
+  EXPECT_EQ(e.event().message(), "mid");
+  ASSERT_TRUE(reader->Read(&e));
+  EXPECT_EQ(e.event().message(), "new");
+  fake_.Emit(v1::EVENT_TYPE_ERROR, "web", "live");
+  ASSERT_TRUE(reader->Read(&e));
+  EXPECT_EQ(e.event().message(), "live");
+  ctx.TryCancel();
+  reader->Finish();
+}
+
+TEST(EventHistoryTest, KeepsTheLastEventsAndReplaysWithoutGaps) {
+  EventHistory history(3);
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  for (int i = 0; i < 5; ++i) {
+    history.Publish({v1::EVENT_TYPE_ERROR, t0 + absl::Seconds(i), "web", i, 0,
+                     absl::StrCat("e", i)});
+  }
+  std::vector<FleetEvent> kept = history.Since(absl::InfinitePast());
+  ASSERT_EQ(kept.size(), 3u);
+  EXPECT_EQ(kept[0].message, "e2");
+  EXPECT_EQ(kept[2].message, "e4");
+  EXPECT_EQ(history.Since(t0 + absl::Seconds(4)).size(), 1u);
+  std::vector<std::string> seen;
+  uint64_t id =
+      history.Subscribe([&](const FleetEvent& e) { seen.push_back(e.message); },
+                        t0 + absl::Seconds(3));
+  history.Publish(
+      {v1::EVENT_TYPE_ERROR, t0 + absl::Seconds(9), "web", 0, 0, "e9"});
+  history.Unsubscribe(id);
+  history.Publish(
+      {v1::EVENT_TYPE_ERROR, t0 + absl::Seconds(10), "web", 0, 0, "e10"});
+  EXPECT_EQ(seen, (std::vector<std::string>{"e3", "e4", "e9"}));
+  EXPECT_EQ(history.subscribers(), 0u);
+  seen.clear();
+  id =
+      history.Subscribe([&](const FleetEvent& e) { seen.push_back(e.message); },
+                        absl::InfiniteFuture());
+  EXPECT_TRUE(seen.empty());
+  history.Unsubscribe(id);
 }
 
 TEST_F(ApiServiceTest, TooManyWatchers) {

@@ -174,7 +174,7 @@ TEST(AuthzPolicyTest, ExamplePolicySeparatesReadersFromOperators) {
   }
   for (const char* m :
        {"CreateListener", "UpdateListener", "DeleteListener", "ScaleListener",
-        "DrainShard", "SetSteering", "RollOutListener"}) {
+        "DrainShard", "SetSteering", "RollOutListener", "PauseRollOut"}) {
     const std::string path = std::string("/portfleet.v1.FleetService/") + m;
     EXPECT_FALSE(EvaluateAuthzPolicy(*p, reader, path).allowed) << m;
     EXPECT_TRUE(EvaluateAuthzPolicy(*p, op, path).allowed) << m;

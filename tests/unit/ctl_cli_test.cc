@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <sstream>
@@ -74,13 +75,18 @@ TEST_F(CtlTest, ApplyCreatesUpdatesAndReportsUnchanged) {
   "listeners": [
     {
       "name": "web",
-      "action": "configured"
+      "action": "configured",
+      "changedFields": [
+        "shards"
+      ]
     },
     {
       "name": "api",
-      "action": "created"
+      "action": "created",
+      "changedFields": []
     }
-  ]
+  ],
+  "dryRun": false
 }
 )");
   EXPECT_EQ(fake_.GetListener("web")->shards.size(), 4u);
@@ -120,11 +126,212 @@ TEST_F(CtlTest, ApplyStopsAtTheFirstRefusedListener) {
   )pb");
   Result r = Ctl({"apply", "-f", spec, "-o", "yaml"});
   EXPECT_EQ(r.code, kExitAgentError);
-  EXPECT_EQ(r.out, "listeners: []\n");
+  EXPECT_EQ(r.out, "listeners: []\ndryRun: false\n");
   EXPECT_THAT(r.err, StartsWith("portfleetctl: listener/db: address "
                                 "127.0.0.1:8080 is taken"));
   EXPECT_THAT(r.err, HasSubstr("(ALREADY_EXISTS)"));
   EXPECT_FALSE(fake_.GetListener("zz").ok());
+}
+
+TEST_F(CtlTest, ApplyDryRunChangesNothing) {
+  ApplyWeb();
+  std::string spec = dir_.WriteFile("next.textproto", R"pb(
+    listeners {
+      name: "web"
+      address: "127.0.0.1:8080"
+      shards: 4
+      worker { command: "portfleet-worker" args: "--mode=http" }
+    }
+    listeners {
+      name: "new"
+      address: "127.0.0.1:7000"
+      worker { command: "w" }
+    }
+  )pb");
+  Result r = Ctl({"apply", "-f", spec, "--dry-run", "--prune"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out,
+            "listener/web configured (dry run)\n"
+            "listener/new created (dry run)\n"
+            "listener/api deleted (dry run)\n");
+  EXPECT_EQ(fake_.GetListener("web")->shards.size(), 2u);
+  EXPECT_FALSE(fake_.GetListener("new").ok());
+  EXPECT_TRUE(fake_.GetListener("api").ok());
+  // A change the agent would refuse fails the dry run the same way.
+  std::string clash = dir_.WriteFile("clash.textproto", R"pb(
+    listeners {
+      name: "db"
+      address: "127.0.0.1:9000"
+      worker { command: "w" }
+    }
+  )pb");
+  r = Ctl({"apply", "-f", clash, "--dry-run"});
+  EXPECT_EQ(r.code, kExitAgentError);
+  EXPECT_THAT(r.err, StartsWith("portfleetctl: listener/db: address "
+                                "127.0.0.1:9000 is taken"));
+  EXPECT_FALSE(fake_.GetListener("db").ok());
+}
+
+TEST_F(CtlTest, ApplyChecksEveryListenerBeforeChangingAny) {
+  // "ok" and web's update are fine, "db" takes web's address: the agent's
+  // check of db fails before ok is created or web changed.
+  ApplyWeb();
+  std::string bad = dir_.WriteFile("bad.textproto", R"pb(
+    listeners {
+      name: "ok"
+      address: "127.0.0.1:7000"
+      worker { command: "w" }
+    }
+    listeners {
+      name: "web"
+      address: "127.0.0.1:9000"
+      worker { command: "w" }
+    }
+    listeners {
+      name: "db"
+      address: "127.0.0.1:8080"
+      worker { command: "w" }
+    }
+  )pb");
+  Result r = Ctl({"apply", "-f", bad});
+  EXPECT_EQ(r.code, kExitAgentError);
+  EXPECT_THAT(r.err, StartsWith("portfleetctl: listener/db: address "
+                                "127.0.0.1:8080 is taken"));
+  EXPECT_EQ(r.out, "");
+  EXPECT_FALSE(fake_.GetListener("ok").ok());
+  EXPECT_EQ(fake_.GetListener("web")->spec.address(), "127.0.0.1:8080");
+}
+
+TEST_F(CtlTest, ApplyPruneDeletesExactlyTheListenersNotInTheFile) {
+  ApplyWeb();
+  std::string spec = dir_.WriteFile("only-api.textproto", R"pb(
+    listeners {
+      name: "api"
+      address: "127.0.0.1:9000"
+      shards: 3
+      worker { command: "portfleet-worker" }
+      steering { policy: STEERING_POLICY_CPU }
+    }
+  )pb");
+  Result r = Ctl({"apply", "-f", spec});
+  EXPECT_EQ(r.out, "listener/api unchanged\n");
+  EXPECT_TRUE(fake_.GetListener("web").ok());
+  r = Ctl({"apply", "-f", spec, "--prune", "-o", "json"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, R"({
+  "listeners": [
+    {
+      "name": "api",
+      "action": "unchanged",
+      "changedFields": []
+    },
+    {
+      "name": "web",
+      "action": "deleted",
+      "changedFields": []
+    }
+  ],
+  "dryRun": false
+}
+)");
+  EXPECT_FALSE(fake_.GetListener("web").ok());
+  EXPECT_TRUE(fake_.GetListener("api").ok());
+}
+
+TEST_F(CtlTest, ApplyOfAListenerThatNeverServesFails) {
+  std::string spec = dir_.WriteFile("crash.textproto", R"pb(
+    listeners {
+      name: "bad"
+      address: "127.0.0.1:7000"
+      shards: 1
+      worker { command: "crashes" }
+    }
+  )pb");
+  Result r = Ctl({"apply", "-f", spec});
+  EXPECT_EQ(r.code, kExitAgentError);
+  EXPECT_EQ(r.out, "");
+  EXPECT_EQ(r.err,
+            "portfleetctl: listener/bad created but not serving: shard 0: the "
+            "worker keeps exiting (4 restarts; backoff: worker exited with "
+            "status 1)\n");
+}
+
+TEST_F(CtlTest, DiffShowsTheAgentsPlan) {
+  ApplyWeb();
+  std::string spec = dir_.WriteFile("next.textproto", R"pb(
+    listeners {
+      name: "web"
+      address: "127.0.0.1:8080"
+      shards: 4
+      worker { command: "portfleet-worker" args: "--mode=http" }
+    }
+    listeners {
+      name: "new"
+      address: "127.0.0.1:7000"
+      worker { command: "w" }
+    }
+  )pb");
+  Result r = Ctl({"diff", "-f", spec, "--prune"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, R"(listener/web: update (shards)
+   name: "web"
+   address: "127.0.0.1:8080"
+  -shards: 2
+  +shards: 4
+   worker {
+     command: "portfleet-worker"
+     args: "--mode=http"
+   }
+listener/new: create
+  +name: "new"
+  +address: "127.0.0.1:7000"
+  +worker {
+  +  command: "w"
+  +}
+listener/api: delete
+  -name: "api"
+  -address: "127.0.0.1:9000"
+  -shards: 3
+  -worker {
+  -  command: "portfleet-worker"
+  -}
+  -steering {
+  -  policy: STEERING_POLICY_CPU
+  -}
+plan: 1 to create, 1 to update, 1 to delete, 0 unchanged
+)");
+  r = Ctl({"diff", "-f", spec, "-o", "name"});
+  EXPECT_EQ(r.out, "listener/web\nlistener/new\n");
+  EXPECT_EQ(fake_.GetListener("web")->shards.size(), 2u);
+  EXPECT_FALSE(fake_.GetListener("new").ok());
+}
+
+TEST_F(CtlTest, EventsWithoutFollowPrintsTheHistoryAndExits) {
+  fake_.Emit({v1::EVENT_TYPE_SHARD_EXITED, absl::Now() - absl::Minutes(20),
+              "web", 0, 77, "old"});
+  fake_.Emit({v1::EVENT_TYPE_SHARD_RESTARTED, absl::Now() - absl::Minutes(1),
+              "web", 0, 78, "recent"});
+  Result r = Ctl({"events", "--no-headers"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("old"));
+  EXPECT_THAT(r.out, HasSubstr("recent"));
+  r = Ctl({"events", "--since", "10m", "-o", "json"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, Not(HasSubstr("old")));
+  EXPECT_THAT(r.out, StartsWith(R"({"type":"shard-restarted",)"));
+  EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1);
+  r = Ctl({"events", "--since", "yesterday"});
+  EXPECT_EQ(r.code, kExitUsage);
+  // -f --since: the history first, then new events.
+  std::unique_ptr<Background> events =
+      Start({"events", "-f", "--since", "10m", "--no-headers"});
+  ASSERT_TRUE(events->WaitForOutput("recent"));
+  ASSERT_TRUE(::portfleet::testing::WaitFor(
+      [&] { return fake_.subscribers() == 1; }, absl::Seconds(5)));
+  fake_.Emit(v1::EVENT_TYPE_ERROR, "web", "new one");
+  ASSERT_TRUE(events->WaitForOutput("new one"));
+  EXPECT_EQ(events->Stop(), 0);
+  EXPECT_THAT(events->out(), Not(HasSubstr("old")));
 }
 
 TEST_F(CtlTest, ApplyBadFileIsUsageErrorWithFileName) {
@@ -290,6 +497,75 @@ TEST_F(CtlTest, ScaleDrainSteerDelete) {
   EXPECT_EQ(r.err, "portfleetctl: listener \"web\" not found (NOT_FOUND)\n");
 }
 
+TEST_F(CtlTest, RolloutStartStatusPauseResumeUndoHistory) {
+  ApplyWeb();
+  fake_.hold_rollouts = true;
+  Result r = Ctl({"rollout", "start", "web", "--worker-args", "--mode=echo"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out,
+            "listener/web rollout web/1 started (portfleet-worker "
+            "--mode=echo)\n");
+  r = Ctl({"rollout", "status", "web"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out,
+            "rollout web/1 rolling: 0 of 2 shards rolled\n"
+            "  worker:   portfleet-worker --mode=echo\n"
+            "  previous: portfleet-worker --mode=http\n");
+  r = Ctl({"rollout", "pause", "web"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "listener/web rollout web/1 paused: 0 of 2 shards rolled\n");
+  r = Ctl({"rollout", "resume", "web", "-o", "json"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr(R"("state": "rolling")"));
+  // Another rollout while one runs is refused.
+  r = Ctl({"rollout", "start", "web"});
+  EXPECT_EQ(r.code, kExitAgentError);
+  EXPECT_THAT(r.err, HasSubstr("already in progress (FAILED_PRECONDITION)"));
+  fake_.FinishRollOut("web");
+  r = Ctl({"rollout", "status", "web", "--watch", "--interval", "100ms"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "rollout web/1 succeeded: 2 of 2 shards rolled\n");
+  r = Ctl({"rollout", "pause", "web"});
+  EXPECT_EQ(r.code, kExitAgentError);
+  EXPECT_THAT(r.err, HasSubstr("no rollout in progress"));
+
+  // Undo with nothing in progress: the previous worker, rolled out.
+  fake_.hold_rollouts = false;
+  r = Ctl({"rollout", "undo", "web"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out,
+            "listener/web rollout web/2 started (portfleet-worker "
+            "--mode=http)\n");
+  EXPECT_EQ(fake_.GetListener("web")->spec.worker().args(0), "--mode=http");
+
+  // Undo of a rollout in progress: it rolls back; status says so (exit 1).
+  fake_.hold_rollouts = true;
+  ASSERT_EQ(Ctl({"rollout", "start", "web", "--worker-args", "x"}).code, 0);
+  r = Ctl({"rollout", "undo", "web"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "listener/web rollout web/3 rolled-back\n");
+  r = Ctl({"rollout", "status", "web", "--watch"});
+  EXPECT_EQ(r.code, kExitAgentError);
+  EXPECT_THAT(r.out, StartsWith("rollout web/3 rolled-back: 0 of 2 shards "
+                                "rolled (rollout web/3 undone by request)"));
+
+  r = Ctl({"rollout", "history", "web"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out,
+            "ROLLOUT        STATE         SHARDS   STARTED                "
+            "ENDED                  WORKER\n"
+            "web/3          rolled-back   0/2      2023-11-14T22:13:20Z   -"
+            "                      portfleet-worker x\n"
+            "web/2 (undo)   succeeded     2/2      2023-11-14T22:13:20Z   "
+            "2023-11-14T22:14:20Z   portfleet-worker --mode=http\n"
+            "web/1          succeeded     2/2      2023-11-14T22:13:20Z   "
+            "2023-11-14T22:14:20Z   portfleet-worker --mode=echo\n");
+  r = Ctl({"rollout", "history", "web", "-o", "name"});
+  EXPECT_EQ(r.out, "rollout/web/3\nrollout/web/2\nrollout/web/1\n");
+  r = Ctl({"rollout", "status", "nosuch"});
+  EXPECT_EQ(r.code, kExitAgentError);
+}
+
 TEST_F(CtlTest, AgentErrorsExitOne) {
   ApplyWeb();
   Result r = Ctl({"scale", "web", "--shards", "0"});
@@ -423,17 +699,17 @@ TEST_F(CtlTest, EventsTable) {
   ASSERT_TRUE(events->WaitForOutput("exit status 1"));
   events->Stop();
   EXPECT_THAT(events->out(),
-              StartsWith("TIME                       TYPE               "
+              StartsWith("TIME                       TYPE                "
                          "LISTENER         SHARD   PID      MESSAGE\n"));
   EXPECT_THAT(events->out(),
-              HasSubstr("Z   shard-restarted    web              2       "
+              HasSubstr("Z   shard-restarted     web              2       "
                         "1234     exit status 1\n"));
 }
 
 TEST_F(CtlTest, EventsFilterByType) {
   std::unique_ptr<Background> events =
-      Start({"events", "--type", "error", "--type=drain-done,shard-exited",
-             "--no-headers", "-o", "yaml"});
+      Start({"events", "-f", "--type", "error",
+             "--type=drain-done,shard-exited", "--no-headers", "-o", "yaml"});
   ASSERT_TRUE(::portfleet::testing::WaitFor(
       [&] { return fake_.subscribers() == 1; }, absl::Seconds(5)));
   fake_.Emit(v1::EVENT_TYPE_SHARD_RESTARTED, "web", "not shown", 2);
@@ -448,7 +724,7 @@ TEST_F(CtlTest, EventsFilterByType) {
 }
 
 TEST_F(CtlTest, EventsEndWhenTheAgentShutsDown) {
-  std::unique_ptr<Background> events = Start({"events"});
+  std::unique_ptr<Background> events = Start({"events", "-f"});
   ASSERT_TRUE(::portfleet::testing::WaitFor(
       [&] { return fake_.subscribers() == 1; }, absl::Seconds(5)));
   server_->Shutdown();
@@ -569,6 +845,13 @@ TEST_F(CtlTest, HelpOnEveryCommandHasAnExample) {
                                              {"drain"},
                                              {"steer"},
                                              {"rollout"},
+                                             {"rollout", "start"},
+                                             {"rollout", "status"},
+                                             {"rollout", "pause"},
+                                             {"rollout", "resume"},
+                                             {"rollout", "undo"},
+                                             {"rollout", "history"},
+                                             {"diff"},
                                              {"completion"},
                                              {"man"}}) {
     std::vector<std::string> args = cmd;

@@ -105,5 +105,57 @@ TEST_F(CtlGoldenTest, Apply) {
   ExpectGolden("apply.yaml", {"apply", "-f", spec, "-o", "yaml"});
 }
 
+TEST_F(CtlGoldenTest, DiffAndDryRun) {
+  ApplyWeb();
+  const std::string spec = dir_.WriteFile("next.textproto", R"pb(
+    listeners {
+      name: "web"
+      address: "127.0.0.1:8080"
+      shards: 4
+      worker { command: "portfleet-worker" args: "--mode=echo" }
+    }
+    listeners {
+      name: "db"
+      address: "[::1]:5432"
+      worker { command: "portfleet-worker" }
+    }
+  )pb");
+  ExpectGolden("diff.table", {"diff", "-f", spec, "--prune"});
+  ExpectGolden("diff.json", {"diff", "-f", spec, "--prune", "-o", "json"});
+  ExpectGolden("diff.name", {"diff", "-f", spec, "--prune", "-o", "name"});
+  ExpectGolden("apply_dry_run.table",
+               {"apply", "-f", spec, "--prune", "--dry-run"});
+  ExpectGolden("apply_dry_run.json",
+               {"apply", "-f", spec, "--prune", "--dry-run", "-o", "json"});
+}
+
+TEST_F(CtlGoldenTest, Rollout) {
+  ApplyWeb();
+  ASSERT_EQ(
+      Ctl({"rollout", "start", "web", "--worker-args", "--mode=echo"}).code, 0);
+  fake_.hold_rollouts = true;
+  ExpectGolden("rollout_start.yaml",
+               {"rollout", "start", "web", "--worker-args", "--mode=http", "-o",
+                "yaml"});
+  ExpectGolden("rollout_status.table", {"rollout", "status", "web"});
+  ExpectGolden("rollout_status.json",
+               {"rollout", "status", "web", "-o", "json"});
+  ExpectGolden("rollout_history.table", {"rollout", "history", "web"});
+  ExpectGolden("rollout_history.yaml",
+               {"rollout", "history", "web", "-o", "yaml"});
+}
+
+TEST_F(CtlGoldenTest, EventHistory) {
+  const absl::Time t = absl::FromUnixSeconds(1764654872);
+  fake_.Emit({v1::EVENT_TYPE_SHARD_EXITED, t, "web", 2, 1234, "exit status 1"});
+  fake_.Emit({v1::EVENT_TYPE_SHARD_RESTARTED, t + absl::Milliseconds(250),
+              "web", 2, 1240, "restart 1"});
+  fake_.Emit({v1::EVENT_TYPE_ROLLOUT_STARTED, t + absl::Seconds(3), "api", -1,
+              0, "api/1: rolling out 'portfleet-worker' to 3 shard(s)"});
+  ExpectGolden("events.table", {"events"});
+  ExpectGolden("events.json", {"events", "-o", "json"});
+  ExpectGolden("events.yaml", {"events", "-o", "yaml"});
+}
+
 }  // namespace
 }  // namespace portfleet::ctl

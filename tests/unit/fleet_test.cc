@@ -282,6 +282,106 @@ TEST_F(FleetTest, RolloutReplacesEveryWorkerAndUpdatesTheSpec) {
   EXPECT_EQ(fleet_->DesiredSpec().listeners(0).worker().args(0), "--v2");
 }
 
+// Steps:
+// 1. Three shards; roll out --v2 one at a time, the first new worker not
+//    ready yet; pause.
+// 2. It becomes ready: that shard is rolled, no further one starts.
+// 3. Resume: the rest roll; the record says succeeded, 3 of 3; undo then
+//    rolls the previous worker out again (a new rollout marked undo).
+TEST_F(FleetTest, RolloutPauseResumeAndUndo) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(3)).ok());
+  Settle();
+  const size_t processes = launcher_.All().size();
+  launcher_.auto_ready = false;
+  v1::WorkerSpec v2;
+  v2.add_args("--v2");
+  Result r;
+  ASSERT_TRUE(fleet_->RollOut("web", v2, 1, Record(&r)).ok());
+  Settle();
+  ASSERT_EQ(launcher_.All().size(), processes + 1);
+  absl::StatusOr<v1::RollOut> paused = fleet_->PauseRollOut("web", true);
+  ASSERT_TRUE(paused.ok()) << paused.status();
+  EXPECT_EQ(paused->state(), v1::ROLL_OUT_STATE_PAUSED);
+  EXPECT_EQ(paused->id(), "web/1");
+  auto& first = *launcher_.All().back();
+  launcher_.SendHello(first);
+  launcher_.SendReady(first);
+  Settle();
+  Advance(absl::Seconds(1));
+  EXPECT_EQ(launcher_.All().size(), processes + 1);  // nothing more started
+  absl::StatusOr<std::vector<v1::RollOut>> all = fleet_->RollOuts("web");
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->size(), 1u);
+  EXPECT_EQ(all->front().shards_rolled(), 1u);
+  EXPECT_FALSE(r.called);
+
+  launcher_.auto_ready = true;
+  ASSERT_TRUE(fleet_->PauseRollOut("web", false).ok());
+  Settle();
+  ASSERT_TRUE(r.called);
+  EXPECT_TRUE(r.status.ok()) << r.status;
+  all = fleet_->RollOuts("web");
+  ASSERT_EQ(all->size(), 1u);
+  EXPECT_EQ(all->front().state(), v1::ROLL_OUT_STATE_SUCCEEDED);
+  EXPECT_EQ(all->front().shards_rolled(), 3u);
+  EXPECT_TRUE(
+      absl::IsFailedPrecondition(fleet_->PauseRollOut("web", true).status()));
+
+  Result undone;
+  ASSERT_TRUE(fleet_->RollOutPrevious("web", 3, Record(&undone)).ok());
+  Settle();
+  ASSERT_TRUE(undone.called);
+  EXPECT_TRUE(undone.status.ok()) << undone.status;
+  for (pid_t pid : ServingPids()) {
+    EXPECT_NE(launcher_.Find(pid)->Arg(1), "--v2");
+  }
+  all = fleet_->RollOuts("web");
+  ASSERT_EQ(all->size(), 2u);
+  EXPECT_TRUE(all->front().undo());
+  EXPECT_EQ(all->front().id(), "web/2");
+  EXPECT_EQ(all->front().state(), v1::ROLL_OUT_STATE_SUCCEEDED);
+}
+
+// Steps:
+// 1. Two shards; roll out --v2 one at a time; the second new worker is not
+//    ready yet when the rollout is undone.
+// 2. Without waiting for the pending new worker's readiness timeout: it is
+//    stopped, the first shard goes back to the old worker; the rollout ends
+//    rolled back with the undo as its reason.
+TEST_F(FleetTest, UndoOfARolloutInProgressRollsItBack) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  std::vector<pid_t> old_pids = ServingPids();
+  launcher_.auto_ready = false;
+  v1::WorkerSpec v2;
+  v2.add_args("--v2");
+  Result r;
+  ASSERT_TRUE(fleet_->RollOut("web", v2, 1, Record(&r)).ok());
+  Settle();
+  auto& first = *launcher_.All().back();
+  launcher_.SendHello(first);
+  launcher_.SendReady(first);
+  Settle();  // shard 0 rolled; shard 1's new worker is waiting
+  absl::StatusOr<std::optional<v1::RollOut>> u =
+      fleet_->UndoRollOutInProgress("web");
+  ASSERT_TRUE(u.ok()) << u.status();
+  ASSERT_TRUE(u->has_value());
+  EXPECT_EQ((*u)->state(), v1::ROLL_OUT_STATE_ROLLING_BACK);
+  launcher_.auto_ready = true;
+  Settle();  // the pending new worker is stopped, shard 0 rolled back
+  ASSERT_TRUE(r.called);
+  EXPECT_TRUE(absl::IsAborted(r.status)) << r.status;
+  for (pid_t pid : ServingPids()) {
+    EXPECT_NE(launcher_.Find(pid)->Arg(1), "--v2");
+  }
+  absl::StatusOr<std::vector<v1::RollOut>> all = fleet_->RollOuts("web");
+  ASSERT_TRUE(all.ok());
+  EXPECT_EQ(all->front().state(), v1::ROLL_OUT_STATE_ROLLED_BACK);
+  EXPECT_THAT(all->front().message(), HasSubstr("undone by request"));
+  EXPECT_FALSE(fleet_->DesiredSpec().listeners(0).worker().args_size() > 0 &&
+               fleet_->DesiredSpec().listeners(0).worker().args(0) == "--v2");
+}
+
 TEST_F(FleetTest, NewWorkerThatNeverSaysReadyTimesOut) {
   ASSERT_TRUE(fleet_->AddListener(Spec(1)).ok());
   Settle();
