@@ -5,10 +5,13 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/time/time.h"
 #include "agent/api/authz.h"
 #include "gmock/gmock.h"
+#include "google/protobuf/descriptor.h"
 #include "gtest/gtest.h"
+#include "portfleet/v1/agent.grpc.pb.h"
 #include "tests/testing/process.h"
 
 namespace portfleet {
@@ -172,13 +175,27 @@ TEST(AuthzPolicyTest, ExamplePolicySeparatesReadersFromOperators) {
     EXPECT_TRUE(EvaluateAuthzPolicy(*p, op, path).allowed) << m;
     EXPECT_FALSE(EvaluateAuthzPolicy(*p, {"spiffe://other"}, path).allowed);
   }
-  for (const char* m :
-       {"CreateListener", "UpdateListener", "DeleteListener", "ScaleListener",
-        "DrainShard", "SetSteering", "RollOutListener", "PauseRollOut"}) {
-    const std::string path = std::string("/portfleet.v1.FleetService/") + m;
+  // Every other method of the service mutates: operators only. Taken from
+  // the service's descriptor, so a new RPC cannot be left out of the example.
+  const google::protobuf::ServiceDescriptor* service =
+      portfleet::v1::ListListenersRequest::descriptor()
+          ->file()
+          ->FindServiceByName("FleetService");
+  ASSERT_NE(service, nullptr);
+  int mutating = 0;
+  for (int i = 0; i < service->method_count(); ++i) {
+    const std::string m = service->method(i)->name();
+    if (absl::StartsWith(m, "List") || absl::StartsWith(m, "Get") ||
+        m == "WatchEvents") {
+      continue;
+    }
+    ++mutating;
+    const std::string path = "/portfleet.v1.FleetService/" + m;
     EXPECT_FALSE(EvaluateAuthzPolicy(*p, reader, path).allowed) << m;
-    EXPECT_TRUE(EvaluateAuthzPolicy(*p, op, path).allowed) << m;
+    EXPECT_TRUE(EvaluateAuthzPolicy(*p, op, path).allowed)
+        << m << " is missing from the example policy's operator rule";
   }
+  EXPECT_GE(mutating, 10);
 }
 
 std::string Policy(const std::string& principal) {
