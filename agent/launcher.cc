@@ -325,6 +325,19 @@ bool RealProcessLauncher::Signal(const LaunchedProcess& process, int sig) {
   return sent;
 }
 
+// A process group id is not handed out again while any process of the group
+// lives (the kernel keeps the number reserved), so a group found alive is the
+// worker's own.
+bool RealProcessLauncher::GroupAlive(pid_t pgid) {
+  if (pgid <= 1) return false;
+  return ::kill(-pgid, 0) == 0 || errno == EPERM;
+}
+
+bool RealProcessLauncher::SignalGroup(pid_t pgid, int sig) {
+  if (pgid <= 1) return false;
+  return ::kill(-pgid, sig) == 0;
+}
+
 absl::StatusOr<std::optional<int>> RealProcessLauncher::Reap(
     const LaunchedProcess& process) {
   siginfo_t info{};

@@ -65,8 +65,10 @@ class Drainer {
   std::optional<EventLoop::TimerId> kill_timer_;
   struct Orphan {
     pid_t pid;
+    pid_t pgid;  // its process group (0: it leads none)
     Fd pidfd;
     EventLoop::TimerId kill_timer;
+    bool leader_gone = false;  // exited; processes of its group remain
   };
   std::map<pid_t, Orphan> orphans_;
 };

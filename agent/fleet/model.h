@@ -112,6 +112,10 @@ struct Worker {
   absl::Time started;
   bool hello = false;    // said hello on its control channel
   bool adopted = false;  // started by a previous agent; not our child
+  bool killed = false;   // SIGKILLed by the agent (its group too)
+  // Told to stop (drain, retirement, the agent's stop): its processes are
+  // SIGKILLed at this time, also those that outlive it.
+  std::optional<absl::Time> stop_by;
   bool ready = false;
   // Someone waits for this worker to be ready (a scale-up, a rollout): called
   // once, with OK or with why it cannot become ready.
@@ -159,6 +163,9 @@ struct Shard {
   std::unique_ptr<Worker> worker;     // the serving worker
   std::unique_ptr<Worker> candidate;  // a rollout's new worker, not serving
   std::vector<std::unique_ptr<Worker>> retiring;  // finishing connections
+  // Process groups of this shard's workers whose leader is gone but not every
+  // descendant (a pre-fork server's children); see Supervisor.
+  uint32_t remnant_groups = 0;
   ResolvedWorker program;  // what the shard runs (listener's or rollout's)
   uint32_t restarts = 0;
   absl::Duration backoff;
@@ -179,7 +186,8 @@ struct Shard {
     return !draining() && in_service && !health.ejected && !health.maintenance;
   }
   bool HasProcesses() const {
-    return worker != nullptr || candidate != nullptr || !retiring.empty();
+    return worker != nullptr || candidate != nullptr || !retiring.empty() ||
+           remnant_groups > 0;
   }
 };
 
