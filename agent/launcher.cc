@@ -338,6 +338,13 @@ bool RealProcessLauncher::SignalGroup(pid_t pgid, int sig) {
   return ::kill(-pgid, sig) == 0;
 }
 
+bool RealProcessLauncher::KillProcess(pid_t pid) {
+  Fd pidfd(PidfdOpen(pid));
+  if (!pidfd) return false;
+  return ::syscall(SYS_pidfd_send_signal, pidfd.get(), SIGKILL, nullptr, 0) ==
+         0;
+}
+
 absl::StatusOr<std::optional<int>> RealProcessLauncher::Reap(
     const LaunchedProcess& process) {
   siginfo_t info{};

@@ -59,6 +59,9 @@ class ProcessLauncher {
   virtual bool GroupAlive(pid_t pgid) = 0;
   // Sends `sig` to every process of the group `pgid`; false if none is left.
   virtual bool SignalGroup(pid_t pgid, int sig) = 0;
+  // SIGKILLs one process that is not a worker the agent started (an orphan
+  // holding a shard socket), through a pidfd; false if it is gone.
+  virtual bool KillProcess(pid_t pid) = 0;
   // Reaps an exited process; returns its wait status (as waitpid's), or
   // nullopt if it has not exited.
   virtual absl::StatusOr<std::optional<int>> Reap(
@@ -76,6 +79,7 @@ class RealProcessLauncher : public ProcessLauncher {
   bool Signal(const LaunchedProcess& process, int sig) override;
   bool GroupAlive(pid_t pgid) override;
   bool SignalGroup(pid_t pgid, int sig) override;
+  bool KillProcess(pid_t pid) override;
   absl::StatusOr<std::optional<int>> Reap(
       const LaunchedProcess& process) override;
   absl::Status SetAffinity(const LaunchedProcess& process,

@@ -646,6 +646,11 @@ absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
     s.health_reason = shard->health.reason;
     s.ejections = shard->health.ejections;
     s.replacements = shard->health.replacements;
+    for (const OrphanHolder& o : shard->orphans) {
+      s.orphans.push_back(ShardStatus::Orphan{
+          .pid = o.pid, .command = o.command, .leftover = o.leftover});
+    }
+    s.orphans_killed = shard->orphans_killed;
     if (shard->index < counters.size()) {
       s.counters.selected = counters[shard->index].selected;
       s.counters.migrated = counters[shard->index].migrated;

@@ -67,6 +67,9 @@ struct FleetOptions {
   absl::Duration health_period = absl::Milliseconds(200);
   absl::Duration report_timeout = absl::Seconds(3);
   absl::Duration restore_after = absl::Seconds(1);
+  // How often the holders of every shard socket are looked up (one walk of
+  // /proc/*/fd, on the observation period; see fleet/orphans.h).
+  absl::Duration orphan_scan_period = absl::Seconds(1);
   // The agent's control socket, passed to workers as PORTFLEET_AGENT_SOCKET
   // so that they can reconnect to a restarted agent. Empty = none.
   std::string agent_socket;
@@ -154,6 +157,14 @@ struct ShardHealthTrack {
   bool shared_socket = false;
 };
 
+// A process holding a shard socket outside the shard's worker trees (see
+// fleet/orphans.h).
+struct OrphanHolder {
+  pid_t pid = 0;
+  std::string command;
+  bool leftover = false;  // of a stopped worker of this shard: killed
+};
+
 struct Shard {
   uint32_t index = 0;
   Fd socket;
@@ -166,6 +177,12 @@ struct Shard {
   // Process groups of this shard's workers whose leader is gone but not every
   // descendant (a pre-fork server's children); see Supervisor.
   uint32_t remnant_groups = 0;
+  // Process groups of this shard's last stopped workers (newest last), and
+  // the orphan scan's findings.
+  std::vector<pid_t> past_groups;
+  std::vector<OrphanHolder> orphans;  // as last scanned
+  std::set<pid_t> orphans_seen;       // reported already
+  uint64_t orphans_killed = 0;
   ResolvedWorker program;  // what the shard runs (listener's or rollout's)
   uint32_t restarts = 0;
   absl::Duration backoff;

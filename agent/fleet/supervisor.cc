@@ -425,6 +425,11 @@ void Supervisor::OnExit(Listener& listener, Shard& shard, Worker* w) {
   std::function<void(absl::Status)> waiter = TakeWaiter(*w);
   Forget(*w);
   KeepRemnant(listener, shard, *w);
+  // Its group id marks what it leaves behind (see OrphanScanner).
+  shard.past_groups.push_back(pid);
+  if (shard.past_groups.size() > 16) {
+    shard.past_groups.erase(shard.past_groups.begin());
+  }
 
   // Take the worker out of the shard before anyone hears of it.
   enum class Role { kServing, kCandidate, kRetiring } role = Role::kRetiring;

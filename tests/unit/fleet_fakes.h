@@ -104,6 +104,11 @@ class FakeLauncher : public ProcessLauncher {
     if (p != nullptr && !p->Exited()) return true;
     return surviving_groups.count(pgid) > 0;
   }
+  std::vector<pid_t> killed_processes;
+  bool KillProcess(pid_t pid) override {
+    killed_processes.push_back(pid);
+    return true;
+  }
   bool SignalGroup(pid_t pgid, int sig) override {
     group_signals.emplace_back(pgid, sig);
     if (!GroupAlive(pgid)) return false;
@@ -267,6 +272,15 @@ class FakeObserver : public ShardObserver {
     auto it = queue_depth.find(socket_fd);
     return QueueInfo{.depth = it == queue_depth.end() ? 0 : it->second,
                      .backlog = 1024};
+  }
+  std::map<uint64_t, std::vector<SocketHolder>> holders;  // by inode
+  std::map<uint64_t, std::vector<SocketHolder>> SocketHolders(
+      const std::set<uint64_t>& inodes) override {
+    std::map<uint64_t, std::vector<SocketHolder>> out;
+    for (const auto& [inode, list] : holders) {
+      if (inodes.count(inode) > 0) out[inode] = list;
+    }
+    return out;
   }
   ProcessInfo Process(pid_t pid) override {
     auto it = state.find(pid);
