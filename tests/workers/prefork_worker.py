@@ -83,6 +83,7 @@ def main():
                    default="exit")
     p.add_argument("--linger", type=float, default=30.0)
     p.add_argument("--version", default="1")  # only to tell versions apart
+    p.add_argument("--tag", default="")  # only to find its processes
     args = p.parse_args()
     if os.environ.get("LISTEN_FDS") != "1":
         sys.exit("prefork_worker: needs LISTEN_FDS=1 (socket on fd 3)")
