@@ -115,6 +115,20 @@ void Supervisor::PollRemnants() {
       it = remnants_.erase(it);
       continue;
     }
+    if (it->killed && now >= it->kill_at + absl::Seconds(10)) {
+      // SIGKILLed 10 s ago and a member still runs: stuck in the kernel
+      // (uninterruptible sleep). Nothing more can be done; stop waiting.
+      if (!it->shard_alive.expired()) {
+        PF_LOG(ERROR) << it->listener->Name(*it->shard)
+                      << ": processes of old worker group " << it->pgid
+                      << " survive SIGKILL (uninterruptible?); no longer "
+                         "waited for";
+      }
+      it->abandoned = true;
+      gone.push_back(std::move(*it));
+      it = remnants_.erase(it);
+      continue;
+    }
     if (!it->killed && now >= it->kill_at) {
       it->killed = true;
       if (!it->shard_alive.expired()) {
@@ -132,8 +146,11 @@ void Supervisor::PollRemnants() {
   }
   for (Remnant& r : gone) {
     if (r.shard_alive.expired()) continue;
-    PF_LOG(INFO) << r.listener->Name(*r.shard) << ": every process of worker "
-                 << "group " << r.pgid << " has exited";
+    if (!r.abandoned) {
+      PF_LOG(INFO) << r.listener->Name(*r.shard)
+                   << ": every process of worker group " << r.pgid
+                   << " has exited";
+    }
     if (--r.shard->remnant_groups == 0) {
       gone_(*r.listener, *r.shard);  // may destroy the shard
     }
@@ -142,6 +159,7 @@ void Supervisor::PollRemnants() {
 
 void Supervisor::KillRemnants() {
   for (Remnant& r : remnants_) {
+    if (!r.killed) r.kill_at = ctx_->Now();
     r.killed = true;
     ctx_->launcher->SignalGroup(r.pgid, SIGKILL);
   }

@@ -107,6 +107,7 @@ class Supervisor {
     pid_t pgid = 0;
     absl::Time kill_at;
     bool killed = false;
+    bool abandoned = false;  // survived SIGKILL: no longer waited for
     Listener* listener = nullptr;
     Shard* shard = nullptr;
     std::weak_ptr<int> shard_alive;

@@ -16,7 +16,7 @@ fi
 ip link set lo up
 dir=$(mktemp -d)
 bpffs="/sys/fs/bpf/pf-leftovers-$$"
-trap 'pkill -KILL -f "prefork_worker.py --tag=$$" 2>/dev/null || true; rm -rf "$dir" "$bpffs"' EXIT
+trap 'pkill -KILL -f "prefork_worker.py --tag=$$" 2>/dev/null || true; [[ -n "${PF_KEEP:-}" ]] && cp "$dir/agent.log" "$PF_KEEP"; rm -rf "$dir" "$bpffs"' EXIT
 worker_args() {
   printf 'args: "%s" ' "$src/tests/workers/prefork_worker.py" "--tag=$$" \
     --children=2 --parent-on-term=exit --child-on-term=linger --linger=30 \
@@ -36,7 +36,7 @@ SPEC
 agent=$!
 for _ in $(seq 100); do curl -fs -o /dev/null http://127.0.0.1:8080/ && break; sleep 0.1; done
 sleep 2.5  # ready (no control channel: 2 s grace)
-old=$(pgrep -f "prefork_worker.py --tag=$$ .*--version=1" | sort)
+old=$( (pgrep -f "prefork_worker.py --tag=$$ .*--version=1" || true) | sort)
 echo "old version: $(echo $old | wc -w) processes"
 "$build/ctl/portfleetctl" --server "unix://$dir/api.sock" rollout web \
   --worker-args "$src/tests/workers/prefork_worker.py --tag=$$ --children=2 --parent-on-term=exit --child-on-term=linger --linger=30 --version=2" >/dev/null
@@ -58,5 +58,5 @@ kill -TERM "$agent"
 rc=0
 wait "$agent" || rc=$?
 sleep 0.5
-left=$(pgrep -f "prefork_worker.py --tag=$$" | wc -l)
+left=$( (pgrep -f "prefork_worker.py --tag=$$" || true) | wc -l)
 echo "after agent SIGTERM (exit $rc): $left worker processes left"
