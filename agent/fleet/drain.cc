@@ -249,6 +249,9 @@ void Drainer::CheckShutdownDone() {
     ctx_->loop->CancelTimer(*kill_timer_);
     kill_timer_.reset();
   }
+  // A descendant that left its worker's process group still holds a shard
+  // socket: killed now, or it would serve on with no supervisor.
+  if (before_close_) before_close_();
   listeners_->clear();  // closes every shard socket
   if (shutdown_done_) std::exchange(shutdown_done_, nullptr)();
 }

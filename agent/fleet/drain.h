@@ -50,6 +50,10 @@ class Drainer {
   // longest drain timeout. `done` runs once every worker is gone and every
   // socket closed. Restarts stop; rollouts stop without rolling back.
   void Shutdown(std::function<void()> done);
+  // Runs once the stop has no process left, before the sockets close.
+  void SetBeforeClose(std::function<void()> hook) {
+    before_close_ = std::move(hook);
+  }
   // SIGKILL to every worker now (a second SIGTERM).
   void KillAll();
   bool shutting_down() const { return ctx_->shutting_down; }
@@ -71,6 +75,7 @@ class Drainer {
     bool leader_gone = false;  // exited; processes of its group remain
   };
   std::map<pid_t, Orphan> orphans_;
+  std::function<void()> before_close_;
 };
 
 }  // namespace portfleet

@@ -41,6 +41,7 @@ Fleet::Fleet(EventLoop* loop, ProcessLauncher* launcher, FleetOptions options)
       health_(&ctx_, &supervisor_, &listeners_) {
   ctx_.loop = loop;
   ctx_.launcher = launcher;
+  drainer_.SetBeforeClose([this] { health_.ScanOrphansNow(); });
   ctx_.options = std::move(options);
   if (ctx_.options.cpus.empty()) ctx_.options.cpus = {0};
   if (ctx_.options.base_env.empty()) ctx_.options.base_env = InheritedEnv();

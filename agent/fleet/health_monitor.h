@@ -71,6 +71,10 @@ class HealthMonitor {
   // `orphan_scan_period` also the holders of every shard socket.
   void Tick();
 
+  // One orphan scan now (the agent's stop runs one after its last worker
+  // exited, so that a leftover holding a shard socket does not outlive it).
+  void ScanOrphansNow() { orphans_.Scan(*observer_); }
+
   // Takes `shard` out of rotation by hand, or puts it back. Refused
   // (FailedPrecondition) for its listener's last shard in rotation, a
   // draining shard, or without BPF steering.

@@ -244,6 +244,9 @@ struct FleetContext {
   // tests): nothing to persist.
   std::function<absl::Status(const v1::FleetSpec&)> commit;
   bool shutting_down = false;
+  // The shard sockets were handed to a new agent (takeover): its workers
+  // hold them too, so no holder is judged an orphan any more.
+  bool sockets_shared = false;
 
   absl::Time Now() const { return loop->Now(); }
   void Emit(v1::EventType type, const Listener& listener, int shard, pid_t pid,

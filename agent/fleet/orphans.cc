@@ -56,6 +56,7 @@ ShardTrees OrphanScanner::TreesOf(const Listener& listener,
 }
 
 void OrphanScanner::Scan(ShardObserver& observer) {
+  if (ctx_->sockets_shared) return;
   std::set<uint64_t> inodes;
   for (auto& [name, listener] : *listeners_) {
     for (auto& shard : listener->shards) {
