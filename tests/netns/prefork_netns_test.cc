@@ -366,6 +366,69 @@ TEST(PreforkNetnsTest, OrphansOnTheShardSocketAreFoundKilledOrReported) {
   EXPECT_TRUE(ProcessesInMyNetns().empty());
 }
 
+// Steps (a pre-fork worker whose parent exits at once on SIGTERM and whose
+// children keep serving 30 s; drain timeout 2 s), under load at 100
+// connections/s throughout:
+// 1. Two shards; scale to 3, then to 1: the drained shards' trees are gone
+//    by the drain deadline.
+// 2. SIGKILL the agent (the workers keep serving), start it again: they
+//    cannot reconnect (no control channel), so new workers start on new
+//    sockets and the old trees are drained, parents and children alike.
+// 3. The load saw no failure; no old process is left; 20 new connections
+//    are answered by the new trees; SIGTERM the agent: nothing left.
+TEST(PreforkNetnsTest, ScaleAndAgentRestartLeaveNoOldTree) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  Started s;
+  StartAndAwaitReady(
+      agent, Spec(2, "/usr/bin/python3", PreforkArgs("1", "exit", "linger"), 2),
+      2, &s);
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async, [&] {
+    return loadgen::Run(Load(absl::Seconds(60)), &stop);
+  });
+  absl::SleepFor(absl::Milliseconds(300));
+  ASSERT_TRUE(ScaleTo(*s.stub, "web", 3).ok()) << agent.Log();
+  ASSERT_TRUE(WaitFor([&] { return WorkerProcesses(agent.pid()).size() == 9; },
+                      absl::Seconds(5)));
+  std::set<pid_t> before_scale_down = WorkerProcesses(agent.pid());
+  ASSERT_TRUE(ScaleTo(*s.stub, "web", 1).ok()) << agent.Log();
+  std::set<pid_t> kept = {agent.WorkersByShard().at(0)};
+  for (pid_t c : DescendantsOf(*kept.begin())) kept.insert(c);
+  std::set<pid_t> drained;
+  for (pid_t p : before_scale_down) {
+    if (kept.count(p) == 0) drained.insert(p);
+  }
+  EXPECT_EQ(drained.size(), 6u);
+  EXPECT_TRUE(WaitFor([&] { return !AnyAlive(drained); }, absl::Seconds(5)))
+      << agent.Log();
+
+  std::set<pid_t> old_tree = WorkerProcesses(agent.pid());
+  agent.process().Signal(SIGKILL);
+  agent.process().Wait(absl::Seconds(5));
+  ASSERT_TRUE(agent.Restart().ok());
+  s.stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*s.stub, "web") == 1; },
+                      absl::Seconds(15)))
+      << agent.Log();
+  EXPECT_TRUE(WaitFor([&] { return !AnyAlive(old_tree); }, absl::Seconds(8)))
+      << agent.Log();
+  absl::SleepFor(absl::Milliseconds(300));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary();
+  Tally t = Probe(20);
+  EXPECT_EQ(t.failed, 0) << t.first_error;
+  EXPECT_EQ(AnswersFrom(t, old_tree), 0);
+
+  std::optional<int> st = StopAgent(agent);
+  ASSERT_TRUE(st.has_value()) << agent.Log();
+  EXPECT_TRUE(WIFEXITED(*st) && WEXITSTATUS(*st) == 0) << agent.Log();
+  EXPECT_TRUE(ProcessesInMyNetns().empty());
+}
+
 // Steps (gunicorn from Debian, two workers per shard, --graceful-timeout=2,
 // drain timeout 4 s), under load at 100 connections/s throughout:
 // 1. Two shards become ready (no control channel: seen accepting).
