@@ -145,7 +145,8 @@ void HealthMonitor::ReadyByQueue(Listener& listener, Shard& shard,
   ShardHealthTrack& h = shard.health;
   // Only a queue that nobody else serves says something about this worker.
   if (worker.hello || h.shared_socket || shard.candidate ||
-      !shard.retiring.empty() || shard.worker.get() != &worker) {
+      !shard.retiring.empty() || shard.remnant_groups > 0 ||
+      shard.worker.get() != &worker) {
     return;
   }
   if (sample.has_queue && h.last_depth && *h.last_depth > 0 &&

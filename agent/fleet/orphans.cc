@@ -60,10 +60,7 @@ void OrphanScanner::Scan(ShardObserver& observer) {
   std::set<uint64_t> inodes;
   for (auto& [name, listener] : *listeners_) {
     for (auto& shard : listener->shards) {
-      // A takeover's old workers legitimately share the socket.
-      if (shard->inode != 0 && !shard->health.shared_socket) {
-        inodes.insert(shard->inode);
-      }
+      if (shard->inode != 0) inodes.insert(shard->inode);
     }
   }
   std::map<uint64_t, std::vector<SocketHolder>> holders =
@@ -81,6 +78,21 @@ void OrphanScanner::Scan(ShardObserver& observer) {
 void OrphanScanner::Judge(Listener& listener, Shard& shard,
                           const std::vector<SocketHolder>& holders) {
   ShardTrees trees = TreesOf(listener, shard);
+  if (shard.health.shared_socket) {
+    // A takeover's socket: the previous agent's workers serve it until they
+    // drain. Nothing is judged until none of them holds it any more.
+    bool others =
+        std::any_of(holders.begin(), holders.end(), [&](const SocketHolder& h) {
+          return ClassifyHolder(h, trees) != HolderVerdict::kOurs;
+        });
+    if (!others) {
+      shard.health.shared_socket = false;
+      PF_LOG(INFO) << listener.Name(shard)
+                   << ": no worker of the previous agent holds the socket any "
+                      "more";
+    }
+    return;
+  }
   std::vector<OrphanHolder> found;
   for (const SocketHolder& h : holders) {
     HolderVerdict v = ClassifyHolder(h, trees);

@@ -13,7 +13,10 @@
 //   - anything else (a process that received the fd, a debugger, a worker of
 //     another agent): reported, never touched.
 // Both are counted per shard (metrics, ListShards) and emitted once per pid
-// as EVENT_TYPE_SHARD_ORPHAN.
+// as EVENT_TYPE_SHARD_ORPHAN. A socket taken over from a previous agent is
+// not judged while that agent's workers still hold it; the scan notices when
+// the last of them has gone (Shard.health.shared_socket). An agent that handed
+// its sockets to a new one judges nothing any more.
 #ifndef PORTFLEET_AGENT_FLEET_ORPHANS_H_
 #define PORTFLEET_AGENT_FLEET_ORPHANS_H_
 
