@@ -416,6 +416,7 @@ std::unique_ptr<TakeoverDonor> Agent::MakeDonor() {
       TakeoverDonor::Hooks{.sockets =
                                [this] {
                                  std::vector<SharedShard> out;
+                                 fleet_->MarkSocketsShared();
                                  for (const Fleet::SharedSocket& s :
                                       fleet_->SharedSockets()) {
                                    out.push_back({s.listener, s.shard, s.fd});

@@ -43,6 +43,15 @@ struct ShardStatus {
   std::string health_reason;  // empty when HEALTHY
   uint32_t ejections = 0;
   uint32_t replacements = 0;
+  // Holders of the shard socket outside its worker trees (fleet/orphans.h),
+  // as last scanned, and those the agent killed since it started.
+  struct Orphan {
+    pid_t pid = 0;
+    std::string command;
+    bool leftover = false;
+  };
+  std::vector<Orphan> orphans;
+  uint64_t orphans_killed = 0;
 };
 
 struct ListenerStatus {

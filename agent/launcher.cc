@@ -1,5 +1,6 @@
 #include "agent/launcher.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <linux/capability.h>
@@ -323,6 +324,58 @@ bool RealProcessLauncher::Signal(const LaunchedProcess& process, int sig) {
   // reserved while any member lives, so this never reaches strangers.
   if (process.pid > 0) ::kill(-process.pid, sig);
   return sent;
+}
+
+// A process group id is not handed out again while any process of the group
+// lives (the kernel keeps the number reserved), so a group found alive is the
+// worker's own.
+bool RealProcessLauncher::GroupAlive(pid_t pgid) {
+  if (pgid <= 1) return false;
+  if (::kill(-pgid, 0) != 0 && errno != EPERM) return false;
+  // kill() also finds zombies, which wait for whoever reaps orphans (PID 1,
+  // or a subreaper that may be slow or never do it): only a member that
+  // still runs counts.
+  DIR* proc = ::opendir("/proc");
+  if (proc == nullptr) return true;
+  bool alive = false;
+  while (dirent* pe = ::readdir(proc)) {
+    pid_t pid;
+    if (!absl::SimpleAtoi(pe->d_name, &pid)) continue;
+    std::string path = absl::StrCat("/proc/", pid, "/stat");
+    Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd) continue;
+    char buf[512];
+    ssize_t n = ::read(fd.get(), buf, sizeof(buf) - 1);
+    if (n <= 0) continue;
+    absl::string_view text(buf, static_cast<size_t>(n));
+    // "pid (comm) S ppid pgrp ..."; comm may hold anything.
+    size_t close = text.rfind(')');
+    if (close == absl::string_view::npos) continue;
+    std::vector<absl::string_view> f =
+        absl::StrSplit(text.substr(close + 1), ' ', absl::SkipEmpty());
+    pid_t pgrp = 0;
+    if (f.size() < 3 || !absl::SimpleAtoi(f[2], &pgrp) || pgrp != pgid) {
+      continue;
+    }
+    if (f[0] != "Z" && f[0] != "X") {
+      alive = true;
+      break;
+    }
+  }
+  ::closedir(proc);
+  return alive;
+}
+
+bool RealProcessLauncher::SignalGroup(pid_t pgid, int sig) {
+  if (pgid <= 1) return false;
+  return ::kill(-pgid, sig) == 0;
+}
+
+bool RealProcessLauncher::KillProcess(pid_t pid) {
+  Fd pidfd(PidfdOpen(pid));
+  if (!pidfd) return false;
+  return ::syscall(SYS_pidfd_send_signal, pidfd.get(), SIGKILL, nullptr, 0) ==
+         0;
 }
 
 absl::StatusOr<std::optional<int>> RealProcessLauncher::Reap(

@@ -54,6 +54,14 @@ class ProcessLauncher {
   // Sends `sig` to the process and its process group; false if the process
   // is gone.
   virtual bool Signal(const LaunchedProcess& process, int sig) = 0;
+  // True while a process of the process group `pgid` lives (a worker's
+  // descendants that stayed in its group after it was reaped).
+  virtual bool GroupAlive(pid_t pgid) = 0;
+  // Sends `sig` to every process of the group `pgid`; false if none is left.
+  virtual bool SignalGroup(pid_t pgid, int sig) = 0;
+  // SIGKILLs one process that is not a worker the agent started (an orphan
+  // holding a shard socket), through a pidfd; false if it is gone.
+  virtual bool KillProcess(pid_t pid) = 0;
   // Reaps an exited process; returns its wait status (as waitpid's), or
   // nullopt if it has not exited.
   virtual absl::StatusOr<std::optional<int>> Reap(
@@ -69,6 +77,9 @@ class RealProcessLauncher : public ProcessLauncher {
  public:
   absl::StatusOr<LaunchedProcess> Launch(const LaunchSpec& spec) override;
   bool Signal(const LaunchedProcess& process, int sig) override;
+  bool GroupAlive(pid_t pgid) override;
+  bool SignalGroup(pid_t pgid, int sig) override;
+  bool KillProcess(pid_t pid) override;
   absl::StatusOr<std::optional<int>> Reap(
       const LaunchedProcess& process) override;
   absl::Status SetAffinity(const LaunchedProcess& process,

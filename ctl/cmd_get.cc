@@ -98,9 +98,10 @@ std::string ShardName(const std::string& listener, const v1::Shard& s) {
 
 Table ShardTable(bool wide) {
   std::vector<std::string> headers = {
-      "INDEX",    "STATE", "READY",       "HEALTH",   "PID",      "CPU",
-      "RESTARTS", "QUEUE", "CONNECTIONS", "SELECTED", "MIGRATED", "FALLBACK"};
-  if (wide) headers.insert(headers.end(), {"ACCEPTED", "INODE"});
+      "INDEX",    "STATE",    "READY",  "HEALTH",      "PID",
+      "CPU",      "RESTARTS", "QUEUE",  "CONNECTIONS", "SELECTED",
+      "MIGRATED", "FALLBACK", "ORPHANS"};
+  if (wide) headers.insert(headers.end(), {"ACCEPTED", "INODE", "KILLED"});
   headers.push_back("REASON");
   return Table(headers);
 }
@@ -117,12 +118,21 @@ void AddShardRow(Table& t, const v1::Shard& s, bool wide) {
                                   absl::StrCat(s.active_connections()),
                                   absl::StrCat(s.counters().selected()),
                                   absl::StrCat(s.counters().migrated()),
-                                  absl::StrCat(s.counters().fallback())};
+                                  absl::StrCat(s.counters().fallback()),
+                                  absl::StrCat(s.orphans_size())};
   if (wide) {
     row.push_back(absl::StrCat(s.accepted_total()));
     row.push_back(s.socket_inode() > 0 ? absl::StrCat(s.socket_inode()) : "-");
+    row.push_back(absl::StrCat(s.orphans_killed()));
   }
-  row.push_back(s.health_reason().empty() ? "-" : s.health_reason());
+  // Processes outside the worker's tree that hold the socket are named.
+  std::vector<std::string> reasons;
+  if (!s.health_reason().empty()) reasons.push_back(s.health_reason());
+  for (const v1::ShardOrphan& o : s.orphans()) {
+    reasons.push_back(absl::StrCat("orphan pid ", o.pid(), " (", o.command(),
+                                   o.leftover() ? ", killed)" : ")"));
+  }
+  row.push_back(reasons.empty() ? "-" : absl::StrJoin(reasons, "; "));
   t.AddRow(row);
 }
 

@@ -17,6 +17,8 @@ PACKAGES=(
   # tests
   libgtest-dev libgmock-dev iproute2 libcap2-bin curl
   python3 python3-grpcio python3-grpc-tools
+  # a real pre-fork third-party worker in the netns tier (gunicorn_netns_test)
+  gunicorn
   # portfleetctl tests: YAML output read back, completion scripts, man page
   python3-yaml bash zsh groff-base
 )

@@ -48,6 +48,13 @@ v1::Shard ToProto(const ShardStatus& s) {
   out.set_health_reason(s.health_reason);
   out.set_ejections(s.ejections);
   out.set_replacements(s.replacements);
+  for (const ShardStatus::Orphan& o : s.orphans) {
+    v1::ShardOrphan* po = out.add_orphans();
+    po->set_pid(o.pid);
+    po->set_command(o.command);
+    po->set_leftover(o.leftover);
+  }
+  out.set_orphans_killed(s.orphans_killed);
   return out;
 }
 

@@ -23,7 +23,7 @@ Drainer::Drainer(FleetContext* ctx, Supervisor* supervisor,
 Drainer::~Drainer() {
   if (kill_timer_) ctx_->loop->CancelTimer(*kill_timer_);
   for (auto& [pid, orphan] : orphans_) {
-    ctx_->loop->RemoveFd(orphan.pidfd.get());
+    if (!orphan.leader_gone) ctx_->loop->RemoveFd(orphan.pidfd.get());
     ctx_->loop->CancelTimer(orphan.kill_timer);
   }
 }
@@ -127,26 +127,46 @@ void Drainer::DrainOrphan(const std::string& listener, pid_t pid,
                     << strerror(errno);
     return;
   }
+  // A worker the agent started leads its own process group: its children
+  // (a pre-fork server's) go with it.
+  pid_t pgid = ::getpgid(pid) == pid ? pid : 0;
   PF_LOG(INFO) << "listener " << listener << ": draining worker pid " << pid
+               << (pgid > 0 ? " and its process group" : "")
                << " left by a previous agent (socket inode " << inode
                << "); its queue migrates to the new shards when it closes";
   ::syscall(SYS_pidfd_send_signal, pidfd.get(), SIGTERM, nullptr, 0);
+  if (pgid > 0) ctx_->launcher->SignalGroup(pgid, SIGTERM);
   int fd = pidfd.get();
   EventLoop::TimerId timer = ctx_->loop->AddTimer(
       absl::Seconds(timeout_seconds), [this, pid, listener] {
         auto it = orphans_.find(pid);
         if (it == orphans_.end()) return;
         PF_LOG(WARNING) << "listener " << listener << ": old worker pid " << pid
+                        << (it->second.leader_gone ? " is gone, its group" : "")
                         << " still running after the drain timeout; SIGKILL";
-        ::syscall(SYS_pidfd_send_signal, it->second.pidfd.get(), SIGKILL,
-                  nullptr, 0);
+        if (!it->second.leader_gone) {
+          ::syscall(SYS_pidfd_send_signal, it->second.pidfd.get(), SIGKILL,
+                    nullptr, 0);
+        }
+        if (it->second.pgid > 0 &&
+            ctx_->launcher->GroupAlive(it->second.pgid)) {
+          ctx_->launcher->SignalGroup(it->second.pgid, SIGKILL);
+        }
+        if (it->second.leader_gone) orphans_.erase(it);
       });
   absl::Status watched = ctx_->loop->AddFd(fd, [this, pid, listener](uint32_t) {
     auto it = orphans_.find(pid);
     if (it == orphans_.end()) return;
+    ctx_->loop->RemoveFd(it->second.pidfd.get());
+    if (it->second.pgid > 0 && ctx_->launcher->GroupAlive(it->second.pgid)) {
+      // Its children stay until they finish or the drain timeout kills them.
+      PF_LOG(INFO) << "listener " << listener << ": old worker pid " << pid
+                   << " exited; processes of its group remain";
+      it->second.leader_gone = true;
+      return;
+    }
     PF_LOG(INFO) << "listener " << listener << ": old worker pid " << pid
                  << " exited";
-    ctx_->loop->RemoveFd(it->second.pidfd.get());
     ctx_->loop->CancelTimer(it->second.kill_timer);
     orphans_.erase(it);
   });
@@ -154,7 +174,7 @@ void Drainer::DrainOrphan(const std::string& listener, pid_t pid,
     ctx_->loop->CancelTimer(timer);
     return;
   }
-  orphans_.emplace(pid, Orphan{pid, std::move(pidfd), timer});
+  orphans_.emplace(pid, Orphan{pid, pgid, std::move(pidfd), timer});
 }
 
 void Drainer::Shutdown(std::function<void()> done) {
@@ -172,10 +192,17 @@ void Drainer::Shutdown(std::function<void()> done) {
     }
     for (auto& shard : listener->shards) {
       supervisor_->CancelRestart(*shard);
-      if (shard->candidate) supervisor_->Signal(*shard->candidate, SIGTERM);
+      absl::Time stop_by =
+          ctx_->Now() +
+          absl::Seconds(EffectiveDrainTimeoutSeconds(listener->spec));
+      if (shard->candidate) {
+        shard->candidate->stop_by = stop_by;
+        supervisor_->Signal(*shard->candidate, SIGTERM);
+      }
       if (shard->draining()) continue;
       if (shard->worker) {
         shard->state = v1::SHARD_STATE_STOPPING;
+        shard->worker->stop_by = stop_by;
         supervisor_->Signal(*shard->worker, SIGTERM);
         signalled++;
       } else {
@@ -207,6 +234,8 @@ void Drainer::KillAll() {
       for (auto& old : shard->retiring) supervisor_->Signal(*old, SIGKILL);
     }
   }
+  // Children of workers that are already gone.
+  supervisor_->KillRemnants();
 }
 
 void Drainer::CheckShutdownDone() {
@@ -220,6 +249,9 @@ void Drainer::CheckShutdownDone() {
     ctx_->loop->CancelTimer(*kill_timer_);
     kill_timer_.reset();
   }
+  // A descendant that left its worker's process group still holds a shard
+  // socket: killed now, or it would serve on with no supervisor.
+  if (before_close_) before_close_();
   listeners_->clear();  // closes every shard socket
   if (shutdown_done_) std::exchange(shutdown_done_, nullptr)();
 }

@@ -50,6 +50,10 @@ class Drainer {
   // longest drain timeout. `done` runs once every worker is gone and every
   // socket closed. Restarts stop; rollouts stop without rolling back.
   void Shutdown(std::function<void()> done);
+  // Runs once the stop has no process left, before the sockets close.
+  void SetBeforeClose(std::function<void()> hook) {
+    before_close_ = std::move(hook);
+  }
   // SIGKILL to every worker now (a second SIGTERM).
   void KillAll();
   bool shutting_down() const { return ctx_->shutting_down; }
@@ -65,10 +69,13 @@ class Drainer {
   std::optional<EventLoop::TimerId> kill_timer_;
   struct Orphan {
     pid_t pid;
+    pid_t pgid;  // its process group (0: it leads none)
     Fd pidfd;
     EventLoop::TimerId kill_timer;
+    bool leader_gone = false;  // exited; processes of its group remain
   };
   std::map<pid_t, Orphan> orphans_;
+  std::function<void()> before_close_;
 };
 
 }  // namespace portfleet

@@ -41,6 +41,7 @@ Fleet::Fleet(EventLoop* loop, ProcessLauncher* launcher, FleetOptions options)
       health_(&ctx_, &supervisor_, &listeners_) {
   ctx_.loop = loop;
   ctx_.launcher = launcher;
+  drainer_.SetBeforeClose([this] { health_.ScanOrphansNow(); });
   ctx_.options = std::move(options);
   if (ctx_.options.cpus.empty()) ctx_.options.cpus = {0};
   if (ctx_.options.base_env.empty()) ctx_.options.base_env = InheritedEnv();
@@ -716,6 +717,11 @@ absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
     s.health_reason = shard->health.reason;
     s.ejections = shard->health.ejections;
     s.replacements = shard->health.replacements;
+    for (const OrphanHolder& o : shard->orphans) {
+      s.orphans.push_back(ShardStatus::Orphan{
+          .pid = o.pid, .command = o.command, .leftover = o.leftover});
+    }
+    s.orphans_killed = shard->orphans_killed;
     if (shard->index < counters.size()) {
       s.counters.selected = counters[shard->index].selected;
       s.counters.migrated = counters[shard->index].migrated;

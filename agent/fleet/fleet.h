@@ -88,6 +88,9 @@ class Fleet {
     int fd;
   };
   std::vector<SharedSocket> SharedSockets() const;
+  // The sockets were handed to a new agent (takeover): from now on its
+  // workers share them and the orphan scan stops judging their holders.
+  void MarkSocketsShared() { ctx_.sockets_shared = true; }
 
   // Creates every listener of `spec` (at start-up, or after a takeover),
   // without persisting anything. A listener that cannot be started is

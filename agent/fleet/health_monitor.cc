@@ -21,7 +21,8 @@ HealthMonitor::HealthMonitor(FleetContext* ctx, Supervisor* supervisor,
       supervisor_(supervisor),
       listeners_(listeners),
       kernel_observer_(MakeKernelShardObserver()),
-      observer_(kernel_observer_.get()) {}
+      observer_(kernel_observer_.get()),
+      orphans_(ctx, supervisor, listeners) {}
 
 HealthMonitor::~HealthMonitor() {
   if (timer_) ctx_->loop->CancelTimer(*timer_);
@@ -47,6 +48,10 @@ void HealthMonitor::Tick() {
   if (!ctx_->shutting_down) {
     for (auto& [name, listener] : *listeners_) {
       if (!listener->deleting) ObserveListener(*listener);
+    }
+    if (ctx_->Now() - last_orphan_scan_ >= ctx_->options.orphan_scan_period) {
+      last_orphan_scan_ = ctx_->Now();
+      orphans_.Scan(*observer_);
     }
   }
   if (after_tick_) after_tick_();
@@ -140,7 +145,8 @@ void HealthMonitor::ReadyByQueue(Listener& listener, Shard& shard,
   ShardHealthTrack& h = shard.health;
   // Only a queue that nobody else serves says something about this worker.
   if (worker.hello || h.shared_socket || shard.candidate ||
-      !shard.retiring.empty() || shard.worker.get() != &worker) {
+      !shard.retiring.empty() || shard.remnant_groups > 0 ||
+      shard.worker.get() != &worker) {
     return;
   }
   if (sample.has_queue && h.last_depth && *h.last_depth > 0 &&

@@ -37,6 +37,7 @@
 #include "absl/status/status.h"
 #include "agent/fleet/model.h"
 #include "agent/fleet/observer.h"
+#include "agent/fleet/orphans.h"
 #include "agent/fleet/supervisor.h"
 
 namespace portfleet {
@@ -66,8 +67,13 @@ class HealthMonitor {
   }
   // Observes every `health_period` from now on.
   void Start();
-  // One observation round of every shard, and what follows from it.
+  // One observation round of every shard, and what follows from it; every
+  // `orphan_scan_period` also the holders of every shard socket.
   void Tick();
+
+  // One orphan scan now (the agent's stop runs one after its last worker
+  // exited, so that a leftover holding a shard socket does not outlive it).
+  void ScanOrphansNow() { orphans_.Scan(*observer_); }
 
   // Takes `shard` out of rotation by hand, or puts it back. Refused
   // (FailedPrecondition) for its listener's last shard in rotation, a
@@ -106,6 +112,8 @@ class HealthMonitor {
   ShardObserver* observer_;
   std::function<void()> after_tick_;
   std::optional<EventLoop::TimerId> timer_;
+  OrphanScanner orphans_;
+  absl::Time last_orphan_scan_ = absl::InfinitePast();
 };
 
 }  // namespace portfleet

@@ -68,6 +68,9 @@ struct FleetOptions {
   absl::Duration health_period = absl::Milliseconds(200);
   absl::Duration report_timeout = absl::Seconds(3);
   absl::Duration restore_after = absl::Seconds(1);
+  // How often the holders of every shard socket are looked up (one walk of
+  // /proc/*/fd, on the observation period; see fleet/orphans.h).
+  absl::Duration orphan_scan_period = absl::Seconds(1);
   // The agent's control socket, passed to workers as PORTFLEET_AGENT_SOCKET
   // so that they can reconnect to a restarted agent. Empty = none.
   std::string agent_socket;
@@ -113,6 +116,10 @@ struct Worker {
   absl::Time started;
   bool hello = false;    // said hello on its control channel
   bool adopted = false;  // started by a previous agent; not our child
+  bool killed = false;   // SIGKILLed by the agent (its group too)
+  // Told to stop (drain, retirement, the agent's stop): its processes are
+  // SIGKILLed at this time, also those that outlive it.
+  std::optional<absl::Time> stop_by;
   bool ready = false;
   // Someone waits for this worker to be ready (a scale-up, a rollout): called
   // once, with OK or with why it cannot become ready.
@@ -151,6 +158,14 @@ struct ShardHealthTrack {
   bool shared_socket = false;
 };
 
+// A process holding a shard socket outside the shard's worker trees (see
+// fleet/orphans.h).
+struct OrphanHolder {
+  pid_t pid = 0;
+  std::string command;
+  bool leftover = false;  // of a stopped worker of this shard: killed
+};
+
 struct Shard {
   uint32_t index = 0;
   Fd socket;
@@ -160,6 +175,15 @@ struct Shard {
   std::unique_ptr<Worker> worker;     // the serving worker
   std::unique_ptr<Worker> candidate;  // a rollout's new worker, not serving
   std::vector<std::unique_ptr<Worker>> retiring;  // finishing connections
+  // Process groups of this shard's workers whose leader is gone but not every
+  // descendant (a pre-fork server's children); see Supervisor.
+  uint32_t remnant_groups = 0;
+  // Process groups of this shard's last stopped workers (newest last), and
+  // the orphan scan's findings.
+  std::vector<pid_t> past_groups;
+  std::vector<OrphanHolder> orphans;  // as last scanned
+  std::set<pid_t> orphans_seen;       // reported already
+  uint64_t orphans_killed = 0;
   ResolvedWorker program;  // what the shard runs (listener's or rollout's)
   uint32_t restarts = 0;
   absl::Duration backoff;
@@ -180,7 +204,8 @@ struct Shard {
     return !draining() && in_service && !health.ejected && !health.maintenance;
   }
   bool HasProcesses() const {
-    return worker != nullptr || candidate != nullptr || !retiring.empty();
+    return worker != nullptr || candidate != nullptr || !retiring.empty() ||
+           remnant_groups > 0;
   }
 };
 
@@ -224,6 +249,9 @@ struct FleetContext {
   // tests): nothing to persist.
   std::function<absl::Status(const v1::FleetSpec&)> commit;
   bool shutting_down = false;
+  // The shard sockets were handed to a new agent (takeover): its workers
+  // hold them too, so no holder is judged an orphan any more.
+  bool sockets_shared = false;
 
   absl::Time Now() const { return loop->Now(); }
   void Emit(v1::EventType type, const Listener& listener, int shard, pid_t pid,

@@ -9,7 +9,11 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <set>
+#include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "agent/fleet/health.h"
@@ -26,6 +30,17 @@ struct ProcessInfo {
   uint64_t cpu_ticks = 0;  // utime + stime, clock ticks
 };
 
+// A process that holds a shard socket, as /proc shows it.
+struct SocketHolder {
+  pid_t pid = 0;
+  pid_t pgid = 0;
+  // Its parent, the parent's parent, ... up to (not including) pid 1.
+  std::vector<pid_t> ancestors;
+  std::string command;   // comm
+  std::string listener;  // PORTFLEET_LISTENER of its environment, if any
+  std::string shard;     // PORTFLEET_SHARD of its environment, if any
+};
+
 class ShardObserver {
  public:
   virtual ~ShardObserver() = default;
@@ -33,7 +48,14 @@ class ShardObserver {
   virtual absl::StatusOr<QueueInfo> Queue(int socket_fd) = 0;
   // A process's state; kUnknown when it cannot be read (gone).
   virtual ProcessInfo Process(pid_t pid) = 0;
+  // Every process with an fd on one of the sockets `inodes`, by inode: one
+  // walk of /proc/*/fd (the kernel keeps no socket -> process index).
+  virtual std::map<uint64_t, std::vector<SocketHolder>> SocketHolders(
+      const std::set<uint64_t>& inodes) = 0;
 };
+
+// The pgid and parent from the text of /proc/PID/stat. Public for tests.
+bool ParseProcStatIds(const std::string& text, pid_t* ppid, pid_t* pgid);
 
 // The real one: getsockopt(TCP_INFO) and /proc/PID/stat.
 std::unique_ptr<ShardObserver> MakeKernelShardObserver();

@@ -66,6 +66,113 @@ std::function<void(absl::Status)> TakeWaiter(Worker& worker) {
 Supervisor::Supervisor(FleetContext* ctx, WorkerGone gone)
     : ctx_(ctx), gone_(std::move(gone)) {}
 
+Supervisor::~Supervisor() {
+  if (remnant_timer_) ctx_->loop->CancelTimer(*remnant_timer_);
+}
+
+void Supervisor::KeepRemnant(Listener& listener, Shard& shard,
+                             const Worker& worker) {
+  pid_t pgid = worker.process.pid;
+  if (!ctx_->launcher->GroupAlive(pgid)) return;
+  // SIGKILLed workers (drain timeout, replacement, second signal) lose their
+  // group at once; anything else gets the server's graceful stop and the
+  // listener's drain timeout.
+  bool kill_now = worker.killed;
+  int sig = kill_now ? SIGKILL : SIGTERM;
+  ctx_->launcher->SignalGroup(pgid, sig);
+  uint32_t timeout = EffectiveDrainTimeoutSeconds(listener.spec);
+  PF_LOG(WARNING) << listener.Name(shard) << ": worker pid " << pgid
+                  << " is gone but processes of its group remain (a pre-fork "
+                     "server's children); "
+                  << (kill_now ? "SIGKILL to the group"
+                               : absl::StrCat("SIGTERM to the group, SIGKILL "
+                                              "in ",
+                                              timeout, "s"));
+  Remnant r;
+  r.pgid = pgid;
+  r.kill_at =
+      kill_now ? ctx_->Now()
+               : worker.stop_by.value_or(ctx_->Now() + absl::Seconds(timeout));
+  r.killed = kill_now;
+  r.listener = &listener;
+  r.shard = &shard;
+  r.shard_alive = shard.lifetime;
+  remnants_.push_back(std::move(r));
+  shard.remnant_groups++;
+  if (!remnant_timer_) {
+    remnant_timer_ = ctx_->loop->AddTimer(absl::Milliseconds(50),
+                                          [this] { PollRemnants(); });
+  }
+}
+
+void Supervisor::PollRemnants() {
+  remnant_timer_.reset();
+  absl::Time now = ctx_->Now();
+  std::vector<Remnant> gone;
+  for (auto it = remnants_.begin(); it != remnants_.end();) {
+    if (!ctx_->launcher->GroupAlive(it->pgid)) {
+      gone.push_back(std::move(*it));
+      it = remnants_.erase(it);
+      continue;
+    }
+    if (it->killed && now >= it->kill_at + absl::Seconds(10)) {
+      // SIGKILLed 10 s ago and a member still runs: stuck in the kernel
+      // (uninterruptible sleep). Nothing more can be done; stop waiting.
+      if (!it->shard_alive.expired()) {
+        PF_LOG(ERROR) << it->listener->Name(*it->shard)
+                      << ": processes of old worker group " << it->pgid
+                      << " survive SIGKILL (uninterruptible?); no longer "
+                         "waited for";
+      }
+      it->abandoned = true;
+      gone.push_back(std::move(*it));
+      it = remnants_.erase(it);
+      continue;
+    }
+    if (!it->killed && now >= it->kill_at) {
+      it->killed = true;
+      if (!it->shard_alive.expired()) {
+        PF_LOG(WARNING) << it->listener->Name(*it->shard)
+                        << ": processes of old worker group " << it->pgid
+                        << " still running after the drain timeout; SIGKILL";
+      }
+      ctx_->launcher->SignalGroup(it->pgid, SIGKILL);
+    }
+    ++it;
+  }
+  if (!remnants_.empty()) {
+    remnant_timer_ = ctx_->loop->AddTimer(absl::Milliseconds(100),
+                                          [this] { PollRemnants(); });
+  }
+  for (Remnant& r : gone) {
+    if (r.shard_alive.expired()) continue;
+    if (!r.abandoned) {
+      PF_LOG(INFO) << r.listener->Name(*r.shard)
+                   << ": every process of worker group " << r.pgid
+                   << " has exited";
+    }
+    if (--r.shard->remnant_groups == 0) {
+      gone_(*r.listener, *r.shard);  // may destroy the shard
+    }
+  }
+}
+
+void Supervisor::KillRemnants() {
+  for (Remnant& r : remnants_) {
+    if (!r.killed) r.kill_at = ctx_->Now();
+    r.killed = true;
+    ctx_->launcher->SignalGroup(r.pgid, SIGKILL);
+  }
+}
+
+std::vector<pid_t> Supervisor::RemnantGroups(const Shard& shard) const {
+  std::vector<pid_t> out;
+  for (const Remnant& r : remnants_) {
+    if (r.shard == &shard && !r.shard_alive.expired()) out.push_back(r.pgid);
+  }
+  return out;
+}
+
 absl::StatusOr<std::unique_ptr<Worker>> Supervisor::Launch(
     Listener& listener, Shard& shard, const ResolvedWorker& program) {
   absl::StatusOr<std::pair<ControlChannel, ControlChannel>> pair =
@@ -253,13 +360,17 @@ void Supervisor::Replace(Listener& listener, Shard& shard,
   Signal(*shard.worker, SIGKILL);
 }
 
-bool Supervisor::Signal(const Worker& worker, int sig) {
+bool Supervisor::Signal(Worker& worker, int sig) {
+  if (sig == SIGKILL) worker.killed = true;
   return ctx_->launcher->Signal(worker.process, sig);
 }
 
 void Supervisor::SendDrainOrTerm(Worker& worker, uint32_t timeout_seconds) {
+  worker.stop_by = ctx_->Now() + absl::Seconds(timeout_seconds);
   bool told = false;
-  if (worker.control) {
+  // Only a worker that spoke on its control channel reads it; any other
+  // (gunicorn, nginx) drains on SIGTERM.
+  if (worker.control && worker.hello) {
     v1::AgentMessage msg;
     msg.mutable_drain()->set_deadline_ms(timeout_seconds * 1000);
     told = worker.control->Send(msg).ok();
@@ -331,6 +442,12 @@ void Supervisor::OnExit(Listener& listener, Shard& shard, Worker* w) {
   absl::Duration uptime = ctx_->Now() - w->started;
   std::function<void(absl::Status)> waiter = TakeWaiter(*w);
   Forget(*w);
+  KeepRemnant(listener, shard, *w);
+  // Its group id marks what it leaves behind (see OrphanScanner).
+  shard.past_groups.push_back(pid);
+  if (shard.past_groups.size() > 16) {
+    shard.past_groups.erase(shard.past_groups.begin());
+  }
 
   // Take the worker out of the shard before anyone hears of it.
   enum class Role { kServing, kCandidate, kRetiring } role = Role::kRetiring;

@@ -25,6 +25,7 @@ class Supervisor {
   using WorkerGone = std::function<void(Listener&, Shard&)>;
 
   Supervisor(FleetContext* ctx, WorkerGone gone);
+  ~Supervisor();
   Supervisor(const Supervisor&) = delete;
   Supervisor& operator=(const Supervisor&) = delete;
 
@@ -67,7 +68,12 @@ class Supervisor {
   // new worker serves it); SIGKILL after the listener's drain timeout.
   void Retire(Listener& listener, Shard& shard, std::unique_ptr<Worker> worker);
 
-  bool Signal(const Worker& worker, int sig);
+  // Signals the worker and its process group (a pre-fork server's children).
+  bool Signal(Worker& worker, int sig);
+  // SIGKILLs every process group whose leader is gone (see Remnant).
+  void KillRemnants();
+  // Process groups of `shard` that outlived their leader.
+  std::vector<pid_t> RemnantGroups(const Shard& shard) const;
   // SIGKILLs the shard's serving worker and waits (up to 5 s) to reap it.
   // Only for start-up failures, before the loop serves anything.
   void KillAndReap(Shard& shard);
@@ -92,8 +98,28 @@ class Supervisor {
   void ReadyTimeout(Listener& listener, Shard& shard, Worker* worker);
   void SendDrainOrTerm(Worker& worker, uint32_t timeout_seconds);
 
+  // A worker's process group after its leader was reaped while descendants
+  // stayed in it. They got SIGTERM (the server's own graceful stop) and get
+  // SIGKILL at `kill_at`; the shard counts as having processes until the
+  // group is empty, so a drain, a rollout's retirement and the agent's stop
+  // wait for the whole tree.
+  struct Remnant {
+    pid_t pgid = 0;
+    absl::Time kill_at;
+    bool killed = false;
+    bool abandoned = false;  // survived SIGKILL: no longer waited for
+    Listener* listener = nullptr;
+    Shard* shard = nullptr;
+    std::weak_ptr<int> shard_alive;
+  };
+  // After `worker` (of `shard`) was reaped: track what is left of its group.
+  void KeepRemnant(Listener& listener, Shard& shard, const Worker& worker);
+  void PollRemnants();
+
   FleetContext* const ctx_;
   WorkerGone gone_;
+  std::vector<Remnant> remnants_;
+  std::optional<EventLoop::TimerId> remnant_timer_;
 };
 
 }  // namespace portfleet

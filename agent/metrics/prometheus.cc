@@ -240,6 +240,16 @@ std::string RenderPrometheus(const MetricsSnapshot& snapshot) {
       "Workers of the shard replaced (stalled past the grace period, or "
       "never ready).",
       [](const ShardStatus& s) { return absl::StrCat(s.replacements); });
+  ShardFamily(
+      w, snapshot, "portfleet_shard_orphans", "gauge",
+      "Processes holding the shard socket outside its worker's "
+      "process tree, as last scanned.",
+      [](const ShardStatus& s) { return absl::StrCat(s.orphans.size()); });
+  ShardFamily(
+      w, snapshot, "portfleet_shard_orphans_killed_total", "counter",
+      "Processes left over from stopped workers of the shard that "
+      "still held its socket and were killed.",
+      [](const ShardStatus& s) { return absl::StrCat(s.orphans_killed); });
   ShardFamily(w, snapshot, "portfleet_shard_cpu", "gauge",
               "CPU the shard's worker is pinned to; -1 when not pinned.",
               [](const ShardStatus& s) { return absl::StrCat(s.cpu); });

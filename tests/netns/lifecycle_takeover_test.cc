@@ -59,14 +59,15 @@ void ExpectNoLeaks(pid_t agent, int fds_expected) {
 // 3. A exits 0 after draining its workers; B serves the API.
 // 4. The load saw no failure; afterwards only B and its 3 workers run, on the
 //    same socket inodes as before.
+//    Once A's workers are gone, B's orphan scan sees each socket held by
+//    its own workers only (and reports no orphan).
 // 5. B holds as many fds as A did after start-up (same listener and shards;
 //    nothing kept from the hand-over) and has no zombie children.
 TEST(LifecycleTakeoverTest, TakeoverUnderLoad) {
   PF_ENTER_NETNS_OR_SKIP();
   WidenPortRange();
   AgentHarness a;
-  ASSERT_TRUE(
-      a.Start(R"pb(listeners {
+  ASSERT_TRUE(a.Start(R"pb(listeners {
                      name: "web"
                      address: "127.0.0.1:8080"
                      shards: 3
@@ -74,7 +75,7 @@ TEST(LifecycleTakeoverTest, TakeoverUnderLoad) {
                      drain_timeout_seconds: 5
                      steering { policy: STEERING_POLICY_HASH }
                    })pb")
-          .ok());
+                  .ok());
   ASSERT_TRUE(a.WaitServing(kAddress)) << a.Log();
   auto stub = FleetStub(a.api_socket());
   ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 3; },
@@ -125,6 +126,17 @@ TEST(LifecycleTakeoverTest, TakeoverUnderLoad) {
   for (const auto& [shard, pid] : old_workers) {
     EXPECT_FALSE(ProcessExists(pid)) << "old worker " << pid;
   }
+  // Once A's workers are gone B's orphan scan judges the sockets' holders
+  // again (until then they were A's workers, not orphans).
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        return CountOccurrences(b.Log(),
+                                "no worker of the previous agent holds the "
+                                "socket any more") == 3;
+      },
+      absl::Seconds(5)))
+      << b.Log();
+  EXPECT_THAT(b.Log(), ::testing::Not(HasSubstr("orphan")));
   std::vector<pid_t> children = ChildrenOf(b.pid());
   EXPECT_EQ(children.size(), 3u);
   for (const v1::Shard& shard : Shards(*stub, "web")) {

@@ -314,6 +314,10 @@ class FakeController : public SyncFleetController {
       s.active_connections = 10 * i;
       s.accepted_total = 100 * i;
       s.counters.selected = 5 * (i + 1);
+      if (i == 1) {  // a stranger holds this shard's socket; one was killed
+        s.orphans.push_back({.pid = 4242, .command = "nc", .leftover = false});
+        s.orphans_killed = 1;
+      }
       l.shards.push_back(s);
     }
   }

@@ -410,11 +410,13 @@ TEST_F(CtlTest, GetShards) {
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(r.out,
             "INDEX   STATE     READY   HEALTH    PID    CPU   RESTARTS   "
-            "QUEUE   CONNECTIONS   SELECTED   MIGRATED   FALLBACK   REASON\n"
+            "QUEUE   CONNECTIONS   SELECTED   MIGRATED   FALLBACK   ORPHANS   "
+            "REASON\n"
             "0       running   yes     healthy   1000   0     0          0     "
-            "  0             5          0          0          -\n"
+            "  0             5          0          0          0         -\n"
             "1       running   yes     healthy   1001   1     0          1     "
-            "  10            10         0          0          -\n");
+            "  10            10         0          0          1         "
+            "orphan pid 4242 (nc)\n");
   r = Ctl({"get", "shards", "web", "-o", "json"});
   EXPECT_THAT(r.out, HasSubstr(R"("state": "running")"));
   EXPECT_THAT(r.out, HasSubstr(R"("pid": 1001)"));

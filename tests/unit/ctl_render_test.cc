@@ -89,7 +89,7 @@ TEST(RenderTest, JsonHasEveryFieldNumbersAndShortEnums) {
             R"("acceptedTotal":18446744073709551615,"counters":{"selected":5,)"
             R"("migrated":0,"fallback":0},"socketInode":0,)"
             R"("health":"unspecified","healthReason":"","ejections":0,)"
-            R"("replacements":0}],"error":""})");
+            R"("replacements":0,"orphans":[],"orphansKilled":0}],"error":""})");
 }
 
 TEST(RenderTest, SpecStyleKeepsOnlySetFieldsAndFullNames) {

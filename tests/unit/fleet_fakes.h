@@ -21,6 +21,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -91,6 +92,29 @@ class FakeLauncher : public ProcessLauncher {
     p->signals.push_back(sig);
     if (sig == SIGKILL) Exit(p->pid, W_EXITCODE(0, SIGKILL));
     if (sig == SIGTERM && exit_on_term) Exit(p->pid, W_EXITCODE(0, 0));
+    return true;
+  }
+
+  // Process groups that outlive their leader (a pre-fork worker's children):
+  // alive until SIGKILL, or SIGTERM with exit_on_term.
+  std::set<pid_t> surviving_groups;
+  std::vector<std::pair<pid_t, int>> group_signals;
+  bool GroupAlive(pid_t pgid) override {
+    Process* p = Find(pgid);
+    if (p != nullptr && !p->Exited()) return true;
+    return surviving_groups.count(pgid) > 0;
+  }
+  std::vector<pid_t> killed_processes;
+  bool KillProcess(pid_t pid) override {
+    killed_processes.push_back(pid);
+    return true;
+  }
+  bool SignalGroup(pid_t pgid, int sig) override {
+    group_signals.emplace_back(pgid, sig);
+    if (!GroupAlive(pgid)) return false;
+    if (sig == SIGKILL || (sig == SIGTERM && exit_on_term)) {
+      surviving_groups.erase(pgid);
+    }
     return true;
   }
 
@@ -248,6 +272,15 @@ class FakeObserver : public ShardObserver {
     auto it = queue_depth.find(socket_fd);
     return QueueInfo{.depth = it == queue_depth.end() ? 0 : it->second,
                      .backlog = 1024};
+  }
+  std::map<uint64_t, std::vector<SocketHolder>> holders;  // by inode
+  std::map<uint64_t, std::vector<SocketHolder>> SocketHolders(
+      const std::set<uint64_t>& inodes) override {
+    std::map<uint64_t, std::vector<SocketHolder>> out;
+    for (const auto& [inode, list] : holders) {
+      if (inodes.count(inode) > 0) out[inode] = list;
+    }
+    return out;
   }
   ProcessInfo Process(pid_t pid) override {
     auto it = state.find(pid);

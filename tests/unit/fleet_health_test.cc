@@ -339,5 +339,59 @@ TEST(AgentHealthTest, WorstListenerDecides) {
   EXPECT_THAT(handing.reason, HasSubstr("handing its sockets over"));
 }
 
+// Steps: the shard socket is held by its worker, a child in the worker's
+// group, a stranger and a process left over from a stopped worker of this
+// shard (named after it). Within a scan period the leftover is killed and
+// counted, the stranger reported and left alone, each emitted once as
+// SHARD_ORPHAN; holders that go away leave the view; once the sockets were
+// handed to a new agent nothing is judged any more.
+TEST_F(FleetHealthTest, OrphanScanKillsLeftoversAndReportsStrangers) {
+  Add(1);
+  ShardStatus shard = Shard(0);
+  uint64_t inode = shard.socket_inode;
+  ASSERT_NE(inode, 0u);
+  pid_t worker = shard.pid;
+  auto holder = [](pid_t pid, pid_t pgid, std::string listener,
+                   std::string shard) {
+    return SocketHolder{.pid = pid,
+                        .pgid = pgid,
+                        .ancestors = {},
+                        .command = "w",
+                        .listener = std::move(listener),
+                        .shard = std::move(shard)};
+  };
+  observer_.holders[inode] = {
+      holder(worker, worker, "web", "0"), holder(9001, worker, "web", "0"),
+      holder(9002, 9002, "", ""), holder(9003, 9003, "web", "0")};
+  Advance(absl::Milliseconds(1200));
+  EXPECT_THAT(launcher_.killed_processes, ElementsAre(9003));
+  shard = Shard(0);
+  ASSERT_EQ(shard.orphans.size(), 2u);
+  EXPECT_EQ(shard.orphans[0].pid, 9002);
+  EXPECT_FALSE(shard.orphans[0].leftover);
+  EXPECT_EQ(shard.orphans[1].pid, 9003);
+  EXPECT_TRUE(shard.orphans[1].leftover);
+  EXPECT_EQ(shard.orphans_killed, 1u);
+  auto orphan_events = [&] {
+    int n = 0;
+    for (const FleetEvent& e : events_) {
+      if (e.type == v1::EVENT_TYPE_SHARD_ORPHAN) n++;
+    }
+    return n;
+  };
+  EXPECT_EQ(orphan_events(), 2);
+  Advance(absl::Seconds(3));  // still there: killed again, not re-emitted
+  EXPECT_EQ(orphan_events(), 2);
+  observer_.holders[inode].resize(2);
+  Advance(absl::Milliseconds(1200));
+  EXPECT_TRUE(Shard(0).orphans.empty());
+  // Handed over to a new agent: its workers share the socket.
+  fleet_->MarkSocketsShared();
+  size_t kills = launcher_.killed_processes.size();
+  observer_.holders[inode].push_back(holder(9004, 9004, "web", "0"));
+  Advance(absl::Seconds(2));
+  EXPECT_EQ(launcher_.killed_processes.size(), kills);
+}
+
 }  // namespace
 }  // namespace portfleet::testing

@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "agent/fleet/orphans.h"
 #include "agent/fleet_controller.h"
 #include "agent/sockets.h"
 #include "agent/spec/spec.h"
@@ -412,6 +413,137 @@ TEST_F(FleetTest, WorkerWithoutControlChannelIsReadyAfterTheGracePeriod) {
   ASSERT_TRUE(r.called);
   EXPECT_TRUE(r.status.ok()) << r.status;
   EXPECT_THAT(Tables().applied.back().weights, ElementsAre(1, 1));
+}
+
+// --- A worker is a process tree ---------------------------------------------
+
+// Steps: a pre-fork worker is drained (scale-down); its parent exits at once
+// and leaves children in its process group. The drain waits for the group,
+// SIGTERMs it, and SIGKILLs it at the drain deadline (5 s from the drain's
+// start), then completes.
+TEST_F(FleetTest, DrainWaitsForTheGroupAndKillsItAtTheDeadline) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  launcher_.exit_on_term = false;
+  pid_t victim = ServingPids()[1];
+  launcher_.surviving_groups.insert(victim);
+  Result r;
+  ASSERT_TRUE(fleet_->ScaleListener("web", 1, Record(&r)).ok());
+  Settle();
+  Advance(absl::Seconds(1));
+  launcher_.ExitWith(victim, 0);  // the parent leaves first
+  Advance(absl::Milliseconds(500));
+  EXPECT_FALSE(r.called) << "the drain ended with the group alive";
+  EXPECT_THAT(launcher_.group_signals,
+              ::testing::Contains(std::make_pair(victim, SIGTERM)));
+  Advance(absl::Milliseconds(3400));  // 4.9 s after the drain began
+  EXPECT_FALSE(r.called);
+  EXPECT_TRUE(launcher_.GroupAlive(victim));
+  Advance(absl::Milliseconds(300));
+  EXPECT_THAT(launcher_.group_signals,
+              ::testing::Contains(std::make_pair(victim, SIGKILL)));
+  EXPECT_FALSE(launcher_.GroupAlive(victim));
+  ASSERT_TRUE(r.called);
+  EXPECT_TRUE(r.status.ok()) << r.status;
+  EXPECT_EQ(Status().shards.size(), 1u);
+}
+
+// Steps: a serving pre-fork worker's parent crashes; its children stay in
+// its group. The shard restarts as usual and the old group gets SIGTERM
+// (its children finish what they hold and leave).
+TEST_F(FleetTest, CrashedParentsGroupIsToldToStopAndTheShardRestarts) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(1)).ok());
+  Settle();
+  pid_t parent = ServingPids()[0];
+  launcher_.surviving_groups.insert(parent);
+  launcher_.ExitWith(parent, 1);
+  Settle();
+  EXPECT_THAT(launcher_.group_signals,
+              ElementsAre(std::make_pair(parent, SIGTERM)));
+  Advance(absl::Milliseconds(200));
+  EXPECT_FALSE(launcher_.GroupAlive(parent));
+  EXPECT_NE(ServingPids()[0], parent);
+  EXPECT_NE(ServingPids()[0], 0);
+}
+
+// Steps: the agent stops; a worker's parent exits on SIGTERM but its
+// children do not. The stop waits for them, SIGKILLs the group at the drain
+// timeout, and only then completes; a second signal (KillAll) on the way
+// kills the group at once.
+TEST_F(FleetTest, ShutdownWaitsForTheWholeTree) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  launcher_.exit_on_term = false;
+  std::vector<pid_t> pids = ServingPids();
+  for (pid_t p : pids) launcher_.surviving_groups.insert(p);
+  bool stopped = false;
+  fleet_->Shutdown([&] { stopped = true; });
+  Settle();
+  for (pid_t p : pids) launcher_.ExitWith(p, 0);
+  Advance(absl::Seconds(2));
+  EXPECT_FALSE(stopped);
+  EXPECT_TRUE(launcher_.GroupAlive(pids[0]));
+  fleet_->KillAll();  // a second signal
+  Advance(absl::Milliseconds(200));
+  EXPECT_TRUE(stopped);
+  for (pid_t p : pids) EXPECT_FALSE(launcher_.GroupAlive(p));
+}
+
+// Steps: a third-party worker that never said hello (its fd 4 open but
+// unread) is told to drain with SIGTERM, not only on its control channel.
+TEST_F(FleetTest, WorkerWithoutHelloDrainsOnSigterm) {
+  launcher_.auto_ready = false;
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Advance(absl::Seconds(3));  // ready by the grace period
+  launcher_.exit_on_term = false;
+  pid_t victim = ServingPids()[1];
+  Result r;
+  ASSERT_TRUE(fleet_->ScaleListener("web", 1, Record(&r)).ok());
+  Settle();
+  EXPECT_THAT(launcher_.Find(victim)->signals, ElementsAre(SIGTERM));
+}
+
+TEST(ClassifyHolderTest, TreesLeftoversAndStrangers) {
+  ShardTrees trees{.agent_pid = 10,
+                   .groups = {100, 200},
+                   .pids = {100, 200},
+                   .past_groups = {50},
+                   .listener = "web",
+                   .shard = 1};
+  auto holder = [](pid_t pid, pid_t pgid, std::vector<pid_t> ancestors,
+                   std::string listener, std::string shard) {
+    return SocketHolder{.pid = pid,
+                        .pgid = pgid,
+                        .ancestors = std::move(ancestors),
+                        .command = "x",
+                        .listener = std::move(listener),
+                        .shard = std::move(shard)};
+  };
+  // The agent, a worker, a child in its group, a child that left the group.
+  EXPECT_EQ(ClassifyHolder(holder(10, 10, {1}, "", ""), trees),
+            HolderVerdict::kOurs);
+  EXPECT_EQ(ClassifyHolder(holder(100, 100, {10}, "web", "1"), trees),
+            HolderVerdict::kOurs);
+  EXPECT_EQ(ClassifyHolder(holder(101, 100, {100}, "web", "1"), trees),
+            HolderVerdict::kOurs);
+  EXPECT_EQ(ClassifyHolder(holder(102, 102, {101, 100}, "web", "1"), trees),
+            HolderVerdict::kOurs);
+  // The agent's child between fork and exec.
+  EXPECT_EQ(ClassifyHolder(holder(103, 5, {10}, "", ""), trees),
+            HolderVerdict::kOurs);
+  // Left over: in a past worker's group (environment overwritten), or named
+  // after this shard with no tie to a current worker.
+  EXPECT_EQ(ClassifyHolder(holder(51, 50, {}, "", ""), trees),
+            HolderVerdict::kLeftover);
+  EXPECT_EQ(ClassifyHolder(holder(60, 60, {}, "web", "1"), trees),
+            HolderVerdict::kLeftover);
+  // Strangers: another shard's or listener's name, or none.
+  EXPECT_EQ(ClassifyHolder(holder(61, 61, {}, "web", "2"), trees),
+            HolderVerdict::kForeign);
+  EXPECT_EQ(ClassifyHolder(holder(62, 62, {}, "api", "1"), trees),
+            HolderVerdict::kForeign);
+  EXPECT_EQ(ClassifyHolder(holder(63, 63, {7}, "", ""), trees),
+            HolderVerdict::kForeign);
 }
 
 // --- Shutdown while a change is in flight --------------------------------

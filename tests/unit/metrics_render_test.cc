@@ -51,6 +51,8 @@ TEST(RenderPrometheusTest, GoldenSmallSnapshot) {
   b.state = v1::SHARD_STATE_BACKOFF;
   b.health = v1::SHARD_HEALTH_DOWN;
   b.replacements = 1;
+  b.orphans.push_back({.pid = 77, .command = "nc", .leftover = false});
+  b.orphans_killed = 2;
   web.shards = {a, b};
   s.listeners = {web};
 
@@ -141,6 +143,14 @@ portfleet_shard_ejections_total{listener="web",shard="1"} 0
 # TYPE portfleet_shard_replacements_total counter
 portfleet_shard_replacements_total{listener="web",shard="0"} 0
 portfleet_shard_replacements_total{listener="web",shard="1"} 1
+# HELP portfleet_shard_orphans Processes holding the shard socket outside its worker's process tree, as last scanned.
+# TYPE portfleet_shard_orphans gauge
+portfleet_shard_orphans{listener="web",shard="0"} 0
+portfleet_shard_orphans{listener="web",shard="1"} 1
+# HELP portfleet_shard_orphans_killed_total Processes left over from stopped workers of the shard that still held its socket and were killed.
+# TYPE portfleet_shard_orphans_killed_total counter
+portfleet_shard_orphans_killed_total{listener="web",shard="0"} 0
+portfleet_shard_orphans_killed_total{listener="web",shard="1"} 2
 # HELP portfleet_shard_cpu CPU the shard's worker is pinned to; -1 when not pinned.
 # TYPE portfleet_shard_cpu gauge
 portfleet_shard_cpu{listener="web",shard="0"} 2
