@@ -18,6 +18,13 @@ portfleet_test(loadgen_test
   LIBS portfleet_loadgen
   LABELS unit)
 
+# Negative controls: the load generator and the blocking test clients against
+# misbehaving servers on 127.0.0.1 (refuse, reset, stall, short, wrong).
+portfleet_test(loadgen_control_test
+  SOURCES ${CMAKE_CURRENT_LIST_DIR}/loadgen/loadgen_control_test.cc
+  LIBS portfleet_loadgen portfleet_testing
+  LABELS unit)
+
 portfleet_test(lifecycle_scale_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/lifecycle_scale_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing

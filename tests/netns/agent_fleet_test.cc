@@ -172,8 +172,7 @@ TEST(AgentFleetTest, SigtermStopsAllWorkersAndExitsZero) {
   agent.process().Signal(SIGTERM);
   std::optional<int> status = agent.process().Wait(absl::Seconds(10));
   ASSERT_TRUE(status.has_value()) << agent.Log();
-  EXPECT_TRUE(WIFEXITED(*status)) << *status;
-  EXPECT_EQ(WEXITSTATUS(*status), 0) << agent.Log();
+  EXPECT_TRUE(ExitedWith(*status, 0)) << agent.Log();
   for (pid_t w : workers) EXPECT_FALSE(ProcessExists(w)) << "worker " << w;
   EXPECT_EQ(HttpGet(kAddress).outcome, Outcome::kRefused);
 }
@@ -197,11 +196,18 @@ TEST(AgentFleetTest, StragglerIsKilledAfterDrainTimeout) {
   // The worker ignores SIGTERM once its trap is set.
   ASSERT_TRUE(WaitFor([&] { return ::access(marker.c_str(), F_OK) == 0; },
                       absl::Seconds(10)));
+  std::vector<pid_t> stubborn = DescendantsOf(agent.pid());
+  ASSERT_FALSE(stubborn.empty());
   agent.process().Signal(SIGTERM);
   std::optional<int> status = agent.process().Wait(absl::Seconds(10));
   ASSERT_TRUE(status.has_value());
-  EXPECT_EQ(WEXITSTATUS(*status), 0);
+  EXPECT_TRUE(ExitedWith(*status, 0)) << agent.Log();
   EXPECT_THAT(agent.Log(), HasSubstr("drain timeout reached"));
+  // The straggler (the shell and its sleep) did not survive the agent.
+  for (pid_t p : stubborn) {
+    EXPECT_TRUE(WaitFor([&] { return !ProcessExists(p); }, absl::Seconds(5)))
+        << "straggler " << p << " still runs after the agent exited";
+  }
 }
 
 // Steps:
@@ -376,7 +382,7 @@ TEST(AgentFleetTest, UsageErrors) {
     ASSERT_TRUE(p.Start(argv, dir.path() + "/log").ok());
     std::optional<int> status = p.Wait(absl::Seconds(10));
     ASSERT_TRUE(status.has_value());
-    EXPECT_EQ(WEXITSTATUS(*status), 2) << args[0];
+    EXPECT_TRUE(ExitedWith(*status, 2)) << args[0];
     EXPECT_THAT(p.Log(), HasSubstr("Run 'portfleet-agent --help' for usage."));
   }
 }

@@ -133,7 +133,7 @@ TEST(HealthSignalsNetnsTest, SignalsAgreeInEveryState) {
   EXPECT_TRUE(saw_stopping);
   std::optional<int> status = agent.process().Wait(absl::Seconds(15));
   ASSERT_TRUE(status.has_value());
-  EXPECT_EQ(WEXITSTATUS(*status), 0);
+  EXPECT_TRUE(ExitedWith(*status, 0));
   EXPECT_THAT(agent.Log(), HasSubstr("health: STOPPING"));
 }
 
@@ -176,7 +176,7 @@ TEST(HealthSignalsNetnsTest, ThirdPartyWorkerIsReadyAndTakeoverCompletes) {
                   .ok());
   std::optional<int> a_status = a.process().Wait(absl::Seconds(20));
   ASSERT_TRUE(a_status.has_value()) << a.Log() << "\n---\n" << b.Log();
-  EXPECT_EQ(WEXITSTATUS(*a_status), 0);
+  EXPECT_TRUE(ExitedWith(*a_status, 0));
   ASSERT_TRUE(
       WaitFor([&] { return absl::StrContains(b.Log(), "takeover complete"); },
               absl::Seconds(10)))

@@ -138,7 +138,7 @@ TEST(LifecycleTakeoverTest, TakeoverUnderLoad) {
   b.Signal(SIGTERM);
   std::optional<int> b_status = b.Wait(absl::Seconds(15));
   ASSERT_TRUE(b_status.has_value());
-  EXPECT_EQ(WEXITSTATUS(*b_status), 0) << b.Log();
+  EXPECT_TRUE(ExitedWith(*b_status, 0)) << b.Log();
 }
 
 // Without a running agent, --takeover fails with a clear message.
@@ -154,7 +154,7 @@ TEST(LifecycleTakeoverTest, TakeoverWithoutARunningAgentIsAClearError) {
           .ok());
   std::optional<int> status = b.Wait(absl::Seconds(15));
   ASSERT_TRUE(status.has_value());
-  EXPECT_EQ(WEXITSTATUS(*status), 1);
+  EXPECT_TRUE(ExitedWith(*status, 1));
   EXPECT_THAT(b.Log(), HasSubstr("start-up failed: takeover via " + dir.path() +
                                  "/control.sock"));
 }
