@@ -219,7 +219,7 @@ void ExpectAllIn(const Result& r, Outcome want, int64_t n) {
 
 TEST(LoadgenControl, CorrectServerIsAllOk) {
   ControlServer s(Behaviour::kOk);
-  absl::StatusOr<Result> r = Run(Small(s, 20));
+  absl::StatusOr<Result> r = loadgen::Run(Small(s, 20));
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->requests, 20) << r->Summary();
   EXPECT_EQ(r->ok(), 20) << r->Summary();
@@ -230,14 +230,14 @@ TEST(LoadgenControl, CorrectServerIsAllOk) {
 
 TEST(LoadgenControl, RefusedIsRefused) {
   ControlServer s(Behaviour::kRefuse);
-  absl::StatusOr<Result> r = Run(Small(s, 10));
+  absl::StatusOr<Result> r = loadgen::Run(Small(s, 10));
   ASSERT_TRUE(r.ok()) << r.status();
   ExpectAllIn(*r, Outcome::kRefused, 10);
 }
 
 TEST(LoadgenControl, ResetAfterAcceptIsReset) {
   ControlServer s(Behaviour::kResetAccept);
-  absl::StatusOr<Result> r = Run(Small(s, 10));
+  absl::StatusOr<Result> r = loadgen::Run(Small(s, 10));
   ASSERT_TRUE(r.ok()) << r.status();
   ExpectAllIn(*r, Outcome::kReset, 10);
   EXPECT_EQ(s.accepted(), 10);
@@ -245,7 +245,7 @@ TEST(LoadgenControl, ResetAfterAcceptIsReset) {
 
 TEST(LoadgenControl, StallIsTimeout) {
   ControlServer s(Behaviour::kStall);
-  absl::StatusOr<Result> r = Run(Small(s, 4));
+  absl::StatusOr<Result> r = loadgen::Run(Small(s, 4));
   ASSERT_TRUE(r.ok()) << r.status();
   ExpectAllIn(*r, Outcome::kTimeout, 4);
   EXPECT_THAT(r->first_errors[0], HasSubstr("no complete answer in time"));
@@ -255,14 +255,14 @@ TEST(LoadgenControl, StallIsTimeout) {
 
 TEST(LoadgenControl, ShortAnswerIsShort) {
   ControlServer s(Behaviour::kShortAnswer);
-  absl::StatusOr<Result> r = Run(Small(s, 10));
+  absl::StatusOr<Result> r = loadgen::Run(Small(s, 10));
   ASSERT_TRUE(r.ok()) << r.status();
   ExpectAllIn(*r, Outcome::kShort, 10);
 }
 
 TEST(LoadgenControl, EarlyCloseIsShort) {
   ControlServer s(Behaviour::kEarlyClose);
-  absl::StatusOr<Result> r = Run(Small(s, 10));
+  absl::StatusOr<Result> r = loadgen::Run(Small(s, 10));
   ASSERT_TRUE(r.ok()) << r.status();
   ExpectAllIn(*r, Outcome::kShort, 10);
   EXPECT_THAT(r->first_errors[0], HasSubstr("EOF after 0 bytes"));
@@ -270,7 +270,7 @@ TEST(LoadgenControl, EarlyCloseIsShort) {
 
 TEST(LoadgenControl, WrongStatusIsWrong) {
   ControlServer s(Behaviour::kWrongStatus);
-  absl::StatusOr<Result> r = Run(Small(s, 10));
+  absl::StatusOr<Result> r = loadgen::Run(Small(s, 10));
   ASSERT_TRUE(r.ok()) << r.status();
   ExpectAllIn(*r, Outcome::kWrong, 10);
   EXPECT_THAT(r->first_errors[0], HasSubstr("HTTP status 503"));
@@ -278,7 +278,7 @@ TEST(LoadgenControl, WrongStatusIsWrong) {
 
 TEST(LoadgenControl, AnswerWithoutEofIsTimeout) {
   ControlServer s(Behaviour::kNoEof);
-  absl::StatusOr<Result> r = Run(Small(s, 4));
+  absl::StatusOr<Result> r = loadgen::Run(Small(s, 4));
   ASSERT_TRUE(r.ok()) << r.status();
   ExpectAllIn(*r, Outcome::kTimeout, 4);
   EXPECT_THAT(r->first_errors[0], HasSubstr("answer complete but no EOF"));
@@ -289,7 +289,7 @@ TEST(LoadgenControl, EchoWrongAndShort) {
     ControlServer s(Behaviour::kEchoWrong);
     Options o = Small(s, 6);
     o.protocol = Protocol::kEcho;
-    absl::StatusOr<Result> r = Run(o);
+    absl::StatusOr<Result> r = loadgen::Run(o);
     ASSERT_TRUE(r.ok()) << r.status();
     ExpectAllIn(*r, Outcome::kWrong, 6);
   }
@@ -297,7 +297,7 @@ TEST(LoadgenControl, EchoWrongAndShort) {
     ControlServer s(Behaviour::kEchoShort);
     Options o = Small(s, 6);
     o.protocol = Protocol::kEcho;
-    absl::StatusOr<Result> r = Run(o);
+    absl::StatusOr<Result> r = loadgen::Run(o);
     ASSERT_TRUE(r.ok()) << r.status();
     ExpectAllIn(*r, Outcome::kShort, 6);
   }
@@ -317,7 +317,7 @@ TEST(LoadgenControl, StartsHeldBackByAStallAreFailures) {
   o.duration = absl::Milliseconds(500);
   o.request_timeout = absl::Seconds(2);  // longer than the run: none repeats
   o.quiet = true;
-  absl::StatusOr<Result> r = Run(o);
+  absl::StatusOr<Result> r = loadgen::Run(o);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->requests, 5) << r->Summary();
   EXPECT_EQ(Count(*r, Outcome::kTimeout), 5) << r->Summary();
@@ -325,6 +325,12 @@ TEST(LoadgenControl, StartsHeldBackByAStallAreFailures) {
   EXPECT_GE(r->late_starts, 50) << r->Summary();
   EXPECT_EQ(r->failures(), 5 + r->late_starts) << r->Summary();
   EXPECT_THAT(r->Summary(), HasSubstr("not_started="));
+}
+
+testing::ClientOptions Timeout(absl::Duration d) {
+  testing::ClientOptions o;
+  o.timeout = d;
+  return o;
 }
 
 // The blocking clients the netns tests tally with.
@@ -347,7 +353,7 @@ TEST(ClientControl, HttpGetClassifiesEveryMisbehaviour) {
   for (const Case& c : cases) {
     ControlServer s(c.b);
     testing::Reply reply =
-        testing::HttpGet(s.target(), {.timeout = absl::Milliseconds(300)});
+        testing::HttpGet(s.target(), Timeout(absl::Milliseconds(300)));
     EXPECT_EQ(reply.outcome, c.want)
         << "behaviour " << static_cast<int>(c.b) << ": got "
         << testing::OutcomeName(reply.outcome) << " (" << reply.error << ")";
@@ -363,13 +369,13 @@ TEST(ClientControl, EchoOnceClassifiesWrongAndShort) {
   {
     ControlServer s(Behaviour::kEchoWrong);
     testing::Reply r = testing::EchoOnce(s.target(), "hello\n",
-                                         {.timeout = absl::Milliseconds(500)});
+                                         Timeout(absl::Milliseconds(500)));
     EXPECT_EQ(r.outcome, testing::Outcome::kWrong) << r.error;
   }
   {
     ControlServer s(Behaviour::kEchoShort);
     testing::Reply r = testing::EchoOnce(s.target(), "hello world\n",
-                                         {.timeout = absl::Milliseconds(500)});
+                                         Timeout(absl::Milliseconds(500)));
     EXPECT_EQ(r.outcome, testing::Outcome::kShort) << r.error;
   }
 }

@@ -1,7 +1,6 @@
 // The control API of the real portfleet-agent, each case in its own network
 // namespace.
 
-
 #include <grp.h>
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
@@ -63,9 +62,9 @@ class ApiAgentTest : public ::testing::Test {
     if (!WaitFor([&] { return access(agent_.api_socket().c_str(), F_OK) == 0; },
                  absl::Seconds(10))) {
       FAIL() << "portfleet-agent does not serve the "
-                      "API on "
-                   << agent_.api_socket() << "\n"
-                   << agent_.Log();
+                "API on "
+             << agent_.api_socket() << "\n"
+             << agent_.Log();
     }
     channel_ = grpc::CreateChannel("unix://" + agent_.api_socket(),
                                    grpc::InsecureChannelCredentials());
