@@ -1,6 +1,7 @@
 // The agent's spine against the real kernel: real portfleet-agent and
 // portfleet-worker binaries, each case in its own network namespace,
 // outcomes counted from the client side.
+#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -11,6 +12,7 @@
 #include <set>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -153,6 +155,84 @@ TEST(AgentFleetTest, KilledWorkerIsReplacedOnSameSocketWithoutFailures) {
   EXPECT_THAT(agent.Log(), HasSubstr("listener web shard 0: worker pid"));
   EXPECT_THAT(agent.Log(), HasSubstr("killed by signal 9 (SIGKILL)"));
   EXPECT_THAT(agent.Log(), HasSubstr("restarts=5"));
+}
+
+// Steps:
+// 1. Start the agent with 1 shard (so every connection is on its queue).
+// 2. Stop the worker (SIGSTOP) while it holds no connection; open 8
+//    connections and send a request on each: the kernel completes their
+//    handshakes, and they wait in the shard's accept queue. None is answered
+//    while the worker is stopped.
+// 3. SIGKILL the stopped worker; the agent starts a replacement on the same
+//    socket.
+// 4. Every one of the 8 queued connections is answered by the replacement.
+TEST(AgentFleetTest, WorkerCrashKeepsItsQueue) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  ASSERT_TRUE(agent.Start(Spec(1)).ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  ASSERT_TRUE(WaitFor([&] { return agent.WorkersByShard().size() == 1; },
+                      absl::Seconds(10)));
+  const pid_t victim = agent.WorkersByShard()[0];
+  ASSERT_GT(victim, 0);
+  ASSERT_TRUE(WaitFor([&] { return HeldConnections(victim) == 0; },
+                      absl::Seconds(10)));
+  ASSERT_EQ(::kill(victim, SIGSTOP), 0);
+
+  absl::StatusOr<SocketAddress> addr = SocketAddress::Parse(kAddress);
+  ASSERT_TRUE(addr.ok()) << addr.status();
+  constexpr int kQueued = 8;
+  std::vector<Fd> queued;
+  const std::string request =
+      "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+  for (int i = 0; i < kQueued; ++i) {
+    Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    ASSERT_TRUE(fd.valid());
+    ASSERT_EQ(::connect(fd.get(), addr->get(), addr->length), 0)
+        << "connection " << i << ": " << strerror(errno);
+    ASSERT_EQ(::send(fd.get(), request.data(), request.size(), MSG_NOSIGNAL),
+              static_cast<ssize_t>(request.size()));
+    queued.push_back(std::move(fd));
+  }
+  // Nothing is answered while the worker is stopped.
+  pollfd first{queued[0].get(), POLLIN, 0};
+  EXPECT_EQ(::poll(&first, 1, 200), 0) << "answered by a stopped worker";
+
+  ASSERT_EQ(::kill(victim, SIGKILL), 0);
+  pid_t replacement = 0;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        auto w = agent.WorkersByShard();
+        replacement = w.count(0) ? w[0] : 0;
+        return replacement != 0 && replacement != victim;
+      },
+      absl::Seconds(10)))
+      << agent.Log();
+
+  int answered = 0;
+  for (int i = 0; i < kQueued; ++i) {
+    std::string raw;
+    absl::Time deadline = absl::Now() + absl::Seconds(15);
+    int fd = queued[i].get();
+    for (;;) {
+      pollfd p{fd, POLLIN, 0};
+      int left = static_cast<int>(
+          absl::ToInt64Milliseconds(deadline - absl::Now()));
+      if (left <= 0 || ::poll(&p, 1, left) != 1) break;
+      char buf[4096];
+      ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+      if (n <= 0) {
+        if (n < 0) absl::StrAppend(&raw, "<recv: ", strerror(errno), ">");
+        break;
+      }
+      raw.append(buf, n);
+    }
+    bool ok = absl::StartsWith(raw, "HTTP/1.1 200 ") &&
+              absl::StrContains(raw, absl::StrCat("pid=", replacement, "\n"));
+    EXPECT_TRUE(ok) << "queued connection " << i << " got: " << raw;
+    if (ok) answered++;
+  }
+  EXPECT_EQ(answered, kQueued) << agent.Log();
 }
 
 // Steps:

@@ -10,8 +10,11 @@
 #include <sys/wait.h>
 
 #include <atomic>
+#include <map>
 #include <thread>
+#include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -69,25 +72,61 @@ void StartAndWait(AgentHarness& agent, const std::string& spec) {
   ASSERT_TRUE(agent.WaitLog("ready", 2)) << agent.Log();
 }
 
+// The first two CPUs this process may run on (the agent inherits the mask
+// and pins shard k to the k-th allowed CPU).
+std::vector<int> FirstTwoAllowedCpus() {
+  cpu_set_t allowed;
+  std::vector<int> cpus;
+  if (::sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return cpus;
+  for (int c = 0; c < CPU_SETSIZE && cpus.size() < 2; ++c) {
+    if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
+  }
+  return cpus;
+}
+
+// "Cpus_allowed_list:" of /proc/PID/status, e.g. "1" or "0-3".
+std::string CpusAllowedList(pid_t pid) {
+  std::string status = ReadFileOrEmpty(absl::StrCat("/proc/", pid, "/status"));
+  size_t at = status.find("Cpus_allowed_list:");
+  if (at == std::string::npos) return "";
+  size_t eol = status.find('\n', at);
+  return std::string(absl::StripAsciiWhitespace(
+      status.substr(at + 18, eol == std::string::npos ? eol : eol - at - 18)));
+}
+
 // Steps:
-// 1. Two shards with the CPU policy: shard c is pinned to CPU c.
-// 2. For each CPU c, a client thread pinned to c opens 500 connections.
-// 3. Every answer comes from shard c; the program's counters agree.
+// 1. Two shards with the CPU policy: shard k is pinned to the k-th CPU the
+//    test may use (its affinity mask, not literally CPUs 0 and 1).
+// 2. Each worker's real affinity (/proc/PID/status) is that one CPU.
+// 3. For each of those CPUs, a client thread pinned to it opens 500
+//    connections; every answer comes from the shard pinned there; the
+//    program's counters agree.
 TEST(AgentSteeringTest, CpuPolicyKeepsConnectionsOnTheClientsCpu) {
   PF_ENTER_NETNS_OR_SKIP();
-  if (std::thread::hardware_concurrency() < 2) GTEST_SKIP() << "needs 2 CPUs";
+  const std::vector<int> cpus = FirstTwoAllowedCpus();
+  if (cpus.size() < 2) {
+    PF_SKIP_OR_FAIL("needs 2 CPUs in the affinity mask");
+  }
   AgentHarness agent;
   StartAndWait(agent, Spec("policy: STEERING_POLICY_CPU"));
   ASSERT_THAT(agent.Log(), HasSubstr("BPF steering active"));
-  for (int cpu : {0, 1}) {
+  std::map<int, pid_t> workers = agent.WorkersByShard();
+  ASSERT_EQ(workers.size(), 2u) << agent.Log();
+  for (int shard = 0; shard < 2; ++shard) {
+    EXPECT_EQ(CpusAllowedList(workers[shard]), absl::StrCat(cpus[shard]))
+        << "shard " << shard << " worker " << workers[shard];
+  }
+  for (int shard = 0; shard < 2; ++shard) {
+    const int cpu = cpus[shard];
     Tally tally;
-    std::thread client([&] {
+    std::thread client([&tally, cpu] {
       ASSERT_TRUE(PinTo(cpu));
       for (int i = 0; i < 500; ++i) tally.Add(HttpGet(kAddress));
     });
     client.join();
     EXPECT_EQ(tally.ok, 500) << tally.first_error;
-    EXPECT_EQ(tally.by_shard[cpu], 500) << "cpu " << cpu;
+    EXPECT_EQ(tally.by_shard[shard], 500) << "cpu " << cpu;
+    EXPECT_EQ(tally.by_pid[workers[shard]], 500) << "cpu " << cpu;
   }
   auto stub = Stub(agent);
   v1::ListShardsRequest req;
@@ -99,7 +138,7 @@ TEST(AgentSteeringTest, CpuPolicyKeepsConnectionsOnTheClientsCpu) {
     // 500 from the test plus the readiness probes.
     EXPECT_GE(shard.counters().selected(), 500u) << shard.index();
     EXPECT_LE(shard.counters().selected(), 540u) << shard.index();
-    EXPECT_EQ(shard.cpu(), static_cast<int>(shard.index()));
+    EXPECT_EQ(shard.cpu(), cpus[shard.index()]);
   }
 }
 
@@ -231,8 +270,7 @@ TEST(AgentSteeringTest, IncompatiblePinnedMapIsAClearError) {
 TEST(AgentSteeringTest, WithoutBpfPrivilegesServesWithPlainReuseport) {
   PF_ENTER_NETNS_OR_SKIP();
   if (::access("/usr/sbin/capsh", X_OK) != 0) {
-    if (PrivilegedRequired()) FAIL() << "capsh (libcap2-bin) is missing";
-    GTEST_SKIP() << "capsh (libcap2-bin) is missing";
+    PF_SKIP_OR_FAIL("capsh (libcap2-bin) is missing");
   }
   AgentHarness agent;
   std::string spec = agent.dir().WriteFile(

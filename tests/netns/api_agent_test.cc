@@ -403,14 +403,9 @@ TEST_F(ApiAgentTest, SocketPermissionsRefuseOthers) {
 //    reflection and calls GetStatus.
 TEST_F(ApiAgentTest, DiscoverableThroughReflection) {
   PF_ENTER_NETNS_OR_SKIP();
-  if (system("/usr/bin/python3 -c 'import grpc, grpc_tools' 2>/dev/null") !=
-      0) {
-    // deploy/install-deps.sh installs them; CI must not pass without.
-    if (::portfleet::testing::PrivilegedRequired()) {
-      FAIL() << "needs python3-grpcio and python3-grpc-tools";
-    }
-    GTEST_SKIP() << "needs python3-grpcio and python3-grpc-tools";
-  }
+  // deploy/install-deps.sh installs them; CI sets
+  // PORTFLEET_REQUIRE_PYTHON_DEPS=1 so that it cannot pass without.
+  PF_REQUIRE_PYTHON_GRPC();
   ASSERT_NO_FATAL_FAILURE(StartAgent());
   const std::string out = agent_.dir().path() + "/reflection.out";
   const std::string cmd =
