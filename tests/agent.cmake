@@ -28,7 +28,7 @@ portfleet_test(agent_steering_test
 portfleet_test(agent_scale_test
   SOURCES netns/agent_scale_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
-  LABELS netns)
+  LABELS e2e)
 
 # Fleet logic with fakes behind ProcessLauncher and SteeringBackend and a
 # manual clock: no processes, BPF or privileges (unit).
