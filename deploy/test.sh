@@ -9,4 +9,7 @@ build="${PORTFLEET_BUILD_DIR:-$root/build}"
 "$root/deploy/install-deps.sh"
 "$root/deploy/build.sh" "$@"
 cd "$build"
+# install-deps.sh has just installed python3-grpcio and python3-grpc-tools:
+# a test that needs them must not skip here.
+export PORTFLEET_REQUIRE_PYTHON_DEPS="${PORTFLEET_REQUIRE_PYTHON_DEPS:-1}"
 ctest --output-on-failure --timeout 300 -j2
