@@ -759,12 +759,15 @@ TEST(WorkerNetnsTest, KeepsServingWhenTheAgentGoesAway) {
   w.Start({.fd3 = l.fd.get(), .control_fd = pair->second.fd()});
   pair->second.Close();
   ASSERT_TRUE(NextMessage(agent, absl::Seconds(5)).has_value()) << w.Log();
-  agent.Close();                             // the agent dies
-  absl::SleepFor(absl::Milliseconds(1500));  // past a load report
+  agent.Close();  // the agent dies
+  // The worker notices (at its next load report) and says it serves on.
+  ASSERT_TRUE(testing::WaitFor(
+      [&] { return absl::StrContains(w.Log(), "serving on without"); },
+      absl::Seconds(15)))
+      << w.Log();
   ASSERT_TRUE(w.running()) << w.Log();
   testing::Reply r = testing::HttpGet(l.address());
   EXPECT_EQ(r.outcome, Outcome::kOk) << r.error << "\n" << w.Log();
-  EXPECT_THAT(w.Log(), HasSubstr("serving on without"));
   w.Signal(SIGTERM);
   EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
 }
