@@ -36,3 +36,10 @@ portfleet_test(fleet_test
   SOURCES unit/fleet_test.cc
   LIBS portfleet_agent_lib
   LABELS unit)
+
+# README promises about the agent's process life: restart backoff, SIGHUP,
+# a second stop signal, a corrupt state file (real agent, netns).
+portfleet_test(agent_promises_test
+  SOURCES netns/agent_promises_test.cc
+  LIBS portfleet_api portfleet_testing
+  LABELS netns)

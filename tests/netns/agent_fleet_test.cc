@@ -175,8 +175,8 @@ TEST(AgentFleetTest, WorkerCrashKeepsItsQueue) {
                       absl::Seconds(10)));
   const pid_t victim = agent.WorkersByShard()[0];
   ASSERT_GT(victim, 0);
-  ASSERT_TRUE(WaitFor([&] { return HeldConnections(victim) == 0; },
-                      absl::Seconds(10)));
+  ASSERT_TRUE(
+      WaitFor([&] { return HeldConnections(victim) == 0; }, absl::Seconds(10)));
   ASSERT_EQ(::kill(victim, SIGSTOP), 0);
 
   absl::StatusOr<SocketAddress> addr = SocketAddress::Parse(kAddress);
@@ -216,8 +216,8 @@ TEST(AgentFleetTest, WorkerCrashKeepsItsQueue) {
     int fd = queued[i].get();
     for (;;) {
       pollfd p{fd, POLLIN, 0};
-      int left = static_cast<int>(
-          absl::ToInt64Milliseconds(deadline - absl::Now()));
+      int left =
+          static_cast<int>(absl::ToInt64Milliseconds(deadline - absl::Now()));
       if (left <= 0 || ::poll(&p, 1, left) != 1) break;
       char buf[4096];
       ssize_t n = ::recv(fd, buf, sizeof(buf), 0);

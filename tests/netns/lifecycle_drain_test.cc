@@ -30,14 +30,14 @@ using ::testing::HasSubstr;
 
 std::string Spec(const std::string& address, int shards, const char* mode,
                  int drain_timeout) {
-  return absl::StrCat(
-      R"pb(listeners { name: "web" address: ")pb", address, R"pb("
+  return absl::StrCat(R"pb(listeners { name: "web" address: ")pb", address,
+                      R"pb("
                                                                  shards:)pb",
-      shards, R"pb(
+                      shards, R"pb(
         worker { command: "portfleet-worker" args: "--mode=)pb",
-      mode, R"pb(" }
+                      mode, R"pb(" }
                  drain_timeout_seconds:)pb",
-      drain_timeout, R"pb(
+                      drain_timeout, R"pb(
   steering { policy: STEERING_POLICY_HASH }
 })pb");
 }

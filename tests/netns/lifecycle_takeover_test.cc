@@ -65,8 +65,7 @@ TEST(LifecycleTakeoverTest, TakeoverUnderLoad) {
   PF_ENTER_NETNS_OR_SKIP();
   WidenPortRange();
   AgentHarness a;
-  ASSERT_TRUE(
-      a.Start(R"pb(listeners {
+  ASSERT_TRUE(a.Start(R"pb(listeners {
                      name: "web"
                      address: "127.0.0.1:8080"
                      shards: 3
@@ -74,7 +73,7 @@ TEST(LifecycleTakeoverTest, TakeoverUnderLoad) {
                      drain_timeout_seconds: 5
                      steering { policy: STEERING_POLICY_HASH }
                    })pb")
-          .ok());
+                  .ok());
   ASSERT_TRUE(a.WaitServing(kAddress)) << a.Log();
   auto stub = FleetStub(a.api_socket());
   ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 3; },

@@ -52,30 +52,30 @@ bool HasIpv6Loopback();
 // Skips the test with `reason` (a string), or fails it under
 // PORTFLEET_REQUIRE_PRIVILEGED=1: a missing CPU, IPv6 loopback, root or tool
 // must not look like a pass in CI.
-#define PF_SKIP_OR_FAIL(reason)                                         \
-  do {                                                                  \
-    const std::string pf_reason_ = (reason);                            \
-    if (::portfleet::testing::PrivilegedRequired()) {                   \
-      FAIL() << "PORTFLEET_REQUIRE_PRIVILEGED=1 but cannot run: "       \
-             << pf_reason_;                                             \
-    } else {                                                            \
-      GTEST_SKIP() << pf_reason_;                                       \
-    }                                                                   \
+#define PF_SKIP_OR_FAIL(reason)                                   \
+  do {                                                            \
+    const std::string pf_reason_ = (reason);                      \
+    if (::portfleet::testing::PrivilegedRequired()) {             \
+      FAIL() << "PORTFLEET_REQUIRE_PRIVILEGED=1 but cannot run: " \
+             << pf_reason_;                                       \
+    } else {                                                      \
+      GTEST_SKIP() << pf_reason_;                                 \
+    }                                                             \
   } while (0)
 
 // Skips without the optional Python packages, or fails under
 // PORTFLEET_REQUIRE_PYTHON_DEPS=1.
-#define PF_REQUIRE_PYTHON_GRPC()                                          \
-  do {                                                                    \
-    if (::system("/usr/bin/python3 -c 'import grpc, grpc_tools' "         \
-                 "2>/dev/null") != 0) {                                   \
-      if (::portfleet::testing::PythonDepsRequired()) {                   \
-        FAIL() << "PORTFLEET_REQUIRE_PYTHON_DEPS=1 but python3-grpcio "   \
-                  "and python3-grpc-tools are missing";                   \
-      } else {                                                            \
-        GTEST_SKIP() << "needs python3-grpcio and python3-grpc-tools";    \
-      }                                                                   \
-    }                                                                     \
+#define PF_REQUIRE_PYTHON_GRPC()                                        \
+  do {                                                                  \
+    if (::system("/usr/bin/python3 -c 'import grpc, grpc_tools' "       \
+                 "2>/dev/null") != 0) {                                 \
+      if (::portfleet::testing::PythonDepsRequired()) {                 \
+        FAIL() << "PORTFLEET_REQUIRE_PYTHON_DEPS=1 but python3-grpcio " \
+                  "and python3-grpc-tools are missing";                 \
+      } else {                                                          \
+        GTEST_SKIP() << "needs python3-grpcio and python3-grpc-tools";  \
+      }                                                                 \
+    }                                                                   \
   } while (0)
 
 #endif  // PORTFLEET_TESTS_TESTING_NETNS_H_

@@ -452,8 +452,8 @@ TEST(MetricsServerStartTest, Ipv6Loopback) {
     // Only a machine without ::1 may excuse a failure to start on it.
     ASSERT_FALSE(portfleet::testing::HasIpv6Loopback())
         << "[::1] works here but the server failed: " << server.status();
-    PF_SKIP_OR_FAIL(absl::StrCat("no IPv6 loopback: ",
-                                 server.status().ToString()));
+    PF_SKIP_OR_FAIL(
+        absl::StrCat("no IPv6 loopback: ", server.status().ToString()));
   }
   HttpReply r = Get((*server)->port(), "/healthz", AF_INET6);
   ASSERT_TRUE(r.ok) << r.error;
