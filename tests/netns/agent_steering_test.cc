@@ -158,6 +158,31 @@ TEST(AgentSteeringTest, HashWeightsThreeToOne) {
 }
 
 // Steps:
+// 1. Two shards, HASH with equal weights.
+// 2. SetSteering through the API: weights 1:3 (the way `portfleetctl steer
+//    web --weights 1,3` sends it).
+// 3. 4,000 connections: shard 1 answered 75% +- 5 points, measured from the
+//    client side, not read back from the spec.
+TEST(AgentSteeringTest, WeightsSetThroughTheApiAreMeasured) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  StartAndWait(agent, Spec("policy: STEERING_POLICY_HASH"));
+  auto stub = Stub(agent);
+  v1::SetSteeringRequest req;
+  req.set_name("web");
+  req.mutable_steering()->set_policy(v1::STEERING_POLICY_HASH);
+  req.mutable_steering()->add_weights(1);
+  req.mutable_steering()->add_weights(3);
+  v1::SetSteeringResponse resp;
+  grpc::Status s = stub->SetSteering(Ctx().get(), req, &resp);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  Tally tally;
+  for (int i = 0; i < 4000; ++i) tally.Add(HttpGet(kAddress));
+  ASSERT_EQ(tally.ok, 4000) << tally.first_error;
+  EXPECT_NEAR(tally.by_shard[1] / 4000.0, 0.75, 0.05);
+}
+
+// Steps:
 // 1. Two shards, HASH with weights 1:0.
 // 2. 500 connections: shard 1 receives none.
 // 3. SIGKILL the agent: the workers and the program keep serving, still by
