@@ -199,6 +199,57 @@ TEST(LifecycleRolloutTest, WorkerThatExitsAtOnceIsRolledBack) {
 }
 
 // Steps:
+// 1. Two shards; short-lived load.
+// 2. Roll out, one shard at a time, a wrapper that marks its environment
+//    (ROLLED=1) and execs the real worker on shard 0 but exits at once on
+//    shard 1: shard 0 is rolled, then shard 1 fails.
+// 3. The call fails saying it rolled back; shard 0 was rolled back too: no
+//    shard's worker has ROLLED=1 in its environment; the load saw no
+//    failure; the persisted spec does not name the wrapper.
+TEST(LifecycleRolloutTest, ShardsAlreadyRolledAreRolledBack) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  std::string wrapper = agent.dir().WriteFile(
+      "half-good.sh",
+      absl::StrCat("#!/bin/sh\nif [ \"$PORTFLEET_SHARD\" = 1 ]; then exit 1; "
+                   "fi\nROLLED=1 exec ",
+                   BinaryPath("portfleet-worker"), " \"$@\"\n"));
+  ::chmod(wrapper.c_str(), 0755);
+  ASSERT_TRUE(agent.Start(Spec(2, "http")).ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                      absl::Seconds(10)));
+
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async,
+                         [&] { return loadgen::Run(ShortLoad(), &stop); });
+  grpc::Status s = RollOut(*stub, wrapper, {"--mode=http"}, 1);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION)
+      << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("rolled back"));
+  // Shard 0 really had been rolled before shard 1 failed.
+  EXPECT_THAT(agent.Log(), HasSubstr(wrapper));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary();
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                      absl::Seconds(10)));
+  for (const v1::Shard& shard : Shards(*stub, "web")) {
+    std::string env =
+        ReadFileOrEmpty(absl::StrCat("/proc/", shard.pid(), "/environ"));
+    ASSERT_FALSE(env.empty()) << "shard " << shard.index();
+    EXPECT_EQ(env.find(std::string("ROLLED=1\0", 9)), std::string::npos)
+        << "shard " << shard.index() << " still runs the rolled-out worker";
+    EXPECT_THAT(Cmdline(shard.pid()), HasSubstr("--mode=http"));
+  }
+  EXPECT_THAT(ReadFileOrEmpty(agent.state_dir() + "/fleet-state.textproto"),
+              ::testing::Not(HasSubstr("half-good.sh")));
+}
+
+// Steps:
 // 1. Two shards of echo workers; 200 long-lived connections exchange a
 //    message every 100 ms.
 // 2. Roll out (same program, restarted in place).
