@@ -2,6 +2,7 @@
 // case in its own network namespace; failures are counted from the client
 // side by the load generator.
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
