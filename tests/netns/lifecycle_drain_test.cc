@@ -18,6 +18,7 @@
 #include "tests/loadgen/fleet_testing.h"
 #include "tests/loadgen/loadgen.h"
 #include "tests/testing/agent_harness.h"
+#include "tests/testing/client.h"
 #include "tests/testing/netns.h"
 #include "tests/testing/process.h"
 #include "worker/sdk/base/address.h"
@@ -339,6 +340,102 @@ TEST(LifecycleLongLivedTest, DrainKeepsLongLivedConnectionsUntilClientsClose) {
   ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
                       absl::Seconds(10)));
   EXPECT_TRUE(WaitFor([&] { return CountFds(agent.pid()) == fds_before; },
+                      absl::Seconds(5)))
+      << "agent fds: before " << fds_before << ", after "
+      << CountFds(agent.pid());
+  EXPECT_TRUE(ZombieChildren(agent.pid()).empty());
+}
+
+// Steps:
+// 1. Two listeners: "web" (2 shards, the one deleted) and "api" (1 shard,
+//    which must not notice). Record the agent's fd count.
+// 2. Short-lived load on web (200/s) and api (100/s).
+// 3. Once web has answered connections, DeleteListener(web).
+// 4. After the delete, web refuses (nothing listens), its workers are gone.
+//    No connection to web was cut: nothing reset, short, timed out or
+//    wrong (a refusal after the delete is the only failure allowed); api's
+//    load saw no failure at all. The agent holds fewer fds than before
+//    (web's sockets and channels are closed) and has no zombie children.
+TEST(LifecycleDeleteTest, DeleteAListenerUnderLoad) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  ASSERT_TRUE(
+      agent
+          .Start(Spec("127.0.0.1:8080", 2, "http", 5) +
+                 absl::StrReplaceAll(Spec("127.0.0.1:8081", 1, "http", 5),
+                                     {{"\"web\"", "\"api\""}}))
+          .ok());
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        return ReadyShards(*stub, "web") == 2 && ReadyShards(*stub, "api") == 1;
+      },
+      absl::Seconds(15)))
+      << agent.Log();
+  std::vector<pid_t> web_pids;
+  for (const v1::Shard& s : Shards(*stub, "web")) web_pids.push_back(s.pid());
+  const int fds_before = CountFds(agent.pid());
+
+  loadgen::Options web_load;
+  web_load.target = "127.0.0.1:8080";
+  web_load.rate = 200;
+  web_load.duration = absl::Seconds(20);
+  web_load.max_connections = 4000;
+  loadgen::Options api_load = web_load;
+  api_load.target = "127.0.0.1:8081";
+  api_load.rate = 100;
+  std::atomic<bool> stop{false};
+  auto web_run = std::async(std::launch::async,
+                            [&] { return loadgen::Run(web_load, &stop); });
+  auto api_run = std::async(std::launch::async,
+                            [&] { return loadgen::Run(api_load, &stop); });
+  // Wait until web really carries load (the program counted selections).
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        uint64_t selected = 0;
+        for (const v1::Shard& s : Shards(*stub, "web")) {
+          selected += s.counters().selected();
+        }
+        return selected >= 50;
+      },
+      absl::Seconds(10)));
+
+  v1::DeleteListenerRequest del;
+  del.set_name("web");
+  v1::DeleteListenerResponse deleted;
+  grpc::Status s = stub->DeleteListener(RpcContext().get(), del, &deleted);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  for (pid_t pid : web_pids) {
+    EXPECT_TRUE(WaitFor([&] { return !ProcessExists(pid); }, absl::Seconds(10)))
+        << "web worker " << pid << " still runs";
+  }
+  // Keep the load on until web has refused a few connections after the
+  // delete.
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        Reply r = HttpGet("127.0.0.1:8080");
+        return r.outcome == Outcome::kRefused;
+      },
+      absl::Seconds(5)));
+  stop = true;
+  absl::StatusOr<loadgen::Result> web = web_run.get();
+  absl::StatusOr<loadgen::Result> api = api_run.get();
+  ASSERT_TRUE(web.ok()) << web.status();
+  ASSERT_TRUE(api.ok()) << api.status();
+  std::cout << "web: " << web->Summary() << "\napi: " << api->Summary() << "\n";
+  EXPECT_GT(web->ok(), 0);
+  for (loadgen::Outcome o :
+       {loadgen::Outcome::kReset, loadgen::Outcome::kShort,
+        loadgen::Outcome::kTimeout, loadgen::Outcome::kWrong,
+        loadgen::Outcome::kError}) {
+    EXPECT_EQ(web->outcomes[static_cast<int>(o)], 0)
+        << loadgen::OutcomeName(o) << ": " << web->Summary();
+  }
+  EXPECT_EQ(web->late_starts, 0) << web->Summary();
+  EXPECT_EQ(api->failures(), 0) << api->Summary();
+  EXPECT_TRUE(Shards(*stub, "web").empty());
+  EXPECT_TRUE(WaitFor([&] { return CountFds(agent.pid()) < fds_before; },
                       absl::Seconds(5)))
       << "agent fds: before " << fds_before << ", after "
       << CountFds(agent.pid());
