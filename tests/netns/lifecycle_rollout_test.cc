@@ -253,6 +253,48 @@ TEST(LifecycleRolloutTest, ShardsAlreadyRolledAreRolledBack) {
 }
 
 // Steps:
+// 1. Two shards; short-lived load.
+// 2. The real portfleetctl binary: `rollout web --worker-args "--mode=http
+//    -v" --max-surge 1` against the agent's API socket.
+// 3. It exits 0 and prints "listener/web rolled out (...)"; every shard runs
+//    a new pid with the new arguments; the load saw no failure.
+TEST(LifecycleRolloutTest, PortfleetctlRolloutOnTheRealAgent) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  ASSERT_TRUE(agent.Start(Spec(2, "http")).ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                      absl::Seconds(10)));
+  const std::set<pid_t> before = Pids(*stub);
+
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async,
+                         [&] { return loadgen::Run(ShortLoad(), &stop); });
+  Subprocess ctl;
+  ASSERT_TRUE(ctl.Start({BinaryPath("portfleetctl"), "--server",
+                         "unix:" + agent.api_socket(), "rollout", "web",
+                         "--worker-args", "--mode=http -v", "--max-surge", "1"},
+                        agent.dir().path() + "/ctl.log")
+                  .ok());
+  std::optional<int> status = ctl.Wait(absl::Seconds(60));
+  ASSERT_TRUE(status.has_value()) << ctl.Log();
+  EXPECT_TRUE(ExitedWith(*status, 0)) << ctl.Log() << "\n" << agent.Log();
+  EXPECT_THAT(ctl.Log(), HasSubstr("listener/web rolled out ("));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary();
+  const std::vector<v1::Shard> shards = Shards(*stub, "web");
+  ASSERT_EQ(shards.size(), 2u);
+  for (const v1::Shard& shard : shards) {
+    EXPECT_EQ(before.count(shard.pid()), 0u) << "shard " << shard.index();
+    EXPECT_THAT(Cmdline(shard.pid()), HasSubstr("--mode=http -v"));
+  }
+}
+
+// Steps:
 // 1. Two shards of echo workers; 200 long-lived connections exchange a
 //    message every 100 ms.
 // 2. Roll out (same program, restarted in place).
