@@ -255,7 +255,7 @@ TEST(LifecycleRolloutTest, ShardsAlreadyRolledAreRolledBack) {
 // Steps:
 // 1. Two shards; short-lived load.
 // 2. The real portfleetctl binary: `rollout web --worker-args "--mode=http
-//    -v" --max-surge 1` against the agent's API socket.
+//    --drain-timeout=7s" --max-surge 1` against the agent's API socket.
 // 3. It exits 0 and prints "listener/web rolled out (...)"; every shard runs
 //    a new pid with the new arguments; the load saw no failure.
 TEST(LifecycleRolloutTest, PortfleetctlRolloutOnTheRealAgent) {
@@ -275,7 +275,8 @@ TEST(LifecycleRolloutTest, PortfleetctlRolloutOnTheRealAgent) {
   Subprocess ctl;
   ASSERT_TRUE(ctl.Start({BinaryPath("portfleetctl"), "--server",
                          "unix:" + agent.api_socket(), "rollout", "web",
-                         "--worker-args", "--mode=http -v", "--max-surge", "1"},
+                         "--worker-args", "--mode=http --drain-timeout=7s",
+                         "--max-surge", "1"},
                         agent.dir().path() + "/ctl.log")
                   .ok());
   std::optional<int> status = ctl.Wait(absl::Seconds(60));
@@ -290,7 +291,8 @@ TEST(LifecycleRolloutTest, PortfleetctlRolloutOnTheRealAgent) {
   ASSERT_EQ(shards.size(), 2u);
   for (const v1::Shard& shard : shards) {
     EXPECT_EQ(before.count(shard.pid()), 0u) << "shard " << shard.index();
-    EXPECT_THAT(Cmdline(shard.pid()), HasSubstr("--mode=http -v"));
+    EXPECT_THAT(Cmdline(shard.pid()),
+                HasSubstr("--mode=http --drain-timeout=7s"));
   }
 }
 
