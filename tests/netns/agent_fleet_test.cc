@@ -367,6 +367,79 @@ TEST(AgentFleetTest, IPv6ListenerServes) {
 }
 
 // Steps:
+// 1. Two shards whose workers run as nobody (they cannot reconnect to the
+//    agent's 0600 control socket after an agent restart). A client thread
+//    connects continuously.
+// 2. SIGKILL the agent and start it again with the same paths.
+// 3. README: such workers are replaced. Two new worker pids serve, both as
+//    nobody; the old workers drain and exit; the client saw no failure
+//    throughout (the data path never depended on the agent).
+TEST(AgentFleetTest, WorkersWithAUserAreReplacedAfterAnAgentRestart) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  std::string worker = agent.dir().path() + "/portfleet-worker";
+  std::filesystem::copy_file(BinaryPath("portfleet-worker"), worker);
+  ::chmod(worker.c_str(), 0755);
+  ASSERT_TRUE(agent
+                  .Start(absl::StrCat(R"pb(listeners {
+                    name: "web" address: "127.0.0.1:8080" shards: 2
+                    worker {
+                      command: ")pb",
+                                      worker, R"pb("
+                      args: "--mode=http"
+                      user: "nobody"
+                    }
+                    drain_timeout_seconds: 5
+                  })pb"))
+                  .ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  ASSERT_TRUE(WaitFor([&] { return agent.WorkersByShard().size() == 2; },
+                      absl::Seconds(10)));
+  const std::map<int, pid_t> old_workers = agent.WorkersByShard();
+
+  std::atomic<bool> stop{false};
+  Tally tally;
+  std::thread client([&] {
+    ClientOptions options;
+    options.timeout = absl::Seconds(10);
+    while (!stop.load()) tally.Add(HttpGet(kAddress, options));
+  });
+  agent.process().Signal(SIGKILL);
+  ASSERT_TRUE(agent.process().Wait(absl::Seconds(5)).has_value());
+  ASSERT_TRUE(agent.Restart().ok());
+  std::map<int, pid_t> new_workers;
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        new_workers = agent.WorkersByShard();
+        if (new_workers.size() != 2) return false;
+        for (const auto& entry : new_workers) {
+          for (const auto& old : old_workers) {
+            if (entry.second == old.second) return false;
+          }
+        }
+        return true;
+      },
+      absl::Seconds(20)))
+      << agent.Log();
+  for (const auto& entry : old_workers) {
+    const pid_t old_pid = entry.second;
+    EXPECT_TRUE(
+        WaitFor([&] { return !ProcessExists(old_pid); }, absl::Seconds(15)))
+        << "old worker " << old_pid << " still runs\n"
+        << agent.Log();
+  }
+  stop = true;
+  client.join();
+  EXPECT_EQ(tally.failed, 0) << tally.first_error;
+  EXPECT_GT(tally.ok, 0);
+  for (const auto& entry : new_workers) {
+    EXPECT_THAT(
+        ReadFileOrEmpty(absl::StrCat("/proc/", entry.second, "/status")),
+        HasSubstr("Uid:\t65534\t65534\t65534\t65534"));
+  }
+}
+
+// Steps:
 // 1. A listener whose workers run as "nobody".
 // 2. They serve, and /proc says they run with nobody's uid and gid.
 // 3. An unknown user is a start-up error naming the field.
