@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <future>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -360,6 +361,84 @@ TEST(AgentHostileTest, WorkerAllowlistRefusesOtherPrograms) {
   req.mutable_listener()->mutable_worker()->clear_args();
   s = stub->CreateListener(RpcContext().get(), req, &resp);
   EXPECT_TRUE(s.ok()) << s.error_message();
+}
+
+// Steps (item 7): listener "slow" drains a shard whose worker ignores
+// SIGTERM (drain timeout 3600 s), and four more mutations of "slow" queue
+// behind it with 1 s client deadlines. Meanwhile reads answer promptly, a
+// mutation of the other listener completes, and its new shard serves. The
+// cancelled calls do not keep the API busy: afterwards reads still answer.
+TEST(AgentHostileTest, ASlowDrainBlocksNeitherReadsNorOtherListeners) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  std::string stubborn = agent.dir().WriteFile(
+      "stubborn.sh", "#!/bin/sh\ntrap '' TERM\nwhile :; do sleep 1; done\n");
+  ::chmod(stubborn.c_str(), 0755);
+  std::string spec = absl::StrCat(
+      Spec(1),
+      "listeners {\n  name: \"slow\"\n  address: \"127.0.0.1:8081\"\n"
+      "  shards: 2\n  worker { command: \"",
+      stubborn, "\" }\n  drain_timeout_seconds: 3600\n}\n");
+  ASSERT_TRUE(agent.Start(spec).ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(agent.WaitLog("listener slow shard 1: worker pid"))
+      << agent.Log();
+
+  // The drain cannot finish for an hour; the client gives up after 2 s.
+  auto drain = std::async(std::launch::async, [&] {
+    v1::DrainShardRequest req;
+    req.set_name("slow");
+    req.set_index(1);
+    v1::DrainShardResponse resp;
+    return stub->DrainShard(RpcContext(2).get(), req, &resp);
+  });
+  ASSERT_TRUE(agent.WaitLog("listener slow shard 1: draining")) << agent.Log();
+  std::vector<std::future<grpc::Status>> queued;
+  for (int i = 0; i < 4; ++i) {
+    queued.push_back(std::async(std::launch::async, [&, i] {
+      v1::ScaleListenerRequest req;
+      req.set_name("slow");
+      req.set_shards(3 + i);
+      v1::ScaleListenerResponse resp;
+      return stub->ScaleListener(RpcContext(1).get(), req, &resp);
+    }));
+  }
+  // Reads answer while all of that waits.
+  for (int i = 0; i < 5; ++i) {
+    absl::Time start = absl::Now();
+    EXPECT_TRUE(StatusAnswers(*stub, 2)) << "read " << i;
+    v1::ListListenersRequest req;
+    v1::ListListenersResponse resp;
+    EXPECT_TRUE(stub->ListListeners(RpcContext(2).get(), req, &resp).ok());
+    EXPECT_LT(absl::Now() - start, absl::Seconds(2)) << "read " << i;
+  }
+  // Another listener's mutation is not queued behind "slow".
+  grpc::Status scaled;
+  {
+    v1::ScaleListenerRequest req;
+    req.set_name("web");
+    req.set_shards(2);
+    v1::ScaleListenerResponse resp;
+    scaled = stub->ScaleListener(RpcContext(10).get(), req, &resp);
+  }
+  EXPECT_TRUE(scaled.ok()) << scaled.error_message() << "\n" << agent.Log();
+  std::set<int> pids;
+  for (int i = 0; i < 200 && pids.size() < 2; ++i) {
+    Reply r = HttpGet(kAddress);
+    ASSERT_EQ(r.outcome, Outcome::kOk) << i;
+    pids.insert(r.pid);
+  }
+  EXPECT_EQ(pids.size(), 2u) << "the new shard of web never answered";
+  // The clients of "slow" gave up; their calls ended with the deadline.
+  EXPECT_EQ(drain.get().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  for (auto& q : queued) {
+    EXPECT_EQ(q.get().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  }
+  for (int i = 0; i < 5; ++i) EXPECT_TRUE(StatusAnswers(*stub, 2)) << i;
+  // "slow" still has its draining shard; nothing queued behind it ran.
+  std::vector<v1::Shard> slow = Shards(*stub, "slow");
+  EXPECT_EQ(slow.size(), 2u);
 }
 
 }  // namespace

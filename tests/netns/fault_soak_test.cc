@@ -1,6 +1,7 @@
 // A randomized, seeded fault soak (issue 9): under continuous load, a random
 // sequence of scale, drain, steer, rollout, worker SIGKILL and SIGSTOP, agent
-// SIGKILL and restart, and a full state disk; after every step the
+// SIGKILL and restart, a full state disk, and a takeover by a second agent
+// (--takeover, as a surge upgrade does); after every step the
 // invariants are checked:
 //   - no client connection failed (a SIGKILLed worker may lose the few
 //     connections it had accepted; that step allows 3);
@@ -106,10 +107,11 @@ class Soak {
     kStopWorker,
     kRestartAgent,
     kFullDisk,
+    kTakeover,
   };
 
   void RunStep(int step) {
-    Action action = static_cast<Action>(rng_() % 8);
+    Action action = static_cast<Action>(rng_() % 9);
     loadgen::Options o;
     o.target = kAddress;
     o.rate = 200;
@@ -120,14 +122,17 @@ class Soak {
         std::async(std::launch::async, [&] { return loadgen::Run(o, &stop); });
     absl::SleepFor(absl::Milliseconds(100));
     int allowed_failures = 0;
+    absl::Time started = absl::Now();
     std::string what = Do(action, &allowed_failures);
     SCOPED_TRACE(absl::StrCat("step ", step, ": ", what));
     bool converged = Converged();
+    absl::Duration took = absl::Now() - started;
     absl::SleepFor(absl::Milliseconds(100));
     stop = true;
     absl::StatusOr<loadgen::Result> result = load.get();
     ASSERT_TRUE(result.ok()) << result.status();
-    std::cout << "soak step " << step << ": " << what << " -> "
+    std::cout << "soak step " << step << ": " << what << " (converged in "
+              << absl::Trunc(took, absl::Milliseconds(1)) << ") -> "
               << result->Summary() << "\n";
     ASSERT_TRUE(converged) << agent_->Log();
     ASSERT_LE(result->failures(), allowed_failures) << result->Summary();
@@ -215,6 +220,13 @@ class Soak {
             << s.error_message();
         return absl::StrCat("scale on a full disk (", s.error_message(), ")");
       }
+      case Action::kTakeover: {
+        absl::Status s = agent_->Takeover();
+        EXPECT_TRUE(s.ok()) << s;
+        stub_ = FleetStub(agent_->api_socket());
+        fds_by_shards_.clear();  // a new process: new baselines
+        return "takeover by a second agent";
+      }
     }
     return "?";
   }
@@ -227,8 +239,10 @@ class Soak {
           if (shards.empty()) return false;
           std::set<pid_t> serving;
           for (const v1::Shard& s : shards) {
+            // A worker killed a moment ago may still be listed until the
+            // agent has seen it die: wait for that too.
             if (s.state() != v1::SHARD_STATE_RUNNING || !s.ready() ||
-                s.pid() <= 0) {
+                s.pid() <= 0 || !ProcessExists(s.pid())) {
               return false;
             }
             serving.insert(s.pid());

@@ -980,6 +980,46 @@ TEST(WorkerNetnsTest, RetriesUntilTheAgentSocketAppears) {
   EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
 }
 
+// An agent that accepts each reconnect and drops it at once (as one that
+// does not want this worker may): the worker keeps serving and retries at
+// its reconnect interval (250 ms), not in a tight loop. Over 2 s that is
+// about 8 connections (at most 12 allowed); the old behaviour made ~450.
+TEST(WorkerNetnsTest, ReconnectsDroppedAtOnceAreRetriedAtTheInterval) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Listener l = ListenLoopback();
+  TempDir dir;
+  std::string path = absl::StrCat(dir.path(), "/control.sock");
+  auto pair = ControlChannel::Pair();
+  ASSERT_TRUE(pair.ok()) << pair.status();
+  ControlChannel agent = std::move(pair->first);
+  WorkerProcess w;
+  w.Start({.env = {"PORTFLEET_LISTENER=web", "PORTFLEET_SHARD=1",
+                   absl::StrCat("PORTFLEET_AGENT_SOCKET=", path)},
+           .fd3 = l.fd.get(),
+           .control_fd = pair->second.fd()});
+  pair->second.Close();
+  ASSERT_TRUE(NextMessage(agent, absl::Seconds(5)).has_value()) << w.Log();
+  Fd agent_socket = AgentSocketListener(path);
+  agent.Close();
+
+  int connections = 0;
+  absl::Time until = absl::Now() + absl::Seconds(2);
+  while (absl::Now() < until) {
+    std::optional<ControlChannel> c =
+        AcceptAgentConnection(agent_socket.get(), until - absl::Now());
+    if (!c.has_value()) break;
+    ++connections;
+    c->Close();  // dropped at once
+  }
+  EXPECT_GE(connections, 2) << w.Log();
+  EXPECT_LE(connections, 12) << w.Log();
+  testing::Reply r = testing::HttpGet(l.address());
+  EXPECT_EQ(r.outcome, Outcome::kOk) << r.error << "\n" << w.Log();
+  ASSERT_TRUE(w.running()) << w.Log();
+  w.Signal(SIGTERM);
+  EXPECT_EQ(w.ExitCode(absl::Seconds(5)), 0) << w.Log();
+}
+
 // A draining worker has given up its listening socket: when the agent goes
 // away then, it finishes the drain without reconnecting.
 TEST(WorkerNetnsTest, DoesNotReconnectWhileDraining) {

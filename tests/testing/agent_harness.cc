@@ -1,6 +1,7 @@
 #include "tests/testing/agent_harness.h"
 
 #include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -37,6 +38,35 @@ absl::Status AgentHarness::Start(const std::string& spec_text,
 }
 
 absl::Status AgentHarness::Restart(const std::vector<std::string>& extra_args) {
+  starts_++;
+  return agent_.Start(AgentArgv(extra_args),
+                      absl::StrCat(dir_.path(), "/agent.", starts_, ".log"));
+}
+
+absl::Status AgentHarness::Takeover(absl::Duration timeout) {
+  Subprocess next;
+  starts_++;
+  absl::Status started =
+      next.Start(AgentArgv({"--takeover"}),
+                 absl::StrCat(dir_.path(), "/agent.", starts_, ".log"));
+  if (!started.ok()) return started;
+  std::optional<int> status = agent_.Wait(timeout);
+  if (!status.has_value()) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "the running agent (pid ", agent_.pid(), ") did not hand over within ",
+        absl::FormatDuration(timeout), "; new agent's log:\n", next.Log()));
+  }
+  if (!WIFEXITED(*status) || WEXITSTATUS(*status) != 0) {
+    return absl::InternalError(
+        absl::StrCat("the running agent ended with wait status ", *status,
+                     " instead of exit 0; new agent's log:\n", next.Log()));
+  }
+  agent_ = std::move(next);
+  return absl::OkStatus();
+}
+
+std::vector<std::string> AgentHarness::AgentArgv(
+    const std::vector<std::string>& extra_args) const {
   std::vector<std::string> argv = wrapper_;
   std::vector<std::string> agent = {
       BinaryPath("portfleet-agent"),
@@ -53,9 +83,7 @@ absl::Status AgentHarness::Restart(const std::vector<std::string>& extra_args) {
   };
   argv.insert(argv.end(), agent.begin(), agent.end());
   for (const auto& a : extra_args) argv.push_back(a);
-  starts_++;
-  return agent_.Start(argv,
-                      absl::StrCat(dir_.path(), "/agent.", starts_, ".log"));
+  return argv;
 }
 
 bool AgentHarness::WaitServing(const std::string& address,

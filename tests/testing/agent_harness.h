@@ -33,6 +33,10 @@ class AgentHarness {
                      const std::vector<std::string>& extra_args = {});
   // Starts again with the same paths (after a stop or SIGKILL).
   absl::Status Restart(const std::vector<std::string>& extra_args = {});
+  // A second agent with --takeover on the same directories; once the running
+  // agent has handed over and exited 0 (within `timeout`), the new one is
+  // this harness's process.
+  absl::Status Takeover(absl::Duration timeout = absl::Seconds(30));
   // A command the agent is started through (e.g. {"prlimit",
   // "--nofile=128:128", "--"}); it must exec the agent in place.
   void set_wrapper(std::vector<std::string> wrapper) {
@@ -55,6 +59,9 @@ class AgentHarness {
   std::map<int, pid_t> WorkersByShard() const;
 
  private:
+  std::vector<std::string> AgentArgv(
+      const std::vector<std::string>& extra_args) const;
+
   TempDir dir_;
   std::string spec_path_;
   std::string bpffs_;

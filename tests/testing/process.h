@@ -44,6 +44,10 @@ class Subprocess {
   ~Subprocess();
   Subprocess(const Subprocess&) = delete;
   Subprocess& operator=(const Subprocess&) = delete;
+  // Moves the child (and the duty to reap it); a process already held by
+  // the target is killed and reaped first, as the destructor does.
+  Subprocess(Subprocess&& other) noexcept;
+  Subprocess& operator=(Subprocess&& other) noexcept;
 
   // argv[0] is the program path. `env` entries ("K=V") are added to the
   // current environment.

@@ -180,7 +180,13 @@ void AgentLink::LoseControl(absl::string_view why, bool on_send) {
   failures_ = 0;
   last_failure_log_ = absl::InfinitePast();
   pending_.reset();
-  ArmReconnect(absl::ZeroDuration());  // first attempt at once
+  // The first attempt at once, unless the connection this one replaced was
+  // itself a reconnect that the agent dropped at once (e.g. it does not want
+  // this worker): then wait, so that worker and agent do not spin.
+  const bool dropped_at_once =
+      lost_at_ - reconnected_at_ < options_.reconnect_interval;
+  ArmReconnect(dropped_at_once ? options_.reconnect_interval
+                               : absl::ZeroDuration());
 }
 
 void AgentLink::ArmReconnect(absl::Duration after) {
@@ -269,6 +275,7 @@ absl::Status AgentLink::HandOver(ControlChannel channel) {
   RETURN_IF_ERROR(Watch(channel.fd()));
   control_ = std::move(channel);
   ++reconnects_;
+  reconnected_at_ = absl::Now();
   PF_LOG(INFO) << "reconnected to the agent at " << options_.agent_socket
                << " after " << failures_ << " failed attempts ("
                << absl::Trunc(absl::Now() - lost_at_, absl::Milliseconds(1))

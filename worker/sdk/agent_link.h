@@ -163,6 +163,8 @@ class AgentLink {
   absl::Time last_failure_log_ = absl::InfinitePast();
   uint64_t refused_peers_ = 0;
   uint64_t reconnects_ = 0;
+  // When the current control connection was handed over by a reconnect.
+  absl::Time reconnected_at_ = absl::InfinitePast();
   absl::Time last_bad_message_log_ = absl::InfinitePast();
   uint64_t bad_messages_suppressed_ = 0;
 };
