@@ -494,8 +494,25 @@ TEST(AgentFleetTest, WorkersHaveNoCapabilities) {
   AgentHarness agent;
   ASSERT_TRUE(agent.Start(Spec(2)).ok());
   ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
-  std::map<int, pid_t> workers = agent.WorkersByShard();
-  ASSERT_EQ(workers.size(), 2u);
+  // Both workers exist and have exec'd the worker binary: a child still
+  // between fork and exec shows the agent's own capabilities.
+  std::map<int, pid_t> workers;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        workers = agent.WorkersByShard();
+        if (workers.size() != 2) return false;
+        for (const auto& entry : workers) {
+          std::error_code ec;
+          std::string exe =
+              std::filesystem::read_symlink(
+                  absl::StrCat("/proc/", entry.second, "/exe"), ec)
+                  .string();
+          if (ec || !absl::EndsWith(exe, "/portfleet-worker")) return false;
+        }
+        return true;
+      },
+      absl::Seconds(10)))
+      << agent.Log();
   for (const auto& [shard, pid] : workers) {
     std::string status =
         ReadFileOrEmpty(absl::StrCat("/proc/", pid, "/status"));
