@@ -9,7 +9,7 @@
 #
 # Extra arguments go to cmake (through deploy/build.sh). Environment:
 #   PORTFLEET_BUILD_DIR      build directory (default build-asan / build-tsan)
-#   PORTFLEET_CTEST_LABELS   ctest -L regex (default 'unit|netns')
+#   PORTFLEET_CTEST_LABELS   ctest -L regex (default 'unit|netns|e2e')
 #   PORTFLEET_CTEST_ARGS     extra ctest arguments, e.g. '-R AgentTest'
 #
 # Sanitizer reports: every process the tests start (test binaries, and the
@@ -45,7 +45,7 @@ case "$mode" in
 esac
 
 build="${PORTFLEET_BUILD_DIR:-$root/build-$mode}"
-labels="${PORTFLEET_CTEST_LABELS:-unit|netns}"
+labels="${PORTFLEET_CTEST_LABELS:-unit|netns|e2e}"
 supp="$root/deploy/sanitizers"
 logs="$build/sanitizer-logs"
 

@@ -9,5 +9,8 @@ build="${PORTFLEET_BUILD_DIR:-$root/build}"
 "$root/deploy/install-deps.sh"
 "$root/deploy/build.sh" "$@"
 cd "$build"
+# install-deps.sh has just installed python3-grpcio and python3-grpc-tools:
+# a test that needs them must not skip here.
+export PORTFLEET_REQUIRE_PYTHON_DEPS="${PORTFLEET_REQUIRE_PYTHON_DEPS:-1}"
 # The deploy tier (podman) runs by its own command: deploy/deploy-test.sh.
 ctest --output-on-failure --timeout 300 -j2 -LE deploy

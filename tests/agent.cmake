@@ -28,7 +28,7 @@ portfleet_test(agent_steering_test
 portfleet_test(agent_scale_test
   SOURCES netns/agent_scale_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
-  LABELS netns)
+  LABELS e2e)
 
 # Fleet logic with fakes behind ProcessLauncher and SteeringBackend and a
 # manual clock: no processes, BPF or privileges (unit).
@@ -42,3 +42,10 @@ portfleet_test(agent_options_test
   SOURCES unit/agent_options_test.cc
   LIBS portfleet_agent portfleet_testing
   LABELS unit)
+
+# README promises about the agent's process life: restart backoff, SIGHUP,
+# a second stop signal, a corrupt state file (real agent, netns).
+portfleet_test(agent_promises_test
+  SOURCES netns/agent_promises_test.cc
+  LIBS portfleet_api portfleet_testing
+  LABELS netns)

@@ -15,12 +15,13 @@ portfleet_test(fleet_health_test
 portfleet_test(health_netns_test
   SOURCES netns/health_netns_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
-  LABELS netns)
+  LABELS e2e
+  LOCK load)
 
 portfleet_test(health_signals_netns_test
   SOURCES netns/health_signals_netns_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
-  LABELS netns)
+  LABELS e2e)
 
 # The health benchmark (a plain executable, never a ctest test): time from
 # SIGSTOP to ejection and to the replacement serving, client failures.

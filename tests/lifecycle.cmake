@@ -18,15 +18,24 @@ portfleet_test(loadgen_test
   LIBS portfleet_loadgen
   LABELS unit)
 
+# Negative controls: the load generator and the blocking test clients against
+# misbehaving servers on 127.0.0.1 (refuse, reset, stall, short, wrong).
+portfleet_test(loadgen_control_test
+  SOURCES ${CMAKE_CURRENT_LIST_DIR}/loadgen/loadgen_control_test.cc
+  LIBS portfleet_loadgen portfleet_testing
+  LABELS unit)
+
 portfleet_test(lifecycle_scale_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/lifecycle_scale_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
-  LABELS netns)
+  LABELS e2e
+  LOCK load)
 
 portfleet_test(lifecycle_drain_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/lifecycle_drain_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
-  LABELS netns)
+  LABELS e2e
+  LOCK load)
 
 add_executable(portfleet-lifecycle-bench
   ${CMAKE_CURRENT_LIST_DIR}/bench/lifecycle_bench.cc)
@@ -38,17 +47,20 @@ target_link_libraries(portfleet-lifecycle-bench PRIVATE portfleet_loadgen
 portfleet_test(lifecycle_rollout_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/lifecycle_rollout_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
-  LABELS netns)
+  LABELS e2e
+  LOCK load)
 
 portfleet_test(lifecycle_restart_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/lifecycle_restart_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
-  LABELS netns)
+  LABELS e2e
+  LOCK load)
 
 portfleet_test(lifecycle_takeover_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/lifecycle_takeover_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
-  LABELS netns)
+  LABELS e2e
+  LOCK load)
 
 # The DaemonSet's surge upgrade with restartPolicy Always (issue 12).
 portfleet_test(lifecycle_surge_test
@@ -68,20 +80,21 @@ target_link_libraries(portfleet-fleet-bench PRIVATE portfleet_loadgen
 portfleet_test(agent_resilience_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/agent_resilience_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
-  LABELS netns)
+  LABELS e2e)
 
 # Hostile users and awkward moments (issue 9).
 portfleet_test(agent_hostile_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/agent_hostile_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
-  LABELS netns)
+  LABELS e2e)
 
 # The randomized fault soak (issue 9), bounded by PORTFLEET_SOAK_SECONDS
 # (default 60) and replayable with PORTFLEET_SOAK_SEED.
 portfleet_test(fault_soak_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/fault_soak_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
-  LABELS netns)
+  LABELS e2e
+  LOCK load)
 
 # Agent overhead (idle CPU/RSS by shard count, ListShards latency, steering
 # program ns per SYN): a plain executable, never a ctest test.

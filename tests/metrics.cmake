@@ -7,5 +7,5 @@ portfleet_test(metrics_render_test
 
 portfleet_test(metrics_server_test
   SOURCES unit/metrics_server_test.cc
-  LIBS portfleet_metrics
+  LIBS portfleet_metrics portfleet_testing
   LABELS unit)

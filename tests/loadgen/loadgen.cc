@@ -56,7 +56,9 @@ std::string Usage() {
 Opens connections to HOST:PORT for a bounded time, sends a request, checks
 the whole answer and counts every outcome: ok, refused, reset, timeout,
 short (EOF before the whole answer), wrong (complete but unexpected answer),
-error (any other socket error). Only loopback targets (127.0.0.0/8, [::1])
+error (any other socket error); with --rate also not_started (connections
+that fell due but could not start because --max-in-flight were still open).
+Every class but ok is a failure. Only loopback targets (127.0.0.0/8, [::1])
 are accepted, or the one host named by --allow-address (an address of a
 network namespace the caller created).
 
@@ -85,7 +87,8 @@ network namespace the caller created).
   --help
 
 Output: one summary line on stdout, e.g.
-  ok=9980 failed=0 (refused=0 reset=0 timeout=0 short=0 wrong=0 error=0)
+  ok=9980 failed=0 (refused=0 reset=0 timeout=0 short=0 wrong=0 error=0
+  not_started=0)
   conns=9980 1995.6/s p50=0.21ms p90=0.40ms p99=1.10ms max=4.00ms
   shards={0:2495,1:2497,...}
 
@@ -415,10 +418,10 @@ std::string Result::Summary() const {
   double secs = absl::ToDoubleSeconds(elapsed);
   return absl::StrFormat(
       "ok=%d failed=%d (refused=%d reset=%d timeout=%d short=%d wrong=%d "
-      "error=%d) conns=%d %.1f/s p50=%.2fms p90=%.2fms p99=%.2fms "
-      "max=%.2fms shards={%s}%s",
+      "error=%d not_started=%d) conns=%d %.1f/s p50=%.2fms p90=%.2fms "
+      "p99=%.2fms max=%.2fms shards={%s}%s",
       ok(), failures(), outcomes[1], outcomes[2], outcomes[3], outcomes[4],
-      outcomes[5], outcomes[6], connections_opened,
+      outcomes[5], outcomes[6], late_starts, connections_opened,
       secs > 0 ? static_cast<double>(requests) / secs : 0.0, latency_ms.p50,
       latency_ms.p90, latency_ms.p99, latency_ms.max, shards,
       first_errors.empty() ? "" : " first_error=\"" + first_errors[0] + "\"");

@@ -101,7 +101,10 @@ struct Result {
   int64_t requests = 0;            // outcomes summed
   int64_t server_closed_idle = 0;  // long http: keep-alive closed by server
   int64_t reconnects = 0;          // long mode
-  int64_t late_starts = 0;  // rate mode: a start waited for max_in_flight
+  // Rate mode: connections that fell due but never started because
+  // max_in_flight connections were still open (a server that stops
+  // answering). They count as failures: offered load that was not served.
+  int64_t late_starts = 0;
   absl::Duration elapsed;
   Percentiles latency_ms;
   std::map<int, int64_t> by_shard;        // http: answers per shard
@@ -109,7 +112,7 @@ struct Result {
   std::vector<std::string> first_errors;  // up to 10
 
   int64_t ok() const { return outcomes[0]; }
-  int64_t failures() const { return requests - ok(); }
+  int64_t failures() const { return requests - ok() + late_starts; }
   std::string Summary() const;  // one line
   std::string ToJson(const Options& options) const;
 };

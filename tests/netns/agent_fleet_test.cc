@@ -1,6 +1,7 @@
 // The agent's spine against the real kernel: real portfleet-agent and
 // portfleet-worker binaries, each case in its own network namespace,
 // outcomes counted from the client side.
+#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -11,6 +12,7 @@
 #include <set>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -156,6 +158,84 @@ TEST(AgentFleetTest, KilledWorkerIsReplacedOnSameSocketWithoutFailures) {
 }
 
 // Steps:
+// 1. Start the agent with 1 shard (so every connection is on its queue).
+// 2. Stop the worker (SIGSTOP) while it holds no connection; open 8
+//    connections and send a request on each: the kernel completes their
+//    handshakes, and they wait in the shard's accept queue. None is answered
+//    while the worker is stopped.
+// 3. SIGKILL the stopped worker; the agent starts a replacement on the same
+//    socket.
+// 4. Every one of the 8 queued connections is answered by the replacement.
+TEST(AgentFleetTest, WorkerCrashKeepsItsQueue) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  ASSERT_TRUE(agent.Start(Spec(1)).ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  ASSERT_TRUE(WaitFor([&] { return agent.WorkersByShard().size() == 1; },
+                      absl::Seconds(10)));
+  const pid_t victim = agent.WorkersByShard()[0];
+  ASSERT_GT(victim, 0);
+  ASSERT_TRUE(
+      WaitFor([&] { return HeldConnections(victim) == 0; }, absl::Seconds(10)));
+  ASSERT_EQ(::kill(victim, SIGSTOP), 0);
+
+  absl::StatusOr<SocketAddress> addr = SocketAddress::Parse(kAddress);
+  ASSERT_TRUE(addr.ok()) << addr.status();
+  constexpr int kQueued = 8;
+  std::vector<Fd> queued;
+  const std::string request =
+      "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+  for (int i = 0; i < kQueued; ++i) {
+    Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    ASSERT_TRUE(fd.valid());
+    ASSERT_EQ(::connect(fd.get(), addr->get(), addr->length), 0)
+        << "connection " << i << ": " << strerror(errno);
+    ASSERT_EQ(::send(fd.get(), request.data(), request.size(), MSG_NOSIGNAL),
+              static_cast<ssize_t>(request.size()));
+    queued.push_back(std::move(fd));
+  }
+  // Nothing is answered while the worker is stopped.
+  pollfd first{queued[0].get(), POLLIN, 0};
+  EXPECT_EQ(::poll(&first, 1, 200), 0) << "answered by a stopped worker";
+
+  ASSERT_EQ(::kill(victim, SIGKILL), 0);
+  pid_t replacement = 0;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        auto w = agent.WorkersByShard();
+        replacement = w.count(0) ? w[0] : 0;
+        return replacement != 0 && replacement != victim;
+      },
+      absl::Seconds(10)))
+      << agent.Log();
+
+  int answered = 0;
+  for (int i = 0; i < kQueued; ++i) {
+    std::string raw;
+    absl::Time deadline = absl::Now() + absl::Seconds(15);
+    int fd = queued[i].get();
+    for (;;) {
+      pollfd p{fd, POLLIN, 0};
+      int left =
+          static_cast<int>(absl::ToInt64Milliseconds(deadline - absl::Now()));
+      if (left <= 0 || ::poll(&p, 1, left) != 1) break;
+      char buf[4096];
+      ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+      if (n <= 0) {
+        if (n < 0) absl::StrAppend(&raw, "<recv: ", strerror(errno), ">");
+        break;
+      }
+      raw.append(buf, n);
+    }
+    bool ok = absl::StartsWith(raw, "HTTP/1.1 200 ") &&
+              absl::StrContains(raw, absl::StrCat("pid=", replacement, "\n"));
+    EXPECT_TRUE(ok) << "queued connection " << i << " got: " << raw;
+    if (ok) answered++;
+  }
+  EXPECT_EQ(answered, kQueued) << agent.Log();
+}
+
+// Steps:
 // 1. Start the agent with 3 shards.
 // 2. SIGTERM it.
 // 3. It exits 0 and none of its workers is left running.
@@ -172,8 +252,7 @@ TEST(AgentFleetTest, SigtermStopsAllWorkersAndExitsZero) {
   agent.process().Signal(SIGTERM);
   std::optional<int> status = agent.process().Wait(absl::Seconds(10));
   ASSERT_TRUE(status.has_value()) << agent.Log();
-  EXPECT_TRUE(WIFEXITED(*status)) << *status;
-  EXPECT_EQ(WEXITSTATUS(*status), 0) << agent.Log();
+  EXPECT_TRUE(ExitedWith(*status, 0)) << agent.Log();
   for (pid_t w : workers) EXPECT_FALSE(ProcessExists(w)) << "worker " << w;
   EXPECT_EQ(HttpGet(kAddress).outcome, Outcome::kRefused);
 }
@@ -197,11 +276,18 @@ TEST(AgentFleetTest, StragglerIsKilledAfterDrainTimeout) {
   // The worker ignores SIGTERM once its trap is set.
   ASSERT_TRUE(WaitFor([&] { return ::access(marker.c_str(), F_OK) == 0; },
                       absl::Seconds(10)));
+  std::vector<pid_t> stubborn = DescendantsOf(agent.pid());
+  ASSERT_FALSE(stubborn.empty());
   agent.process().Signal(SIGTERM);
   std::optional<int> status = agent.process().Wait(absl::Seconds(10));
   ASSERT_TRUE(status.has_value());
-  EXPECT_EQ(WEXITSTATUS(*status), 0);
+  EXPECT_TRUE(ExitedWith(*status, 0)) << agent.Log();
   EXPECT_THAT(agent.Log(), HasSubstr("drain timeout reached"));
+  // The straggler (the shell and its sleep) did not survive the agent.
+  for (pid_t p : stubborn) {
+    EXPECT_TRUE(WaitFor([&] { return !ProcessExists(p); }, absl::Seconds(5)))
+        << "straggler " << p << " still runs after the agent exited";
+  }
 }
 
 // Steps:
@@ -281,6 +367,79 @@ TEST(AgentFleetTest, IPv6ListenerServes) {
 }
 
 // Steps:
+// 1. Two shards whose workers run as nobody (they cannot reconnect to the
+//    agent's 0600 control socket after an agent restart). A client thread
+//    connects continuously.
+// 2. SIGKILL the agent and start it again with the same paths.
+// 3. README: such workers are replaced. Two new worker pids serve, both as
+//    nobody; the old workers drain and exit; the client saw no failure
+//    throughout (the data path never depended on the agent).
+TEST(AgentFleetTest, WorkersWithAUserAreReplacedAfterAnAgentRestart) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  std::string worker = agent.dir().path() + "/portfleet-worker";
+  std::filesystem::copy_file(BinaryPath("portfleet-worker"), worker);
+  ::chmod(worker.c_str(), 0755);
+  ASSERT_TRUE(agent
+                  .Start(absl::StrCat(R"pb(listeners {
+                    name: "web" address: "127.0.0.1:8080" shards: 2
+                    worker {
+                      command: ")pb",
+                                      worker, R"pb("
+                      args: "--mode=http"
+                      user: "nobody"
+                    }
+                    drain_timeout_seconds: 5
+                  })pb"))
+                  .ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  ASSERT_TRUE(WaitFor([&] { return agent.WorkersByShard().size() == 2; },
+                      absl::Seconds(10)));
+  const std::map<int, pid_t> old_workers = agent.WorkersByShard();
+
+  std::atomic<bool> stop{false};
+  Tally tally;
+  std::thread client([&] {
+    ClientOptions options;
+    options.timeout = absl::Seconds(10);
+    while (!stop.load()) tally.Add(HttpGet(kAddress, options));
+  });
+  agent.process().Signal(SIGKILL);
+  ASSERT_TRUE(agent.process().Wait(absl::Seconds(5)).has_value());
+  ASSERT_TRUE(agent.Restart().ok());
+  std::map<int, pid_t> new_workers;
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        new_workers = agent.WorkersByShard();
+        if (new_workers.size() != 2) return false;
+        for (const auto& entry : new_workers) {
+          for (const auto& old : old_workers) {
+            if (entry.second == old.second) return false;
+          }
+        }
+        return true;
+      },
+      absl::Seconds(20)))
+      << agent.Log();
+  for (const auto& entry : old_workers) {
+    const pid_t old_pid = entry.second;
+    EXPECT_TRUE(
+        WaitFor([&] { return !ProcessExists(old_pid); }, absl::Seconds(15)))
+        << "old worker " << old_pid << " still runs\n"
+        << agent.Log();
+  }
+  stop = true;
+  client.join();
+  EXPECT_EQ(tally.failed, 0) << tally.first_error;
+  EXPECT_GT(tally.ok, 0);
+  for (const auto& entry : new_workers) {
+    EXPECT_THAT(
+        ReadFileOrEmpty(absl::StrCat("/proc/", entry.second, "/status")),
+        HasSubstr("Uid:\t65534\t65534\t65534\t65534"));
+  }
+}
+
+// Steps:
 // 1. A listener whose workers run as "nobody".
 // 2. They serve, and /proc says they run with nobody's uid and gid.
 // 3. An unknown user is a start-up error naming the field.
@@ -335,8 +494,25 @@ TEST(AgentFleetTest, WorkersHaveNoCapabilities) {
   AgentHarness agent;
   ASSERT_TRUE(agent.Start(Spec(2)).ok());
   ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
-  std::map<int, pid_t> workers = agent.WorkersByShard();
-  ASSERT_EQ(workers.size(), 2u);
+  // Both workers exist and have exec'd the worker binary: a child still
+  // between fork and exec shows the agent's own capabilities.
+  std::map<int, pid_t> workers;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        workers = agent.WorkersByShard();
+        if (workers.size() != 2) return false;
+        for (const auto& entry : workers) {
+          std::error_code ec;
+          std::string exe =
+              std::filesystem::read_symlink(
+                  absl::StrCat("/proc/", entry.second, "/exe"), ec)
+                  .string();
+          if (ec || !absl::EndsWith(exe, "/portfleet-worker")) return false;
+        }
+        return true;
+      },
+      absl::Seconds(10)))
+      << agent.Log();
   for (const auto& [shard, pid] : workers) {
     std::string status =
         ReadFileOrEmpty(absl::StrCat("/proc/", pid, "/status"));
@@ -399,7 +575,7 @@ TEST(AgentFleetTest, UsageErrors) {
     ASSERT_TRUE(p.Start(argv, dir.path() + "/log").ok());
     std::optional<int> status = p.Wait(absl::Seconds(10));
     ASSERT_TRUE(status.has_value());
-    EXPECT_EQ(WEXITSTATUS(*status), 2) << args[0];
+    EXPECT_TRUE(ExitedWith(*status, 2)) << args[0];
     EXPECT_THAT(p.Log(), HasSubstr("Run 'portfleet-agent --help' for usage."));
   }
 }

@@ -133,7 +133,7 @@ TEST(HealthSignalsNetnsTest, SignalsAgreeInEveryState) {
   EXPECT_TRUE(saw_stopping);
   std::optional<int> status = agent.process().Wait(absl::Seconds(15));
   ASSERT_TRUE(status.has_value());
-  EXPECT_EQ(WEXITSTATUS(*status), 0);
+  EXPECT_TRUE(ExitedWith(*status, 0));
   EXPECT_THAT(agent.Log(), HasSubstr("health: STOPPING"));
 }
 
@@ -176,7 +176,7 @@ TEST(HealthSignalsNetnsTest, ThirdPartyWorkerIsReadyAndTakeoverCompletes) {
                   .ok());
   std::optional<int> a_status = a.process().Wait(absl::Seconds(20));
   ASSERT_TRUE(a_status.has_value()) << a.Log() << "\n---\n" << b.Log();
-  EXPECT_EQ(WEXITSTATUS(*a_status), 0);
+  EXPECT_TRUE(ExitedWith(*a_status, 0));
   ASSERT_TRUE(
       WaitFor([&] { return absl::StrContains(b.Log(), "takeover complete"); },
               absl::Seconds(10)))
@@ -260,6 +260,9 @@ while True:
   ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
                       absl::Seconds(10)))
       << agent.Log();
+  const pid_t stuck = agent.WorkersByShard().at(1);
+  EventLog events(*stub);
+  const absl::Time start = absl::Now();
   loadgen::Options o;
   o.target = kAddress;
   o.rate = 100;
@@ -267,10 +270,20 @@ while True:
   o.request_timeout = absl::Seconds(2);
   absl::StatusOr<loadgen::Result> r = loadgen::Run(o);
   ASSERT_TRUE(r.ok());
-  EXPECT_EQ(ShardHealth(*stub, "web", 1), v1::SHARD_HEALTH_EJECTED)
+  // The ejection is an event during the load, not a state at its end: an
+  // ejected shard whose queue was migrated away looks idle, is put back
+  // after restore_after and is ejected again while it still does not
+  // accept (the agent log shows the cycle), so the state at any one moment
+  // is a matter of timing.
+  EXPECT_TRUE(
+      events
+          .Wait(v1::EVENT_TYPE_SHARD_EJECTED, 1, stuck, start, absl::Seconds(5))
+          .has_value())
       << agent.Log();
-  EXPECT_THAT(Shards(*stub, "web").at(1).health_reason(),
-              HasSubstr("queued and not accepted"));
+  EXPECT_THAT(agent.Log(),
+              HasSubstr(absl::StrCat("connection(s) queued and not accepted "
+                                     "by worker pid ",
+                                     stuck)));
   // Only the one connection the stuck handler holds is lost.
   EXPECT_EQ(r->failures(), 1) << r->Summary();
   EXPECT_GT(r->ok(), 300) << r->Summary();

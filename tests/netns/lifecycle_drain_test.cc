@@ -18,6 +18,7 @@
 #include "tests/loadgen/fleet_testing.h"
 #include "tests/loadgen/loadgen.h"
 #include "tests/testing/agent_harness.h"
+#include "tests/testing/client.h"
 #include "tests/testing/netns.h"
 #include "tests/testing/process.h"
 #include "worker/sdk/base/address.h"
@@ -30,14 +31,14 @@ using ::testing::HasSubstr;
 
 std::string Spec(const std::string& address, int shards, const char* mode,
                  int drain_timeout) {
-  return absl::StrCat(
-      R"pb(listeners { name: "web" address: ")pb", address, R"pb("
+  return absl::StrCat(R"pb(listeners { name: "web" address: ")pb", address,
+                      R"pb("
                                                                  shards:)pb",
-      shards, R"pb(
+                      shards, R"pb(
         worker { command: "portfleet-worker" args: "--mode=)pb",
-      mode, R"pb(" }
+                      mode, R"pb(" }
                  drain_timeout_seconds:)pb",
-      drain_timeout, R"pb(
+                      drain_timeout, R"pb(
   steering { policy: STEERING_POLICY_HASH }
 })pb");
 }
@@ -145,7 +146,8 @@ TEST_P(LifecycleQueueMigrationTest, EveryQueuedConnectionIsAnsweredElsewhere) {
   ASSERT_EQ(workers.size(), 3u);
   const pid_t stopped = workers[1];
   ASSERT_EQ(::kill(stopped, SIGSTOP), 0);
-  absl::SleepFor(absl::Milliseconds(100));
+  ASSERT_TRUE(
+      WaitFor([&] { return ProcState(stopped) == 'T'; }, absl::Seconds(5)));
 
   absl::StatusOr<SocketAddress> addr = SocketAddress::Parse(param.address);
   ASSERT_TRUE(addr.ok());
@@ -155,17 +157,26 @@ TEST_P(LifecycleQueueMigrationTest, EveryQueuedConnectionIsAnsweredElsewhere) {
     ASSERT_TRUE(fd) << "connection " << i << ": " << strerror(errno);
     conns.push_back(std::move(fd));
   }
-  absl::SleepFor(absl::Milliseconds(500));
+  // Wait until the running shards have answered all of theirs: then the
+  // unanswered ones are those in shard 1's queue (whose depth, with the
+  // background load's, is at least as large).
   std::vector<bool> queued(conns.size());
   int num_queued = 0;
-  for (size_t i = 0; i < conns.size(); ++i) {
-    queued[i] = !Readable(conns[i].get(), 0);
-    num_queued += queued[i];
-  }
   uint32_t depth = 0;
-  for (const v1::Shard& s : Shards(*stub, "web")) {
-    if (s.index() == 1) depth = s.queue_depth();
-  }
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        num_queued = 0;
+        for (size_t i = 0; i < conns.size(); ++i) {
+          queued[i] = !Readable(conns[i].get(), 0);
+          num_queued += queued[i];
+        }
+        for (const v1::Shard& s : Shards(*stub, "web")) {
+          if (s.index() == 1) depth = s.queue_depth();
+        }
+        return depth >= static_cast<uint32_t>(num_queued);
+      },
+      absl::Seconds(10)))
+      << num_queued << " unanswered, shard 1 queue depth " << depth;
   std::cout << "queued on shard 1: " << num_queued
             << " of ours; kernel queue depth " << depth << "\n";
   EXPECT_GE(depth, static_cast<uint32_t>(num_queued));  // + background load
@@ -212,7 +223,9 @@ TEST_P(LifecycleQueueMigrationTest, EveryQueuedConnectionIsAnsweredElsewhere) {
   EXPECT_TRUE(
       WaitFor([&] { return !ProcessExists(stopped); }, absl::Seconds(3)));
 
-  absl::SleepFor(absl::Milliseconds(500));  // load continues on 2 shards
+  // Let the load run on the 2 remaining shards a little (nothing is
+  // asserted on how much it does there).
+  absl::SleepFor(absl::Milliseconds(500));
   stop = true;
   absl::StatusOr<loadgen::Result> result = running.get();
   ASSERT_TRUE(result.ok()) << result.status();
@@ -288,13 +301,20 @@ TEST(LifecycleLongLivedTest, DrainKeepsLongLivedConnectionsUntilClientsClose) {
   auto running =
       std::async(std::launch::async, [&] { return loadgen::Run(load); });
 
-  absl::SleepFor(absl::Milliseconds(1500));
-  int held = CountFds(draining) - worker_fds_idle;
+  // Wait until shard 1's worker holds its share of the 200 connections.
+  int held = 0;
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        held = CountFds(draining) - worker_fds_idle;
+        return held >= 40;
+      },
+      absl::Seconds(4)))
+      << "held " << held;
   std::cout << "connections held by the draining worker: " << held << "\n";
-  EXPECT_GE(held, 40);
   absl::Time drain_start = absl::Now();
   grpc::Status drained = Drain(*stub, "web", 1);
-  absl::Duration drain_took = absl::Now() - drain_start;
+  absl::Time drain_end = absl::Now();
+  absl::Duration drain_took = drain_end - drain_start;
   ASSERT_TRUE(drained.ok()) << drained.error_message();
 
   absl::StatusOr<loadgen::Result> result = running.get();
@@ -305,10 +325,14 @@ TEST(LifecycleLongLivedTest, DrainKeepsLongLivedConnectionsUntilClientsClose) {
   EXPECT_EQ(result->failures(), 0) << result->Summary();
   EXPECT_EQ(result->reconnects, 0);
   EXPECT_EQ(result->connections_opened, 200);
-  // About 200 connections x 10 exchanges/s x 5 s.
-  EXPECT_GT(result->ok(), 200 * 10 * 4);
-  EXPECT_LT(drain_took, absl::Seconds(8));
-  EXPECT_GE(drain_took, absl::Seconds(3));  // it did wait for the clients
+  // Exchanges happened (at least one per connection on average; how many is
+  // throughput, which belongs to the benchmarks, not here).
+  EXPECT_GE(result->ok(), 200);
+  // The drain ended before its 10 s timeout (no SIGKILL, below) but not
+  // before the clients began to close at the end of the load: it waited
+  // for them.
+  EXPECT_LT(drain_took, absl::Seconds(10));
+  EXPECT_GE(drain_end, start + load.duration);
   EXPECT_THAT(agent.Log(), ::testing::Not(HasSubstr("SIGKILL")));
   EXPECT_TRUE(
       WaitFor([&] { return !ProcessExists(draining); }, absl::Seconds(2)));
@@ -316,6 +340,110 @@ TEST(LifecycleLongLivedTest, DrainKeepsLongLivedConnectionsUntilClientsClose) {
   ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
                       absl::Seconds(10)));
   EXPECT_TRUE(WaitFor([&] { return CountFds(agent.pid()) == fds_before; },
+                      absl::Seconds(5)))
+      << "agent fds: before " << fds_before << ", after "
+      << CountFds(agent.pid());
+  EXPECT_TRUE(ZombieChildren(agent.pid()).empty());
+}
+
+// Steps:
+// 1. Two listeners: "web" (2 shards, the one deleted) and "api" (1 shard,
+//    which must not notice). Record the agent's fd count.
+// 2. Short-lived load on web (200/s) and api (100/s).
+// 3. Once web has answered connections, DeleteListener(web).
+// 4. After the delete, web refuses (nothing listens), its workers are gone.
+//    No answer to web was cut short, timed out or wrong; api's load saw no
+//    failure at all. The agent holds fewer fds than before (web's sockets
+//    and channels are closed) and has no zombie children.
+// Known limit (README, "delete listener"): a deleted listener has no live
+// shard to migrate its queues to, and its sockets keep receiving SYNs (the
+// kernel's fallback choice) until they close, so the connections that reach
+// an accept queue after its worker stopped accepting are reset. Resets are
+// printed, not asserted to be 0; making delete reset-free needs the program
+// to drop a deleting listener's SYNs and the worker to empty its queue
+// before it stops.
+TEST(LifecycleDeleteTest, DeleteAListenerUnderLoad) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  ASSERT_TRUE(
+      agent
+          .Start(Spec("127.0.0.1:8080", 2, "http", 5) +
+                 absl::StrReplaceAll(Spec("127.0.0.1:8081", 1, "http", 5),
+                                     {{"\"web\"", "\"api\""}}))
+          .ok());
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        return ReadyShards(*stub, "web") == 2 && ReadyShards(*stub, "api") == 1;
+      },
+      absl::Seconds(15)))
+      << agent.Log();
+  std::vector<pid_t> web_pids;
+  for (const v1::Shard& s : Shards(*stub, "web")) web_pids.push_back(s.pid());
+  const int fds_before = CountFds(agent.pid());
+
+  loadgen::Options web_load;
+  web_load.target = "127.0.0.1:8080";
+  web_load.rate = 200;
+  web_load.duration = absl::Seconds(20);
+  web_load.max_connections = 4000;
+  loadgen::Options api_load = web_load;
+  api_load.target = "127.0.0.1:8081";
+  api_load.rate = 100;
+  std::atomic<bool> stop{false};
+  auto web_run = std::async(std::launch::async,
+                            [&] { return loadgen::Run(web_load, &stop); });
+  auto api_run = std::async(std::launch::async,
+                            [&] { return loadgen::Run(api_load, &stop); });
+  // Wait until web really carries load (the program counted selections).
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        uint64_t selected = 0;
+        for (const v1::Shard& s : Shards(*stub, "web")) {
+          selected += s.counters().selected();
+        }
+        return selected >= 50;
+      },
+      absl::Seconds(10)));
+
+  v1::DeleteListenerRequest del;
+  del.set_name("web");
+  v1::DeleteListenerResponse deleted;
+  grpc::Status s = stub->DeleteListener(RpcContext().get(), del, &deleted);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  for (pid_t pid : web_pids) {
+    EXPECT_TRUE(WaitFor([&] { return !ProcessExists(pid); }, absl::Seconds(10)))
+        << "web worker " << pid << " still runs";
+  }
+  // Keep the load on until web has refused a few connections after the
+  // delete.
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        Reply r = HttpGet("127.0.0.1:8080");
+        return r.outcome == Outcome::kRefused;
+      },
+      absl::Seconds(5)));
+  stop = true;
+  absl::StatusOr<loadgen::Result> web = web_run.get();
+  absl::StatusOr<loadgen::Result> api = api_run.get();
+  ASSERT_TRUE(web.ok()) << web.status();
+  ASSERT_TRUE(api.ok()) << api.status();
+  std::cout << "web: " << web->Summary() << "\napi: " << api->Summary() << "\n";
+  EXPECT_GT(web->ok(), 0);
+  std::cout << "web connections reset by the delete: "
+            << web->outcomes[static_cast<int>(loadgen::Outcome::kReset)]
+            << "\n";
+  for (loadgen::Outcome o :
+       {loadgen::Outcome::kShort, loadgen::Outcome::kTimeout,
+        loadgen::Outcome::kWrong, loadgen::Outcome::kError}) {
+    EXPECT_EQ(web->outcomes[static_cast<int>(o)], 0)
+        << loadgen::OutcomeName(o) << ": " << web->Summary();
+  }
+  EXPECT_EQ(web->late_starts, 0) << web->Summary();
+  EXPECT_EQ(api->failures(), 0) << api->Summary();
+  EXPECT_TRUE(Shards(*stub, "web").empty());
+  EXPECT_TRUE(WaitFor([&] { return CountFds(agent.pid()) < fds_before; },
                       absl::Seconds(5)))
       << "agent fds: before " << fds_before << ", after "
       << CountFds(agent.pid());

@@ -2,6 +2,7 @@
 // case in its own network namespace; failures are counted from the client
 // side by the load generator.
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -196,6 +197,103 @@ TEST(LifecycleRolloutTest, WorkerThatExitsAtOnceIsRolledBack) {
   EXPECT_THAT(ReadFileOrEmpty(agent.state_dir() + "/fleet-state.textproto"),
               ::testing::Not(HasSubstr("/bin/false")));
   ExpectNoLeaks(agent.pid(), fds_after_start);
+}
+
+// Steps:
+// 1. Two shards; short-lived load.
+// 2. Roll out, one shard at a time, a wrapper that marks its environment
+//    (ROLLED=1) and execs the real worker on shard 0 but exits at once on
+//    shard 1: shard 0 is rolled, then shard 1 fails.
+// 3. The call fails saying it rolled back; shard 0 was rolled back too: no
+//    shard's worker has ROLLED=1 in its environment; the load saw no
+//    failure; the persisted spec does not name the wrapper.
+TEST(LifecycleRolloutTest, ShardsAlreadyRolledAreRolledBack) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  const std::string started = agent.dir().path() + "/shard0-rolled";
+  std::string wrapper = agent.dir().WriteFile(
+      "half-good.sh",
+      absl::StrCat("#!/bin/sh\nif [ \"$PORTFLEET_SHARD\" = 1 ]; then exit 1; "
+                   "fi\ntouch ",
+                   started, "\nROLLED=1 exec ", BinaryPath("portfleet-worker"),
+                   " \"$@\"\n"));
+  ::chmod(wrapper.c_str(), 0755);
+  ASSERT_TRUE(agent.Start(Spec(2, "http")).ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                      absl::Seconds(10)));
+
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async,
+                         [&] { return loadgen::Run(ShortLoad(), &stop); });
+  grpc::Status s = RollOut(*stub, wrapper, {"--mode=http"}, 1);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION)
+      << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("rolled back"));
+  // Shard 0's new worker really had been started before shard 1 failed.
+  EXPECT_EQ(::access(started.c_str(), F_OK), 0) << agent.Log();
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary();
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                      absl::Seconds(10)));
+  for (const v1::Shard& shard : Shards(*stub, "web")) {
+    std::string env =
+        ReadFileOrEmpty(absl::StrCat("/proc/", shard.pid(), "/environ"));
+    ASSERT_FALSE(env.empty()) << "shard " << shard.index();
+    EXPECT_EQ(env.find(std::string("ROLLED=1\0", 9)), std::string::npos)
+        << "shard " << shard.index() << " still runs the rolled-out worker";
+    EXPECT_THAT(Cmdline(shard.pid()), HasSubstr("--mode=http"));
+  }
+  EXPECT_THAT(ReadFileOrEmpty(agent.state_dir() + "/fleet-state.textproto"),
+              ::testing::Not(HasSubstr("half-good.sh")));
+}
+
+// Steps:
+// 1. Two shards; short-lived load.
+// 2. The real portfleetctl binary: `rollout web --worker-args "--mode=http
+//    --drain-timeout=7s" --max-surge 1` against the agent's API socket.
+// 3. It exits 0 and prints "listener/web rolled out (...)"; every shard runs
+//    a new pid with the new arguments; the load saw no failure.
+TEST(LifecycleRolloutTest, PortfleetctlRolloutOnTheRealAgent) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  ASSERT_TRUE(agent.Start(Spec(2, "http")).ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                      absl::Seconds(10)));
+  const std::set<pid_t> before = Pids(*stub);
+
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async,
+                         [&] { return loadgen::Run(ShortLoad(), &stop); });
+  Subprocess ctl;
+  ASSERT_TRUE(ctl.Start({BinaryPath("portfleetctl"), "--server",
+                         "unix:" + agent.api_socket(), "rollout", "web",
+                         "--worker-args", "--mode=http --drain-timeout=7s",
+                         "--max-surge", "1"},
+                        agent.dir().path() + "/ctl.log")
+                  .ok());
+  std::optional<int> status = ctl.Wait(absl::Seconds(60));
+  ASSERT_TRUE(status.has_value()) << ctl.Log();
+  EXPECT_TRUE(ExitedWith(*status, 0)) << ctl.Log() << "\n" << agent.Log();
+  EXPECT_THAT(ctl.Log(), HasSubstr("listener/web rolled out ("));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary();
+  const std::vector<v1::Shard> shards = Shards(*stub, "web");
+  ASSERT_EQ(shards.size(), 2u);
+  for (const v1::Shard& shard : shards) {
+    EXPECT_EQ(before.count(shard.pid()), 0u) << "shard " << shard.index();
+    EXPECT_THAT(Cmdline(shard.pid()),
+                HasSubstr("--mode=http --drain-timeout=7s"));
+  }
 }
 
 // Steps:

@@ -81,7 +81,19 @@ TEST(LifecycleScaleTest, FourToOneToFourTenTimesUnderLoad) {
     }
     if (fill_queues) {
       for (pid_t pid : victims) ::kill(pid, SIGSTOP);
-      absl::SleepFor(absl::Milliseconds(200));
+      // Wait for the event the round is about: connections queued on the
+      // stopped shards (not for a fixed time).
+      uint32_t queued = 0;
+      EXPECT_TRUE(WaitFor(
+          [&] {
+            queued = 0;
+            for (const v1::Shard& s : Shards(*stub, "web")) {
+              if (s.index() != 0) queued += s.queue_depth();
+            }
+            return queued > 0;
+          },
+          absl::Seconds(10)))
+          << "nothing queued on the stopped shards";
     }
     auto down = std::async(std::launch::async,
                            [&] { return ScaleTo(*stub, "web", 1); });
@@ -113,10 +125,12 @@ TEST(LifecycleScaleTest, FourToOneToFourTenTimesUnderLoad) {
   ASSERT_TRUE(result.ok()) << result.status();
   for (const std::string& r : rounds) std::cout << r << "\n";
   std::cout << "load: " << result->Summary() << "\n";
-  // The offered rate was (nearly) met: the load really ran throughout.
-  EXPECT_GE(result->ok(),
-            0.8 * load.rate * absl::ToDoubleSeconds(result->elapsed));
+  // failures() counts connections that fell due at the offered rate but
+  // could not start (late_starts) too, so 0 also says the load ran
+  // throughout; how fast it ran is for the benchmarks.
+  EXPECT_GT(result->ok(), 0) << result->Summary();
   EXPECT_EQ(result->failures(), 0) << result->Summary();
+  EXPECT_EQ(result->late_starts, 0) << result->Summary();
   EXPECT_EQ(stopped_rounds_with_migration, 5)
       << "every round with SIGSTOPped workers should have migrated "
          "connections";

@@ -18,6 +18,7 @@
 #include "tests/loadgen/fleet_testing.h"
 #include "tests/loadgen/loadgen.h"
 #include "tests/testing/agent_harness.h"
+#include "tests/testing/client.h"
 #include "tests/testing/netns.h"
 #include "tests/testing/process.h"
 
@@ -107,7 +108,7 @@ TEST(LifecycleTakeoverTest, TakeoverUnderLoad) {
                   .ok());
   std::optional<int> a_status = a.process().Wait(absl::Seconds(20));
   ASSERT_TRUE(a_status.has_value()) << a.Log() << "\n---\n" << b.Log();
-  EXPECT_TRUE(WIFEXITED(*a_status) && WEXITSTATUS(*a_status) == 0) << *a_status;
+  EXPECT_TRUE(ExitedWith(*a_status, 0)) << a.Log();
   ASSERT_TRUE(WaitFor(
       [&] { return CountOccurrences(b.Log(), "takeover complete") == 1; },
       absl::Seconds(10)))
@@ -150,7 +151,70 @@ TEST(LifecycleTakeoverTest, TakeoverUnderLoad) {
   b.Signal(SIGTERM);
   std::optional<int> b_status = b.Wait(absl::Seconds(15));
   ASSERT_TRUE(b_status.has_value());
-  EXPECT_EQ(WEXITSTATUS(*b_status), 0) << b.Log();
+  EXPECT_TRUE(ExitedWith(*b_status, 0)) << b.Log();
+}
+
+// Steps:
+// 1. Agent A serves "web" (2 shards).
+// 2. Agent B starts beside it with the same paths and --takeover=auto (the
+//    DaemonSet surge case).
+// 3. B finds A, takes over (its log says so), A exits 0, and B's workers
+//    answer on the sockets A's workers had.
+TEST(LifecycleTakeoverTest, TakeoverAutoBesideARunningAgentTakesOver) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness a;
+  ASSERT_TRUE(a.Start(R"pb(listeners {
+                     name: "web"
+                     address: "127.0.0.1:8080"
+                     shards: 2
+                     worker { command: "portfleet-worker" args: "--mode=http" }
+                     drain_timeout_seconds: 5
+                   })pb")
+                  .ok());
+  ASSERT_TRUE(a.WaitServing(kAddress)) << a.Log();
+  ASSERT_TRUE(WaitFor([&] { return a.WorkersByShard().size() == 2; },
+                      absl::Seconds(10)));
+  std::set<uint64_t> inodes;
+  for (const auto& [shard, pid] : a.WorkersByShard()) {
+    absl::StatusOr<uint64_t> inode = SocketInode(pid, 3);
+    ASSERT_TRUE(inode.ok()) << inode.status();
+    inodes.insert(*inode);
+  }
+  Subprocess b;
+  ASSERT_TRUE(b.Start({BinaryPath("portfleet-agent"), "--config",
+                       a.dir().path() + "/fleet.textproto", "--api",
+                       "unix://" + a.api_socket(), "--state-dir", a.state_dir(),
+                       "--bpffs", a.bpffs(), "--metrics", "127.0.0.1:0",
+                       "--takeover=auto"},
+                      a.dir().path() + "/agent-b.log")
+                  .ok());
+  std::optional<int> a_status = a.process().Wait(absl::Seconds(20));
+  ASSERT_TRUE(a_status.has_value()) << a.Log() << "\n---\n" << b.Log();
+  EXPECT_TRUE(ExitedWith(*a_status, 0)) << a.Log();
+  ASSERT_TRUE(WaitFor(
+      [&] { return CountOccurrences(b.Log(), "takeover complete") == 1; },
+      absl::Seconds(10)))
+      << b.Log();
+  EXPECT_THAT(b.Log(), ::testing::Not(HasSubstr("no agent answers on")));
+  auto stub = FleetStub(a.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                      absl::Seconds(10)))
+      << b.Log();
+  std::set<pid_t> b_workers;
+  for (const v1::Shard& shard : Shards(*stub, "web")) {
+    EXPECT_EQ(inodes.count(shard.socket_inode()), 1u)
+        << "shard " << shard.index() << " is on a new socket";
+    b_workers.insert(static_cast<pid_t>(shard.pid()));
+  }
+  for (int i = 0; i < 20; ++i) {
+    Reply r = HttpGet(kAddress);
+    ASSERT_EQ(r.outcome, Outcome::kOk) << r.error;
+    EXPECT_EQ(b_workers.count(r.pid), 1u) << "answered by pid " << r.pid;
+  }
+  b.Signal(SIGTERM);
+  std::optional<int> b_status = b.Wait(absl::Seconds(15));
+  ASSERT_TRUE(b_status.has_value());
+  EXPECT_TRUE(ExitedWith(*b_status, 0)) << b.Log();
 }
 
 // Without a running agent, --takeover fails with a clear message.
@@ -166,7 +230,7 @@ TEST(LifecycleTakeoverTest, TakeoverWithoutARunningAgentIsAClearError) {
           .ok());
   std::optional<int> status = b.Wait(absl::Seconds(15));
   ASSERT_TRUE(status.has_value());
-  EXPECT_EQ(WEXITSTATUS(*status), 1);
+  EXPECT_TRUE(ExitedWith(*status, 1));
   EXPECT_THAT(b.Log(), HasSubstr("start-up failed: takeover via " + dir.path() +
                                  "/control.sock"));
 }

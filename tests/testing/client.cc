@@ -156,6 +156,8 @@ const char* OutcomeName(Outcome outcome) {
       return "timeout";
     case Outcome::kShort:
       return "short";
+    case Outcome::kWrong:
+      return "wrong";
     case Outcome::kOtherError:
       return "error";
   }
@@ -178,8 +180,13 @@ Reply HttpGet(const std::string& address, const ClientOptions& options) {
   }
   static const std::regex kStatus("^HTTP/1\\.1 200 [^\\r]*\\r\\n");
   size_t head_end = raw.find("\r\n\r\n");
-  if (!std::regex_search(raw, kStatus) || head_end == std::string::npos) {
-    return Fail(Outcome::kShort, "no complete HTTP 200 head", raw);
+  if (head_end == std::string::npos) {
+    return Fail(Outcome::kShort, "no complete HTTP head", raw);
+  }
+  if (!std::regex_search(raw, kStatus)) {
+    return Fail(Outcome::kWrong,
+                absl::StrCat("not HTTP 200: ", raw.substr(0, raw.find('\r'))),
+                raw);
   }
   static const std::regex kLength(
       "\\r\\n[Cc]ontent-[Ll]ength: *([0-9]+)\\r\\n");
@@ -191,7 +198,7 @@ Reply HttpGet(const std::string& address, const ClientOptions& options) {
   size_t length = std::stoul(m[1].str());
   std::string body = raw.substr(head_end + 4);
   if (body.size() != length) {
-    return Fail(Outcome::kShort,
+    return Fail(body.size() < length ? Outcome::kShort : Outcome::kWrong,
                 absl::StrCat("body has ", body.size(), " bytes, want ", length),
                 raw);
   }
@@ -221,11 +228,14 @@ Reply EchoOnce(const std::string& address, const std::string& payload,
   if (int err = Receive(fd.get(), &raw, payload.size(), deadline); err != 0) {
     return Fail(FromErrno(err), absl::StrCat("recv: ", strerror(err)), raw);
   }
-  if (raw != payload) {
+  if (raw.size() < payload.size()) {
     return Fail(Outcome::kShort,
                 absl::StrCat("echo returned ", raw.size(), " bytes, want ",
                              payload.size()),
                 raw);
+  }
+  if (raw != payload) {
+    return Fail(Outcome::kWrong, "echo differs from what was sent", raw);
   }
   Reply r;
   r.outcome = Outcome::kOk;

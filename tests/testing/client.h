@@ -9,7 +9,17 @@
 
 namespace portfleet::testing {
 
-enum class Outcome { kOk, kRefused, kReset, kTimeout, kShort, kOtherError };
+// kShort: EOF before the whole answer; kWrong: a complete answer that is not
+// the expected one (HTTP status other than 200, echo bytes that differ).
+enum class Outcome {
+  kOk,
+  kRefused,
+  kReset,
+  kTimeout,
+  kShort,
+  kWrong,
+  kOtherError
+};
 const char* OutcomeName(Outcome outcome);
 
 struct Reply {

@@ -1,9 +1,11 @@
 #include "tests/testing/netns.h"
 
 #include <net/if.h>
+#include <netinet/in.h>
 #include <sched.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -16,6 +18,22 @@ namespace portfleet::testing {
 bool PrivilegedRequired() {
   const char* v = std::getenv("PORTFLEET_REQUIRE_PRIVILEGED");
   return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+bool PythonDepsRequired() {
+  const char* v = std::getenv("PORTFLEET_REQUIRE_PYTHON_DEPS");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+bool HasIpv6Loopback() {
+  int fd = ::socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  sockaddr_in6 a{};
+  a.sin6_family = AF_INET6;
+  a.sin6_addr = in6addr_loopback;
+  bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+  ::close(fd);
+  return ok;
 }
 
 namespace {

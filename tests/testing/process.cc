@@ -176,6 +176,25 @@ std::vector<pid_t> DescendantsOf(pid_t pid) {
   return out;
 }
 
+::testing::AssertionResult ExitedWith(int wait_status, int code) {
+  if (WIFEXITED(wait_status)) {
+    if (WEXITSTATUS(wait_status) == code) {
+      return ::testing::AssertionSuccess();
+    }
+    return ::testing::AssertionFailure()
+           << "exited with status " << WEXITSTATUS(wait_status) << ", want "
+           << code;
+  }
+  if (WIFSIGNALED(wait_status)) {
+    return ::testing::AssertionFailure()
+           << "killed by signal " << WTERMSIG(wait_status) << " ("
+           << strsignal(WTERMSIG(wait_status)) << "), want exit status "
+           << code;
+  }
+  return ::testing::AssertionFailure()
+         << "wait status " << wait_status << " is not an exit, want " << code;
+}
+
 bool ProcessExists(pid_t pid) {
   std::string stat = ReadFileOrEmpty(absl::StrCat("/proc/", pid, "/stat"));
   if (stat.empty()) return false;

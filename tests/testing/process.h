@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "gtest/gtest.h"
 
 namespace portfleet::testing {
 
@@ -83,6 +84,11 @@ int CountFds(pid_t pid);
 std::string ReadFileOrEmpty(const std::string& path);
 // Count of non-overlapping occurrences of `needle` in `haystack`.
 int CountOccurrences(const std::string& haystack, const std::string& needle);
+
+// Success when a wait status says the process exited normally with `code`;
+// a process killed by a signal is a failure naming the signal (WEXITSTATUS
+// alone reads 0 for a SIGKILLed process).
+::testing::AssertionResult ExitedWith(int wait_status, int code);
 
 }  // namespace portfleet::testing
 

@@ -621,14 +621,9 @@ TEST_F(ApiServiceTest, RefusesToStartOverALiveAgent) {
 // A client that knows nothing of our protos lists the services through
 // reflection and calls GetStatus (tests/e2e/api_reflection.py).
 TEST_F(ApiServiceTest, DiscoverableThroughReflection) {
-  if (system("/usr/bin/python3 -c 'import grpc, grpc_tools' 2>/dev/null") !=
-      0) {
-    // deploy/install-deps.sh installs them; CI must not pass without.
-    if (::portfleet::testing::PrivilegedRequired()) {
-      FAIL() << "needs python3-grpcio and python3-grpc-tools";
-    }
-    GTEST_SKIP() << "needs python3-grpcio and python3-grpc-tools";
-  }
+  // deploy/install-deps.sh installs them; CI sets
+  // PORTFLEET_REQUIRE_PYTHON_DEPS=1 so that it cannot pass without.
+  PF_REQUIRE_PYTHON_GRPC();
   const std::string out = dir_.path() + "/reflection.out";
   const std::string cmd =
       std::string("/usr/bin/python3 ") + PORTFLEET_SOURCE_DIR +

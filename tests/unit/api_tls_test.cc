@@ -328,12 +328,13 @@ TEST_F(ApiTlsTest, EditedPolicyTakesEffectAndBadEditKeepsTheLastGood) {
 
   WritePolicy(R"({"name": "open-to-reader", "allow_rules": [
       {"name": "r", "source": {"principals": ["spiffe://example/reader"]}}]})");
-  const absl::Time edited = absl::Now();
+  // Seen at the first call after the 1 s recheck interval; the bound is
+  // generous for a loaded machine.
   EXPECT_TRUE(
-      WaitFor([&] { return Scale(*reader, 3).ok(); }, absl::Seconds(3)));
-  EXPECT_LE(absl::Now() - edited, absl::Milliseconds(2500));
+      WaitFor([&] { return Scale(*reader, 3).ok(); }, absl::Seconds(15)));
 
-  // A broken edit is refused; the policy in force stays.
+  // A broken edit is refused; the policy in force stays. Waiting longer than
+  // the recheck interval guarantees the next call looks at the file.
   WritePolicy("{\"name\": \"broken\", \"allow_rules\": [");
   absl::SleepFor(absl::Milliseconds(1200));
   EXPECT_TRUE(Scale(*reader, 2).ok());

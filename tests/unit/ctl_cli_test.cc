@@ -20,6 +20,7 @@
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/netns.h"
 #include "tests/unit/ctl_test_env.h"
 #include "worker/sdk/base/fd.h"
 
@@ -940,10 +941,7 @@ TEST(CtlUnreachableTest, ServerFromEnvironment) {
 // group (nobody) in a child process: exit 4 and how to get access.
 TEST(CtlPermissionTest, SocketThisUserMayNotOpenExitsFour) {
   if (geteuid() != 0) {
-    if (getenv("PORTFLEET_REQUIRE_PRIVILEGED") != nullptr) {
-      FAIL() << "needs root to run portfleetctl as another user";
-    }
-    GTEST_SKIP() << "needs root to run portfleetctl as another user";
+    PF_SKIP_OR_FAIL("needs root to run portfleetctl as another user");
   }
   const group* daemon = getgrnam("daemon");
   ASSERT_NE(daemon, nullptr);
