@@ -61,4 +61,4 @@ add_dependencies(ctl_shell_test portfleetctl portfleetctl_man)
 portfleet_test(api_operator_test
   SOURCES netns/api_operator_test.cc
   LIBS portfleet_ctl_lib portfleet_loadgen portfleet_api portfleet_testing
-  LABELS netns)
+  LABELS e2e)

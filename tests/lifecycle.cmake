@@ -66,7 +66,8 @@ portfleet_test(lifecycle_takeover_test
 portfleet_test(lifecycle_surge_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/lifecycle_surge_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
-  LABELS netns)
+  LABELS e2e
+  LOCK load)
 
 # The fleet benchmark (a plain executable, never a ctest test): the agent vs
 # nginx under load. tests/bench/run_fleet_bench.sh installs nginx and runs it.

@@ -4,4 +4,4 @@
 portfleet_test(prefork_netns_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/prefork_netns_test.cc
   LIBS portfleet_loadgen portfleet_api portfleet_testing
-  LABELS netns)
+  LABELS e2e)
