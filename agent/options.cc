@@ -35,7 +35,7 @@ Options:
   --api-tls-cert FILE, --api-tls-key FILE, --api-tls-client-ca FILE
   --api-authz-policy FILE       gRPC authorization policy for the remote API
   --metrics ADDR     metrics/health HTTP endpoint (default 127.0.0.1:9474;
-                     before 0.2 it was 127.0.0.1:9464)
+                     until December 2026 it was 127.0.0.1:9464)
   --metrics-address IP   bind the metrics endpoint to this IPv4 or IPv6
                      address (no brackets) on --metrics' port, e.g. the node
                      IP from the Kubernetes downward API: $(NODE_IP)
