@@ -152,10 +152,14 @@ absl::Status CommandLineParser::Flag(const std::vector<std::string>& args,
     if (lenient_ || (inv_.command == nullptr && !inv_.words.empty())) {
       return absl::OkStatus();
     }
-    return UsageError(
-        inv_.command != nullptr
-            ? absl::StrCat(inv_.command->name, ": unknown flag ", spelling)
-            : absl::StrCat("unknown flag ", spelling));
+    // The agent's flag for its API address is --api; here it is --server.
+    const std::string hint = spelling == "--api"
+                                 ? " (the agent's API address is --server here)"
+                                 : "";
+    return UsageError(inv_.command != nullptr
+                          ? absl::StrCat(inv_.command->name, ": unknown flag ",
+                                         spelling, hint)
+                          : absl::StrCat("unknown flag ", spelling, hint));
   }
   if (flag->value.empty()) {
     if (value.has_value() && *value != "true" && *value != "false") {

@@ -823,6 +823,13 @@ TEST_F(CtlTest, UsageErrorsExitTwo) {
   EXPECT_THAT(r.err, HasSubstr("Run 'portfleetctl events --help' for usage."));
 }
 
+TEST_F(CtlTest, TheAgentsApiFlagPointsToServer) {
+  Result r = Ctl({"status", "--api", "unix:///tmp/x.sock"});
+  EXPECT_EQ(r.code, kExitUsage);
+  EXPECT_THAT(r.err, HasSubstr("status: unknown flag --api (the agent's API "
+                               "address is --server here)"));
+}
+
 TEST_F(CtlTest, HelpOnEveryCommandHasAnExample) {
   Result r = Ctl({"--help"});
   EXPECT_EQ(r.code, 0);
