@@ -78,7 +78,7 @@ inline std::pair<int, std::string> HttpGetPath(const std::string& address,
     in.append(buf, n);
   }
   int code = 0;
-  if (in.size() > 12) absl::SimpleAtoi(in.substr(9, 3), &code);
+  if (in.size() <= 12 || !absl::SimpleAtoi(in.substr(9, 3), &code)) code = 0;
   size_t body = in.find("\r\n\r\n");
   return {code, body == std::string::npos ? "" : in.substr(body + 4)};
 }
