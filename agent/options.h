@@ -10,8 +10,8 @@ namespace portfleet {
 struct AgentOptions {
   std::string config;  // fleet spec file (.textproto or .json)
   std::string api = "unix:///run/portfleet/api.sock";  // gRPC API endpoint
-  // /metrics, /healthz, /readyz. 9464 until December 2026; that is the default port
-  // of OpenTelemetry's Prometheus exporter, which often runs on the same
+  // /metrics, /healthz, /readyz. 9464 until December 2026; that is the default
+  // port of OpenTelemetry's Prometheus exporter, which often runs on the same
   // nodes.
   std::string metrics = "127.0.0.1:9474";
   // --metrics-address IP: the host part of --metrics as a bare IPv4 or IPv6
