@@ -861,6 +861,26 @@ void ExpectReconnectHello(ControlChannel& channel, const WorkerProcess& w,
   EXPECT_TRUE(ready->has_ready()) << ready->DebugString();
 }
 
+// Starts `w` on `l` with a control channel (the agent's end is returned) and
+// PORTFLEET_AGENT_SOCKET=`agent_socket` to reconnect to; `options` gives the
+// arguments and any more environment.
+std::optional<ControlChannel> StartWithAgentSocket(
+    WorkerProcess& w, const Listener& l, const std::string& agent_socket,
+    StartOptions options = {
+        .env = {"PORTFLEET_LISTENER=web", "PORTFLEET_SHARD=1"}}) {
+  auto pair = ControlChannel::Pair();
+  if (!pair.ok()) {
+    ADD_FAILURE() << pair.status();
+    return std::nullopt;
+  }
+  options.env.push_back(absl::StrCat("PORTFLEET_AGENT_SOCKET=", agent_socket));
+  options.fd3 = l.fd.get();
+  options.control_fd = pair->second.fd();
+  w.Start(options);
+  pair->second.Close();
+  return std::move(pair->first);
+}
+
 // 1. The worker runs with a control channel and PORTFLEET_AGENT_SOCKET.
 // 2. The agent dies (its end of the channel closes): within 2 s the worker
 //    connects to the agent socket and sends hello{reconnect} with its
@@ -874,15 +894,10 @@ TEST(WorkerNetnsTest, ReconnectsToTheAgentSocketWithItsListeningSocket) {
   TempDir dir;
   std::string path = absl::StrCat(dir.path(), "/control.sock");
   Fd agent_socket = AgentSocketListener(path);
-  auto pair = ControlChannel::Pair();
-  ASSERT_TRUE(pair.ok()) << pair.status();
-  ControlChannel agent = std::move(pair->first);
   WorkerProcess w;
-  w.Start({.env = {"PORTFLEET_LISTENER=web", "PORTFLEET_SHARD=1",
-                   absl::StrCat("PORTFLEET_AGENT_SOCKET=", path)},
-           .fd3 = l.fd.get(),
-           .control_fd = pair->second.fd()});
-  pair->second.Close();
+  std::optional<ControlChannel> linked = StartWithAgentSocket(w, l, path);
+  ASSERT_TRUE(linked.has_value());
+  ControlChannel agent = std::move(*linked);
   std::optional<v1::WorkerMessage> m = NextMessage(agent, absl::Seconds(5));
   ASSERT_TRUE(m.has_value() && m->has_hello()) << w.Log();
   EXPECT_FALSE(m->hello().reconnect());
@@ -942,15 +957,10 @@ TEST(WorkerNetnsTest, RetriesUntilTheAgentSocketAppears) {
   const ino_t inode = Inode(l.fd.get());
   TempDir dir;
   std::string path = absl::StrCat(dir.path(), "/control.sock");
-  auto pair = ControlChannel::Pair();
-  ASSERT_TRUE(pair.ok()) << pair.status();
-  ControlChannel agent = std::move(pair->first);
   WorkerProcess w;
-  w.Start({.env = {"PORTFLEET_LISTENER=web", "PORTFLEET_SHARD=1",
-                   absl::StrCat("PORTFLEET_AGENT_SOCKET=", path)},
-           .fd3 = l.fd.get(),
-           .control_fd = pair->second.fd()});
-  pair->second.Close();
+  std::optional<ControlChannel> linked = StartWithAgentSocket(w, l, path);
+  ASSERT_TRUE(linked.has_value());
+  ControlChannel agent = std::move(*linked);
   ASSERT_TRUE(NextMessage(agent, absl::Seconds(5)).has_value()) << w.Log();
   agent.Close();  // the agent dies; its successor is not up yet
 
@@ -989,15 +999,10 @@ TEST(WorkerNetnsTest, ReconnectsDroppedAtOnceAreRetriedAtTheInterval) {
   Listener l = ListenLoopback();
   TempDir dir;
   std::string path = absl::StrCat(dir.path(), "/control.sock");
-  auto pair = ControlChannel::Pair();
-  ASSERT_TRUE(pair.ok()) << pair.status();
-  ControlChannel agent = std::move(pair->first);
   WorkerProcess w;
-  w.Start({.env = {"PORTFLEET_LISTENER=web", "PORTFLEET_SHARD=1",
-                   absl::StrCat("PORTFLEET_AGENT_SOCKET=", path)},
-           .fd3 = l.fd.get(),
-           .control_fd = pair->second.fd()});
-  pair->second.Close();
+  std::optional<ControlChannel> linked = StartWithAgentSocket(w, l, path);
+  ASSERT_TRUE(linked.has_value());
+  ControlChannel agent = std::move(*linked);
   ASSERT_TRUE(NextMessage(agent, absl::Seconds(5)).has_value()) << w.Log();
   Fd agent_socket = AgentSocketListener(path);
   agent.Close();
@@ -1028,15 +1033,11 @@ TEST(WorkerNetnsTest, DoesNotReconnectWhileDraining) {
   TempDir dir;
   std::string path = absl::StrCat(dir.path(), "/control.sock");
   Fd agent_socket = AgentSocketListener(path);
-  auto pair = ControlChannel::Pair();
-  ASSERT_TRUE(pair.ok()) << pair.status();
-  ControlChannel agent = std::move(pair->first);
   WorkerProcess w;
-  w.Start({.args = {"--mode=http", "--drain-timeout=20s"},
-           .env = {absl::StrCat("PORTFLEET_AGENT_SOCKET=", path)},
-           .fd3 = l.fd.get(),
-           .control_fd = pair->second.fd()});
-  pair->second.Close();
+  std::optional<ControlChannel> linked = StartWithAgentSocket(
+      w, l, path, {.args = {"--mode=http", "--drain-timeout=20s"}});
+  ASSERT_TRUE(linked.has_value());
+  ControlChannel agent = std::move(*linked);
   ASSERT_TRUE(NextMessage(agent, absl::Seconds(5)).has_value()) << w.Log();
   // A request in flight keeps the drain going.
   Fd slow = Connect(l.port);
