@@ -12,9 +12,12 @@
 #ifndef PORTFLEET_TESTS_UNIT_FLEET_FAKES_H_
 #define PORTFLEET_TESTS_UNIT_FLEET_FAKES_H_
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -31,9 +34,22 @@
 #include "agent/launcher.h"
 #include "agent/steering/steering.h"
 #include "portfleet/v1/control.pb.h"
+#include "worker/sdk/base/fd.h"
 #include "worker/sdk/control_channel.h"
 
 namespace portfleet::testing {
+
+// A loopback port nothing listens on (the kernel's choice, then released).
+inline int FreePort() {
+  Fd s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  socklen_t len = sizeof(a);
+  ::getsockname(s.get(), reinterpret_cast<sockaddr*>(&a), &len);
+  return ntohs(a.sin_port);
+}
 
 class FakeLauncher : public ProcessLauncher {
  public:

@@ -27,17 +27,6 @@ using ::testing::Contains;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
-int UnusedPort() {
-  Fd s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  socklen_t len = sizeof(a);
-  ::getsockname(s.get(), reinterpret_cast<sockaddr*>(&a), &len);
-  return ntohs(a.sin_port);
-}
-
 class FleetHealthTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -105,7 +94,7 @@ class FleetHealthTest : public ::testing::Test {
   }
   v1::HealthState ListenerState() { return fleet_->Health().at(0).state; }
 
-  int port_ = UnusedPort();
+  int port_ = FreePort();
   ManualClock clock_;
   std::unique_ptr<EventLoop> loop_;
   FakeLauncher launcher_;
