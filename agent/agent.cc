@@ -141,7 +141,11 @@ absl::StatusOr<v1::FleetSpec> InitialSpec(const AgentOptions& options,
     PF_LOG(INFO) << "restoring " << (*persisted)->listeners_size()
                  << " listener(s) from the persisted state in "
                  << options.state_dir
-                 << (options.config.empty()
+                 << (options.declarative_config
+                         ? absl::StrCat(" (--config-mode=declarative: then "
+                                        "reconciled to ",
+                                        options.config, ")")
+                     : options.config.empty()
                          ? std::string()
                          : absl::StrCat(" (--config ", options.config,
                                         " is not applied over it; use "
@@ -190,6 +194,7 @@ Agent::~Agent() {
   if (api_stopper_.joinable()) api_stopper_.join();
   // Calls still arriving fail at once instead of waiting for the loop.
   if (controller_) controller_->Close();
+  reconciler_.reset();
   // Workers are deliberately left running (the data path outlives us); the
   // fleet only releases its registrations on the loop.
   control_server_.reset();
@@ -314,6 +319,21 @@ absl::Status Agent::StartFleet() {
   }
   fleet_->SetEventSink(
       [c = controller_.get()](const FleetEvent& e) { c->Publish(e); });
+  if (options_.declarative_config) {
+    LoopFleetController* c = controller_.get();
+    Fleet* fleet = fleet_.get();
+    reconciler_ = std::make_unique<ConfigReconciler>(
+        loop_.get(), options_.config,
+        ConfigReconcilerHooks{
+            .controller = c,
+            .desired = [fleet] { return fleet->DesiredSpec(); },
+            .publish = [c](const FleetEvent& e) { c->Publish(e); }});
+  }
+  api_controller_ = std::make_unique<ConfigModeController>(
+      controller_.get(),
+      options_.declarative_config ? ConfigMode::kDeclarative
+                                  : ConfigMode::kSeed,
+      options_.config, reconciler_.get());
   donor_ = MakeDonor();
 
   if (takeover_) {
@@ -358,6 +378,30 @@ void Agent::BeginServing() {
   fleet_->ObserveHealthNow();  // publishes
   if (api_) api_->SetHealth(board_.Current());
   Notify(absl::StrCat("READY=1\nSTATUS=", DescribeHealth(board_.Current())));
+  StartReconciler();
+}
+
+void Agent::StartReconciler() {
+  if (!reconciler_) return;
+  if (absl::Status s = reconciler_->Start(); !s.ok()) {
+    // Serving goes on with the fleet as it is; SIGHUP still reconciles.
+    PF_LOG(ERROR) << "declarative config: " << s.message() << " (changes of "
+                  << options_.config << " are applied only on SIGHUP)";
+  }
+}
+
+void Agent::StopReconciler() {
+  if (reconciler_) reconciler_->Stop();
+}
+
+void Agent::OnReload() {
+  if (stopping_) return;
+  if (!reconciler_) {
+    PF_LOG(INFO) << "SIGHUP ignored (--config-mode=seed): use portfleetctl "
+                    "apply to change the fleet";
+    return;
+  }
+  reconciler_->Reload();
 }
 
 void Agent::PublishHealth() {
@@ -426,6 +470,7 @@ std::unique_ptr<TakeoverDonor> Agent::MakeDonor() {
                            .pause =
                                [this] {
                                  if (api_) api_->SetServing(false);
+                                 StopReconciler();
                                  controller_->Close();
                                  // Not ready (/readyz 503, STATUS=).
                                  phase_ = AgentPhase::kHandingOver;
@@ -436,6 +481,7 @@ std::unique_ptr<TakeoverDonor> Agent::MakeDonor() {
                                  phase_ = AgentPhase::kServing;
                                  PublishHealth();
                                  controller_->Reopen();
+                                 StartReconciler();
                                  if (api_) api_->SetHealth(board_.Current());
                                },
                            .hand_over =
@@ -454,7 +500,7 @@ absl::Status Agent::OpenApi() {
   api_options.tls_client_ca = options_.api_tls_client_ca;
   api_options.authz_policy_file = options_.api_authz_policy;
   absl::StatusOr<std::unique_ptr<ApiServer>> started =
-      ApiServer::Start(api_options, controller_.get());
+      ApiServer::Start(api_options, api_controller_.get());
   if (!started.ok()) {
     return Annotate(started.status(), absl::StrCat("API ", options_.api));
   }
@@ -615,6 +661,7 @@ void Agent::OnStop(const std::string& why, int count) {
   Notify("STOPPING=1\nSTATUS=stopping: draining workers");
   PF_LOG(INFO) << why << ": stopping the API and the workers";
   if (api_) api_->SetServing(false);
+  StopReconciler();
   controller_->Close();
   CloseInterfaces();
   StopApiInBackground(nullptr);
@@ -745,9 +792,12 @@ int RunAgent(const AgentOptions& options) {
     return 1;
   }
   Agent* a = agent->get();
-  absl::Status watched = (*signals)->Watch(a->loop(), [a](int sig, int count) {
-    a->OnStop(absl::StrCat("received SIG", sigabbrev_np(sig)), count);
-  });
+  absl::Status watched = (*signals)->Watch(
+      a->loop(),
+      [a](int sig, int count) {
+        a->OnStop(absl::StrCat("received SIG", sigabbrev_np(sig)), count);
+      },
+      [a] { a->OnReload(); });
   if (!watched.ok()) {
     PF_LOG(ERROR) << "start-up failed: " << watched;
     return 1;

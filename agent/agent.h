@@ -15,6 +15,7 @@
 #include "agent/api/prober.h"
 #include "agent/api/server.h"
 #include "agent/control_socket.h"
+#include "agent/declarative.h"
 #include "agent/event_loop.h"
 #include "agent/fleet/fleet.h"
 #include "agent/fleet_controller.h"
@@ -48,6 +49,9 @@ class Agent {
   void OnStop(const std::string& why, int count);
   // Thread-safe: OnStop("stop requested", 1) on the loop.
   void Stop();
+  // On the loop thread (SIGHUP): declarative mode reads --config again;
+  // seed mode logs that it ignores it.
+  void OnReload();
 
   EventLoop* loop() { return loop_.get(); }
 
@@ -76,6 +80,9 @@ class Agent {
   // The agent serves: phase, health, READY=1.
   void BeginServing();
   void Notify(const std::string& assignments);
+  // Declarative mode: starts following --config (once serving).
+  void StartReconciler();
+  void StopReconciler();
 
   const AgentOptions options_;
   const std::string control_path_;
@@ -92,6 +99,10 @@ class Agent {
   std::unique_ptr<SteeringBackend> steering_;
   std::unique_ptr<Fleet> fleet_;
   std::unique_ptr<LoopFleetController> controller_;
+  // Declarative mode only: follows --config.
+  std::unique_ptr<ConfigReconciler> reconciler_;
+  // What the API calls: controller_ behind the config mode's rules.
+  std::unique_ptr<ConfigModeController> api_controller_;
   std::unique_ptr<ApiServer> api_;
   std::unique_ptr<ApiProber> prober_;  // unix API only
   std::unique_ptr<MetricsServer> metrics_;

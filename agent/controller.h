@@ -101,6 +101,8 @@ struct AgentStatus {
   uint32_t listeners = 0;
   bool serving = false;  // ready: health.ready()
   AgentHealth health;
+  // --config-mode and, in declarative mode, what was last applied.
+  v1::ConfigSource config;
 };
 
 // Something that happened in the fleet: the one event type, from the fleet's

@@ -24,10 +24,21 @@ portfleetctl uses.
 Desired state: the agent persists every change in --state-dir. At start, a
 persisted state wins over --config (which only seeds a new state dir); use
 'portfleetctl apply -f FILE' to apply an edited spec to a running agent.
+With --config-mode=declarative the --config file is the source of truth
+instead: the agent watches it and reconciles the fleet to it.
 
 Options:
   --config FILE      fleet spec, protobuf text format (.textproto) or JSON
                      (.json) of portfleet.v1.FleetSpec
+  --config-mode seed|declarative
+                     seed (default): --config seeds a new state dir and the
+                     API changes the fleet. declarative: the agent watches
+                     --config (a Kubernetes ConfigMap volume's symlink swap,
+                     an editor's rename, an in-place write) and creates,
+                     updates and deletes listeners to match it; an invalid
+                     file is rejected and the fleet kept; API calls that
+                     change the desired state fail (FAILED_PRECONDITION);
+                     SIGHUP reads the file again (retries a failed apply)
   --api ADDR         gRPC API endpoint (default unix:///run/portfleet/api.sock;
                      the socket is 0660, its directory 0750)
   --api-group GROUP  group owning the API socket (default: the agent's)
@@ -77,6 +88,8 @@ Signals:
   SIGTERM, SIGINT    stop: workers get SIGTERM and finish their connections;
                      after the listeners' drain timeout stragglers get SIGKILL;
                      exit 0. A second signal kills the workers at once.
+  SIGHUP             declarative mode: read --config again and reconcile;
+                     seed mode: ignored (use portfleetctl apply)
 
 Example:
   portfleet-agent --config deploy/examples/quickstart.textproto
@@ -195,6 +208,18 @@ ParsedArgs ParseAgentArgs(const std::vector<std::string>& args) {
       out.options.takeover_auto = has_inline && value == "auto";
       continue;
     }
+    if (arg == "--config-mode") {
+      if (!has_inline) {
+        if (i + 1 >= args.size()) return usage_error(arg + " needs a value");
+        value = args[++i];
+      }
+      if (value != "seed" && value != "declarative") {
+        return usage_error("--config-mode: '" + value +
+                           "' is not 'seed' or 'declarative'");
+      }
+      out.options.declarative_config = value == "declarative";
+      continue;
+    }
     if (arg == "--after-handover") {
       if (!has_inline) {
         if (i + 1 >= args.size()) return usage_error(arg + " needs a value");
@@ -241,6 +266,9 @@ ParsedArgs ParseAgentArgs(const std::vector<std::string>& args) {
     if (absl::Status s = ValidateInstanceId(out.options.instance_id); !s.ok()) {
       return usage_error("--instance-id: " + std::string(s.message()));
     }
+  }
+  if (out.options.declarative_config && out.options.config.empty()) {
+    return usage_error("--config-mode=declarative needs --config FILE");
   }
   if (check_only && out.options.config.empty()) {
     return usage_error("--check needs --config FILE");

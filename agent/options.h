@@ -45,6 +45,10 @@ struct AgentOptions {
   std::string api_tls_key;
   std::string api_tls_client_ca;
   std::string api_authz_policy;
+  // --config-mode=declarative: the --config file is the source of truth
+  // (watched and reconciled to; API changes of the desired state refused).
+  // false = seed: --config only seeds a new state dir (the default).
+  bool declarative_config = false;
   // File of worker programs the agent may run (one absolute path per line,
   // '#' comments); empty = any program.
   std::string worker_allowlist;

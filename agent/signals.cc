@@ -30,9 +30,11 @@ SignalHandler::~SignalHandler() {
 }
 
 absl::Status SignalHandler::Watch(EventLoop* loop,
-                                  std::function<void(int, int)> on_stop) {
+                                  std::function<void(int, int)> on_stop,
+                                  std::function<void()> on_reload) {
   loop_ = loop;
   on_stop_ = std::move(on_stop);
+  on_reload_ = std::move(on_reload);
   return loop_->AddFd(fd_.get(), [this](uint32_t) { OnReadable(); });
 }
 
@@ -40,6 +42,10 @@ void SignalHandler::OnReadable() {
   signalfd_siginfo info;
   while (::read(fd_.get(), &info, sizeof(info)) == sizeof(info)) {
     int sig = static_cast<int>(info.ssi_signo);
+    if (sig == SIGHUP && on_reload_) {
+      on_reload_();
+      continue;
+    }
     if (sig == SIGHUP) {
       PF_LOG(INFO) << "SIGHUP ignored: use portfleetctl apply to change the "
                       "fleet";

@@ -25,9 +25,11 @@ class SignalHandler {
   SignalHandler& operator=(const SignalHandler&) = delete;
 
   // On `loop`: every SIGTERM or SIGINT calls `on_stop(signal, count)`, count
-  // 1 for the first; SIGHUP is logged and ignored.
+  // 1 for the first; SIGHUP calls `on_reload`, or without one is logged and
+  // ignored.
   absl::Status Watch(EventLoop* loop,
-                     std::function<void(int signal, int count)> on_stop);
+                     std::function<void(int signal, int count)> on_stop,
+                     std::function<void()> on_reload = nullptr);
 
  private:
   explicit SignalHandler(Fd fd) : fd_(std::move(fd)) {}
@@ -36,6 +38,7 @@ class SignalHandler {
   Fd fd_;
   EventLoop* loop_ = nullptr;
   std::function<void(int, int)> on_stop_;
+  std::function<void()> on_reload_;
   int stops_ = 0;
 };
 

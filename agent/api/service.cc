@@ -389,6 +389,9 @@ grpc::ServerUnaryReactor* FleetServiceImpl::GetStatus(
           out->set_healthy_shards(l.healthy_shards);
           out->set_shards(l.shards);
         }
+        if (s.config.mode() != v1::CONFIG_MODE_UNSPECIFIED) {
+          *resp->mutable_config() = s.config;
+        }
         return absl::OkStatus();
       });
 }
