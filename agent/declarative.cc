@@ -135,6 +135,15 @@ void ConfigReconciler::Check(bool force) {
     return;
   }
   std::string hash = ConfigHash(*bytes);
+  if (bytes->empty()) {
+    // More likely a file caught between truncate and write than a wish to
+    // delete every listener (a file with only a comment says that).
+    Reject(v1::EVENT_TYPE_CONFIG_REJECTED, hash,
+           absl::StrCat("config file ", path_,
+                        " is empty (the fleet is kept as it is; to remove "
+                        "every listener, write a file with only a comment)"));
+    return;
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     bool seen = hash == (status_.error().empty() ? status_.applied_hash()
@@ -287,8 +296,10 @@ void ConfigReconciler::Planned(std::string hash, std::vector<Change> changes,
       summary.push_back(Describe(plans[i]));
     }
   }
-  PF_LOG(INFO) << "declarative config " << path_ << " (" << hash << "): "
-               << (todo.empty() ? "no change" : absl::StrJoin(summary, ", "));
+  if (!todo.empty()) {
+    PF_LOG(INFO) << "declarative config " << path_ << " (" << hash
+                 << "): " << absl::StrJoin(summary, ", ");
+  }
   auto message = std::make_shared<std::string>(
       todo.empty() ? "no change" : absl::StrJoin(summary, ", "));
   // Apply, then record the result.
