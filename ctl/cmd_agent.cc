@@ -67,6 +67,25 @@ absl::Status RunStatus(Context& ctx) {
           << " shards healthy)" << (l.reason().empty() ? "" : ": ")
           << l.reason() << "\n";
     }
+    // Declarative mode: where the fleet comes from and what was applied.
+    const v1::ConfigSource& c = resp->config();
+    if (c.mode() == v1::CONFIG_MODE_DECLARATIVE) {
+      out << "config: declarative " << c.file();
+      if (c.applied_generation() > 0) {
+        out << ", generation " << c.applied_generation() << " applied ("
+            << c.applied_hash() << ", "
+            << absl::FormatTime(
+                   "%Y-%m-%dT%H:%M:%SZ",
+                   absl::FromUnixMicros(c.applied_time_unix_micros()),
+                   absl::UTCTimeZone())
+            << ")";
+      } else {
+        out << ", nothing applied yet";
+      }
+      if (c.reconciling()) out << ", reconciling";
+      out << "\n";
+      if (!c.error().empty()) out << "config error: " << c.error() << "\n";
+    }
   });
   return absl::OkStatus();
 }
@@ -128,12 +147,18 @@ void AddAgentCommands(std::vector<CommandSpec>* commands) {
           "ready (SERVING) and its health (serving, degraded, not-serving,\n"
           "starting, stopping: the same as /readyz and grpc.health.v1, with\n"
           "a line per listener that is not fully serving), and whether BPF\n"
-          "steering is active (and why not). -o wide adds the start time.\n",
+          "steering is active (and why not). -o wide adds the start time.\n"
+          "An agent with --config-mode=declarative adds its config file, the\n"
+          "generation and hash it last applied, and why the file as it is\n"
+          "now is not applied (config error:).\n",
       .formats = {Format::kTable, Format::kWide, Format::kJson, Format::kYaml,
                   Format::kProtoJson},
-      .examples = {{"", "portfleetctl status"},
-                   {"the uptime in seconds, for a script",
-                    "portfleetctl status -o json | jq .uptimeSeconds"}},
+      .examples =
+          {{"", "portfleetctl status"},
+           {"the uptime in seconds, for a script",
+            "portfleetctl status -o json | jq .uptimeSeconds"},
+           {"the config error of a declarative agent, if any",
+            "portfleetctl status -o json | jq -r '.config.error // empty'"}},
       .run = RunStatus,
   });
   commands->push_back({

@@ -6,3 +6,11 @@ portfleet_test(declarative_config_test
   LIBS portfleet_loadgen portfleet_api portfleet_testing
   LABELS e2e
   LOCK load)
+
+# Its units without a kernel: the reconciler against the API's fake
+# controller on a real event loop, the config-mode guard behind a real API
+# server driven by portfleetctl in-process.
+portfleet_test(declarative_unit_test
+  SOURCES ${CMAKE_CURRENT_LIST_DIR}/unit/declarative_unit_test.cc
+  LIBS portfleet_agent portfleet_ctl_lib portfleet_api portfleet_testing
+  LABELS unit)
