@@ -10,6 +10,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "agent/declarative.h"
+#include "agent/options.h"
 #include "gtest/gtest.h"
 #include "tests/unit/ctl_test_env.h"
 
@@ -278,6 +279,24 @@ TEST(ConfigModeControllerTest, SeedModePassesChangesThrough) {
   EXPECT_TRUE(result.ok()) << result;
   EXPECT_EQ(guard.GetStatus().config.mode(), v1::CONFIG_MODE_SEED);
   EXPECT_EQ(guard.GetStatus().config.file(), "fleet.textproto");
+}
+
+TEST(ConfigModeOptionTest, ParsesAndNeedsAConfigFile) {
+  ParsedArgs seed = ParseAgentArgs({"--config", "fleet.textproto"});
+  EXPECT_FALSE(seed.exit_now);
+  EXPECT_FALSE(seed.options.declarative_config);
+  ParsedArgs declarative = ParseAgentArgs(
+      {"--config", "fleet.textproto", "--config-mode", "declarative"});
+  EXPECT_FALSE(declarative.exit_now);
+  EXPECT_TRUE(declarative.options.declarative_config);
+  ParsedArgs inline_seed =
+      ParseAgentArgs({"--config=fleet.textproto", "--config-mode=seed"});
+  EXPECT_FALSE(inline_seed.exit_now);
+  EXPECT_FALSE(inline_seed.options.declarative_config);
+  EXPECT_EQ(ParseAgentArgs({"--config-mode=declarative"}).exit_code, 2);
+  EXPECT_EQ(ParseAgentArgs({"--config", "f.textproto", "--config-mode=bogus"})
+                .exit_code,
+            2);
 }
 
 }  // namespace
