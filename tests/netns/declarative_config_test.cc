@@ -17,6 +17,11 @@
 //    stays 3 and web keeps its 3 shards.
 // 6. Stop the load: 0 failed connections.
 //
+// FileChangedWhileAgentDownReadoptsThenReconciles: the agent is SIGKILLed,
+// the file goes from 2 to 3 shards, the agent starts again: it re-adopts the
+// two running workers (same pids) from its persisted state, then applies the
+// file (a third shard).
+//
 // EditorRenameAndRefusedApiCalls:
 // 1. A plain file, replaced by write-to-temp-and-rename (as editors do).
 // 2. Every call that changes the desired state (scale, drain, create,
@@ -333,6 +338,46 @@ TEST(DeclarativeConfigTest, EditorRenameAndRefusedApiCalls) {
       << Status(*stub).DebugString() << agent.Log();
   EXPECT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
                       absl::Seconds(20)));
+}
+
+TEST(DeclarativeConfigTest, FileChangedWhileAgentDownReadoptsThenReconciles) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  const std::string file = agent.dir().path() + "/declared.textproto";
+  const std::vector<std::string> args = {"--config-mode=declarative",
+                                         "--config", file};
+  WriteFile(file, Web(2));
+  ASSERT_TRUE(agent.Start("", args).ok());
+  ASSERT_TRUE(agent.WaitServing(kWeb)) << agent.Log();
+  std::map<uint32_t, int> before;
+  {
+    auto stub = FleetStub(agent.api_socket());
+    ASSERT_TRUE(WaitApplied(*stub, 1)) << agent.Log();
+    ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                        absl::Seconds(15)));
+    for (const v1::Shard& s : Shards(*stub, "web")) before[s.index()] = s.pid();
+  }
+  ASSERT_EQ(before.size(), 2u);
+
+  // The agent dies; the file changes meanwhile; the agent comes back.
+  agent.process().Signal(SIGKILL);
+  ASSERT_TRUE(agent.process().Wait(absl::Seconds(5)).has_value());
+  WriteFile(file + ".tmp", Web(3));
+  ASSERT_EQ(::rename((file + ".tmp").c_str(), file.c_str()), 0);
+  ASSERT_TRUE(agent.Restart(args).ok());
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitApplied(*stub, 1))
+      << Status(*stub).DebugString() << agent.Log();
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 3; },
+                      absl::Seconds(20)))
+      << agent.Log();
+  // Shards 0 and 1 are the same workers, re-adopted; shard 2 is new.
+  std::map<uint32_t, int> after;
+  for (const v1::Shard& s : Shards(*stub, "web")) after[s.index()] = s.pid();
+  EXPECT_EQ(after[0], before[0]);
+  EXPECT_EQ(after[1], before[1]);
+  EXPECT_GT(after[2], 0);
+  EXPECT_TRUE(Serves(kWeb));
 }
 
 }  // namespace
