@@ -194,7 +194,6 @@ Agent::~Agent() {
   if (api_stopper_.joinable()) api_stopper_.join();
   // Calls still arriving fail at once instead of waiting for the loop.
   if (controller_) controller_->Close();
-  reconciler_.reset();
   // Workers are deliberately left running (the data path outlives us); the
   // fleet only releases its registrations on the loop.
   control_server_.reset();
@@ -203,6 +202,9 @@ Agent::~Agent() {
   metrics_.reset();
   if (api_) api_->Shutdown();
   api_.reset();
+  // After the API: GetStatus reads the reconciler through api_controller_.
+  api_controller_.reset();
+  reconciler_.reset();
   controller_.reset();
   fleet_.reset();
 }
