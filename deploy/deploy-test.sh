@@ -2,8 +2,9 @@
 # The deploy tier: the DaemonSet's pod under podman kube play (see
 # tests/deploy/kube_play_surge_test.py). Installs podman & co. if missing,
 # builds (deploy/build.sh) with the tier enabled and runs ctest -L deploy.
-# Also tests/deploy/kube_play_configmap_test.py (declarative mode). About
-# 56 s once the Debian base image is cached, 3 min before.
+# Also tests/deploy/kube_play_configmap_test.py (declarative mode) and
+# tests/deploy/systemd_pid1_test.py (the unit under systemd as PID 1). About
+# 1 min 50 s once the Debian base images are cached, 5 min before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install-deps.sh --deploy
