@@ -217,44 +217,29 @@ void ConfigReconciler::Reconcile(const std::string& bytes,
   }
   running_ = true;
   auto plans = std::make_shared<std::vector<v1::ListenerPlan>>(changes.size());
-  std::vector<Op> ops;
+  std::vector<Op> ops = Ops(changes, 0, changes.size());
   for (size_t i = 0; i < changes.size(); ++i) {
     const Change& c = changes[i];
-    FleetController* controller = hooks_.controller;
-    auto record = [plans, i](v1::ListenerPlan p) {
-      (*plans)[i] = std::move(p);
-    };
-    switch (c.kind) {
-      case Change::kCreate:
-        if (freed.count(c.spec.address()) || now.count(c.name)) {
-          ops.push_back([spec = c.spec, plans, i](MutationCall call) {
-            v1::ListenerPlan& p = (*plans)[i];
-            p.set_name(spec.name());
-            p.set_action(v1::ListenerPlan::ACTION_CREATE);
-            *p.mutable_desired() = spec;
-            absl::Status s = ValidateListener(spec);
-            call.done(s.ok() ? s : Annotate(s, "listener " + spec.name()));
-          });
-        } else {
-          ops.push_back([controller, spec = c.spec, record](MutationCall call) {
-            call.plan = record;
-            controller->CreateListener(spec, std::move(call));
-          });
-        }
-        break;
-      case Change::kUpdate:
-        ops.push_back([controller, spec = c.spec, record](MutationCall call) {
-          call.plan = record;
-          controller->UpdateListener(spec, std::move(call));
-        });
-        break;
-      case Change::kDelete:
-        ops.push_back([controller, name = c.name, record](MutationCall call) {
-          call.plan = record;
-          controller->DeleteListener(name, std::move(call));
-        });
-        break;
+    if (c.kind == Change::kCreate &&
+        (freed.count(c.spec.address()) || now.count(c.name))) {
+      // Created where a listener is deleted first: checked on its own.
+      ops[i] = [spec = c.spec, plans, i](MutationCall call) {
+        v1::ListenerPlan& p = (*plans)[i];
+        p.set_name(spec.name());
+        p.set_action(v1::ListenerPlan::ACTION_CREATE);
+        *p.mutable_desired() = spec;
+        absl::Status s = ValidateListener(spec);
+        call.done(s.ok() ? s : Annotate(s, "listener " + spec.name()));
+      };
+      continue;
     }
+    // The real call as a dry run (validate_only): its plan, nothing changed.
+    ops[i] = [op = std::move(ops[i]), plans, i](MutationCall call) {
+      call.plan = [plans, i](v1::ListenerPlan p) {
+        (*plans)[i] = std::move(p);
+      };
+      op(std::move(call));
+    };
   }
   RunAll(std::move(ops),
          [this, hash, changes, plans](std::vector<absl::Status> results) {
@@ -262,19 +247,37 @@ void ConfigReconciler::Reconcile(const std::string& bytes,
          });
 }
 
+namespace {
+
+// "listener NAME: cause" for each failed change (`names` in the same order).
+std::vector<std::string> Failures(const std::vector<absl::Status>& results,
+                                  const std::vector<std::string>& names) {
+  std::vector<std::string> out;
+  for (size_t i = 0; i < results.size(); ++i) {
+    if (results[i].ok()) continue;
+    std::string message(results[i].message());
+    if (!absl::StrContains(message, names[i])) {
+      message = absl::StrCat("listener ", names[i], ": ", message);
+    }
+    out.push_back(message);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<std::string> ConfigReconciler::Names(
+    const std::vector<Change>& changes) {
+  std::vector<std::string> out;
+  for (const Change& c : changes) out.push_back(c.name);
+  return out;
+}
+
 void ConfigReconciler::Planned(std::string hash, std::vector<Change> changes,
                                std::vector<absl::Status> results,
                                std::vector<v1::ListenerPlan> plans) {
   if (stopped_) return;
-  std::vector<std::string> errors;
-  for (size_t i = 0; i < results.size(); ++i) {
-    if (results[i].ok()) continue;
-    std::string message(results[i].message());
-    if (!absl::StrContains(message, changes[i].name)) {
-      message = absl::StrCat("listener ", changes[i].name, ": ", message);
-    }
-    errors.push_back(message);
-  }
+  std::vector<std::string> errors = Failures(results, Names(changes));
   if (!errors.empty()) {
     running_ = false;
     Reject(v1::EVENT_TYPE_CONFIG_REJECTED, hash,
@@ -300,82 +303,93 @@ void ConfigReconciler::Planned(std::string hash, std::vector<Change> changes,
     PF_LOG(INFO) << "declarative config " << path_ << " (" << hash
                  << "): " << absl::StrJoin(summary, ", ");
   }
-  auto message = std::make_shared<std::string>(
-      todo.empty() ? "no change" : absl::StrJoin(summary, ", "));
-  // Apply, then record the result.
+  std::string described =
+      todo.empty() ? "no change" : absl::StrJoin(summary, ", ");
+  Apply(std::move(hash), std::move(todo), std::move(described));
+}
+
+std::vector<ConfigReconciler::Op> ConfigReconciler::Ops(
+    const std::vector<Change>& changes, size_t from, size_t to) {
+  std::vector<Op> ops;
+  FleetController* controller = hooks_.controller;
+  for (size_t i = from; i < to; ++i) {
+    const Change& c = changes[i];
+    switch (c.kind) {
+      case Change::kDelete:
+        ops.push_back([controller, name = c.name](MutationCall call) {
+          controller->DeleteListener(name, std::move(call));
+        });
+        break;
+      case Change::kCreate:
+        ops.push_back([controller, spec = c.spec](MutationCall call) {
+          controller->CreateListener(spec, std::move(call));
+        });
+        break;
+      case Change::kUpdate:
+        ops.push_back([controller, spec = c.spec](MutationCall call) {
+          controller->UpdateListener(spec, std::move(call));
+        });
+        break;
+    }
+  }
+  return ops;
+}
+
+void ConfigReconciler::Apply(std::string hash, std::vector<Change> todo,
+                             std::string summary) {
   size_t deletes = 0;
   while (deletes < todo.size() && todo[deletes].kind == Change::kDelete) {
     deletes++;
   }
-  auto finish = [this, hash, todo, message](std::vector<absl::Status> results) {
-    running_ = false;
-    std::vector<std::string> errors;
-    for (size_t i = 0; i < results.size(); ++i) {
-      if (results[i].ok()) continue;
-      std::string m(results[i].message());
-      if (!absl::StrContains(m, todo[i].name)) {
-        m = absl::StrCat("listener ", todo[i].name, ": ", m);
-      }
-      errors.push_back(m);
-    }
-    if (!errors.empty()) {
-      Reject(v1::EVENT_TYPE_CONFIG_APPLY_FAILED, hash,
-             absl::StrCat(path_,
-                          ": applying failed: ", absl::StrJoin(errors, "; "),
-                          " (retried when the file changes or on SIGHUP)"));
-    } else {
-      uint64_t generation;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        generation = status_.applied_generation() + 1;
-        status_.set_applied_generation(generation);
-        status_.set_applied_hash(hash);
-        status_.set_applied_time_unix_micros(absl::ToUnixMicros(absl::Now()));
-        status_.clear_error();
-        status_.clear_error_hash();
-        status_.set_reconciling(false);
-      }
-      PF_LOG(INFO) << "declarative config " << path_ << " applied (generation "
-                   << generation << ", " << hash << "): " << *message;
-      Publish(v1::EVENT_TYPE_CONFIG_APPLIED,
-              absl::StrCat(path_, " generation ", generation, " (", hash,
-                           "): ", *message));
-    }
+  // Deletions, then the rest; both report into one list in `todo` order.
+  std::vector<Op> first = Ops(todo, 0, deletes);
+  RunAll(std::move(first),
+         [this, hash = std::move(hash), todo = std::move(todo),
+          summary = std::move(summary),
+          deletes](std::vector<absl::Status> deleted) {
+           if (stopped_) return;
+           std::vector<Op> second = Ops(todo, deletes, todo.size());
+           RunAll(std::move(second),
+                  [this, hash, todo, summary, deleted = std::move(deleted)](
+                      std::vector<absl::Status> rest) mutable {
+                    for (absl::Status& s : rest)
+                      deleted.push_back(std::move(s));
+                    Finish(hash, Names(todo), summary, deleted);
+                  });
+         });
+}
+
+void ConfigReconciler::Finish(const std::string& hash,
+                              const std::vector<std::string>& names,
+                              const std::string& summary,
+                              const std::vector<absl::Status>& results) {
+  running_ = false;
+  std::vector<std::string> errors = Failures(results, names);
+  if (!errors.empty()) {
+    Reject(
+        v1::EVENT_TYPE_CONFIG_APPLY_FAILED, hash,
+        absl::StrCat(path_, ": applying failed: ", absl::StrJoin(errors, "; "),
+                     " (retried when the file changes or on SIGHUP)"));
     Done();
-  };
-  // Both phases report into one result list, in `todo` order.
-  auto applied = std::make_shared<std::vector<absl::Status>>();
-  auto phase = [this, todo](size_t from, size_t to) {
-    std::vector<Op> ops;
-    for (size_t i = from; i < to; ++i) {
-      FleetController* controller = hooks_.controller;
-      const Change& c = todo[i];
-      if (c.kind == Change::kDelete) {
-        ops.push_back([controller, name = c.name](MutationCall call) {
-          controller->DeleteListener(name, std::move(call));
-        });
-      } else if (c.kind == Change::kCreate) {
-        ops.push_back([controller, spec = c.spec](MutationCall call) {
-          controller->CreateListener(spec, std::move(call));
-        });
-      } else {
-        ops.push_back([controller, spec = c.spec](MutationCall call) {
-          controller->UpdateListener(spec, std::move(call));
-        });
-      }
-    }
-    return ops;
-  };
-  RunAll(phase(0, deletes), [this, phase, deletes, todo, applied,
-                             finish](std::vector<absl::Status> first) {
-    *applied = std::move(first);
-    if (stopped_) return;
-    RunAll(phase(deletes, todo.size()),
-           [applied, finish](std::vector<absl::Status> second) {
-             for (absl::Status& s : second) applied->push_back(std::move(s));
-             finish(*applied);
-           });
-  });
+    return;
+  }
+  uint64_t generation;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    generation = status_.applied_generation() + 1;
+    status_.set_applied_generation(generation);
+    status_.set_applied_hash(hash);
+    status_.set_applied_time_unix_micros(absl::ToUnixMicros(absl::Now()));
+    status_.clear_error();
+    status_.clear_error_hash();
+    status_.set_reconciling(false);
+  }
+  PF_LOG(INFO) << "declarative config " << path_ << " applied (generation "
+               << generation << ", " << hash << "): " << summary;
+  Publish(v1::EVENT_TYPE_CONFIG_APPLIED,
+          absl::StrCat(path_, " generation ", generation, " (", hash,
+                       "): ", summary));
+  Done();
 }
 
 void ConfigReconciler::Done() {

@@ -90,7 +90,15 @@ class ConfigReconciler {
   void Planned(std::string hash, std::vector<Change> changes,
                std::vector<absl::Status> results,
                std::vector<v1::ListenerPlan> plans);
-  void Apply(std::string hash, std::vector<Change> changes, size_t first);
+  // Deletions, then creations and updates; then Finish.
+  void Apply(std::string hash, std::vector<Change> todo, std::string summary);
+  void Finish(const std::string& hash, const std::vector<std::string>& names,
+              const std::string& summary,
+              const std::vector<absl::Status>& results);
+  // The controller calls of changes[from, to).
+  std::vector<Op> Ops(const std::vector<Change>& changes, size_t from,
+                      size_t to);
+  static std::vector<std::string> Names(const std::vector<Change>& changes);
   void Reject(v1::EventType type, const std::string& hash,
               const std::string& error);
   void Done();
