@@ -77,11 +77,15 @@ absl::Status ConfigReconciler::Start() {
   stopped_ = false;
   watcher_ = std::make_unique<ConfigFileWatcher>(
       loop_, path_, watch_options_, [this] { Check(/*force=*/false); });
-  RETURN_IF_ERROR(watcher_->Start());
-  PF_LOG(INFO) << "declarative config: watching " << path_
-               << "; the fleet follows the file";
+  absl::Status watched = watcher_->Start();
+  if (watched.ok()) {
+    PF_LOG(INFO) << "declarative config: watching " << path_
+                 << "; the fleet follows the file";
+  } else {
+    watcher_.reset();  // the file is still applied now and on SIGHUP
+  }
   Check(/*force=*/false);
-  return absl::OkStatus();
+  return watched;
 }
 
 void ConfigReconciler::Stop() {

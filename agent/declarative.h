@@ -64,14 +64,16 @@ class ConfigReconciler {
   ConfigReconciler(const ConfigReconciler&) = delete;
   ConfigReconciler& operator=(const ConfigReconciler&) = delete;
 
-  // Loop thread: watches the file and reconciles to it at once.
+  // Loop thread: watches the file and reconciles to it at once. An error
+  // says the file cannot be watched; it is reconciled anyway (and on
+  // Reload).
   absl::Status Start();
   // Loop thread: no new change starts (one in flight finishes in the
   // fleet); the watch ends. Start may be called again (a takeover that was
   // given up).
   void Stop();
   // Loop thread: reads the file again even if its bytes did not change
-  // (SIGHUP: retries a failed apply).
+  // (SIGHUP: retries a failed apply). Nothing before Start or after Stop.
   void Reload();
 
   // Any thread.
@@ -113,7 +115,7 @@ class ConfigReconciler {
   ConfigWatchOptions watch_options_;
   std::unique_ptr<ConfigFileWatcher> watcher_;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
-  bool stopped_ = false;
+  bool stopped_ = true;  // until Start
   bool running_ = false;
   bool again_ = false;        // the file changed while running
   bool again_force_ = false;  // ... or a reload was asked for
