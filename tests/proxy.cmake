@@ -1,0 +1,13 @@
+# Proxy mode of portfleet-worker (issue 11, part 3): flags (unit), the real
+# binary between a client and an upstream in a private netns (netns), and
+# proxy shards under the agent through scale and drain under load (e2e).
+portfleet_test(proxy_flags_test
+  SOURCES ${CMAKE_CURRENT_LIST_DIR}/unit/proxy_flags_test.cc
+  LIBS portfleet_worker_lib
+  LABELS unit)
+
+portfleet_test(proxy_netns_test
+  SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/proxy_netns_test.cc
+  LIBS portfleet_worker_sdk portfleet_testing
+  LABELS netns)
+add_dependencies(proxy_netns_test portfleet-worker)
