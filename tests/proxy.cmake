@@ -11,3 +11,10 @@ portfleet_test(proxy_netns_test
   LIBS portfleet_worker_sdk portfleet_testing
   LABELS netns)
 add_dependencies(proxy_netns_test portfleet-worker)
+
+portfleet_test(proxy_agent_test
+  SOURCES ${CMAKE_CURRENT_LIST_DIR}/netns/proxy_agent_test.cc
+  LIBS portfleet_loadgen portfleet_api portfleet_testing
+  LABELS e2e
+  LOCK load)
+add_dependencies(proxy_agent_test portfleet-worker portfleet-agent)
