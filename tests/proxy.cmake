@@ -18,3 +18,11 @@ portfleet_test(proxy_agent_test
   LABELS e2e
   LOCK load)
 add_dependencies(proxy_agent_test portfleet-worker portfleet-agent)
+
+# The proxy benchmark's bulk client (a plain executable, never a ctest test);
+# tests/bench/proxy_bench.py runs it with portfleet-loadgen against the proxy
+# mode and HAProxy.
+add_executable(portfleet-proxy-bulk ${CMAKE_CURRENT_LIST_DIR}/bench/proxy_bulk.cc)
+target_compile_options(portfleet-proxy-bulk PRIVATE ${PORTFLEET_WARNINGS})
+target_link_libraries(portfleet-proxy-bulk PRIVATE portfleet_base absl::strings
+                      absl::time Threads::Threads)
