@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -33,7 +34,7 @@ namespace {
 // tests/bench/README.md) the buffered forwarder already matches HAProxy
 // (which does not splice by default either) on bulk transfer, so the
 // simpler code was kept.
-constexpr size_t kChunk = 64 * 1024;
+constexpr size_t kChunk = 16 * 1024;
 
 // All events a proxied socket is registered for, once, edge-triggered: no
 // epoll_ctl() after registration; a direction that stops (backpressure)
@@ -110,6 +111,7 @@ struct Proxy::Direction {
   // src reported EPOLLRDHUP, EPOLLHUP or EPOLLERR: read until recv() says
   // EOF or EAGAIN (no short-read shortcut, whose next edge may never come).
   bool src_hup = false;
+  bool scheduled = false;  // in ready_: pump again on the next turn
 
   size_t pending_size() const { return pending.size() - pending_offset; }
 };
@@ -240,13 +242,28 @@ void Proxy::Handle(int fd, uint32_t events) {
     if (err != 0) return FailConnect(pair, err, "connect");
     return OnConnected(pair);
   }
-  Progress(pair);
+  // Only the directions the event concerns: input on fd feeds the
+  // direction it is the source of; EPOLLOUT resumes the one it is the
+  // destination of, if that one waits for it.
+  Direction& from = is_client ? pair.up : pair.down;
+  Direction& to = is_client ? pair.down : pair.up;
+  bool ok = true;
+  if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+    ok = Pump(pair, from);
+  }
+  if (ok && (events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) &&
+      to.pending_size() > 0) {
+    ok = Pump(pair, to);
+  }
+  Settle(pair, ok);
 }
 
 void Proxy::Progress(Pair& pair) {
-  if (!Pump(pair, pair.up) || !Pump(pair, pair.down)) {
-    return Close(pair, /*reset=*/true);
-  }
+  Settle(pair, Pump(pair, pair.up) && Pump(pair, pair.down));
+}
+
+void Proxy::Settle(Pair& pair, bool ok) {
+  if (!ok) return Close(pair, /*reset=*/true);
   if (pair.up.dst_shut && pair.down.dst_shut) {
     // Both sides sent their FIN and got everything: a clean close.
     Close(pair, /*reset=*/false);
@@ -278,42 +295,64 @@ bool Proxy::Flush(Pair& pair, Direction& d) {
 
 bool Proxy::Pump(Pair& pair, Direction& d) {
   if (!Flush(pair, d)) return false;
-  if (d.pending_size() > 0) return true;  // wait for dst's EPOLLOUT
+  if (d.pending_size() > 0 || d.src_eof) return true;  // wait for dst
+  // One chunk per turn: a pair with more to read is scheduled again after
+  // the other ready sockets had theirs (see kChunk).
   char buf[kChunk];
-  while (!d.src_eof) {
-    ssize_t n = ::recv(d.src, buf, sizeof(buf), 0);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) return true;
-      return false;  // ECONNRESET and friends: reset the other side too
-    }
-    if (n == 0) {
-      d.src_eof = true;
-      break;
-    }
-    size_t sent = 0;
-    while (sent < static_cast<size_t>(n)) {
-      ssize_t w = ::send(d.dst, buf + sent, n - sent, MSG_NOSIGNAL);
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-        return false;
-      }
-      sent += static_cast<size_t>(w);
-    }
-    *d.counter += sent;
-    if (sent < static_cast<size_t>(n)) {
-      // dst is full: keep the rest, stop reading src until dst drains.
-      d.pending.assign(buf + sent, n - sent);
-      d.pending_offset = 0;
-      return true;
-    }
-    // A short read emptied src's receive queue; new data raises a new
-    // edge. Not after a hang-up was seen: a FIN that came with this data
-    // raises no further edge, so read on to the EOF.
-    if (static_cast<size_t>(n) < sizeof(buf) && !d.src_hup) return true;
+  ssize_t n;
+  do {
+    n = ::recv(d.src, buf, sizeof(buf), 0);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) {
+    // ECONNRESET and friends: reset the other side too.
+    return errno == EAGAIN || errno == EWOULDBLOCK;
   }
-  return Flush(pair, d);  // src finished: pass its FIN on
+  if (n == 0) {
+    d.src_eof = true;
+    return Flush(pair, d);  // pass the FIN on
+  }
+  size_t sent = 0;
+  while (sent < static_cast<size_t>(n)) {
+    ssize_t w = ::send(d.dst, buf + sent, n - sent, MSG_NOSIGNAL);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+      return false;
+    }
+    sent += static_cast<size_t>(w);
+  }
+  *d.counter += sent;
+  if (sent < static_cast<size_t>(n)) {
+    // dst is full: keep the rest, stop reading src until dst drains.
+    d.pending.assign(buf + sent, n - sent);
+    d.pending_offset = 0;
+    return true;
+  }
+  // A short read emptied src's receive queue; new data raises a new edge.
+  // A full one may have left more, and after a hang-up was seen the FIN
+  // raises no further edge: read again on the next turn.
+  if (static_cast<size_t>(n) == sizeof(buf) || d.src_hup) Schedule(pair, d);
+  return true;
+}
+
+void Proxy::Schedule(Pair& pair, Direction& d) {
+  if (d.scheduled) return;
+  d.scheduled = true;
+  ready_.push_back({pair.client.get(), &d == &pair.up});
+}
+
+void Proxy::RunReady() {
+  std::vector<std::pair<int, bool>> ready;
+  ready.swap(ready_);
+  for (const auto& [fd, up] : ready) {
+    auto it = pairs_.find(fd);
+    if (it == pairs_.end()) continue;  // closed meanwhile
+    Pair& pair = *it->second;
+    Direction& d = up ? pair.up : pair.down;
+    if (!d.scheduled) continue;  // fd reused by a new pair
+    d.scheduled = false;
+    Settle(pair, Pump(pair, d));
+  }
 }
 
 void Proxy::Close(Pair& pair, bool reset) {
@@ -330,6 +369,7 @@ void Proxy::Close(Pair& pair, bool reset) {
 }
 
 void Proxy::OnTimers(absl::Time now) {
+  RunReady();
   while (!connecting_.empty() && connecting_.begin()->first <= now) {
     Pair* pair = connecting_.begin()->second;
     FailConnect(*pair, ETIMEDOUT,
@@ -340,6 +380,7 @@ void Proxy::OnTimers(absl::Time now) {
 }
 
 absl::Time Proxy::NextDeadline() const {
+  if (!ready_.empty()) return absl::InfinitePast();  // at once
   return connecting_.empty() ? absl::InfiniteFuture()
                              : connecting_.begin()->first;
 }

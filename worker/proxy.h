@@ -14,6 +14,7 @@
 #include <string>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -61,7 +62,8 @@ class Proxy {
   bool Owns(int fd) const { return by_fd_.count(fd) != 0; }
   // A readiness event of one of the proxy's sockets.
   void Handle(int fd, uint32_t events);
-  // Connect timeouts. Call on every turn of the loop.
+  // Pairs with more to read (scheduled), then connect timeouts. Call on
+  // every turn of the loop.
   void OnTimers(absl::Time now);
   // The earliest time OnTimers has something to do.
   absl::Time NextDeadline() const;
@@ -82,7 +84,11 @@ class Proxy {
   // the destination is full or the source finished; false: the pair failed.
   bool Pump(Pair& pair, Direction& d);
   bool Flush(Pair& pair, Direction& d);
-  void Progress(Pair& pair);
+  void Schedule(Pair& pair, Direction& d);
+  void RunReady();
+  void Progress(Pair& pair);  // pumps both directions
+  // Closes the pair when a pump failed (reset) or both sides are done.
+  void Settle(Pair& pair, bool ok);
   // `reset`: abortive close of both sockets (SO_LINGER 0): the failure of
   // one side is passed on to the other as a reset, not as a clean FIN.
   void Close(Pair& pair, bool reset);
@@ -97,6 +103,9 @@ class Proxy {
   std::unordered_map<int, Pair*> by_fd_;
   // Pairs whose upstream connect is in progress, by deadline.
   std::set<std::pair<absl::Time, Pair*>> connecting_;
+  // Directions to pump again on the next turn of the loop: the pair's
+  // client fd, and true for client -> upstream.
+  std::vector<std::pair<int, bool>> ready_;
 
   uint64_t bytes_from_client_ = 0;
   uint64_t bytes_to_client_ = 0;
