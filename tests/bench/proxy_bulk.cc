@@ -148,7 +148,7 @@ void RunThread(const Options& o, const SocketAddress& to, int count,
 
 int Main(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
+  for (int i = 1; i < argc; i += 2) {  // every flag takes a value
     std::string a = argv[i];
     std::string v = i + 1 < argc ? argv[i + 1] : "";
     bool ok = true;
@@ -160,8 +160,7 @@ int Main(int argc, char** argv) {
     } else if (a == "--threads") {
       ok = absl::SimpleAtoi(v, &o.threads) && o.threads > 0 && o.threads <= 16;
     } else if (a == "--seconds") {
-      ok = absl::SimpleAtoi(v, &o.seconds) && o.seconds > 0 &&
-           o.seconds <= 600;
+      ok = absl::SimpleAtoi(v, &o.seconds) && o.seconds > 0 && o.seconds <= 600;
     } else if (a == "--chunk") {
       ok = absl::SimpleAtoi(v, &o.chunk) && o.chunk > 0 && o.chunk <= kBlock;
     } else if (a == "--window") {
@@ -176,7 +175,6 @@ int Main(int argc, char** argv) {
                    v.c_str(), a.c_str());
       return 2;
     }
-    ++i;
   }
   absl::StatusOr<SocketAddress> to = SocketAddress::Parse(o.target);
   if (!to.ok()) {
@@ -196,9 +194,8 @@ int Main(int argc, char** argv) {
   std::vector<std::thread> threads;
   for (int t = 0; t < o.threads; ++t) {
     int count = o.connections / o.threads + (t < o.connections % o.threads);
-    threads.emplace_back([&, count] {
-      RunThread(o, *to, count, end, block, totals);
-    });
+    threads.emplace_back(
+        [&, count] { RunThread(o, *to, count, end, block, totals); });
   }
   for (std::thread& t : threads) t.join();
   double secs = absl::ToDoubleSeconds(absl::Now() - start);
