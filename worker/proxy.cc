@@ -31,14 +31,15 @@ namespace {
 // triggering).
 //
 // Measured on the 2-core bench machine (CPU of the proxy process per MiB
-// forwarded, 4 bulk connections through an echo server; tests/bench/
-// README.md): 64 KiB chunks read until EAGAIN cost about 1,230 us/MiB,
-// 16 KiB chunks about 985 us/MiB, and splice() through a pipe per
-// direction (switched on once a direction moved a full chunk, so that short
-// connections never pay for the pipes) 920-1,130 us/MiB, within the noise
-// of the buffered version: the copies are not what costs here, the TCP
-// stack is. So the simpler buffered code was kept. HAProxy 2.6 (no splice
-// by default either) needed 650-870 us/MiB in the same runs.
+// forwarded, 4 bulk connections through an echo server, clients without
+// TCP_NODELAY; tests/bench/README.md): 64 KiB chunks read until EAGAIN cost
+// about 1,230 us/MiB, 16 KiB chunks about 985 us/MiB, and splice() through
+// a pipe per direction (switched on once a direction moved a full chunk, so
+// that short connections never pay for the pipes) 920-1,130 us/MiB, within
+// the noise of the buffered version: the copies are not what costs here,
+// the TCP stack is. So the simpler buffered code was kept. What mattered
+// most was TCP_NODELAY on the client socket too (as HAProxy sets it):
+// 800-1,030 us/MiB, HAProxy 2.6 800-990 in the same runs.
 constexpr size_t kChunk = 16 * 1024;
 
 // All events a proxied socket is registered for, once, edge-triggered: no

@@ -871,6 +871,12 @@ bool Worker::AcceptOne() {
         return false;
     }
   }
+  // Also in proxy mode: a relayed stream must not wait for Nagle (without
+  // it bulk forwarding costs about 60% more CPU per byte, see proxy.cc).
+  if (!listener_nodelay_) {
+    int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  }
   if (proxy_) {
     ++accepted_total_;
     proxy_->Accept(Fd(fd));
@@ -878,10 +884,6 @@ bool Worker::AcceptOne() {
   }
   auto conn = std::make_unique<Connection>();
   conn->fd = Fd(fd);
-  if (!listener_nodelay_) {
-    int one = 1;
-    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-  }
   if (config_.mode == Mode::kHttp) conn->http.emplace(body_);
   ++accepted_total_;
   connections_[fd] = std::move(conn);
