@@ -199,7 +199,7 @@ Modes:
                   unchanged. Half-close is passed on (a side's FIN becomes
                   shutdown(SHUT_WR) of the other side; the other direction
                   keeps flowing); a side that cannot take more stops the
-                  other from being read (at most 64 KiB buffered per
+                  other from being read (at most 16 KiB buffered per
                   direction); a reset is passed on as a reset. A client
                   whose upstream connect fails or times out is reset
                   (logged with the listener, shard and upstream). Load

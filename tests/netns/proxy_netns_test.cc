@@ -663,7 +663,7 @@ TEST(ProxyNetnsTest, SlowUpstreamReaderBoundsMemoryAndLosesNothing) {
   EXPECT_TRUE(r.eof);
   EXPECT_EQ(r.hash.bytes, data.size());
   EXPECT_EQ(r.hash.h, Hash(data));
-  // 24 MiB went through; the worker holds at most 64 KiB per direction.
+  // 24 MiB went through; the worker holds at most 16 KiB per direction.
   EXPECT_LT(rss_max - rss_before, 2048)
       << "RSS grew from " << rss_before << " KiB to " << rss_max << " KiB";
 }
