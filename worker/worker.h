@@ -1,6 +1,7 @@
 // portfleet-worker, the reference worker: a single-threaded epoll server on
 // the listening socket it inherits by socket activation (fd 3), answering
-// HTTP/1.1 with its identity or echoing bytes, draining on SIGTERM or on the
+// HTTP/1.1 with its identity, echoing bytes or forwarding connections to an
+// upstream (proxy mode, worker/proxy.h), draining on SIGTERM or on the
 // agent's request. The pieces are exposed for tests: flag parsing, the HTTP
 // request-head parser, the per-connection HTTP session and the server loop.
 #ifndef PORTFLEET_WORKER_WORKER_H_
@@ -21,7 +22,9 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "portfleet/v1/control.pb.h"
+#include "worker/proxy.h"
 #include "worker/sdk/agent_link.h"
+#include "worker/sdk/base/address.h"
 #include "worker/sdk/base/fd.h"
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/control_channel.h"
@@ -31,18 +34,22 @@ namespace portfleet::worker {
 // Largest request head (request line + headers + blank line) accepted.
 inline constexpr size_t kMaxHttpHead = 16 * 1024;
 
-enum class Mode { kHttp, kEcho };
+enum class Mode { kHttp, kEcho, kProxy };
 
 // Command-line flags of portfleet-worker.
 struct Flags {
-  Mode mode = Mode::kHttp;                           // --mode http|echo
-  LogLevel log_level = LogLevel::kInfo;              // --log-level
-  absl::Duration drain_timeout = absl::Seconds(30);  // --drain-timeout
-  bool help = false;                                 // --help / -h
+  Mode mode = Mode::kHttp;                            // --mode http|echo|proxy
+  std::string upstream;                               // --upstream HOST:PORT
+  absl::Duration connect_timeout = absl::Seconds(5);  // --connect-timeout
+  LogLevel log_level = LogLevel::kInfo;               // --log-level
+  absl::Duration drain_timeout = absl::Seconds(30);   // --drain-timeout
+  bool help = false;                                  // --help / -h
 };
 
 // Parses the arguments after argv[0]. InvalidArgument for unknown flags,
-// missing or bad values and positional arguments.
+// missing or bad values, positional arguments, proxy mode without
+// --upstream and proxy flags without proxy mode. The upstream is checked
+// for its form here and resolved by Main().
 absl::StatusOr<Flags> ParseFlags(const std::vector<std::string>& args);
 
 // The --help text.
@@ -131,6 +138,9 @@ class HttpSession {
 
 struct WorkerConfig {
   Mode mode = Mode::kHttp;
+  // Proxy mode: where connections go and how long a connect may take.
+  SocketAddress upstream;
+  absl::Duration connect_timeout = absl::Seconds(5);
   std::string listener = "unknown";  // PORTFLEET_LISTENER / LISTEN_FDNAMES
   uint32_t shard = 0;                // PORTFLEET_SHARD
   // Drain deadline after SIGTERM/SIGINT, and after an AgentDrain without one.
@@ -176,6 +186,7 @@ class Worker {
   void PauseAccepting(absl::Duration pause);
   void WarnAcceptPaused(int err);
   void HandleConnection(int fd, uint32_t events);
+  size_t OpenConnections() const;
   bool ReadFrom(Connection& conn);  // false: the connection failed
   bool WriteTo(Connection& conn);   // false: the connection failed
   void Settle(Connection& conn);    // close, linger, or update epoll
@@ -195,6 +206,7 @@ class Worker {
   std::unique_ptr<AgentLink> agent_;  // hello, load, drain, re-adoption
   std::string body_;                  // HTTP identity body
   std::unordered_map<int, std::unique_ptr<Connection>> connections_;
+  std::unique_ptr<Proxy> proxy_;  // proxy mode: the pairs instead
 
   bool accepting_ = false;         // listen fd registered with epoll
   bool listener_nodelay_ = false;  // accepted sockets inherit TCP_NODELAY

@@ -379,8 +379,10 @@ TEST(WorkerFlagsTest, Errors) {
               HasSubstr("unknown flag '--bogus'"));
   EXPECT_THAT(ParseFlags({"--bogus=1"}).status().message(),
               HasSubstr("unknown flag '--bogus'"));
+  EXPECT_THAT(ParseFlags({"--mode", "tcp"}).status().message(),
+              HasSubstr("unknown mode 'tcp'"));
   EXPECT_THAT(ParseFlags({"--mode", "proxy"}).status().message(),
-              HasSubstr("unknown mode 'proxy'"));
+              HasSubstr("--mode proxy needs --upstream"));
   EXPECT_THAT(ParseFlags({"--mode"}).status().message(),
               HasSubstr("needs a value"));
   EXPECT_THAT(ParseFlags({"--drain-timeout=soon"}).status().message(),
