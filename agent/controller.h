@@ -52,6 +52,7 @@ struct ShardStatus {
   };
   std::vector<Orphan> orphans;
   uint64_t orphans_killed = 0;
+  bool self_bound = false;  // the worker binds its own socket
 };
 
 struct ListenerStatus {

@@ -55,6 +55,7 @@ v1::Shard ToProto(const ShardStatus& s) {
     po->set_leftover(o.leftover);
   }
   out.set_orphans_killed(s.orphans_killed);
+  out.set_self_bound(s.self_bound);
   return out;
 }
 

@@ -41,6 +41,17 @@ std::vector<std::string> WorkerEnv(const FleetOptions& options,
   }
   for (const std::string& e : program.spec.env()) env.push_back(e);
   const std::string& name = listener.spec.name();
+  if (IsSelfBound(program.spec)) {
+    // Binds its own socket: the address, no fd 3, no control channel.
+    env.push_back(
+        absl::StrCat(kSelfBoundAddressEnvVar, "=", listener.address.ToString()));
+    env.push_back(absl::StrCat("PORT=", listener.address.port()));
+    env.push_back(absl::StrCat("PORTFLEET_LISTENER=", name));
+    env.push_back(absl::StrCat("PORTFLEET_SHARD=", shard.index));
+    env.push_back(
+        absl::StrCat(kWorkerSpecEnvVar, "=", WorkerSpecDigest(program.spec)));
+    return env;
+  }
   env.push_back("LISTEN_FDS=1");
   env.push_back(absl::StrCat("LISTEN_FDNAMES=", name));
   env.push_back(absl::StrCat("PORTFLEET_LISTENER=", name));
@@ -175,6 +186,9 @@ std::vector<pid_t> Supervisor::RemnantGroups(const Shard& shard) const {
 
 absl::StatusOr<std::unique_ptr<Worker>> Supervisor::Launch(
     Listener& listener, Shard& shard, const ResolvedWorker& program) {
+  if (IsSelfBound(program.spec)) {
+    return LaunchSelfBound(listener, shard, program, WorkerEnv(ctx_->options, listener, shard, program));
+  }
   absl::StatusOr<std::pair<ControlChannel, ControlChannel>> pair =
       ControlChannel::Pair();
   if (!pair.ok()) {
@@ -218,7 +232,11 @@ absl::Status Supervisor::Start(Listener& listener, Shard& shard) {
   shard.worker = std::move(worker);
   shard.state = v1::SHARD_STATE_RUNNING;
   PF_LOG(INFO) << listener.Name(shard) << ": worker pid " << pid
-               << " started on socket inode " << shard.inode
+               << (shard.worker->self_bound
+                       ? " started; it binds its own socket on " +
+                             listener.address.ToString() + ", socket inode"
+                       : " started on socket inode")
+               << " " << shard.inode
                << (shard.cpu >= 0 ? absl::StrCat(", pinned to CPU ", shard.cpu)
                                   : std::string());
   ctx_->Emit(v1::EVENT_TYPE_SHARD_STARTED, listener, shard.index, pid, "");
@@ -314,6 +332,10 @@ void Supervisor::ArmReadiness(Listener& listener, Shard& shard,
 
 void Supervisor::ReadyTimeout(Listener& listener, Shard& shard, Worker* w) {
   if (w->ready) return;
+  if (w->self_bound) {
+    NoSocketFound(listener, shard, w);
+    return;
+  }
   std::string why =
       absl::StrCat("worker pid ", w->process.pid, " was not ready within ",
                    absl::FormatDuration(ctx_->options.ready_timeout));
@@ -490,6 +512,9 @@ void Supervisor::OnExit(Listener& listener, Shard& shard, Worker* w) {
 
 void Supervisor::OnServingExit(Listener& listener, Shard& shard, int pid,
                                const std::string& how, absl::Duration uptime) {
+  // A self-bound worker's socket dies with it (nobody will accept on it):
+  // its queue goes to the live shards, its replacement binds a new one.
+  if (IsSelfBound(shard.program.spec)) RetireSocket(listener, shard, pid);
   if (shard.draining()) {
     PF_LOG(INFO) << listener.Name(shard) << ": worker pid " << pid << " " << how
                  << " (drained)";
@@ -527,8 +552,11 @@ void Supervisor::OnServingExit(Listener& listener, Shard& shard, int pid,
   }
   PF_LOG(WARNING) << listener.Name(shard) << ": " << message
                   << "; restarting in " << HumanDuration(shard.backoff)
-                  << " on the same socket (inode " << shard.inode
-                  << "), restarts=" << shard.restarts + 1;
+                  << (IsSelfBound(shard.program.spec)
+                          ? std::string(" (it binds a new socket)")
+                          : absl::StrCat(" on the same socket (inode ",
+                                         shard.inode, ")"))
+                  << ", restarts=" << shard.restarts + 1;
   ScheduleRestart(listener, shard);
 }
 
