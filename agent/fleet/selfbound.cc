@@ -206,10 +206,9 @@ absl::Status ValidateSelfBoundSocket(int fd, const SocketAddress& address) {
   }();
   if (!local.ok()) return local.status();
   if (!(*local == address)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("bound to ", local->ToString(), ", not the listener's ",
-                     address.ToString(),
-                     " (another address is another reuseport group)"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "bound to ", local->ToString(), ", not the listener's ",
+        address.ToString(), " (another address is another reuseport group)"));
   }
   RETURN_IF_ERROR(
       GetInt(fd, SOL_SOCKET, SO_REUSEPORT, "SO_REUSEPORT", &reuseport));

@@ -43,8 +43,8 @@ std::vector<std::string> WorkerEnv(const FleetOptions& options,
   const std::string& name = listener.spec.name();
   if (IsSelfBound(program.spec)) {
     // Binds its own socket: the address, no fd 3, no control channel.
-    env.push_back(
-        absl::StrCat(kSelfBoundAddressEnvVar, "=", listener.address.ToString()));
+    env.push_back(absl::StrCat(kSelfBoundAddressEnvVar, "=",
+                               listener.address.ToString()));
     env.push_back(absl::StrCat("PORT=", listener.address.port()));
     env.push_back(absl::StrCat("PORTFLEET_LISTENER=", name));
     env.push_back(absl::StrCat("PORTFLEET_SHARD=", shard.index));
@@ -187,7 +187,8 @@ std::vector<pid_t> Supervisor::RemnantGroups(const Shard& shard) const {
 absl::StatusOr<std::unique_ptr<Worker>> Supervisor::Launch(
     Listener& listener, Shard& shard, const ResolvedWorker& program) {
   if (IsSelfBound(program.spec)) {
-    return LaunchSelfBound(listener, shard, program, WorkerEnv(ctx_->options, listener, shard, program));
+    return LaunchSelfBound(listener, shard, program,
+                           WorkerEnv(ctx_->options, listener, shard, program));
   }
   absl::StatusOr<std::pair<ControlChannel, ControlChannel>> pair =
       ControlChannel::Pair();
@@ -512,9 +513,6 @@ void Supervisor::OnExit(Listener& listener, Shard& shard, Worker* w) {
 
 void Supervisor::OnServingExit(Listener& listener, Shard& shard, int pid,
                                const std::string& how, absl::Duration uptime) {
-  // A self-bound worker's socket dies with it (nobody will accept on it):
-  // its queue goes to the live shards, its replacement binds a new one.
-  if (IsSelfBound(shard.program.spec)) RetireSocket(listener, shard, pid);
   if (shard.draining()) {
     PF_LOG(INFO) << listener.Name(shard) << ": worker pid " << pid << " " << how
                  << " (drained)";
@@ -526,6 +524,9 @@ void Supervisor::OnServingExit(Listener& listener, Shard& shard, int pid,
                  << " (stopping)";
     return;
   }
+  // A self-bound worker's socket dies with it (nobody will accept on it):
+  // its queue goes to the live shards, its replacement binds a new one.
+  if (IsSelfBound(shard.program.spec)) RetireSocket(listener, shard, pid);
   if (shard.health.replacing) {
     shard.health.replacing = false;
     PF_LOG(INFO) << listener.Name(shard) << ": replaced worker pid " << pid

@@ -92,8 +92,8 @@ class Supervisor {
       Listener& listener, Shard& shard, const ResolvedWorker& program,
       std::vector<std::string> env);
   void SearchSocket(Listener& listener, Shard& shard, Worker* worker);
-  void TakeSocket(Listener& listener, Shard& shard, Worker& worker,
-                  Fd socket, uint64_t inode, pid_t holder, uid_t uid);
+  void TakeSocket(Listener& listener, Shard& shard, Worker& worker, Fd socket,
+                  uint64_t inode, pid_t holder, uid_t uid);
   void NoSocketFound(Listener& listener, Shard& shard, Worker* worker);
   // The serving self-bound worker `pid` died: its socket leaves the tables
   // and is shut down (the queue migrates to the live shards; with none, once

@@ -118,7 +118,8 @@ absl::StatusOr<ListenerUpdate> PlanUpdate(const Listener& listener,
     u.steering = u.to.steering();
   }
   if (!MessageDifferencer::Equivalent(u.to.worker(), u.from.worker())) {
-    RETURN_IF_ERROR(CheckRollOutSocketMode(name, u.from.worker(), u.to.worker()));
+    RETURN_IF_ERROR(
+        CheckRollOutSocketMode(name, u.from.worker(), u.to.worker()));
     if (listener.rollout) {
       return absl::FailedPreconditionError(absl::StrCat(
           "listener ", name, ": a rollout is already in progress"));

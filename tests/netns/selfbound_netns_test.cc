@@ -1,0 +1,288 @@
+// Self-bound workers (issue 16): servers that bind their own SO_REUSEPORT
+// socket (tests/workers/reuseport_server.py, written as the SO_REUSEPORT
+// article's Python example) run by the real agent with
+// socket_mode: SOCKET_MODE_SELF_BOUND, in private network namespaces,
+// counted from the client side.
+#include <sched.h>
+#include <signal.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <future>
+#include <iostream>
+#include <map>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/loadgen/fleet_testing.h"
+#include "tests/loadgen/loadgen.h"
+#include "tests/testing/agent_harness.h"
+#include "tests/testing/client.h"
+#include "tests/testing/netns.h"
+#include "tests/testing/process.h"
+
+namespace portfleet::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+// The server binds 0.0.0.0:PORT as the article's does; clients use loopback.
+constexpr char kListenAddress[] = "0.0.0.0:8080";
+constexpr char kTarget[] = "127.0.0.1:8080";
+
+std::string ServerScript() {
+  return absl::StrCat(PORTFLEET_SOURCE_DIR,
+                      "/tests/workers/reuseport_server.py");
+}
+
+std::string Spec(int shards, const std::string& steering,
+                 const std::vector<std::string>& extra_args = {}) {
+  std::string args = absl::StrCat("args: \"", ServerScript(), "\"");
+  for (const std::string& a : extra_args)
+    absl::StrAppend(&args, " args: \"", a, "\"");
+  return absl::StrCat("listeners {\n  name: \"web\"\n  address: \"",
+                      kListenAddress, "\"\n  shards: ", shards,
+                      "\n  worker { command: \"/usr/bin/python3\" ", args,
+                      " socket_mode: SOCKET_MODE_SELF_BOUND }\n"
+                      "  drain_timeout_seconds: 5\n  steering { ",
+                      steering, " }\n}\n");
+}
+
+std::unique_ptr<v1::FleetService::Stub> StartAndAwaitReady(
+    AgentHarness& agent, const std::string& spec, int shards) {
+  EXPECT_TRUE(agent.Start(spec).ok());
+  auto stub = FleetStub(agent.api_socket());
+  EXPECT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == shards; },
+                      absl::Seconds(20)))
+      << agent.Log();
+  return stub;
+}
+
+// Pid -> shard, of the shards as listed.
+std::map<pid_t, v1::Shard> ShardsByPid(v1::FleetService::Stub& stub) {
+  std::map<pid_t, v1::Shard> out;
+  for (const v1::Shard& s : Shards(stub, "web")) out[s.pid()] = s;
+  return out;
+}
+
+Tally Probe(int n) {
+  Tally t;
+  for (int i = 0; i < n; ++i) t.Add(HttpGet(kTarget));
+  return t;
+}
+
+loadgen::Options Load(absl::Duration duration) {
+  loadgen::Options o;
+  o.target = kTarget;
+  o.rate = 1000;
+  o.duration = duration;
+  o.max_connections = 20000;
+  o.quiet = true;
+  return o;
+}
+
+bool PinTo(int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  return ::sched_setaffinity(0, sizeof(set), &set) == 0;
+}
+
+std::vector<int> AllowedCpus() {
+  cpu_set_t allowed;
+  std::vector<int> cpus;
+  if (::sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return cpus;
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
+  }
+  return cpus;
+}
+
+// Steps:
+// 1. Four self-bound Python workers (HASH steering).
+// 2. Every shard is listed self-bound, with a pid and a socket inode; the
+//    four pids are distinct and each holds its own socket.
+// 3. 400 connections: all answered, by all four workers and only by them.
+TEST(SelfBoundNetnsTest, FourWorkersAllAnswer) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  auto stub =
+      StartAndAwaitReady(agent, Spec(4, "policy: STEERING_POLICY_HASH"), 4);
+  std::map<pid_t, v1::Shard> by_pid = ShardsByPid(*stub);
+  ASSERT_EQ(by_pid.size(), 4u) << agent.Log();
+  std::set<uint64_t> inodes;
+  for (const auto& [pid, shard] : by_pid) {
+    EXPECT_TRUE(shard.self_bound()) << shard.index();
+    EXPECT_GT(pid, 0);
+    inodes.insert(shard.socket_inode());
+  }
+  EXPECT_EQ(inodes.size(), 4u);
+  EXPECT_EQ(inodes.count(0), 0u);
+  EXPECT_THAT(agent.Log(), HasSubstr("listens on its own socket inode"));
+  Tally t = Probe(400);
+  EXPECT_EQ(t.ok, 400) << t.first_error;
+  EXPECT_EQ(t.by_pid.size(), 4u);
+  for (const auto& [pid, n] : t.by_pid) {
+    EXPECT_EQ(by_pid.count(pid), 1u) << "pid " << pid << " is no shard's";
+    EXPECT_GT(n, 0);
+  }
+}
+
+// Steps:
+// 1. Four self-bound workers with the CPU policy: shard k is pinned to the
+//    (k mod n)-th allowed CPU.
+// 2. For each allowed CPU c (up to 2), a client thread pinned to c opens 300
+//    connections: every one is answered by a worker pinned to c.
+TEST(SelfBoundNetnsTest, CpuSteeringKeepsConnectionsOnTheClientsCpu) {
+  PF_ENTER_NETNS_OR_SKIP();
+  std::vector<int> cpus = AllowedCpus();
+  if (cpus.size() < 2) PF_SKIP_OR_FAIL("needs 2 CPUs in the affinity mask");
+  AgentHarness agent;
+  auto stub =
+      StartAndAwaitReady(agent, Spec(4, "policy: STEERING_POLICY_CPU"), 4);
+  std::map<pid_t, v1::Shard> by_pid = ShardsByPid(*stub);
+  ASSERT_EQ(by_pid.size(), 4u) << agent.Log();
+  for (size_t i = 0; i < 2; ++i) {
+    const int cpu = cpus[i];
+    Tally tally;
+    std::thread client([&tally, cpu] {
+      ASSERT_TRUE(PinTo(cpu));
+      for (int k = 0; k < 300; ++k) tally.Add(HttpGet(kTarget));
+    });
+    client.join();
+    EXPECT_EQ(tally.ok, 300) << tally.first_error;
+    for (const auto& [pid, n] : tally.by_pid) {
+      ASSERT_EQ(by_pid.count(pid), 1u) << "pid " << pid;
+      EXPECT_EQ(by_pid[pid].cpu(), cpu)
+          << n << " connection(s) from a client on CPU " << cpu
+          << " answered by shard " << by_pid[pid].index() << " on CPU "
+          << by_pid[pid].cpu();
+    }
+  }
+}
+
+// Steps:
+// 1. Four self-bound workers; load at 1000 connections/s for the whole test.
+// 2. Three times: scale to 2 (the two drained workers' sockets are shut
+//    down, their queues migrate, the workers stop), then back to 4 (new
+//    workers bind new sockets, found and steered to once ready).
+// 3. The load saw 0 failed connections; 4 shards answer at the end.
+TEST(SelfBoundNetnsTest, ScaleFourTwoFourUnderLoadLosesNothing) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  auto stub =
+      StartAndAwaitReady(agent, Spec(4, "policy: STEERING_POLICY_HASH"), 4);
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async, [&] {
+    return loadgen::Run(Load(absl::Seconds(60)), &stop);
+  });
+  for (int round = 0; round < 3; ++round) {
+    absl::SleepFor(absl::Milliseconds(500));
+    grpc::Status down = ScaleTo(*stub, "web", 2);
+    EXPECT_TRUE(down.ok()) << down.error_message() << "\n" << agent.Log();
+    EXPECT_TRUE(WaitFor([&] { return Shards(*stub, "web").size() == 2; },
+                        absl::Seconds(20)))
+        << agent.Log();
+    absl::SleepFor(absl::Milliseconds(500));
+    grpc::Status up = ScaleTo(*stub, "web", 4);
+    EXPECT_TRUE(up.ok()) << up.error_message() << "\n" << agent.Log();
+    EXPECT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 4; },
+                        absl::Seconds(20)))
+        << agent.Log();
+  }
+  absl::SleepFor(absl::Milliseconds(500));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  std::cout << "load: " << result->Summary() << "\n";
+  if (getenv("SELFBOUND_LOG")) std::cout << agent.Log();
+  EXPECT_GT(result->ok(), 200);
+  EXPECT_EQ(result->failures(), 0) << result->Summary() << "\n" << agent.Log();
+  Tally t = Probe(200);
+  EXPECT_EQ(t.ok, 200) << t.first_error;
+  EXPECT_EQ(t.by_pid.size(), 4u);
+}
+
+// Steps:
+// 1. Four self-bound workers; load at 1000 connections/s.
+// 2. SIGKILL one worker: its socket leaves the tables and is shut down (its
+//    queue migrates); the replacement binds a new socket and is found.
+// 3. The load lost at most the one connection the single-threaded worker
+//    had accepted; 4 shards answer at the end, the killed pid none.
+TEST(SelfBoundNetnsTest, KilledWorkerLosesOnlyWhatItHadAccepted) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  auto stub =
+      StartAndAwaitReady(agent, Spec(4, "policy: STEERING_POLICY_HASH"), 4);
+  std::map<pid_t, v1::Shard> before = ShardsByPid(*stub);
+  ASSERT_EQ(before.size(), 4u);
+  pid_t victim = before.begin()->first;
+  uint64_t old_inode = before.begin()->second.socket_inode();
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async, [&] {
+    return loadgen::Run(Load(absl::Seconds(60)), &stop);
+  });
+  absl::SleepFor(absl::Milliseconds(700));
+  ASSERT_EQ(::kill(victim, SIGKILL), 0);
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        std::map<pid_t, v1::Shard> now = ShardsByPid(*stub);
+        return now.count(victim) == 0 && ReadyShards(*stub, "web") == 4;
+      },
+      absl::Seconds(20)))
+      << agent.Log();
+  absl::SleepFor(absl::Milliseconds(700));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  std::cout << "load: " << result->Summary() << "\n";
+  if (getenv("SELFBOUND_LOG")) std::cout << agent.Log();
+  EXPECT_LE(result->failures(), 1) << result->Summary() << "\n" << agent.Log();
+  EXPECT_THAT(agent.Log(), HasSubstr(absl::StrCat("socket inode ", old_inode,
+                                                  " of dead worker pid ",
+                                                  victim, " shut down")));
+  Tally t = Probe(200);
+  EXPECT_EQ(t.ok, 200) << t.first_error;
+  EXPECT_EQ(t.by_pid.count(victim), 0u);
+  EXPECT_EQ(t.by_pid.size(), 4u);
+}
+
+// Steps: a worker that binds another address, and one without
+// SO_REUSEPORT: within the ready timeout the agent says which listener,
+// shard and pid, and what it found instead.
+TEST(SelfBoundNetnsTest, WrongSocketsAreRefusedWithTheReason) {
+  PF_ENTER_NETNS_OR_SKIP();
+  {
+    AgentHarness agent;
+    ASSERT_TRUE(agent
+                    .Start(Spec(1, "policy: STEERING_POLICY_HASH",
+                                {"--host=127.0.0.2"}))
+                    .ok());
+    EXPECT_TRUE(
+        agent.WaitLog("bound no usable listening socket", 1, absl::Seconds(30)))
+        << agent.Log();
+    EXPECT_THAT(agent.Log(), HasSubstr("listener web shard 0: worker pid "));
+    EXPECT_THAT(agent.Log(), HasSubstr("bound to 127.0.0.2:8080, not the "
+                                       "listener's 0.0.0.0:8080"));
+  }
+  {
+    AgentHarness agent;
+    ASSERT_TRUE(
+        agent.Start(Spec(1, "policy: STEERING_POLICY_HASH", {"--no-reuseport"}))
+            .ok());
+    EXPECT_TRUE(
+        agent.WaitLog("bound no usable listening socket", 1, absl::Seconds(30)))
+        << agent.Log();
+    EXPECT_THAT(agent.Log(), HasSubstr("SO_REUSEPORT is not set"));
+  }
+}
+
+}  // namespace
+}  // namespace portfleet::testing
