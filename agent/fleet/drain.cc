@@ -52,7 +52,7 @@ void Drainer::Begin(Listener& listener, Shard& shard, Done done) {
   }
   // 2. Tell the worker to stop accepting and finish its connections. A
   //    self-bound worker is told after step 3, see TellSelfBoundDrain.
-  bool self_bound = IsSelfBound(shard.program.spec);
+  bool self_bound = OwnsItsSocket(shard);
   if (shard.worker && !self_bound) {
     supervisor_->TellDrain(listener, *shard.worker);
   }

@@ -722,7 +722,8 @@ absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
     s.cpu = shard->cpu;
     s.restarts = shard->restarts;
     s.socket_inode = shard->inode;
-    s.self_bound = IsSelfBound(shard->program.spec);
+    s.self_bound = OwnsItsSocket(*shard);
+    s.adopted = shard->adopted;
     if (shard->worker) {
       s.pid = shard->worker->process.pid;
       s.ready = shard->worker->ready;
@@ -755,7 +756,7 @@ std::vector<Fleet::SharedSocket> Fleet::SharedSockets() const {
     if (listener->deleting) continue;
     for (const auto& shard : listener->shards) {
       // Self-bound sockets are their workers': not handed over.
-      if (shard->draining() || IsSelfBound(shard->program.spec)) continue;
+      if (shard->draining() || OwnsItsSocket(*shard)) continue;
       out.push_back({listener->spec, shard->index, shard->socket.get()});
     }
   }

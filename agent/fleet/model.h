@@ -189,6 +189,9 @@ struct Shard {
   // migrates) once the replacement's socket is found.
   std::optional<uid_t> socket_uid;
   Fd retired_socket;
+  // Its process was taken in by AdoptListener: it binds its own socket, is
+  // not restarted, and the shard is removed when it exits.
+  bool adopted = false;
   int cpu = -1;  // pinned CPU, -1 = any
   v1::ShardState state = v1::SHARD_STATE_STARTING;
   std::unique_ptr<Worker> worker;     // the serving worker
@@ -227,6 +230,11 @@ struct Shard {
            remnant_groups > 0;
   }
 };
+
+// The shard's worker binds its own socket (self-bound or adopted).
+inline bool OwnsItsSocket(const Shard& shard) {
+  return shard.adopted || IsSelfBound(shard.program.spec);
+}
 
 class Rollout;
 

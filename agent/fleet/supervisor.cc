@@ -460,7 +460,7 @@ void Supervisor::OnExit(Listener& listener, Shard& shard, Worker* w) {
   std::string how = status.ok() ? DescribeWaitStatus(**status)
                                 : std::string(status.status().message());
   if (w->adopted) {
-    how = "exited (re-adopted worker: its exit status went to its parent)";
+    how = "exited (not the agent's child: its exit status went to its parent)";
   }
   absl::Duration uptime = ctx_->Now() - w->started;
   std::function<void(absl::Status)> waiter = TakeWaiter(*w);
@@ -526,7 +526,17 @@ void Supervisor::OnServingExit(Listener& listener, Shard& shard, int pid,
   }
   // A self-bound worker's socket dies with it (nobody will accept on it):
   // its queue goes to the live shards, its replacement binds a new one.
-  if (IsSelfBound(shard.program.spec)) RetireSocket(listener, shard, pid);
+  if (OwnsItsSocket(shard)) RetireSocket(listener, shard, pid);
+  if (shard.adopted) {
+    // Not ours to restart: the shard goes (see Drainer::OnWorkerGone).
+    shard.state = v1::SHARD_STATE_DRAINING;
+    PF_LOG(WARNING) << listener.Name(shard) << ": adopted process pid " << pid
+                    << " " << how << "; the shard is removed";
+    ctx_->Emit(
+        v1::EVENT_TYPE_SHARD_EXITED, listener, shard.index, pid,
+        absl::StrCat("adopted process pid ", pid, " ", how, "; shard removed"));
+    return;
+  }
   if (shard.health.replacing) {
     shard.health.replacing = false;
     PF_LOG(INFO) << listener.Name(shard) << ": replaced worker pid " << pid

@@ -99,6 +99,13 @@ class Supervisor {
   // and is shut down (the queue migrates to the live shards; with none, once
   // the replacement's socket is found).
   void RetireSocket(Listener& listener, Shard& shard, pid_t pid);
+
+ public:
+  // Supervises running process `pid` (not our child) as the serving worker
+  // of an adopted shard that already holds its socket (AdoptListener).
+  absl::Status AdoptProcess(Listener& listener, Shard& shard, pid_t pid);
+
+ private:
   void OnExit(Listener& listener, Shard& shard, Worker* worker);
   // The serving worker ended: restart it unless the shard is draining or the
   // fleet is stopping.

@@ -3,6 +3,8 @@
 // and retire it when the worker dies.
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
@@ -203,6 +205,29 @@ void Supervisor::RetireSocket(Listener& listener, Shard& shard, pid_t pid) {
   PF_LOG(WARNING) << listener.Name(shard) << ": " << message;
   ctx_->Emit(v1::EVENT_TYPE_SHARD_SOCKET_RETIRED, listener, shard.index, pid,
              message);
+}
+
+absl::Status Supervisor::AdoptProcess(Listener& listener, Shard& shard,
+                                      pid_t pid) {
+  auto worker = std::make_unique<Worker>();
+  worker->process.pid = pid;
+  worker->process.pidfd =
+      Fd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+  if (!worker->process.pidfd) {
+    return ErrnoError(absl::StrCat(listener.Name(shard),
+                                   ": pidfd_open of adopted pid ", pid));
+  }
+  worker->started = ctx_->Now();
+  worker->adopted = true;
+  worker->self_bound = true;
+  worker->ready = true;  // it has been serving all along
+  RETURN_IF_ERROR(Watch(listener, shard, *worker));
+  shard.worker = std::move(worker);
+  shard.state = v1::SHARD_STATE_RUNNING;
+  shard.health.ever_ready = true;
+  ctx_->Emit(v1::EVENT_TYPE_SHARD_STARTED, listener, shard.index, pid,
+             "adopted");
+  return absl::OkStatus();
 }
 
 }  // namespace portfleet

@@ -284,5 +284,157 @@ TEST(SelfBoundNetnsTest, WrongSocketsAreRefusedWithTheReason) {
   }
 }
 
+// A server started outside portfleet (the test's child), binding its own
+// socket on the listener's address with `extra` flags, optionally through
+// setpriv as another user.
+Subprocess StartOutsideServer(const TempDir& dir,
+                              const std::vector<std::string>& extra = {},
+                              bool as_nobody = false) {
+  std::vector<std::string> argv;
+  if (as_nobody) {
+    argv = {"/usr/bin/setpriv", "--reuid=65534", "--regid=65534",
+            "--clear-groups"};
+  }
+  argv.push_back("/usr/bin/python3");
+  argv.push_back(ServerScript());
+  for (const std::string& e : extra) argv.push_back(e);
+  Subprocess server;
+  EXPECT_TRUE(server
+                  .Start(argv, dir.path() + "/outside.log",
+                         {"PORT=8080", "PORTFLEET_LISTENER=outside"})
+                  .ok());
+  return server;
+}
+
+// TCP listeners on port 8080 in this namespace (/proc/net/tcp).
+int ListenersOn8080() {
+  std::string table = ReadFileOrEmpty("/proc/net/tcp");
+  int n = 0;
+  for (size_t at = table.find(":1F90 00000000:0000 0A");
+       at != std::string::npos;
+       at = table.find(":1F90 00000000:0000 0A", at + 1)) {
+    n++;
+  }
+  return n;
+}
+
+grpc::Status Adopt(v1::FleetService::Stub& stub, pid_t pid,
+                   v1::AdoptListenerResponse* resp) {
+  v1::AdoptListenerRequest req;
+  req.set_name("web");
+  req.set_pid(pid);
+  return stub.AdoptListener(RpcContext().get(), req, resp);
+}
+
+// Steps:
+// 1. Two self-bound workers; a server started outside portfleet binds its
+//    own SO_REUSEPORT socket on the same address (it gets no connection:
+//    the steering tables do not name it).
+// 2. Load at 1000 connections/s; adopt the outside server: one new shard,
+//    listed adopted with the server's pid; it answers connections.
+// 3. Drain that shard: its socket is shut down (queue migrated), the server
+//    stops; the load saw 0 failed connections throughout.
+TEST(SelfBoundNetnsTest, AdoptARunningServerThenDrainItLosesNothing) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  auto stub =
+      StartAndAwaitReady(agent, Spec(2, "policy: STEERING_POLICY_HASH"), 2);
+  const int before = ListenersOn8080();
+  Subprocess outside = StartOutsideServer(agent.dir());
+  ASSERT_TRUE(
+      WaitFor([&] { return ListenersOn8080() > before; }, absl::Seconds(10)))
+      << outside.Log();
+  ASSERT_TRUE(outside.running()) << outside.Log();
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async, [&] {
+    return loadgen::Run(Load(absl::Seconds(60)), &stop);
+  });
+  absl::SleepFor(absl::Milliseconds(500));
+  v1::AdoptListenerResponse resp;
+  grpc::Status adopted = Adopt(*stub, outside.pid(), &resp);
+  ASSERT_TRUE(adopted.ok()) << adopted.error_message() << "\n" << agent.Log();
+  ASSERT_EQ(resp.indexes_size(), 1);
+  const uint32_t index = resp.indexes(0);
+  EXPECT_EQ(index, 2u);
+  std::map<pid_t, v1::Shard> by_pid = ShardsByPid(*stub);
+  ASSERT_EQ(by_pid.count(outside.pid()), 1u);
+  EXPECT_TRUE(by_pid[outside.pid()].adopted());
+  EXPECT_TRUE(by_pid[outside.pid()].self_bound());
+  EXPECT_EQ(by_pid[outside.pid()].index(), index);
+  absl::SleepFor(absl::Seconds(1));
+  grpc::Status drained = Drain(*stub, "web", index);
+  EXPECT_TRUE(drained.ok()) << drained.error_message() << "\n" << agent.Log();
+  EXPECT_TRUE(outside.Wait(absl::Seconds(10)).has_value()) << agent.Log();
+  absl::SleepFor(absl::Milliseconds(500));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  std::cout << "load: " << result->Summary() << "\n";
+  if (getenv("SELFBOUND_LOG")) std::cout << agent.Log();
+  EXPECT_EQ(result->failures(), 0) << result->Summary() << "\n" << agent.Log();
+  EXPECT_GT(result->by_pid[outside.pid()], 0)
+      << "the adopted server answered nothing: " << result->Summary();
+  EXPECT_EQ(Shards(*stub, "web").size(), 2u);
+}
+
+// Steps: a listener whose workers bind nothing (so that any socket may
+// exist on its address), and three servers started outside it: on another
+// address, without SO_REUSEPORT, as another user. Each adopt is refused
+// with FAILED_PRECONDITION saying which socket and why; no shard is added.
+TEST(SelfBoundNetnsTest, AdoptRefusesForeignSocketsWithTheReason) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  ASSERT_TRUE(
+      agent
+          .Start(absl::StrCat(
+              "listeners {\n  name: \"web\"\n  address: \"", kListenAddress,
+              "\"\n  shards: 1\n  worker { command: \"/bin/sleep\" "
+              "args: \"1000\" socket_mode: SOCKET_MODE_SELF_BOUND "
+              "}\n}\n"))
+          .ok());
+  auto stub = FleetStub(agent.api_socket());
+  struct Case {
+    std::vector<std::string> flags;
+    bool as_nobody;
+    std::string reason;
+  };
+  const std::vector<Case> cases = {
+      {{"--host=127.0.0.2"},
+       false,
+       "bound to 127.0.0.2:8080, not the listener's 0.0.0.0:8080"},
+      {{"--no-reuseport"}, false, "SO_REUSEPORT is not set"},
+      {{},
+       true,
+       "owned by uid 65534, not uid 0 of the listener's sockets (the kernel "
+       "groups only sockets of one effective uid)"},
+  };
+  for (const Case& c : cases) {
+    const int before = ListenersOn8080();
+    Subprocess outside = StartOutsideServer(agent.dir(), c.flags, c.as_nobody);
+    ASSERT_TRUE(
+        WaitFor([&] { return ListenersOn8080() > before; }, absl::Seconds(10)))
+        << outside.Log();
+    ASSERT_TRUE(outside.running()) << outside.Log();
+    v1::AdoptListenerResponse resp;
+    grpc::Status refused = Adopt(*stub, outside.pid(), &resp);
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION)
+        << c.reason;
+    EXPECT_THAT(
+        refused.error_message(),
+        HasSubstr(absl::StrCat("listener web: pid ", outside.pid(),
+                               ": refused: pid ", outside.pid(), " fd ")))
+        << refused.error_message();
+    EXPECT_THAT(refused.error_message(), HasSubstr(c.reason));
+    EXPECT_EQ(Shards(*stub, "web").size(), 1u);
+    outside.Signal(SIGKILL);
+    outside.Wait(absl::Seconds(5));
+  }
+  v1::AdoptListenerResponse resp;
+  grpc::Status none = Adopt(*stub, 999999, &resp);
+  EXPECT_EQ(none.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(none.error_message(), "listener web: pid 999999: no such process");
+}
+
 }  // namespace
 }  // namespace portfleet::testing
