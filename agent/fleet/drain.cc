@@ -21,6 +21,18 @@ namespace {
 // by itself before it gets SIGTERM (at most half the drain timeout).
 constexpr absl::Duration kSelfBoundTermGrace = absl::Seconds(1);
 
+// The shard's worker process is also the worker of another shard that is not
+// draining (one process with several sockets).
+bool ServesOtherShards(const Listener& listener, const Shard& shard) {
+  for (const auto& other : listener.shards) {
+    if (other.get() != &shard && !other->draining() && other->worker &&
+        other->worker->process.pid == shard.worker->process.pid) {
+      return true;
+    }
+  }
+  return false;
+}
+
 }  // namespace
 
 Drainer::Drainer(FleetContext* ctx, Supervisor* supervisor,
@@ -66,7 +78,18 @@ void Drainer::Begin(Listener& listener, Shard& shard, Done done) {
                     << ": shutdown of the listening socket: "
                     << strerror(errno);
   }
-  if (shard.worker && self_bound) TellSelfBoundDrain(listener, shard);
+  if (shard.worker && self_bound) {
+    if (ServesOtherShards(listener, shard)) {
+      // One process, several sockets (threads): the others keep serving.
+      // Its socket is shut down; nothing else of it is this shard's.
+      PF_LOG(INFO) << listener.Name(shard) << ": process pid "
+                   << shard.worker->process.pid
+                   << " serves other shards too: not signalled";
+      supervisor_->Detach(shard);
+    } else {
+      TellSelfBoundDrain(listener, shard);
+    }
+  }
   // 4. Reap the worker within the drain timeout, else SIGKILL.
   Listener* l = &listener;
   Shard* s = &shard;

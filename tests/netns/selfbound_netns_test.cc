@@ -436,5 +436,77 @@ TEST(SelfBoundNetnsTest, AdoptRefusesForeignSocketsWithTheReason) {
   EXPECT_EQ(none.error_message(), "listener web: pid 999999: no such process");
 }
 
+// Steps:
+// 1. One self-bound Python worker; the four-thread C server
+//    (tests/workers/reuseport_threads.c: one process, four threads, four
+//    SO_REUSEPORT sockets) started outside portfleet on the same address.
+// 2. Adopt it: four new shards, all listed with the server's one pid, and
+//    each of its four sockets answers connections.
+// 3. Under load, drain one of the four: its thread ends (accept fails), the
+//    process and its three other sockets keep serving; 0 failed
+//    connections.
+TEST(SelfBoundNetnsTest, FourThreadServerIsFourShardsWithOnePid) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  auto stub =
+      StartAndAwaitReady(agent, Spec(1, "policy: STEERING_POLICY_HASH"), 1);
+  const int before = ListenersOn8080();
+  Subprocess server;
+  ASSERT_TRUE(server
+                  .Start({BinaryPath("reuseport_threads")},
+                         agent.dir().path() + "/threads.log", {"PORT=8080"})
+                  .ok());
+  ASSERT_TRUE(WaitFor([&] { return ListenersOn8080() == before + 4; },
+                      absl::Seconds(10)))
+      << server.Log();
+  v1::AdoptListenerResponse resp;
+  grpc::Status adopted = Adopt(*stub, server.pid(), &resp);
+  ASSERT_TRUE(adopted.ok()) << adopted.error_message() << "\n" << agent.Log();
+  ASSERT_EQ(resp.indexes_size(), 4);
+  std::vector<v1::Shard> shards = Shards(*stub, "web");
+  ASSERT_EQ(shards.size(), 5u);
+  std::set<uint64_t> inodes;
+  int owned = 0;
+  for (const v1::Shard& sh : shards) {
+    if (sh.pid() != server.pid()) continue;
+    owned++;
+    EXPECT_TRUE(sh.adopted());
+    inodes.insert(sh.socket_inode());
+  }
+  EXPECT_EQ(owned, 4);
+  EXPECT_EQ(inodes.size(), 4u);
+  Tally t = Probe(400);
+  EXPECT_EQ(t.ok, 400) << t.first_error;
+  for (int thread = 10; thread < 14; ++thread) {
+    EXPECT_GT(t.by_shard[thread], 0) << "thread " << thread - 10;
+  }
+
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async, [&] {
+    return loadgen::Run(Load(absl::Seconds(60)), &stop);
+  });
+  absl::SleepFor(absl::Milliseconds(500));
+  grpc::Status drained = Drain(*stub, "web", resp.indexes(0));
+  EXPECT_TRUE(drained.ok()) << drained.error_message() << "\n" << agent.Log();
+  absl::SleepFor(absl::Milliseconds(1000));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  std::cout << "load: " << result->Summary() << "\n";
+  EXPECT_EQ(result->failures(), 0) << result->Summary() << "\n" << agent.Log();
+  EXPECT_TRUE(server.running());
+  EXPECT_EQ(ListenersOn8080(), before + 3);
+  shards = Shards(*stub, "web");
+  EXPECT_EQ(shards.size(), 4u);
+  Tally after = Probe(200);
+  EXPECT_EQ(after.ok, 200) << after.first_error;
+  int threads_answering = 0;
+  for (int thread = 10; thread < 14; ++thread) {
+    if (after.by_shard[thread] > 0) threads_answering++;
+  }
+  EXPECT_EQ(threads_answering, 3);
+}
+
 }  // namespace
 }  // namespace portfleet::testing
