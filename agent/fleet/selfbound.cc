@@ -94,9 +94,15 @@ absl::StatusOr<std::vector<ListeningSocket>> ListListeningSockets(
       return ErrnoError("sock_diag reply for TCP listeners");
     }
     if (n == 0) return out;
-    int len = static_cast<int>(n);
-    for (auto* h = reinterpret_cast<nlmsghdr*>(buf); NLMSG_OK(h, len);
-         h = NLMSG_NEXT(h, len)) {
+    const size_t total = static_cast<size_t>(n);
+    // NLMSG_OK/NLMSG_NEXT by hand: the macros mix signed and unsigned.
+    for (size_t off = 0; off + sizeof(nlmsghdr) <= total;
+         off +=
+         NLMSG_ALIGN(reinterpret_cast<const nlmsghdr*>(buf + off)->nlmsg_len)) {
+      auto* h = reinterpret_cast<nlmsghdr*>(buf + off);
+      if (h->nlmsg_len < sizeof(nlmsghdr) || off + h->nlmsg_len > total) {
+        break;
+      }
       if (h->nlmsg_type == NLMSG_DONE) return out;
       if (h->nlmsg_type == NLMSG_ERROR) {
         auto* err = static_cast<nlmsgerr*>(NLMSG_DATA(h));
