@@ -11,15 +11,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "agent/fleet/rollout.h"
+#include "agent/fleet/selfbound.h"
 #include "agent/spec/spec.h"
 #include "worker/sdk/base/log.h"
 
 namespace portfleet {
 namespace {
-
-// How long a self-bound worker whose socket was shut down may take to stop
-// by itself before it gets SIGTERM (at most half the drain timeout).
-constexpr absl::Duration kSelfBoundTermGrace = absl::Seconds(1);
 
 // The shard's worker process is also the worker of another shard that is not
 // draining (one process with several sockets).

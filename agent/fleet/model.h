@@ -143,6 +143,12 @@ struct Worker {
   // agent looks for until it is found; why none was taken yet.
   bool self_bound = false;
   std::string socket_note;
+  // A self-bound rollout candidate's socket, found while the old worker
+  // still serves the shard's; it becomes the shard's when the candidate
+  // takes over (see Rollout::RollShard).
+  Fd found_socket;
+  uint64_t found_inode = 0;
+  uid_t found_uid = 0;
 };
 
 // What the health monitor keeps about a shard (see health_monitor.h).

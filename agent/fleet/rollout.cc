@@ -230,6 +230,8 @@ void Rollout::RollShard(FleetContext* ctx, Supervisor* supervisor,
     std::unique_ptr<Worker> fresh = std::move(s->candidate);
     for (EventLoop::TimerId t : fresh->timers) ctx->loop->CancelTimer(t);
     fresh->timers.clear();
+    // Self-bound: the new worker's own socket replaces the old one.
+    supervisor->SwapInCandidateSocket(*l, *s, *fresh);
     std::unique_ptr<Worker> old = std::move(s->worker);
     supervisor->CancelRestart(*s);
     pid_t pid = fresh->process.pid;

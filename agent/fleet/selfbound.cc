@@ -281,13 +281,11 @@ absl::Status CheckRollOutSocketMode(const std::string& name,
                                     const v1::WorkerSpec& to) {
   bool was = from.socket_mode() == v1::SOCKET_MODE_SELF_BOUND;
   bool is = to.socket_mode() == v1::SOCKET_MODE_SELF_BOUND;
-  if (!was && !is) return absl::OkStatus();
-  return absl::FailedPreconditionError(absl::StrCat(
-      "listener ", name, ": ",
-      was == is ? "a rolling upgrade of self-bound workers (socket_mode "
-                  "SOCKET_MODE_SELF_BOUND) is not supported yet"
-                : "worker.socket_mode cannot change on a running listener",
-      "; delete the listener and create it again"));
+  if (was == is) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("listener ", name,
+                   ": worker.socket_mode cannot change on a running listener; "
+                   "delete the listener and create it again"));
 }
 
 }  // namespace portfleet

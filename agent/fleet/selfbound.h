@@ -23,6 +23,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "portfleet/v1/fleet.pb.h"
 #include "worker/sdk/base/address.h"
 #include "worker/sdk/base/fd.h"
@@ -89,11 +90,15 @@ absl::StatusOr<SocketSearch> FindSelfBoundSockets(
     const std::set<uint64_t>& exclude, std::optional<uid_t> want_uid);
 
 // A rollout from `from` to `to` on listener `name`: FailedPrecondition when
-// either worker is self-bound (not supported: scale up the new worker in
-// another listener, or delete and re-create this one).
+// the socket mode changes (the shards' sockets cannot change owner).
 absl::Status CheckRollOutSocketMode(const std::string& name,
                                     const v1::WorkerSpec& from,
                                     const v1::WorkerSpec& to);
+
+// How long a self-bound worker whose socket was shut down (drain, rollout)
+// may take to stop by itself before it gets SIGTERM (at most half the drain
+// timeout).
+inline constexpr absl::Duration kSelfBoundTermGrace = absl::Seconds(1);
 
 }  // namespace portfleet
 

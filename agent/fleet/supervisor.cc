@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "agent/fleet/selfbound.h"
 #include "agent/spec/spec.h"
 #include "portfleet/v1/control.pb.h"
 #include "worker/sdk/base/log.h"
@@ -410,7 +411,16 @@ void Supervisor::Retire(Listener& listener, Shard& shard,
   if (!worker) return;
   Worker* w = worker.get();
   uint32_t timeout = EffectiveDrainTimeoutSeconds(listener.spec);
-  SendDrainOrTerm(*w, timeout);
+  if (w->self_bound) {
+    // Its socket was shut down (SwapInCandidateSocket): its accept() fails
+    // and it may stop by itself; SIGTERM after a grace, as in a drain.
+    w->stop_by = ctx_->Now() + absl::Seconds(timeout);
+    w->timers.push_back(ctx_->loop->AddTimer(
+        std::min(kSelfBoundTermGrace, absl::Seconds(timeout) / 2),
+        [this, w] { Signal(*w, SIGTERM); }));
+  } else {
+    SendDrainOrTerm(*w, timeout);
+  }
   Listener* l = &listener;
   Shard* s = &shard;
   pid_t pid = w->process.pid;

@@ -101,6 +101,9 @@ class Supervisor {
   void RetireSocket(Listener& listener, Shard& shard, pid_t pid);
 
  public:
+  // A self-bound rollout candidate takes over: its socket becomes the
+  // shard's (sockarray slot), the old one is shut down (its queue migrates).
+  void SwapInCandidateSocket(Listener& listener, Shard& shard, Worker& fresh);
   // Supervises running process `pid` (not our child) as the serving worker
   // of an adopted shard that already holds its socket (AdoptListener).
   absl::Status AdoptProcess(Listener& listener, Shard& shard, pid_t pid);

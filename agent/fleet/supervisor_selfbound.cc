@@ -114,6 +114,23 @@ void Supervisor::SearchSocket(Listener& listener, Shard& shard, Worker* w) {
 void Supervisor::TakeSocket(Listener& listener, Shard& shard, Worker& w,
                             Fd socket, uint64_t inode, pid_t holder,
                             uid_t uid) {
+  if (shard.candidate.get() == &w) {
+    // A rollout's new worker: its socket waits beside the serving one until
+    // the candidate takes over.
+    w.found_socket = std::move(socket);
+    w.found_inode = inode;
+    w.found_uid = uid;
+    w.socket_note.clear();
+    PF_LOG(INFO) << listener.Name(shard) << ": new worker pid " << w.process.pid
+                 << " listens on its own socket inode " << inode
+                 << " (copied from pid " << holder << ")";
+    ctx_->Emit(v1::EVENT_TYPE_SHARD_SOCKET_FOUND, listener, shard.index,
+               w.process.pid,
+               absl::StrCat("socket inode ", inode, " of pid ", holder, " on ",
+                            listener.address.ToString(), " (rollout)"));
+    MarkReady(listener, shard, w, "its socket was found");
+    return;
+  }
   shard.socket = std::move(socket);
   shard.inode = inode;
   shard.socket_uid = uid;
@@ -176,6 +193,30 @@ void Supervisor::NoSocketFound(Listener& listener, Shard& shard, Worker* w) {
   }
   if (shard.worker.get() != w || shard.draining()) return;
   Replace(listener, shard, why);
+}
+
+void Supervisor::SwapInCandidateSocket(Listener& listener, Shard& shard,
+                                       Worker& fresh) {
+  if (!fresh.found_socket.valid()) return;
+  Fd old = std::move(shard.socket);
+  shard.socket = std::move(fresh.found_socket);
+  shard.inode = fresh.found_inode;
+  shard.socket_uid = fresh.found_uid;
+  if (listener.steering) {
+    absl::Status s = listener.steering->AttachTo(shard.socket.get());
+    if (s.ok() && shard.in_service && !shard.health.ejected &&
+        !shard.health.maintenance && !shard.draining()) {
+      // The slot now names the new socket (one map update, no gap).
+      s = listener.steering->SetShardSocket(shard.index, shard.socket.get());
+    }
+    if (!s.ok()) PF_LOG(ERROR) << listener.Name(shard) << ": " << s;
+  }
+  if (old.valid()) {
+    uint32_t queued = MigrateAndClose(listener, shard, std::move(old));
+    PF_LOG(INFO) << listener.Name(shard)
+                 << ": the old worker's socket is shut down; " << queued
+                 << " queued connection(s) migrated";
+  }
 }
 
 void Supervisor::RetireSocket(Listener& listener, Shard& shard, pid_t pid) {

@@ -254,6 +254,56 @@ TEST(SelfBoundNetnsTest, KilledWorkerLosesOnlyWhatItHadAccepted) {
   EXPECT_EQ(t.by_pid.size(), 4u);
 }
 
+// Steps:
+// 1. Two self-bound workers; load at 1000 connections/s.
+// 2. Roll out a new version (another argument): per shard the new worker
+//    binds its own socket beside the old one, becomes the shard's once
+//    found, the old socket is shut down (queue migrated) and the old worker
+//    stops.
+// 3. The load saw 0 failed connections; only the new workers answer.
+TEST(SelfBoundNetnsTest, RollingUpgradeUnderLoadLosesNothing) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  auto stub =
+      StartAndAwaitReady(agent, Spec(2, "policy: STEERING_POLICY_HASH"), 2);
+  std::map<pid_t, v1::Shard> before = ShardsByPid(*stub);
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async, [&] {
+    return loadgen::Run(Load(absl::Seconds(60)), &stop);
+  });
+  absl::SleepFor(absl::Milliseconds(500));
+  v1::RollOutListenerRequest req;
+  req.set_name("web");
+  req.mutable_worker()->add_args(ServerScript());
+  req.mutable_worker()->add_args("--version=2");
+  v1::RollOutListenerResponse resp;
+  grpc::Status rolled = stub->RollOutListener(RpcContext(60).get(), req, &resp);
+  EXPECT_TRUE(rolled.ok()) << rolled.error_message() << "\n" << agent.Log();
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        for (const auto& [pid, shard] : before) {
+          if (ProcessExists(pid)) return false;
+        }
+        return true;
+      },
+      absl::Seconds(15)))
+      << agent.Log();
+  absl::SleepFor(absl::Milliseconds(500));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  std::cout << "load: " << result->Summary() << "\n";
+  if (getenv("SELFBOUND_LOG")) std::cout << agent.Log();
+  EXPECT_EQ(result->failures(), 0) << result->Summary() << "\n" << agent.Log();
+  Tally t = Probe(200);
+  EXPECT_EQ(t.ok, 200) << t.first_error;
+  EXPECT_EQ(t.by_pid.size(), 2u);
+  for (const auto& [pid, n] : t.by_pid) {
+    EXPECT_EQ(before.count(pid), 0u) << "old worker " << pid << " answered";
+  }
+}
+
 // Steps: a worker that binds another address, and one without
 // SO_REUSEPORT: within the ready timeout the agent says which listener,
 // shard and pid, and what it found instead.
