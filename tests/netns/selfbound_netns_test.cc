@@ -304,6 +304,42 @@ TEST(SelfBoundNetnsTest, RollingUpgradeUnderLoadLosesNothing) {
   }
 }
 
+// Steps:
+// 1. Two self-bound workers; SIGKILL the agent: they keep serving.
+// 2. Restart the agent: it cannot re-adopt them (no control channel), so
+//    it starts two new workers (their sockets join the same group) and
+//    drains the old ones.
+// 3. Two ready shards with new pids; the old workers are gone; 100
+//    connections are answered by the new workers only.
+TEST(SelfBoundNetnsTest, RestartedAgentReplacesItsSelfBoundWorkers) {
+  PF_ENTER_NETNS_OR_SKIP();
+  AgentHarness agent;
+  auto stub =
+      StartAndAwaitReady(agent, Spec(2, "policy: STEERING_POLICY_HASH"), 2);
+  std::map<pid_t, v1::Shard> before = ShardsByPid(*stub);
+  agent.process().Signal(SIGKILL);
+  agent.process().Wait(absl::Seconds(10));
+  Tally alone = Probe(50);
+  EXPECT_EQ(alone.ok, 50) << alone.first_error;
+  ASSERT_TRUE(agent.Restart().ok());
+  stub = FleetStub(agent.api_socket());
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        if (ReadyShards(*stub, "web") != 2) return false;
+        for (const auto& [pid, shard] : before) {
+          if (ProcessExists(pid)) return false;
+        }
+        return true;
+      },
+      absl::Seconds(30)))
+      << agent.Log();
+  Tally t = Probe(100);
+  EXPECT_EQ(t.ok, 100) << t.first_error;
+  for (const auto& [pid, n] : t.by_pid) {
+    EXPECT_EQ(before.count(pid), 0u) << "old worker " << pid << " answered";
+  }
+}
+
 // Steps: a worker that binds another address, and one without
 // SO_REUSEPORT: within the ready timeout the agent says which listener,
 // shard and pid, and what it found instead.
