@@ -5,6 +5,7 @@
 // counted from the client side.
 #include <sched.h>
 #include <signal.h>
+#include <sys/wait.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -512,6 +513,19 @@ TEST(SelfBoundNetnsTest, AdoptRefusesForeignSocketsWithTheReason) {
                                ": refused: pid ", outside.pid(), " fd ")))
         << refused.error_message();
     EXPECT_THAT(refused.error_message(), HasSubstr(c.reason));
+    // The same through portfleetctl: the message once, exit 1.
+    Subprocess ctl;
+    ASSERT_TRUE(ctl.Start({BinaryPath("portfleetctl"), "--server",
+                           "unix://" + agent.api_socket(), "adopt", "web",
+                           "--pid", absl::StrCat(outside.pid())},
+                          agent.dir().path() + "/ctl.log")
+                    .ok());
+    std::optional<int> exit = ctl.Wait(absl::Seconds(30));
+    ASSERT_TRUE(exit.has_value());
+    EXPECT_TRUE(WIFEXITED(*exit) && WEXITSTATUS(*exit) == 1) << ctl.Log();
+    EXPECT_THAT(ctl.Log(), HasSubstr(c.reason));
+    EXPECT_THAT(ctl.Log(), HasSubstr("(FAILED_PRECONDITION)"));
+    std::cout << ctl.Log();
     EXPECT_EQ(Shards(*stub, "web").size(), 1u);
     outside.Signal(SIGKILL);
     outside.Wait(absl::Seconds(5));
