@@ -212,7 +212,9 @@ void Rollout::RollShard(FleetContext* ctx, Supervisor* supervisor,
   PF_LOG(INFO) << listener.Name(shard) << ": new worker pid " << c->process.pid
                << " started beside pid "
                << (shard.worker ? shard.worker->process.pid : 0)
-               << " on socket inode " << shard.inode
+               << (c->self_bound
+                       ? std::string(" (it binds its own socket)")
+                       : absl::StrCat(" on socket inode ", shard.inode))
                << "; waiting for it to be ready";
   Listener* l = &listener;
   Shard* s = &shard;

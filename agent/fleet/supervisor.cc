@@ -378,8 +378,12 @@ void Supervisor::Replace(Listener& listener, Shard& shard,
   shard.health.replacements++;
   PF_LOG(WARNING) << listener.Name(shard) << ": " << why
                   << "; SIGKILL to worker pid " << pid
-                  << " and a new worker on the same socket (inode "
-                  << shard.inode << ")";
+                  << (OwnsItsSocket(shard)
+                          ? std::string(" and a new worker (it binds a new "
+                                        "socket)")
+                          : absl::StrCat(" and a new worker on the same "
+                                         "socket (inode ",
+                                         shard.inode, ")"));
   ctx_->Emit(v1::EVENT_TYPE_SHARD_REPLACED, listener, shard.index, pid, why);
   Signal(*shard.worker, SIGKILL);
 }
