@@ -211,6 +211,52 @@ TEST(SelfBoundNetnsTest, ScaleFourTwoFourUnderLoadLosesNothing) {
 }
 
 // Steps:
+// 1. Four self-bound workers; load at 200 connections/s.
+// 2. SIGSTOP the worker of shard 3: connections steered to it wait in its
+//    socket's queue (for less than the stall window).
+// 3. Drain shard 3: the agent shuts its copy of the socket down and the
+//    kernel migrates the queued connections through the program to the
+//    live shards (the `migrated` counter grows); then SIGCONT.
+// 4. 0 failed connections.
+TEST(SelfBoundNetnsTest, DrainMigratesTheQueueOfAStoppedWorker) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  auto stub =
+      StartAndAwaitReady(agent, Spec(4, "policy: STEERING_POLICY_HASH"), 4);
+  pid_t stopped = 0;
+  for (const v1::Shard& sh : Shards(*stub, "web")) {
+    if (sh.index() == 3) stopped = sh.pid();
+  }
+  ASSERT_GT(stopped, 0);
+  const uint64_t migrated_before = SumMigrated(*stub, "web");
+  std::atomic<bool> stop{false};
+  loadgen::Options options = Load(absl::Seconds(60));
+  options.rate = 200;
+  auto load = std::async(std::launch::async,
+                         [&] { return loadgen::Run(options, &stop); });
+  absl::SleepFor(absl::Milliseconds(300));
+  ASSERT_EQ(::kill(stopped, SIGSTOP), 0);
+  absl::SleepFor(absl::Milliseconds(250));
+  uint32_t queued = 0;
+  for (const v1::Shard& sh : Shards(*stub, "web")) {
+    if (sh.index() == 3) queued = sh.queue_depth();
+  }
+  grpc::Status drained = Drain(*stub, "web", 3);
+  EXPECT_TRUE(drained.ok()) << drained.error_message() << "\n" << agent.Log();
+  ::kill(stopped, SIGCONT);
+  absl::SleepFor(absl::Milliseconds(700));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  std::cout << "queued on the stopped worker: " << queued
+            << "; load: " << result->Summary() << "\n";
+  EXPECT_GT(queued, 0u) << "nothing was queued: the test proves nothing";
+  EXPECT_GT(SumMigrated(*stub, "web"), migrated_before) << agent.Log();
+  EXPECT_EQ(result->failures(), 0) << result->Summary() << "\n" << agent.Log();
+}
+
+// Steps:
 // 1. Four self-bound workers; load at 1000 connections/s.
 // 2. SIGKILL one worker: its socket leaves the tables and is shut down (its
 //    queue migrates); the replacement binds a new socket and is found.
