@@ -542,8 +542,10 @@ void Supervisor::OnServingExit(Listener& listener, Shard& shard, int pid,
   // its queue goes to the live shards, its replacement binds a new one.
   if (OwnsItsSocket(shard)) RetireSocket(listener, shard, pid);
   if (shard.adopted) {
-    // Not ours to restart: the shard goes (see Drainer::OnWorkerGone).
+    // Not ours to restart: the shard goes (see Drainer::OnWorkerGone), and
+    // the desired count with it (persisted with the next change).
     shard.state = v1::SHARD_STATE_DRAINING;
+    listener.spec.set_shards(static_cast<uint32_t>(listener.Live().size()));
     PF_LOG(WARNING) << listener.Name(shard) << ": adopted process pid " << pid
                     << " " << how << "; the shard is removed";
     ctx_->Emit(

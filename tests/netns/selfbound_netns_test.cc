@@ -591,6 +591,7 @@ TEST(SelfBoundNetnsTest, AdoptRefusesForeignSocketsWithTheReason) {
 // 3. Under load, drain one of the four: its thread ends (accept fails), the
 //    process and its three other sockets keep serving; 0 failed
 //    connections.
+// 4. Kill the process: its shards are removed, not restarted.
 TEST(SelfBoundNetnsTest, FourThreadServerIsFourShardsWithOnePid) {
   PF_ENTER_NETNS_OR_SKIP();
   WidenPortRange();
@@ -652,6 +653,21 @@ TEST(SelfBoundNetnsTest, FourThreadServerIsFourShardsWithOnePid) {
     if (after.by_shard[thread] > 0) threads_answering++;
   }
   EXPECT_EQ(threads_answering, 3);
+
+  // 4. The adopted process dies: it is not restarted, its three shards go
+  //    and the listener's own worker serves alone.
+  server.Signal(SIGKILL);
+  server.Wait(absl::Seconds(5));
+  EXPECT_TRUE(WaitFor([&] { return Shards(*stub, "web").size() == 1; },
+                      absl::Seconds(10)))
+      << agent.Log();
+  v1::GetListenerRequest get;
+  get.set_name("web");
+  v1::GetListenerResponse listener;
+  ASSERT_TRUE(stub->GetListener(RpcContext().get(), get, &listener).ok());
+  EXPECT_EQ(listener.listener().spec().shards(), 1u);
+  Tally alone = Probe(50);
+  EXPECT_EQ(alone.ok, 50) << alone.first_error;
 }
 
 }  // namespace
