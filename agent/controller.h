@@ -52,6 +52,8 @@ struct ShardStatus {
   };
   std::vector<Orphan> orphans;
   uint64_t orphans_killed = 0;
+  bool self_bound = false;  // the worker binds its own socket
+  bool adopted = false;     // its process was adopted (AdoptListener)
 };
 
 struct ListenerStatus {
@@ -200,6 +202,17 @@ class FleetController {
   // FailedPrecondition for the last shard in rotation.
   virtual void SetShardMaintenance(const std::string& name, uint32_t index,
                                    bool maintenance, MutationCall call) = 0;
+  // Takes the listening sockets of running process `pid` on the listener's
+  // address into it, one new shard per socket; their indexes go to
+  // `indexes` before `call.done`. Unimplemented unless overridden.
+  virtual void AdoptListener(const std::string& name, pid_t pid,
+                             std::shared_ptr<std::vector<uint32_t>> indexes,
+                             MutationCall call) {
+    (void)name;
+    (void)pid;
+    (void)indexes;
+    call.done(absl::UnimplementedError("AdoptListener is not supported here"));
+  }
 
   // The agent keeps its last events (a bounded history, oldest dropped
   // first). Subscribe calls `sink` (from any thread) for each kept event at

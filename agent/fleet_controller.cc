@@ -286,6 +286,19 @@ void LoopFleetController::ScaleListener(const std::string& name,
   });
 }
 
+void LoopFleetController::AdoptListener(
+    const std::string& name, pid_t pid,
+    std::shared_ptr<std::vector<uint32_t>> indexes, MutationCall call) {
+  Mutate(name, std::move(call), [this, name, pid, indexes](Done done) {
+    absl::StatusOr<std::vector<uint32_t>> added =
+        fleet_->AdoptListener(name, pid);
+    if (!added.ok()) return added.status();
+    *indexes = std::move(*added);
+    done(absl::OkStatus());
+    return absl::OkStatus();
+  });
+}
+
 void LoopFleetController::DrainShard(const std::string& name, uint32_t index,
                                      MutationCall call) {
   Mutate(name, std::move(call), [this, name, index](Done done) {

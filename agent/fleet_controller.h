@@ -52,6 +52,9 @@ class LoopFleetController : public FleetController {
   void DeleteListener(const std::string& name, MutationCall call) override;
   void ScaleListener(const std::string& name, uint32_t shards,
                      MutationCall call) override;
+  void AdoptListener(const std::string& name, pid_t pid,
+                     std::shared_ptr<std::vector<uint32_t>> indexes,
+                     MutationCall call) override;
   void DrainShard(const std::string& name, uint32_t index,
                   MutationCall call) override;
   void SetSteering(const std::string& name, const v1::Steering& steering,

@@ -188,9 +188,9 @@ absl::StatusOr<Credentials> ResolveCredentials(const std::string& user,
 
 absl::StatusOr<LaunchedProcess> RealProcessLauncher::Launch(
     const LaunchSpec& spec) {
-  if (spec.listen_fd < 0) {
-    return absl::InvalidArgumentError("launch without a listening socket");
-  }
+  // listen_fd < 0: a self-bound worker (binds its own socket): no fd 3, no
+  // LISTEN_PID.
+  const bool activated = spec.listen_fd >= 0;
   // Everything the child touches is prepared before fork: after fork only
   // async-signal-safe calls are allowed (the agent has gRPC threads).
   std::vector<char*> argv;
@@ -203,7 +203,7 @@ absl::StatusOr<LaunchedProcess> RealProcessLauncher::Launch(
     if (e.rfind("LISTEN_PID=", 0) == 0) continue;
     envp.push_back(const_cast<char*>(e.c_str()));
   }
-  envp.push_back(listen_pid);
+  if (activated) envp.push_back(listen_pid);
   envp.push_back(nullptr);
   cpu_set_t cpus;
   CPU_ZERO(&cpus);
@@ -244,15 +244,20 @@ absl::StatusOr<LaunchedProcess> RealProcessLauncher::Launch(
       fail(ChildStage::kAffinity, errno);
     }
     // Park the fds above the target range 3-5, then place them.
-    int lfd = ::fcntl(spec.listen_fd, F_DUPFD, 6);
+    int lfd = activated ? ::fcntl(spec.listen_fd, F_DUPFD, 6) : -1;
     int cfd = spec.control_fd >= 0 ? ::fcntl(spec.control_fd, F_DUPFD, 6) : -1;
     int efd = ::fcntl(err_write.get(), F_DUPFD_CLOEXEC, 6);
-    if (lfd < 0 || (spec.control_fd >= 0 && cfd < 0) || efd < 0) {
+    if ((activated && lfd < 0) || (spec.control_fd >= 0 && cfd < 0) ||
+        efd < 0) {
       fail(ChildStage::kPark, errno);
     }
     if (::dup3(efd, 5, O_CLOEXEC) < 0) fail(ChildStage::kErrorFd, errno);
     report_fd = 5;
-    if (::dup2(lfd, 3) < 0) fail(ChildStage::kListenFd, errno);
+    if (lfd >= 0) {
+      if (::dup2(lfd, 3) < 0) fail(ChildStage::kListenFd, errno);
+    } else {
+      ::close(3);
+    }
     if (cfd >= 0) {
       if (::dup2(cfd, 4) < 0) fail(ChildStage::kControlFd, errno);
     } else {

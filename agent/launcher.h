@@ -31,7 +31,7 @@ struct LaunchSpec {
   std::vector<std::string> argv;  // argv[0] included
   // Complete environment ("K=V"). LISTEN_PID is added in the child.
   std::vector<std::string> env;
-  int listen_fd = -1;   // becomes fd 3 (LISTEN_FDS=1)
+  int listen_fd = -1;   // becomes fd 3 (LISTEN_FDS=1); -1 = none (self-bound)
   int control_fd = -1;  // becomes fd 4 (PORTFLEET_CONTROL_FD=4), -1 = none
   int cpu = -1;         // sched_setaffinity to this CPU before exec, -1 = any
   // Credentials to switch to before exec (resolved by ResolveCredentials);

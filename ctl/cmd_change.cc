@@ -2,6 +2,7 @@
 // (rollouts are in cmd_rollout.cc).
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "ctl/command.h"
 #include "ctl/render.h"
@@ -66,6 +67,28 @@ absl::Status RunDrain(Context& ctx) {
   if (!resp.ok()) return resp.status();
   PrintDone(ctx, req.name(), absl::StrCat("shard ", req.index(), " drained"),
             *resp);
+  return absl::OkStatus();
+}
+
+absl::Status RunAdopt(Context& ctx) {
+  v1::AdoptListenerRequest req;
+  req.set_name(ctx.arg(0));
+  absl::StatusOr<uint32_t> pid = Count(ctx, "pid");
+  if (!pid.ok()) return pid.status();
+  if (*pid == 0 || *pid > static_cast<uint32_t>(INT32_MAX)) {
+    return UsageError(absl::StrCat("--pid: ", *pid, " is not a process id"));
+  }
+  req.set_pid(static_cast<int32_t>(*pid));
+  absl::StatusOr<v1::AdoptListenerResponse> resp =
+      ctx.Call(&v1::FleetService::Stub::AdoptListener, req);
+  if (!resp.ok()) return resp.status();
+  std::vector<std::string> shards;
+  for (uint32_t i : resp->indexes()) shards.push_back(absl::StrCat(i));
+  PrintDone(
+      ctx, req.name(),
+      absl::StrCat("adopted pid ", req.pid(), " as shard",
+                   shards.size() == 1 ? " " : "s ", absl::StrJoin(shards, ",")),
+      *resp);
   return absl::OkStatus();
 }
 
@@ -181,6 +204,33 @@ void AddChangeCommands(std::vector<CommandSpec>* commands) {
       .formats = ChangeFormats(),
       .examples = {{"", "portfleetctl drain web --shard 3"}},
       .run = RunDrain,
+  });
+  commands->push_back({
+      .name = "adopt",
+      .args = "NAME",
+      .min_args = 1,
+      .max_args = 1,
+      .arg_complete = Complete::kListener,
+      .section = Section::kChange,
+      .summary = "take a running server's sockets into a listener",
+      .description =
+          "Takes the SO_REUSEPORT listening sockets on the listener's address\n"
+          "held by a running process (with its process group and children)\n"
+          "into the listener, one new shard per socket, without restarting\n"
+          "it; from then on they are steered and drained like any shard.\n"
+          "A socket of another user, on another address or without\n"
+          "SO_REUSEPORT is refused with the reason. The process is not\n"
+          "restarted when it exits: its shard is removed.\n",
+      .flags = {{.name = "pid",
+                 .value = "PID",
+                 .help = "the running server's process id",
+                 .required = true}},
+      .formats = ChangeFormats(),
+      .examples = {{"a server started by hand on web's address",
+                    "portfleetctl adopt web --pid 4242"},
+                   {"then drain it like any shard",
+                    "portfleetctl drain web --shard 2"}},
+      .run = RunAdopt,
   });
   for (bool maint : {true, false}) {
     commands->push_back({

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -55,6 +56,8 @@ v1::Shard ToProto(const ShardStatus& s) {
     po->set_leftover(o.leftover);
   }
   out.set_orphans_killed(s.orphans_killed);
+  out.set_self_bound(s.self_bound);
+  out.set_adopted(s.adopted);
   return out;
 }
 
@@ -549,6 +552,27 @@ grpc::ServerUnaryReactor* FleetServiceImpl::DrainShard(
         controller_->DrainShard(req->name(), req->index(), std::move(call));
       },
       [this, req, resp] {
+        FillListener(req->name(), resp->mutable_listener());
+      });
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::AdoptListener(
+    grpc::CallbackServerContext* ctx, const v1::AdoptListenerRequest* req,
+    v1::AdoptListenerResponse* resp) {
+  absl::Status check = ValidateName(req->name(), "name");
+  if (check.ok() && req->pid() <= 0) {
+    check = absl::InvalidArgumentError(
+        absl::StrCat("pid: ", req->pid(), " is not a process id"));
+  }
+  auto indexes = std::make_shared<std::vector<uint32_t>>();
+  return Mutate(
+      ctx, "AdoptListener", check,
+      [this, req, indexes](MutationCall call) {
+        controller_->AdoptListener(req->name(), req->pid(), indexes,
+                                   std::move(call));
+      },
+      [this, req, resp, indexes] {
+        for (uint32_t i : *indexes) resp->add_indexes(i);
         FillListener(req->name(), resp->mutable_listener());
       });
 }

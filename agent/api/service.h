@@ -109,6 +109,9 @@ class FleetServiceImpl final : public v1::FleetService::CallbackService {
   grpc::ServerUnaryReactor* ScaleListener(
       grpc::CallbackServerContext* ctx, const v1::ScaleListenerRequest* req,
       v1::ScaleListenerResponse* resp) override;
+  grpc::ServerUnaryReactor* AdoptListener(
+      grpc::CallbackServerContext* ctx, const v1::AdoptListenerRequest* req,
+      v1::AdoptListenerResponse* resp) override;
   grpc::ServerUnaryReactor* DrainShard(grpc::CallbackServerContext* ctx,
                                        const v1::DrainShardRequest* req,
                                        v1::DrainShardResponse* resp) override;

@@ -11,10 +11,26 @@
 
 #include "absl/strings/str_cat.h"
 #include "agent/fleet/rollout.h"
+#include "agent/fleet/selfbound.h"
 #include "agent/spec/spec.h"
 #include "worker/sdk/base/log.h"
 
 namespace portfleet {
+namespace {
+
+// The shard's worker process is also the worker of another shard that is not
+// draining (one process with several sockets).
+bool ServesOtherShards(const Listener& listener, const Shard& shard) {
+  for (const auto& other : listener.shards) {
+    if (other.get() != &shard && !other->draining() && other->worker &&
+        other->worker->process.pid == shard.worker->process.pid) {
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace
 
 Drainer::Drainer(FleetContext* ctx, Supervisor* supervisor,
                  ListenerMap* listeners)
@@ -43,17 +59,33 @@ void Drainer::Begin(Listener& listener, Shard& shard, Done done) {
     absl::Status s = listener.steering->ClearShardSocket(shard.index);
     if (!s.ok()) PF_LOG(WARNING) << listener.Name(shard) << ": " << s;
   }
-  // 2. Tell the worker to stop accepting and finish its connections.
-  if (shard.worker) supervisor_->TellDrain(listener, *shard.worker);
+  // 2. Tell the worker to stop accepting and finish its connections. A
+  //    self-bound worker is told after step 3, see TellSelfBoundDrain.
+  bool self_bound = OwnsItsSocket(shard);
+  if (shard.worker && !self_bound) {
+    supervisor_->TellDrain(listener, *shard.worker);
+  }
   // 3. Shut the listening socket down: the kernel hands its queued and
   //    half-open connections to the steering program's migrate path (or,
   //    without BPF, to net.ipv4.tcp_migrate_req if enabled). A deleting
   //    listener has nowhere to migrate to: its worker may still accept.
-  if (!listener.Live().empty() &&
+  if (!listener.Live().empty() && shard.socket.valid() &&
       ::shutdown(shard.socket.get(), SHUT_RDWR) != 0) {
     PF_LOG(WARNING) << listener.Name(shard)
                     << ": shutdown of the listening socket: "
                     << strerror(errno);
+  }
+  if (shard.worker && self_bound) {
+    if (ServesOtherShards(listener, shard)) {
+      // One process, several sockets (threads): the others keep serving.
+      // Its socket is shut down; nothing else of it is this shard's.
+      PF_LOG(INFO) << listener.Name(shard) << ": process pid "
+                   << shard.worker->process.pid
+                   << " serves other shards too: not signalled";
+      supervisor_->Detach(shard);
+    } else {
+      TellSelfBoundDrain(listener, shard);
+    }
   }
   // 4. Reap the worker within the drain timeout, else SIGKILL.
   Listener* l = &listener;
@@ -72,6 +104,21 @@ void Drainer::Begin(Listener& listener, Shard& shard, Done done) {
   if (!shard.HasProcesses()) Finish(listener, shard);
 }
 
+void Drainer::TellSelfBoundDrain(Listener& listener, Shard& shard) {
+  // Its socket is shut down: its accept() fails from now on, and a server
+  // written as the SO_REUSEPORT examples are (accept in a loop) finishes the
+  // connection in hand and stops by itself. SIGTERM (which kills such a
+  // server at once, connection in hand or not) follows after a grace, and
+  // SIGKILL at the drain timeout.
+  uint32_t timeout = EffectiveDrainTimeoutSeconds(listener.spec);
+  absl::Duration grace =
+      std::min(kSelfBoundTermGrace, absl::Seconds(timeout) / 2);
+  Worker* w = shard.worker.get();
+  w->stop_by = ctx_->Now() + absl::Seconds(timeout);
+  w->timers.push_back(ctx_->loop->AddTimer(
+      grace, [this, w] { supervisor_->Signal(*w, SIGTERM); }));
+}
+
 void Drainer::Abandon(Listener& listener, Shard& shard) {
   shard.state = v1::SHARD_STATE_DRAINING;
   shard.in_service = false;
@@ -79,7 +126,9 @@ void Drainer::Abandon(Listener& listener, Shard& shard) {
   if (listener.steering) {
     listener.steering->ClearShardSocket(shard.index).IgnoreError();
   }
-  if (!listener.Live().empty()) ::shutdown(shard.socket.get(), SHUT_RDWR);
+  if (!listener.Live().empty() && shard.socket.valid()) {
+    ::shutdown(shard.socket.get(), SHUT_RDWR);
+  }
   if (shard.worker) supervisor_->Signal(*shard.worker, SIGKILL);
   if (!shard.HasProcesses()) Finish(listener, shard);
 }

@@ -61,6 +61,9 @@ class Drainer {
  private:
   void Finish(Listener& listener, Shard& shard);
   void CheckShutdownDone();
+  // After its socket was shut down: SIGTERM to a self-bound worker after a
+  // grace (it may stop by itself first), SIGKILL at the drain timeout.
+  void TellSelfBoundDrain(Listener& listener, Shard& shard);
 
   FleetContext* const ctx_;
   Supervisor* const supervisor_;

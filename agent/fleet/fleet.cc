@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "agent/fleet/rollout.h"
+#include "agent/fleet/selfbound.h"
 #include "agent/sockets.h"
 #include "agent/spec/spec.h"
 #include "worker/sdk/base/log.h"
@@ -274,6 +275,12 @@ absl::StatusOr<std::unique_ptr<Shard>> Fleet::NewShard(Listener& listener,
   shard->backoff = ctx_.options.restart_backoff_initial;
   shard->program = listener.program;
   shard->cpu = PinnedCpu(listener.spec.steering(), index, ctx_.options.cpus);
+  if (IsSelfBound(listener.program.spec)) {
+    // Its worker binds the socket; the shard takes it into service once it
+    // is found (see Supervisor::TakeSocket).
+    shard->in_service = false;
+    return shard;
+  }
   ShardSocketOptions socket_options{
       .backlog = static_cast<int>(EffectiveBacklog(listener.spec)),
       .defer_accept_seconds =
@@ -321,10 +328,15 @@ absl::Status Fleet::AttachSteering(Listener& listener,
       ctx_.steering->OpenListener(listener.spec.name());
   if (!steering.ok()) return Annotate(steering.status(), context);
   listener.steering = std::move(*steering);
-  RETURN_IF_ERROR(Annotate(
-      listener.steering->AttachTo(listener.shards.front()->socket.get()),
-      context));
+  // Self-bound shards have no socket yet: the program is attached to the
+  // first one found.
+  if (listener.shards.front()->socket.valid()) {
+    RETURN_IF_ERROR(Annotate(
+        listener.steering->AttachTo(listener.shards.front()->socket.get()),
+        context));
+  }
   for (auto& shard : listener.shards) {
+    if (!shard->socket.valid()) continue;
     if (adopt.count(shard->index) > 0) {
       // A handed-back socket is normally still in its slot, and the map
       // refuses a socket twice: clear the slot, then set it (for those
@@ -552,6 +564,8 @@ absl::Status Fleet::RollOut(const std::string& name,
   v1::Listener candidate = listener->spec;
   *candidate.mutable_worker() = merged;
   RETURN_IF_ERROR(ValidateListener(candidate));
+  RETURN_IF_ERROR(
+      CheckRollOutSocketMode(name, listener->spec.worker(), merged));
   absl::StatusOr<ResolvedWorker> program =
       ResolveWorker(merged, ctx_.options.worker_allowlist);
   if (!program.ok()) {
@@ -580,6 +594,8 @@ absl::Status Fleet::RollOutPrevious(const std::string& name, uint32_t max_surge,
     v1::Listener candidate = listener->spec;
     *candidate.mutable_worker() = r.previous_worker();
     RETURN_IF_ERROR(ValidateListener(candidate));
+    RETURN_IF_ERROR(CheckRollOutSocketMode(name, listener->spec.worker(),
+                                           r.previous_worker()));
     absl::StatusOr<ResolvedWorker> program =
         ResolveWorker(r.previous_worker(), ctx_.options.worker_allowlist);
     if (!program.ok()) {
@@ -706,6 +722,8 @@ absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
     s.cpu = shard->cpu;
     s.restarts = shard->restarts;
     s.socket_inode = shard->inode;
+    s.self_bound = OwnsItsSocket(*shard);
+    s.adopted = shard->adopted;
     if (shard->worker) {
       s.pid = shard->worker->process.pid;
       s.ready = shard->worker->ready;
@@ -737,7 +755,8 @@ std::vector<Fleet::SharedSocket> Fleet::SharedSockets() const {
   for (const auto& [name, listener] : listeners_) {
     if (listener->deleting) continue;
     for (const auto& shard : listener->shards) {
-      if (shard->draining()) continue;
+      // Self-bound sockets are their workers': not handed over.
+      if (shard->draining() || OwnsItsSocket(*shard)) continue;
       out.push_back({listener->spec, shard->index, shard->socket.get()});
     }
   }

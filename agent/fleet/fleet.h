@@ -106,6 +106,13 @@ class Fleet {
   absl::Status ScaleListener(const std::string& name, uint32_t shards,
                              Done done);
   absl::Status DrainShard(const std::string& name, uint32_t index, Done done);
+  // Takes the listening sockets on the listener's address held by process
+  // `pid` (and its process group and descendants) into listener `name`, one
+  // new shard per socket, in service at once; returns their indexes. A
+  // socket of another uid, on another address or without SO_REUSEPORT is
+  // refused with the reason (FailedPrecondition); nothing is taken then.
+  absl::StatusOr<std::vector<uint32_t>> AdoptListener(const std::string& name,
+                                                      pid_t pid);
   absl::Status DeleteListener(const std::string& name, Done done);
   // Steering tables and CPU pinning of running workers, together: if the
   // tables cannot be written or a worker cannot be re-pinned, both are put

@@ -101,6 +101,14 @@ struct ResolvedWorker {
 // worker, e.g. setproctitle).
 std::string WorkerSpecDigest(const v1::WorkerSpec& spec);
 inline constexpr char kWorkerSpecEnvVar[] = "PORTFLEET_WORKER_SPEC";
+// A self-bound worker's address ("127.0.0.1:8080", "[::1]:8080"); PORT has
+// the port alone.
+inline constexpr char kSelfBoundAddressEnvVar[] = "PORTFLEET_ADDRESS";
+
+// The worker binds its own SO_REUSEPORT socket (SOCKET_MODE_SELF_BOUND).
+inline bool IsSelfBound(const v1::WorkerSpec& spec) {
+  return spec.socket_mode() == v1::SOCKET_MODE_SELF_BOUND;
+}
 
 // Resolves the command (ResolveCommand) and user/group (ResolveCredentials).
 // Errors say which ("worker command 'x' not found ...", "worker.user: ...").
@@ -131,6 +139,16 @@ struct Worker {
   absl::Time last_report;
   // Lines about this worker's bad control messages.
   LogRateLimiter complaints;
+  // Self-bound (see fleet/selfbound.h): binds its own socket, which the
+  // agent looks for until it is found; why none was taken yet.
+  bool self_bound = false;
+  std::string socket_note;
+  // A self-bound rollout candidate's socket, found while the old worker
+  // still serves the shard's; it becomes the shard's when the candidate
+  // takes over (see Rollout::RollShard).
+  Fd found_socket;
+  uint64_t found_inode = 0;
+  uid_t found_uid = 0;
 };
 
 // What the health monitor keeps about a shard (see health_monitor.h).
@@ -168,8 +186,18 @@ struct OrphanHolder {
 
 struct Shard {
   uint32_t index = 0;
+  // The agent's copy of the shard socket. A self-bound shard (see
+  // fleet/selfbound.h) has none until its worker's socket is found.
   Fd socket;
   uint64_t inode = 0;
+  // Self-bound: the owner uid of `socket`, and the socket of a worker that
+  // died while no other shard could take its queue: shut down (its queue
+  // migrates) once the replacement's socket is found.
+  std::optional<uid_t> socket_uid;
+  Fd retired_socket;
+  // Its process was taken in by AdoptListener: it binds its own socket, is
+  // not restarted, and the shard is removed when it exits.
+  bool adopted = false;
   int cpu = -1;  // pinned CPU, -1 = any
   v1::ShardState state = v1::SHARD_STATE_STARTING;
   std::unique_ptr<Worker> worker;     // the serving worker
@@ -208,6 +236,11 @@ struct Shard {
            remnant_groups > 0;
   }
 };
+
+// The shard's worker binds its own socket (self-bound or adopted).
+inline bool OwnsItsSocket(const Shard& shard) {
+  return shard.adopted || IsSelfBound(shard.program.spec);
+}
 
 class Rollout;
 

@@ -212,7 +212,9 @@ void Rollout::RollShard(FleetContext* ctx, Supervisor* supervisor,
   PF_LOG(INFO) << listener.Name(shard) << ": new worker pid " << c->process.pid
                << " started beside pid "
                << (shard.worker ? shard.worker->process.pid : 0)
-               << " on socket inode " << shard.inode
+               << (c->self_bound
+                       ? std::string(" (it binds its own socket)")
+                       : absl::StrCat(" on socket inode ", shard.inode))
                << "; waiting for it to be ready";
   Listener* l = &listener;
   Shard* s = &shard;
@@ -230,6 +232,8 @@ void Rollout::RollShard(FleetContext* ctx, Supervisor* supervisor,
     std::unique_ptr<Worker> fresh = std::move(s->candidate);
     for (EventLoop::TimerId t : fresh->timers) ctx->loop->CancelTimer(t);
     fresh->timers.clear();
+    // Self-bound: the new worker's own socket replaces the old one.
+    supervisor->SwapInCandidateSocket(*l, *s, *fresh);
     std::unique_ptr<Worker> old = std::move(s->worker);
     supervisor->CancelRestart(*s);
     pid_t pid = fresh->process.pid;

@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "agent/fleet/selfbound.h"
 #include "agent/spec/spec.h"
 #include "portfleet/v1/control.pb.h"
 #include "worker/sdk/base/log.h"
@@ -41,6 +42,17 @@ std::vector<std::string> WorkerEnv(const FleetOptions& options,
   }
   for (const std::string& e : program.spec.env()) env.push_back(e);
   const std::string& name = listener.spec.name();
+  if (IsSelfBound(program.spec)) {
+    // Binds its own socket: the address, no fd 3, no control channel.
+    env.push_back(absl::StrCat(kSelfBoundAddressEnvVar, "=",
+                               listener.address.ToString()));
+    env.push_back(absl::StrCat("PORT=", listener.address.port()));
+    env.push_back(absl::StrCat("PORTFLEET_LISTENER=", name));
+    env.push_back(absl::StrCat("PORTFLEET_SHARD=", shard.index));
+    env.push_back(
+        absl::StrCat(kWorkerSpecEnvVar, "=", WorkerSpecDigest(program.spec)));
+    return env;
+  }
   env.push_back("LISTEN_FDS=1");
   env.push_back(absl::StrCat("LISTEN_FDNAMES=", name));
   env.push_back(absl::StrCat("PORTFLEET_LISTENER=", name));
@@ -175,6 +187,10 @@ std::vector<pid_t> Supervisor::RemnantGroups(const Shard& shard) const {
 
 absl::StatusOr<std::unique_ptr<Worker>> Supervisor::Launch(
     Listener& listener, Shard& shard, const ResolvedWorker& program) {
+  if (IsSelfBound(program.spec)) {
+    return LaunchSelfBound(listener, shard, program,
+                           WorkerEnv(ctx_->options, listener, shard, program));
+  }
   absl::StatusOr<std::pair<ControlChannel, ControlChannel>> pair =
       ControlChannel::Pair();
   if (!pair.ok()) {
@@ -218,7 +234,11 @@ absl::Status Supervisor::Start(Listener& listener, Shard& shard) {
   shard.worker = std::move(worker);
   shard.state = v1::SHARD_STATE_RUNNING;
   PF_LOG(INFO) << listener.Name(shard) << ": worker pid " << pid
-               << " started on socket inode " << shard.inode
+               << (shard.worker->self_bound
+                       ? " started; it binds its own socket on " +
+                             listener.address.ToString() + ", socket inode"
+                       : " started on socket inode")
+               << " " << shard.inode
                << (shard.cpu >= 0 ? absl::StrCat(", pinned to CPU ", shard.cpu)
                                   : std::string());
   ctx_->Emit(v1::EVENT_TYPE_SHARD_STARTED, listener, shard.index, pid, "");
@@ -314,6 +334,10 @@ void Supervisor::ArmReadiness(Listener& listener, Shard& shard,
 
 void Supervisor::ReadyTimeout(Listener& listener, Shard& shard, Worker* w) {
   if (w->ready) return;
+  if (w->self_bound) {
+    NoSocketFound(listener, shard, w);
+    return;
+  }
   std::string why =
       absl::StrCat("worker pid ", w->process.pid, " was not ready within ",
                    absl::FormatDuration(ctx_->options.ready_timeout));
@@ -354,8 +378,12 @@ void Supervisor::Replace(Listener& listener, Shard& shard,
   shard.health.replacements++;
   PF_LOG(WARNING) << listener.Name(shard) << ": " << why
                   << "; SIGKILL to worker pid " << pid
-                  << " and a new worker on the same socket (inode "
-                  << shard.inode << ")";
+                  << (OwnsItsSocket(shard)
+                          ? std::string(" and a new worker (it binds a new "
+                                        "socket)")
+                          : absl::StrCat(" and a new worker on the same "
+                                         "socket (inode ",
+                                         shard.inode, ")"));
   ctx_->Emit(v1::EVENT_TYPE_SHARD_REPLACED, listener, shard.index, pid, why);
   Signal(*shard.worker, SIGKILL);
 }
@@ -387,7 +415,16 @@ void Supervisor::Retire(Listener& listener, Shard& shard,
   if (!worker) return;
   Worker* w = worker.get();
   uint32_t timeout = EffectiveDrainTimeoutSeconds(listener.spec);
-  SendDrainOrTerm(*w, timeout);
+  if (w->self_bound) {
+    // Its socket was shut down (SwapInCandidateSocket): its accept() fails
+    // and it may stop by itself; SIGTERM after a grace, as in a drain.
+    w->stop_by = ctx_->Now() + absl::Seconds(timeout);
+    w->timers.push_back(ctx_->loop->AddTimer(
+        std::min(kSelfBoundTermGrace, absl::Seconds(timeout) / 2),
+        [this, w] { Signal(*w, SIGTERM); }));
+  } else {
+    SendDrainOrTerm(*w, timeout);
+  }
   Listener* l = &listener;
   Shard* s = &shard;
   pid_t pid = w->process.pid;
@@ -437,7 +474,7 @@ void Supervisor::OnExit(Listener& listener, Shard& shard, Worker* w) {
   std::string how = status.ok() ? DescribeWaitStatus(**status)
                                 : std::string(status.status().message());
   if (w->adopted) {
-    how = "exited (re-adopted worker: its exit status went to its parent)";
+    how = "exited (not the agent's child: its exit status went to its parent)";
   }
   absl::Duration uptime = ctx_->Now() - w->started;
   std::function<void(absl::Status)> waiter = TakeWaiter(*w);
@@ -501,6 +538,21 @@ void Supervisor::OnServingExit(Listener& listener, Shard& shard, int pid,
                  << " (stopping)";
     return;
   }
+  // A self-bound worker's socket dies with it (nobody will accept on it):
+  // its queue goes to the live shards, its replacement binds a new one.
+  if (OwnsItsSocket(shard)) RetireSocket(listener, shard, pid);
+  if (shard.adopted) {
+    // Not ours to restart: the shard goes (see Drainer::OnWorkerGone), and
+    // the desired count with it (persisted with the next change).
+    shard.state = v1::SHARD_STATE_DRAINING;
+    listener.spec.set_shards(static_cast<uint32_t>(listener.Live().size()));
+    PF_LOG(WARNING) << listener.Name(shard) << ": adopted process pid " << pid
+                    << " " << how << "; the shard is removed";
+    ctx_->Emit(
+        v1::EVENT_TYPE_SHARD_EXITED, listener, shard.index, pid,
+        absl::StrCat("adopted process pid ", pid, " ", how, "; shard removed"));
+    return;
+  }
   if (shard.health.replacing) {
     shard.health.replacing = false;
     PF_LOG(INFO) << listener.Name(shard) << ": replaced worker pid " << pid
@@ -527,8 +579,11 @@ void Supervisor::OnServingExit(Listener& listener, Shard& shard, int pid,
   }
   PF_LOG(WARNING) << listener.Name(shard) << ": " << message
                   << "; restarting in " << HumanDuration(shard.backoff)
-                  << " on the same socket (inode " << shard.inode
-                  << "), restarts=" << shard.restarts + 1;
+                  << (IsSelfBound(shard.program.spec)
+                          ? std::string(" (it binds a new socket)")
+                          : absl::StrCat(" on the same socket (inode ",
+                                         shard.inode, ")"))
+                  << ", restarts=" << shard.restarts + 1;
   ScheduleRestart(listener, shard);
 }
 

@@ -85,6 +85,30 @@ class Supervisor {
 
  private:
   absl::Status Watch(Listener& listener, Shard& shard, Worker& worker);
+  // Self-bound workers (supervisor_selfbound.cc): started without a socket;
+  // their socket is searched for every kSocketSearchPeriod until found
+  // (then it is the shard's and the worker is ready) or the ready timeout.
+  absl::StatusOr<std::unique_ptr<Worker>> LaunchSelfBound(
+      Listener& listener, Shard& shard, const ResolvedWorker& program,
+      std::vector<std::string> env);
+  void SearchSocket(Listener& listener, Shard& shard, Worker* worker);
+  void TakeSocket(Listener& listener, Shard& shard, Worker& worker, Fd socket,
+                  uint64_t inode, pid_t holder, uid_t uid);
+  void NoSocketFound(Listener& listener, Shard& shard, Worker* worker);
+  // The serving self-bound worker `pid` died: its socket leaves the tables
+  // and is shut down (the queue migrates to the live shards; with none, once
+  // the replacement's socket is found).
+  void RetireSocket(Listener& listener, Shard& shard, pid_t pid);
+
+ public:
+  // A self-bound rollout candidate takes over: its socket becomes the
+  // shard's (sockarray slot), the old one is shut down (its queue migrates).
+  void SwapInCandidateSocket(Listener& listener, Shard& shard, Worker& fresh);
+  // Supervises running process `pid` (not our child) as the serving worker
+  // of an adopted shard that already holds its socket (AdoptListener).
+  absl::Status AdoptProcess(Listener& listener, Shard& shard, pid_t pid);
+
+ private:
   void OnExit(Listener& listener, Shard& shard, Worker* worker);
   // The serving worker ended: restart it unless the shard is draining or the
   // fleet is stopping.

@@ -4,6 +4,7 @@
 #include "absl/strings/str_join.h"
 #include "agent/fleet/fleet.h"
 #include "agent/fleet/rollout.h"
+#include "agent/fleet/selfbound.h"
 #include "agent/sockets.h"
 #include "agent/spec/spec.h"
 #include "google/protobuf/util/message_differencer.h"
@@ -117,6 +118,8 @@ absl::StatusOr<ListenerUpdate> PlanUpdate(const Listener& listener,
     u.steering = u.to.steering();
   }
   if (!MessageDifferencer::Equivalent(u.to.worker(), u.from.worker())) {
+    RETURN_IF_ERROR(
+        CheckRollOutSocketMode(name, u.from.worker(), u.to.worker()));
     if (listener.rollout) {
       return absl::FailedPreconditionError(absl::StrCat(
           "listener ", name, ": a rollout is already in progress"));
@@ -195,6 +198,8 @@ class UpdateRun : public std::enable_shared_from_this<UpdateRun> {
   // sockets already changed go back to `was`.
   absl::Status ApplySocketSettings(const v1::Listener& want,
                                    const v1::Listener& was) {
+    // A self-bound worker's socket is its own: its settings are not ours.
+    if (IsSelfBound(listener_.program.spec)) return absl::OkStatus();
     for (size_t i = 0; i < listener_.shards.size(); ++i) {
       absl::Status s =
           SetSocketSettings(listener_.shards[i]->socket.get(), want);

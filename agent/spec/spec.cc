@@ -141,6 +141,12 @@ absl::Status ValidateListener(const v1::Listener& l) {
         "\"portfleet-worker\")");
   }
   RETURN_IF_ERROR(ValidateWorkerStrings(l.worker()));
+  if (!v1::SocketMode_IsValid(l.worker().socket_mode())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("worker.socket_mode: ", l.worker().socket_mode(),
+                     " is not a SocketMode (SOCKET_MODE_INHERITED or "
+                     "SOCKET_MODE_SELF_BOUND)"));
+  }
   for (const std::string& e : l.worker().env()) {
     size_t eq = e.find('=');
     if (eq == std::string::npos || eq == 0) {
