@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "agent/spec/plan.h"
 #include "portfleet/v1/agent.pb.h"
@@ -52,6 +53,11 @@ struct ShardStatus {
   };
   std::vector<Orphan> orphans;
   uint64_t orphans_killed = 0;
+  // The serving worker's load (fleet/load.h), and its indirection-table
+  // slots now and the rebalancer's part of them (fleet/rebalance.h).
+  v1::ShardLoad load;
+  uint32_t steering_slots = 0;
+  int32_t rebalance_slot_delta = 0;
 };
 
 struct ListenerStatus {
@@ -198,6 +204,14 @@ class FleetController {
   // FailedPrecondition for the last shard in rotation.
   virtual void SetShardMaintenance(const std::string& name, uint32_t index,
                                    bool maintenance, MutationCall call) = 0;
+
+  // One-shot rebalance of a listener (see RebalanceListener in agent.proto).
+  // Runs at once on the fleet; not persisted (a rebalance is runtime state).
+  virtual absl::StatusOr<v1::RebalanceListenerResponse> RebalanceListener(
+      const v1::RebalanceListenerRequest& request) {
+    return absl::UnimplementedError(absl::StrCat(
+        "listener ", request.name(), ": this controller cannot rebalance"));
+  }
 
   // The agent keeps its last events (a bounded history, oldest dropped
   // first). Subscribe calls `sink` (from any thread) for each kept event at

@@ -366,6 +366,16 @@ absl::StatusOr<std::vector<v1::RollOut>> LoopFleetController::ListRollOuts(
   return out;
 }
 
+absl::StatusOr<v1::RebalanceListenerResponse>
+LoopFleetController::RebalanceListener(
+    const v1::RebalanceListenerRequest& request) {
+  if (closed_) return ShuttingDown();
+  absl::StatusOr<v1::RebalanceListenerResponse> out =
+      absl::UnknownError("not run");
+  loop_->RunSync([&] { out = fleet_->RebalanceListener(request); });
+  return out;
+}
+
 absl::StatusOr<v1::RollOut> LoopFleetController::PauseRollOut(
     const std::string& name, bool paused) {
   if (closed_) return ShuttingDown();

@@ -93,6 +93,8 @@ void AddEventCommands(std::vector<CommandSpec>* commands);    // cmd_events.cc
 void AddApplyCommands(std::vector<CommandSpec>* commands);    // cmd_apply.cc
 void AddChangeCommands(std::vector<CommandSpec>* commands);   // cmd_change.cc
 void AddRollOutCommands(std::vector<CommandSpec>* commands);  // cmd_rollout.cc
+void AddRebalanceCommands(
+    std::vector<CommandSpec>* commands);  // cmd_rebalance.cc
 void AddShellCommands(std::vector<CommandSpec>* commands);    // cmd_shell.cc
 
 struct GlobalOptions {

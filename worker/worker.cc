@@ -852,7 +852,9 @@ bool Worker::ReadFrom(Connection& conn) {
     if (!conn.lingering) {
       absl::string_view data(buf, n);
       if (conn.http) {
+        const uint64_t answered = conn.http->requests();
         conn.http->Consume(data, &conn.out);
+        requests_total_ += conn.http->requests() - answered;
         // Nothing more will be answered: reading on is Settle()'s business.
         if (conn.http->closing()) return true;
       } else {
@@ -1031,6 +1033,7 @@ void Worker::SendLoad() {
   l->set_accepted_total(accepted_total_);
   l->set_bytes_in_total(bytes_in_);
   l->set_bytes_out_total(bytes_out_);
+  l->set_requests_total(requests_total_);
   agent_->Send(load);
 }
 

@@ -215,6 +215,7 @@ class Worker {
   uint64_t accepted_total_ = 0;
   uint64_t bytes_in_ = 0;
   uint64_t bytes_out_ = 0;
+  uint64_t requests_total_ = 0;  // HTTP requests answered
 };
 
 // The whole program: flags, environment, socket, control channel, Run().

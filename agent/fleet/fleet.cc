@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "agent/fleet/rebalance.h"
 #include "agent/fleet/rollout.h"
 #include "agent/sockets.h"
 #include "agent/spec/spec.h"
@@ -38,7 +39,8 @@ std::vector<std::string> InheritedEnv() {
 Fleet::Fleet(EventLoop* loop, ProcessLauncher* launcher, FleetOptions options)
     : supervisor_(&ctx_, [this](Listener& l, Shard& s) { WorkerGone(l, s); }),
       drainer_(&ctx_, &supervisor_, &listeners_),
-      health_(&ctx_, &supervisor_, &listeners_) {
+      health_(&ctx_, &supervisor_, &listeners_),
+      load_(&ctx_, &listeners_) {
   ctx_.loop = loop;
   ctx_.launcher = launcher;
   drainer_.SetBeforeClose([this] { health_.ScanOrphansNow(); });
@@ -60,6 +62,13 @@ Fleet::~Fleet() {
       for (auto& old : shard->retiring) supervisor_.Forget(*old);
     }
   }
+}
+
+absl::StatusOr<v1::RebalanceListenerResponse> Fleet::RebalanceListener(
+    const v1::RebalanceListenerRequest& request) {
+  if (failed_.count(request.name()) > 0) return NotServing(request.name());
+  ASSIGN_OR_RETURN(Listener * listener, Find(request.name()));
+  return ::portfleet::RebalanceListener(ctx_, *listener, request);
 }
 
 void Fleet::SetSteeringBackend(SteeringBackend* backend, std::string reason) {
@@ -477,6 +486,8 @@ absl::Status Fleet::ChangeSteering(Listener& listener,
     shard->cpu = PinnedCpu(steering, shard->index, ctx_.options.cpus);
   }
   *listener.spec.mutable_steering() = steering;
+  // New steering starts from the operator's weights (fleet/rebalance.h).
+  listener.rebalance_slots.clear();
   auto restore = [&] {
     *listener.spec.mutable_steering() = old;
     for (size_t i = 0; i < listener.shards.size(); ++i) {
@@ -695,6 +706,9 @@ absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
   ASSIGN_OR_RETURN(Listener * listener, Find(name));
   ListenerStatus view;
   view.spec = listener->spec;
+  const std::vector<uint32_t> slots = SlotCounts(PlanTables(*listener));
+  const std::vector<uint32_t> baseline =
+      SlotCounts(PlanBaselineTables(*listener));
   std::vector<ShardCounters> counters;
   if (listener->steering) {
     counters = listener->steering->ReadCounters().value_or(counters);
@@ -722,6 +736,12 @@ absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
           .pid = o.pid, .command = o.command, .leftover = o.leftover});
     }
     s.orphans_killed = shard->orphans_killed;
+    s.load = shard->load;
+    if (listener->steering && shard->index < slots.size()) {
+      s.steering_slots = slots[shard->index];
+      s.rebalance_slot_delta = static_cast<int32_t>(slots[shard->index]) -
+                               static_cast<int32_t>(baseline[shard->index]);
+    }
     if (shard->index < counters.size()) {
       s.counters.selected = counters[shard->index].selected;
       s.counters.migrated = counters[shard->index].migrated;

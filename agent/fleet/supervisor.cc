@@ -611,6 +611,9 @@ void Supervisor::OnControlMessage(Listener& listener, Shard& shard, Worker* w,
     case v1::WorkerMessage::kLoad:
       w->active_connections = msg.load().active_connections();
       w->accepted_total = msg.load().accepted_total();
+      w->bytes_in_total = msg.load().bytes_in_total();
+      w->bytes_out_total = msg.load().bytes_out_total();
+      w->requests_total = msg.load().requests_total();
       w->reports = true;
       w->last_report = ctx_->Now();
       break;
