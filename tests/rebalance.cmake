@@ -1,0 +1,7 @@
+# Rebalancing (issue 11): the planner and the fleet's one-shot rebalance over
+# fakes (unit), and the real agent under client load in a private network
+# namespace (netns).
+portfleet_test(rebalance_test
+  SOURCES unit/rebalance_test.cc
+  LIBS portfleet_agent_lib
+  LABELS unit)
