@@ -5,3 +5,9 @@ portfleet_test(rebalance_test
   SOURCES unit/rebalance_test.cc
   LIBS portfleet_agent_lib
   LABELS unit)
+
+portfleet_test(rebalance_netns_test
+  SOURCES netns/rebalance_netns_test.cc
+  LIBS portfleet_ctl_lib portfleet_loadgen portfleet_api portfleet_testing
+  LABELS e2e
+  LOCK load)

@@ -1,0 +1,323 @@
+// The rebalancer against the real agent and workers, each case in its own
+// network namespace. Loads are counted from the client side: every answer
+// names the pid of the worker that gave it, so the client knows which
+// worker holds each of its connections.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <future>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "ctl/ctl.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/loadgen/fleet_testing.h"
+#include "tests/loadgen/loadgen.h"
+#include "tests/testing/agent_harness.h"
+#include "tests/testing/client.h"
+#include "tests/testing/netns.h"
+#include "tests/testing/process.h"
+#include "worker/sdk/base/fd.h"
+
+namespace portfleet::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr int kPort = 8080;
+const char kAddress[] = "127.0.0.1:8080";
+
+// The reference worker, or the same worker started as a third-party one:
+// without the control channel (no hello, no load reports) and without the
+// agent's socket.
+std::string Spec(int shards, bool third_party) {
+  std::string worker =
+      third_party
+          ? absl::StrCat(
+                "  worker { command: \"/bin/sh\" args: \"-c\" args: \"unset "
+                "PORTFLEET_CONTROL_FD PORTFLEET_AGENT_SOCKET; exec 4<&-; exec ",
+                PORTFLEET_BINARY_DIR,
+                "/worker/portfleet-worker --mode=http\" }\n")
+          : "  worker { command: \"portfleet-worker\" args: \"--mode=http\" }\n";
+  return absl::StrCat("listeners {\n  name: \"web\"\n  address: \"", kAddress,
+                      "\"\n  shards: ", shards, "\n", worker,
+                      "  drain_timeout_seconds: 5\n}\n");
+}
+
+// A keep-alive HTTP connection held by the test: each Ask() sends one
+// request and reads one whole answer, and says which worker pid gave it.
+class Held {
+ public:
+  bool Open() {
+    fd_ = Fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    timeval tv{.tv_sec = 5, .tv_usec = 0};
+    ::setsockopt(fd_.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    ::setsockopt(fd_.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(kPort);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    return ::connect(fd_.get(), reinterpret_cast<sockaddr*>(&a), sizeof(a)) ==
+           0;
+  }
+  // The answering pid, or -1 (with `error`) if the exchange failed.
+  int Ask(std::string* error) {
+    const std::string req = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    if (::send(fd_.get(), req.data(), req.size(), MSG_NOSIGNAL) !=
+        static_cast<ssize_t>(req.size())) {
+      *error = absl::StrCat("send: ", std::strerror(errno));
+      return -1;
+    }
+    std::string in;
+    char buf[4096];
+    for (;;) {
+      loadgen::HttpAnswer a = loadgen::ParseHttpAnswer(in, false);
+      if (a.state == loadgen::HttpAnswer::State::kComplete) {
+        if (a.status != 200 || a.close || a.length != in.size()) {
+          *error = absl::StrCat("bad answer: ", in);
+          return -1;
+        }
+        return a.pid;
+      }
+      if (a.state == loadgen::HttpAnswer::State::kMalformed) {
+        *error = a.error;
+        return -1;
+      }
+      ssize_t n = ::recv(fd_.get(), buf, sizeof(buf), 0);
+      if (n <= 0) {
+        *error = n == 0 ? "closed by the server"
+                        : absl::StrCat("recv: ", std::strerror(errno));
+        return -1;
+      }
+      in.append(buf, static_cast<size_t>(n));
+    }
+  }
+
+ private:
+  Fd fd_;
+};
+
+struct CtlResult {
+  int code;
+  std::string out;
+  std::string err;
+};
+
+class RebalanceTest : public ::testing::Test {
+ protected:
+  void Start(int shards, bool third_party) {
+    WidenPortRange();
+    ASSERT_TRUE(agent_.Start(Spec(shards, third_party)).ok()) << agent_.Log();
+    stub_ = FleetStub(agent_.api_socket());
+    ASSERT_TRUE(AllReady(shards)) << agent_.Log();
+  }
+  bool AllReady(int shards) {
+    return WaitFor([&] { return ReadyShards(*stub_, "web") == shards; },
+                   absl::Seconds(20));
+  }
+  CtlResult Ctl(std::vector<std::string> args) {
+    std::ostringstream out, err;
+    ctl::CtlEnv env;
+    env.out = &out;
+    env.err = &err;
+    args.insert(args.begin(), {"--server", "unix://" + agent_.api_socket()});
+    int code = ctl::Run(env, args);
+    return {code, out.str(), err.str()};
+  }
+  // Opens `n` held connections; each asks once. Returns connections per
+  // answering pid.
+  std::map<int, int> OpenHeld(int n) {
+    std::map<int, int> by_pid;
+    for (int i = 0; i < n; ++i) {
+      held_.emplace_back();
+      EXPECT_TRUE(held_.back().Open()) << std::strerror(errno);
+      std::string error;
+      int pid = held_.back().Ask(&error);
+      EXPECT_GT(pid, 0) << error;
+      pids_.push_back(pid);
+      by_pid[pid]++;
+    }
+    return by_pid;
+  }
+  // Every held connection asks again: answered, and by the same worker.
+  void CheckHeldStayed() {
+    int failed = 0, moved = 0;
+    std::string first;
+    for (size_t i = 0; i < held_.size(); ++i) {
+      std::string error;
+      int pid = held_[i].Ask(&error);
+      if (pid < 0) {
+        if (failed++ == 0) first = error;
+      } else if (pid != pids_[i]) {
+        ++moved;
+      }
+    }
+    EXPECT_EQ(failed, 0) << first;
+    EXPECT_EQ(moved, 0) << "steering moved an open connection";
+  }
+  // Connections per shard as the agent reports them (Shard.load).
+  std::vector<uint64_t> AgentConnections() {
+    std::vector<uint64_t> out;
+    for (const v1::Shard& s : Shards(*stub_, "web")) {
+      out.push_back(s.load().connections());
+    }
+    return out;
+  }
+
+  AgentHarness agent_;
+  std::unique_ptr<v1::FleetService::Stub> stub_;
+  std::vector<Held> held_;
+  std::vector<int> pids_;
+};
+
+loadgen::Options LongLoad() {
+  loadgen::Options o;
+  o.target = kAddress;
+  o.mode = loadgen::Mode::kLong;
+  o.connections = 100;
+  o.interval = absl::Milliseconds(100);
+  o.duration = absl::Seconds(60);
+  o.quiet = true;
+  return o;
+}
+
+// Steps:
+// 1. Start "web" with 2 shards of the reference worker; open 200 held
+//    keep-alive connections (the client notes which pid answers each) and
+//    start 100 more that send a request every 100 ms (loadgen, every answer
+//    checked).
+// 2. Scale to 4: the new shards hold nothing (counted by the agent from the
+//    workers' reports; the client's count agrees).
+// 3. `rebalance --dry-run`: prints the plan with the imbalance (max/mean,
+//    at least 2: two of four shards are empty); the tables do not change.
+// 4. `rebalance`: steering only (no worker hands off yet); slots move from
+//    shards 0-1 to 2-3, visible in ListShards.
+// 5. 400 new connections: at least 75% reach the new shards.
+// 6. Every held connection is answered again by the same pid; the loadgen
+//    saw 0 failures, 0 reconnects, 0 connections closed by the server.
+TEST_F(RebalanceTest, OneShotAfterScaleUpSteersNewConnectionsToNewShards) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Start(2, /*third_party=*/false);
+  std::map<int, int> before = OpenHeld(200);
+  EXPECT_EQ(before.size(), 2u);
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async,
+                         [&] { return loadgen::Run(LongLoad(), &stop); });
+
+  ASSERT_TRUE(ScaleTo(*stub_, "web", 4).ok());
+  ASSERT_TRUE(AllReady(4)) << agent_.Log();
+  // The reports (every second) have caught up: 300 on the old shards.
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<uint64_t> c = AgentConnections();
+        return c.size() == 4 && c[0] + c[1] == 300 && c[2] + c[3] == 0;
+      },
+      absl::Seconds(10)))
+      << ::testing::PrintToString(AgentConnections());
+  std::vector<uint64_t> c = AgentConnections();
+  const std::string imbalance = absl::StrFormat(
+      "imbalance %.2f", std::max(c[0], c[1]) / (300.0 / 4));
+
+  CtlResult plan = Ctl({"rebalance", "web", "--dry-run"});
+  ASSERT_EQ(plan.code, 0) << plan.err;
+  EXPECT_THAT(plan.out, HasSubstr("plan (dry run) by connections: imbalance "
+                                  "(max/mean)"));
+  EXPECT_THAT(plan.out, HasSubstr(imbalance.substr(10)));
+  for (const v1::Shard& s : Shards(*stub_, "web")) {
+    EXPECT_EQ(s.steering_slots(), 64u) << "a dry run changed the tables";
+  }
+
+  CtlResult done = Ctl({"rebalance", "web"});
+  ASSERT_EQ(done.code, 0) << done.err;
+  EXPECT_THAT(done.out, HasSubstr("steering only"));
+  EXPECT_THAT(done.out, HasSubstr("cannot hand off connections"));
+  std::vector<v1::Shard> shards = Shards(*stub_, "web");
+  ASSERT_EQ(shards.size(), 4u);
+  for (int i : {0, 1}) {
+    EXPECT_LT(shards[i].steering_slots(), 64u);
+    EXPECT_LT(shards[i].rebalance_slot_delta(), 0);
+  }
+  for (int i : {2, 3}) {
+    EXPECT_GT(shards[i].steering_slots(), 64u);
+    EXPECT_GT(shards[i].rebalance_slot_delta(), 0);
+  }
+
+  Tally fresh;
+  for (int i = 0; i < 400; ++i) fresh.Add(HttpGet(kAddress));
+  EXPECT_EQ(fresh.failed, 0) << fresh.first_error;
+  const int to_new = fresh.by_shard[2] + fresh.by_shard[3];
+  EXPECT_GE(to_new, 300) << ::testing::PrintToString(fresh.by_shard);
+
+  CheckHeldStayed();
+  stop = true;
+  absl::StatusOr<loadgen::Result> r = load.get();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_GT(r->ok(), 0);
+  EXPECT_EQ(r->failures(), 0) << r->Summary();
+  EXPECT_EQ(r->reconnects, 0) << r->Summary();
+  EXPECT_EQ(r->server_closed_idle, 0) << r->Summary();
+
+  CtlResult events = Ctl({"events", "--type", "rebalance-done"});
+  EXPECT_THAT(events.out, HasSubstr(imbalance));
+}
+
+// Steps:
+// 1. Start "web" with 2 shards of a third-party worker (no control channel,
+//    so no load reports); open 60 held connections.
+// 2. The agent counts each shard's connections from the kernel
+//    (SOURCE_KERNEL), and the counts equal the client's per pid.
+// 3. `rebalance`: steering only, the shard with more connections gets fewer
+//    slots (or, when the hash happened to split them evenly, the tables
+//    stay); every held connection is answered again by the same pid.
+TEST_F(RebalanceTest, ThirdPartyWorkerIsCountedByTheKernelSteeringOnly) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Start(2, /*third_party=*/true);
+  std::map<int, int> by_pid = OpenHeld(60);
+  std::map<int, int> expected;  // by shard index
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<v1::Shard> shards = Shards(*stub_, "web");
+        expected.clear();
+        for (const v1::Shard& s : shards) {
+          if (s.load().connections_source() != v1::ShardLoad::SOURCE_KERNEL ||
+              s.load().reports()) {
+            return false;
+          }
+          expected[s.index()] = by_pid[s.pid()];
+          if (s.load().connections() !=
+              static_cast<uint64_t>(by_pid[s.pid()])) {
+            return false;
+          }
+        }
+        return shards.size() == 2;
+      },
+      absl::Seconds(10)))
+      << ::testing::PrintToString(AgentConnections()) << " client "
+      << ::testing::PrintToString(by_pid);
+
+  CtlResult done = Ctl({"rebalance", "web", "-o", "json"});
+  ASSERT_EQ(done.code, 0) << done.err;
+  EXPECT_THAT(done.out, HasSubstr("\"steeringOnly\": true"));
+  std::vector<v1::Shard> shards = Shards(*stub_, "web");
+  ASSERT_EQ(shards.size(), 2u);
+  if (expected[0] > expected[1] * 1.1) {
+    EXPECT_LT(shards[0].steering_slots(), shards[1].steering_slots());
+  } else if (expected[1] > expected[0] * 1.1) {
+    EXPECT_GT(shards[0].steering_slots(), shards[1].steering_slots());
+  }
+  CheckHeldStayed();
+}
+
+}  // namespace
+}  // namespace portfleet::testing
