@@ -65,6 +65,12 @@ struct ListenerStatus {
   std::vector<ShardStatus> shards;
   // Not serving: it could not be started and is retried (no shards).
   std::string error;
+  // max/mean of the ready shards' connections (1.0 = even; 0 when idle),
+  // and what the rebalancer did since the agent started.
+  double imbalance = 0;
+  uint64_t rebalances = 0;
+  uint64_t rebalance_slots_moved = 0;
+  uint64_t rebalance_refusals = 0;
 };
 
 // Health of one listener (see v1::ListenerHealth).

@@ -749,6 +749,14 @@ absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
     }
     view.shards.push_back(std::move(s));
   }
+  std::vector<double> ready;
+  for (const ShardStatus& s : view.shards) {
+    if (s.ready) ready.push_back(static_cast<double>(s.load.connections()));
+  }
+  view.imbalance = Imbalance(ready);
+  view.rebalances = listener->rebalances;
+  view.rebalance_slots_moved = listener->rebalance_slots_moved;
+  view.rebalance_refusals = listener->rebalance_refusals;
   return view;
 }
 

@@ -247,6 +247,11 @@ struct Listener {
   // replacing the spec's weights while every steered shard has an entry.
   // Cleared when the steering or the shard count changes. Not persisted.
   std::map<uint32_t, uint32_t> rebalance_slots;
+  // Rebalances applied since the agent started, the table slots they moved
+  // and what they refused (RebalanceRefusal entries).
+  uint64_t rebalances = 0;
+  uint64_t rebalance_slots_moved = 0;
+  uint64_t rebalance_refusals = 0;
 
   // Shards that take new connections (not draining), in index order.
   std::vector<Shard*> Live() const;

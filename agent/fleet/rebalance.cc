@@ -217,6 +217,7 @@ absl::StatusOr<v1::RebalanceListenerResponse> RebalanceListener(
       out->set_slots_after(plan.slots[k]);
     }
   }
+  if (!request.dry_run()) listener.rebalance_refusals += resp.refusals_size();
   if (!request.dry_run() && resp.refusals_size() > 0) {
     std::vector<std::string> why;
     for (const v1::RebalanceRefusal& r : resp.refusals()) {
@@ -241,6 +242,8 @@ absl::StatusOr<v1::RebalanceListenerResponse> RebalanceListener(
     ApplySteering(listener).IgnoreError();
     return s;
   }
+  listener.rebalances++;
+  listener.rebalance_slots_moved += plan.slots_moved;
   std::vector<std::string> moves;
   for (const v1::RebalanceShard& s : resp.shards()) {
     if (s.slots_after() != s.slots_before()) {
