@@ -221,8 +221,7 @@ absl::Status RunTop(Context& ctx) {
           t.AddRow(
               {l.spec().name(), absl::StrCat(sh.index()),
                ShardStateText(sh.state()), ShardHealthText(sh.health()),
-               sh.pid() > 0 ? absl::StrCat(sh.pid()) : "-",
-               absl::StrCat(conns),
+               sh.pid() > 0 ? absl::StrCat(sh.pid()) : "-", absl::StrCat(conns),
                absl::StrFormat("%.0f", sh.load().cpu() * 100),
                sh.load().reports()
                    ? absl::StrFormat("%.0f", sh.load().bytes_per_second())

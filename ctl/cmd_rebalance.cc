@@ -55,7 +55,8 @@ void PrintResult(const Context& ctx, const std::string& name,
       resp.steering_only() ? " (steering only: new connections)" : "");
   for (const v1::RebalanceRefusal& r : resp.refusals()) {
     out << "  not done"
-        << (r.shard() < 0 ? std::string() : absl::StrCat(" (shard ", r.shard(), ")"))
+        << (r.shard() < 0 ? std::string()
+                          : absl::StrCat(" (shard ", r.shard(), ")"))
         << ": " << r.reason() << "\n";
   }
 }
@@ -106,8 +107,7 @@ void AddRebalanceCommands(std::vector<CommandSpec>* commands) {
                  .value = "METRIC",
                  .help = "connections (default), cpu or bytes",
                  .choices = metrics},
-                {.name = "dry-run",
-                 .help = "print the plan; change nothing"},
+                {.name = "dry-run", .help = "print the plan; change nothing"},
                 {.name = "no-move",
                  .help = "do not ask workers to hand off open connections"}},
       .formats = {Format::kTable, Format::kJson, Format::kYaml, Format::kName,

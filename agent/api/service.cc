@@ -536,8 +536,7 @@ grpc::ServerUnaryReactor* FleetServiceImpl::PauseRollOut(
 }
 
 grpc::ServerUnaryReactor* FleetServiceImpl::RebalanceListener(
-    grpc::CallbackServerContext* ctx,
-    const v1::RebalanceListenerRequest* req,
+    grpc::CallbackServerContext* ctx, const v1::RebalanceListenerRequest* req,
     v1::RebalanceListenerResponse* resp) {
   absl::Status check = ValidateName(req->name(), "name");
   if (check.ok() && !v1::RebalanceMetric_IsValid(req->metric())) {

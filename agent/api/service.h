@@ -119,8 +119,7 @@ class FleetServiceImpl final : public v1::FleetService::CallbackService {
       grpc::CallbackServerContext* ctx, const v1::ListRollOutsRequest* req,
       v1::ListRollOutsResponse* resp) override;
   grpc::ServerUnaryReactor* RebalanceListener(
-      grpc::CallbackServerContext* ctx,
-      const v1::RebalanceListenerRequest* req,
+      grpc::CallbackServerContext* ctx, const v1::RebalanceListenerRequest* req,
       v1::RebalanceListenerResponse* resp) override;
   grpc::ServerUnaryReactor* PauseRollOut(
       grpc::CallbackServerContext* ctx, const v1::PauseRollOutRequest* req,

@@ -40,7 +40,12 @@ Fleet::Fleet(EventLoop* loop, ProcessLauncher* launcher, FleetOptions options)
     : supervisor_(&ctx_, [this](Listener& l, Shard& s) { WorkerGone(l, s); }),
       drainer_(&ctx_, &supervisor_, &listeners_),
       health_(&ctx_, &supervisor_, &listeners_),
-      load_(&ctx_, &listeners_) {
+      load_(&ctx_, &listeners_),
+      handoffs_(&ctx_) {
+  ctx_.on_handoff = [this](Listener& l, Shard& s, const v1::WorkerMessage& m,
+                           Fd fd) {
+    handoffs_.OnWorkerMessage(l, s, m, std::move(fd));
+  };
   ctx_.loop = loop;
   ctx_.launcher = launcher;
   drainer_.SetBeforeClose([this] { health_.ScanOrphansNow(); });
@@ -64,11 +69,20 @@ Fleet::~Fleet() {
   }
 }
 
-absl::StatusOr<v1::RebalanceListenerResponse> Fleet::RebalanceListener(
-    const v1::RebalanceListenerRequest& request) {
-  if (failed_.count(request.name()) > 0) return NotServing(request.name());
-  ASSIGN_OR_RETURN(Listener * listener, Find(request.name()));
-  return ::portfleet::RebalanceListener(ctx_, *listener, request);
+void Fleet::RebalanceListener(
+    const v1::RebalanceListenerRequest& request,
+    std::function<void(absl::StatusOr<v1::RebalanceListenerResponse>)> done) {
+  if (failed_.count(request.name()) > 0) {
+    done(NotServing(request.name()));
+    return;
+  }
+  absl::StatusOr<Listener*> listener = Find(request.name());
+  if (!listener.ok()) {
+    done(listener.status());
+    return;
+  }
+  ::portfleet::RebalanceListener(ctx_, handoffs_, **listener, request,
+                                 std::move(done));
 }
 
 void Fleet::SetSteeringBackend(SteeringBackend* backend, std::string reason) {

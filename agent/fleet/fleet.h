@@ -23,6 +23,7 @@
 #include "agent/controller.h"
 #include "agent/event_loop.h"
 #include "agent/fleet/drain.h"
+#include "agent/fleet/handoff.h"
 #include "agent/fleet/health_monitor.h"
 #include "agent/fleet/load.h"
 #include "agent/fleet/model.h"
@@ -80,8 +81,9 @@ class Fleet {
   }
   void MeasureLoadNow() { load_.Tick(); }
   // One-shot rebalance (fleet/rebalance.h); not persisted.
-  absl::StatusOr<v1::RebalanceListenerResponse> RebalanceListener(
-      const v1::RebalanceListenerRequest& request);
+  void RebalanceListener(
+      const v1::RebalanceListenerRequest& request,
+      std::function<void(absl::StatusOr<v1::RebalanceListenerResponse>)> done);
   void ObserveHealthNow() { health_.Tick(); }
   // Every listener's health, from its shards as last observed.
   std::vector<ListenerHealthView> Health() const;
@@ -230,6 +232,7 @@ class Fleet {
   std::map<std::string, FailedListener> failed_;
   HealthMonitor health_;
   LoadMonitor load_;
+  HandOffRouter handoffs_;
   std::vector<Adoptee> adoptees_;
   // In Start (or a retry of it): nothing to commit, and a worker that cannot
   // be started is retried instead of failing its listener.

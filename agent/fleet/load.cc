@@ -16,9 +16,9 @@
 #include <vector>
 
 #include "absl/strings/match.h"
-#include "absl/strings/strip.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "worker/sdk/base/fd.h"
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/base/status.h"

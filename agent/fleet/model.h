@@ -117,6 +117,7 @@ struct Worker {
   std::optional<ControlChannel> control;
   absl::Time started;
   bool hello = false;    // said hello on its control channel
+  bool handoff = false;  // its hello said it hands off connections
   bool adopted = false;  // started by a previous agent; not our child
   bool killed = false;   // SIGKILLed by the agent (its group too)
   // Told to stop (drain, retirement, the agent's stop): its processes are
@@ -278,6 +279,10 @@ struct FleetContext {
   // The shard sockets were handed to a new agent (takeover): its workers
   // hold them too, so no holder is judged an orphan any more.
   bool sockets_shared = false;
+  // Connection hand-off messages from workers (handoff_connection with its
+  // socket, handoff_done), for the rebalancer's router (fleet/handoff.h).
+  std::function<void(Listener&, Shard&, const v1::WorkerMessage&, Fd)>
+      on_handoff;
 
   absl::Time Now() const { return loop->Now(); }
   void Emit(v1::EventType type, const Listener& listener, int shard, pid_t pid,

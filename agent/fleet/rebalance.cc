@@ -2,17 +2,18 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <numeric>
 #include <string>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "agent/fleet/handoff.h"
 #include "agent/fleet/load.h"
+#include "bpf/steering_shared.h"
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/base/status.h"
-
-#include "bpf/steering_shared.h"
 
 namespace portfleet {
 
@@ -66,10 +67,9 @@ RebalancePlan PlanRebalance(const std::vector<RebalanceInput>& shards,
     }
     // Too many (the floor of 1): take from the largest.
     while (given > pool) {
-      auto most = std::max_element(order.begin(), order.end(),
-                                   [&](size_t a, size_t b) {
-                                     return plan.slots[a] < plan.slots[b];
-                                   });
+      auto most = std::max_element(
+          order.begin(), order.end(),
+          [&](size_t a, size_t b) { return plan.slots[a] < plan.slots[b]; });
       --plan.slots[*most];
       --given;
     }
@@ -129,15 +129,44 @@ void Refuse(v1::RebalanceListenerResponse* resp, int shard,
 
 }  // namespace
 
-absl::StatusOr<v1::RebalanceListenerResponse> RebalanceListener(
+namespace {
+
+// The steering half of a rebalance, done; and the hand-offs it plans.
+struct SteeringStep {
+  v1::RebalanceListenerResponse resp;
+  std::vector<HandOffTransfer> transfers;
+};
+
+// Per shard expected load (connections) after `transfers`, and their
+// imbalance over the eligible shards.
+void ExpectAfter(const std::vector<HandOffTransfer>& transfers,
+                 const std::vector<uint32_t>& moved,
+                 v1::RebalanceListenerResponse* resp) {
+  std::map<uint32_t, int64_t> delta;
+  for (size_t k = 0; k < transfers.size(); ++k) {
+    delta[transfers[k].from] -= moved[k];
+    delta[transfers[k].to] += moved[k];
+  }
+  std::vector<double> after;
+  for (v1::RebalanceShard& s : *resp->mutable_shards()) {
+    s.set_connections_moved(delta[s.index()]);
+    if (resp->metric() == v1::REBALANCE_METRIC_CONNECTIONS) {
+      s.set_expected_after(s.load_before() + delta[s.index()]);
+    }
+    if (s.eligible()) after.push_back(s.expected_after());
+  }
+  resp->set_expected_imbalance_after(Imbalance(after));
+}
+
+absl::StatusOr<SteeringStep> Steer(
     const FleetContext& ctx, Listener& listener,
     const v1::RebalanceListenerRequest& request) {
   const std::string& name = listener.spec.name();
   if (!listener.steering) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "listener ", name,
-        ": rebalancing needs BPF steering, which is not active: ",
-        ctx.steering_reason));
+    return absl::FailedPreconditionError(
+        absl::StrCat("listener ", name,
+                     ": rebalancing needs BPF steering, which is not active: ",
+                     ctx.steering_reason));
   }
   const v1::RebalanceMetric metric =
       request.metric() == v1::REBALANCE_METRIC_UNSPECIFIED
@@ -149,10 +178,9 @@ absl::StatusOr<v1::RebalanceListenerResponse> RebalanceListener(
   resp.set_steering_only(true);
 
   // The tables from the operator's weights alone, and as they are now.
-  std::map<uint32_t, uint32_t> saved = listener.rebalance_slots;
-  listener.rebalance_slots.clear();
-  const std::vector<uint32_t> baseline = SlotCounts(PlanTables(listener));
-  listener.rebalance_slots = saved;
+  const std::map<uint32_t, uint32_t> saved = listener.rebalance_slots;
+  const std::vector<uint32_t> baseline =
+      SlotCounts(PlanBaselineTables(listener));
   const std::vector<uint32_t> now = SlotCounts(PlanTables(listener));
 
   std::vector<RebalanceInput> inputs;
@@ -161,12 +189,12 @@ absl::StatusOr<v1::RebalanceListenerResponse> RebalanceListener(
     if (!shard->Steered()) continue;
     const uint32_t i = shard->index;
     const bool ready = shard->worker && shard->worker->ready;
-    inputs.push_back(RebalanceInput{
-        .index = i,
-        .eligible = ready,
-        .load = LoadBy(shard->load, metric),
-        .baseline_slots = i < baseline.size() ? baseline[i] : 0,
-        .slots = i < now.size() ? now[i] : 0});
+    inputs.push_back(
+        RebalanceInput{.index = i,
+                       .eligible = ready,
+                       .load = LoadBy(shard->load, metric),
+                       .baseline_slots = i < baseline.size() ? baseline[i] : 0,
+                       .slots = i < now.size() ? now[i] : 0});
     steered.push_back(shard.get());
     if (!ready) {
       Refuse(&resp, static_cast<int>(i),
@@ -179,8 +207,42 @@ absl::StatusOr<v1::RebalanceListenerResponse> RebalanceListener(
         "listener ", name, ": no ready shard in the steering tables"));
   }
 
+  std::vector<HandOffTransfer> transfers;
+  if (request.move_connections() &&
+      metric != v1::REBALANCE_METRIC_CONNECTIONS) {
+    Refuse(&resp, -1,
+           absl::StrCat("hand-off evens connections; by ", MetricName(metric),
+                        " only new connections are rebalanced"));
+  } else if (request.move_connections()) {
+    std::vector<HandOffInput> h;
+    for (size_t k = 0; k < inputs.size(); ++k) {
+      if (!inputs[k].eligible) continue;
+      const Worker& w = *steered[k]->worker;
+      const bool capable = w.handoff && w.control.has_value();
+      h.push_back(HandOffInput{.index = inputs[k].index,
+                               .connections = steered[k]->load.connections(),
+                               .capable = capable});
+      if (capable) {
+        resp.set_steering_only(false);
+      } else {
+        Refuse(&resp, static_cast<int>(inputs[k].index),
+               "worker cannot hand off connections: steering only");
+      }
+    }
+    transfers = PlanHandOffs(h);
+  }
+
   const bool cpu_policy =
       listener.spec.steering().policy() == v1::STEERING_POLICY_CPU;
+  // New connections are steered by the load the hand-offs leave.
+  std::vector<double> before;
+  for (RebalanceInput& in : inputs) {
+    if (in.eligible) before.push_back(in.load);
+    for (const HandOffTransfer& t : transfers) {
+      if (t.from == in.index) in.load -= t.count;
+      if (t.to == in.index) in.load += t.count;
+    }
+  }
   RebalancePlan plan = PlanRebalance(inputs, RebalanceParams{});
   if (cpu_policy) {
     // Locality first: the CPU table stays as it is.
@@ -190,17 +252,10 @@ absl::StatusOr<v1::RebalanceListenerResponse> RebalanceListener(
            "steering policy CPU keeps every connection on the CPU that "
            "received it: no table slots moved");
   }
-  resp.set_imbalance_before(plan.imbalance);
+  resp.set_imbalance_before(Imbalance(before));
   // Steering moves only new connections: the load now stays until they come.
   resp.set_expected_imbalance_after(plan.imbalance);
   resp.set_slots_moved(plan.slots_moved);
-  if (request.move_connections()) {
-    for (const RebalanceInput& s : inputs) {
-      if (!s.eligible) continue;
-      Refuse(&resp, static_cast<int>(s.index),
-             "worker cannot hand off connections: steering only");
-    }
-  }
 
   for (const auto& shard : listener.shards) {
     v1::RebalanceShard* out = resp.add_shards();
@@ -217,18 +272,24 @@ absl::StatusOr<v1::RebalanceListenerResponse> RebalanceListener(
       out->set_slots_after(plan.slots[k]);
     }
   }
+  std::vector<uint32_t> planned;
+  for (const HandOffTransfer& t : transfers) planned.push_back(t.count);
+  ExpectAfter(transfers, planned, &resp);
   if (!request.dry_run()) listener.rebalance_refusals += resp.refusals_size();
   if (!request.dry_run() && resp.refusals_size() > 0) {
     std::vector<std::string> why;
     for (const v1::RebalanceRefusal& r : resp.refusals()) {
-      why.push_back(r.shard() < 0 ? r.reason()
-                                  : absl::StrCat("shard ", r.shard(), ": ",
-                                                 r.reason()));
+      why.push_back(r.shard() < 0
+                        ? r.reason()
+                        : absl::StrCat("shard ", r.shard(), ": ", r.reason()));
     }
     ctx.Emit(v1::EVENT_TYPE_REBALANCE_REFUSED, listener, -1, 0,
              absl::StrJoin(why, "; "));
   }
-  if (request.dry_run() || cpu_policy) return resp;
+  if (request.dry_run() || cpu_policy) {
+    return SteeringStep{.resp = std::move(resp),
+                        .transfers = std::move(transfers)};
+  }
 
   std::map<uint32_t, uint32_t> next;
   if (!plan.even) {
@@ -247,18 +308,77 @@ absl::StatusOr<v1::RebalanceListenerResponse> RebalanceListener(
   std::vector<std::string> moves;
   for (const v1::RebalanceShard& s : resp.shards()) {
     if (s.slots_after() != s.slots_before()) {
-      moves.push_back(
-          absl::StrCat(s.index(), ":", s.slots_before(), "->", s.slots_after()));
+      moves.push_back(absl::StrCat(s.index(), ":", s.slots_before(), "->",
+                                   s.slots_after()));
     }
   }
   std::string message = absl::StrFormat(
       "by %s, imbalance %.2f: %u slots moved%s%s", MetricName(metric),
-      plan.imbalance, plan.slots_moved, moves.empty() ? "" : " (",
+      resp.imbalance_before(), plan.slots_moved, moves.empty() ? "" : " (",
       moves.empty() ? "" : absl::StrCat(absl::StrJoin(moves, " "), ")"));
   if (plan.even) absl::StrAppend(&message, "; even: baseline tables");
   PF_LOG(INFO) << "listener " << name << ": rebalanced " << message;
   ctx.Emit(v1::EVENT_TYPE_REBALANCE_DONE, listener, -1, 0, message);
-  return resp;
+  return SteeringStep{.resp = std::move(resp),
+                      .transfers = std::move(transfers)};
+}
+
+}  // namespace
+
+void RebalanceListener(FleetContext& ctx, HandOffRouter& router,
+                       Listener& listener,
+                       const v1::RebalanceListenerRequest& request,
+                       RebalanceDone done) {
+  absl::StatusOr<SteeringStep> step = Steer(ctx, listener, request);
+  if (!step.ok()) {
+    done(step.status());
+    return;
+  }
+  if (request.dry_run() || step->transfers.empty()) {
+    done(std::move(step->resp));
+    return;
+  }
+  FleetContext* c = &ctx;
+  const std::string name = listener.spec.name();
+  auto resp =
+      std::make_shared<v1::RebalanceListenerResponse>(std::move(step->resp));
+  router.Run(
+      listener, step->transfers, kHandOffTimeout,
+      [c, name, resp, done](std::vector<HandOffResult> results) {
+        std::vector<HandOffTransfer> transfers;
+        std::vector<uint32_t> moved;
+        uint64_t total = 0;
+        std::vector<std::string> parts;
+        for (const HandOffResult& r : results) {
+          transfers.push_back(r.transfer);
+          moved.push_back(r.moved);
+          total += r.moved;
+          parts.push_back(
+              absl::StrCat(r.transfer.from, "->", r.transfer.to, ":", r.moved));
+          const uint32_t missing =
+              r.transfer.count - std::min(r.transfer.count, r.moved);
+          if (missing == 0) continue;
+          std::string why =
+              !r.answered ? "the worker did not answer in time"
+                          : absl::StrCat(r.busy,
+                                         " connections had data in flight "
+                                         "(never moved)");
+          if (r.returned > 0 || r.lost > 0) {
+            absl::StrAppend(&why, "; ", r.returned,
+                            " went back (receiver gone), ", r.lost, " closed");
+          }
+          Refuse(resp.get(), static_cast<int>(r.transfer.from),
+                 absl::StrCat(missing, " of ", r.transfer.count,
+                              " connections to shard ", r.transfer.to,
+                              " not moved: ", why));
+        }
+        resp->set_connections_moved(total);
+        ExpectAfter(transfers, moved, resp.get());
+        c->Emit(v1::EVENT_TYPE_REBALANCE_HANDOFF, name, -1, 0,
+                absl::StrCat("handed off ", total, " connections (",
+                             absl::StrJoin(parts, " "), ")"));
+        done(*resp);
+      });
 }
 
 }  // namespace portfleet

@@ -12,15 +12,20 @@
 // rebalance_slot_delta) and is dropped by any change of steering or shard
 // count. Under CPU steering nothing moves: locality is kept.
 //
-// Existing connections are not moved: no worker hands off connections yet,
-// so every rebalance is steering-only and says so (refusals per shard).
+// Existing connections (metric connections, move_connections): idle
+// connections are handed from workers above the mean to workers below it
+// (fleet/handoff.h), for workers whose hello said they can; a connection
+// with data in flight is never released. Others are rebalanced by steering
+// only, and the response says so per shard.
 #ifndef PORTFLEET_AGENT_FLEET_REBALANCE_H_
 #define PORTFLEET_AGENT_FLEET_REBALANCE_H_
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "agent/fleet/handoff.h"
 #include "agent/fleet/model.h"
 #include "portfleet/v1/agent.pb.h"
 
@@ -31,7 +36,7 @@ struct RebalanceInput {
   uint32_t index = 0;
   // Ready and in the tables: takes part. Others keep their baseline slots.
   bool eligible = false;
-  double load = 0;  // by the metric
+  double load = 0;              // by the metric
   uint32_t baseline_slots = 0;  // from the operator's weights
   uint32_t slots = 0;           // now
 };
@@ -66,11 +71,20 @@ double LoadBy(const v1::ShardLoad& load, v1::RebalanceMetric metric);
 // Table slots per shard index that `tables` gives (HASH; empty for CPU).
 std::vector<uint32_t> SlotCounts(const SteeringTables& tables);
 
-// One-shot rebalance of `listener` (see RebalanceListener in agent.proto).
-// FailedPrecondition without BPF steering or without a ready shard.
-absl::StatusOr<v1::RebalanceListenerResponse> RebalanceListener(
-    const FleetContext& ctx, Listener& listener,
-    const v1::RebalanceListenerRequest& request);
+// How long the hot workers have to release their connections.
+inline constexpr absl::Duration kHandOffTimeout = absl::Seconds(3);
+
+using RebalanceDone =
+    std::function<void(absl::StatusOr<v1::RebalanceListenerResponse>)>;
+
+// One-shot rebalance of `listener` (see RebalanceListener in agent.proto):
+// the tables at once, then the hand-offs through `router`; `done` gets the
+// result when they ended (at once when there are none). FailedPrecondition
+// without BPF steering or without a ready shard.
+void RebalanceListener(FleetContext& ctx, HandOffRouter& router,
+                       Listener& listener,
+                       const v1::RebalanceListenerRequest& request,
+                       RebalanceDone done);
 
 }  // namespace portfleet
 

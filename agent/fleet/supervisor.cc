@@ -565,7 +565,8 @@ void Supervisor::OnControlReadable(Listener& listener, Shard& shard,
   // Bounded per wake-up so that one chatty worker cannot starve the loop.
   for (int i = 0; i < 64 && w->control; ++i) {
     v1::WorkerMessage msg;
-    absl::StatusOr<bool> got = w->control->ReceiveInto(&msg);
+    Fd attached;  // a hand-off's socket; closed unless routed
+    absl::StatusOr<bool> got = w->control->ReceiveIntoWithFd(&msg, &attached);
     if (got.ok() && !*got) return;
     if (!got.ok()) {
       if (absl::IsUnavailable(got.status())) {
@@ -583,6 +584,12 @@ void Supervisor::OnControlReadable(Listener& listener, Shard& shard,
       continue;
     }
     bool was_waiting = w->on_ready != nullptr;
+    if (msg.has_handoff_connection() || msg.has_handoff_done()) {
+      if (ctx_->on_handoff) {
+        ctx_->on_handoff(listener, shard, msg, std::move(attached));
+      }
+      continue;
+    }
     OnControlMessage(listener, shard, w, msg);
     // A readiness waiter may have moved `w` to another role: read the rest
     // on the next wake-up.
@@ -595,6 +602,7 @@ void Supervisor::OnControlMessage(Listener& listener, Shard& shard, Worker* w,
   switch (msg.msg_case()) {
     case v1::WorkerMessage::kHello:
       w->hello = true;
+      w->handoff = msg.hello().handoff();
       if (msg.hello().socket_inode() != 0 &&
           msg.hello().socket_inode() != shard.inode) {
         PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "
@@ -631,6 +639,9 @@ void Supervisor::OnControlMessage(Listener& listener, Shard& shard, Worker* w,
                         << SuppressedNote(dropped);
       }
       break;
+    case v1::WorkerMessage::kHandoffConnection:
+    case v1::WorkerMessage::kHandoffDone:
+      break;  // routed in OnControlReadable
     case v1::WorkerMessage::MSG_NOT_SET:
       if (uint64_t dropped; w->complaints.Allow(ctx_->Now(), &dropped)) {
         PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "

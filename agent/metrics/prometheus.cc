@@ -281,24 +281,22 @@ std::string RenderPrometheus(const MetricsSnapshot& snapshot) {
       "Processes left over from stopped workers of the shard that "
       "still held its socket and were killed.",
       [](const ShardStatus& s) { return absl::StrCat(s.orphans_killed); });
-  ShardFamily(w, snapshot, "portfleet_shard_connections", "gauge",
-              "Open connections of the shard's worker: its load reports, or "
-              "the kernel's count of established connections it holds.",
-              [](const ShardStatus& s) {
-                return absl::StrCat(s.load.connections());
-              });
+  ShardFamily(
+      w, snapshot, "portfleet_shard_connections", "gauge",
+      "Open connections of the shard's worker: its load reports, or "
+      "the kernel's count of established connections it holds.",
+      [](const ShardStatus& s) { return absl::StrCat(s.load.connections()); });
   ShardFamily(w, snapshot, "portfleet_shard_worker_cpu_ratio", "gauge",
               "CPU time of the shard's worker per second of wall time "
               "(1 = one core busy), over the last second.",
               [](const ShardStatus& s) {
                 return absl::StrFormat("%.3f", s.load.cpu());
               });
-  ShardFamily(w, snapshot, "portfleet_shard_steering_slots", "gauge",
-              "Indirection-table slots (of 256) of the shard under HASH "
-              "steering.",
-              [](const ShardStatus& s) {
-                return absl::StrCat(s.steering_slots);
-              });
+  ShardFamily(
+      w, snapshot, "portfleet_shard_steering_slots", "gauge",
+      "Indirection-table slots (of 256) of the shard under HASH "
+      "steering.",
+      [](const ShardStatus& s) { return absl::StrCat(s.steering_slots); });
   ShardFamily(w, snapshot, "portfleet_shard_rebalance_slot_delta", "gauge",
               "Slots the rebalancer added to (or took from) the shard's "
               "share by the operator's weights.",

@@ -12,13 +12,17 @@
 #include <atomic>
 #include <cstring>
 #include <future>
+#include <iostream>
 #include <map>
+#include <mutex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
 #include "ctl/ctl.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -34,6 +38,7 @@ namespace portfleet::testing {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 constexpr int kPort = 8080;
 const char kAddress[] = "127.0.0.1:8080";
@@ -49,7 +54,8 @@ std::string Spec(int shards, bool third_party) {
                 "PORTFLEET_CONTROL_FD PORTFLEET_AGENT_SOCKET; exec 4<&-; exec ",
                 PORTFLEET_BINARY_DIR,
                 "/worker/portfleet-worker --mode=http\" }\n")
-          : "  worker { command: \"portfleet-worker\" args: \"--mode=http\" }\n";
+          : "  worker { command: \"portfleet-worker\" args: \"--mode=http\" "
+            "}\n";
   return absl::StrCat("listeners {\n  name: \"web\"\n  address: \"", kAddress,
                       "\"\n  shards: ", shards, "\n", worker,
                       "  drain_timeout_seconds: 5\n}\n");
@@ -71,11 +77,16 @@ class Held {
     return ::connect(fd_.get(), reinterpret_cast<sockaddr*>(&a), sizeof(a)) ==
            0;
   }
-  // The answering pid, or -1 (with `error`) if the exchange failed.
-  int Ask(std::string* error) {
-    const std::string req = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
-    if (::send(fd_.get(), req.data(), req.size(), MSG_NOSIGNAL) !=
-        static_cast<ssize_t>(req.size())) {
+  // Sends `bytes` (e.g. half a request).
+  bool Send(const std::string& bytes) {
+    return ::send(fd_.get(), bytes.data(), bytes.size(), MSG_NOSIGNAL) ==
+           static_cast<ssize_t>(bytes.size());
+  }
+  // The answering pid, or -1 (with `error`) if the exchange failed. `req`:
+  // what is left to send of the request.
+  int Ask(std::string* error,
+          const std::string& req = "GET / HTTP/1.1\r\nHost: t\r\n\r\n") {
+    if (!Send(req)) {
       *error = absl::StrCat("send: ", std::strerror(errno));
       return -1;
     }
@@ -201,8 +212,8 @@ loadgen::Options LongLoad() {
 //    workers' reports; the client's count agrees).
 // 3. `rebalance --dry-run`: prints the plan with the imbalance (max/mean,
 //    at least 2: two of four shards are empty); the tables do not change.
-// 4. `rebalance`: steering only (no worker hands off yet); slots move from
-//    shards 0-1 to 2-3, visible in ListShards.
+// 4. `rebalance --no-move`: steering only; slots move from shards 0-1 to
+//    2-3, visible in ListShards.
 // 5. 400 new connections: at least 75% reach the new shards.
 // 6. Every held connection is answered again by the same pid; the loadgen
 //    saw 0 failures, 0 reconnects, 0 connections closed by the server.
@@ -226,8 +237,8 @@ TEST_F(RebalanceTest, OneShotAfterScaleUpSteersNewConnectionsToNewShards) {
       absl::Seconds(10)))
       << ::testing::PrintToString(AgentConnections());
   std::vector<uint64_t> c = AgentConnections();
-  const std::string imbalance = absl::StrFormat(
-      "imbalance %.2f", std::max(c[0], c[1]) / (300.0 / 4));
+  const std::string imbalance =
+      absl::StrFormat("imbalance %.2f", std::max(c[0], c[1]) / (300.0 / 4));
 
   CtlResult plan = Ctl({"rebalance", "web", "--dry-run"});
   ASSERT_EQ(plan.code, 0) << plan.err;
@@ -238,10 +249,9 @@ TEST_F(RebalanceTest, OneShotAfterScaleUpSteersNewConnectionsToNewShards) {
     EXPECT_EQ(s.steering_slots(), 64u) << "a dry run changed the tables";
   }
 
-  CtlResult done = Ctl({"rebalance", "web"});
+  CtlResult done = Ctl({"rebalance", "web", "--no-move"});
   ASSERT_EQ(done.code, 0) << done.err;
   EXPECT_THAT(done.out, HasSubstr("steering only"));
-  EXPECT_THAT(done.out, HasSubstr("cannot hand off connections"));
   std::vector<v1::Shard> shards = Shards(*stub_, "web");
   ASSERT_EQ(shards.size(), 4u);
   for (int i : {0, 1}) {
@@ -309,6 +319,8 @@ TEST_F(RebalanceTest, ThirdPartyWorkerIsCountedByTheKernelSteeringOnly) {
   CtlResult done = Ctl({"rebalance", "web", "-o", "json"});
   ASSERT_EQ(done.code, 0) << done.err;
   EXPECT_THAT(done.out, HasSubstr("\"steeringOnly\": true"));
+  EXPECT_THAT(done.out, HasSubstr("worker cannot hand off connections"));
+  EXPECT_THAT(done.out, HasSubstr("\"connectionsMoved\": 0"));
   std::vector<v1::Shard> shards = Shards(*stub_, "web");
   ASSERT_EQ(shards.size(), 2u);
   if (expected[0] > expected[1] * 1.1) {
@@ -317,6 +329,171 @@ TEST_F(RebalanceTest, ThirdPartyWorkerIsCountedByTheKernelSteeringOnly) {
     EXPECT_GT(shards[0].steering_slots(), shards[1].steering_slots());
   }
   CheckHeldStayed();
+}
+
+// Connections per shard as the client sees them: each held connection asks
+// every 100 ms (every answer checked) and notes the pid that answered.
+class Asker {
+ public:
+  explicit Asker(std::vector<Held>* held, std::vector<int> pids)
+      : held_(held), pids_(std::move(pids)) {
+    thread_ = std::thread([this] { Loop(); });
+  }
+  ~Asker() { Stop(); }
+  void Stop() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+  // Open connections per answering pid, as last answered.
+  std::map<int, int> ByPid() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::map<int, int> out;
+    for (int pid : pids_) out[pid]++;
+    return out;
+  }
+  int64_t answers() const { return answers_; }
+  int64_t failures() const { return failures_; }
+  std::string first_error() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return first_error_;
+  }
+
+ private:
+  void Loop() {
+    while (!stop_) {
+      const absl::Time round = absl::Now();
+      for (size_t i = 0; i < held_->size() && !stop_; ++i) {
+        std::string error;
+        int pid = (*held_)[i].Ask(&error);
+        std::lock_guard<std::mutex> lock(mu_);
+        if (pid < 0) {
+          if (failures_++ == 0) first_error_ = error;
+        } else {
+          ++answers_;
+          pids_[i] = pid;
+        }
+      }
+      absl::SleepFor(round + absl::Milliseconds(100) - absl::Now());
+    }
+  }
+
+  std::vector<Held>* held_;
+  std::mutex mu_;
+  std::vector<int> pids_;
+  std::string first_error_;
+  std::atomic<int64_t> answers_{0};
+  std::atomic<int64_t> failures_{0};
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+double MaxOverMean(const std::map<int, int>& by_pid, int shards) {
+  int total = 0, max = 0;
+  for (const auto& [pid, n] : by_pid) {
+    total += n;
+    max = std::max(max, n);
+  }
+  return total == 0 ? 0 : static_cast<double>(max) * shards / total;
+}
+
+// The scale-up skew, one shot. Steps:
+// 1. Start "web" with 2 shards; open 400 keep-alive connections; each asks
+//    every 100 ms from then on, every answer checked, and the client notes
+//    which pid answers each connection.
+// 2. Scale to 4; the new shards hold nothing.
+// 3. `rebalance` (connections, moving connections): idle connections go
+//    from the old workers to the new ones.
+// 4. Within 5 s, connections per worker as the client counts them (which
+//    pid answers) have max/mean <= 1.15, and so do the workers' own counts
+//    in ListShards; not one request failed, no connection was reset or
+//    closed.
+TEST_F(RebalanceTest, OneShotHandOffEvensOpenConnectionsAfterScaleUp) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Start(2, /*third_party=*/false);
+  OpenHeld(400);
+  Asker asker(&held_, pids_);
+  ASSERT_TRUE(ScaleTo(*stub_, "web", 4).ok());
+  ASSERT_TRUE(AllReady(4)) << agent_.Log();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<uint64_t> c = AgentConnections();
+        return c.size() == 4 && c[0] + c[1] == 400;
+      },
+      absl::Seconds(10)))
+      << ::testing::PrintToString(AgentConnections());
+  EXPECT_EQ(asker.ByPid().size(), 2u);
+
+  const absl::Time start = absl::Now();
+  CtlResult done = Ctl({"rebalance", "web"});
+  ASSERT_EQ(done.code, 0) << done.err;
+  EXPECT_THAT(done.out, Not(HasSubstr("steering only")));
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        std::map<int, int> by_pid = asker.ByPid();
+        return by_pid.size() == 4 && MaxOverMean(by_pid, 4) <= 1.15;
+      },
+      absl::Seconds(5)))
+      << done.out << ::testing::PrintToString(asker.ByPid());
+  const absl::Duration converged = absl::Now() - start;
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        std::vector<uint64_t> c = AgentConnections();
+        std::map<int, int> as_map;
+        for (size_t i = 0; i < c.size(); ++i) as_map[i] = c[i];
+        return MaxOverMean(as_map, 4) <= 1.15;
+      },
+      absl::Seconds(5)))
+      << ::testing::PrintToString(AgentConnections());
+  absl::SleepFor(absl::Milliseconds(300));
+  asker.Stop();
+  EXPECT_GT(asker.answers(), 800);
+  EXPECT_EQ(asker.failures(), 0) << asker.first_error();
+  std::cerr << "converged (client view) in " << converged << "; "
+            << asker.answers() << " answers\n"
+            << done.out;
+}
+
+// Steps:
+// 1. Start "web" with 1 shard; open 100 connections that each hold half a
+//    request ("GET / HTTP/1.1\r\nHo") and 100 idle ones.
+// 2. Scale to 2 and `rebalance`: idle connections move, and the response
+//    says which were busy.
+// 3. Every half-sent request is completed and answered by the worker that
+//    read its first half; every idle connection still answers.
+TEST_F(RebalanceTest, AConnectionWithAHalfSentRequestIsNeverMoved) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Start(1, /*third_party=*/false);
+  OpenHeld(200);
+  for (size_t i = 0; i < 100; ++i) {
+    ASSERT_TRUE(held_[i].Send("GET / HTTP/1.1\r\nHo"));
+  }
+  ASSERT_TRUE(ScaleTo(*stub_, "web", 2).ok());
+  ASSERT_TRUE(AllReady(2)) << agent_.Log();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<uint64_t> c = AgentConnections();
+        return c.size() == 2 && c[0] == 200;
+      },
+      absl::Seconds(10)))
+      << ::testing::PrintToString(AgentConnections());
+  CtlResult done = Ctl({"rebalance", "web"});
+  ASSERT_EQ(done.code, 0) << done.err;
+  EXPECT_THAT(done.out, HasSubstr("100 connections moved"));
+  int failed = 0, moved_half = 0, moved_idle = 0;
+  std::string first;
+  for (size_t i = 0; i < held_.size(); ++i) {
+    std::string error;
+    int pid =
+        i < 100 ? held_[i].Ask(&error, "st: t\r\n\r\n") : held_[i].Ask(&error);
+    if (pid < 0) {
+      if (failed++ == 0) first = error;
+    } else if (pid != pids_[i]) {
+      (i < 100 ? moved_half : moved_idle)++;
+    }
+  }
+  EXPECT_EQ(failed, 0) << first;
+  EXPECT_EQ(moved_half, 0) << "a connection with a request in flight moved";
+  EXPECT_EQ(moved_idle, 100);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <map>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -79,8 +80,8 @@ TEST(PlanRebalanceTest, ScaleUpSkewSendsNewConnectionsToTheNewShards) {
 }
 
 TEST(PlanRebalanceTest, EveryEligibleShardKeepsASlotAndTheTotalIsKept) {
-  RebalancePlan plan = PlanRebalance(Shards({10000, 1, 1, 1, 1, 1, 1, 1}, 32),
-                                     {});
+  RebalancePlan plan =
+      PlanRebalance(Shards({10000, 1, 1, 1, 1, 1, 1, 1}, 32), {});
   EXPECT_EQ(Sum(plan.slots), 256u);
   for (uint32_t s : plan.slots) EXPECT_GE(s, 1u);
   EXPECT_LT(plan.slots[0], plan.slots[1]);
@@ -123,6 +124,49 @@ TEST(PlanRebalanceTest, SameLoadsSamePlan) {
   RebalancePlan second = PlanRebalance(in, {});
   EXPECT_EQ(second.slots, first.slots);
   EXPECT_EQ(second.slots_moved, 0u);
+}
+
+TEST(PlanHandOffsTest, EvensCapableShardsLargestFirst) {
+  std::vector<HandOffTransfer> t =
+      PlanHandOffs({{.index = 0, .connections = 200, .capable = true},
+                    {.index = 1, .connections = 200, .capable = true},
+                    {.index = 2, .connections = 0, .capable = true},
+                    {.index = 3, .connections = 0, .capable = true}});
+  std::map<uint32_t, int64_t> after = {{0, 200}, {1, 200}, {2, 0}, {3, 0}};
+  for (const HandOffTransfer& x : t) {
+    after[x.from] -= x.count;
+    after[x.to] += x.count;
+  }
+  EXPECT_EQ(after, (std::map<uint32_t, int64_t>{
+                       {0, 100}, {1, 100}, {2, 100}, {3, 100}}));
+  EXPECT_EQ(t.size(), 2u);
+}
+
+TEST(PlanHandOffsTest, RemainderStaysOnTheHottestAndEvenMovesNothing) {
+  std::vector<HandOffTransfer> t =
+      PlanHandOffs({{.index = 0, .connections = 7, .capable = true},
+                    {.index = 1, .connections = 0, .capable = true}});
+  ASSERT_EQ(t.size(), 1u);
+  EXPECT_EQ(t[0].count, 3u);  // 4 and 3
+  EXPECT_TRUE(PlanHandOffs({{.index = 0, .connections = 4, .capable = true},
+                            {.index = 1, .connections = 3, .capable = true}})
+                  .empty());
+}
+
+TEST(PlanHandOffsTest, ShardsThatCannotHandOffNeitherGiveNorTake) {
+  std::vector<HandOffTransfer> t =
+      PlanHandOffs({{.index = 0, .connections = 300, .capable = false},
+                    {.index = 1, .connections = 100, .capable = true},
+                    {.index = 2, .connections = 0, .capable = true}});
+  // Mean 133: shard 1 is below it too; nothing can come from shard 0.
+  EXPECT_TRUE(t.empty());
+  t = PlanHandOffs({{.index = 0, .connections = 90, .capable = true},
+                    {.index = 1, .connections = 0, .capable = false},
+                    {.index = 2, .connections = 0, .capable = true}});
+  ASSERT_EQ(t.size(), 1u);
+  EXPECT_EQ(t[0].from, 0u);
+  EXPECT_EQ(t[0].to, 2u);
+  EXPECT_EQ(t[0].count, 30u);
 }
 
 TEST(LoadByTest, PicksTheMetric) {
@@ -169,9 +213,9 @@ class FleetRebalanceTest : public ::testing::Test {
 
   v1::Listener Spec(uint32_t shards, const std::string& extra = "") {
     v1::Listener l;
-    std::string text = absl::StrCat(
-        "name: 'web' address: '127.0.0.1:", port_, "' shards: ", shards,
-        " worker { command: '/bin/true' } ", extra);
+    std::string text = absl::StrCat("name: 'web' address: '127.0.0.1:", port_,
+                                    "' shards: ", shards,
+                                    " worker { command: '/bin/true' } ", extra);
     EXPECT_TRUE(google::protobuf::TextFormat::ParseFromString(text, &l));
     return l;
   }
@@ -193,6 +237,23 @@ class FleetRebalanceTest : public ::testing::Test {
   }
   std::vector<uint32_t> AppliedWeights() {
     return steering_.state.listeners["web"].applied.back().weights;
+  }
+  // The one-shot rebalance, run to its end on the loop.
+  absl::StatusOr<v1::RebalanceListenerResponse> Rebalance(
+      const v1::RebalanceListenerRequest& request) {
+    std::optional<absl::StatusOr<v1::RebalanceListenerResponse>> out;
+    fleet_->RebalanceListener(
+        request, [&](absl::StatusOr<v1::RebalanceListenerResponse> r) {
+          out = std::move(r);
+        });
+    for (int i = 0; i < 100 && !out; ++i) {
+      Settle();
+      if (!out && loop_->NextTimer() < absl::InfiniteFuture()) {
+        loop_->AdvanceTo(&clock_, loop_->NextTimer());
+      }
+    }
+    if (!out) return absl::InternalError("rebalance never ended");
+    return *out;
   }
   v1::RebalanceListenerRequest Request(bool dry_run = false) {
     v1::RebalanceListenerRequest r;
@@ -263,7 +324,7 @@ TEST_F(FleetRebalanceTest, MovesSlotsFromHotToColdAndBackWhenEven) {
   events_.clear();
 
   absl::StatusOr<v1::RebalanceListenerResponse> plan =
-      fleet_->RebalanceListener(Request(/*dry_run=*/true));
+      Rebalance(Request(/*dry_run=*/true));
   ASSERT_TRUE(plan.ok()) << plan.status();
   EXPECT_EQ(steering_.state.listeners["web"].applied.size(), writes);
   EXPECT_DOUBLE_EQ(plan->imbalance_before(), 2);
@@ -275,8 +336,7 @@ TEST_F(FleetRebalanceTest, MovesSlotsFromHotToColdAndBackWhenEven) {
 
   v1::RebalanceListenerRequest req = Request();
   req.set_move_connections(true);
-  absl::StatusOr<v1::RebalanceListenerResponse> done =
-      fleet_->RebalanceListener(req);
+  absl::StatusOr<v1::RebalanceListenerResponse> done = Rebalance(req);
   ASSERT_TRUE(done.ok()) << done.status();
   EXPECT_TRUE(done->steering_only());
   EXPECT_EQ(done->connections_moved(), 0u);
@@ -289,8 +349,7 @@ TEST_F(FleetRebalanceTest, MovesSlotsFromHotToColdAndBackWhenEven) {
   EXPECT_EQ(w[3], plan->shards(3).slots_after());
   ListenerStatus st = *fleet_->ListenerStatusOf("web");
   EXPECT_EQ(st.shards[3].steering_slots, w[3]);
-  EXPECT_EQ(st.shards[3].rebalance_slot_delta,
-            static_cast<int32_t>(w[3]) - 64);
+  EXPECT_EQ(st.shards[3].rebalance_slot_delta, static_cast<int32_t>(w[3]) - 64);
   bool done_event = false;
   for (const FleetEvent& e : events_) {
     done_event = done_event || e.type == v1::EVENT_TYPE_REBALANCE_DONE;
@@ -299,9 +358,89 @@ TEST_F(FleetRebalanceTest, MovesSlotsFromHotToColdAndBackWhenEven) {
 
   Report({100, 100, 100, 100});
   fleet_->MeasureLoadNow();
-  ASSERT_TRUE(fleet_->RebalanceListener(Request()).ok());
+  ASSERT_TRUE(Rebalance(Request()).ok());
   // The spec's weights again (none: equal).
   EXPECT_THAT(AppliedWeights(), ElementsAre(1, 1, 1, 1));
+}
+
+// Steps: 3 workers that hand off (hello.handoff); shard 0 holds 60
+// connections, the others none. The rebalance asks shard 0 for 20 each to
+// shards 1 and 2; the fake worker releases 15 for shard 1 (5 busy) and all
+// 20 for shard 2, each socket attached; the agent passes every socket to
+// the cold worker and reports 35 moved, and why 5 were not.
+TEST_F(FleetRebalanceTest, HandsIdleConnectionsToColdWorkers) {
+  launcher_.auto_ready = false;
+  ASSERT_TRUE(fleet_->AddListener(Spec(3)).ok());
+  Settle();
+  std::vector<FakeLauncher::Process*> w = launcher_.Running();
+  ASSERT_EQ(w.size(), 3u);
+  for (FakeLauncher::Process* p : w) {
+    v1::WorkerMessage hello;
+    hello.mutable_hello()->set_pid(p->pid);
+    hello.mutable_hello()->set_handoff(true);
+    ASSERT_TRUE(p->channel->Send(hello).ok());
+    launcher_.SendReady(*p);
+  }
+  Settle();
+  Report({60, 0, 0});
+  fleet_->MeasureLoadNow();
+
+  v1::RebalanceListenerRequest req = Request();
+  req.set_move_connections(true);
+  std::optional<absl::StatusOr<v1::RebalanceListenerResponse>> out;
+  fleet_->RebalanceListener(
+      req, [&](absl::StatusOr<v1::RebalanceListenerResponse> r) {
+        out = std::move(r);
+      });
+  Settle();
+  ASSERT_FALSE(out.has_value()) << "returned before the hand-offs ended";
+  std::vector<v1::HandOffRequest> asked;
+  for (const v1::AgentMessage& m : launcher_.Received(w[0]->pid)) {
+    if (m.has_handoff_request()) asked.push_back(m.handoff_request());
+  }
+  ASSERT_EQ(asked.size(), 2u);
+  uint32_t busy = 5;
+  for (const v1::HandOffRequest& a : asked) {
+    EXPECT_EQ(a.count(), 20u);
+    const uint32_t release = a.count() - busy;
+    for (uint32_t i = 0; i < release; ++i) {
+      Fd conn(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      v1::WorkerMessage m;
+      m.mutable_handoff_connection()->set_id(a.id());
+      ASSERT_TRUE(w[0]->channel->SendWithFd(m, conn.get()).ok());
+    }
+    v1::WorkerMessage done;
+    done.mutable_handoff_done()->set_id(a.id());
+    done.mutable_handoff_done()->set_released(release);
+    done.mutable_handoff_done()->set_busy(busy);
+    ASSERT_TRUE(w[0]->channel->Send(done).ok());
+    busy = 0;
+  }
+  Settle();
+  ASSERT_TRUE(out.has_value());
+  ASSERT_TRUE(out->ok()) << out->status();
+  const v1::RebalanceListenerResponse& r = **out;
+  EXPECT_FALSE(r.steering_only());
+  EXPECT_EQ(r.connections_moved(), 35u);
+  EXPECT_EQ(r.shards(0).connections_moved(), -35);
+  EXPECT_EQ(r.shards(0).expected_after(), 25);
+  EXPECT_EQ(r.shards(1).connections_moved() + r.shards(2).connections_moved(),
+            35);
+  ASSERT_EQ(r.refusals_size(), 1);
+  EXPECT_THAT(r.refusals(0).reason(),
+              HasSubstr("5 connections had data in flight (never moved)"));
+  int adopted = 0;
+  for (FakeLauncher::Process* p : {w[1], w[2]}) {
+    for (const v1::AgentMessage& m : launcher_.Received(p->pid)) {
+      adopted += m.has_adopt_connection();
+    }
+  }
+  EXPECT_EQ(adopted, 35);
+  bool handoff_event = false;
+  for (const FleetEvent& e : events_) {
+    handoff_event = handoff_event || e.type == v1::EVENT_TYPE_REBALANCE_HANDOFF;
+  }
+  EXPECT_TRUE(handoff_event);
 }
 
 TEST_F(FleetRebalanceTest, SteeringChangeDropsTheAdjustment) {
@@ -309,7 +448,7 @@ TEST_F(FleetRebalanceTest, SteeringChangeDropsTheAdjustment) {
   Settle();
   Report({50, 0});
   fleet_->MeasureLoadNow();
-  ASSERT_TRUE(fleet_->RebalanceListener(Request()).ok());
+  ASSERT_TRUE(Rebalance(Request()).ok());
   EXPECT_NE(AppliedWeights()[0], AppliedWeights()[1]);
   v1::Steering hash;
   hash.set_policy(v1::STEERING_POLICY_HASH);
@@ -325,8 +464,7 @@ TEST_F(FleetRebalanceTest, CpuSteeringKeepsLocality) {
   Report({50, 0});
   fleet_->MeasureLoadNow();
   const size_t writes = steering_.state.listeners["web"].applied.size();
-  absl::StatusOr<v1::RebalanceListenerResponse> r =
-      fleet_->RebalanceListener(Request());
+  absl::StatusOr<v1::RebalanceListenerResponse> r = Rebalance(Request());
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->slots_moved(), 0u);
   ASSERT_GE(r->refusals_size(), 1);
@@ -335,11 +473,11 @@ TEST_F(FleetRebalanceTest, CpuSteeringKeepsLocality) {
 }
 
 TEST_F(FleetRebalanceTest, RefusedWithoutSteeringOrListener) {
-  EXPECT_TRUE(absl::IsNotFound(fleet_->RebalanceListener(Request()).status()));
+  EXPECT_TRUE(absl::IsNotFound(Rebalance(Request()).status()));
   fleet_->SetSteeringBackend(nullptr, "no CAP_BPF");
   ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
   Settle();
-  absl::Status s = fleet_->RebalanceListener(Request()).status();
+  absl::Status s = Rebalance(Request()).status();
   EXPECT_TRUE(absl::IsFailedPrecondition(s)) << s;
   EXPECT_THAT(s.message(), HasSubstr("listener web"));
   EXPECT_THAT(s.message(), HasSubstr("no CAP_BPF"));
