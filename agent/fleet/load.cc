@@ -56,15 +56,24 @@ absl::Status DumpEstablished(int family, uint16_t port,
       return ErrnoError("sock_diag: recv");
     }
     if (n == 0) return absl::OkStatus();
-    int len = static_cast<int>(n);
-    for (auto* h = reinterpret_cast<nlmsghdr*>(buf); NLMSG_OK(h, len);
-         h = NLMSG_NEXT(h, len)) {
+    // NLMSG_OK/NLMSG_NEXT by hand: the macros mix signed and unsigned.
+    size_t offset = 0;
+    const size_t len = static_cast<size_t>(n);
+    while (offset + sizeof(nlmsghdr) <= len) {
+      auto* h = reinterpret_cast<nlmsghdr*>(buf + offset);
+      if (h->nlmsg_len < sizeof(nlmsghdr) || offset + h->nlmsg_len > len) {
+        break;
+      }
+      offset += NLMSG_ALIGN(h->nlmsg_len);
       if (h->nlmsg_type == NLMSG_DONE) return absl::OkStatus();
       if (h->nlmsg_type == NLMSG_ERROR) {
         const auto* err = static_cast<const nlmsgerr*>(NLMSG_DATA(h));
         return ErrnoError(-err->error, "sock_diag: dump");
       }
-      if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY) continue;
+      if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY ||
+          h->nlmsg_len < NLMSG_LENGTH(sizeof(inet_diag_msg))) {
+        continue;
+      }
       const auto* d = static_cast<const inet_diag_msg*>(NLMSG_DATA(h));
       if (ntohs(d->id.idiag_sport) == port && d->idiag_inode != 0) {
         out->insert(d->idiag_inode);
