@@ -1032,10 +1032,24 @@ void Worker::ReleaseConnections(const v1::HandOffRequest& request) {
     }
   }
   for (int fd : chosen) {
+    Connection& conn = *connections_[fd];
+    // Out of the epoll set first: closing our descriptor would not remove
+    // it while the socket lives on in the agent and the receiver (epoll
+    // watches the open file), and the socket may come back to us.
+    if (conn.events != 0) {
+      if (absl::Status s = EpollCtl(epoll_.get(), EPOLL_CTL_DEL, fd, 0);
+          !s.ok()) {
+        PF_LOG(WARNING) << "hand-off " << request.id() << ": " << s.message()
+                        << "; keeping the connection";
+        break;
+      }
+      conn.events = 0;
+    }
     absl::Status s = agent_->HandOffConnection(request.id(), fd, "");
     if (!s.ok()) {
       PF_LOG(WARNING) << "hand-off " << request.id() << ": " << s.message()
                       << "; keeping the connection";
+      Settle(conn);  // back in the epoll set
       break;
     }
     ++released;

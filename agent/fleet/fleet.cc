@@ -41,7 +41,7 @@ Fleet::Fleet(EventLoop* loop, ProcessLauncher* launcher, FleetOptions options)
       drainer_(&ctx_, &supervisor_, &listeners_),
       health_(&ctx_, &supervisor_, &listeners_),
       load_(&ctx_, &listeners_),
-      handoffs_(&ctx_) {
+      handoffs_(&ctx_, &listeners_) {
   ctx_.on_handoff = [this](Listener& l, Shard& s, const v1::WorkerMessage& m,
                            Fd fd) {
     handoffs_.OnWorkerMessage(l, s, m, std::move(fd));

@@ -1,5 +1,8 @@
 #include "agent/fleet/handoff.h"
 
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
+
 #include <algorithm>
 #include <utility>
 
@@ -49,6 +52,7 @@ std::vector<HandOffTransfer> PlanHandOffs(
 }
 
 HandOffRouter::~HandOffRouter() {
+  for (auto& [id, timer] : drain_timers_) ctx_->loop->CancelTimer(timer);
   for (auto& [id, batch] : batches_) {
     if (batch.timer) ctx_->loop->CancelTimer(*batch.timer);
   }
@@ -67,19 +71,7 @@ void HandOffRouter::Run(Listener& listener,
     p.batch = batch_id;
     p.result.transfer = t;
     batch.ids.push_back(id);
-    Shard* from = listener.Find(t.from);
-    if (from == nullptr || !from->worker || !from->worker->control) {
-      continue;  // nobody to ask: answered with nothing moved
-    }
-    v1::AgentMessage ask;
-    ask.mutable_handoff_request()->set_id(id);
-    ask.mutable_handoff_request()->set_count(t.count);
-    if (absl::Status s = from->worker->control->Send(ask); !s.ok()) {
-      PF_LOG(WARNING) << listener.Name(*from)
-                      << ": hand-off request: " << s.message();
-      continue;
-    }
-    batch.open++;
+    if (AskNext(listener, id, p)) batch.open++;
   }
   if (batch.open == 0) {
     Finish(batch_id);
@@ -91,6 +83,48 @@ void HandOffRouter::Run(Listener& listener,
     it->second.timer.reset();
     Finish(batch_id);
   });
+}
+
+bool HandOffRouter::AskNext(Listener& listener, uint64_t id, Pending& p) {
+  const HandOffTransfer& t = p.result.transfer;
+  Shard* from = listener.Find(t.from);
+  if (from == nullptr || !from->worker || !from->worker->control) {
+    return false;  // nobody to ask: nothing moves
+  }
+  const uint32_t count = std::min(kChunk, t.count - p.asked);
+  v1::AgentMessage ask;
+  ask.mutable_handoff_request()->set_id(id);
+  ask.mutable_handoff_request()->set_count(count);
+  if (absl::Status s = from->worker->control->Send(ask); !s.ok()) {
+    PF_LOG(WARNING) << listener.Name(*from)
+                    << ": hand-off request: " << s.message();
+    return false;
+  }
+  p.asked += count;
+  return true;
+}
+
+void HandOffRouter::AskWhenDrained(uint64_t id) {
+  auto it = pending_.find(id);
+  if (it == pending_.end()) return;  // its batch ended
+  Pending& p = it->second;
+  auto l = listeners_->find(p.listener);
+  Listener* listener = l == listeners_->end() ? nullptr : l->second.get();
+  Shard* to = listener ? listener->Find(p.result.transfer.to) : nullptr;
+  int queued = 0;
+  if (to != nullptr && to->worker && to->worker->control &&
+      ::ioctl(to->worker->control->fd(), SIOCOUTQ, &queued) == 0 &&
+      queued > kMaxQueued) {
+    drain_timers_[id] = ctx_->loop->AddTimer(absl::Milliseconds(1), [this, id] {
+      drain_timers_.erase(id);
+      AskWhenDrained(id);
+    });
+    return;
+  }
+  if (listener != nullptr && AskNext(*listener, id, p)) return;
+  p.result.answered = true;
+  auto b = batches_.find(p.batch);
+  if (b != batches_.end() && --b->second.open == 0) Finish(p.batch);
 }
 
 void HandOffRouter::OnWorkerMessage(Listener& listener, Shard& shard,
@@ -124,8 +158,16 @@ void HandOffRouter::OnWorkerMessage(Listener& listener, Shard& shard,
     return;
   }
   if (p.result.answered) return;
-  p.result.answered = true;
   p.result.busy = message.handoff_done().busy();
+  const uint32_t chunk = p.asked - p.released;
+  p.released += message.handoff_done().released();
+  // A full chunk: there may be more idle connections; ask for the next.
+  if (message.handoff_done().released() == chunk &&
+      p.asked < p.result.transfer.count) {
+    AskWhenDrained(id);
+    return;
+  }
+  p.result.answered = true;
   auto b = batches_.find(p.batch);
   if (b != batches_.end() && --b->second.open == 0) Finish(p.batch);
 }

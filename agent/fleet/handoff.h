@@ -56,7 +56,8 @@ struct HandOffResult {
 
 class HandOffRouter {
  public:
-  explicit HandOffRouter(FleetContext* ctx) : ctx_(ctx) {}
+  HandOffRouter(FleetContext* ctx, ListenerMap* listeners)
+      : ctx_(ctx), listeners_(listeners) {}
   ~HandOffRouter();
   HandOffRouter(const HandOffRouter&) = delete;
   HandOffRouter& operator=(const HandOffRouter&) = delete;
@@ -72,11 +73,25 @@ class HandOffRouter {
                        const v1::WorkerMessage& message, Fd fd);
 
  private:
+  // A sender is asked for at most this many connections at a time, and
+  // for the next chunk once it answered: the control channels' socket
+  // buffers hold a chunk with room to spare (a full channel drops messages).
+  static constexpr uint32_t kChunk = 32;
   struct Pending {
     std::string listener;
     uint64_t batch = 0;
     HandOffResult result;
+    uint32_t asked = 0;     // connections asked for so far
+    uint32_t released = 0;  // connections the sender released so far
   };
+  // Asks the sender of `p` for its next chunk; false if it cannot be asked.
+  bool AskNext(Listener& listener, uint64_t id, Pending& p);
+  // Asks for the next chunk once the receiver has read most of what it was
+  // sent (bytes queued on its channel below kMaxQueued), checking every
+  // millisecond: a receiver slower than its sender would otherwise fill
+  // its channel, and sockets it cannot take go back to the sender.
+  void AskWhenDrained(uint64_t id);
+  static constexpr int kMaxQueued = 16 * 1024;
   struct Batch {
     std::vector<uint64_t> ids;
     size_t open = 0;
@@ -88,10 +103,13 @@ class HandOffRouter {
   void Finish(uint64_t batch);
 
   FleetContext* const ctx_;
+  ListenerMap* const listeners_;
   uint64_t next_id_ = 1;
   uint64_t next_batch_ = 1;
   std::map<uint64_t, Pending> pending_;
   std::map<uint64_t, Batch> batches_;
+  // AskWhenDrained's re-checks, by hand-off id.
+  std::map<uint64_t, EventLoop::TimerId> drain_timers_;
 };
 
 }  // namespace portfleet

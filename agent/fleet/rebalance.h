@@ -72,7 +72,7 @@ double LoadBy(const v1::ShardLoad& load, v1::RebalanceMetric metric);
 std::vector<uint32_t> SlotCounts(const SteeringTables& tables);
 
 // How long the hot workers have to release their connections.
-inline constexpr absl::Duration kHandOffTimeout = absl::Seconds(3);
+inline constexpr absl::Duration kHandOffTimeout = absl::Seconds(10);
 
 using RebalanceDone =
     std::function<void(absl::StatusOr<v1::RebalanceListenerResponse>)>;
