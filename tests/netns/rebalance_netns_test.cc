@@ -46,9 +46,11 @@ const char kAddress[] = "127.0.0.1:8080";
 // The reference worker, or the same worker started as a third-party one:
 // without the control channel (no hello, no load reports) and without the
 // agent's socket.
-std::string Spec(int shards, bool third_party) {
+std::string Spec(int shards, bool third_party, bool echo = false) {
   std::string worker =
-      third_party
+      echo
+          ? "  worker { command: \"portfleet-worker\" args: \"--mode=echo\" }\n"
+      : third_party
           ? absl::StrCat(
                 "  worker { command: \"/bin/sh\" args: \"-c\" args: \"unset "
                 "PORTFLEET_CONTROL_FD PORTFLEET_AGENT_SOCKET; exec 4<&-; exec ",
@@ -127,9 +129,10 @@ struct CtlResult {
 
 class RebalanceTest : public ::testing::Test {
  protected:
-  void Start(int shards, bool third_party) {
+  void Start(int shards, bool third_party, bool echo = false) {
     WidenPortRange();
-    ASSERT_TRUE(agent_.Start(Spec(shards, third_party)).ok()) << agent_.Log();
+    ASSERT_TRUE(agent_.Start(Spec(shards, third_party, echo)).ok())
+        << agent_.Log();
     stub_ = FleetStub(agent_.api_socket());
     ASSERT_TRUE(AllReady(shards)) << agent_.Log();
   }
@@ -494,6 +497,88 @@ TEST_F(RebalanceTest, AConnectionWithAHalfSentRequestIsNeverMoved) {
   EXPECT_EQ(failed, 0) << first;
   EXPECT_EQ(moved_half, 0) << "a connection with a request in flight moved";
   EXPECT_EQ(moved_idle, 100);
+}
+
+// One echo exchange on a connected socket: `payload` comes back intact.
+bool Echo(int fd, const std::string& payload, std::string* error) {
+  if (::send(fd, payload.data(), payload.size(), MSG_NOSIGNAL) !=
+      static_cast<ssize_t>(payload.size())) {
+    *error = absl::StrCat("send: ", std::strerror(errno));
+    return false;
+  }
+  std::string in;
+  char buf[4096];
+  while (in.size() < payload.size()) {
+    ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+    if (n <= 0) {
+      *error = n == 0 ? "closed by the server"
+                      : absl::StrCat("recv: ", std::strerror(errno));
+      return false;
+    }
+    in.append(buf, static_cast<size_t>(n));
+  }
+  if (in != payload) *error = absl::StrCat("echoed '", in, "'");
+  return in == payload;
+}
+
+// Steps:
+// 1. Start "web" with 1 shard of the echo worker; open 40 connections, each
+//    echoes once.
+// 2. Scale to 2 and `rebalance`: 20 connections move (echo opts in; nothing
+//    is pending between exchanges).
+// 3. Every connection echoes 3 more payloads intact.
+TEST_F(RebalanceTest, EchoConnectionsMoveIntact) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Start(1, /*third_party=*/false, /*echo=*/true);
+  std::vector<Fd> conns;
+  for (int i = 0; i < 40; ++i) {
+    Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    timeval tv{.tv_sec = 5, .tv_usec = 0};
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(kPort);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof(a)),
+              0);
+    std::string error;
+    ASSERT_TRUE(Echo(fd.get(), absl::StrCat("hello ", i), &error)) << error;
+    conns.push_back(std::move(fd));
+  }
+  ASSERT_TRUE(ScaleTo(*stub_, "web", 2).ok());
+  ASSERT_TRUE(AllReady(2)) << agent_.Log();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<uint64_t> c = AgentConnections();
+        return c.size() == 2 && c[0] == 40;
+      },
+      absl::Seconds(10)))
+      << ::testing::PrintToString(AgentConnections());
+  CtlResult done = Ctl({"rebalance", "web"});
+  ASSERT_EQ(done.code, 0) << done.err;
+  EXPECT_THAT(done.out, HasSubstr("20 connections moved"));
+  int failed = 0;
+  std::string first;
+  for (int round = 0; round < 3; ++round) {
+    for (size_t i = 0; i < conns.size(); ++i) {
+      std::string error;
+      if (!Echo(conns[i].get(),
+                absl::StrCat("round ", round, " connection ", i, " ",
+                             std::string(100 * (i + 1), 'x')),
+                &error) &&
+          failed++ == 0) {
+        first = error;
+      }
+    }
+  }
+  EXPECT_EQ(failed, 0) << first;
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        std::vector<uint64_t> c = AgentConnections();
+        return c.size() == 2 && c[0] == 20 && c[1] == 20;
+      },
+      absl::Seconds(5)))
+      << ::testing::PrintToString(AgentConnections());
 }
 
 }  // namespace
