@@ -95,14 +95,18 @@ void AddRebalanceCommands(std::vector<CommandSpec>* commands) {
       .summary = "even the load of a listener's shards (one shot)",
       .description =
           "Measures the load of a listener's ready shards by a metric and\n"
-          "moves steering-table slots (HASH steering) from hot to cold\n"
-          "shards, so that new connections go to the cold ones; an even\n"
-          "listener goes back to the weights of its spec. Prints the load,\n"
-          "the slots before and after and what was not done, and returns\n"
-          "when done. Connections already open are not moved: no worker\n"
-          "hands connections off yet (reported as steering only). Under\n"
-          "CPU steering nothing moves (locality is kept). The adjustment\n"
-          "is not persisted and is dropped by steer, scale and apply.\n",
+          "evens it: idle open connections are handed from workers above\n"
+          "the mean to workers below it (metric connections, workers that\n"
+          "support hand-off, such as portfleet-worker); a connection with a\n"
+          "request or response in flight never moves. Steering-table slots\n"
+          "(HASH steering) move from hot to cold shards so that new\n"
+          "connections follow; an even listener goes back to the weights of\n"
+          "its spec. Prints the load before, the expected load after, the\n"
+          "slots and connections moved per shard and what was not done\n"
+          "(e.g. a worker without hand-off: steering only), and returns\n"
+          "when the workers have answered. Under CPU steering no slot moves\n"
+          "(locality is kept). The slot adjustment is not persisted and is\n"
+          "dropped by steer, scale and apply.\n",
       .flags = {{.name = "metric",
                  .value = "METRIC",
                  .help = "connections (default), cpu or bytes",
@@ -113,6 +117,8 @@ void AddRebalanceCommands(std::vector<CommandSpec>* commands) {
       .formats = {Format::kTable, Format::kJson, Format::kYaml, Format::kName,
                   Format::kProtoJson},
       .examples = {{"", "portfleetctl rebalance web"},
+                   {"new connections only",
+                    "portfleetctl rebalance web --no-move"},
                    {"what it would do, by CPU time",
                     "portfleetctl rebalance web --metric cpu --dry-run"}},
       .run = RunRebalance,
