@@ -186,8 +186,7 @@ Trial RunTrial(int connections) {
     int pid = Ask(fd.get());
     if (pid < 0) {
       if (t.failed == 0) {
-        std::cerr << "first failed request: " << std::strerror(errno)
-                  << "\n";
+        std::cerr << "first failed request: " << std::strerror(errno) << "\n";
         for (absl::string_view line : absl::StrSplit(agent.Log(), '\n')) {
           if (absl::StrContains(line, "WARN") ||
               absl::StrContains(line, "ERROR")) {
