@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "agent/spec/plan.h"
 #include "portfleet/v1/agent.pb.h"
@@ -54,6 +55,11 @@ struct ShardStatus {
   uint64_t orphans_killed = 0;
   bool self_bound = false;  // the worker binds its own socket
   bool adopted = false;     // its process was adopted (AdoptListener)
+  // The serving worker's load (fleet/load.h), and its indirection-table
+  // slots now and the rebalancer's part of them (fleet/rebalance.h).
+  v1::ShardLoad load;
+  uint32_t steering_slots = 0;
+  int32_t rebalance_slot_delta = 0;
 };
 
 struct ListenerStatus {
@@ -61,6 +67,12 @@ struct ListenerStatus {
   std::vector<ShardStatus> shards;
   // Not serving: it could not be started and is retried (no shards).
   std::string error;
+  // max/mean of the ready shards' connections (1.0 = even; 0 when idle),
+  // and what the rebalancer did since the agent started.
+  double imbalance = 0;
+  uint64_t rebalances = 0;
+  uint64_t rebalance_slots_moved = 0;
+  uint64_t rebalance_refusals = 0;
 };
 
 // Health of one listener (see v1::ListenerHealth).
@@ -212,6 +224,14 @@ class FleetController {
     (void)pid;
     (void)indexes;
     call.done(absl::UnimplementedError("AdoptListener is not supported here"));
+  }
+
+  // One-shot rebalance of a listener (see RebalanceListener in agent.proto).
+  // Runs at once on the fleet; not persisted (a rebalance is runtime state).
+  virtual absl::StatusOr<v1::RebalanceListenerResponse> RebalanceListener(
+      const v1::RebalanceListenerRequest& request) {
+    return absl::UnimplementedError(absl::StrCat(
+        "listener ", request.name(), ": this controller cannot rebalance"));
   }
 
   // The agent keeps its last events (a bounded history, oldest dropped

@@ -1,5 +1,8 @@
 #include "agent/fleet_controller.h"
 
+#include <chrono>
+#include <future>
+#include <memory>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -377,6 +380,28 @@ absl::StatusOr<std::vector<v1::RollOut>> LoopFleetController::ListRollOuts(
   absl::StatusOr<std::vector<v1::RollOut>> out = absl::UnknownError("not run");
   loop_->RunSync([&] { out = fleet_->RollOuts(name); });
   return out;
+}
+
+absl::StatusOr<v1::RebalanceListenerResponse>
+LoopFleetController::RebalanceListener(
+    const v1::RebalanceListenerRequest& request) {
+  if (closed_) return ShuttingDown();
+  // The tables change at once; hand-offs take up to kHandOffTimeout.
+  auto result = std::make_shared<
+      std::promise<absl::StatusOr<v1::RebalanceListenerResponse>>>();
+  std::future<absl::StatusOr<v1::RebalanceListenerResponse>> future =
+      result->get_future();
+  loop_->Post([this, request, result] {
+    fleet_->RebalanceListener(
+        request, [result](absl::StatusOr<v1::RebalanceListenerResponse> r) {
+          result->set_value(std::move(r));
+        });
+  });
+  if (future.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "listener ", request.name(), ": rebalance did not end within 30s"));
+  }
+  return future.get();
 }
 
 absl::StatusOr<v1::RollOut> LoopFleetController::PauseRollOut(

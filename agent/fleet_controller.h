@@ -67,6 +67,8 @@ class LoopFleetController : public FleetController {
                                            bool paused) override;
   void SetShardMaintenance(const std::string& name, uint32_t index,
                            bool maintenance, MutationCall call) override;
+  absl::StatusOr<v1::RebalanceListenerResponse> RebalanceListener(
+      const v1::RebalanceListenerRequest& request) override;
   uint64_t Subscribe(std::function<void(const FleetEvent&)> sink,
                      absl::Time since) override;
   std::vector<FleetEvent> Events(absl::Time since) override;

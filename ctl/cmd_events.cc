@@ -12,6 +12,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "ctl/command.h"
@@ -153,6 +154,23 @@ class RawInput {
   termios saved_{};
 };
 
+// Open connections of a shard: the agent's load measurement (reports or the
+// kernel's count), else the last report.
+uint64_t ShardConnections(const v1::Shard& sh) {
+  return sh.load().connections_source() != v1::ShardLoad::SOURCE_UNSPECIFIED
+             ? sh.load().connections()
+             : sh.active_connections();
+}
+
+// "64", or "114 (+50)" with the rebalancer's part; "-" without slots.
+std::string SlotsText(const v1::Shard& sh) {
+  if (sh.steering_slots() == 0) return "-";
+  if (sh.rebalance_slot_delta() == 0) return absl::StrCat(sh.steering_slots());
+  return absl::StrCat(sh.steering_slots(), " (",
+                      sh.rebalance_slot_delta() > 0 ? "+" : "",
+                      sh.rebalance_slot_delta(), ")");
+}
+
 absl::Status RunTop(Context& ctx) {
   absl::StatusOr<absl::Duration> interval = ctx.IntervalFlag();
   if (!interval.ok()) return interval.status();
@@ -175,7 +193,9 @@ absl::Status RunTop(Context& ctx) {
       out << "portfleet top — " << ctx.server() << " — every "
           << absl::FormatDuration(*interval) << " (q to quit)\n\n";
       Table t({"LISTENER", "SHARD", "STATE", "HEALTH", "PID", "CONNECTIONS",
-               "QUEUE", "ACCEPTED", "SHARE"});
+               "CPU%", "BYTES/S", "REQ/S", "QUEUE", "ACCEPTED", "SLOTS",
+               "SHARE"});
+      std::vector<std::string> imbalances;
       for (const v1::ListenerState& l : resp->listeners()) {
         if (!only.empty() && l.spec().name() != only) continue;
         uint64_t total = 0;
@@ -189,19 +209,39 @@ absl::Status RunTop(Context& ctx) {
           total += d;
           previous[key] = now;
         }
+        uint64_t ready = 0, sum = 0, max = 0;
         for (int j = 0; j < l.shards_size(); ++j) {
           const v1::Shard& sh = l.shards(j);
+          const uint64_t conns = ShardConnections(sh);
+          if (sh.ready()) {
+            ++ready;
+            sum += conns;
+            max = std::max(max, conns);
+          }
           t.AddRow(
               {l.spec().name(), absl::StrCat(sh.index()),
                ShardStateText(sh.state()), ShardHealthText(sh.health()),
-               sh.pid() > 0 ? absl::StrCat(sh.pid()) : "-",
-               absl::StrCat(sh.active_connections()),
+               sh.pid() > 0 ? absl::StrCat(sh.pid()) : "-", absl::StrCat(conns),
+               absl::StrFormat("%.0f", sh.load().cpu() * 100),
+               sh.load().reports()
+                   ? absl::StrFormat("%.0f", sh.load().bytes_per_second())
+                   : "-",
+               sh.load().reports()
+                   ? absl::StrFormat("%.0f", sh.load().requests_per_second())
+                   : "-",
                absl::StrCat(sh.queue_depth()),
-               absl::StrCat(sh.accepted_total()),
+               absl::StrCat(sh.accepted_total()), SlotsText(sh),
                total == 0 ? "-" : absl::StrCat(delta[j] * 100 / total, "%")});
+        }
+        if (sum > 0) {
+          imbalances.push_back(absl::StrFormat(
+              "%s: imbalance %.2f (max/mean connections over %d ready "
+              "shards)",
+              l.spec().name(), static_cast<double>(max) * ready / sum, ready));
         }
       }
       t.Print(out, ctx.headers());
+      for (const std::string& line : imbalances) out << line << "\n";
     });
     if (iterations != 0 && i + 1 >= iterations) break;
     if (input.WaitQuit(*interval)) break;
@@ -261,10 +301,13 @@ void AddEventCommands(std::vector<CommandSpec>* commands) {
       .section = Section::kRead,
       .summary = "refreshing per-shard view (q or Ctrl-C quits)",
       .description =
-          "A refreshing per-shard view: connections, accept queue depth and\n"
-          "the share of new connections steered to each shard since the last\n"
-          "refresh. q or Ctrl-C quits. With -o json each refresh is one "
-          "line.\n",
+          "A refreshing per-shard view: connections, CPU of the worker (% of\n"
+          "one core), bytes and requests per second (workers that send load\n"
+          "reports), accept queue depth, indirection-table slots (with the\n"
+          "rebalancer's part) and the share of new connections steered to\n"
+          "each shard since the last refresh; under the table, each\n"
+          "listener's imbalance (max/mean connections over ready shards).\n"
+          "q or Ctrl-C quits. With -o json each refresh is one line.\n",
       .flags = {{.name = "interval",
                  .value = "DURATION",
                  .help = "refresh period (default 2s, at least 100ms)"},

@@ -93,7 +93,9 @@ void AddEventCommands(std::vector<CommandSpec>* commands);    // cmd_events.cc
 void AddApplyCommands(std::vector<CommandSpec>* commands);    // cmd_apply.cc
 void AddChangeCommands(std::vector<CommandSpec>* commands);   // cmd_change.cc
 void AddRollOutCommands(std::vector<CommandSpec>* commands);  // cmd_rollout.cc
-void AddShellCommands(std::vector<CommandSpec>* commands);    // cmd_shell.cc
+void AddRebalanceCommands(
+    std::vector<CommandSpec>* commands);                    // cmd_rebalance.cc
+void AddShellCommands(std::vector<CommandSpec>* commands);  // cmd_shell.cc
 
 struct GlobalOptions {
   std::string server;  // empty = $PORTFLEET_SERVER or kDefaultServer

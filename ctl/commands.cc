@@ -13,6 +13,7 @@ const std::vector<CommandSpec>& Commands() {
     AddApplyCommands(c);
     AddChangeCommands(c);
     AddRollOutCommands(c);
+    AddRebalanceCommands(c);
     AddShellCommands(c);
     return c;
   }();

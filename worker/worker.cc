@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -571,9 +572,13 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(
 absl::Status Worker::Init(Fd listen_fd, std::optional<ControlChannel> control) {
   listen_fd_ = std::move(listen_fd);
   ASSIGN_OR_RETURN(
-      agent_,
-      AgentLink::Create({.listener = config_.listener, .shard = config_.shard},
-                        listen_fd_, std::move(control), config_.agent));
+      agent_, AgentLink::Create({.listener = config_.listener,
+                                 .shard = config_.shard,
+                                 // Proxied pairs are not handed off
+                                 // (yet): a proxy shard is rebalanced by
+                                 // steering only, and says so.
+                                 .handoff = config_.mode != Mode::kProxy},
+                                listen_fd_, std::move(control), config_.agent));
   body_ = IdentityBody(config_.listener, config_.shard, ::getpid());
 
   ::signal(SIGPIPE, SIG_IGN);
@@ -673,8 +678,9 @@ absl::Status Worker::Run() {
       } else if (listen_fd_ && fd == listen_fd_.get()) {
         AcceptAll();
       } else if (fd == agent_->fd()) {
-        agent_->Dispatch(
-            [this](const v1::AgentMessage& m) { OnAgentMessage(m); });
+        agent_->DispatchWithFds([this](const v1::AgentMessage& m, Fd fd) {
+          OnAgentMessage(m, std::move(fd));
+        });
       } else if (proxy_ && proxy_->Owns(fd)) {
         proxy_->Handle(fd, events[i].events);
       } else {
@@ -932,7 +938,9 @@ bool Worker::ReadFrom(Connection& conn) {
     if (!conn.lingering) {
       absl::string_view data(buf, n);
       if (conn.http) {
+        const uint64_t answered = conn.http->requests();
         conn.http->Consume(data, &conn.out);
+        requests_total_ += conn.http->requests() - answered;
         // Nothing more will be answered: reading on is Settle()'s business.
         if (conn.http->closing()) return true;
       } else {
@@ -1090,8 +1098,88 @@ void Worker::ForceClose(absl::string_view why) {
   done_ = true;
 }
 
-void Worker::OnAgentMessage(const v1::AgentMessage& message) {
+bool Worker::Releasable(const Connection& conn) const {
+  if (conn.lingering || conn.read_eof || conn.pending() > 0) return false;
+  if (conn.http) return conn.http->idle() && !conn.http->closing();
+  return true;  // echo: everything read was echoed
+}
+
+void Worker::ReleaseConnections(const v1::HandOffRequest& request) {
+  uint32_t released = 0;
+  uint32_t busy = 0;
+  std::vector<int> chosen;
+  for (const auto& [fd, conn] : connections_) {
+    if (!Releasable(*conn)) {
+      ++busy;
+    } else if (chosen.size() < request.count() && !draining_) {
+      chosen.push_back(fd);
+    }
+  }
+  for (int fd : chosen) {
+    Connection& conn = *connections_[fd];
+    // Out of the epoll set first: closing our descriptor would not remove
+    // it while the socket lives on in the agent and the receiver (epoll
+    // watches the open file), and the socket may come back to us.
+    if (conn.events != 0) {
+      if (absl::Status s = EpollCtl(epoll_.get(), EPOLL_CTL_DEL, fd, 0);
+          !s.ok()) {
+        PF_LOG(WARNING) << "hand-off " << request.id() << ": " << s.message()
+                        << "; keeping the connection";
+        break;
+      }
+      conn.events = 0;
+    }
+    absl::Status s = agent_->HandOffConnection(request.id(), fd, "");
+    if (!s.ok()) {
+      PF_LOG(WARNING) << "hand-off " << request.id() << ": " << s.message()
+                      << "; keeping the connection";
+      Settle(conn);  // back in the epoll set
+      break;
+    }
+    ++released;
+    ++handed_off_;
+    CloseConnection(fd);
+  }
+  PF_LOG(DEBUG) << "hand-off " << request.id() << ": released " << released
+                << " of " << request.count() << " asked (" << busy << " busy)";
+  agent_->HandOffDone(request.id(), released, busy);
+}
+
+void Worker::AdoptConnection(const v1::HandOffConnection& handoff, Fd fd) {
+  if (!fd) {
+    PF_LOG(WARNING) << "hand-off " << handoff.id()
+                    << ": adopt_connection without a socket; ignored";
+    return;
+  }
+  int flags = ::fcntl(fd.get(), F_GETFL);
+  if (flags < 0 || ::fcntl(fd.get(), F_SETFL, flags | O_NONBLOCK) != 0) {
+    PF_LOG(ERROR) << "hand-off " << handoff.id()
+                  << ": fcntl(O_NONBLOCK): " << std::strerror(errno);
+  }
+  const int raw = fd.get();
+  auto conn = std::make_unique<Connection>();
+  conn->fd = std::move(fd);
+  if (config_.mode == Mode::kHttp) {
+    conn->http.emplace(body_);
+    if (draining_) conn->http->StartDrain();
+    conn->http->Consume(handoff.buffered(), &conn->out);
+  } else {
+    conn->out.append(handoff.buffered());
+  }
+  ++adopted_;
+  connections_[raw] = std::move(conn);
+  // Input that came while it travelled waits in its receive queue.
+  HandleConnection(raw, EPOLLIN);
+}
+
+void Worker::OnAgentMessage(const v1::AgentMessage& message, Fd fd) {
   switch (message.msg_case()) {
+    case v1::AgentMessage::kHandoffRequest:
+      ReleaseConnections(message.handoff_request());
+      break;
+    case v1::AgentMessage::kAdoptConnection:
+      AdoptConnection(message.adopt_connection(), std::move(fd));
+      break;
     case v1::AgentMessage::kDrain: {
       uint32_t ms = message.drain().deadline_ms();
       BeginDrain(ms > 0 ? absl::Milliseconds(ms) : config_.drain_timeout,
@@ -1119,6 +1207,7 @@ void Worker::SendLoad() {
     l->set_bytes_in_total(bytes_in_);
     l->set_bytes_out_total(bytes_out_);
   }
+  l->set_requests_total(requests_total_);
   agent_->Send(load);
 }
 

@@ -192,7 +192,14 @@ class Worker {
   void Settle(Connection& conn);    // close, linger, or update epoll
   void CloseConnection(int fd);
   void HandleSignals();
-  void OnAgentMessage(const v1::AgentMessage& message);
+  // `fd`: the descriptor attached to the message, if any.
+  void OnAgentMessage(const v1::AgentMessage& message, Fd fd);
+  // Connection hand-off (control.proto, HandOffRequest): a connection with
+  // nothing in flight may be released; release up to the count asked;
+  // adopt a released connection of another worker.
+  bool Releasable(const Connection& conn) const;
+  void ReleaseConnections(const v1::HandOffRequest& request);
+  void AdoptConnection(const v1::HandOffConnection& handoff, Fd fd);
   void BeginDrain(absl::Duration timeout, absl::string_view why);
   void ForceClose(absl::string_view why);
   void SendLoad();
@@ -227,6 +234,9 @@ class Worker {
   uint64_t accepted_total_ = 0;
   uint64_t bytes_in_ = 0;
   uint64_t bytes_out_ = 0;
+  uint64_t requests_total_ = 0;  // HTTP requests answered
+  uint64_t handed_off_ = 0;      // connections released to other workers
+  uint64_t adopted_ = 0;         // connections adopted from other workers
 };
 
 // The whole program: flags, environment, socket, control channel, Run().

@@ -58,6 +58,9 @@ v1::Shard ToProto(const ShardStatus& s) {
   out.set_orphans_killed(s.orphans_killed);
   out.set_self_bound(s.self_bound);
   out.set_adopted(s.adopted);
+  *out.mutable_load() = s.load;
+  out.set_steering_slots(s.steering_slots);
+  out.set_rebalance_slot_delta(s.rebalance_slot_delta);
   return out;
 }
 
@@ -534,6 +537,24 @@ grpc::ServerUnaryReactor* FleetServiceImpl::PauseRollOut(
                    controller_->PauseRollOut(req->name(), req->paused());
                if (!r.ok()) return r.status();
                *resp->mutable_rollout() = std::move(*r);
+               return absl::OkStatus();
+             });
+}
+
+grpc::ServerUnaryReactor* FleetServiceImpl::RebalanceListener(
+    grpc::CallbackServerContext* ctx, const v1::RebalanceListenerRequest* req,
+    v1::RebalanceListenerResponse* resp) {
+  absl::Status check = ValidateName(req->name(), "name");
+  if (check.ok() && !v1::RebalanceMetric_IsValid(req->metric())) {
+    check = absl::InvalidArgumentError(
+        absl::StrCat("metric: unknown value ", req->metric()));
+  }
+  return Run(ctx, "RebalanceListener", check,
+             [this, req, resp]() -> absl::Status {
+               absl::StatusOr<v1::RebalanceListenerResponse> r =
+                   controller_->RebalanceListener(*req);
+               if (!r.ok()) return r.status();
+               *resp = std::move(*r);
                return absl::OkStatus();
              });
 }

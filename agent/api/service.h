@@ -121,6 +121,9 @@ class FleetServiceImpl final : public v1::FleetService::CallbackService {
   grpc::ServerUnaryReactor* ListRollOuts(
       grpc::CallbackServerContext* ctx, const v1::ListRollOutsRequest* req,
       v1::ListRollOutsResponse* resp) override;
+  grpc::ServerUnaryReactor* RebalanceListener(
+      grpc::CallbackServerContext* ctx, const v1::RebalanceListenerRequest* req,
+      v1::RebalanceListenerResponse* resp) override;
   grpc::ServerUnaryReactor* PauseRollOut(
       grpc::CallbackServerContext* ctx, const v1::PauseRollOutRequest* req,
       v1::PauseRollOutResponse* resp) override;

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "agent/fleet/rebalance.h"
 #include "agent/fleet/rollout.h"
 #include "agent/fleet/selfbound.h"
 #include "agent/sockets.h"
@@ -39,7 +40,13 @@ std::vector<std::string> InheritedEnv() {
 Fleet::Fleet(EventLoop* loop, ProcessLauncher* launcher, FleetOptions options)
     : supervisor_(&ctx_, [this](Listener& l, Shard& s) { WorkerGone(l, s); }),
       drainer_(&ctx_, &supervisor_, &listeners_),
-      health_(&ctx_, &supervisor_, &listeners_) {
+      health_(&ctx_, &supervisor_, &listeners_),
+      load_(&ctx_, &listeners_),
+      handoffs_(&ctx_, &listeners_) {
+  ctx_.on_handoff = [this](Listener& l, Shard& s, const v1::WorkerMessage& m,
+                           Fd fd) {
+    handoffs_.OnWorkerMessage(l, s, m, std::move(fd));
+  };
   ctx_.loop = loop;
   ctx_.launcher = launcher;
   drainer_.SetBeforeClose([this] { health_.ScanOrphansNow(); });
@@ -61,6 +68,22 @@ Fleet::~Fleet() {
       for (auto& old : shard->retiring) supervisor_.Forget(*old);
     }
   }
+}
+
+void Fleet::RebalanceListener(
+    const v1::RebalanceListenerRequest& request,
+    std::function<void(absl::StatusOr<v1::RebalanceListenerResponse>)> done) {
+  if (failed_.count(request.name()) > 0) {
+    done(NotServing(request.name()));
+    return;
+  }
+  absl::StatusOr<Listener*> listener = Find(request.name());
+  if (!listener.ok()) {
+    done(listener.status());
+    return;
+  }
+  ::portfleet::RebalanceListener(ctx_, handoffs_, **listener, request,
+                                 std::move(done));
 }
 
 void Fleet::SetSteeringBackend(SteeringBackend* backend, std::string reason) {
@@ -489,6 +512,8 @@ absl::Status Fleet::ChangeSteering(Listener& listener,
     shard->cpu = PinnedCpu(steering, shard->index, ctx_.options.cpus);
   }
   *listener.spec.mutable_steering() = steering;
+  // New steering starts from the operator's weights (fleet/rebalance.h).
+  listener.rebalance_slots.clear();
   auto restore = [&] {
     *listener.spec.mutable_steering() = old;
     for (size_t i = 0; i < listener.shards.size(); ++i) {
@@ -711,6 +736,9 @@ absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
   ASSIGN_OR_RETURN(Listener * listener, Find(name));
   ListenerStatus view;
   view.spec = listener->spec;
+  const std::vector<uint32_t> slots = SlotCounts(PlanTables(*listener));
+  const std::vector<uint32_t> baseline =
+      SlotCounts(PlanBaselineTables(*listener));
   std::vector<ShardCounters> counters;
   if (listener->steering) {
     counters = listener->steering->ReadCounters().value_or(counters);
@@ -740,6 +768,12 @@ absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
           .pid = o.pid, .command = o.command, .leftover = o.leftover});
     }
     s.orphans_killed = shard->orphans_killed;
+    s.load = shard->load;
+    if (listener->steering && shard->index < slots.size()) {
+      s.steering_slots = slots[shard->index];
+      s.rebalance_slot_delta = static_cast<int32_t>(slots[shard->index]) -
+                               static_cast<int32_t>(baseline[shard->index]);
+    }
     if (shard->index < counters.size()) {
       s.counters.selected = counters[shard->index].selected;
       s.counters.migrated = counters[shard->index].migrated;
@@ -747,6 +781,14 @@ absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
     }
     view.shards.push_back(std::move(s));
   }
+  std::vector<double> ready;
+  for (const ShardStatus& s : view.shards) {
+    if (s.ready) ready.push_back(static_cast<double>(s.load.connections()));
+  }
+  view.imbalance = Imbalance(ready);
+  view.rebalances = listener->rebalances;
+  view.rebalance_slots_moved = listener->rebalance_slots_moved;
+  view.rebalance_refusals = listener->rebalance_refusals;
   return view;
 }
 

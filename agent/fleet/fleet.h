@@ -23,7 +23,9 @@
 #include "agent/controller.h"
 #include "agent/event_loop.h"
 #include "agent/fleet/drain.h"
+#include "agent/fleet/handoff.h"
 #include "agent/fleet/health_monitor.h"
+#include "agent/fleet/load.h"
 #include "agent/fleet/model.h"
 #include "agent/fleet/supervisor.h"
 #include "agent/fleet/update.h"
@@ -67,7 +69,21 @@ class Fleet {
   void SetAfterHealthTick(std::function<void()> after) {
     health_.SetAfterTick(std::move(after));
   }
-  void StartHealthMonitor() { health_.Start(); }
+  void StartHealthMonitor() {
+    health_.Start();
+    load_.Start();
+  }
+  // Load measurement seams (not owned; the kernel's by default) and one
+  // measurement now (unit tests).
+  void SetLoadSeams(ShardObserver* observer, ConnectionCounter* counter) {
+    load_.SetObserver(observer);
+    load_.SetCounter(counter);
+  }
+  void MeasureLoadNow() { load_.Tick(); }
+  // One-shot rebalance (fleet/rebalance.h); not persisted.
+  void RebalanceListener(
+      const v1::RebalanceListenerRequest& request,
+      std::function<void(absl::StatusOr<v1::RebalanceListenerResponse>)> done);
   void ObserveHealthNow() { health_.Tick(); }
   // Every listener's health, from its shards as last observed.
   std::vector<ListenerHealthView> Health() const;
@@ -222,6 +238,8 @@ class Fleet {
   Drainer drainer_;
   std::map<std::string, FailedListener> failed_;
   HealthMonitor health_;
+  LoadMonitor load_;
+  HandOffRouter handoffs_;
   std::vector<Adoptee> adoptees_;
   // In Start (or a retry of it): nothing to commit, and a worker that cannot
   // be started is retried instead of failing its listener.

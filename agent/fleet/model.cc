@@ -91,7 +91,7 @@ int PinnedCpu(const v1::Steering& steering, uint32_t index,
   return cpus[index % cpus.size()];
 }
 
-SteeringTables PlanTables(const Listener& listener) {
+SteeringTables PlanBaselineTables(const Listener& listener) {
   const v1::Steering& st = listener.spec.steering();
   SteeringTables tables;
   tables.policy = st.policy() == v1::STEERING_POLICY_CPU
@@ -113,6 +113,27 @@ SteeringTables PlanTables(const Listener& listener) {
     if (!shard->Steered()) continue;
     tables.weights[shard->index] = w;
     tables.shard_cpus[shard->index] = shard->cpu;
+  }
+  return tables;
+}
+
+SteeringTables PlanTables(const Listener& listener) {
+  SteeringTables tables = PlanBaselineTables(listener);
+  const uint32_t n = tables.num_shards;
+  // The rebalancer's slots, while they cover every steered shard.
+  if (!listener.rebalance_slots.empty()) {
+    std::vector<uint32_t> slots(n, 0);
+    bool covered = true;
+    for (const auto& shard : listener.shards) {
+      if (!shard->Steered() || tables.weights[shard->index] == 0) continue;
+      auto it = listener.rebalance_slots.find(shard->index);
+      if (it == listener.rebalance_slots.end() || it->second == 0) {
+        covered = false;
+        break;
+      }
+      slots[shard->index] = it->second;
+    }
+    if (covered) tables.weights = std::move(slots);
   }
   return tables;
 }

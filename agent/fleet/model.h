@@ -71,6 +71,8 @@ struct FleetOptions {
   // How often the holders of every shard socket are looked up (one walk of
   // /proc/*/fd, on the observation period; see fleet/orphans.h).
   absl::Duration orphan_scan_period = absl::Seconds(1);
+  // How often the load of every shard is measured (fleet/load.h).
+  absl::Duration load_period = absl::Seconds(1);
   // The agent's control socket, passed to workers as PORTFLEET_AGENT_SOCKET
   // so that they can reconnect to a restarted agent. Empty = none.
   std::string agent_socket;
@@ -123,6 +125,7 @@ struct Worker {
   std::optional<ControlChannel> control;
   absl::Time started;
   bool hello = false;    // said hello on its control channel
+  bool handoff = false;  // its hello said it hands off connections
   bool adopted = false;  // started by a previous agent; not our child
   bool killed = false;   // SIGKILLed by the agent (its group too)
   // Told to stop (drain, retirement, the agent's stop): its processes are
@@ -135,6 +138,9 @@ struct Worker {
   std::vector<EventLoop::TimerId> timers;  // cancelled when it goes away
   uint64_t active_connections = 0;
   uint64_t accepted_total = 0;
+  uint64_t bytes_in_total = 0;
+  uint64_t bytes_out_total = 0;
+  uint64_t requests_total = 0;
   bool reports = false;  // has sent a load report
   absl::Time last_report;
   // Lines about this worker's bad control messages.
@@ -184,6 +190,15 @@ struct OrphanHolder {
   bool leftover = false;  // of a stopped worker of this shard: killed
 };
 
+// The previous load measurement of a shard's worker, for rates.
+struct LoadTrack {
+  pid_t pid = 0;  // the worker measured; another pid restarts the rates
+  absl::Time time = absl::InfinitePast();
+  uint64_t cpu_ticks = 0;
+  uint64_t bytes = 0;
+  uint64_t requests = 0;
+};
+
 struct Shard {
   uint32_t index = 0;
   // The agent's copy of the shard socket. A self-bound shard (see
@@ -222,6 +237,9 @@ struct Shard {
   // worker is ready.
   bool in_service = true;
   ShardHealthTrack health;
+  // Its serving worker's load as last measured (fleet/load.h).
+  v1::ShardLoad load;
+  LoadTrack load_track;
   // Expires with the shard: a callback that may remove the shard checks it
   // before touching the shard again.
   std::shared_ptr<int> lifetime = std::make_shared<int>();
@@ -259,6 +277,15 @@ struct Listener {
   // finished ones, newest first (at most kRollOutHistory).
   uint32_t rollouts_started = 0;
   std::deque<v1::RollOut> rollout_history;
+  // The rebalancer's table slots per shard index (fleet/rebalance.h),
+  // replacing the spec's weights while every steered shard has an entry.
+  // Cleared when the steering or the shard count changes. Not persisted.
+  std::map<uint32_t, uint32_t> rebalance_slots;
+  // Rebalances applied since the agent started, the table slots they moved
+  // and what they refused (RebalanceRefusal entries).
+  uint64_t rebalances = 0;
+  uint64_t rebalance_slots_moved = 0;
+  uint64_t rebalance_refusals = 0;
 
   // Shards that take new connections (not draining), in index order.
   std::vector<Shard*> Live() const;
@@ -285,6 +312,10 @@ struct FleetContext {
   // The shard sockets were handed to a new agent (takeover): its workers
   // hold them too, so no holder is judged an orphan any more.
   bool sockets_shared = false;
+  // Connection hand-off messages from workers (handoff_connection with its
+  // socket, handoff_done), for the rebalancer's router (fleet/handoff.h).
+  std::function<void(Listener&, Shard&, const v1::WorkerMessage&, Fd)>
+      on_handoff;
 
   absl::Time Now() const { return loop->Now(); }
   void Emit(v1::EventType type, const Listener& listener, int shard, pid_t pid,
@@ -301,8 +332,12 @@ int PinnedCpu(const v1::Steering& steering, uint32_t index,
 // The steering tables for the listener's shards as they are: live,
 // in-service shards get the spec's weights in index order (1 each without
 // weights); draining and not-yet-ready shards get none; ejected shards and
-// shards in maintenance keep their place in the weights with none. Pure.
+// shards in maintenance keep their place in the weights with none. While
+// the rebalancer's slots (Listener::rebalance_slots) cover every steered
+// shard, they replace the weights. Pure.
 SteeringTables PlanTables(const Listener& listener);
+// PlanTables without the rebalancer's slots: the operator's weights alone.
+SteeringTables PlanBaselineTables(const Listener& listener);
 
 // Writes PlanTables(listener) (no-op without BPF or without a live shard).
 absl::Status ApplySteering(Listener& listener);

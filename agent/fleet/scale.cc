@@ -114,6 +114,9 @@ class ShardAddition : public std::enable_shared_from_this<ShardAddition> {
 
 absl::Status Fleet::Resize(Listener& listener, uint32_t target, Done done) {
   std::vector<Shard*> live = listener.Live();
+  // Another shard count starts from the operator's weights
+  // (fleet/rebalance.h).
+  if (target != live.size()) listener.rebalance_slots.clear();
   if (target > live.size()) {
     auto addition =
         std::make_shared<ShardAddition>(this, listener, std::move(done));

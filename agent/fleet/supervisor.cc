@@ -620,7 +620,8 @@ void Supervisor::OnControlReadable(Listener& listener, Shard& shard,
   // Bounded per wake-up so that one chatty worker cannot starve the loop.
   for (int i = 0; i < 64 && w->control; ++i) {
     v1::WorkerMessage msg;
-    absl::StatusOr<bool> got = w->control->ReceiveInto(&msg);
+    Fd attached;  // a hand-off's socket; closed unless routed
+    absl::StatusOr<bool> got = w->control->ReceiveIntoWithFd(&msg, &attached);
     if (got.ok() && !*got) return;
     if (!got.ok()) {
       if (absl::IsUnavailable(got.status())) {
@@ -638,6 +639,12 @@ void Supervisor::OnControlReadable(Listener& listener, Shard& shard,
       continue;
     }
     bool was_waiting = w->on_ready != nullptr;
+    if (msg.has_handoff_connection() || msg.has_handoff_done()) {
+      if (ctx_->on_handoff) {
+        ctx_->on_handoff(listener, shard, msg, std::move(attached));
+      }
+      continue;
+    }
     OnControlMessage(listener, shard, w, msg);
     // A readiness waiter may have moved `w` to another role: read the rest
     // on the next wake-up.
@@ -650,6 +657,7 @@ void Supervisor::OnControlMessage(Listener& listener, Shard& shard, Worker* w,
   switch (msg.msg_case()) {
     case v1::WorkerMessage::kHello:
       w->hello = true;
+      w->handoff = msg.hello().handoff();
       if (msg.hello().socket_inode() != 0 &&
           msg.hello().socket_inode() != shard.inode) {
         PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "
@@ -666,6 +674,9 @@ void Supervisor::OnControlMessage(Listener& listener, Shard& shard, Worker* w,
     case v1::WorkerMessage::kLoad:
       w->active_connections = msg.load().active_connections();
       w->accepted_total = msg.load().accepted_total();
+      w->bytes_in_total = msg.load().bytes_in_total();
+      w->bytes_out_total = msg.load().bytes_out_total();
+      w->requests_total = msg.load().requests_total();
       w->reports = true;
       w->last_report = ctx_->Now();
       break;
@@ -683,6 +694,9 @@ void Supervisor::OnControlMessage(Listener& listener, Shard& shard, Worker* w,
                         << SuppressedNote(dropped);
       }
       break;
+    case v1::WorkerMessage::kHandoffConnection:
+    case v1::WorkerMessage::kHandoffDone:
+      break;  // routed in OnControlReadable
     case v1::WorkerMessage::MSG_NOT_SET:
       if (uint64_t dropped; w->complaints.Allow(ctx_->Now(), &dropped)) {
         PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "

@@ -179,6 +179,37 @@ std::string RenderPrometheus(const MetricsSnapshot& snapshot) {
              absl::StrCat(listener.shards.size()));
   }
 
+  w.Family("portfleet_listener_imbalance_ratio", "gauge",
+           "max/mean of the open connections of the listener's ready "
+           "shards (1 = even; 0 when idle).");
+  for (const ListenerStatus& listener : snapshot.listeners) {
+    w.Sample("portfleet_listener_imbalance_ratio",
+             {{"listener", listener.spec.name()}},
+             absl::StrFormat("%.3f", listener.imbalance));
+  }
+  w.Family("portfleet_listener_rebalances_total", "counter",
+           "Rebalances of the listener's steering tables applied.");
+  for (const ListenerStatus& listener : snapshot.listeners) {
+    w.Sample("portfleet_listener_rebalances_total",
+             {{"listener", listener.spec.name()}},
+             absl::StrCat(listener.rebalances));
+  }
+  w.Family("portfleet_listener_rebalance_slot_moves_total", "counter",
+           "Indirection-table slots the rebalancer moved to another shard.");
+  for (const ListenerStatus& listener : snapshot.listeners) {
+    w.Sample("portfleet_listener_rebalance_slot_moves_total",
+             {{"listener", listener.spec.name()}},
+             absl::StrCat(listener.rebalance_slots_moved));
+  }
+  w.Family("portfleet_listener_rebalance_refusals_total", "counter",
+           "Parts of rebalances not done (e.g. a worker that cannot hand "
+           "off connections, CPU steering).");
+  for (const ListenerStatus& listener : snapshot.listeners) {
+    w.Sample("portfleet_listener_rebalance_refusals_total",
+             {{"listener", listener.spec.name()}},
+             absl::StrCat(listener.rebalance_refusals));
+  }
+
   ShardFamily(w, snapshot, "portfleet_shard_up", "gauge",
               "1 when the shard's worker is running.",
               [](const ShardStatus& s) {
@@ -250,6 +281,28 @@ std::string RenderPrometheus(const MetricsSnapshot& snapshot) {
       "Processes left over from stopped workers of the shard that "
       "still held its socket and were killed.",
       [](const ShardStatus& s) { return absl::StrCat(s.orphans_killed); });
+  ShardFamily(
+      w, snapshot, "portfleet_shard_connections", "gauge",
+      "Open connections of the shard's worker: its load reports, or "
+      "the kernel's count of established connections it holds.",
+      [](const ShardStatus& s) { return absl::StrCat(s.load.connections()); });
+  ShardFamily(w, snapshot, "portfleet_shard_worker_cpu_ratio", "gauge",
+              "CPU time of the shard's worker per second of wall time "
+              "(1 = one core busy), over the last second.",
+              [](const ShardStatus& s) {
+                return absl::StrFormat("%.3f", s.load.cpu());
+              });
+  ShardFamily(
+      w, snapshot, "portfleet_shard_steering_slots", "gauge",
+      "Indirection-table slots (of 256) of the shard under HASH "
+      "steering.",
+      [](const ShardStatus& s) { return absl::StrCat(s.steering_slots); });
+  ShardFamily(w, snapshot, "portfleet_shard_rebalance_slot_delta", "gauge",
+              "Slots the rebalancer added to (or took from) the shard's "
+              "share by the operator's weights.",
+              [](const ShardStatus& s) {
+                return absl::StrCat(s.rebalance_slot_delta);
+              });
   ShardFamily(w, snapshot, "portfleet_shard_cpu", "gauge",
               "CPU the shard's worker is pinned to; -1 when not pinned.",
               [](const ShardStatus& s) { return absl::StrCat(s.cpu); });

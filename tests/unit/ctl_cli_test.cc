@@ -766,11 +766,16 @@ TEST_F(CtlTest, TopShowsShardsAndShare) {
   Result r = Ctl({"top", "web", "--iterations", "1"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("LISTENER   SHARD   STATE     HEALTH    PID    "
-                               "CONNECTIONS   QUEUE   ACCEPTED   SHARE\n"));
+                               "CONNECTIONS   CPU%   BYTES/S   REQ/S   QUEUE  "
+                               " ACCEPTED   SLOTS   SHARE\n"));
   // selected counters 5 and 10 -> 33% and 66%.
   EXPECT_THAT(r.out,
               HasSubstr("web        0       running   healthy   1000   0  "
-                        "           0       0          33%\n"));
+                        "           0      -         -       0       0      "
+                        "    -       33%\n"));
+  // Connections 0 and 10 over 2 ready shards.
+  EXPECT_THAT(r.out, HasSubstr("web: imbalance 2.00 (max/mean connections "
+                               "over 2 ready shards)\n"));
   EXPECT_THAT(r.out, HasSubstr("66%"));
   EXPECT_THAT(r.out, Not(HasSubstr("api ")));
   r = Ctl({"top", "-o", "json", "--iterations", "2", "--interval", "100ms"});

@@ -89,7 +89,12 @@ TEST(RenderTest, JsonHasEveryFieldNumbersAndShortEnums) {
             R"("acceptedTotal":18446744073709551615,"counters":{"selected":5,)"
             R"("migrated":0,"fallback":0},"socketInode":0,)"
             R"("health":"unspecified","healthReason":"","ejections":0,)"
-            R"("replacements":0,"orphans":[],"orphansKilled":0}],"error":""})");
+            R"("replacements":0,"orphans":[],"orphansKilled":0,)"
+            R"("load":{"connections":0,"connectionsSource":"unspecified",)"
+            R"("cpu":0,"bytesInTotal":0,"bytesOutTotal":0,)"
+            R"("bytesPerSecond":0,"requestsTotal":0,"requestsPerSecond":0,)"
+            R"("reports":false},"steeringSlots":0,"rebalanceSlotDelta":0}],)"
+            R"("error":""})");
 }
 
 TEST(RenderTest, SpecStyleKeepsOnlySetFieldsAndFullNames) {

@@ -91,6 +91,18 @@ portfleet_listeners 1
 # HELP portfleet_listener_shards Number of shards of the listener.
 # TYPE portfleet_listener_shards gauge
 portfleet_listener_shards{listener="web"} 2
+# HELP portfleet_listener_imbalance_ratio max/mean of the open connections of the listener's ready shards (1 = even; 0 when idle).
+# TYPE portfleet_listener_imbalance_ratio gauge
+portfleet_listener_imbalance_ratio{listener="web"} 0.000
+# HELP portfleet_listener_rebalances_total Rebalances of the listener's steering tables applied.
+# TYPE portfleet_listener_rebalances_total counter
+portfleet_listener_rebalances_total{listener="web"} 0
+# HELP portfleet_listener_rebalance_slot_moves_total Indirection-table slots the rebalancer moved to another shard.
+# TYPE portfleet_listener_rebalance_slot_moves_total counter
+portfleet_listener_rebalance_slot_moves_total{listener="web"} 0
+# HELP portfleet_listener_rebalance_refusals_total Parts of rebalances not done (e.g. a worker that cannot hand off connections, CPU steering).
+# TYPE portfleet_listener_rebalance_refusals_total counter
+portfleet_listener_rebalance_refusals_total{listener="web"} 0
 # HELP portfleet_shard_up 1 when the shard's worker is running.
 # TYPE portfleet_shard_up gauge
 portfleet_shard_up{listener="web",shard="0"} 1
@@ -151,6 +163,22 @@ portfleet_shard_orphans{listener="web",shard="1"} 1
 # TYPE portfleet_shard_orphans_killed_total counter
 portfleet_shard_orphans_killed_total{listener="web",shard="0"} 0
 portfleet_shard_orphans_killed_total{listener="web",shard="1"} 2
+# HELP portfleet_shard_connections Open connections of the shard's worker: its load reports, or the kernel's count of established connections it holds.
+# TYPE portfleet_shard_connections gauge
+portfleet_shard_connections{listener="web",shard="0"} 0
+portfleet_shard_connections{listener="web",shard="1"} 0
+# HELP portfleet_shard_worker_cpu_ratio CPU time of the shard's worker per second of wall time (1 = one core busy), over the last second.
+# TYPE portfleet_shard_worker_cpu_ratio gauge
+portfleet_shard_worker_cpu_ratio{listener="web",shard="0"} 0.000
+portfleet_shard_worker_cpu_ratio{listener="web",shard="1"} 0.000
+# HELP portfleet_shard_steering_slots Indirection-table slots (of 256) of the shard under HASH steering.
+# TYPE portfleet_shard_steering_slots gauge
+portfleet_shard_steering_slots{listener="web",shard="0"} 0
+portfleet_shard_steering_slots{listener="web",shard="1"} 0
+# HELP portfleet_shard_rebalance_slot_delta Slots the rebalancer added to (or took from) the shard's share by the operator's weights.
+# TYPE portfleet_shard_rebalance_slot_delta gauge
+portfleet_shard_rebalance_slot_delta{listener="web",shard="0"} 0
+portfleet_shard_rebalance_slot_delta{listener="web",shard="1"} 0
 # HELP portfleet_shard_cpu CPU the shard's worker is pinned to; -1 when not pinned.
 # TYPE portfleet_shard_cpu gauge
 portfleet_shard_cpu{listener="web",shard="0"} 2

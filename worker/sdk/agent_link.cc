@@ -97,6 +97,7 @@ v1::WorkerMessage AgentLink::Hello(bool reconnect) const {
   hello->set_version(kVersion);
   hello->set_socket_inode(socket_inode_);
   hello->set_reconnect(reconnect);
+  hello->set_handoff(identity_.handoff);
   return message;
 }
 
@@ -120,10 +121,37 @@ void AgentLink::Send(const v1::WorkerMessage& message) {
   LoseControl(s.message(), /*on_send=*/true);
 }
 
+absl::Status AgentLink::HandOffConnection(uint64_t id, int fd,
+                                          absl::string_view buffered) {
+  if (!control_) {
+    return absl::UnavailableError("hand-off: no control channel");
+  }
+  v1::WorkerMessage message;
+  message.mutable_handoff_connection()->set_id(id);
+  message.mutable_handoff_connection()->set_buffered(std::string(buffered));
+  return control_->SendWithFd(message, fd);
+}
+
+void AgentLink::HandOffDone(uint64_t id, uint32_t released, uint32_t busy) {
+  v1::WorkerMessage message;
+  v1::HandOffDone* done = message.mutable_handoff_done();
+  done->set_id(id);
+  done->set_released(released);
+  done->set_busy(busy);
+  Send(message);
+}
+
 void AgentLink::Dispatch(
     absl::FunctionRef<void(const v1::AgentMessage&)> on_message) {
+  DispatchWithFds(
+      [&](const v1::AgentMessage& message, Fd) { on_message(message); });
+}
+
+void AgentLink::DispatchWithFds(
+    absl::FunctionRef<void(const v1::AgentMessage&, Fd)> on_message) {
   while (control_) {
-    absl::StatusOr<std::optional<v1::AgentMessage>> got = control_->Receive();
+    absl::StatusOr<std::optional<std::pair<v1::AgentMessage, Fd>>> got =
+        control_->ReceiveWithFd<v1::AgentMessage>();
     if (!got.ok()) {
       if (absl::IsInvalidArgument(got.status())) {
         // Whatever the peer sends, one line per log_interval.
@@ -143,7 +171,8 @@ void AgentLink::Dispatch(
       break;
     }
     if (!got->has_value()) break;
-    on_message(**got);  // may call StopReadoption() or Send()
+    // May call StopReadoption() or Send().
+    on_message((*got)->first, std::move((*got)->second));
   }
   uint64_t expirations = 0;
   if (::read(timer_.get(), &expirations, sizeof(expirations)) ==

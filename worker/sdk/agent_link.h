@@ -85,6 +85,11 @@ absl::StatusOr<AgentLinkOptions> AgentLinkOptionsFromEnv();
 struct WorkerIdentity {
   std::string listener;
   uint32_t shard = 0;
+  // The worker takes part in connection hand-off (rebalancing): it answers
+  // AgentMessage.handoff_request with HandOffConnection() for each idle
+  // connection it releases and HandOffDone(), and adopts the sockets of
+  // AgentMessage.adopt_connection (see HandOffRequest in control.proto).
+  bool handoff = false;
 };
 
 class AgentLink {
@@ -122,8 +127,22 @@ class AgentLink {
   void Send(const v1::WorkerMessage& message);
 
   // Handles whatever made fd() readable; `on_message` gets each message from
-  // the agent, in order. Never blocks.
+  // the agent, in order. Never blocks. Descriptors attached to a message
+  // are closed.
   void Dispatch(absl::FunctionRef<void(const v1::AgentMessage&)> on_message);
+  // Dispatch() that also hands over the descriptor attached to a message
+  // (an invalid Fd when none): the socket of adopt_connection.
+  void DispatchWithFds(
+      absl::FunctionRef<void(const v1::AgentMessage&, Fd)> on_message);
+
+  // Connection hand-off: releases the connected socket `fd` for the agent's
+  // HandOffRequest `id`, with the input already read from it and not yet
+  // consumed. The caller closes its descriptor once this returned OK (the
+  // agent has its own); on an error the connection stays the caller's.
+  absl::Status HandOffConnection(uint64_t id, int fd,
+                                 absl::string_view buffered);
+  // Ends the answer to HandOffRequest `id`.
+  void HandOffDone(uint64_t id, uint32_t released, uint32_t busy);
 
   // The worker stops serving its listening socket (it drains): the link
   // closes its copy and never reconnects. The channel, if up, stays (for

@@ -1,0 +1,216 @@
+#include "agent/fleet/handoff.h"
+
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "worker/sdk/base/log.h"
+
+namespace portfleet {
+
+std::vector<HandOffTransfer> PlanHandOffs(
+    const std::vector<HandOffInput>& shards) {
+  std::vector<HandOffTransfer> out;
+  if (shards.empty()) return out;
+  uint64_t total = 0;
+  for (const HandOffInput& s : shards) total += s.connections;
+  const uint64_t n = shards.size();
+  // Targets: the mean, rounded down; the remainder stays on the hottest.
+  std::vector<size_t> by_load(n);
+  for (size_t i = 0; i < n; ++i) by_load[i] = i;
+  std::stable_sort(by_load.begin(), by_load.end(), [&](size_t a, size_t b) {
+    return shards[a].connections > shards[b].connections;
+  });
+  std::vector<uint64_t> target(n, total / n);
+  for (uint64_t k = 0; k < total % n; ++k) target[by_load[k]]++;
+  std::vector<uint64_t> surplus(n, 0), deficit(n, 0);
+  for (size_t i = 0; i < n; ++i) {
+    if (!shards[i].capable) continue;
+    if (shards[i].connections > target[i]) {
+      surplus[i] = shards[i].connections - target[i];
+    } else {
+      deficit[i] = target[i] - shards[i].connections;
+    }
+  }
+  for (;;) {
+    size_t from =
+        std::max_element(surplus.begin(), surplus.end()) - surplus.begin();
+    size_t to =
+        std::max_element(deficit.begin(), deficit.end()) - deficit.begin();
+    const uint64_t count = std::min(surplus[from], deficit[to]);
+    if (count == 0) break;
+    out.push_back(HandOffTransfer{.from = shards[from].index,
+                                  .to = shards[to].index,
+                                  .count = static_cast<uint32_t>(count)});
+    surplus[from] -= count;
+    deficit[to] -= count;
+  }
+  return out;
+}
+
+HandOffRouter::~HandOffRouter() {
+  for (auto& [id, timer] : drain_timers_) ctx_->loop->CancelTimer(timer);
+  for (auto& [id, batch] : batches_) {
+    if (batch.timer) ctx_->loop->CancelTimer(*batch.timer);
+  }
+}
+
+void HandOffRouter::Run(Listener& listener,
+                        const std::vector<HandOffTransfer>& transfers,
+                        absl::Duration timeout, BatchDone done) {
+  const uint64_t batch_id = next_batch_++;
+  Batch& batch = batches_[batch_id];
+  batch.done = std::move(done);
+  for (const HandOffTransfer& t : transfers) {
+    const uint64_t id = next_id_++;
+    Pending& p = pending_[id];
+    p.listener = listener.spec.name();
+    p.batch = batch_id;
+    p.result.transfer = t;
+    batch.ids.push_back(id);
+    if (AskNext(listener, id, p)) batch.open++;
+  }
+  if (batch.open == 0) {
+    Finish(batch_id);
+    return;
+  }
+  batch.timer = ctx_->loop->AddTimer(timeout, [this, batch_id] {
+    auto it = batches_.find(batch_id);
+    if (it == batches_.end()) return;
+    it->second.timer.reset();
+    Finish(batch_id);
+  });
+}
+
+bool HandOffRouter::AskNext(Listener& listener, uint64_t id, Pending& p) {
+  const HandOffTransfer& t = p.result.transfer;
+  Shard* from = listener.Find(t.from);
+  if (from == nullptr || !from->worker || !from->worker->control) {
+    return false;  // nobody to ask: nothing moves
+  }
+  const uint32_t count = std::min(kChunk, t.count - p.asked);
+  v1::AgentMessage ask;
+  ask.mutable_handoff_request()->set_id(id);
+  ask.mutable_handoff_request()->set_count(count);
+  if (absl::Status s = from->worker->control->Send(ask); !s.ok()) {
+    PF_LOG(WARNING) << listener.Name(*from)
+                    << ": hand-off request: " << s.message();
+    return false;
+  }
+  p.asked += count;
+  return true;
+}
+
+void HandOffRouter::AskWhenDrained(uint64_t id) {
+  auto it = pending_.find(id);
+  if (it == pending_.end()) return;  // its batch ended
+  Pending& p = it->second;
+  auto l = listeners_->find(p.listener);
+  Listener* listener = l == listeners_->end() ? nullptr : l->second.get();
+  Shard* to = listener ? listener->Find(p.result.transfer.to) : nullptr;
+  int queued = 0;
+  if (to != nullptr && to->worker && to->worker->control &&
+      ::ioctl(to->worker->control->fd(), SIOCOUTQ, &queued) == 0 &&
+      queued > kMaxQueued) {
+    drain_timers_[id] = ctx_->loop->AddTimer(absl::Milliseconds(1), [this, id] {
+      drain_timers_.erase(id);
+      AskWhenDrained(id);
+    });
+    return;
+  }
+  if (listener != nullptr && AskNext(*listener, id, p)) return;
+  p.result.answered = true;
+  auto b = batches_.find(p.batch);
+  if (b != batches_.end() && --b->second.open == 0) Finish(p.batch);
+}
+
+void HandOffRouter::OnWorkerMessage(Listener& listener, Shard& shard,
+                                    const v1::WorkerMessage& message, Fd fd) {
+  const uint64_t id = message.has_handoff_connection()
+                          ? message.handoff_connection().id()
+                          : message.handoff_done().id();
+  auto it = pending_.find(id);
+  if (it == pending_.end() || it->second.listener != listener.spec.name() ||
+      it->second.result.transfer.from != shard.index) {
+    if (fd) {
+      // Not ours to route (late, after the batch timed out): give it back
+      // to the worker that sent it rather than close a live connection.
+      if (shard.worker && shard.worker->control) {
+        v1::AgentMessage back;
+        back.mutable_adopt_connection()->set_id(id);
+        if (message.has_handoff_connection()) {
+          back.mutable_adopt_connection()->set_buffered(
+              message.handoff_connection().buffered());
+        }
+        if (shard.worker->control->SendWithFd(back, fd.get()).ok()) return;
+      }
+      PF_LOG(ERROR) << listener.Name(shard) << ": hand-off " << id
+                    << ": a released connection nobody can take was closed";
+    }
+    return;
+  }
+  Pending& p = it->second;
+  if (message.has_handoff_connection()) {
+    Forward(listener, p, message.handoff_connection(), std::move(fd));
+    return;
+  }
+  if (p.result.answered) return;
+  p.result.busy = message.handoff_done().busy();
+  const uint32_t chunk = p.asked - p.released;
+  p.released += message.handoff_done().released();
+  // A full chunk: there may be more idle connections; ask for the next.
+  if (message.handoff_done().released() == chunk &&
+      p.asked < p.result.transfer.count) {
+    AskWhenDrained(id);
+    return;
+  }
+  p.result.answered = true;
+  auto b = batches_.find(p.batch);
+  if (b != batches_.end() && --b->second.open == 0) Finish(p.batch);
+}
+
+void HandOffRouter::Forward(Listener& listener, Pending& p,
+                            const v1::HandOffConnection& handoff, Fd fd) {
+  if (!fd) return;
+  v1::AgentMessage adopt;
+  adopt.mutable_adopt_connection()->set_id(handoff.id());
+  adopt.mutable_adopt_connection()->set_buffered(handoff.buffered());
+  auto send_to = [&](uint32_t index) {
+    Shard* s = listener.Find(index);
+    return s != nullptr && !s->draining() && s->worker && s->worker->ready &&
+           s->worker->handoff && s->worker->control &&
+           s->worker->control->SendWithFd(adopt, fd.get()).ok();
+  };
+  if (send_to(p.result.transfer.to)) {
+    p.result.moved++;
+  } else if (send_to(p.result.transfer.from)) {
+    p.result.returned++;
+  } else {
+    p.result.lost++;
+    PF_LOG(ERROR) << "listener " << listener.spec.name() << ": hand-off "
+                  << handoff.id() << ": neither shard " << p.result.transfer.to
+                  << " nor shard " << p.result.transfer.from
+                  << " could take a released connection; it was closed";
+  }
+}
+
+void HandOffRouter::Finish(uint64_t batch_id) {
+  auto b = batches_.find(batch_id);
+  if (b == batches_.end()) return;
+  Batch batch = std::move(b->second);
+  batches_.erase(b);
+  if (batch.timer) ctx_->loop->CancelTimer(*batch.timer);
+  std::vector<HandOffResult> results;
+  for (uint64_t id : batch.ids) {
+    auto it = pending_.find(id);
+    if (it == pending_.end()) continue;
+    results.push_back(it->second.result);
+    pending_.erase(it);
+  }
+  if (batch.done) batch.done(std::move(results));
+}
+
+}  // namespace portfleet

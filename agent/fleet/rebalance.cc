@@ -1,0 +1,384 @@
+#include "agent/fleet/rebalance.h"
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <numeric>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "agent/fleet/handoff.h"
+#include "agent/fleet/load.h"
+#include "bpf/steering_shared.h"
+#include "worker/sdk/base/log.h"
+#include "worker/sdk/base/status.h"
+
+namespace portfleet {
+
+RebalancePlan PlanRebalance(const std::vector<RebalanceInput>& shards,
+                            const RebalanceParams& params) {
+  RebalancePlan plan;
+  plan.slots.reserve(shards.size());
+  std::vector<double> loads;
+  uint32_t pool = 0;  // slots the eligible shards share
+  for (const RebalanceInput& s : shards) {
+    plan.slots.push_back(s.baseline_slots);
+    if (s.eligible && s.baseline_slots > 0) {
+      loads.push_back(s.load);
+      pool += s.baseline_slots;
+    }
+  }
+  plan.imbalance = Imbalance(loads);
+  plan.even = plan.imbalance <= params.tolerance;
+  if (!plan.even && loads.size() > 1) {
+    const double mean =
+        std::accumulate(loads.begin(), loads.end(), 0.0) / loads.size();
+    // Share of each eligible shard: its baseline scaled by mean/load.
+    std::vector<double> want(shards.size(), 0);
+    double total = 0;
+    for (size_t i = 0; i < shards.size(); ++i) {
+      const RebalanceInput& s = shards[i];
+      if (!s.eligible || s.baseline_slots == 0) continue;
+      double factor = s.load > 0 ? mean / s.load : params.max_factor;
+      factor = std::clamp(factor, 1 / params.max_factor, params.max_factor);
+      want[i] = s.baseline_slots * factor;
+      total += want[i];
+    }
+    // Largest remainder over the pool; every eligible shard keeps a slot.
+    std::vector<double> exact(shards.size(), 0);
+    uint32_t given = 0;
+    for (size_t i = 0; i < shards.size(); ++i) {
+      if (want[i] <= 0) continue;
+      exact[i] = want[i] * pool / total;
+      plan.slots[i] = std::max<uint32_t>(1, std::floor(exact[i]));
+      given += plan.slots[i];
+    }
+    std::vector<size_t> order;
+    for (size_t i = 0; i < shards.size(); ++i) {
+      if (want[i] > 0) order.push_back(i);
+    }
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+      return exact[a] - plan.slots[a] > exact[b] - plan.slots[b];
+    });
+    for (size_t k = 0; given < pool && !order.empty(); ++k, ++given) {
+      ++plan.slots[order[k % order.size()]];
+    }
+    // Too many (the floor of 1): take from the largest.
+    while (given > pool) {
+      auto most = std::max_element(
+          order.begin(), order.end(),
+          [&](size_t a, size_t b) { return plan.slots[a] < plan.slots[b]; });
+      --plan.slots[*most];
+      --given;
+    }
+  }
+  for (size_t i = 0; i < shards.size(); ++i) {
+    if (plan.slots[i] > shards[i].slots) {
+      plan.slots_moved += plan.slots[i] - shards[i].slots;
+    }
+  }
+  return plan;
+}
+
+double LoadBy(const v1::ShardLoad& load, v1::RebalanceMetric metric) {
+  switch (metric) {
+    case v1::REBALANCE_METRIC_CPU:
+      return load.cpu();
+    case v1::REBALANCE_METRIC_BYTES:
+      return load.bytes_per_second();
+    default:
+      return static_cast<double>(load.connections());
+  }
+}
+
+std::vector<uint32_t> SlotCounts(const SteeringTables& tables) {
+  std::vector<uint32_t> out(tables.num_shards, 0);
+  if (tables.policy == v1::STEERING_POLICY_CPU || tables.num_shards == 0) {
+    return out;
+  }
+  absl::StatusOr<std::vector<uint32_t>> table =
+      BuildIndirectionTable(tables.weights, tables.num_shards, PF_TABLE_SIZE);
+  if (!table.ok()) return out;
+  for (uint32_t shard : *table) {
+    if (shard < out.size()) ++out[shard];
+  }
+  return out;
+}
+
+namespace {
+
+std::string MetricName(v1::RebalanceMetric metric) {
+  switch (metric) {
+    case v1::REBALANCE_METRIC_CPU:
+      return "cpu";
+    case v1::REBALANCE_METRIC_BYTES:
+      return "bytes";
+    default:
+      return "connections";
+  }
+}
+
+void Refuse(v1::RebalanceListenerResponse* resp, int shard,
+            std::string reason) {
+  v1::RebalanceRefusal* r = resp->add_refusals();
+  r->set_shard(shard);
+  r->set_reason(std::move(reason));
+}
+
+}  // namespace
+
+namespace {
+
+// The steering half of a rebalance, done; and the hand-offs it plans.
+struct SteeringStep {
+  v1::RebalanceListenerResponse resp;
+  std::vector<HandOffTransfer> transfers;
+};
+
+// Per shard expected load (connections) after `transfers`, and their
+// imbalance over the eligible shards.
+void ExpectAfter(const std::vector<HandOffTransfer>& transfers,
+                 const std::vector<uint32_t>& moved,
+                 v1::RebalanceListenerResponse* resp) {
+  std::map<uint32_t, int64_t> delta;
+  for (size_t k = 0; k < transfers.size(); ++k) {
+    delta[transfers[k].from] -= moved[k];
+    delta[transfers[k].to] += moved[k];
+  }
+  std::vector<double> after;
+  for (v1::RebalanceShard& s : *resp->mutable_shards()) {
+    s.set_connections_moved(delta[s.index()]);
+    if (resp->metric() == v1::REBALANCE_METRIC_CONNECTIONS) {
+      s.set_expected_after(s.load_before() + delta[s.index()]);
+    }
+    if (s.eligible()) after.push_back(s.expected_after());
+  }
+  resp->set_expected_imbalance_after(Imbalance(after));
+}
+
+absl::StatusOr<SteeringStep> Steer(
+    const FleetContext& ctx, Listener& listener,
+    const v1::RebalanceListenerRequest& request) {
+  const std::string& name = listener.spec.name();
+  if (!listener.steering) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("listener ", name,
+                     ": rebalancing needs BPF steering, which is not active: ",
+                     ctx.steering_reason));
+  }
+  const v1::RebalanceMetric metric =
+      request.metric() == v1::REBALANCE_METRIC_UNSPECIFIED
+          ? v1::REBALANCE_METRIC_CONNECTIONS
+          : request.metric();
+  v1::RebalanceListenerResponse resp;
+  resp.set_metric(metric);
+  resp.set_dry_run(request.dry_run());
+  resp.set_steering_only(true);
+
+  // The tables from the operator's weights alone, and as they are now.
+  const std::map<uint32_t, uint32_t> saved = listener.rebalance_slots;
+  const std::vector<uint32_t> baseline =
+      SlotCounts(PlanBaselineTables(listener));
+  const std::vector<uint32_t> now = SlotCounts(PlanTables(listener));
+
+  std::vector<RebalanceInput> inputs;
+  std::vector<const Shard*> steered;
+  for (const auto& shard : listener.shards) {
+    if (!shard->Steered()) continue;
+    const uint32_t i = shard->index;
+    const bool ready = shard->worker && shard->worker->ready;
+    inputs.push_back(
+        RebalanceInput{.index = i,
+                       .eligible = ready,
+                       .load = LoadBy(shard->load, metric),
+                       .baseline_slots = i < baseline.size() ? baseline[i] : 0,
+                       .slots = i < now.size() ? now[i] : 0});
+    steered.push_back(shard.get());
+    if (!ready) {
+      Refuse(&resp, static_cast<int>(i),
+             "worker not ready: keeps its baseline slots");
+    }
+  }
+  if (std::none_of(inputs.begin(), inputs.end(),
+                   [](const RebalanceInput& s) { return s.eligible; })) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "listener ", name, ": no ready shard in the steering tables"));
+  }
+
+  std::vector<HandOffTransfer> transfers;
+  if (request.move_connections() &&
+      metric != v1::REBALANCE_METRIC_CONNECTIONS) {
+    Refuse(&resp, -1,
+           absl::StrCat("hand-off evens connections; by ", MetricName(metric),
+                        " only new connections are rebalanced"));
+  } else if (request.move_connections()) {
+    std::vector<HandOffInput> h;
+    for (size_t k = 0; k < inputs.size(); ++k) {
+      if (!inputs[k].eligible) continue;
+      const Worker& w = *steered[k]->worker;
+      const bool capable = w.handoff && w.control.has_value();
+      h.push_back(HandOffInput{.index = inputs[k].index,
+                               .connections = steered[k]->load.connections(),
+                               .capable = capable});
+      if (capable) {
+        resp.set_steering_only(false);
+      } else {
+        Refuse(&resp, static_cast<int>(inputs[k].index),
+               "worker cannot hand off connections: steering only");
+      }
+    }
+    transfers = PlanHandOffs(h);
+  }
+
+  const bool cpu_policy =
+      listener.spec.steering().policy() == v1::STEERING_POLICY_CPU;
+  // New connections are steered by the load the hand-offs leave.
+  std::vector<double> before;
+  for (RebalanceInput& in : inputs) {
+    if (in.eligible) before.push_back(in.load);
+    for (const HandOffTransfer& t : transfers) {
+      if (t.from == in.index) in.load -= t.count;
+      if (t.to == in.index) in.load += t.count;
+    }
+  }
+  RebalancePlan plan = PlanRebalance(inputs, RebalanceParams{});
+  if (cpu_policy) {
+    // Locality first: the CPU table stays as it is.
+    for (size_t k = 0; k < inputs.size(); ++k) plan.slots[k] = inputs[k].slots;
+    plan.slots_moved = 0;
+    Refuse(&resp, -1,
+           "steering policy CPU keeps every connection on the CPU that "
+           "received it: no table slots moved");
+  }
+  resp.set_imbalance_before(Imbalance(before));
+  // Steering moves only new connections: the load now stays until they come.
+  resp.set_expected_imbalance_after(plan.imbalance);
+  resp.set_slots_moved(plan.slots_moved);
+
+  for (const auto& shard : listener.shards) {
+    v1::RebalanceShard* out = resp.add_shards();
+    out->set_index(shard->index);
+    out->set_load_before(LoadBy(shard->load, metric));
+    out->set_expected_after(out->load_before());
+    const uint32_t i = shard->index;
+    out->set_baseline_slots(i < baseline.size() ? baseline[i] : 0);
+    out->set_slots_before(i < now.size() ? now[i] : 0);
+    out->set_slots_after(out->slots_before());
+    for (size_t k = 0; k < steered.size(); ++k) {
+      if (steered[k] != shard.get()) continue;
+      out->set_eligible(inputs[k].eligible);
+      out->set_slots_after(plan.slots[k]);
+    }
+  }
+  std::vector<uint32_t> planned;
+  for (const HandOffTransfer& t : transfers) planned.push_back(t.count);
+  ExpectAfter(transfers, planned, &resp);
+  if (!request.dry_run()) listener.rebalance_refusals += resp.refusals_size();
+  if (!request.dry_run() && resp.refusals_size() > 0) {
+    std::vector<std::string> why;
+    for (const v1::RebalanceRefusal& r : resp.refusals()) {
+      why.push_back(r.shard() < 0
+                        ? r.reason()
+                        : absl::StrCat("shard ", r.shard(), ": ", r.reason()));
+    }
+    ctx.Emit(v1::EVENT_TYPE_REBALANCE_REFUSED, listener, -1, 0,
+             absl::StrJoin(why, "; "));
+  }
+  if (request.dry_run() || cpu_policy) {
+    return SteeringStep{.resp = std::move(resp),
+                        .transfers = std::move(transfers)};
+  }
+
+  std::map<uint32_t, uint32_t> next;
+  if (!plan.even) {
+    for (size_t k = 0; k < inputs.size(); ++k) {
+      next[inputs[k].index] = plan.slots[k];
+    }
+  }
+  listener.rebalance_slots = next;
+  if (absl::Status s = ApplySteering(listener); !s.ok()) {
+    listener.rebalance_slots = saved;
+    ApplySteering(listener).IgnoreError();
+    return s;
+  }
+  listener.rebalances++;
+  listener.rebalance_slots_moved += plan.slots_moved;
+  std::vector<std::string> moves;
+  for (const v1::RebalanceShard& s : resp.shards()) {
+    if (s.slots_after() != s.slots_before()) {
+      moves.push_back(absl::StrCat(s.index(), ":", s.slots_before(), "->",
+                                   s.slots_after()));
+    }
+  }
+  std::string message = absl::StrFormat(
+      "by %s, imbalance %.2f: %u slots moved%s%s", MetricName(metric),
+      resp.imbalance_before(), plan.slots_moved, moves.empty() ? "" : " (",
+      moves.empty() ? "" : absl::StrCat(absl::StrJoin(moves, " "), ")"));
+  if (plan.even) absl::StrAppend(&message, "; even: baseline tables");
+  PF_LOG(INFO) << "listener " << name << ": rebalanced " << message;
+  ctx.Emit(v1::EVENT_TYPE_REBALANCE_DONE, listener, -1, 0, message);
+  return SteeringStep{.resp = std::move(resp),
+                      .transfers = std::move(transfers)};
+}
+
+}  // namespace
+
+void RebalanceListener(FleetContext& ctx, HandOffRouter& router,
+                       Listener& listener,
+                       const v1::RebalanceListenerRequest& request,
+                       RebalanceDone done) {
+  absl::StatusOr<SteeringStep> step = Steer(ctx, listener, request);
+  if (!step.ok()) {
+    done(step.status());
+    return;
+  }
+  if (request.dry_run() || step->transfers.empty()) {
+    done(std::move(step->resp));
+    return;
+  }
+  FleetContext* c = &ctx;
+  const std::string name = listener.spec.name();
+  auto resp =
+      std::make_shared<v1::RebalanceListenerResponse>(std::move(step->resp));
+  router.Run(
+      listener, step->transfers, kHandOffTimeout,
+      [c, name, resp, done](std::vector<HandOffResult> results) {
+        std::vector<HandOffTransfer> transfers;
+        std::vector<uint32_t> moved;
+        uint64_t total = 0;
+        std::vector<std::string> parts;
+        for (const HandOffResult& r : results) {
+          transfers.push_back(r.transfer);
+          moved.push_back(r.moved);
+          total += r.moved;
+          parts.push_back(
+              absl::StrCat(r.transfer.from, "->", r.transfer.to, ":", r.moved));
+          const uint32_t missing =
+              r.transfer.count - std::min(r.transfer.count, r.moved);
+          if (missing == 0) continue;
+          std::string why =
+              !r.answered ? "the worker did not answer in time"
+                          : absl::StrCat(r.busy,
+                                         " connections had data in flight "
+                                         "(never moved)");
+          if (r.returned > 0 || r.lost > 0) {
+            absl::StrAppend(&why, "; ", r.returned,
+                            " went back (receiver gone), ", r.lost, " closed");
+          }
+          Refuse(resp.get(), static_cast<int>(r.transfer.from),
+                 absl::StrCat(missing, " of ", r.transfer.count,
+                              " connections to shard ", r.transfer.to,
+                              " not moved: ", why));
+        }
+        resp->set_connections_moved(total);
+        ExpectAfter(transfers, moved, resp.get());
+        c->Emit(v1::EVENT_TYPE_REBALANCE_HANDOFF, name, -1, 0,
+                absl::StrCat("handed off ", total, " connections (",
+                             absl::StrJoin(parts, " "), ")"));
+        done(*resp);
+      });
+}
+
+}  // namespace portfleet

@@ -1,0 +1,585 @@
+// The rebalancer against the real agent and workers, each case in its own
+// network namespace. Loads are counted from the client side: every answer
+// names the pid of the worker that gave it, so the client knows which
+// worker holds each of its connections.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <future>
+#include <iostream>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "ctl/ctl.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/loadgen/fleet_testing.h"
+#include "tests/loadgen/loadgen.h"
+#include "tests/testing/agent_harness.h"
+#include "tests/testing/client.h"
+#include "tests/testing/netns.h"
+#include "tests/testing/process.h"
+#include "worker/sdk/base/fd.h"
+
+namespace portfleet::testing {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+constexpr int kPort = 8080;
+const char kAddress[] = "127.0.0.1:8080";
+
+// The reference worker, or the same worker started as a third-party one:
+// without the control channel (no hello, no load reports) and without the
+// agent's socket.
+std::string Spec(int shards, bool third_party, bool echo = false) {
+  std::string worker =
+      echo
+          ? "  worker { command: \"portfleet-worker\" args: \"--mode=echo\" }\n"
+      : third_party
+          ? absl::StrCat(
+                "  worker { command: \"/bin/sh\" args: \"-c\" args: \"unset "
+                "PORTFLEET_CONTROL_FD PORTFLEET_AGENT_SOCKET; exec 4<&-; exec ",
+                PORTFLEET_BINARY_DIR,
+                "/worker/portfleet-worker --mode=http\" }\n")
+          : "  worker { command: \"portfleet-worker\" args: \"--mode=http\" "
+            "}\n";
+  return absl::StrCat("listeners {\n  name: \"web\"\n  address: \"", kAddress,
+                      "\"\n  shards: ", shards, "\n", worker,
+                      "  drain_timeout_seconds: 5\n}\n");
+}
+
+// A keep-alive HTTP connection held by the test: each Ask() sends one
+// request and reads one whole answer, and says which worker pid gave it.
+class Held {
+ public:
+  bool Open() {
+    fd_ = Fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    timeval tv{.tv_sec = 5, .tv_usec = 0};
+    ::setsockopt(fd_.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    ::setsockopt(fd_.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(kPort);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    return ::connect(fd_.get(), reinterpret_cast<sockaddr*>(&a), sizeof(a)) ==
+           0;
+  }
+  // Sends `bytes` (e.g. half a request).
+  bool Send(const std::string& bytes) {
+    return ::send(fd_.get(), bytes.data(), bytes.size(), MSG_NOSIGNAL) ==
+           static_cast<ssize_t>(bytes.size());
+  }
+  // The answering pid, or -1 (with `error`) if the exchange failed. `req`:
+  // what is left to send of the request.
+  int Ask(std::string* error,
+          const std::string& req = "GET / HTTP/1.1\r\nHost: t\r\n\r\n") {
+    if (!Send(req)) {
+      *error = absl::StrCat("send: ", std::strerror(errno));
+      return -1;
+    }
+    std::string in;
+    char buf[4096];
+    for (;;) {
+      loadgen::HttpAnswer a = loadgen::ParseHttpAnswer(in, false);
+      if (a.state == loadgen::HttpAnswer::State::kComplete) {
+        if (a.status != 200 || a.close || a.length != in.size()) {
+          *error = absl::StrCat("bad answer: ", in);
+          return -1;
+        }
+        return a.pid;
+      }
+      if (a.state == loadgen::HttpAnswer::State::kMalformed) {
+        *error = a.error;
+        return -1;
+      }
+      ssize_t n = ::recv(fd_.get(), buf, sizeof(buf), 0);
+      if (n <= 0) {
+        *error = n == 0 ? "closed by the server"
+                        : absl::StrCat("recv: ", std::strerror(errno));
+        return -1;
+      }
+      in.append(buf, static_cast<size_t>(n));
+    }
+  }
+
+ private:
+  Fd fd_;
+};
+
+struct CtlResult {
+  int code;
+  std::string out;
+  std::string err;
+};
+
+class RebalanceTest : public ::testing::Test {
+ protected:
+  void Start(int shards, bool third_party, bool echo = false) {
+    WidenPortRange();
+    ASSERT_TRUE(agent_.Start(Spec(shards, third_party, echo)).ok())
+        << agent_.Log();
+    stub_ = FleetStub(agent_.api_socket());
+    ASSERT_TRUE(AllReady(shards)) << agent_.Log();
+  }
+  bool AllReady(int shards) {
+    return WaitFor([&] { return ReadyShards(*stub_, "web") == shards; },
+                   absl::Seconds(20));
+  }
+  CtlResult Ctl(std::vector<std::string> args) {
+    std::ostringstream out, err;
+    ctl::CtlEnv env;
+    env.out = &out;
+    env.err = &err;
+    args.insert(args.begin(), {"--server", "unix://" + agent_.api_socket()});
+    int code = ctl::Run(env, args);
+    return {code, out.str(), err.str()};
+  }
+  // Opens `n` held connections; each asks once. Returns connections per
+  // answering pid.
+  std::map<int, int> OpenHeld(int n) {
+    std::map<int, int> by_pid;
+    for (int i = 0; i < n; ++i) {
+      held_.emplace_back();
+      EXPECT_TRUE(held_.back().Open()) << std::strerror(errno);
+      std::string error;
+      int pid = held_.back().Ask(&error);
+      EXPECT_GT(pid, 0) << error;
+      pids_.push_back(pid);
+      by_pid[pid]++;
+    }
+    return by_pid;
+  }
+  // Every held connection asks again: answered, and by the same worker.
+  void CheckHeldStayed() {
+    int failed = 0, moved = 0;
+    std::string first;
+    for (size_t i = 0; i < held_.size(); ++i) {
+      std::string error;
+      int pid = held_[i].Ask(&error);
+      if (pid < 0) {
+        if (failed++ == 0) first = error;
+      } else if (pid != pids_[i]) {
+        ++moved;
+      }
+    }
+    EXPECT_EQ(failed, 0) << first;
+    EXPECT_EQ(moved, 0) << "steering moved an open connection";
+  }
+  // Connections per shard as the agent reports them (Shard.load).
+  std::vector<uint64_t> AgentConnections() {
+    std::vector<uint64_t> out;
+    for (const v1::Shard& s : Shards(*stub_, "web")) {
+      out.push_back(s.load().connections());
+    }
+    return out;
+  }
+
+  AgentHarness agent_;
+  std::unique_ptr<v1::FleetService::Stub> stub_;
+  std::vector<Held> held_;
+  std::vector<int> pids_;
+};
+
+loadgen::Options LongLoad() {
+  loadgen::Options o;
+  o.target = kAddress;
+  o.mode = loadgen::Mode::kLong;
+  o.connections = 100;
+  o.interval = absl::Milliseconds(100);
+  o.duration = absl::Seconds(60);
+  o.quiet = true;
+  return o;
+}
+
+// Steps:
+// 1. Start "web" with 2 shards of the reference worker; open 200 held
+//    keep-alive connections (the client notes which pid answers each) and
+//    start 100 more that send a request every 100 ms (loadgen, every answer
+//    checked).
+// 2. Scale to 4: the new shards hold nothing (counted by the agent from the
+//    workers' reports; the client's count agrees).
+// 3. `rebalance --dry-run`: prints the plan with the imbalance (max/mean,
+//    at least 2: two of four shards are empty); the tables do not change.
+// 4. `rebalance --no-move`: steering only; slots move from shards 0-1 to
+//    2-3, visible in ListShards.
+// 5. 400 new connections: at least 75% reach the new shards.
+// 6. Every held connection is answered again by the same pid; the loadgen
+//    saw 0 failures, 0 reconnects, 0 connections closed by the server.
+TEST_F(RebalanceTest, OneShotAfterScaleUpSteersNewConnectionsToNewShards) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Start(2, /*third_party=*/false);
+  std::map<int, int> before = OpenHeld(200);
+  EXPECT_EQ(before.size(), 2u);
+  std::atomic<bool> stop{false};
+  auto load = std::async(std::launch::async,
+                         [&] { return loadgen::Run(LongLoad(), &stop); });
+
+  ASSERT_TRUE(ScaleTo(*stub_, "web", 4).ok());
+  ASSERT_TRUE(AllReady(4)) << agent_.Log();
+  // The reports (every second) have caught up: 300 on the old shards.
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<uint64_t> c = AgentConnections();
+        return c.size() == 4 && c[0] + c[1] == 300 && c[2] + c[3] == 0;
+      },
+      absl::Seconds(10)))
+      << ::testing::PrintToString(AgentConnections());
+  std::vector<uint64_t> c = AgentConnections();
+  const std::string imbalance =
+      absl::StrFormat("imbalance %.2f", std::max(c[0], c[1]) / (300.0 / 4));
+
+  CtlResult plan = Ctl({"rebalance", "web", "--dry-run"});
+  ASSERT_EQ(plan.code, 0) << plan.err;
+  EXPECT_THAT(plan.out, HasSubstr("plan (dry run) by connections: imbalance "
+                                  "(max/mean)"));
+  EXPECT_THAT(plan.out, HasSubstr(imbalance.substr(10)));
+  for (const v1::Shard& s : Shards(*stub_, "web")) {
+    EXPECT_EQ(s.steering_slots(), 64u) << "a dry run changed the tables";
+  }
+
+  CtlResult done = Ctl({"rebalance", "web", "--no-move"});
+  ASSERT_EQ(done.code, 0) << done.err;
+  EXPECT_THAT(done.out, HasSubstr("steering only"));
+  std::vector<v1::Shard> shards = Shards(*stub_, "web");
+  ASSERT_EQ(shards.size(), 4u);
+  for (int i : {0, 1}) {
+    EXPECT_LT(shards[i].steering_slots(), 64u);
+    EXPECT_LT(shards[i].rebalance_slot_delta(), 0);
+  }
+  for (int i : {2, 3}) {
+    EXPECT_GT(shards[i].steering_slots(), 64u);
+    EXPECT_GT(shards[i].rebalance_slot_delta(), 0);
+  }
+
+  Tally fresh;
+  for (int i = 0; i < 400; ++i) fresh.Add(HttpGet(kAddress));
+  EXPECT_EQ(fresh.failed, 0) << fresh.first_error;
+  const int to_new = fresh.by_shard[2] + fresh.by_shard[3];
+  EXPECT_GE(to_new, 300) << ::testing::PrintToString(fresh.by_shard);
+
+  CheckHeldStayed();
+  stop = true;
+  absl::StatusOr<loadgen::Result> r = load.get();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_GT(r->ok(), 0);
+  EXPECT_EQ(r->failures(), 0) << r->Summary();
+  EXPECT_EQ(r->reconnects, 0) << r->Summary();
+  EXPECT_EQ(r->server_closed_idle, 0) << r->Summary();
+
+  CtlResult events = Ctl({"events", "--type", "rebalance-done"});
+  EXPECT_THAT(events.out, HasSubstr(imbalance));
+}
+
+// Steps:
+// 1. Start "web" with 2 shards of a third-party worker (no control channel,
+//    so no load reports); open 60 held connections.
+// 2. The agent counts each shard's connections from the kernel
+//    (SOURCE_KERNEL), and the counts equal the client's per pid.
+// 3. `rebalance`: steering only, the shard with more connections gets fewer
+//    slots (or, when the hash happened to split them evenly, the tables
+//    stay); every held connection is answered again by the same pid.
+TEST_F(RebalanceTest, ThirdPartyWorkerIsCountedByTheKernelSteeringOnly) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Start(2, /*third_party=*/true);
+  std::map<int, int> by_pid = OpenHeld(60);
+  std::map<int, int> expected;  // by shard index
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<v1::Shard> shards = Shards(*stub_, "web");
+        expected.clear();
+        for (const v1::Shard& s : shards) {
+          if (s.load().connections_source() != v1::ShardLoad::SOURCE_KERNEL ||
+              s.load().reports()) {
+            return false;
+          }
+          expected[s.index()] = by_pid[s.pid()];
+          if (s.load().connections() !=
+              static_cast<uint64_t>(by_pid[s.pid()])) {
+            return false;
+          }
+        }
+        return shards.size() == 2;
+      },
+      absl::Seconds(10)))
+      << ::testing::PrintToString(AgentConnections()) << " client "
+      << ::testing::PrintToString(by_pid);
+
+  CtlResult done = Ctl({"rebalance", "web", "-o", "json"});
+  ASSERT_EQ(done.code, 0) << done.err;
+  EXPECT_THAT(done.out, HasSubstr("\"steeringOnly\": true"));
+  EXPECT_THAT(done.out, HasSubstr("worker cannot hand off connections"));
+  EXPECT_THAT(done.out, HasSubstr("\"connectionsMoved\": 0"));
+  std::vector<v1::Shard> shards = Shards(*stub_, "web");
+  ASSERT_EQ(shards.size(), 2u);
+  if (expected[0] > expected[1] * 1.1) {
+    EXPECT_LT(shards[0].steering_slots(), shards[1].steering_slots());
+  } else if (expected[1] > expected[0] * 1.1) {
+    EXPECT_GT(shards[0].steering_slots(), shards[1].steering_slots());
+  }
+  CheckHeldStayed();
+}
+
+// Connections per shard as the client sees them: each held connection asks
+// every 100 ms (every answer checked) and notes the pid that answered.
+class Asker {
+ public:
+  explicit Asker(std::vector<Held>* held, std::vector<int> pids)
+      : held_(held), pids_(std::move(pids)) {
+    thread_ = std::thread([this] { Loop(); });
+  }
+  ~Asker() { Stop(); }
+  void Stop() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+  // Open connections per answering pid, as last answered.
+  std::map<int, int> ByPid() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::map<int, int> out;
+    for (int pid : pids_) out[pid]++;
+    return out;
+  }
+  int64_t answers() const { return answers_; }
+  int64_t failures() const { return failures_; }
+  std::string first_error() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return first_error_;
+  }
+
+ private:
+  void Loop() {
+    while (!stop_) {
+      const absl::Time round = absl::Now();
+      for (size_t i = 0; i < held_->size() && !stop_; ++i) {
+        std::string error;
+        int pid = (*held_)[i].Ask(&error);
+        std::lock_guard<std::mutex> lock(mu_);
+        if (pid < 0) {
+          if (failures_++ == 0) first_error_ = error;
+        } else {
+          ++answers_;
+          pids_[i] = pid;
+        }
+      }
+      absl::SleepFor(round + absl::Milliseconds(100) - absl::Now());
+    }
+  }
+
+  std::vector<Held>* held_;
+  std::mutex mu_;
+  std::vector<int> pids_;
+  std::string first_error_;
+  std::atomic<int64_t> answers_{0};
+  std::atomic<int64_t> failures_{0};
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+double MaxOverMean(const std::map<int, int>& by_pid, int shards) {
+  int total = 0, max = 0;
+  for (const auto& [pid, n] : by_pid) {
+    total += n;
+    max = std::max(max, n);
+  }
+  return total == 0 ? 0 : static_cast<double>(max) * shards / total;
+}
+
+// The scale-up skew, one shot. Steps:
+// 1. Start "web" with 2 shards; open 400 keep-alive connections; each asks
+//    every 100 ms from then on, every answer checked, and the client notes
+//    which pid answers each connection.
+// 2. Scale to 4; the new shards hold nothing.
+// 3. `rebalance` (connections, moving connections): idle connections go
+//    from the old workers to the new ones.
+// 4. Within 5 s, connections per worker as the client counts them (which
+//    pid answers) have max/mean <= 1.15, and so do the workers' own counts
+//    in ListShards; not one request failed, no connection was reset or
+//    closed.
+TEST_F(RebalanceTest, OneShotHandOffEvensOpenConnectionsAfterScaleUp) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Start(2, /*third_party=*/false);
+  OpenHeld(400);
+  Asker asker(&held_, pids_);
+  ASSERT_TRUE(ScaleTo(*stub_, "web", 4).ok());
+  ASSERT_TRUE(AllReady(4)) << agent_.Log();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<uint64_t> c = AgentConnections();
+        return c.size() == 4 && c[0] + c[1] == 400;
+      },
+      absl::Seconds(10)))
+      << ::testing::PrintToString(AgentConnections());
+  EXPECT_EQ(asker.ByPid().size(), 2u);
+
+  const absl::Time start = absl::Now();
+  CtlResult done = Ctl({"rebalance", "web"});
+  ASSERT_EQ(done.code, 0) << done.err;
+  EXPECT_THAT(done.out, Not(HasSubstr("steering only")));
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        std::map<int, int> by_pid = asker.ByPid();
+        return by_pid.size() == 4 && MaxOverMean(by_pid, 4) <= 1.15;
+      },
+      absl::Seconds(5)))
+      << done.out << ::testing::PrintToString(asker.ByPid());
+  const absl::Duration converged = absl::Now() - start;
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        std::vector<uint64_t> c = AgentConnections();
+        std::map<int, int> as_map;
+        for (size_t i = 0; i < c.size(); ++i) as_map[i] = c[i];
+        return MaxOverMean(as_map, 4) <= 1.15;
+      },
+      absl::Seconds(5)))
+      << ::testing::PrintToString(AgentConnections());
+  absl::SleepFor(absl::Milliseconds(300));
+  asker.Stop();
+  EXPECT_GT(asker.answers(), 800);
+  EXPECT_EQ(asker.failures(), 0) << asker.first_error();
+  std::cerr << "converged (client view) in " << converged << "; "
+            << asker.answers() << " answers\n"
+            << done.out;
+}
+
+// Steps:
+// 1. Start "web" with 1 shard; open 100 connections that each hold half a
+//    request ("GET / HTTP/1.1\r\nHo") and 100 idle ones.
+// 2. Scale to 2 and `rebalance`: idle connections move, and the response
+//    says which were busy.
+// 3. Every half-sent request is completed and answered by the worker that
+//    read its first half; every idle connection still answers.
+TEST_F(RebalanceTest, AConnectionWithAHalfSentRequestIsNeverMoved) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Start(1, /*third_party=*/false);
+  OpenHeld(200);
+  for (size_t i = 0; i < 100; ++i) {
+    ASSERT_TRUE(held_[i].Send("GET / HTTP/1.1\r\nHo"));
+  }
+  ASSERT_TRUE(ScaleTo(*stub_, "web", 2).ok());
+  ASSERT_TRUE(AllReady(2)) << agent_.Log();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<uint64_t> c = AgentConnections();
+        return c.size() == 2 && c[0] == 200;
+      },
+      absl::Seconds(10)))
+      << ::testing::PrintToString(AgentConnections());
+  CtlResult done = Ctl({"rebalance", "web"});
+  ASSERT_EQ(done.code, 0) << done.err;
+  EXPECT_THAT(done.out, HasSubstr("100 connections moved"));
+  int failed = 0, moved_half = 0, moved_idle = 0;
+  std::string first;
+  for (size_t i = 0; i < held_.size(); ++i) {
+    std::string error;
+    int pid =
+        i < 100 ? held_[i].Ask(&error, "st: t\r\n\r\n") : held_[i].Ask(&error);
+    if (pid < 0) {
+      if (failed++ == 0) first = error;
+    } else if (pid != pids_[i]) {
+      (i < 100 ? moved_half : moved_idle)++;
+    }
+  }
+  EXPECT_EQ(failed, 0) << first;
+  EXPECT_EQ(moved_half, 0) << "a connection with a request in flight moved";
+  EXPECT_EQ(moved_idle, 100);
+}
+
+// One echo exchange on a connected socket: `payload` comes back intact.
+bool Echo(int fd, const std::string& payload, std::string* error) {
+  if (::send(fd, payload.data(), payload.size(), MSG_NOSIGNAL) !=
+      static_cast<ssize_t>(payload.size())) {
+    *error = absl::StrCat("send: ", std::strerror(errno));
+    return false;
+  }
+  std::string in;
+  char buf[4096];
+  while (in.size() < payload.size()) {
+    ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+    if (n <= 0) {
+      *error = n == 0 ? "closed by the server"
+                      : absl::StrCat("recv: ", std::strerror(errno));
+      return false;
+    }
+    in.append(buf, static_cast<size_t>(n));
+  }
+  if (in != payload) *error = absl::StrCat("echoed '", in, "'");
+  return in == payload;
+}
+
+// Steps:
+// 1. Start "web" with 1 shard of the echo worker; open 40 connections, each
+//    echoes once.
+// 2. Scale to 2 and `rebalance`: 20 connections move (echo opts in; nothing
+//    is pending between exchanges).
+// 3. Every connection echoes 3 more payloads intact.
+TEST_F(RebalanceTest, EchoConnectionsMoveIntact) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Start(1, /*third_party=*/false, /*echo=*/true);
+  std::vector<Fd> conns;
+  for (int i = 0; i < 40; ++i) {
+    Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    timeval tv{.tv_sec = 5, .tv_usec = 0};
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(kPort);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof(a)),
+              0);
+    std::string error;
+    ASSERT_TRUE(Echo(fd.get(), absl::StrCat("hello ", i), &error)) << error;
+    conns.push_back(std::move(fd));
+  }
+  ASSERT_TRUE(ScaleTo(*stub_, "web", 2).ok());
+  ASSERT_TRUE(AllReady(2)) << agent_.Log();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<uint64_t> c = AgentConnections();
+        return c.size() == 2 && c[0] == 40;
+      },
+      absl::Seconds(10)))
+      << ::testing::PrintToString(AgentConnections());
+  CtlResult done = Ctl({"rebalance", "web"});
+  ASSERT_EQ(done.code, 0) << done.err;
+  EXPECT_THAT(done.out, HasSubstr("20 connections moved"));
+  int failed = 0;
+  std::string first;
+  for (int round = 0; round < 3; ++round) {
+    for (size_t i = 0; i < conns.size(); ++i) {
+      std::string error;
+      if (!Echo(conns[i].get(),
+                absl::StrCat("round ", round, " connection ", i, " ",
+                             std::string(100 * (i + 1), 'x')),
+                &error) &&
+          failed++ == 0) {
+        first = error;
+      }
+    }
+  }
+  EXPECT_EQ(failed, 0) << first;
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        std::vector<uint64_t> c = AgentConnections();
+        return c.size() == 2 && c[0] == 20 && c[1] == 20;
+      },
+      absl::Seconds(5)))
+      << ::testing::PrintToString(AgentConnections());
+}
+
+}  // namespace
+}  // namespace portfleet::testing

@@ -1,0 +1,487 @@
+// The rebalancer: the planner as a pure function (loads in, slots out), and
+// the fleet's one-shot rebalance and load measurement over fakes
+// (FakeLauncher, FakeSteering, a fake connection counter, a manual clock).
+#include "agent/fleet/rebalance.h"
+
+#include <map>
+#include <memory>
+#include <numeric>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "agent/fleet/fleet.h"
+#include "agent/fleet/load.h"
+#include "gmock/gmock.h"
+#include "google/protobuf/text_format.h"
+#include "gtest/gtest.h"
+#include "tests/unit/fleet_fakes.h"
+#include "worker/sdk/base/log.h"
+
+namespace portfleet::testing {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+std::vector<RebalanceInput> Shards(const std::vector<double>& loads,
+                                   uint32_t slots_each = 64) {
+  std::vector<RebalanceInput> out;
+  for (size_t i = 0; i < loads.size(); ++i) {
+    out.push_back(RebalanceInput{.index = static_cast<uint32_t>(i),
+                                 .eligible = true,
+                                 .load = loads[i],
+                                 .baseline_slots = slots_each,
+                                 .slots = slots_each});
+  }
+  return out;
+}
+
+uint32_t Sum(const std::vector<uint32_t>& v) {
+  return std::accumulate(v.begin(), v.end(), 0u);
+}
+
+TEST(ImbalanceTest, MaxOverMean) {
+  EXPECT_DOUBLE_EQ(Imbalance({}), 0);
+  EXPECT_DOUBLE_EQ(Imbalance({0, 0}), 0);
+  EXPECT_DOUBLE_EQ(Imbalance({5, 5, 5}), 1);
+  EXPECT_DOUBLE_EQ(Imbalance({200, 200, 0, 0}), 2);
+}
+
+TEST(PlanRebalanceTest, EvenLoadKeepsTheBaseline) {
+  RebalancePlan plan = PlanRebalance(Shards({100, 102, 99, 101}), {});
+  EXPECT_TRUE(plan.even);
+  EXPECT_THAT(plan.slots, ElementsAre(64, 64, 64, 64));
+  EXPECT_EQ(plan.slots_moved, 0u);
+}
+
+TEST(PlanRebalanceTest, IdleListenerKeepsTheBaseline) {
+  RebalancePlan plan = PlanRebalance(Shards({0, 0, 0}, 85), {});
+  EXPECT_TRUE(plan.even);
+  EXPECT_DOUBLE_EQ(plan.imbalance, 0);
+  EXPECT_THAT(plan.slots, ElementsAre(85, 85, 85));
+}
+
+// The scale-up skew: two old shards hold everything, two new ones nothing.
+TEST(PlanRebalanceTest, ScaleUpSkewSendsNewConnectionsToTheNewShards) {
+  RebalancePlan plan = PlanRebalance(Shards({200, 200, 0, 0}), {});
+  EXPECT_FALSE(plan.even);
+  EXPECT_DOUBLE_EQ(plan.imbalance, 2);
+  ASSERT_EQ(plan.slots.size(), 4u);
+  EXPECT_EQ(Sum(plan.slots), 256u);
+  EXPECT_EQ(plan.slots[0], plan.slots[1]);
+  EXPECT_EQ(plan.slots[2], plan.slots[3]);
+  // Hot at half their baseline share, cold at up to 4 times: 14 vs 114.
+  EXPECT_LT(plan.slots[0], 32u);
+  EXPECT_GT(plan.slots[2], 100u);
+  EXPECT_EQ(plan.slots_moved, 2 * (plan.slots[2] - 64));
+}
+
+TEST(PlanRebalanceTest, EveryEligibleShardKeepsASlotAndTheTotalIsKept) {
+  RebalancePlan plan =
+      PlanRebalance(Shards({10000, 1, 1, 1, 1, 1, 1, 1}, 32), {});
+  EXPECT_EQ(Sum(plan.slots), 256u);
+  for (uint32_t s : plan.slots) EXPECT_GE(s, 1u);
+  EXPECT_LT(plan.slots[0], plan.slots[1]);
+}
+
+TEST(PlanRebalanceTest, OperatorWeightsAreTheBaseline) {
+  // Weights 3:1 (192 and 64 slots); equal load per weight is not even by
+  // count, so the heavier shard gives slots, but stays within its factor.
+  std::vector<RebalanceInput> in = Shards({300, 100});
+  in[0].baseline_slots = in[0].slots = 192;
+  RebalancePlan plan = PlanRebalance(in, {});
+  EXPECT_EQ(Sum(plan.slots), 256u);
+  EXPECT_LT(plan.slots[0], 192u);
+  EXPECT_GE(plan.slots[0], 192u / 4);
+  // Even again: back to the operator's 3:1.
+  in[0].load = 200;
+  in[1].load = 200;
+  in[0].slots = plan.slots[0];
+  in[1].slots = plan.slots[1];
+  RebalancePlan back = PlanRebalance(in, {});
+  EXPECT_TRUE(back.even);
+  EXPECT_THAT(back.slots, ElementsAre(192, 64));
+}
+
+TEST(PlanRebalanceTest, ShardsNotEligibleKeepTheirBaseline) {
+  std::vector<RebalanceInput> in = Shards({200, 0, 0});
+  in[2].eligible = false;  // not ready yet
+  RebalancePlan plan = PlanRebalance(in, {});
+  EXPECT_EQ(plan.slots[2], 64u);
+  EXPECT_EQ(plan.slots[0] + plan.slots[1], 128u);
+  EXPECT_GT(plan.slots[1], plan.slots[0]);
+}
+
+// The plan depends on the loads, not on the slots now: asking twice with the
+// same loads gives the same table (no drift, no oscillation).
+TEST(PlanRebalanceTest, SameLoadsSamePlan) {
+  std::vector<RebalanceInput> in = Shards({300, 100, 50, 0});
+  RebalancePlan first = PlanRebalance(in, {});
+  for (size_t i = 0; i < in.size(); ++i) in[i].slots = first.slots[i];
+  RebalancePlan second = PlanRebalance(in, {});
+  EXPECT_EQ(second.slots, first.slots);
+  EXPECT_EQ(second.slots_moved, 0u);
+}
+
+TEST(PlanHandOffsTest, EvensCapableShardsLargestFirst) {
+  std::vector<HandOffTransfer> t =
+      PlanHandOffs({{.index = 0, .connections = 200, .capable = true},
+                    {.index = 1, .connections = 200, .capable = true},
+                    {.index = 2, .connections = 0, .capable = true},
+                    {.index = 3, .connections = 0, .capable = true}});
+  std::map<uint32_t, int64_t> after = {{0, 200}, {1, 200}, {2, 0}, {3, 0}};
+  for (const HandOffTransfer& x : t) {
+    after[x.from] -= x.count;
+    after[x.to] += x.count;
+  }
+  EXPECT_EQ(after, (std::map<uint32_t, int64_t>{
+                       {0, 100}, {1, 100}, {2, 100}, {3, 100}}));
+  EXPECT_EQ(t.size(), 2u);
+}
+
+TEST(PlanHandOffsTest, RemainderStaysOnTheHottestAndEvenMovesNothing) {
+  std::vector<HandOffTransfer> t =
+      PlanHandOffs({{.index = 0, .connections = 7, .capable = true},
+                    {.index = 1, .connections = 0, .capable = true}});
+  ASSERT_EQ(t.size(), 1u);
+  EXPECT_EQ(t[0].count, 3u);  // 4 and 3
+  EXPECT_TRUE(PlanHandOffs({{.index = 0, .connections = 4, .capable = true},
+                            {.index = 1, .connections = 3, .capable = true}})
+                  .empty());
+}
+
+TEST(PlanHandOffsTest, ShardsThatCannotHandOffNeitherGiveNorTake) {
+  std::vector<HandOffTransfer> t =
+      PlanHandOffs({{.index = 0, .connections = 300, .capable = false},
+                    {.index = 1, .connections = 100, .capable = true},
+                    {.index = 2, .connections = 0, .capable = true}});
+  // Mean 133: shard 1 is below it too; nothing can come from shard 0.
+  EXPECT_TRUE(t.empty());
+  t = PlanHandOffs({{.index = 0, .connections = 90, .capable = true},
+                    {.index = 1, .connections = 0, .capable = false},
+                    {.index = 2, .connections = 0, .capable = true}});
+  ASSERT_EQ(t.size(), 1u);
+  EXPECT_EQ(t[0].from, 0u);
+  EXPECT_EQ(t[0].to, 2u);
+  EXPECT_EQ(t[0].count, 30u);
+}
+
+TEST(LoadByTest, PicksTheMetric) {
+  v1::ShardLoad load;
+  load.set_connections(7);
+  load.set_cpu(0.5);
+  load.set_bytes_per_second(1000);
+  EXPECT_EQ(LoadBy(load, v1::REBALANCE_METRIC_UNSPECIFIED), 7);
+  EXPECT_EQ(LoadBy(load, v1::REBALANCE_METRIC_CONNECTIONS), 7);
+  EXPECT_EQ(LoadBy(load, v1::REBALANCE_METRIC_CPU), 0.5);
+  EXPECT_EQ(LoadBy(load, v1::REBALANCE_METRIC_BYTES), 1000);
+}
+
+// Established connections per process group, as the test sets them.
+class FakeCounter : public ConnectionCounter {
+ public:
+  std::map<pid_t, uint64_t> by_pgid;
+  std::set<pid_t> asked;
+  absl::StatusOr<std::map<pid_t, uint64_t>> Count(
+      uint16_t, const std::set<pid_t>& pgids) override {
+    std::map<pid_t, uint64_t> out;
+    for (pid_t g : pgids) {
+      asked.insert(g);
+      out[g] = by_pgid.count(g) > 0 ? by_pgid[g] : 0;
+    }
+    return out;
+  }
+};
+
+class FleetRebalanceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SetLogLevel(LogLevel::kError);
+    loop_ = *EventLoop::Create(&clock_);
+    FleetOptions options;
+    options.cpus = {0, 1};
+    options.base_env = {"PATH=/usr/bin:/bin"};
+    fleet_ = std::make_unique<Fleet>(loop_.get(), &launcher_, options);
+    fleet_->SetSteeringBackend(&steering_, "");
+    fleet_->SetLoadSeams(&observer_, &counter_);
+    fleet_->SetEventSink([this](const FleetEvent& e) { events_.push_back(e); });
+  }
+  void TearDown() override { fleet_.reset(); }
+
+  v1::Listener Spec(uint32_t shards, const std::string& extra = "") {
+    v1::Listener l;
+    std::string text = absl::StrCat("name: 'web' address: '127.0.0.1:", port_,
+                                    "' shards: ", shards,
+                                    " worker { command: '/bin/true' } ", extra);
+    EXPECT_TRUE(google::protobuf::TextFormat::ParseFromString(text, &l));
+    return l;
+  }
+  void Settle() {
+    for (int i = 0; i < 10; ++i) loop_->RunUntilIdle();
+  }
+  // A load report from every running worker, in launch order.
+  void Report(const std::vector<uint64_t>& connections) {
+    std::vector<FakeLauncher::Process*> running = launcher_.Running();
+    ASSERT_EQ(running.size(), connections.size());
+    for (size_t i = 0; i < running.size(); ++i) {
+      v1::WorkerMessage m;
+      m.mutable_load()->set_active_connections(connections[i]);
+      m.mutable_load()->set_bytes_in_total(1000 * (i + 1));
+      m.mutable_load()->set_requests_total(10 * (i + 1));
+      ASSERT_TRUE(running[i]->channel->Send(m).ok());
+    }
+    Settle();
+  }
+  std::vector<uint32_t> AppliedWeights() {
+    return steering_.state.listeners["web"].applied.back().weights;
+  }
+  // The one-shot rebalance, run to its end on the loop.
+  absl::StatusOr<v1::RebalanceListenerResponse> Rebalance(
+      const v1::RebalanceListenerRequest& request) {
+    std::optional<absl::StatusOr<v1::RebalanceListenerResponse>> out;
+    fleet_->RebalanceListener(
+        request, [&](absl::StatusOr<v1::RebalanceListenerResponse> r) {
+          out = std::move(r);
+        });
+    for (int i = 0; i < 100 && !out; ++i) {
+      Settle();
+      if (!out && loop_->NextTimer() < absl::InfiniteFuture()) {
+        loop_->AdvanceTo(&clock_, loop_->NextTimer());
+      }
+    }
+    if (!out) return absl::InternalError("rebalance never ended");
+    return *out;
+  }
+  v1::RebalanceListenerRequest Request(bool dry_run = false) {
+    v1::RebalanceListenerRequest r;
+    r.set_name("web");
+    r.set_dry_run(dry_run);
+    return r;
+  }
+
+  int port_ = FreePort();
+  ManualClock clock_;
+  std::unique_ptr<EventLoop> loop_;
+  FakeLauncher launcher_;
+  FakeSteering steering_;
+  FakeObserver observer_;
+  FakeCounter counter_;
+  std::vector<FleetEvent> events_;
+  std::unique_ptr<Fleet> fleet_;
+};
+
+TEST_F(FleetRebalanceTest, LoadComesFromReportsAndRatesFromTheirDeltas) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  Report({3, 5});
+  fleet_->MeasureLoadNow();
+  loop_->AdvanceTo(&clock_, clock_.Now() + absl::Seconds(1));
+  Report({3, 5});
+  fleet_->MeasureLoadNow();
+  ListenerStatus st = *fleet_->ListenerStatusOf("web");
+  ASSERT_EQ(st.shards.size(), 2u);
+  EXPECT_EQ(st.shards[0].load.connections(), 3u);
+  EXPECT_EQ(st.shards[1].load.connections(), 5u);
+  EXPECT_EQ(st.shards[1].load.connections_source(),
+            v1::ShardLoad::SOURCE_WORKER);
+  EXPECT_EQ(st.shards[1].load.bytes_in_total(), 2000u);
+  EXPECT_EQ(st.shards[1].load.requests_total(), 20u);
+  EXPECT_TRUE(counter_.asked.empty()) << "reporting workers need no kernel";
+  EXPECT_EQ(st.shards[0].steering_slots, 128u);
+  EXPECT_EQ(st.shards[0].rebalance_slot_delta, 0);
+}
+
+TEST_F(FleetRebalanceTest, WorkersWithoutReportsAreCountedByTheKernel) {
+  launcher_.auto_ready = false;  // no hello, no reports: a third-party worker
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  std::vector<FakeLauncher::Process*> running = launcher_.Running();
+  ASSERT_EQ(running.size(), 2u);
+  counter_.by_pgid[running[0]->pid] = 7;
+  counter_.by_pgid[running[1]->pid] = 2;
+  fleet_->MeasureLoadNow();
+  ListenerStatus st = *fleet_->ListenerStatusOf("web");
+  EXPECT_EQ(st.shards[0].load.connections(), 7u);
+  EXPECT_EQ(st.shards[0].load.connections_source(),
+            v1::ShardLoad::SOURCE_KERNEL);
+  EXPECT_FALSE(st.shards[0].load.reports());
+  EXPECT_EQ(st.shards[1].load.connections(), 2u);
+}
+
+// Steps: 4 shards, the first two hold 200 connections each; a dry run
+// changes nothing; the rebalance moves slots to the cold shards, says it is
+// steering only and records an event; once the load is even, a rebalance
+// puts the operator's table back.
+TEST_F(FleetRebalanceTest, MovesSlotsFromHotToColdAndBackWhenEven) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(4)).ok());
+  Settle();
+  Report({200, 200, 0, 0});
+  fleet_->MeasureLoadNow();
+  const size_t writes = steering_.state.listeners["web"].applied.size();
+  events_.clear();
+
+  absl::StatusOr<v1::RebalanceListenerResponse> plan =
+      Rebalance(Request(/*dry_run=*/true));
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(steering_.state.listeners["web"].applied.size(), writes);
+  EXPECT_DOUBLE_EQ(plan->imbalance_before(), 2);
+  ASSERT_EQ(plan->shards_size(), 4);
+  EXPECT_EQ(plan->shards(0).slots_before(), 64u);
+  EXPECT_LT(plan->shards(0).slots_after(), 64u);
+  EXPECT_GT(plan->shards(3).slots_after(), 64u);
+  EXPECT_TRUE(events_.empty());
+
+  v1::RebalanceListenerRequest req = Request();
+  req.set_move_connections(true);
+  absl::StatusOr<v1::RebalanceListenerResponse> done = Rebalance(req);
+  ASSERT_TRUE(done.ok()) << done.status();
+  EXPECT_TRUE(done->steering_only());
+  EXPECT_EQ(done->connections_moved(), 0u);
+  ASSERT_EQ(done->refusals_size(), 4);
+  EXPECT_THAT(done->refusals(0).reason(), HasSubstr("steering only"));
+  std::vector<uint32_t> w = AppliedWeights();
+  ASSERT_EQ(w.size(), 4u);
+  EXPECT_EQ(w[0] + w[1] + w[2] + w[3], 256u);
+  EXPECT_EQ(w[0], plan->shards(0).slots_after());
+  EXPECT_EQ(w[3], plan->shards(3).slots_after());
+  ListenerStatus st = *fleet_->ListenerStatusOf("web");
+  EXPECT_EQ(st.shards[3].steering_slots, w[3]);
+  EXPECT_EQ(st.shards[3].rebalance_slot_delta, static_cast<int32_t>(w[3]) - 64);
+  bool done_event = false;
+  for (const FleetEvent& e : events_) {
+    done_event = done_event || e.type == v1::EVENT_TYPE_REBALANCE_DONE;
+  }
+  EXPECT_TRUE(done_event);
+
+  Report({100, 100, 100, 100});
+  fleet_->MeasureLoadNow();
+  ASSERT_TRUE(Rebalance(Request()).ok());
+  // The spec's weights again (none: equal).
+  EXPECT_THAT(AppliedWeights(), ElementsAre(1, 1, 1, 1));
+}
+
+// Steps: 3 workers that hand off (hello.handoff); shard 0 holds 60
+// connections, the others none. The rebalance asks shard 0 for 20 each to
+// shards 1 and 2; the fake worker releases 15 for shard 1 (5 busy) and all
+// 20 for shard 2, each socket attached; the agent passes every socket to
+// the cold worker and reports 35 moved, and why 5 were not.
+TEST_F(FleetRebalanceTest, HandsIdleConnectionsToColdWorkers) {
+  launcher_.auto_ready = false;
+  ASSERT_TRUE(fleet_->AddListener(Spec(3)).ok());
+  Settle();
+  std::vector<FakeLauncher::Process*> w = launcher_.Running();
+  ASSERT_EQ(w.size(), 3u);
+  for (FakeLauncher::Process* p : w) {
+    v1::WorkerMessage hello;
+    hello.mutable_hello()->set_pid(p->pid);
+    hello.mutable_hello()->set_handoff(true);
+    ASSERT_TRUE(p->channel->Send(hello).ok());
+    launcher_.SendReady(*p);
+  }
+  Settle();
+  Report({60, 0, 0});
+  fleet_->MeasureLoadNow();
+
+  v1::RebalanceListenerRequest req = Request();
+  req.set_move_connections(true);
+  std::optional<absl::StatusOr<v1::RebalanceListenerResponse>> out;
+  fleet_->RebalanceListener(
+      req, [&](absl::StatusOr<v1::RebalanceListenerResponse> r) {
+        out = std::move(r);
+      });
+  Settle();
+  ASSERT_FALSE(out.has_value()) << "returned before the hand-offs ended";
+  std::vector<v1::HandOffRequest> asked;
+  for (const v1::AgentMessage& m : launcher_.Received(w[0]->pid)) {
+    if (m.has_handoff_request()) asked.push_back(m.handoff_request());
+  }
+  ASSERT_EQ(asked.size(), 2u);
+  uint32_t busy = 5;
+  for (const v1::HandOffRequest& a : asked) {
+    EXPECT_EQ(a.count(), 20u);
+    const uint32_t release = a.count() - busy;
+    for (uint32_t i = 0; i < release; ++i) {
+      Fd conn(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      v1::WorkerMessage m;
+      m.mutable_handoff_connection()->set_id(a.id());
+      ASSERT_TRUE(w[0]->channel->SendWithFd(m, conn.get()).ok());
+    }
+    v1::WorkerMessage done;
+    done.mutable_handoff_done()->set_id(a.id());
+    done.mutable_handoff_done()->set_released(release);
+    done.mutable_handoff_done()->set_busy(busy);
+    ASSERT_TRUE(w[0]->channel->Send(done).ok());
+    busy = 0;
+  }
+  Settle();
+  ASSERT_TRUE(out.has_value());
+  ASSERT_TRUE(out->ok()) << out->status();
+  const v1::RebalanceListenerResponse& r = **out;
+  EXPECT_FALSE(r.steering_only());
+  EXPECT_EQ(r.connections_moved(), 35u);
+  EXPECT_EQ(r.shards(0).connections_moved(), -35);
+  EXPECT_EQ(r.shards(0).expected_after(), 25);
+  EXPECT_EQ(r.shards(1).connections_moved() + r.shards(2).connections_moved(),
+            35);
+  ASSERT_EQ(r.refusals_size(), 1);
+  EXPECT_THAT(r.refusals(0).reason(),
+              HasSubstr("5 connections had data in flight (never moved)"));
+  int adopted = 0;
+  for (FakeLauncher::Process* p : {w[1], w[2]}) {
+    for (const v1::AgentMessage& m : launcher_.Received(p->pid)) {
+      adopted += m.has_adopt_connection();
+    }
+  }
+  EXPECT_EQ(adopted, 35);
+  bool handoff_event = false;
+  for (const FleetEvent& e : events_) {
+    handoff_event = handoff_event || e.type == v1::EVENT_TYPE_REBALANCE_HANDOFF;
+  }
+  EXPECT_TRUE(handoff_event);
+}
+
+TEST_F(FleetRebalanceTest, SteeringChangeDropsTheAdjustment) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  Report({50, 0});
+  fleet_->MeasureLoadNow();
+  ASSERT_TRUE(Rebalance(Request()).ok());
+  EXPECT_NE(AppliedWeights()[0], AppliedWeights()[1]);
+  v1::Steering hash;
+  hash.set_policy(v1::STEERING_POLICY_HASH);
+  ASSERT_TRUE(fleet_->SetSteering("web", hash).ok());
+  EXPECT_THAT(AppliedWeights(), ElementsAre(1, 1));
+}
+
+TEST_F(FleetRebalanceTest, CpuSteeringKeepsLocality) {
+  ASSERT_TRUE(
+      fleet_->AddListener(Spec(2, "steering { policy: STEERING_POLICY_CPU }"))
+          .ok());
+  Settle();
+  Report({50, 0});
+  fleet_->MeasureLoadNow();
+  const size_t writes = steering_.state.listeners["web"].applied.size();
+  absl::StatusOr<v1::RebalanceListenerResponse> r = Rebalance(Request());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->slots_moved(), 0u);
+  ASSERT_GE(r->refusals_size(), 1);
+  EXPECT_THAT(r->refusals(0).reason(), HasSubstr("CPU"));
+  EXPECT_EQ(steering_.state.listeners["web"].applied.size(), writes);
+}
+
+TEST_F(FleetRebalanceTest, RefusedWithoutSteeringOrListener) {
+  EXPECT_TRUE(absl::IsNotFound(Rebalance(Request()).status()));
+  fleet_->SetSteeringBackend(nullptr, "no CAP_BPF");
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  absl::Status s = Rebalance(Request()).status();
+  EXPECT_TRUE(absl::IsFailedPrecondition(s)) << s;
+  EXPECT_THAT(s.message(), HasSubstr("listener web"));
+  EXPECT_THAT(s.message(), HasSubstr("no CAP_BPF"));
+}
+
+}  // namespace
+}  // namespace portfleet::testing
