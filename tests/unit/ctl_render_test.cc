@@ -80,7 +80,8 @@ TEST(RenderTest, JsonHasEveryFieldNumbersAndShortEnums) {
   EXPECT_EQ(ToJson(ToValue(Sample()), /*multiline=*/false),
             R"({"spec":{"name":"web","address":"127.0.0.1:8080","shards":2,)"
             R"("worker":{"command":"portfleet-worker","args":["--mode=http"],)"
-            R"("env":[],"user":"","group":""},"steering":{"policy":"hash",)"
+            R"("env":[],"user":"","group":"","socketMode":"unspecified"},)"
+            R"("steering":{"policy":"hash",)"
             R"("weights":[1,3]},"drainTimeoutSeconds":0,"backlog":0,)"
             R"("deferAcceptSeconds":0,)"
             R"("health":{"stallWindowMs":0,"stallGraceSeconds":0}},)"
@@ -90,6 +91,7 @@ TEST(RenderTest, JsonHasEveryFieldNumbersAndShortEnums) {
             R"("migrated":0,"fallback":0},"socketInode":0,)"
             R"("health":"unspecified","healthReason":"","ejections":0,)"
             R"("replacements":0,"orphans":[],"orphansKilled":0,)"
+            R"("selfBound":false,"adopted":false,)"
             R"("load":{"connections":0,"connectionsSource":"unspecified",)"
             R"("cpu":0,"bytesInTotal":0,"bytesOutTotal":0,)"
             R"("bytesPerSecond":0,"requestsTotal":0,"requestsPerSecond":0,)"
