@@ -216,23 +216,16 @@ class FleetController {
                                    bool maintenance, MutationCall call) = 0;
   // Takes the listening sockets of running process `pid` on the listener's
   // address into it, one new shard per socket; their indexes go to
-  // `indexes` before `call.done`. Unimplemented unless overridden.
+  // `indexes` before `call.done`. Pure, like every method here, so that a
+  // wrapper (ConfigModeController) cannot silently drop it.
   virtual void AdoptListener(const std::string& name, pid_t pid,
                              std::shared_ptr<std::vector<uint32_t>> indexes,
-                             MutationCall call) {
-    (void)name;
-    (void)pid;
-    (void)indexes;
-    call.done(absl::UnimplementedError("AdoptListener is not supported here"));
-  }
+                             MutationCall call) = 0;
 
   // One-shot rebalance of a listener (see RebalanceListener in agent.proto).
   // Runs at once on the fleet; not persisted (a rebalance is runtime state).
   virtual absl::StatusOr<v1::RebalanceListenerResponse> RebalanceListener(
-      const v1::RebalanceListenerRequest& request) {
-    return absl::UnimplementedError(absl::StrCat(
-        "listener ", request.name(), ": this controller cannot rebalance"));
-  }
+      const v1::RebalanceListenerRequest& request) = 0;
 
   // The agent keeps its last events (a bounded history, oldest dropped
   // first). Subscribe calls `sink` (from any thread) for each kept event at
@@ -282,6 +275,21 @@ class SyncFleetController : public FleetController {
     return absl::UnimplementedError("this controller has no dry run");
   }
   virtual void EndDryRun() {}
+
+  // Fakes that do not adopt or rebalance say so.
+  void AdoptListener(const std::string& name, pid_t pid,
+                     std::shared_ptr<std::vector<uint32_t>> indexes,
+                     MutationCall call) override {
+    (void)pid;
+    (void)indexes;
+    call.done(absl::UnimplementedError(absl::StrCat(
+        "listener ", name, ": this controller cannot adopt a process")));
+  }
+  absl::StatusOr<v1::RebalanceListenerResponse> RebalanceListener(
+      const v1::RebalanceListenerRequest& request) override {
+    return absl::UnimplementedError(absl::StrCat(
+        "listener ", request.name(), ": this controller cannot rebalance"));
+  }
 
   void CreateListener(const v1::Listener& spec, MutationCall call) override {
     Run(call, spec.name(), [&] { return CreateListener(spec); });

@@ -513,6 +513,15 @@ void ConfigModeController::DrainShard(const std::string& name, uint32_t index,
   inner_->DrainShard(name, index, std::move(call));
 }
 
+void ConfigModeController::AdoptListener(
+    const std::string& name, pid_t pid,
+    std::shared_ptr<std::vector<uint32_t>> indexes, MutationCall call) {
+  if (absl::Status s = Refusal("AdoptListener", name); !s.ok()) {
+    return call.done(s);
+  }
+  inner_->AdoptListener(name, pid, std::move(indexes), std::move(call));
+}
+
 void ConfigModeController::SetSteering(const std::string& name,
                                        const v1::Steering& steering,
                                        MutationCall call) {

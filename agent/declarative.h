@@ -163,6 +163,16 @@ class ConfigModeController : public FleetController {
                            bool maintenance, MutationCall call) override {
     inner_->SetShardMaintenance(name, index, maintenance, std::move(call));
   }
+  // Adopting adds shards to the listener (the desired state): refused in
+  // declarative mode like a scale.
+  void AdoptListener(const std::string& name, pid_t pid,
+                     std::shared_ptr<std::vector<uint32_t>> indexes,
+                     MutationCall call) override;
+  // A rebalance is runtime state (not in the file): allowed in both modes.
+  absl::StatusOr<v1::RebalanceListenerResponse> RebalanceListener(
+      const v1::RebalanceListenerRequest& request) override {
+    return inner_->RebalanceListener(request);
+  }
   uint64_t Subscribe(std::function<void(const FleetEvent&)> sink,
                      absl::Time since) override {
     return inner_->Subscribe(std::move(sink), since);

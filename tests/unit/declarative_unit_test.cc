@@ -244,6 +244,7 @@ TEST_F(ConfigModeCtlTest, RefusesChangesAllowsReadsAndStatus) {
            {"drain", "web", "--shard", "1"},
            {"delete", "listener", "web"},
            {"steer", "web", "--policy", "hash"},
+           {"adopt", "web", "--pid", "1"},
        }) {
     Result r = Ctl(args);
     EXPECT_EQ(r.code, 1) << args[0] << ": " << r.out << r.err;
@@ -253,6 +254,14 @@ TEST_F(ConfigModeCtlTest, RefusesChangesAllowsReadsAndStatus) {
     EXPECT_TRUE(absl::StrContains(r.err, "--config-mode=declarative")) << r.err;
   }
   EXPECT_EQ(fake_.DesiredSpec().listeners(0).shards(), 2u);
+  // A rebalance is runtime state: it reaches the controller (this fake
+  // cannot rebalance and says so) instead of being refused.
+  Result rebalance = Ctl({"rebalance", "web"});
+  EXPECT_EQ(rebalance.code, 1);
+  EXPECT_TRUE(absl::StrContains(rebalance.err, "cannot rebalance"))
+      << rebalance.err;
+  EXPECT_FALSE(absl::StrContains(rebalance.err, "--config-mode"))
+      << rebalance.err;
   Result get = Ctl({"get", "listeners"});
   EXPECT_EQ(get.code, 0) << get.err;
   Result status = Ctl({"status"});
