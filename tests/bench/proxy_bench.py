@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """portfleet-worker --mode proxy under the agent vs HAProxy (mode tcp).
 
-Paired and interleaved (A B A B ...) per /work/shared/BENCHMARKING.md, in a
+Paired and interleaved (A B A B ...) (the team's benchmarking rules), in a
 private network namespace this script creates, loopback only:
 
   * new connections/s: portfleet-loadgen, one HTTP request per connection,
