@@ -210,7 +210,7 @@ loadgen::Options LongLoad() {
 // 1. Start "web" with 2 shards of the reference worker; open 200 held
 //    keep-alive connections (the client notes which pid answers each) and
 //    start 100 more that send a request every 100 ms (loadgen, every answer
-//    checked).
+//    checked); wait until the agent counts all 300.
 // 2. Scale to 4: the new shards hold nothing (counted by the agent from the
 //    workers' reports; the client's count agrees).
 // 3. `rebalance --dry-run`: prints the plan with the imbalance (max/mean,
@@ -228,6 +228,16 @@ TEST_F(RebalanceTest, OneShotAfterScaleUpSteersNewConnectionsToNewShards) {
   std::atomic<bool> stop{false};
   auto load = std::async(std::launch::async,
                          [&] { return loadgen::Run(LongLoad(), &stop); });
+
+  // Every loadgen connection is open before the scale (the loadgen connects
+  // in the background; one opened after the scale may land on a new shard).
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<uint64_t> c = AgentConnections();
+        return c.size() == 2 && c[0] + c[1] == 300;
+      },
+      absl::Seconds(10)))
+      << ::testing::PrintToString(AgentConnections());
 
   ASSERT_TRUE(ScaleTo(*stub_, "web", 4).ok());
   ASSERT_TRUE(AllReady(4)) << agent_.Log();
