@@ -1,6 +1,5 @@
 #include "agent/launcher.h"
 
-#include <dirent.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <linux/capability.h>
@@ -18,10 +17,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "agent/procfs.h"
 #include "worker/sdk/base/status.h"
 
 #ifndef P_PIDFD
@@ -340,35 +341,13 @@ bool RealProcessLauncher::GroupAlive(pid_t pgid) {
   // kill() also finds zombies, which wait for whoever reaps orphans (PID 1,
   // or a subreaper that may be slow or never do it): only a member that
   // still runs counts.
-  DIR* proc = ::opendir("/proc");
-  if (proc == nullptr) return true;
-  bool alive = false;
-  while (dirent* pe = ::readdir(proc)) {
-    pid_t pid;
-    if (!absl::SimpleAtoi(pe->d_name, &pid)) continue;
-    std::string path = absl::StrCat("/proc/", pid, "/stat");
-    Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (!fd) continue;
-    char buf[512];
-    ssize_t n = ::read(fd.get(), buf, sizeof(buf) - 1);
-    if (n <= 0) continue;
-    absl::string_view text(buf, static_cast<size_t>(n));
-    // "pid (comm) S ppid pgrp ..."; comm may hold anything.
-    size_t close = text.rfind(')');
-    if (close == absl::string_view::npos) continue;
-    std::vector<absl::string_view> f =
-        absl::StrSplit(text.substr(close + 1), ' ', absl::SkipEmpty());
-    pid_t pgrp = 0;
-    if (f.size() < 3 || !absl::SimpleAtoi(f[2], &pgrp) || pgrp != pgid) {
-      continue;
-    }
-    if (f[0] != "Z" && f[0] != "X") {
-      alive = true;
-      break;
-    }
+  std::map<pid_t, ProcIds> procs = ProcessTable();
+  if (procs.empty()) return true;  // /proc unreadable: trust kill()
+  for (const auto& entry : procs) {
+    const ProcIds& ids = entry.second;
+    if (ids.pgid == pgid && ids.state != 'Z' && ids.state != 'X') return true;
   }
-  ::closedir(proc);
-  return alive;
+  return false;
 }
 
 bool RealProcessLauncher::SignalGroup(pid_t pgid, int sig) {

@@ -1,7 +1,6 @@
 #include "agent/sockets.h"
 
 #include <arpa/inet.h>
-#include <dirent.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
@@ -18,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "agent/procfs.h"
 #include "worker/sdk/base/status.h"
 
 namespace portfleet {
@@ -122,35 +122,15 @@ bool IsAny(const in6_addr& ip, int family) {
 }
 
 void FindOwner(uint64_t inode, ForeignListener* out) {
-  std::string needle = absl::StrCat("socket:[", inode, "]");
-  DIR* proc = ::opendir("/proc");
-  if (!proc) return;
-  while (dirent* pe = ::readdir(proc)) {
-    pid_t pid;
-    if (!absl::SimpleAtoi(pe->d_name, &pid)) continue;
-    std::string fd_dir = absl::StrCat("/proc/", pid, "/fd");
-    DIR* fds = ::opendir(fd_dir.c_str());
-    if (!fds) continue;
-    bool found = false;
-    while (dirent* fe = ::readdir(fds)) {
-      if (fe->d_name[0] == '.') continue;
-      char buf[64];
-      std::string link = absl::StrCat(fd_dir, "/", fe->d_name);
-      ssize_t n = ::readlink(link.c_str(), buf, sizeof(buf));
-      if (n > 0 && absl::string_view(buf, n) == needle) {
-        found = true;
-        break;
-      }
-    }
-    ::closedir(fds);
-    if (found) {
-      out->pid = pid;
-      std::ifstream comm(absl::StrCat("/proc/", pid, "/comm"));
-      std::getline(comm, out->process_name);
-      break;
+  for (const auto& entry : ProcessTable()) {
+    for (const ProcessSocket& s : SocketsOfProcess(entry.first)) {
+      if (s.inode != inode) continue;
+      out->pid = entry.first;
+      out->process_name = std::string(absl::StripTrailingAsciiWhitespace(
+          ReadProcFile(absl::StrCat("/proc/", entry.first, "/comm"))));
+      return;
     }
   }
-  ::closedir(proc);
 }
 
 }  // namespace

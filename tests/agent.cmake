@@ -10,6 +10,12 @@ portfleet_test(launcher_test
   LIBS portfleet_agent_lib portfleet_testing
   LABELS unit)
 
+# The /proc and sock_diag reader (agent/procfs.h), on this process.
+portfleet_test(procfs_test
+  SOURCES unit/procfs_test.cc
+  LIBS portfleet_agent_lib
+  LABELS unit)
+
 portfleet_test(agent_fleet_test
   SOURCES netns/agent_fleet_test.cc
   LIBS portfleet_agent_lib portfleet_testing

@@ -17,6 +17,7 @@
 
 #include "absl/status/statusor.h"
 #include "agent/fleet/health.h"
+#include "agent/procfs.h"
 
 namespace portfleet {
 
@@ -53,9 +54,6 @@ class ShardObserver {
   virtual std::map<uint64_t, std::vector<SocketHolder>> SocketHolders(
       const std::set<uint64_t>& inodes) = 0;
 };
-
-// The pgid and parent from the text of /proc/PID/stat. Public for tests.
-bool ParseProcStatIds(const std::string& text, pid_t* ppid, pid_t* pgid);
 
 // The real one: getsockopt(TCP_INFO) and /proc/PID/stat.
 std::unique_ptr<ShardObserver> MakeKernelShardObserver();

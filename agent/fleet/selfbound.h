@@ -24,36 +24,16 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "agent/procfs.h"
 #include "portfleet/v1/fleet.pb.h"
 #include "worker/sdk/base/address.h"
 #include "worker/sdk/base/fd.h"
 
 namespace portfleet {
 
-// A TCP socket in LISTEN state, as sock_diag reports it.
-struct ListeningSocket {
-  uint64_t inode = 0;
-  uid_t uid = 0;
-  SocketAddress local;
-};
-
-// Every listening TCP socket of `family` on `port` in this network
-// namespace, whatever its address.
-absl::StatusOr<std::vector<ListeningSocket>> ListListeningSockets(
-    int family, uint16_t port);
-
-// A socket fd of a process.
-struct ProcessSocket {
-  pid_t pid = 0;
-  int fd = -1;
-  uint64_t inode = 0;
-};
-
 // The socket fds of `root` and of every process in its process group or
 // below it (one walk of /proc).
 std::vector<ProcessSocket> SocketsOfTree(pid_t root);
-// The socket fds of `pid` alone.
-std::vector<ProcessSocket> SocketsOfProcess(pid_t pid);
 
 // Copies fd `fd` of process `pid` into the agent (pidfd_open +
 // pidfd_getfd; close-on-exec).
