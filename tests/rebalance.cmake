@@ -22,7 +22,7 @@ add_executable(portfleet-rebalance-bench
 target_compile_options(portfleet-rebalance-bench PRIVATE ${PORTFLEET_WARNINGS}
                        -Wno-missing-field-initializers)
 target_link_libraries(portfleet-rebalance-bench PRIVATE portfleet_loadgen
-                      portfleet_api portfleet_testing absl::strings
+                      portfleet_api portfleet_agent_lib portfleet_testing absl::strings
                       absl::str_format absl::time)
 target_compile_definitions(portfleet-rebalance-bench PRIVATE
   PORTFLEET_BINARY_DIR="${CMAKE_BINARY_DIR}")

@@ -16,7 +16,19 @@
 //   even      one more request on every connection: max/mean of the
 //             connections per answering pid (<= 1.15 expected), and
 //             requests that failed (0 expected)
+//
+// --timeline FILE: one more trial (the first size) with a sampler that reads
+// the kernel every few milliseconds: which worker holds each established
+// connection (sock_diag + /proc/PID/fd, agent/procfs.h). It writes
+// FILE (CSV: ms since the first sample, connections of shards 0-3, and the
+// phase: before, scaling, rebalancing, after) for a plot of the load per
+// shard over time (tests/bench/rebalance_timeline.gp), and prints when each
+// moved connection first appeared in its new worker, counted from the start
+// of the call (median, p99, max). The sampler competes for the CPU with the
+// hand-off, so the timeline trial's times are not the table's.
+//
 // Usage: portfleet-rebalance-bench [--connections 1000,10000] [--trials 5]
+//                                  [--timeline FILE]
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/resource.h>
@@ -25,6 +37,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -32,7 +45,10 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -42,6 +58,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "agent/procfs.h"
 #include "tests/loadgen/fleet_testing.h"
 #include "tests/loadgen/loadgen.h"
 #include "tests/testing/agent_harness.h"
@@ -97,6 +114,118 @@ uint64_t CpuNanos(pid_t pid) {
   return sum;
 }
 
+// Samples, every few milliseconds until stopped, which worker holds each
+// established connection on kPort: the kernel's view, for any worker.
+class Timeline {
+ public:
+  // The connections to follow are the established ones on kPort now (a
+  // moved connection keeps its socket, so its inode).
+  void Start() {
+    if (absl::StatusOr<std::vector<DiagSocket>> d =
+            DumpTcpSockets(AF_INET, kTcpEstablishedMask, kPort);
+        d.ok()) {
+      for (const DiagSocket& s : *d) established_.insert(s.inode);
+    }
+    t0_ = absl::Now();
+    thread_ = std::thread([this] { Run(); });
+  }
+  void Stop() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+  // The shards' pids, by index (the sampler follows them from then on).
+  void SetPids(std::vector<pid_t> pids) {
+    std::lock_guard<std::mutex> lock(mu_);
+    pids_ = std::move(pids);
+  }
+  void SetPhase(const std::string& phase) {
+    std::lock_guard<std::mutex> lock(mu_);
+    phase_ = phase;
+    if (phase == "rebalancing") call_start_ = absl::Now();
+  }
+  absl::Status Write(const std::string& path) const {
+    std::ofstream out(path);
+    out << "ms,shard0,shard1,shard2,shard3,phase\n";
+    for (const Row& r : rows_) {
+      out << absl::StrFormat("%.1f", r.ms);
+      for (int i = 0; i < 4; ++i) out << "," << r.counts[i];
+      out << "," << r.phase << "\n";
+    }
+    out.close();
+    if (!out) return absl::InternalError(absl::StrCat("cannot write ", path));
+    return absl::OkStatus();
+  }
+  // When each connection that changed worker was first seen in the new one,
+  // in ms after the call started.
+  std::vector<double> MoveTimes() const {
+    std::vector<double> out;
+    for (const auto& [inode, at] : moved_at_) {
+      out.push_back(absl::ToDoubleMilliseconds(at - call_start_));
+    }
+    std::sort(out.begin(), out.end());
+    return out;
+  }
+  size_t samples() const { return rows_.size(); }
+  // Median time between two samples while the call ran: the resolution of
+  // MoveTimes().
+  double MedianIntervalMs(const std::string& phase) const {
+    std::vector<double> gaps;
+    for (size_t i = 1; i < rows_.size(); ++i) {
+      if (rows_[i].phase == phase)
+        gaps.push_back(rows_[i].ms - rows_[i - 1].ms);
+    }
+    if (gaps.empty()) return 0;
+    std::sort(gaps.begin(), gaps.end());
+    return gaps[gaps.size() / 2];
+  }
+
+ private:
+  struct Row {
+    double ms = 0;
+    int counts[4] = {0, 0, 0, 0};
+    std::string phase;
+  };
+  void Run() {
+    while (!stop_) {
+      std::vector<pid_t> pids;
+      std::string phase;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        pids = pids_;
+        phase = phase_;
+      }
+      const absl::Time now = absl::Now();
+      Row row{.ms = absl::ToDoubleMilliseconds(now - t0_), .phase = phase};
+      for (size_t i = 0; i < pids.size() && i < 4; ++i) {
+        for (const ProcessSocket& s : SocketsOfProcess(pids[i])) {
+          if (established_.count(s.inode) == 0) continue;
+          row.counts[i]++;
+          auto [it, fresh] = owner_.emplace(s.inode, pids[i]);
+          if (!fresh && it->second != pids[i]) {
+            it->second = pids[i];
+            moved_at_.emplace(s.inode, now);
+          }
+        }
+      }
+      rows_.push_back(row);
+      absl::SleepFor(absl::Milliseconds(2));
+    }
+  }
+
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  absl::Time t0_;
+  std::set<uint64_t> established_;
+  mutable std::mutex mu_;
+  std::vector<pid_t> pids_;
+  std::string phase_ = "before";
+  absl::Time call_start_;
+  // The sampler thread's own, read after Stop().
+  std::vector<Row> rows_;
+  std::map<uint64_t, pid_t> owner_;
+  std::map<uint64_t, absl::Time> moved_at_;
+};
+
 struct Trial {
   bool ok = false;
   std::string error;
@@ -108,8 +237,16 @@ struct Trial {
   int failed = 0;
 };
 
-Trial RunTrial(int connections) {
+// `timeline`, when set, samples the whole trial (and is stopped before this
+// returns).
+Trial RunTrial(int connections, Timeline* timeline) {
   Trial t;
+  struct StopTimeline {
+    Timeline* timeline;
+    ~StopTimeline() {
+      if (timeline != nullptr) timeline->Stop();
+    }
+  } stop_timeline{timeline};
   AgentHarness agent;
   if (absl::Status s = agent.Start(Spec()); !s.ok()) {
     t.error = absl::StrCat("agent: ", s.message());
@@ -137,6 +274,14 @@ Trial RunTrial(int connections) {
     }
     held.push_back(std::move(fd));
   }
+  if (timeline != nullptr) {
+    std::vector<pid_t> old;
+    for (const v1::Shard& s : Shards(*stub, "web")) old.push_back(s.pid());
+    timeline->SetPids(old);
+    timeline->Start();
+    absl::SleepFor(absl::Milliseconds(300));
+    timeline->SetPhase("scaling");
+  }
   if (!ScaleTo(*stub, "web", 4).ok() ||
       !WaitFor([&] { return ReadyShards(*stub, "web") == 4; },
                absl::Seconds(20))) {
@@ -159,6 +304,11 @@ Trial RunTrial(int connections) {
     return t;
   }
   for (const v1::Shard& s : Shards(*stub, "web")) pids.push_back(s.pid());
+  if (timeline != nullptr) {
+    timeline->SetPids(std::vector<pid_t>(pids.begin() + 1, pids.end()));
+    absl::SleepFor(absl::Milliseconds(300));
+    timeline->SetPhase("rebalancing");
+  }
   uint64_t ns_before = 0;
   for (pid_t p : pids) ns_before += CpuNanos(p);
   v1::RebalanceListenerRequest req;
@@ -175,6 +325,11 @@ Trial RunTrial(int connections) {
     return t;
   }
   t.moved = resp.connections_moved();
+  if (timeline != nullptr) {
+    timeline->SetPhase("after");
+    absl::SleepFor(absl::Milliseconds(500));
+    timeline->Stop();
+  }
   if (t.moved > 0) {
     const double us = static_cast<double>(ns_after - ns_before) / 1e3;
     t.cpu_us_per_conn = us / static_cast<double>(t.moved);
@@ -215,6 +370,7 @@ double Median(std::vector<double> v) {
 int Main(int argc, char** argv) {
   std::vector<int> sizes = {1000, 10000};
   int trials = 5;
+  std::string timeline_path;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string flag = argv[i];
     if (flag == "--connections") {
@@ -225,6 +381,8 @@ int Main(int argc, char** argv) {
       }
     } else if (flag == "--trials") {
       if (!absl::SimpleAtoi(argv[i + 1], &trials) || trials < 1) trials = 5;
+    } else if (flag == "--timeline") {
+      timeline_path = argv[i + 1];
     }
   }
   if (absl::Status s = EnterPrivateNetns(); !s.ok()) {
@@ -244,7 +402,7 @@ int Main(int argc, char** argv) {
     uint64_t moved = 0;
     int failed = 0, ok = 0;
     for (int k = 0; k < trials; ++k) {
-      Trial t = RunTrial(n);
+      Trial t = RunTrial(n, nullptr);
       KillOthersInPrivateNetns();
       if (!t.ok) {
         std::cerr << "n=" << n << " trial " << k << ": " << t.error << "\n";
@@ -268,6 +426,37 @@ int Main(int argc, char** argv) {
         ok, trials, Median(call_ms), range(call_ms), moved, Median(cpu),
         range(cpu), Median(wall), *std::max_element(even.begin(), even.end()),
         failed);
+  }
+  if (!timeline_path.empty() && !sizes.empty()) {
+    Timeline timeline;
+    Trial t = RunTrial(sizes.front(), &timeline);
+    KillOthersInPrivateNetns();
+    if (!t.ok) {
+      std::cerr << "timeline trial: " << t.error << "\n";
+      return 1;
+    }
+    if (absl::Status s = timeline.Write(timeline_path); !s.ok()) {
+      std::cerr << s << "\n";
+      return 1;
+    }
+    std::vector<double> moved = timeline.MoveTimes();
+    auto at = [&](double q) {
+      return moved.empty()
+                 ? 0.0
+                 : moved[std::min(moved.size() - 1,
+                                  static_cast<size_t>(
+                                      q * static_cast<double>(moved.size())))];
+    };
+    std::cout << absl::StrFormat(
+        "\ntimeline (%d connections, %u samples, every %.1f ms during the "
+        "call, written to %s): %u "
+        "connections moved (the agent says %u); first seen in the new "
+        "worker after the call started: median %.1f ms, p99 %.1f ms, max "
+        "%.1f ms; call %.1f ms; max/mean after %.2f; failed %d\n",
+        sizes.front(), timeline.samples(),
+        timeline.MedianIntervalMs("rebalancing"), timeline_path, moved.size(),
+        t.moved, at(0.5), at(0.99), moved.empty() ? 0.0 : moved.back(),
+        absl::ToDoubleMilliseconds(t.call), t.even, t.failed);
   }
   return 0;
 }
