@@ -117,6 +117,23 @@ bool AutoRebalancer::Active(const std::string& name) const {
   return it != states_.end() && it->second.policy.active();
 }
 
+namespace {
+
+// Every shard's load was measured (and, for a worker that reports, reported)
+// at or after `since`.
+bool MeasuredSince(const Listener& listener, absl::Time since) {
+  for (const auto& shard : listener.shards) {
+    if (shard->load_track.time < since) return false;
+    const Worker* w = shard->worker.get();
+    if (w != nullptr && w->reports && w->control && w->last_report < since) {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
 std::string AutoRebalancer::Busy(const Listener& listener,
                                  const State& state) const {
   if (listener.deleting) return "the listener is being deleted";
@@ -153,6 +170,7 @@ void AutoRebalancer::Check(Listener& listener, State& state) {
     }
     return;
   }
+  if (!MeasuredSince(listener, state.step_ended)) return;
   std::vector<double> loads;
   for (const auto& shard : listener.shards) {
     if (shard->Steered() && shard->worker && shard->worker->ready) {
@@ -223,6 +241,7 @@ void AutoRebalancer::RunStep(Listener& listener, State& state,
         auto it = states_.find(name);
         if (it == states_.end()) return;
         it->second.in_flight = false;
+        it->second.step_ended = ctx_->Now();
         it->second.policy.StepEnded(ctx_->Now());
       },
       RebalanceLimits{.max_moves = settings.max_moves, .origin = "auto"});

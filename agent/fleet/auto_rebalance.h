@@ -10,9 +10,11 @@
 //            the formerly cold shards would overshoot) and it is idle again.
 // Nothing happens while the listener changes (a scale, a rollout, a drain,
 // a shard not ready or out of the tables, a rebalance in flight): the
-// period starts again once it is stable. A scale-up's new shards, once
-// ready, trigger a step at once (the classic scale-up skew), without
-// waiting a period.
+// period starts again once it is stable. After a step, nothing is decided
+// until every shard's load was reported and measured again (a decision on
+// the loads from before the step would move the same connections twice). A
+// scale-up's new shards, once ready, trigger a step at once (the classic
+// scale-up skew), without waiting a period.
 //
 // AutoRebalancePolicy is the decision alone (pure, a clock passed in);
 // AutoRebalancer applies it to the fleet's listeners on the event loop.
@@ -85,7 +87,10 @@ class AutoRebalancer {
  private:
   struct State {
     AutoRebalancePolicy policy;
-    bool in_flight = false;      // a step runs (hand-offs)
+    bool in_flight = false;  // a step runs (hand-offs)
+    // When the last step ended: its effect is known once every shard's
+    // load was reported and measured after this.
+    absl::Time step_ended = absl::InfinitePast();
     bool noted_refusal = false;  // said once why it cannot act
   };
   void Check(Listener& listener, State& state);
