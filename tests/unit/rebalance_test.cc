@@ -530,6 +530,8 @@ TEST_F(FleetAutoRebalanceTest, StartsAfterAPeriodAndSettlesAtTheTarget) {
   Observe({200, 200, 0, 0}, 2);
   EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_AUTO_STARTED), 1);
   EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_DONE, "auto: by connections"), 1);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_REFUSED), 0)
+      << "no worker hands off: steering alone, nothing to refuse";
   std::vector<uint32_t> w = AppliedWeights();
   ASSERT_EQ(w.size(), 4u);
   EXPECT_GT(w[2], w[0]);
