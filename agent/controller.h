@@ -73,6 +73,11 @@ struct ListenerStatus {
   uint64_t rebalances = 0;
   uint64_t rebalance_slots_moved = 0;
   uint64_t rebalance_refusals = 0;
+  // Connections handed off, auto-rebalancer steps, and whether an automatic
+  // rebalance is running (above the threshold, not yet at the target).
+  uint64_t rebalance_connections_moved = 0;
+  uint64_t auto_rebalance_steps = 0;
+  bool auto_rebalancing = false;
 };
 
 // Health of one listener (see v1::ListenerHealth).

@@ -15,6 +15,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "agent/spec/spec.h"
 #include "ctl/command.h"
 #include "ctl/render.h"
 #include "ctl/table.h"
@@ -236,8 +237,9 @@ absl::Status RunTop(Context& ctx) {
         if (sum > 0) {
           imbalances.push_back(absl::StrFormat(
               "%s: imbalance %.2f (max/mean connections over %d ready "
-              "shards)",
-              l.spec().name(), static_cast<double>(max) * ready / sum, ready));
+              "shards); rebalance %s",
+              l.spec().name(), static_cast<double>(max) * ready / sum, ready,
+              DescribeRebalance(l.spec())));
         }
       }
       t.Print(out, ctx.headers());

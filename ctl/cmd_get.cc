@@ -35,7 +35,8 @@ void PrintListeners(const Context& ctx, Format format, std::ostream& out,
   std::vector<std::string> headers = {"NAME",  "ADDRESS",  "SHARDS",
                                       "READY", "STEERING", "WORKER"};
   if (wide) {
-    headers.insert(headers.end() - 1, {"BACKLOG", "DRAIN-TIMEOUT", "USER"});
+    headers.insert(headers.end() - 1,
+                   {"BACKLOG", "DRAIN-TIMEOUT", "REBALANCE", "USER"});
   }
   Table t(headers);
   for (const v1::ListenerState* l : listeners) {
@@ -57,7 +58,8 @@ void PrintListeners(const Context& ctx, Format format, std::ostream& out,
       }
       row.insert(row.end() - 1,
                  {absl::StrCat(EffectiveBacklog(spec)),
-                  absl::StrCat(EffectiveDrainTimeoutSeconds(spec), "s"), user});
+                  absl::StrCat(EffectiveDrainTimeoutSeconds(spec), "s"),
+                  DescribeRebalance(spec), user});
     }
     t.AddRow(row);
   }
@@ -293,7 +295,8 @@ void AddGetCommands(std::vector<CommandSpec>* commands) {
       .description =
           "Lists every listener with its address, shard count, ready shards,\n"
           "steering and worker. -o wide adds the effective backlog, drain\n"
-          "timeout and worker user.\n",
+          "timeout, rebalance mode (\"off\", or \"auto METRIC\n"
+          "THRESHOLD->TARGET every PERIOD, N moves\") and worker user.\n",
       .formats = ListFormats(),
       .examples = {{"", "portfleetctl get listeners"},
                    {"the names only", "portfleetctl get listeners -o name"}},

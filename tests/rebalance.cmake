@@ -26,3 +26,11 @@ target_link_libraries(portfleet-rebalance-bench PRIVATE portfleet_loadgen
                       absl::str_format absl::time)
 target_compile_definitions(portfleet-rebalance-bench PRIVATE
   PORTFLEET_BINARY_DIR="${CMAKE_BINARY_DIR}")
+
+# The auto-rebalancer's decision over a manual clock (unit).
+portfleet_test(auto_rebalance_test
+  SOURCES unit/auto_rebalance_test.cc
+  LIBS portfleet_agent_lib
+  LABELS unit)
+target_compile_options(auto_rebalance_test PRIVATE
+                       -Wno-missing-field-initializers)

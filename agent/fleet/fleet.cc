@@ -42,7 +42,8 @@ Fleet::Fleet(EventLoop* loop, ProcessLauncher* launcher, FleetOptions options)
       drainer_(&ctx_, &supervisor_, &listeners_),
       health_(&ctx_, &supervisor_, &listeners_),
       load_(&ctx_, &listeners_),
-      handoffs_(&ctx_, &listeners_) {
+      handoffs_(&ctx_, &listeners_),
+      auto_rebalance_(&ctx_, &listeners_, &handoffs_) {
   ctx_.on_handoff = [this](Listener& l, Shard& s, const v1::WorkerMessage& m,
                            Fd fd) {
     handoffs_.OnWorkerMessage(l, s, m, std::move(fd));
@@ -789,6 +790,9 @@ absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
   view.rebalances = listener->rebalances;
   view.rebalance_slots_moved = listener->rebalance_slots_moved;
   view.rebalance_refusals = listener->rebalance_refusals;
+  view.rebalance_connections_moved = listener->rebalance_connections_moved;
+  view.auto_rebalance_steps = listener->auto_rebalance_steps;
+  view.auto_rebalancing = auto_rebalance_.Active(name);
   return view;
 }
 

@@ -22,6 +22,7 @@
 #include "agent/adoption.h"
 #include "agent/controller.h"
 #include "agent/event_loop.h"
+#include "agent/fleet/auto_rebalance.h"
 #include "agent/fleet/drain.h"
 #include "agent/fleet/handoff.h"
 #include "agent/fleet/health_monitor.h"
@@ -72,6 +73,7 @@ class Fleet {
   void StartHealthMonitor() {
     health_.Start();
     load_.Start();
+    auto_rebalance_.Start();
   }
   // Load measurement seams (not owned; the kernel's by default) and one
   // measurement now (unit tests).
@@ -84,6 +86,9 @@ class Fleet {
   void RebalanceListener(
       const v1::RebalanceListenerRequest& request,
       std::function<void(absl::StatusOr<v1::RebalanceListenerResponse>)> done);
+  // One check of the auto-rebalancer now (unit tests; see
+  // fleet/auto_rebalance.h).
+  void AutoRebalanceNow() { auto_rebalance_.Tick(); }
   void ObserveHealthNow() { health_.Tick(); }
   // Every listener's health, from its shards as last observed.
   std::vector<ListenerHealthView> Health() const;
@@ -240,6 +245,7 @@ class Fleet {
   HealthMonitor health_;
   LoadMonitor load_;
   HandOffRouter handoffs_;
+  AutoRebalancer auto_rebalance_;
   std::vector<Adoptee> adoptees_;
   // In Start (or a retry of it): nothing to commit, and a worker that cannot
   // be started is retried instead of failing its listener.

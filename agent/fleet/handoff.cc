@@ -51,6 +51,25 @@ std::vector<HandOffTransfer> PlanHandOffs(
   return out;
 }
 
+std::vector<HandOffTransfer> LimitHandOffs(
+    std::vector<HandOffTransfer> transfers, uint32_t max_moves) {
+  std::vector<HandOffTransfer> out;
+  for (HandOffTransfer& t : transfers) {
+    if (max_moves == 0) break;
+    t.count = std::min(t.count, max_moves);
+    max_moves -= t.count;
+    if (t.count > 0) out.push_back(t);
+  }
+  return out;
+}
+
+bool HandOffRouter::Busy(const std::string& name) const {
+  for (const auto& [id, p] : pending_) {
+    if (p.listener == name) return true;
+  }
+  return false;
+}
+
 HandOffRouter::~HandOffRouter() {
   for (auto& [id, timer] : drain_timers_) ctx_->loop->CancelTimer(timer);
   for (auto& [id, batch] : batches_) {
@@ -186,6 +205,7 @@ void HandOffRouter::Forward(Listener& listener, Pending& p,
   };
   if (send_to(p.result.transfer.to)) {
     p.result.moved++;
+    listener.rebalance_connections_moved++;
   } else if (send_to(p.result.transfer.from)) {
     p.result.returned++;
   } else {

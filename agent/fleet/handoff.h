@@ -44,6 +44,12 @@ struct HandOffTransfer {
 std::vector<HandOffTransfer> PlanHandOffs(
     const std::vector<HandOffInput>& shards);
 
+// Pure: `transfers` cut so that their counts add up to at most `max_moves`,
+// in their order (largest first, as PlanHandOffs gives them); transfers
+// left with nothing are dropped.
+std::vector<HandOffTransfer> LimitHandOffs(
+    std::vector<HandOffTransfer> transfers, uint32_t max_moves);
+
 // What became of one transfer.
 struct HandOffResult {
   HandOffTransfer transfer;
@@ -71,6 +77,8 @@ class HandOffRouter {
   // its socket, or handoff_done).
   void OnWorkerMessage(Listener& listener, Shard& shard,
                        const v1::WorkerMessage& message, Fd fd);
+  // Hand-offs of listener `name` are in flight.
+  bool Busy(const std::string& name) const;
 
  private:
   // A sender is asked for at most this many connections at a time, and

@@ -286,6 +286,10 @@ struct Listener {
   uint64_t rebalances = 0;
   uint64_t rebalance_slots_moved = 0;
   uint64_t rebalance_refusals = 0;
+  // Connections handed from one worker to another (fleet/handoff.h), and
+  // the steps the auto-rebalancer took (fleet/auto_rebalance.h).
+  uint64_t rebalance_connections_moved = 0;
+  uint64_t auto_rebalance_steps = 0;
 
   // Shards that take new connections (not draining), in index order.
   std::vector<Shard*> Live() const;

@@ -5,6 +5,7 @@
 #include <memory>
 #include <numeric>
 #include <string>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -158,9 +159,15 @@ void ExpectAfter(const std::vector<HandOffTransfer>& transfers,
   resp->set_expected_imbalance_after(Imbalance(after));
 }
 
-absl::StatusOr<SteeringStep> Steer(
-    const FleetContext& ctx, Listener& listener,
-    const v1::RebalanceListenerRequest& request) {
+// "auto: " before a message of the auto-rebalancer.
+std::string Prefixed(const RebalanceLimits& limits, std::string message) {
+  return limits.origin.empty() ? message
+                               : absl::StrCat(limits.origin, ": ", message);
+}
+
+absl::StatusOr<SteeringStep> Steer(const FleetContext& ctx, Listener& listener,
+                                   const v1::RebalanceListenerRequest& request,
+                                   const RebalanceLimits& limits) {
   const std::string& name = listener.spec.name();
   if (!listener.steering) {
     return absl::FailedPreconditionError(
@@ -229,7 +236,7 @@ absl::StatusOr<SteeringStep> Steer(
                "worker cannot hand off connections: steering only");
       }
     }
-    transfers = PlanHandOffs(h);
+    transfers = LimitHandOffs(PlanHandOffs(h), limits.max_moves);
   }
 
   const bool cpu_policy =
@@ -284,7 +291,7 @@ absl::StatusOr<SteeringStep> Steer(
                         : absl::StrCat("shard ", r.shard(), ": ", r.reason()));
     }
     ctx.Emit(v1::EVENT_TYPE_REBALANCE_REFUSED, listener, -1, 0,
-             absl::StrJoin(why, "; "));
+             Prefixed(limits, absl::StrJoin(why, "; ")));
   }
   if (request.dry_run() || cpu_policy) {
     return SteeringStep{.resp = std::move(resp),
@@ -318,7 +325,8 @@ absl::StatusOr<SteeringStep> Steer(
       moves.empty() ? "" : absl::StrCat(absl::StrJoin(moves, " "), ")"));
   if (plan.even) absl::StrAppend(&message, "; even: baseline tables");
   PF_LOG(INFO) << "listener " << name << ": rebalanced " << message;
-  ctx.Emit(v1::EVENT_TYPE_REBALANCE_DONE, listener, -1, 0, message);
+  ctx.Emit(v1::EVENT_TYPE_REBALANCE_DONE, listener, -1, 0,
+           Prefixed(limits, message));
   return SteeringStep{.resp = std::move(resp),
                       .transfers = std::move(transfers)};
 }
@@ -328,8 +336,8 @@ absl::StatusOr<SteeringStep> Steer(
 void RebalanceListener(FleetContext& ctx, HandOffRouter& router,
                        Listener& listener,
                        const v1::RebalanceListenerRequest& request,
-                       RebalanceDone done) {
-  absl::StatusOr<SteeringStep> step = Steer(ctx, listener, request);
+                       RebalanceDone done, const RebalanceLimits& limits) {
+  absl::StatusOr<SteeringStep> step = Steer(ctx, listener, request, limits);
   if (!step.ok()) {
     done(step.status());
     return;
@@ -340,11 +348,12 @@ void RebalanceListener(FleetContext& ctx, HandOffRouter& router,
   }
   FleetContext* c = &ctx;
   const std::string name = listener.spec.name();
+  const std::string origin = limits.origin;
   auto resp =
       std::make_shared<v1::RebalanceListenerResponse>(std::move(step->resp));
   router.Run(
       listener, step->transfers, kHandOffTimeout,
-      [c, name, resp, done](std::vector<HandOffResult> results) {
+      [c, name, origin, resp, done](std::vector<HandOffResult> results) {
         std::vector<HandOffTransfer> transfers;
         std::vector<uint32_t> moved;
         uint64_t total = 0;
@@ -375,10 +384,38 @@ void RebalanceListener(FleetContext& ctx, HandOffRouter& router,
         resp->set_connections_moved(total);
         ExpectAfter(transfers, moved, resp.get());
         c->Emit(v1::EVENT_TYPE_REBALANCE_HANDOFF, name, -1, 0,
-                absl::StrCat("handed off ", total, " connections (",
-                             absl::StrJoin(parts, " "), ")"));
+                absl::StrCat(origin.empty() ? "" : origin + ": ", "handed off ",
+                             total, " connections (", absl::StrJoin(parts, " "),
+                             ")"));
         done(*resp);
       });
+}
+
+absl::StatusOr<uint32_t> RestoreBaselineSteering(FleetContext& ctx,
+                                                 Listener& listener,
+                                                 const std::string& why) {
+  if (listener.rebalance_slots.empty()) return 0u;
+  const std::vector<uint32_t> now = SlotCounts(PlanTables(listener));
+  const std::map<uint32_t, uint32_t> saved =
+      std::exchange(listener.rebalance_slots, {});
+  if (absl::Status s = ApplySteering(listener); !s.ok()) {
+    listener.rebalance_slots = saved;
+    ApplySteering(listener).IgnoreError();
+    return s;
+  }
+  const std::vector<uint32_t> after = SlotCounts(PlanTables(listener));
+  uint32_t moved = 0;
+  for (size_t i = 0; i < after.size(); ++i) {
+    const uint32_t before = i < now.size() ? now[i] : 0;
+    if (after[i] > before) moved += after[i] - before;
+  }
+  listener.rebalances++;
+  listener.rebalance_slots_moved += moved;
+  const std::string message =
+      absl::StrCat(why, ": ", moved, " slots moved; even: baseline tables");
+  PF_LOG(INFO) << "listener " << listener.spec.name() << ": " << message;
+  ctx.Emit(v1::EVENT_TYPE_REBALANCE_DONE, listener, -1, 0, message);
+  return moved;
 }
 
 }  // namespace portfleet

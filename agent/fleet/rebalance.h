@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -77,6 +78,15 @@ inline constexpr absl::Duration kHandOffTimeout = absl::Seconds(10);
 using RebalanceDone =
     std::function<void(absl::StatusOr<v1::RebalanceListenerResponse>)>;
 
+// What a rebalance may do beyond the request (the auto-rebalancer's step).
+struct RebalanceLimits {
+  // At most this many connections are handed off.
+  uint32_t max_moves = UINT32_MAX;
+  // Who asked, at the start of the events' messages ("auto: ...");
+  // empty = the operator (RebalanceListener).
+  std::string origin;
+};
+
 // One-shot rebalance of `listener` (see RebalanceListener in agent.proto):
 // the tables at once, then the hand-offs through `router`; `done` gets the
 // result when they ended (at once when there are none). FailedPrecondition
@@ -84,7 +94,13 @@ using RebalanceDone =
 void RebalanceListener(FleetContext& ctx, HandOffRouter& router,
                        Listener& listener,
                        const v1::RebalanceListenerRequest& request,
-                       RebalanceDone done);
+                       RebalanceDone done, const RebalanceLimits& limits = {});
+
+// Puts the operator's tables back (drops the rebalancer's slots) and says
+// so in a REBALANCE_DONE event starting with `why`; the slots moved.
+absl::StatusOr<uint32_t> RestoreBaselineSteering(FleetContext& ctx,
+                                                 Listener& listener,
+                                                 const std::string& why);
 
 }  // namespace portfleet
 

@@ -93,6 +93,8 @@ class ShardAddition : public std::enable_shared_from_this<ShardAddition> {
     listener_.spec.set_shards(static_cast<uint32_t>(listener_.Live().size()));
     PF_LOG(INFO) << "listener " << listener_.spec.name() << ": scaled up to "
                  << listener_.Live().size() << " shards";
+    // The new shards hold nothing yet: an auto-rebalancer acts at once.
+    fleet_->auto_rebalance_.Kick(listener_.spec.name());
     done_(absl::OkStatus());
   }
 

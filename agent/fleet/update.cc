@@ -42,6 +42,15 @@ void CopyHealth(const v1::Listener& from, v1::Listener& to) {
   }
 }
 
+// The same for the rebalance block.
+void CopyRebalance(const v1::Listener& from, v1::Listener& to) {
+  if (from.has_rebalance()) {
+    *to.mutable_rebalance() = from.rebalance();
+  } else {
+    to.clear_rebalance();
+  }
+}
+
 }  // namespace
 
 std::vector<std::string> ListenerUpdate::Changes() const {
@@ -66,6 +75,10 @@ std::vector<std::string> ListenerUpdate::Changes() const {
                                EffectiveStallWindowMs(to), "ms, stall grace ",
                                EffectiveStallGraceSeconds(from), "s -> ",
                                EffectiveStallGraceSeconds(to), "s"));
+  }
+  if (rebalance) {
+    out.push_back(absl::StrCat("rebalance: ", DescribeRebalance(from), " -> ",
+                               DescribeRebalance(to)));
   }
   if (steering) {
     out.push_back(absl::StrCat("steering: ", SteeringText(from.steering()),
@@ -106,6 +119,8 @@ absl::StatusOr<ListenerUpdate> PlanUpdate(const Listener& listener,
   u.health =
       EffectiveStallWindowMs(u.to) != EffectiveStallWindowMs(u.from) ||
       EffectiveStallGraceSeconds(u.to) != EffectiveStallGraceSeconds(u.from);
+  u.rebalance =
+      !MessageDifferencer::Equivalent(u.to.rebalance(), u.from.rebalance());
   if (u.to.shards() != u.from.shards()) u.shards = u.to.shards();
   if (!MessageDifferencer::Equivalent(u.to.steering(), u.from.steering())) {
     if (listener.steering == nullptr) {
@@ -183,6 +198,7 @@ class UpdateRun : public std::enable_shared_from_this<UpdateRun> {
     RETURN_IF_ERROR(ApplySocketSettings(u_.to, u_.from));
     listener_.spec.set_drain_timeout_seconds(u_.to.drain_timeout_seconds());
     CopyHealth(u_.to, listener_.spec);
+    CopyRebalance(u_.to, listener_.spec);
     listener_.spec.set_backlog(u_.to.backlog());
     listener_.spec.set_defer_accept_seconds(u_.to.defer_accept_seconds());
     return absl::OkStatus();
@@ -191,6 +207,7 @@ class UpdateRun : public std::enable_shared_from_this<UpdateRun> {
     ApplySocketSettings(u_.from, u_.to).IgnoreError();
     listener_.spec.set_drain_timeout_seconds(u_.from.drain_timeout_seconds());
     CopyHealth(u_.from, listener_.spec);
+    CopyRebalance(u_.from, listener_.spec);
     listener_.spec.set_backlog(u_.from.backlog());
     listener_.spec.set_defer_accept_seconds(u_.from.defer_accept_seconds());
   }

@@ -2,7 +2,8 @@
 // everything that can be checked is checked before anything is touched, and
 // the plan says what will change. Fleet::UpdateListener applies it in an
 // order that lets every step be undone:
-//   drain timeout, health settings and backlog -> steering (tables and pinning)
+//   drain timeout, health and rebalance settings and backlog -> steering
+//   (tables and pinning)
 //   -> more shards -> worker rollout -> fewer shards
 // A failing step undoes the ones before it (added shards are drained again),
 // so a failed update changes nothing.
@@ -23,17 +24,20 @@ namespace portfleet {
 struct ListenerUpdate {
   v1::Listener from;  // the listener's spec now
   v1::Listener to;    // the spec asked for, with the shard count resolved
-  bool drain_timeout = false;            // drain_timeout_seconds changes
-  bool backlog = false;                  // backlog changes
-  bool defer_accept = false;             // defer_accept_seconds changes
-  bool health = false;                   // health settings change
+  bool drain_timeout = false;  // drain_timeout_seconds changes
+  bool backlog = false;        // backlog changes
+  bool defer_accept = false;   // defer_accept_seconds changes
+  bool health = false;         // health settings change
+  // The rebalance block changes: a setting, no worker restarts (the
+  // auto-rebalancer reads it from the spec each period).
+  bool rebalance = false;
   std::optional<v1::Steering> steering;  // new steering
   std::optional<uint32_t> shards;        // new number of live shards
   std::optional<ResolvedWorker> worker;  // new worker, rolled out
 
   bool empty() const {
     return !drain_timeout && !backlog && !defer_accept && !health &&
-           !steering && !shards && !worker;
+           !rebalance && !steering && !shards && !worker;
   }
   // One line per change: "shards: 2 -> 4", "worker: rolled out (args)".
   std::vector<std::string> Changes() const;

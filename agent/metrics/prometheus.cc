@@ -210,6 +210,31 @@ std::string RenderPrometheus(const MetricsSnapshot& snapshot) {
              absl::StrCat(listener.rebalance_refusals));
   }
 
+  w.Family("portfleet_listener_rebalance_handoffs_total", "counter",
+           "Established connections the rebalancer handed from one worker "
+           "to another.");
+  for (const ListenerStatus& listener : snapshot.listeners) {
+    w.Sample("portfleet_listener_rebalance_handoffs_total",
+             {{"listener", listener.spec.name()}},
+             absl::StrCat(listener.rebalance_connections_moved));
+  }
+  w.Family("portfleet_listener_auto_rebalance_steps_total", "counter",
+           "Steps of the listener's automatic rebalancing (rebalance mode "
+           "auto).");
+  for (const ListenerStatus& listener : snapshot.listeners) {
+    w.Sample("portfleet_listener_auto_rebalance_steps_total",
+             {{"listener", listener.spec.name()}},
+             absl::StrCat(listener.auto_rebalance_steps));
+  }
+  w.Family("portfleet_listener_auto_rebalancing", "gauge",
+           "1 while an automatic rebalance runs (imbalance went above the "
+           "threshold and is not yet at the target).");
+  for (const ListenerStatus& listener : snapshot.listeners) {
+    w.Sample("portfleet_listener_auto_rebalancing",
+             {{"listener", listener.spec.name()}},
+             Bool(listener.auto_rebalancing));
+  }
+
   ShardFamily(w, snapshot, "portfleet_shard_up", "gauge",
               "1 when the shard's worker is running.",
               [](const ShardStatus& s) {

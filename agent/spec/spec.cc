@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -12,7 +13,9 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "agent/spec/enum_names.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
 #include "google/protobuf/util/json_util.h"
@@ -93,6 +96,62 @@ absl::Status ValidateWorkerStrings(const v1::WorkerSpec& w) {
     return absl::InvalidArgumentError(
         absl::StrCat("worker: command, args and env take ", bytes,
                      " bytes; at most ", kMaxWorkerSpecBytes));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+namespace {
+
+// Messages name the field relative to RebalanceSpec ("period_seconds: ...").
+absl::Status ValidateRebalance(const v1::RebalanceSpec& r) {
+  if (!v1::RebalanceMode_IsValid(r.mode())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("mode: unknown value ", r.mode()));
+  }
+  if (!v1::RebalanceMetric_IsValid(r.metric())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("metric: unknown value ", r.metric()));
+  }
+  if (r.threshold_percent() != 0 &&
+      (r.threshold_percent() < kMinRebalanceThresholdPercent ||
+       r.threshold_percent() > kMaxRebalancePercent)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "threshold_percent: ", r.threshold_percent(), " is out of range (",
+        kMinRebalanceThresholdPercent, "-", kMaxRebalancePercent,
+        "; 0 = default ", kDefaultRebalanceThresholdPercent, ")"));
+  }
+  if (r.target_percent() != 0 &&
+      (r.target_percent() < kMinRebalanceTargetPercent ||
+       r.target_percent() > kMaxRebalancePercent)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "target_percent: ", r.target_percent(), " is out of range (",
+        kMinRebalanceTargetPercent, "-", kMaxRebalancePercent, "; 0 = default ",
+        kDefaultRebalanceTargetPercent, ")"));
+  }
+  const uint32_t threshold = r.threshold_percent() > 0
+                                 ? r.threshold_percent()
+                                 : kDefaultRebalanceThresholdPercent;
+  if (r.target_percent() > threshold) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("target_percent: ", r.target_percent(),
+                     " is above the threshold (threshold_percent ", threshold,
+                     "): a rebalance must stop at or below where it starts"));
+  }
+  if (r.period_seconds() != 0 &&
+      (r.period_seconds() < kMinRebalancePeriodSeconds ||
+       r.period_seconds() > kMaxRebalancePeriodSeconds)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "period_seconds: ", r.period_seconds(), " is out of range (",
+        kMinRebalancePeriodSeconds, "-", kMaxRebalancePeriodSeconds,
+        "; 0 = default ", kDefaultRebalancePeriodSeconds, ")"));
+  }
+  if (r.max_moves_per_period() > kMaxRebalanceMaxMoves) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_moves_per_period: ", r.max_moves_per_period(),
+                     " is out of range (0-", kMaxRebalanceMaxMoves,
+                     "; 0 = default ", kDefaultRebalanceMaxMoves, ")"));
   }
   return absl::OkStatus();
 }
@@ -184,6 +243,9 @@ absl::Status ValidateListener(const v1::Listener& l) {
         "health.stall_grace_seconds: ", health.stall_grace_seconds(),
         " is out of range (0-", kMaxStallGraceSeconds, "; 0 = default ",
         kDefaultStallGraceSeconds, ")"));
+  }
+  if (absl::Status s = ValidateRebalance(l.rebalance()); !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("rebalance.", s.message()));
   }
   if (l.steering().weights_size() > 0 && l.shards() == 0) {
     return absl::InvalidArgumentError(
@@ -354,6 +416,37 @@ uint32_t EffectiveStallWindowMs(const v1::Listener& l) {
 uint32_t EffectiveStallGraceSeconds(const v1::Listener& l) {
   return l.health().stall_grace_seconds() > 0 ? l.health().stall_grace_seconds()
                                               : kDefaultStallGraceSeconds;
+}
+
+EffectiveRebalance EffectiveRebalanceOf(const v1::Listener& l) {
+  const v1::RebalanceSpec& r = l.rebalance();
+  EffectiveRebalance e;
+  e.automatic = r.mode() == v1::REBALANCE_MODE_AUTO;
+  if (r.metric() != v1::REBALANCE_METRIC_UNSPECIFIED) e.metric = r.metric();
+  const uint32_t threshold = r.threshold_percent() > 0
+                                 ? r.threshold_percent()
+                                 : kDefaultRebalanceThresholdPercent;
+  const uint32_t target =
+      r.target_percent() > 0
+          ? r.target_percent()
+          : std::min(kDefaultRebalanceTargetPercent, threshold);
+  e.threshold = threshold / 100.0;
+  e.target = target / 100.0;
+  if (r.period_seconds() > 0) e.period_seconds = r.period_seconds();
+  if (r.max_moves_per_period() > 0) e.max_moves = r.max_moves_per_period();
+  e.move_connections =
+      !r.steering_only() && e.metric == v1::REBALANCE_METRIC_CONNECTIONS;
+  return e;
+}
+
+std::string DescribeRebalance(const v1::Listener& l) {
+  const EffectiveRebalance r = EffectiveRebalanceOf(l);
+  if (!r.automatic) return "off";
+  return absl::StrFormat(
+      "auto %s %.2f->%.2f every %us, %s", ShortName(r.metric), r.threshold,
+      r.target, r.period_seconds,
+      r.move_connections ? absl::StrCat(r.max_moves, " moves")
+                         : std::string("steering only"));
 }
 
 }  // namespace portfleet

@@ -29,6 +29,18 @@ inline constexpr uint32_t kMinStallWindowMs = 100;
 inline constexpr uint32_t kMaxStallWindowMs = 60000;
 inline constexpr uint32_t kDefaultStallGraceSeconds = 10;
 inline constexpr uint32_t kMaxStallGraceSeconds = 3600;
+// RebalanceSpec (continuous rebalancing): max/mean in percent, period,
+// hand-offs per step.
+inline constexpr uint32_t kDefaultRebalanceThresholdPercent = 125;
+inline constexpr uint32_t kMinRebalanceThresholdPercent = 105;
+inline constexpr uint32_t kDefaultRebalanceTargetPercent = 110;
+inline constexpr uint32_t kMinRebalanceTargetPercent = 100;
+inline constexpr uint32_t kMaxRebalancePercent = 1000;
+inline constexpr uint32_t kDefaultRebalancePeriodSeconds = 10;
+inline constexpr uint32_t kMinRebalancePeriodSeconds = 2;
+inline constexpr uint32_t kMaxRebalancePeriodSeconds = 3600;
+inline constexpr uint32_t kDefaultRebalanceMaxMoves = 1000;
+inline constexpr uint32_t kMaxRebalanceMaxMoves = 100000;
 
 enum class SpecFormat { kTextproto, kJson };
 
@@ -72,6 +84,21 @@ uint32_t EffectiveBacklog(const v1::Listener& listener);
 uint32_t EffectiveDrainTimeoutSeconds(const v1::Listener& listener);
 uint32_t EffectiveStallWindowMs(const v1::Listener& listener);
 uint32_t EffectiveStallGraceSeconds(const v1::Listener& listener);
+
+// A listener's RebalanceSpec with its defaults applied.
+struct EffectiveRebalance {
+  bool automatic = false;  // mode AUTO
+  v1::RebalanceMetric metric = v1::REBALANCE_METRIC_CONNECTIONS;
+  double threshold = kDefaultRebalanceThresholdPercent / 100.0;  // max/mean
+  double target = kDefaultRebalanceTargetPercent / 100.0;        // max/mean
+  uint32_t period_seconds = kDefaultRebalancePeriodSeconds;
+  uint32_t max_moves = kDefaultRebalanceMaxMoves;  // hand-offs per step
+  bool move_connections = true;  // by the connections metric, not steering_only
+};
+EffectiveRebalance EffectiveRebalanceOf(const v1::Listener& listener);
+// One line for humans: "off", or "auto connections 1.25->1.10 every 10s,
+// 1000 moves" ("steering only" instead of the moves).
+std::string DescribeRebalance(const v1::Listener& listener);
 
 }  // namespace portfleet
 

@@ -775,7 +775,7 @@ TEST_F(CtlTest, TopShowsShardsAndShare) {
                         "    -       33%\n"));
   // Connections 0 and 10 over 2 ready shards.
   EXPECT_THAT(r.out, HasSubstr("web: imbalance 2.00 (max/mean connections "
-                               "over 2 ready shards)\n"));
+                               "over 2 ready shards); rebalance off\n"));
   EXPECT_THAT(r.out, HasSubstr("66%"));
   EXPECT_THAT(r.out, Not(HasSubstr("api ")));
   r = Ctl({"top", "-o", "json", "--iterations", "2", "--interval", "100ms"});

@@ -160,6 +160,32 @@ TEST_F(ReconcilerTest, CreatesUpdatesDeletesAndMovesAddresses) {
   EXPECT_EQ(Count(v1::EVENT_TYPE_CONFIG_REJECTED), 0);
 }
 
+// The spec file's rebalance block is a listener setting like any other:
+// turning auto on (and off again) in the file updates the listener.
+TEST_F(ReconcilerTest, AppliesTheRebalanceBlock) {
+  Write(Listener("web", "127.0.0.1:8080", 2));
+  StartReconciler();
+  ASSERT_TRUE(PumpApplied(1)) << reconciler_->Status().DebugString();
+  EXPECT_FALSE(Fleet()["web"].has_rebalance());
+  std::string with = Listener("web", "127.0.0.1:8080", 2);
+  with.insert(with.rfind('}'),
+              "rebalance { mode: REBALANCE_MODE_AUTO period_seconds: 5 } ");
+  Write(with);
+  ASSERT_TRUE(PumpApplied(2)) << reconciler_->Status().DebugString();
+  EXPECT_EQ(Fleet()["web"].rebalance().mode(), v1::REBALANCE_MODE_AUTO);
+  EXPECT_EQ(Fleet()["web"].rebalance().period_seconds(), 5u);
+  Write(Listener("web", "127.0.0.1:8080", 2));
+  ASSERT_TRUE(PumpApplied(3)) << reconciler_->Status().DebugString();
+  EXPECT_FALSE(Fleet()["web"].has_rebalance());
+  // A bad block is refused with the field named; nothing changes.
+  std::string bad = Listener("web", "127.0.0.1:8080", 2);
+  bad.insert(bad.rfind('}'), "rebalance { period_seconds: 1 } ");
+  Write(bad);
+  ASSERT_TRUE(PumpError("rebalance.period_seconds: 1 is out of range"))
+      << reconciler_->Status().DebugString();
+  EXPECT_FALSE(Fleet()["web"].has_rebalance());
+}
+
 TEST_F(ReconcilerTest, RejectsWithoutChangingAnything) {
   Write(Listener("web", "127.0.0.1:8080", 2));
   StartReconciler();

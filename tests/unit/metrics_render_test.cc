@@ -103,6 +103,15 @@ portfleet_listener_rebalance_slot_moves_total{listener="web"} 0
 # HELP portfleet_listener_rebalance_refusals_total Parts of rebalances not done (e.g. a worker that cannot hand off connections, CPU steering).
 # TYPE portfleet_listener_rebalance_refusals_total counter
 portfleet_listener_rebalance_refusals_total{listener="web"} 0
+# HELP portfleet_listener_rebalance_handoffs_total Established connections the rebalancer handed from one worker to another.
+# TYPE portfleet_listener_rebalance_handoffs_total counter
+portfleet_listener_rebalance_handoffs_total{listener="web"} 0
+# HELP portfleet_listener_auto_rebalance_steps_total Steps of the listener's automatic rebalancing (rebalance mode auto).
+# TYPE portfleet_listener_auto_rebalance_steps_total counter
+portfleet_listener_auto_rebalance_steps_total{listener="web"} 0
+# HELP portfleet_listener_auto_rebalancing 1 while an automatic rebalance runs (imbalance went above the threshold and is not yet at the target).
+# TYPE portfleet_listener_auto_rebalancing gauge
+portfleet_listener_auto_rebalancing{listener="web"} 0
 # HELP portfleet_shard_up 1 when the shard's worker is running.
 # TYPE portfleet_shard_up gauge
 portfleet_shard_up{listener="web",shard="0"} 1

@@ -483,5 +483,199 @@ TEST_F(FleetRebalanceTest, RefusedWithoutSteeringOrListener) {
   EXPECT_THAT(s.message(), HasSubstr("no CAP_BPF"));
 }
 
+// --- Continuous rebalancing (fleet/auto_rebalance.h) -------------------------
+
+class FleetAutoRebalanceTest : public FleetRebalanceTest {
+ protected:
+  static constexpr char kAuto[] =
+      "rebalance { mode: REBALANCE_MODE_AUTO period_seconds: 2 }";
+  // `seconds` later: a load report, a measurement and a check.
+  void Observe(const std::vector<uint64_t>& connections, int seconds = 1) {
+    clock_.Advance(absl::Seconds(seconds));
+    Report(connections);
+    fleet_->MeasureLoadNow();
+    fleet_->AutoRebalanceNow();
+    Settle();
+  }
+  int Count(v1::EventType type, const std::string& text = "") {
+    int n = 0;
+    for (const FleetEvent& e : events_) {
+      n += e.type == type && e.message.find(text) != std::string::npos;
+    }
+    return n;
+  }
+  // Applies `spec` with UpdateListener, to its end.
+  absl::Status Update(const v1::Listener& spec) {
+    std::optional<absl::Status> out;
+    absl::Status s =
+        fleet_->UpdateListener(spec, [&](absl::Status r) { out = r; });
+    if (!s.ok()) return s;
+    Settle();
+    return out.value_or(absl::InternalError("update never ended"));
+  }
+};
+
+// Steps: 4 shards, auto with a 2 s period; shards 0-1 hold 200 each.
+// 1. One second above the threshold: nothing (the period has not passed).
+// 2. Two seconds: AUTO_STARTED and an "auto:" REBALANCE_DONE; the tables
+//    favour shards 2-3 (steering only: these workers do not hand off).
+// 3. Even loads: AUTO_SETTLED, the operator's tables again; then idle.
+TEST_F(FleetAutoRebalanceTest, StartsAfterAPeriodAndSettlesAtTheTarget) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(4, kAuto)).ok());
+  Settle();
+  events_.clear();
+  Observe({200, 200, 0, 0});
+  Observe({200, 200, 0, 0});
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_AUTO_STARTED), 0);
+  Observe({200, 200, 0, 0}, 2);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_AUTO_STARTED), 1);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_DONE, "auto: by connections"), 1);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_REFUSED), 0)
+      << "no worker hands off: steering alone, nothing to refuse";
+  std::vector<uint32_t> w = AppliedWeights();
+  ASSERT_EQ(w.size(), 4u);
+  EXPECT_GT(w[2], w[0]);
+  ListenerStatus st = *fleet_->ListenerStatusOf("web");
+  EXPECT_TRUE(st.auto_rebalancing);
+  EXPECT_EQ(st.auto_rebalance_steps, 1u);
+
+  Observe({100, 100, 100, 100});
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_AUTO_SETTLED), 1);
+  EXPECT_THAT(AppliedWeights(), ElementsAre(1, 1, 1, 1));
+  EXPECT_FALSE(fleet_->ListenerStatusOf("web")->auto_rebalancing);
+  const size_t events = events_.size();
+  for (int i = 0; i < 20; ++i) Observe({110, 100, 95, 100});
+  EXPECT_EQ(events_.size(), events) << "idle between target and threshold";
+}
+
+// Steps: 2 shards whose workers hand off, auto with at most 50 moves; shard
+// 0 holds 300. A check after the period asks shard 0 for 50 connections in
+// all (chunks of at most 32), not the 150 that would even the load.
+TEST_F(FleetAutoRebalanceTest, AStepHandsOffAtMostMaxMoves) {
+  launcher_.auto_ready = false;
+  ASSERT_TRUE(fleet_
+                  ->AddListener(Spec(2,
+                                     "rebalance { mode: REBALANCE_MODE_AUTO "
+                                     "period_seconds: 2 "
+                                     "max_moves_per_period: 50 }"))
+                  .ok());
+  Settle();
+  std::vector<FakeLauncher::Process*> w = launcher_.Running();
+  ASSERT_EQ(w.size(), 2u);
+  for (FakeLauncher::Process* p : w) {
+    v1::WorkerMessage hello;
+    hello.mutable_hello()->set_pid(p->pid);
+    hello.mutable_hello()->set_handoff(true);
+    ASSERT_TRUE(p->channel->Send(hello).ok());
+    launcher_.SendReady(*p);
+  }
+  Settle();
+  Observe({300, 0});
+  Observe({300, 0}, 2);
+  uint32_t asked = 0;
+  for (int round = 0; round < 10; ++round) {
+    // The receiver reads what it was sent (the router waits for that before
+    // it asks for the next chunk).
+    launcher_.Received(w[1]->pid);
+    for (const v1::AgentMessage& got : launcher_.Received(w[0]->pid)) {
+      if (!got.has_handoff_request()) continue;
+      const v1::HandOffRequest& a = got.handoff_request();
+      EXPECT_LE(a.count(), 32u);
+      asked += a.count();
+      for (uint32_t i = 0; i < a.count(); ++i) {
+        Fd conn(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+        v1::WorkerMessage m;
+        m.mutable_handoff_connection()->set_id(a.id());
+        ASSERT_TRUE(w[0]->channel->SendWithFd(m, conn.get()).ok());
+      }
+      v1::WorkerMessage done;
+      done.mutable_handoff_done()->set_id(a.id());
+      done.mutable_handoff_done()->set_released(a.count());
+      ASSERT_TRUE(w[0]->channel->Send(done).ok());
+    }
+    Settle();
+    launcher_.Received(w[1]->pid);
+    loop_->AdvanceTo(&clock_, clock_.Now() + absl::Milliseconds(2));
+    Settle();
+  }
+  EXPECT_EQ(asked, 50u);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_HANDOFF, "auto: handed off 50"), 1);
+  EXPECT_EQ(fleet_->ListenerStatusOf("web")->rebalance_connections_moved, 50u);
+}
+
+// Steps: 2 shards, auto on, shard 0 holds everything for half a period;
+// scale to 3 with a worker that is slow to be ready: no step while it
+// starts, though the period passes; once it is ready, a step at once.
+TEST_F(FleetAutoRebalanceTest, PausesDuringAScaleUpThenActsAtOnce) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2, kAuto)).ok());
+  Settle();
+  Observe({100, 0});
+  Observe({100, 0});  // above the threshold for 1 s of the 2 s period
+  launcher_.auto_ready = false;
+  bool scaled = false;
+  ASSERT_TRUE(fleet_
+                  ->ScaleListener("web", 3,
+                                  [&](absl::Status s) {
+                                    EXPECT_TRUE(s.ok()) << s;
+                                    scaled = true;
+                                  })
+                  .ok());
+  Settle();
+  events_.clear();
+  std::vector<FakeLauncher::Process*> w = launcher_.Running();
+  ASSERT_EQ(w.size(), 3u);
+  // 1.5 s more: past the period, which a scale restarts.
+  for (int i = 0; i < 3; ++i) {
+    clock_.Advance(absl::Milliseconds(500));
+    fleet_->AutoRebalanceNow();
+    Settle();
+  }
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_DONE), 0) << "acted mid-scale";
+  launcher_.SendReady(*w[2]);
+  Settle();
+  ASSERT_TRUE(scaled);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_AUTO_STARTED), 1);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_DONE, "auto:"), 1);
+  std::vector<uint32_t> slots = AppliedWeights();
+  ASSERT_EQ(slots.size(), 3u);
+  EXPECT_LT(slots[0], slots[1]);
+  EXPECT_LT(slots[0], slots[2]);
+}
+
+// Steps: 2 shards, auto off: skewed load does nothing. UpdateListener turns
+// it on (no worker restarts; the plan says "rebalance: off -> auto ..."),
+// a step follows a period later; UpdateListener turns it off again: the
+// operator's tables come back at the next check.
+TEST_F(FleetAutoRebalanceTest, UpdateListenerTurnsItOnAndOffLive) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  const size_t launches = launcher_.launches();
+  for (int i = 0; i < 5; ++i) Observe({100, 0});
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_DONE), 0);
+
+  absl::StatusOr<ListenerUpdate> plan =
+      fleet_->PlanListenerUpdate(Spec(2, kAuto));
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(plan->Changes().size(), 1u);
+  EXPECT_EQ(plan->Changes()[0],
+            "rebalance: off -> auto connections 1.25->1.10 every 2s, 1000 "
+            "moves");
+  ASSERT_TRUE(Update(Spec(2, kAuto)).ok());
+  EXPECT_EQ(launcher_.launches(), launches) << "a worker was restarted";
+  Observe({100, 0});
+  Observe({100, 0}, 2);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_DONE, "auto:"), 1);
+  EXPECT_NE(AppliedWeights()[0], AppliedWeights()[1]);
+
+  ASSERT_TRUE(Update(Spec(2)).ok());
+  EXPECT_EQ(launcher_.launches(), launches);
+  Observe({100, 0});
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_AUTO_SETTLED, "turned off"), 1);
+  EXPECT_THAT(AppliedWeights(), ElementsAre(1, 1));
+  for (int i = 0; i < 5; ++i) Observe({100, 0}, 2);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_DONE, "auto:"), 2)
+      << "one step, one settle: nothing after it was turned off";
+}
+
 }  // namespace
 }  // namespace portfleet::testing

@@ -183,6 +183,85 @@ TEST(SpecTest, WeightsMustMatchShards) {
   EXPECT_THAT(Message(s), HasSubstr("all weights are 0"));
 }
 
+// A listener with `rebalance { ... }` set to `block`.
+absl::Status ParseRebalance(const std::string& block) {
+  return ParseText(
+      absl::StrCat("listeners { name: \"web\" address: \"127.0.0.1:80\" "
+                   "worker { command: \"w\" } rebalance { ",
+                   block, " } }"));
+}
+
+TEST(SpecTest, RebalanceBlockRanges) {
+  EXPECT_TRUE(ParseRebalance("").ok());
+  EXPECT_TRUE(ParseRebalance("mode: REBALANCE_MODE_AUTO metric: "
+                             "REBALANCE_METRIC_CPU threshold_percent: 105 "
+                             "target_percent: 100 period_seconds: 2 "
+                             "max_moves_per_period: 100000 steering_only: true")
+                  .ok());
+  const std::string prefix = "fleet.textproto: listeners[0] (\"web\"): ";
+  EXPECT_EQ(Message(ParseRebalance("threshold_percent: 104")),
+            prefix +
+                "rebalance.threshold_percent: 104 is out of range (105-1000; "
+                "0 = default 125)");
+  EXPECT_EQ(Message(ParseRebalance("threshold_percent: 1001")),
+            prefix +
+                "rebalance.threshold_percent: 1001 is out of range (105-1000; "
+                "0 = default 125)");
+  EXPECT_EQ(Message(ParseRebalance("target_percent: 99")),
+            prefix +
+                "rebalance.target_percent: 99 is out of range (100-1000; 0 = "
+                "default 110)");
+  EXPECT_EQ(Message(ParseRebalance("target_percent: 130")),
+            prefix +
+                "rebalance.target_percent: 130 is above the threshold "
+                "(threshold_percent 125): a rebalance must stop at or below "
+                "where it starts");
+  EXPECT_EQ(
+      Message(ParseRebalance("threshold_percent: 150 target_percent: 151")),
+      prefix +
+          "rebalance.target_percent: 151 is above the threshold "
+          "(threshold_percent 150): a rebalance must stop at or below where "
+          "it starts");
+  EXPECT_EQ(Message(ParseRebalance("period_seconds: 1")),
+            prefix +
+                "rebalance.period_seconds: 1 is out of range (2-3600; 0 = "
+                "default 10)");
+  EXPECT_EQ(Message(ParseRebalance("period_seconds: 3601")),
+            prefix +
+                "rebalance.period_seconds: 3601 is out of range (2-3600; 0 = "
+                "default 10)");
+  EXPECT_EQ(Message(ParseRebalance("max_moves_per_period: 100001")),
+            prefix +
+                "rebalance.max_moves_per_period: 100001 is out of range "
+                "(0-100000; 0 = default 1000)");
+  EXPECT_EQ(Message(ParseRebalance("mode: 7")),
+            prefix + "rebalance.mode: unknown value 7");
+  EXPECT_EQ(Message(ParseRebalance("metric: 9")),
+            prefix + "rebalance.metric: unknown value 9");
+}
+
+TEST(SpecTest, RebalanceDefaults) {
+  v1::Listener l;
+  EffectiveRebalance off = EffectiveRebalanceOf(l);
+  EXPECT_FALSE(off.automatic);
+  EXPECT_EQ(off.metric, v1::REBALANCE_METRIC_CONNECTIONS);
+  EXPECT_DOUBLE_EQ(off.threshold, 1.25);
+  EXPECT_DOUBLE_EQ(off.target, 1.10);
+  EXPECT_EQ(off.period_seconds, 10u);
+  EXPECT_EQ(off.max_moves, 1000u);
+  EXPECT_TRUE(off.move_connections);
+  l.mutable_rebalance()->set_mode(v1::REBALANCE_MODE_AUTO);
+  l.mutable_rebalance()->set_threshold_percent(105);
+  EffectiveRebalance low = EffectiveRebalanceOf(l);
+  EXPECT_TRUE(low.automatic);
+  EXPECT_DOUBLE_EQ(low.target, 1.05) << "the default target is capped";
+  l.mutable_rebalance()->set_metric(v1::REBALANCE_METRIC_CPU);
+  EXPECT_FALSE(EffectiveRebalanceOf(l).move_connections);
+  l.mutable_rebalance()->set_metric(v1::REBALANCE_METRIC_CONNECTIONS);
+  l.mutable_rebalance()->set_steering_only(true);
+  EXPECT_FALSE(EffectiveRebalanceOf(l).move_connections);
+}
+
 TEST(SpecTest, DrainTimeoutAndBacklogRanges) {
   absl::Status s = ParseText(R"pb(
     listeners { name: "web" address: "127.0.0.1:80" worker { command: "w" }
