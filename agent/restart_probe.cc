@@ -91,17 +91,32 @@ absl::StatusOr<Bus> Connect(absl::Duration timeout) {
   return bus;
 }
 
+// Each call gets what is left until `deadline`, so that the whole probe
+// answers in about its timeout even when every call would time out.
+absl::Status SetCallTimeout(sd_bus* bus, absl::Time deadline) {
+  absl::Duration left = deadline - absl::Now();
+  if (left <= absl::ZeroDuration()) {
+    return absl::DeadlineExceededError("no answer from systemd in time");
+  }
+  int r = sd_bus_set_method_call_timeout(
+      bus, static_cast<uint64_t>(absl::ToInt64Microseconds(left)));
+  if (r < 0) return ErrnoError(-r, "sd_bus_set_method_call_timeout");
+  return absl::OkStatus();
+}
+
 class SystemdRestartProbe : public RestartProbe {
  public:
   absl::StatusOr<RestartVerdict> Probe(absl::Duration timeout) override {
     RestartVerdict verdict;
     // systemd sets $INVOCATION_ID for every service it runs.
     if (std::getenv("INVOCATION_ID") == nullptr) return verdict;
+    absl::Time deadline = absl::Now() + timeout;
     ASSIGN_OR_RETURN(Bus bus, Connect(timeout));
 
     // Our unit, by our pid (also right in a container's cgroup namespace).
     BusError error;
     sd_bus_message* raw = nullptr;
+    RETURN_IF_ERROR(SetCallTimeout(bus.get(), deadline));
     int r = sd_bus_call_method(bus.get(), kSystemd, "/org/freedesktop/systemd1",
                                "org.freedesktop.systemd1.Manager",
                                "GetUnitByPID", error.get(), &raw, "u",
@@ -112,6 +127,7 @@ class SystemdRestartProbe : public RestartProbe {
     r = sd_bus_message_read(reply.get(), "o", &unit_path);
     if (r < 0) return ErrnoError(-r, "reading the reply of GetUnitByPID");
     std::string path(unit_path);
+    RETURN_IF_ERROR(SetCallTimeout(bus.get(), deadline));
     ASSIGN_OR_RETURN(verdict.unit,
                      GetString(bus.get(), path.c_str(), kUnitInterface, "Id"));
 
@@ -119,6 +135,7 @@ class SystemdRestartProbe : public RestartProbe {
     // shell started an agent by hand).
     uint32_t main_pid = 0;
     BusError pid_error;
+    RETURN_IF_ERROR(SetCallTimeout(bus.get(), deadline));
     r = sd_bus_get_property_trivial(bus.get(), kSystemd, path.c_str(),
                                     "org.freedesktop.systemd1.Service",
                                     "MainPID", pid_error.get(), 'u', &main_pid);
@@ -134,6 +151,7 @@ class SystemdRestartProbe : public RestartProbe {
     // The unit's job: (id, path), id 0 for none.
     BusError job_error;
     raw = nullptr;
+    RETURN_IF_ERROR(SetCallTimeout(bus.get(), deadline));
     r = sd_bus_get_property(bus.get(), kSystemd, path.c_str(), kUnitInterface,
                             "Job", job_error.get(), &raw, "(uo)");
     if (r < 0) {
@@ -146,6 +164,7 @@ class SystemdRestartProbe : public RestartProbe {
     r = sd_bus_message_read(job.get(), "(uo)", &job_id, &job_path);
     if (r < 0) return ErrnoError(-r, "reading the job property");
     if (job_id == 0) return verdict;
+    RETURN_IF_ERROR(SetCallTimeout(bus.get(), deadline));
     ASSIGN_OR_RETURN(verdict.job_type,
                      GetString(bus.get(), job_path,
                                "org.freedesktop.systemd1.Job", "JobType"));
