@@ -24,8 +24,11 @@ Steps:
    is, finds its unit's restart job, steps aside (exit 0, workers left
    serving) and the new agent re-adopts them: same worker pids, a new main
    pid, NRestarts unchanged, the journal says how many workers were left.
-7. The load saw 0 failed connections.
-8. `systemctl stop` still drains and succeeds: Result=success, exit status 0,
+7. A restart whose new agent cannot start (the binary replaced by one that
+   exits 1): the restart fails, the workers keep serving without an agent;
+   with the binary back, the next agent re-adopts them.
+8. The load saw 0 failed connections.
+9. `systemctl stop` still drains and succeeds: Result=success, exit status 0,
    no worker left.
 
 Run: PORTFLEET_BUILD_DIR=build tests/deploy/systemd_pid1_test.py
@@ -173,7 +176,7 @@ def main():
               "/etc/default/portfleet-agent: declarative mode")
 
         load = subprocess.Popen([os.path.join(BUILD, "tests/portfleet-loadgen"), "--target", "127.0.0.1:%d" % port,
-                                 "--rate", "200", "--duration", "40s"],
+                                 "--rate", "200", "--duration", "50s"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(1)
 
@@ -230,7 +233,25 @@ def main():
               "journal: the old agent stepped aside for the restart")
         check(j.count("re-adopted worker pid") >= 6, "journal: the new agent re-adopted the workers")
 
-        # 7. no failed connection.
+        # 7. the restarted agent fails: the workers serve on, and are
+        # re-adopted by the next agent that starts.
+        agent_bin = "/usr/local/bin/portfleet-agent"
+        sh("mv", agent_bin, agent_bin + ".good")
+        sh("sh", "-c", "printf '#!/bin/sh\\nexit 1\\n' > %s && chmod 755 %s" % (agent_bin, agent_bin))
+        r = sh("systemctl", "restart", UNIT)
+        alive = all(sh("kill", "-0", str(p)).returncode == 0 for p in before.values())
+        code, _ = http("http://127.0.0.1:%d/" % port)
+        check(r.returncode != 0 and alive and code == 200,
+              "restart into a broken agent fails (%s); the workers serve on without one (HTTP %d)"
+              % (prop("Result"), code))
+        time.sleep(1)
+        sh("mv", "-f", agent_bin + ".good", agent_bin)
+        sh("systemctl", "reset-failed", UNIT)
+        r = sh("systemctl", "start", UNIT)
+        check(r.returncode == 0 and wait_for(lambda: shard_pids() == before, 20),
+              "with the binary back, the next agent re-adopts them (same pids %s)" % sorted(before.values()))
+
+        # 8. no failed connection.
         out, _ = load.communicate(timeout=90)
         load = None
         print(out.strip())
@@ -238,7 +259,7 @@ def main():
         check(m is not None and int(m.group(2)) == 0 and int(m.group(1)) > 4000,
               "load: %s" % (m.group(0) if m else out[-200:]))
 
-        # 8. stop still drains and succeeds.
+        # 9. stop still drains and succeeds.
         t0 = time.time()
         r = sh("systemctl", "stop", UNIT)
         check(r.returncode == 0 and prop("Result") == "success" and prop("ExecMainStatus") == "0",
