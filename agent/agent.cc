@@ -19,6 +19,7 @@
 #include "absl/strings/strip.h"
 #include "agent/adoption.h"
 #include "agent/api/state_store.h"
+#include "agent/restart_probe.h"
 #include "agent/retired.h"
 #include "agent/signals.h"
 #include "agent/sockets.h"
@@ -33,6 +34,9 @@ namespace {
 
 // How often every shard is observed (FleetOptions::health_period).
 constexpr absl::Duration kHealthPeriod = absl::Milliseconds(200);
+// How long a stop request waits for systemd to say whether it restarts the
+// agent (then the workers stay) before it drains them as for a stop.
+constexpr absl::Duration kRestartProbeTimeout = absl::Seconds(1);
 
 std::vector<int> OnlineCpus() {
   cpu_set_t set;
@@ -192,6 +196,7 @@ Agent::Agent(const AgentOptions& options)
 
 Agent::~Agent() {
   if (api_stopper_.joinable()) api_stopper_.join();
+  stop_decider_.reset();
   // Calls still arriving fail at once instead of waiting for the loop.
   if (controller_) controller_->Close();
   // Workers are deliberately left running (the data path outlives us); the
@@ -337,6 +342,16 @@ absl::Status Agent::StartFleet() {
                                   : ConfigMode::kSeed,
       options_.config, reconciler_.get());
   donor_ = MakeDonor();
+  stop_decider_ = std::make_unique<StopDecider>(
+      loop_.get(), MakeSystemdRestartProbe(), kRestartProbeTimeout,
+      StopDecider::Actions{
+          .drain = [this](const std::string& why) { Drain(why); },
+          .step_aside = [this](const std::string& why) { StepAside(why); },
+          .kill_now =
+              [this](const std::string& why) {
+                PF_LOG(WARNING) << why << " again: killing workers now";
+                fleet_->KillAll();
+              }});
 
   if (takeover_) {
     // The old agent keeps the API, metrics and control socket until our
@@ -652,11 +667,24 @@ void Agent::OnStop(const std::string& why, int count) {
     stop_requested_ = true;
     return;
   }
-  if (count > 1 || stopping_) {
+  if (stopping_ && stop_decider_->state() == StopDecider::State::kRunning) {
+    // A hand-over in progress.
     PF_LOG(WARNING) << why << " again: killing workers now";
     fleet_->KillAll();
     return;
   }
+  stop_decider_->OnStop(why, count);
+}
+
+void Agent::OnStepAside(const std::string& why) {
+  if (stopping_) {
+    PF_LOG(INFO) << why << ": ignored, already stopping";
+    return;
+  }
+  stop_decider_->OnStepAside(why);
+}
+
+void Agent::Drain(const std::string& why) {
   stopping_ = true;
   phase_ = AgentPhase::kStopping;
   PublishHealth();
@@ -668,6 +696,42 @@ void Agent::OnStop(const std::string& why, int count) {
   CloseInterfaces();
   StopApiInBackground(nullptr);
   fleet_->Shutdown([this] { loop_->Stop(); });
+}
+
+void Agent::StepAside(const std::string& why) {
+  stopping_ = true;
+  phase_ = AgentPhase::kStopping;
+  PublishHealth();
+  size_t workers = 0;
+  for (const ListenerStatus& l : fleet_->Status()) {
+    for (const ShardStatus& s : l.shards) workers += s.pid > 0 ? 1 : 0;
+  }
+  std::string leaving =
+      absl::StrCat("leaving ", workers, workers == 1 ? " worker" : " workers",
+                   " of ", fleet_->listener_count(),
+                   fleet_->listener_count() == 1 ? " listener" : " listeners",
+                   " to the next agent");
+  Notify(absl::StrCat("STOPPING=1\nSTATUS=stepping aside: ", leaving));
+  PF_LOG(INFO) << why << ": " << leaving;
+  if (api_) api_->SetServing(false);
+  StopReconciler();
+  controller_->Close();
+  // Every change was saved when it was made; once more, so that the next
+  // agent restores exactly this fleet.
+  if (absl::Status s =
+          SaveFleetState(options_.state_dir, fleet_->DesiredSpec());
+      !s.ok()) {
+    PF_LOG(ERROR) << "saving the desired state before stepping aside: "
+                  << s.message()
+                  << " (the next agent restores the last "
+                     "state saved)";
+  }
+  // The control socket goes (the next agent binds its own at that path);
+  // the workers' channels close when this process exits and they reconnect
+  // to it. Workers, shard sockets, steering program and pinned maps stay.
+  CloseInterfaces();
+  EventLoop* loop = loop_.get();
+  StopApiInBackground([loop] { loop->Stop(); });
 }
 
 void Agent::Stop() {
@@ -694,7 +758,11 @@ int Agent::Run() {
       ::stat(control_path_.c_str(), &st) == 0 && st.st_ino == control_inode_) {
     ::unlink(control_path_.c_str());
   }
-  PF_LOG(INFO) << (handed_over ? "handed over; stopped" : "stopped");
+  bool stepped_aside = stop_decider_ && stop_decider_->state() ==
+                                            StopDecider::State::kSteppingAside;
+  PF_LOG(INFO) << (handed_over     ? "handed over; stopped"
+                   : stepped_aside ? "stepped aside; workers left serving"
+                                   : "stopped");
   return 0;
 }
 
@@ -799,7 +867,7 @@ int RunAgent(const AgentOptions& options) {
       [a](int sig, int count) {
         a->OnStop(absl::StrCat("received SIG", sigabbrev_np(sig)), count);
       },
-      [a] { a->OnReload(); });
+      [a] { a->OnReload(); }, [a] { a->OnStepAside("received SIGUSR2"); });
   if (!watched.ok()) {
     PF_LOG(ERROR) << "start-up failed: " << watched;
     return 1;

@@ -25,6 +25,7 @@
 #include "agent/options.h"
 #include "agent/sd_notify.h"
 #include "agent/steering/steering.h"
+#include "agent/stop_decider.h"
 #include "agent/takeover.h"
 
 namespace portfleet {
@@ -45,8 +46,13 @@ class Agent {
   // Returns the process exit code.
   int Run();
   // On the loop thread: a stop request. The first stops the API and drains
-  // the workers; later ones kill the workers at once.
+  // the workers, unless systemd is restarting the agent's unit: then the
+  // agent steps aside (see OnStepAside). Later ones kill the workers at once.
   void OnStop(const std::string& why, int count);
+  // On the loop thread (SIGUSR2): step aside, as for a restart by systemd:
+  // stop the API, keep the desired state, leave every worker serving on its
+  // socket and exit 0; the next agent re-adopts them.
+  void OnStepAside(const std::string& why);
   // Thread-safe: OnStop("stop requested", 1) on the loop.
   void Stop();
   // On the loop thread (SIGHUP): declarative mode reads --config again;
@@ -67,6 +73,9 @@ class Agent {
   absl::Status OpenMetrics();
   absl::Status OpenControlSocket(Fd listen_fd);
   void CloseInterfaces();
+  // StopDecider's actions.
+  void Drain(const std::string& why);
+  void StepAside(const std::string& why);
   void OnTakeoverReleased(bool ready_sent);
   void HandOver(std::function<void()> release_done);
   // Our workers drained after a hand-over: exit, or idle until a stop.
@@ -109,6 +118,8 @@ class Agent {
   std::unique_ptr<ControlSocketServer> control_server_;
   std::unique_ptr<TakeoverDonor> donor_;
   std::unique_ptr<TakeoverReceiver> receiver_;
+  // What a stop request means (drain, or step aside for a restart).
+  std::unique_ptr<StopDecider> stop_decider_;
   std::thread api_stopper_;
   bool stopping_ = false;
   // After a hand-over: our workers are drained / a stop was asked for.

@@ -87,9 +87,14 @@ Options:
 Signals:
   SIGTERM, SIGINT    stop: workers get SIGTERM and finish their connections;
                      after the listeners' drain timeout stragglers get SIGKILL;
-                     exit 0. A second signal kills the workers at once.
+                     exit 0. A second signal kills the workers at once. Under
+                     systemd, a SIGTERM for `systemctl restart` of the agent's
+                     unit steps aside instead (as SIGUSR2).
   SIGHUP             declarative mode: read --config again and reconcile;
                      seed mode: ignored (use portfleetctl apply)
+  SIGUSR2            step aside: stop the API, leave every worker serving on
+                     its socket and exit 0; the next agent (same --state-dir
+                     and control socket) re-adopts them
 
 Example:
   portfleet-agent --config deploy/examples/quickstart.textproto

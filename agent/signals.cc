@@ -17,6 +17,7 @@ absl::StatusOr<std::unique_ptr<SignalHandler>> SignalHandler::Block() {
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
   sigaddset(&signals, SIGHUP);
+  sigaddset(&signals, SIGUSR2);
   if (::sigprocmask(SIG_BLOCK, &signals, nullptr) != 0) {
     return ErrnoError("sigprocmask");
   }
@@ -31,10 +32,12 @@ SignalHandler::~SignalHandler() {
 
 absl::Status SignalHandler::Watch(EventLoop* loop,
                                   std::function<void(int, int)> on_stop,
-                                  std::function<void()> on_reload) {
+                                  std::function<void()> on_reload,
+                                  std::function<void()> on_step_aside) {
   loop_ = loop;
   on_stop_ = std::move(on_stop);
   on_reload_ = std::move(on_reload);
+  on_step_aside_ = std::move(on_step_aside);
   return loop_->AddFd(fd_.get(), [this](uint32_t) { OnReadable(); });
 }
 
@@ -49,6 +52,14 @@ void SignalHandler::OnReadable() {
     if (sig == SIGHUP) {
       PF_LOG(INFO) << "SIGHUP ignored: use portfleetctl apply to change the "
                       "fleet";
+      continue;
+    }
+    if (sig == SIGUSR2) {
+      if (on_step_aside_) {
+        on_step_aside_();
+      } else {
+        PF_LOG(INFO) << "SIGUSR2 ignored: nothing to leave to another agent";
+      }
       continue;
     }
     on_stop_(sig, ++stops_);

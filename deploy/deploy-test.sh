@@ -4,7 +4,7 @@
 # builds (deploy/build.sh) with the tier enabled and runs ctest -L deploy.
 # Also tests/deploy/kube_play_configmap_test.py (declarative mode) and
 # tests/deploy/systemd_pid1_test.py (the unit under systemd as PID 1). About
-# 1 min 50 s once the Debian base images are cached, 5 min before.
+# 2 min once the Debian base images are cached, 5 min before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install-deps.sh --deploy

@@ -12,6 +12,8 @@ PACKAGES=(
   libabsl-dev
   # eBPF steering: clang compiles the program, bpftool makes the skeleton
   clang llvm libbpf-dev bpftool linux-libc-dev
+  # sd-bus: the agent asks systemd whether a SIGTERM is a restart
+  libsystemd-dev
   # fuzzing: the libFuzzer runtime (deploy/fuzz.sh)
   libclang-rt-14-dev
   # tests

@@ -55,3 +55,10 @@ portfleet_test(agent_promises_test
   SOURCES netns/agent_promises_test.cc
   LIBS portfleet_api portfleet_testing
   LABELS netns)
+
+# What a stop request means (drain, or step aside when systemd restarts the
+# agent), with a fake RestartProbe (issue 12).
+portfleet_test(stop_decider_test
+  SOURCES unit/stop_decider_test.cc
+  LIBS portfleet_agent
+  LABELS unit)

@@ -77,7 +77,7 @@ done
 
 # Runtime libraries: the same list as the Containerfile's runtime stage
 # (checked below, so that the two cannot drift apart).
-runtime_pkgs="libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623 libbpf1 libelf1 libssl3 libre2-9 libc-ares2 zlib1g ca-certificates"
+runtime_pkgs="libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623 libbpf1 libelf1 libsystemd0 libssl3 libre2-9 libc-ares2 zlib1g ca-certificates"
 for p in $runtime_pkgs; do
   grep -q "$p" deploy/container/Containerfile || {
     echo "build-image.sh: $p is not in the Containerfile's runtime stage" >&2; exit 1; }
@@ -87,15 +87,16 @@ if [ "$runtime_only" = 1 ]; then
   for b in agent/portfleet-agent worker/portfleet-worker ctl/portfleetctl; do
     [ -x "$build_dir/$b" ] || { echo "build-image.sh: $build_dir/$b missing (deploy/build.sh)" >&2; exit 1; }
   done
+  # Tagged by its package list: a changed list makes a new base.
+  base=localhost/portfleet-runtime-base:bookworm-$(echo "$runtime_pkgs" | sha256sum | cut -c1-12)
   step "runtime base: mmdebstrap minbase bookworm + runtime libraries"
-  if [ -n "${PORTFLEET_REUSE_BASE:-}" ] &&
-     podman image exists localhost/portfleet-runtime-base:bookworm; then
-    echo "   reusing localhost/portfleet-runtime-base:bookworm"
+  if [ -n "${PORTFLEET_REUSE_BASE:-}" ] && podman image exists "$base"; then
+    echo "   reusing $base"
   else
   include=$(echo $runtime_pkgs | tr ' ' ',')
   mmdebstrap --quiet --variant=minbase --include="$include" bookworm \
     "$work/runtime.tar" "$sources"
-  podman import --quiet "$work/runtime.tar" localhost/portfleet-runtime-base:bookworm >/dev/null
+  podman import --quiet "$work/runtime.tar" "$base" >/dev/null
   rm -f "$work/runtime.tar"
   fi
   done_step
@@ -105,8 +106,8 @@ if [ "$runtime_only" = 1 ]; then
   cp "$build_dir/agent/portfleet-agent" "$build_dir/worker/portfleet-worker" \
      "$build_dir/ctl/portfleetctl" deploy/examples/quickstart.textproto "$ctx/"
   strip --strip-debug "$ctx/portfleet-agent" "$ctx/portfleet-worker" "$ctx/portfleetctl"
-  cat > "$ctx/Containerfile" <<'CF'
-FROM localhost/portfleet-runtime-base:bookworm
+  echo "FROM $base" > "$ctx/Containerfile"
+  cat >> "$ctx/Containerfile" <<'CF'
 COPY portfleet-agent portfleet-worker portfleetctl /usr/local/bin/
 COPY quickstart.textproto /etc/portfleet/fleet.textproto
 RUN for b in portfleet-agent portfleet-worker portfleetctl; do \

@@ -104,12 +104,16 @@ if ((changed_unit)); then systemctl daemon-reload; fi
 if ((now)); then
   systemctl enable portfleet-agent.service
   if systemctl is-active --quiet portfleet-agent.service; then
-    # A restart drains every worker and refuses connections until the new
-    # agent serves; the re-adoption path does not. Leave the choice to the
-    # operator.
+    # The running agent decides what a restart does: one with step-aside
+    # leaves its workers to the new agent, an older one drains them and
+    # refuses connections until the new agent serves. Leave the choice to
+    # the operator.
     cat >&2 <<'MSG'
 install.sh: portfleet-agent is running the previous binaries; not restarted.
   Without a refused connection (workers are re-adopted, deploy/README.md):
+    systemctl restart portfleet-agent
+  unless the running agent predates step-aside (its --help lists no SIGUSR2):
+  a restart drains that one; switch it over with
     systemctl kill --kill-whom=main --signal=SIGKILL portfleet-agent
   Then, for the new worker binary: portfleetctl rollout LISTENER
 MSG

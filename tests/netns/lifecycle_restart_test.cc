@@ -2,6 +2,7 @@
 // one and are re-adopted (same pids, same sockets); nothing is refused.
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -163,6 +164,85 @@ TEST(LifecycleRestartTest, CleanStopLeavesNothingBehind) {
                       absl::Seconds(10)));
   ExpectNoLeaks(agent.pid(), fds_after_start);
 }
+
+// Steps:
+// 1. Three shards of http workers; short-lived load at 300 connections/s.
+// 2. SIGUSR2 (step aside, what the agent does when systemd restarts its
+//    unit): the agent exits 0 and says how many workers it leaves; the
+//    workers keep running.
+// 3. A new agent re-adopts them: same pids on the same socket inodes.
+// 4. SIGTERM to the new agent still drains: no worker left.
+// 5. The load saw no failure.
+TEST(LifecycleRestartTest, StepAsideLeavesWorkersToTheNextAgent) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  // Plain literals: clang-format reflows R"pb(...)" pieces.
+  ASSERT_TRUE(agent
+                  .Start("listeners {\n"
+                         "  name: \"web\"\n"
+                         "  address: \"127.0.0.1:8080\"\n"
+                         "  shards: 3\n"
+                         "  worker { command: \"portfleet-worker\" "
+                         "args: \"--mode=http\" }\n"
+                         "  drain_timeout_seconds: 5\n"
+                         "}\n")
+                  .ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 3; },
+                      absl::Seconds(10)));
+  std::map<int, pid_t> workers = agent.WorkersByShard();
+  ASSERT_EQ(workers.size(), 3u);
+  std::map<int, uint64_t> inodes;
+  for (const auto& [shard, pid] : workers) inodes[shard] = *SocketInode(pid, 3);
+
+  loadgen::Options o;
+  o.target = kAddress;
+  o.rate = 300;
+  o.duration = absl::Seconds(30);
+  std::atomic<bool> stop{false};
+  auto load =
+      std::async(std::launch::async, [&] { return loadgen::Run(o, &stop); });
+  absl::SleepFor(absl::Milliseconds(300));
+
+  agent.process().Signal(SIGUSR2);
+  std::optional<int> exit = agent.process().Wait(absl::Seconds(10));
+  ASSERT_TRUE(exit.has_value()) << agent.Log();
+  EXPECT_TRUE(WIFEXITED(*exit) && WEXITSTATUS(*exit) == 0) << *exit;
+  EXPECT_THAT(agent.Log(),
+              HasSubstr("received SIGUSR2: leaving 3 workers of 1 listener "
+                        "to the next agent"));
+  EXPECT_THAT(agent.Log(), HasSubstr("stepped aside"));
+  for (const auto& [shard, pid] : workers) EXPECT_TRUE(ProcessExists(pid));
+  absl::SleepFor(absl::Milliseconds(300));  // serving without an agent
+
+  ASSERT_TRUE(agent.Restart().ok());
+  ASSERT_TRUE(agent.WaitLog("re-adopted worker pid", 3)) << agent.Log();
+  stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 3; },
+                      absl::Seconds(10)))
+      << agent.Log();
+  for (const v1::Shard& shard : Shards(*stub, "web")) {
+    EXPECT_EQ(static_cast<pid_t>(shard.pid()), workers[shard.index()])
+        << "shard " << shard.index();
+    EXPECT_EQ(shard.socket_inode(), inodes[shard.index()]);
+  }
+  absl::SleepFor(absl::Milliseconds(300));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary();
+  EXPECT_GT(result->ok(), 100);
+
+  agent.process().Signal(SIGTERM);
+  exit = agent.process().Wait(absl::Seconds(15));
+  ASSERT_TRUE(exit.has_value()) << agent.Log();
+  EXPECT_TRUE(WIFEXITED(*exit) && WEXITSTATUS(*exit) == 0) << *exit;
+  for (const auto& [shard, pid] : workers) EXPECT_FALSE(ProcessExists(pid));
+  EXPECT_THAT(agent.Log(), HasSubstr("stopping the API and the workers"));
+}
+
 
 // Steps:
 // 1. Two shards of a third-party worker (a shell script running the
