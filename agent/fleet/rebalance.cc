@@ -174,6 +174,12 @@ void ExpectAfter(const std::vector<HandOffTransfer>& transfers,
   resp->set_expected_imbalance_after(Imbalance(after));
 }
 
+// "auto: " before a message of the auto-rebalancer.
+std::string Prefixed(const RebalanceLimits& limits, std::string message) {
+  return limits.origin.empty() ? message
+                               : absl::StrCat(limits.origin, ": ", message);
+}
+
 absl::StatusOr<SteeringStep> Steer(const FleetContext& ctx, Listener& listener,
                                    const v1::RebalanceListenerRequest& request,
                                    const RebalanceLimits& limits) {

@@ -241,8 +241,8 @@ TEST(HandOffChoiceTest, ByBytesTakesTheBusiestThatNarrowTheGap) {
                                32, 1'000'000)
                   .keys.empty());
   // The count still bounds it.
-  EXPECT_EQ(ChooseForHandOff({{.key = 1, .bytes_per_second = 10},
-                              {.key = 2, .bytes_per_second = 10}},
+  EXPECT_EQ(ChooseForHandOff({{.key = 1, .bytes_per_second = 100},
+                              {.key = 2, .bytes_per_second = 100}},
                              1, 1'000)
                 .keys.size(),
             1u);
