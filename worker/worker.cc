@@ -29,6 +29,7 @@
 #include "worker/sdk/base/status.h"
 #include "worker/sdk/base/time.h"
 #include "worker/sdk/base/version.h"
+#include "worker/sdk/handoff_choice.h"
 #include "worker/sdk/listen_fds.h"
 
 namespace portfleet::worker {
@@ -555,6 +556,11 @@ struct Worker::Connection {
   bool lingering = false;  // our FIN is sent; waiting for the peer's
   absl::Time linger_deadline;
   uint32_t events = 0;  // registered with epoll; 0 = not registered yet
+  // Traffic (bytes in + out), and its rate over the last load report
+  // period: what a hand-off by bytes chooses by.
+  uint64_t bytes = 0;
+  uint64_t bytes_at_report = 0;
+  double bytes_per_second = 0;
 
   size_t pending() const { return out.size() - out_offset; }
 };
@@ -931,6 +937,7 @@ bool Worker::ReadFrom(Connection& conn) {
       return true;
     }
     bytes_in_ += n;
+    conn.bytes += n;
     budget -= std::min<size_t>(budget, n);
     // A short read emptied the receive queue: the next recv() would only
     // say EAGAIN, so leave it to epoll to say when more comes.
@@ -963,6 +970,7 @@ bool Worker::WriteTo(Connection& conn) {
       return false;
     }
     bytes_out_ += n;
+    conn.bytes += n;
     conn.out_offset += n;
   }
   conn.out.clear();
@@ -1107,14 +1115,20 @@ bool Worker::Releasable(const Connection& conn) const {
 void Worker::ReleaseConnections(const v1::HandOffRequest& request) {
   uint32_t released = 0;
   uint32_t busy = 0;
-  std::vector<int> chosen;
+  double released_rate = 0;
+  std::vector<HandOffCandidate> candidates;
   for (const auto& [fd, conn] : connections_) {
     if (!Releasable(*conn)) {
       ++busy;
-    } else if (chosen.size() < request.count() && !draining_) {
-      chosen.push_back(fd);
+    } else if (!draining_) {
+      candidates.push_back(HandOffCandidate{
+          .key = fd, .bytes_per_second = conn->bytes_per_second});
     }
   }
+  const std::vector<int> chosen =
+      ChooseForHandOff(std::move(candidates), request.count(),
+                       request.bytes_per_second())
+          .keys;
   for (int fd : chosen) {
     Connection& conn = *connections_[fd];
     // Out of the epoll set first: closing our descriptor would not remove
@@ -1138,11 +1152,12 @@ void Worker::ReleaseConnections(const v1::HandOffRequest& request) {
     }
     ++released;
     ++handed_off_;
+    released_rate += conn.bytes_per_second;
     CloseConnection(fd);
   }
   PF_LOG(DEBUG) << "hand-off " << request.id() << ": released " << released
                 << " of " << request.count() << " asked (" << busy << " busy)";
-  agent_->HandOffDone(request.id(), released, busy);
+  agent_->HandOffDone(request.id(), released, busy, released_rate);
 }
 
 void Worker::AdoptConnection(const v1::HandOffConnection& handoff, Fd fd) {
@@ -1194,6 +1209,16 @@ void Worker::OnAgentMessage(const v1::AgentMessage& message, Fd fd) {
 }
 
 void Worker::SendLoad() {
+  // Each connection's rate over the period since the last report.
+  const absl::Time now = absl::Now();
+  const double secs = absl::ToDoubleSeconds(now - last_load_);
+  last_load_ = now;
+  for (auto& entry : connections_) {
+    Connection& c = *entry.second;
+    c.bytes_per_second =
+        secs > 0 ? static_cast<double>(c.bytes - c.bytes_at_report) / secs : 0;
+    c.bytes_at_report = c.bytes;
+  }
   v1::WorkerMessage load;
   v1::WorkerLoad* l = load.mutable_load();
   l->set_active_connections(OpenConnections());

@@ -225,6 +225,7 @@ class Worker {
   bool draining_ = false;
   bool done_ = false;
   absl::Time drain_deadline_ = absl::InfiniteFuture();
+  absl::Time last_load_ = absl::Now();  // the last SendLoad()
   absl::Time next_load_ = absl::InfiniteFuture();
   int lingering_ = 0;
 

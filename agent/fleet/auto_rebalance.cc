@@ -223,15 +223,16 @@ void AutoRebalancer::RunStep(Listener& listener, State& state,
   v1::RebalanceListenerRequest request;
   request.set_name(listener.spec.name());
   request.set_metric(settings.metric);
-  // Hand-offs only where a worker can take part: a listener of workers
-  // without hand-off support is rebalanced by steering alone, without a
-  // refusal event every period.
+  // Hand-offs only where a worker can take part, and by a metric they can
+  // move (connections, bytes; not cpu): otherwise the listener is rebalanced
+  // by steering alone, without a refusal event every period.
   bool can_hand_off = false;
   for (const auto& shard : listener.shards) {
     const Worker* w = shard->worker.get();
     can_hand_off = can_hand_off || (w != nullptr && w->handoff && w->control);
   }
-  request.set_move_connections(settings.move_connections && can_hand_off);
+  request.set_move_connections(settings.move_connections && can_hand_off &&
+                               settings.metric != v1::REBALANCE_METRIC_CPU);
   listener.auto_rebalance_steps++;
   PF_LOG(INFO) << "listener " << listener.spec.name() << ": auto-rebalance "
                << (first ? "starts" : "step") << ", imbalance "

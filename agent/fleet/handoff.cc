@@ -51,6 +51,44 @@ std::vector<HandOffTransfer> PlanHandOffs(
   return out;
 }
 
+std::vector<HandOffTransfer> PlanByteHandOffs(
+    const std::vector<ByteHandOffInput>& shards, double min_fraction) {
+  std::vector<HandOffTransfer> out;
+  if (shards.empty()) return out;
+  double total = 0;
+  for (const ByteHandOffInput& s : shards) total += s.bytes_per_second;
+  const double mean = total / static_cast<double>(shards.size());
+  if (mean <= 0) return out;
+  const size_t n = shards.size();
+  std::vector<double> surplus(n, 0), deficit(n, 0);
+  for (size_t i = 0; i < n; ++i) {
+    if (!shards[i].capable) continue;
+    const double d = shards[i].bytes_per_second - mean;
+    if (d > 0) {
+      surplus[i] = d;
+    } else {
+      deficit[i] = -d;
+    }
+  }
+  // Each shard gives or takes in one direction only, so at most n - 1 moves.
+  for (size_t round = 0; round + 1 < n; ++round) {
+    size_t from =
+        std::max_element(surplus.begin(), surplus.end()) - surplus.begin();
+    size_t to =
+        std::max_element(deficit.begin(), deficit.end()) - deficit.begin();
+    const double amount = std::min(surplus[from], deficit[to]);
+    if (amount < min_fraction * mean || amount < 1) break;
+    out.push_back(
+        HandOffTransfer{.from = shards[from].index,
+                        .to = shards[to].index,
+                        .count = kMaxConnectionsPerByteTransfer,
+                        .bytes_per_second = static_cast<uint64_t>(amount)});
+    surplus[from] -= amount;
+    deficit[to] -= amount;
+  }
+  return out;
+}
+
 std::vector<HandOffTransfer> LimitHandOffs(
     std::vector<HandOffTransfer> transfers, uint32_t max_moves) {
   std::vector<HandOffTransfer> out;
@@ -114,6 +152,13 @@ bool HandOffRouter::AskNext(Listener& listener, uint64_t id, Pending& p) {
   v1::AgentMessage ask;
   ask.mutable_handoff_request()->set_id(id);
   ask.mutable_handoff_request()->set_count(count);
+  if (t.bytes_per_second > 0) {
+    // What remains of the traffic to move after the earlier chunks.
+    const uint64_t moved =
+        std::min(p.result.bytes_per_second, t.bytes_per_second);
+    ask.mutable_handoff_request()->set_bytes_per_second(
+        std::max<uint64_t>(1, t.bytes_per_second - moved));
+  }
   if (absl::Status s = from->worker->control->Send(ask); !s.ok()) {
     PF_LOG(WARNING) << listener.Name(*from)
                     << ": hand-off request: " << s.message();
@@ -178,6 +223,7 @@ void HandOffRouter::OnWorkerMessage(Listener& listener, Shard& shard,
   }
   if (p.result.answered) return;
   p.result.busy = message.handoff_done().busy();
+  p.result.bytes_per_second += message.handoff_done().bytes_per_second();
   const uint32_t chunk = p.asked - p.released;
   p.released += message.handoff_done().released();
   // A full chunk: there may be more idle connections; ask for the next.

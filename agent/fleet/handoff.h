@@ -30,11 +30,14 @@ struct HandOffInput {
   bool capable = false;  // its worker hands off and adopts connections
 };
 
-// Move `count` connections from shard `from` to shard `to`.
+// Move `count` connections from shard `from` to shard `to`; by bytes
+// (`bytes_per_second` > 0), up to `count` connections whose traffic adds up
+// to about `bytes_per_second` (see HandOffRequest in control.proto).
 struct HandOffTransfer {
   uint32_t from = 0;
   uint32_t to = 0;
   uint32_t count = 0;
+  uint64_t bytes_per_second = 0;
 };
 
 // Pure: the moves that bring every capable shard as close to the mean of
@@ -43,6 +46,25 @@ struct HandOffTransfer {
 // neither give nor take.
 std::vector<HandOffTransfer> PlanHandOffs(
     const std::vector<HandOffInput>& shards);
+
+// One shard, as the hand-off planner by bytes sees it.
+struct ByteHandOffInput {
+  uint32_t index = 0;
+  double bytes_per_second = 0;  // its traffic (ShardLoad.bytes_per_second)
+  bool capable = false;
+};
+
+// At most this many connections per transfer by bytes: moving traffic
+// takes few connections (the busiest), never a shard's crowd of idle ones.
+inline constexpr uint32_t kMaxConnectionsPerByteTransfer = 32;
+
+// Pure: the moves of traffic that bring every capable shard as close to the
+// mean bytes/s of all shards as the planner can tell, largest surplus to
+// largest deficit first; a move of less than `min_fraction` of the mean is
+// not worth a hand-off and ends the plan. The worker picks the connections
+// (ChooseForHandOff in worker/sdk/handoff_choice.h).
+std::vector<HandOffTransfer> PlanByteHandOffs(
+    const std::vector<ByteHandOffInput>& shards, double min_fraction = 0.05);
 
 // Pure: `transfers` cut so that their counts add up to at most `max_moves`,
 // in their order (largest first, as PlanHandOffs gives them); transfers
@@ -58,6 +80,8 @@ struct HandOffResult {
   uint32_t lost = 0;      // neither could take it (closed)
   uint32_t busy = 0;      // the sender's connections with data in flight
   bool answered = false;  // the sender said it was done
+  // The released connections' traffic, as the sender measured it.
+  uint64_t bytes_per_second = 0;
 };
 
 class HandOffRouter {

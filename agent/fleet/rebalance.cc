@@ -121,6 +121,14 @@ std::string MetricName(v1::RebalanceMetric metric) {
   }
 }
 
+// "2.1 MB", "350 kB", "80 B" (decimal units, as rates are shown).
+std::string HumanBytes(double bytes) {
+  if (bytes >= 1e9) return absl::StrFormat("%.1f GB", bytes / 1e9);
+  if (bytes >= 1e6) return absl::StrFormat("%.1f MB", bytes / 1e6);
+  if (bytes >= 1e3) return absl::StrFormat("%.0f kB", bytes / 1e3);
+  return absl::StrFormat("%.0f B", bytes);
+}
+
 void Refuse(v1::RebalanceListenerResponse* resp, int shard,
             std::string reason) {
   v1::RebalanceRefusal* r = resp->add_refusals();
@@ -138,21 +146,28 @@ struct SteeringStep {
   std::vector<HandOffTransfer> transfers;
 };
 
-// Per shard expected load (connections) after `transfers`, and their
-// imbalance over the eligible shards.
+// Per shard expected load after `transfers`, of which `moved` connections
+// carrying `moved_load` of the metric (connections: the same count; bytes:
+// their bytes/s) went, and their imbalance over the eligible shards.
 void ExpectAfter(const std::vector<HandOffTransfer>& transfers,
                  const std::vector<uint32_t>& moved,
+                 const std::vector<double>& moved_load,
                  v1::RebalanceListenerResponse* resp) {
   std::map<uint32_t, int64_t> delta;
+  std::map<uint32_t, double> load_delta;
   for (size_t k = 0; k < transfers.size(); ++k) {
     delta[transfers[k].from] -= moved[k];
     delta[transfers[k].to] += moved[k];
+    load_delta[transfers[k].from] -= moved_load[k];
+    load_delta[transfers[k].to] += moved_load[k];
   }
   std::vector<double> after;
   for (v1::RebalanceShard& s : *resp->mutable_shards()) {
     s.set_connections_moved(delta[s.index()]);
-    if (resp->metric() == v1::REBALANCE_METRIC_CONNECTIONS) {
-      s.set_expected_after(s.load_before() + delta[s.index()]);
+    if (resp->metric() == v1::REBALANCE_METRIC_CONNECTIONS ||
+        resp->metric() == v1::REBALANCE_METRIC_BYTES) {
+      s.set_expected_after(
+          std::max(0.0, s.load_before() + load_delta[s.index()]));
     }
     if (s.eligible()) after.push_back(s.expected_after());
   }
@@ -215,20 +230,25 @@ absl::StatusOr<SteeringStep> Steer(const FleetContext& ctx, Listener& listener,
   }
 
   std::vector<HandOffTransfer> transfers;
-  if (request.move_connections() &&
-      metric != v1::REBALANCE_METRIC_CONNECTIONS) {
+  if (request.move_connections() && metric == v1::REBALANCE_METRIC_CPU) {
     Refuse(&resp, -1,
-           absl::StrCat("hand-off evens connections; by ", MetricName(metric),
-                        " only new connections are rebalanced"));
+           "hand-off moves connections by their count or their traffic; by "
+           "cpu only new connections are rebalanced");
   } else if (request.move_connections()) {
-    std::vector<HandOffInput> h;
+    std::vector<HandOffInput> by_count;
+    std::vector<ByteHandOffInput> by_bytes;
     for (size_t k = 0; k < inputs.size(); ++k) {
       if (!inputs[k].eligible) continue;
       const Worker& w = *steered[k]->worker;
       const bool capable = w.handoff && w.control.has_value();
-      h.push_back(HandOffInput{.index = inputs[k].index,
-                               .connections = steered[k]->load.connections(),
-                               .capable = capable});
+      by_count.push_back(
+          HandOffInput{.index = inputs[k].index,
+                       .connections = steered[k]->load.connections(),
+                       .capable = capable});
+      by_bytes.push_back(ByteHandOffInput{
+          .index = inputs[k].index,
+          .bytes_per_second = steered[k]->load.bytes_per_second(),
+          .capable = capable});
       if (capable) {
         resp.set_steering_only(false);
       } else {
@@ -236,7 +256,10 @@ absl::StatusOr<SteeringStep> Steer(const FleetContext& ctx, Listener& listener,
                "worker cannot hand off connections: steering only");
       }
     }
-    transfers = LimitHandOffs(PlanHandOffs(h), limits.max_moves);
+    transfers = LimitHandOffs(metric == v1::REBALANCE_METRIC_BYTES
+                                  ? PlanByteHandOffs(by_bytes)
+                                  : PlanHandOffs(by_count),
+                              limits.max_moves);
   }
 
   const bool cpu_policy =
@@ -246,8 +269,11 @@ absl::StatusOr<SteeringStep> Steer(const FleetContext& ctx, Listener& listener,
   for (RebalanceInput& in : inputs) {
     if (in.eligible) before.push_back(in.load);
     for (const HandOffTransfer& t : transfers) {
-      if (t.from == in.index) in.load -= t.count;
-      if (t.to == in.index) in.load += t.count;
+      const double amount = metric == v1::REBALANCE_METRIC_BYTES
+                                ? static_cast<double>(t.bytes_per_second)
+                                : t.count;
+      if (t.from == in.index) in.load = std::max(0.0, in.load - amount);
+      if (t.to == in.index) in.load += amount;
     }
   }
   RebalancePlan plan = PlanRebalance(inputs, RebalanceParams{});
@@ -280,8 +306,14 @@ absl::StatusOr<SteeringStep> Steer(const FleetContext& ctx, Listener& listener,
     }
   }
   std::vector<uint32_t> planned;
-  for (const HandOffTransfer& t : transfers) planned.push_back(t.count);
-  ExpectAfter(transfers, planned, &resp);
+  std::vector<double> planned_load;
+  for (const HandOffTransfer& t : transfers) {
+    planned.push_back(t.bytes_per_second > 0 ? 0 : t.count);
+    planned_load.push_back(t.bytes_per_second > 0
+                               ? static_cast<double>(t.bytes_per_second)
+                               : t.count);
+  }
+  ExpectAfter(transfers, planned, planned_load, &resp);
   if (!request.dry_run()) listener.rebalance_refusals += resp.refusals_size();
   if (!request.dry_run() && resp.refusals_size() > 0) {
     std::vector<std::string> why;
@@ -356,14 +388,37 @@ void RebalanceListener(FleetContext& ctx, HandOffRouter& router,
       [c, name, origin, resp, done](std::vector<HandOffResult> results) {
         std::vector<HandOffTransfer> transfers;
         std::vector<uint32_t> moved;
+        std::vector<double> moved_load;
         uint64_t total = 0;
         std::vector<std::string> parts;
         for (const HandOffResult& r : results) {
+          const bool by_bytes = r.transfer.bytes_per_second > 0;
           transfers.push_back(r.transfer);
           moved.push_back(r.moved);
+          moved_load.push_back(
+              by_bytes ? static_cast<double>(r.bytes_per_second) : r.moved);
           total += r.moved;
           parts.push_back(
-              absl::StrCat(r.transfer.from, "->", r.transfer.to, ":", r.moved));
+              by_bytes
+                  ? absl::StrFormat(
+                        "%u->%u:%u (%s/s)", r.transfer.from, r.transfer.to,
+                        r.moved,
+                        HumanBytes(static_cast<double>(r.bytes_per_second)))
+                  : absl::StrCat(r.transfer.from, "->", r.transfer.to, ":",
+                                 r.moved));
+          if (by_bytes) {
+            if (r.moved > 0) continue;
+            Refuse(resp.get(), static_cast<int>(r.transfer.from),
+                   !r.answered
+                       ? "the worker did not answer in time"
+                       : absl::StrCat(
+                             "no idle connection with traffic of at most ",
+                             HumanBytes(2.0 * static_cast<double>(
+                                                  r.transfer.bytes_per_second)),
+                             "/s to move to shard ", r.transfer.to, " (",
+                             r.busy, " had data in flight)"));
+            continue;
+          }
           const uint32_t missing =
               r.transfer.count - std::min(r.transfer.count, r.moved);
           if (missing == 0) continue;
@@ -382,7 +437,7 @@ void RebalanceListener(FleetContext& ctx, HandOffRouter& router,
                               " not moved: ", why));
         }
         resp->set_connections_moved(total);
-        ExpectAfter(transfers, moved, resp.get());
+        ExpectAfter(transfers, moved, moved_load, resp.get());
         c->Emit(v1::EVENT_TYPE_REBALANCE_HANDOFF, name, -1, 0,
                 absl::StrCat(origin.empty() ? "" : origin + ": ", "handed off ",
                              total, " connections (", absl::StrJoin(parts, " "),

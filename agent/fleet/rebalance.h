@@ -12,11 +12,14 @@
 // rebalance_slot_delta) and is dropped by any change of steering or shard
 // count. Under CPU steering nothing moves: locality is kept.
 //
-// Existing connections (metric connections, move_connections): idle
-// connections are handed from workers above the mean to workers below it
-// (fleet/handoff.h), for workers whose hello said they can; a connection
-// with data in flight is never released. Others are rebalanced by steering
-// only, and the response says so per shard.
+// Existing connections (move_connections): by connections, idle
+// connections are handed from workers above the mean to workers below it;
+// by bytes, traffic is (the hot worker releases its busiest idle
+// connections up to the bytes/s planned; PlanByteHandOffs); by CPU, none
+// are. Only workers whose hello said they can hand off take part
+// (fleet/handoff.h); a connection with data in flight is never released.
+// Others are rebalanced by steering only, and the response says so per
+// shard.
 #ifndef PORTFLEET_AGENT_FLEET_REBALANCE_H_
 #define PORTFLEET_AGENT_FLEET_REBALANCE_H_
 

@@ -795,5 +795,186 @@ TEST_F(RebalanceTest, AutoModeUnderChurnDoesNotOscillate) {
             << log;
 }
 
+// A connected client socket to kAddress with 5 s timeouts, or an invalid Fd.
+Fd ConnectEcho() {
+  Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  timeval tv{.tv_sec = 5, .tv_usec = 0};
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(kPort);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+    return Fd();
+  }
+  return fd;
+}
+
+// One echo client streaming `chunk` bytes every `every` until `stop`: each
+// chunk is fresh pseudo-random data, and what comes back must be exactly it
+// (so every byte is checked, in order). Counts bytes echoed and the first
+// error.
+struct Stream {
+  Fd fd;
+  uint64_t echoed = 0;
+  int failures = 0;
+  std::string error;
+  void Run(const std::atomic<bool>& stop, size_t chunk, absl::Duration every,
+           uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::string out(chunk, '\0');
+    std::string in;
+    char buf[16384];
+    while (!stop && failures == 0) {
+      const absl::Time next = absl::Now() + every;
+      for (char& c : out) c = static_cast<char>(rng());
+      if (::send(fd.get(), out.data(), out.size(), MSG_NOSIGNAL) !=
+          static_cast<ssize_t>(out.size())) {
+        error = absl::StrCat("send: ", std::strerror(errno));
+        ++failures;
+        break;
+      }
+      in.clear();
+      while (in.size() < out.size()) {
+        ssize_t n = ::recv(fd.get(), buf,
+                           std::min(sizeof(buf), out.size() - in.size()), 0);
+        if (n <= 0) {
+          error = n == 0 ? "closed by the server"
+                         : absl::StrCat("recv: ", std::strerror(errno));
+          ++failures;
+          return;
+        }
+        in.append(buf, static_cast<size_t>(n));
+      }
+      if (in != out) {
+        error = absl::StrCat("echo differs after ", echoed, " bytes");
+        ++failures;
+        return;
+      }
+      echoed += out.size();
+      absl::SleepFor(next - absl::Now());
+    }
+  }
+};
+
+// Heavy and light (issue 11). Steps:
+// 1. Start "web" with 4 shards of the echo worker and weights 1,0,0,0, so
+//    that every new connection goes to shard 0; open 4 heavy clients there,
+//    each streaming 16 KiB every 20 ms (about 1.6 MB/s in and as much out),
+//    every byte checked.
+// 2. Equal weights (`steer`), then 40 light clients spread by the hash, each
+//    echoing 64 bytes every 200 ms.
+// 3. Once the agent sees shard 0 carry most of the traffic,
+//    `rebalance web --metric bytes`.
+// 4. Within 10 s, bytes/s per shard (the agent's load) have max/mean <=
+//    1.25; every heavy and light client kept its connection and got every
+//    byte back intact.
+TEST_F(RebalanceTest, HeavyAndLightEvenByBytes) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Start(4, /*third_party=*/false, /*echo=*/true,
+        "  steering { policy: STEERING_POLICY_HASH weights: 1 weights: 0 "
+        "weights: 0 weights: 0 }\n");
+  std::atomic<bool> stop{false};
+  std::vector<Stream> heavy(4);
+  for (Stream& h : heavy) {
+    h.fd = ConnectEcho();
+    ASSERT_TRUE(h.fd) << std::strerror(errno);
+  }
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < heavy.size(); ++i) {
+    threads.emplace_back([&stop, &heavy, i] {
+      heavy[i].Run(stop, 16384, absl::Milliseconds(20),
+                   static_cast<uint32_t>(i + 1));
+    });
+  }
+  CtlResult steer = Ctl({"steer", "web", "--policy", "hash"});
+  ASSERT_EQ(steer.code, 0) << steer.err;
+  std::vector<Stream> light(40);
+  for (Stream& l : light) {
+    l.fd = ConnectEcho();
+    ASSERT_TRUE(l.fd) << std::strerror(errno);
+  }
+  threads.emplace_back([&stop, &light] {
+    // One thread for all: each light client echoes 64 bytes per round.
+    std::mt19937 rng(99);
+    while (!stop) {
+      const absl::Time next = absl::Now() + absl::Milliseconds(200);
+      for (size_t i = 0; i < light.size(); ++i) {
+        std::string payload(64, '\0');
+        for (char& c : payload) c = static_cast<char>(rng());
+        std::string error;
+        if (light[i].failures == 0) {
+          if (Echo(light[i].fd.get(), payload, &error)) {
+            light[i].echoed += payload.size();
+          } else {
+            light[i].error = error.substr(0, 200);
+            ++light[i].failures;
+          }
+        }
+      }
+      absl::SleepFor(next - absl::Now());
+    }
+  });
+  auto bytes = [&] {
+    std::vector<double> out;
+    for (const v1::Shard& s : Shards(*stub_, "web")) {
+      out.push_back(s.load().bytes_per_second());
+    }
+    return out;
+  };
+  auto print = [](const std::vector<double>& v) {
+    std::string out;
+    for (double x : v) absl::StrAppend(&out, absl::StrFormat("%.0f ", x));
+    return out;
+  };
+  // Shard 0 carries the four streams (about 4 x 1.6 MB/s in + out), the
+  // others the light clients only (40 x 640 B/s).
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<double> b = bytes();
+        return b.size() == 4 && b[0] > 4e6 && b[1] + b[2] + b[3] < 1e6;
+      },
+      absl::Seconds(10)))
+      << print(bytes()) << agent_.Log();
+
+  const absl::Time start = absl::Now();
+  CtlResult done = Ctl({"rebalance", "web", "--metric", "bytes"});
+  ASSERT_EQ(done.code, 0) << done.err;
+  EXPECT_THAT(done.out, HasSubstr("3 connections moved")) << done.out;
+  double imbalance = 0;
+  const bool even = WaitFor(
+      [&] {
+        std::vector<double> b = bytes();
+        double sum = 0, max = 0;
+        for (double x : b) {
+          sum += x;
+          max = std::max(max, x);
+        }
+        imbalance = sum > 0 ? max / (sum / static_cast<double>(b.size())) : 0;
+        return b.size() == 4 && imbalance > 0 && imbalance <= 1.25;
+      },
+      absl::Seconds(10));
+  const absl::Duration took = absl::Now() - start;
+  // A little more traffic on the new owners, then stop and check.
+  absl::SleepFor(absl::Milliseconds(500));
+  stop = true;
+  for (std::thread& t : threads) t.join();
+  EXPECT_TRUE(even) << "max/mean " << imbalance << " bytes/s " << print(bytes())
+                    << "\n"
+                    << done.out;
+  for (size_t i = 0; i < heavy.size(); ++i) {
+    EXPECT_EQ(heavy[i].failures, 0) << "heavy " << i << ": " << heavy[i].error;
+    EXPECT_GT(heavy[i].echoed, 0u);
+  }
+  for (size_t i = 0; i < light.size(); ++i) {
+    EXPECT_EQ(light[i].failures, 0) << "light " << i << ": " << light[i].error;
+  }
+  std::cerr << "heavy and light: even (max/mean " << imbalance << ") "
+            << absl::ToDoubleMilliseconds(took)
+            << " ms after the call; bytes/s " << print(bytes()) << "\n"
+            << done.out;
+}
+
 }  // namespace
 }  // namespace portfleet::testing

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "agent/fleet/fleet.h"
 #include "agent/fleet/load.h"
@@ -19,6 +20,7 @@
 #include "gtest/gtest.h"
 #include "tests/unit/fleet_fakes.h"
 #include "worker/sdk/base/log.h"
+#include "worker/sdk/handoff_choice.h"
 
 namespace portfleet::testing {
 namespace {
@@ -167,6 +169,83 @@ TEST(PlanHandOffsTest, ShardsThatCannotHandOffNeitherGiveNorTake) {
   EXPECT_EQ(t[0].from, 0u);
   EXPECT_EQ(t[0].to, 2u);
   EXPECT_EQ(t[0].count, 30u);
+}
+
+TEST(PlanByteHandOffsTest, FourStreamsOnOneShardGoOneToEachColdShard) {
+  // 4 MB/s on shard 0 (four streams of 1 MB/s), a little on the others.
+  std::vector<HandOffTransfer> t = PlanByteHandOffs(
+      {{.index = 0, .bytes_per_second = 4.0e6, .capable = true},
+       {.index = 1, .bytes_per_second = 1e3, .capable = true},
+       {.index = 2, .bytes_per_second = 2e3, .capable = true},
+       {.index = 3, .bytes_per_second = 0, .capable = true}});
+  ASSERT_EQ(t.size(), 3u);
+  std::set<uint32_t> to;
+  for (const HandOffTransfer& x : t) {
+    EXPECT_EQ(x.from, 0u);
+    to.insert(x.to);
+    EXPECT_NEAR(static_cast<double>(x.bytes_per_second), 1.0e6, 3e3);
+    EXPECT_EQ(x.count, kMaxConnectionsPerByteTransfer);
+  }
+  EXPECT_EQ(to, (std::set<uint32_t>{1, 2, 3}));
+}
+
+TEST(PlanByteHandOffsTest, SmallDifferencesAndIdleListenersMoveNothing) {
+  EXPECT_TRUE(PlanByteHandOffs(
+                  {{.index = 0, .bytes_per_second = 1.03e6, .capable = true},
+                   {.index = 1, .bytes_per_second = 0.97e6, .capable = true}})
+                  .empty());
+  EXPECT_TRUE(PlanByteHandOffs({{.index = 0, .capable = true},
+                                {.index = 1, .capable = true}})
+                  .empty());
+}
+
+TEST(PlanByteHandOffsTest, ShardsThatCannotHandOffNeitherGiveNorTake) {
+  std::vector<HandOffTransfer> t =
+      PlanByteHandOffs({{.index = 0, .bytes_per_second = 3e6, .capable = false},
+                        {.index = 1, .bytes_per_second = 2e6, .capable = true},
+                        {.index = 2, .bytes_per_second = 0, .capable = true}});
+  ASSERT_EQ(t.size(), 1u);
+  EXPECT_EQ(t[0].from, 1u);
+  EXPECT_EQ(t[0].to, 2u);
+  // The mean counts shard 0 (5e6 / 3); shard 1 gives what it has above it.
+  EXPECT_NEAR(static_cast<double>(t[0].bytes_per_second), 2e6 - 5e6 / 3, 1);
+}
+
+TEST(HandOffChoiceTest, ByCountTakesTheFirst) {
+  HandOffChoice c = ChooseForHandOff(
+      {{.key = 7, .bytes_per_second = 5}, {.key = 8}, {.key = 9}}, 2, 0);
+  EXPECT_EQ(c.keys, (std::vector<int>{7, 8}));
+  EXPECT_EQ(c.bytes_per_second, 5);
+}
+
+TEST(HandOffChoiceTest, ByBytesTakesTheBusiestThatNarrowTheGap) {
+  // Budget 1 MB/s: the 1.5 MB/s stream fits (at most twice the budget) and
+  // spends it; the 3 MB/s one would overshoot; idle ones never move.
+  HandOffChoice c = ChooseForHandOff({{.key = 1, .bytes_per_second = 3e6},
+                                      {.key = 2, .bytes_per_second = 0},
+                                      {.key = 3, .bytes_per_second = 1.5e6},
+                                      {.key = 4, .bytes_per_second = 0.2e6}},
+                                     32, 1'000'000);
+  EXPECT_EQ(c.keys, (std::vector<int>{3}));
+  EXPECT_EQ(c.bytes_per_second, 1.5e6);
+  // Budget 2 MB/s: 1.5 MB/s, then 0.2 MB/s (0.5 MB/s remain), no idle one.
+  c = ChooseForHandOff({{.key = 1, .bytes_per_second = 5e6},
+                        {.key = 2, .bytes_per_second = 0},
+                        {.key = 3, .bytes_per_second = 1.5e6},
+                        {.key = 4, .bytes_per_second = 0.2e6}},
+                       32, 2'000'000);
+  EXPECT_EQ(c.keys, (std::vector<int>{3, 4}));
+  // A crowd of small connections (each under 5% of the budget) stays.
+  EXPECT_TRUE(ChooseForHandOff({{.key = 1, .bytes_per_second = 640},
+                                {.key = 2, .bytes_per_second = 640}},
+                               32, 1'000'000)
+                  .keys.empty());
+  // The count still bounds it.
+  EXPECT_EQ(ChooseForHandOff({{.key = 1, .bytes_per_second = 100},
+                              {.key = 2, .bytes_per_second = 100}},
+                             1, 1'000)
+                .keys.size(),
+            1u);
 }
 
 TEST(LoadByTest, PicksTheMetric) {
@@ -441,6 +520,98 @@ TEST_F(FleetRebalanceTest, HandsIdleConnectionsToColdWorkers) {
     handoff_event = handoff_event || e.type == v1::EVENT_TYPE_REBALANCE_HANDOFF;
   }
   EXPECT_TRUE(handoff_event);
+}
+
+TEST_F(FleetRebalanceTest, ByBytesAsksTheHotWorkerForTrafficNotCount) {
+  launcher_.auto_ready = false;
+  ASSERT_TRUE(fleet_->AddListener(Spec(4)).ok());
+  Settle();
+  std::vector<FakeLauncher::Process*> w = launcher_.Running();
+  ASSERT_EQ(w.size(), 4u);
+  for (FakeLauncher::Process* p : w) {
+    v1::WorkerMessage hello;
+    hello.mutable_hello()->set_pid(p->pid);
+    hello.mutable_hello()->set_handoff(true);
+    ASSERT_TRUE(p->channel->Send(hello).ok());
+    launcher_.SendReady(*p);
+  }
+  Settle();
+  // One second apart: shard 0 moved 4 MB, the others 1 kB each.
+  auto report = [&](uint64_t hot, uint64_t cold) {
+    for (size_t i = 0; i < w.size(); ++i) {
+      v1::WorkerMessage m;
+      m.mutable_load()->set_active_connections(i == 0 ? 14 : 10);
+      m.mutable_load()->set_bytes_in_total(i == 0 ? hot : cold);
+      ASSERT_TRUE(w[i]->channel->Send(m).ok());
+    }
+    Settle();
+    fleet_->MeasureLoadNow();
+  };
+  report(0, 0);
+  loop_->AdvanceTo(&clock_, clock_.Now() + absl::Seconds(1));
+  report(4'000'000, 1'000);
+
+  v1::RebalanceListenerRequest req = Request();
+  req.set_metric(v1::REBALANCE_METRIC_BYTES);
+  req.set_move_connections(true);
+  std::optional<absl::StatusOr<v1::RebalanceListenerResponse>> out;
+  fleet_->RebalanceListener(
+      req, [&](absl::StatusOr<v1::RebalanceListenerResponse> r) {
+        out = std::move(r);
+      });
+  Settle();
+  std::vector<v1::HandOffRequest> asked;
+  for (const v1::AgentMessage& m : launcher_.Received(w[0]->pid)) {
+    if (m.has_handoff_request()) asked.push_back(m.handoff_request());
+  }
+  ASSERT_EQ(asked.size(), 3u);
+  for (size_t k = 0; k < asked.size(); ++k) {
+    EXPECT_NEAR(static_cast<double>(asked[k].bytes_per_second()), 1e6, 1e3);
+    // One stream each, except the last: nothing fits (refused).
+    const uint32_t release = k < 2 ? 1 : 0;
+    for (uint32_t i = 0; i < release; ++i) {
+      Fd conn(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      v1::WorkerMessage m;
+      m.mutable_handoff_connection()->set_id(asked[k].id());
+      ASSERT_TRUE(w[0]->channel->SendWithFd(m, conn.get()).ok());
+    }
+    v1::WorkerMessage done;
+    done.mutable_handoff_done()->set_id(asked[k].id());
+    done.mutable_handoff_done()->set_released(release);
+    done.mutable_handoff_done()->set_bytes_per_second(release * 1'000'000);
+    done.mutable_handoff_done()->set_busy(1);
+    ASSERT_TRUE(w[0]->channel->Send(done).ok());
+  }
+  Settle();
+  ASSERT_TRUE(out.has_value());
+  ASSERT_TRUE(out->ok()) << out->status();
+  const v1::RebalanceListenerResponse& r = **out;
+  EXPECT_FALSE(r.steering_only());
+  EXPECT_EQ(r.connections_moved(), 2u);
+  EXPECT_EQ(r.shards(0).connections_moved(), -2);
+  EXPECT_NEAR(r.shards(0).expected_after(), 2e6, 1e3);
+  ASSERT_EQ(r.refusals_size(), 1);
+  EXPECT_EQ(r.refusals(0).shard(), 0);
+  EXPECT_THAT(r.refusals(0).reason(),
+              HasSubstr("no idle connection with traffic of at most 2.0 MB/s"));
+}
+
+TEST_F(FleetRebalanceTest, ByCpuMovesNoConnection) {
+  ASSERT_TRUE(fleet_->AddListener(Spec(2)).ok());
+  Settle();
+  Report({3, 5});
+  fleet_->MeasureLoadNow();
+  v1::RebalanceListenerRequest req = Request();
+  req.set_metric(v1::REBALANCE_METRIC_CPU);
+  req.set_move_connections(true);
+  absl::StatusOr<v1::RebalanceListenerResponse> r = Rebalance(req);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->connections_moved(), 0u);
+  bool said = false;
+  for (const v1::RebalanceRefusal& x : r->refusals()) {
+    said = said || absl::StrContains(x.reason(), "by cpu only new connections");
+  }
+  EXPECT_TRUE(said);
 }
 
 TEST_F(FleetRebalanceTest, SteeringChangeDropsTheAdjustment) {

@@ -132,12 +132,14 @@ absl::Status AgentLink::HandOffConnection(uint64_t id, int fd,
   return control_->SendWithFd(message, fd);
 }
 
-void AgentLink::HandOffDone(uint64_t id, uint32_t released, uint32_t busy) {
+void AgentLink::HandOffDone(uint64_t id, uint32_t released, uint32_t busy,
+                            double bytes_per_second) {
   v1::WorkerMessage message;
   v1::HandOffDone* done = message.mutable_handoff_done();
   done->set_id(id);
   done->set_released(released);
   done->set_busy(busy);
+  done->set_bytes_per_second(static_cast<uint64_t>(bytes_per_second));
   Send(message);
 }
 

@@ -141,8 +141,11 @@ class AgentLink {
   // agent has its own); on an error the connection stays the caller's.
   absl::Status HandOffConnection(uint64_t id, int fd,
                                  absl::string_view buffered);
-  // Ends the answer to HandOffRequest `id`.
-  void HandOffDone(uint64_t id, uint32_t released, uint32_t busy);
+  // Ends the answer to HandOffRequest `id`: connections released, kept
+  // because they had data in flight, and the released ones' recent traffic
+  // (bytes per second; see ChooseForHandOff in handoff_choice.h).
+  void HandOffDone(uint64_t id, uint32_t released, uint32_t busy,
+                   double bytes_per_second = 0);
 
   // The worker stops serving its listening socket (it drains): the link
   // closes its copy and never reconnects. The channel, if up, stays (for
