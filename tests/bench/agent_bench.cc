@@ -297,7 +297,8 @@ int Main(int argc, char** argv) {
       "One listener, `portfleet-worker --mode=http` shards, HASH steering, "
       "idle (no traffic) for %.0f s after start-up. CPU from "
       "/proc/PID/stat utime+stime, RSS and threads from /proc/PID/status.\n\n"
-      "| shards | agent CPU %% | agent RSS MiB | agent threads | workers CPU %% "
+      "| shards | agent CPU %% | agent RSS MiB | agent threads | workers CPU "
+      "%% "
       "(all) | workers RSS MiB (all) |\n| ---: | ---: | ---: | ---: | ---: | "
       "---: |\n",
       absl::FormatTime("%Y-%m-%d %H:%M UTC", absl::Now(), absl::UTCTimeZone()),

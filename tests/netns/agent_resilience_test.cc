@@ -119,7 +119,8 @@ TEST(AgentResilienceTest, OneUnstartableListenerDoesNotStopTheOthers) {
   ASSERT_TRUE(WaitFor([&] { return PidsByShard(*stub, "web") == web; },
                       absl::Seconds(10)))
       << agent.Log();
-  EXPECT_THAT(ListenerError(*stub, "api"), HasSubstr("is not an executable file"));
+  EXPECT_THAT(ListenerError(*stub, "api"),
+              HasSubstr("is not an executable file"));
   absl::SleepFor(absl::Milliseconds(500));
   stop = true;
   absl::StatusOr<loadgen::Result> result = load.get();

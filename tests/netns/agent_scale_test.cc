@@ -31,9 +31,10 @@ TEST(AgentScaleTest, ScaleUpWithAFailingWorkerChangesNothing) {
   WidenPortRange();
   AgentHarness agent;
   std::string script = agent.dir().WriteFile(
-      "picky.sh", absl::StrCat("#!/bin/sh\n[ \"$PORTFLEET_SHARD\" -ge 2 ] && "
-                               "exit 3\nexec ",
-                               BinaryPath("portfleet-worker"), " --mode=http\n"));
+      "picky.sh",
+      absl::StrCat("#!/bin/sh\n[ \"$PORTFLEET_SHARD\" -ge 2 ] && "
+                   "exit 3\nexec ",
+                   BinaryPath("portfleet-worker"), " --mode=http\n"));
   ::chmod(script.c_str(), 0755);
   ASSERT_TRUE(agent
                   .Start(absl::StrCat(R"pb(listeners {
@@ -51,8 +52,8 @@ TEST(AgentScaleTest, ScaleUpWithAFailingWorkerChangesNothing) {
   o.rate = 300;
   o.duration = absl::Seconds(20);
   std::atomic<bool> stop{false};
-  auto load = std::async(std::launch::async,
-                         [&] { return loadgen::Run(o, &stop); });
+  auto load =
+      std::async(std::launch::async, [&] { return loadgen::Run(o, &stop); });
   absl::SleepFor(absl::Milliseconds(200));
   grpc::Status s = ScaleTo(*stub, "web", 3);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();

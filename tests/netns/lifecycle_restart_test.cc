@@ -66,17 +66,16 @@ TEST(LifecycleRestartTest, AgentSigkillAndRestartReadoptsWorkers) {
   PF_ENTER_NETNS_OR_SKIP();
   WidenPortRange();
   AgentHarness agent;
-  ASSERT_TRUE(
-      agent
-          .Start(
-              R"pb(listeners {
+  ASSERT_TRUE(agent
+                  .Start(
+                      R"pb(listeners {
                      name: "web"
                      address: "127.0.0.1:8080"
                      shards: 3
                      worker { command: "portfleet-worker" args: "--mode=http" }
                      steering { policy: STEERING_POLICY_HASH }
                    })pb")
-          .ok());
+                  .ok());
   ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
   auto stub = FleetStub(agent.api_socket());
   ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 3; },
@@ -137,16 +136,15 @@ TEST(LifecycleRestartTest, AgentSigkillAndRestartReadoptsWorkers) {
 TEST(LifecycleRestartTest, CleanStopLeavesNothingBehind) {
   PF_ENTER_NETNS_OR_SKIP();
   AgentHarness agent;
-  ASSERT_TRUE(
-      agent
-          .Start(
-              R"pb(listeners {
+  ASSERT_TRUE(agent
+                  .Start(
+                      R"pb(listeners {
                      name: "web"
                      address: "127.0.0.1:8080"
                      shards: 2
                      worker { command: "portfleet-worker" args: "--mode=http" }
                    })pb")
-          .ok());
+                  .ok());
   ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
   auto stub = FleetStub(agent.api_socket());
   ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
@@ -242,7 +240,6 @@ TEST(LifecycleRestartTest, StepAsideLeavesWorkersToTheNextAgent) {
   for (const auto& [shard, pid] : workers) EXPECT_FALSE(ProcessExists(pid));
   EXPECT_THAT(agent.Log(), HasSubstr("stopping the API and the workers"));
 }
-
 
 // Steps:
 // 1. Two shards of a third-party worker (a shell script running the
