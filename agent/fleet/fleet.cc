@@ -148,10 +148,16 @@ absl::Status Fleet::AddListener(const v1::Listener& spec) {
   v1::Listener intended = listener->spec;
   intended.set_shards(n);
   RETURN_IF_ERROR(Commit(spec.name(), &intended));
-  std::map<uint32_t, Adoptee> adopt = ClaimAdoptees(*listener, n);
+  std::vector<Adoptee> mismatched;
+  std::map<uint32_t, Adoptee> adopt = ClaimAdoptees(*listener, n, &mismatched);
   absl::Status s = CreateShards(*listener, n, adopt);
   if (s.ok()) s = AttachSteering(*listener, adopt);
   if (s.ok()) s = StartWorkers(*listener, adopt);
+  for (Adoptee& a : mismatched) {
+    if (a.control) {
+      SendDrain(a.control.get(), EffectiveDrainTimeoutSeconds(spec) * 1000);
+    }
+  }
   if (!s.ok()) {
     // Workers that reconnected keep serving and wait for a retry (their
     // sockets are still theirs: only the ones not yet used go back).
@@ -249,8 +255,9 @@ absl::Status Fleet::CheckAddressFree(const Listener& listener,
   return absl::OkStatus();
 }
 
-std::map<uint32_t, Adoptee> Fleet::ClaimAdoptees(const Listener& listener,
-                                                 uint32_t shards) {
+std::map<uint32_t, Adoptee> Fleet::ClaimAdoptees(
+    const Listener& listener, uint32_t shards,
+    std::vector<Adoptee>* mismatched) {
   const std::string& name = listener.spec.name();
   std::map<uint32_t, Adoptee> adopt;
   for (auto it = adoptees_.begin(); it != adoptees_.end();) {
@@ -282,10 +289,7 @@ std::map<uint32_t, Adoptee> Fleet::ClaimAdoptees(const Listener& listener,
                       << it->hello.pid() << " (shard " << it->hello.shard()
                       << ") does not match the desired state (" << mismatch
                       << "); a new worker replaces it and it drains";
-      if (it->control) {
-        SendDrain(it->control.get(),
-                  EffectiveDrainTimeoutSeconds(listener.spec) * 1000);
-      }
+      mismatched->push_back(std::move(*it));
     }
     it = adoptees_.erase(it);
   }

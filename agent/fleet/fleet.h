@@ -198,8 +198,14 @@ class Fleet {
       const v1::Listener& spec);
   absl::Status CheckAddressFree(const Listener& listener,
                                 std::vector<ForeignListener>* orphans);
+  // The reconnected workers of `listener` that fit its desired state, by
+  // shard. The others go to `mismatched`: they are told to drain only once
+  // the listener's new sockets are in the reuseport group (their queues
+  // then migrate there instead of being reset, and no SYN finds the address
+  // without a listener).
   std::map<uint32_t, Adoptee> ClaimAdoptees(const Listener& listener,
-                                            uint32_t shards);
+                                            uint32_t shards,
+                                            std::vector<Adoptee>* mismatched);
   absl::StatusOr<std::unique_ptr<Shard>> NewShard(Listener& listener,
                                                   uint32_t index);
   absl::Status CreateShards(Listener& listener, uint32_t n,

@@ -130,6 +130,67 @@ TEST(LifecycleRestartTest, AgentSigkillAndRestartReadoptsWorkers) {
   EXPECT_THAT(agent.Log(), ::testing::Not(HasSubstr("left by a previous")));
 }
 
+// A reconnected worker that does not fit the restored state drains only
+// once the listener's new socket is in the reuseport group. Steps:
+// 1. Two shards; drain shard 0: the listener keeps one shard, index 1.
+// 2. Under 300 connections/s, SIGKILL the agent and start it again: the
+//    restored state has one shard (index 0), so the index-1 worker is
+//    replaced by a new shard 0 and drains.
+// 3. Nothing was refused or reset (it was: the old worker drained before the
+//    new socket existed, so SYNs found no listener and its queue was reset).
+TEST(LifecycleRestartTest, MismatchedWorkerDrainsAfterItsReplacementListens) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  ASSERT_TRUE(agent
+                  .Start(
+                      R"pb(listeners {
+                     name: "web"
+                     address: "127.0.0.1:8080"
+                     shards: 2
+                     worker { command: "portfleet-worker" args: "--mode=http" }
+                     steering { policy: STEERING_POLICY_CPU }
+                     drain_timeout_seconds: 5
+                   })pb")
+                  .ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                      absl::Seconds(10)));
+  ASSERT_TRUE(Drain(*stub, "web", 0).ok());
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<v1::Shard> shards = Shards(*stub, "web");
+        return shards.size() == 1 && shards[0].index() == 1;
+      },
+      absl::Seconds(10)))
+      << agent.Log();
+
+  loadgen::Options o;
+  o.target = kAddress;
+  o.rate = 300;
+  o.duration = absl::Seconds(20);
+  std::atomic<bool> stop{false};
+  auto load =
+      std::async(std::launch::async, [&] { return loadgen::Run(o, &stop); });
+  absl::SleepFor(absl::Milliseconds(300));
+  agent.process().Signal(SIGKILL);
+  agent.process().Wait(absl::Seconds(5));
+  absl::SleepFor(absl::Milliseconds(300));
+  ASSERT_TRUE(agent.Restart().ok());
+  ASSERT_TRUE(agent.WaitLog("does not match the desired state")) << agent.Log();
+  stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 1; },
+                      absl::Seconds(10)))
+      << agent.Log();
+  absl::SleepFor(absl::Seconds(1));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary() << "\n" << agent.Log();
+  EXPECT_GT(result->ok(), 300);
+}
+
 // A stopped agent (SIGTERM) takes its workers with it; a new agent on the
 // same state (and the pinned steering maps) starts fresh workers, finds no
 // orphans, and holds as many fds as the first one did after start-up.
