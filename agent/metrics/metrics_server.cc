@@ -282,7 +282,6 @@ void MetricsServer::Impl::Run() {
       return;
     }
     if (fds[0].revents != 0) return;  // stopping; connections close with us
-    if (accepting && fds[1].revents != 0) Accept();
 
     now = absl::Now();
     std::vector<Connection*> done;
@@ -309,6 +308,8 @@ void MetricsServer::Impl::Run() {
         return std::find(done.begin(), done.end(), &c) != done.end();
       });
     }
+    // Last: Accept() may shed an idle connection, which `polled` points at.
+    if (accepting && fds[1].revents != 0) Accept();
   }
 }
 
