@@ -135,9 +135,8 @@ class Soak {
               << absl::Trunc(took, absl::Milliseconds(1)) << ") -> "
               << result->Summary() << "\n";
     ASSERT_TRUE(converged) << agent_->Log();
-    ASSERT_LE(result->failures(), allowed_failures)
-        << result->Summary() << "\n"
-        << agent_->Log();
+    ASSERT_LE(result->failures(), allowed_failures) << result->Summary() << "\n"
+                                                    << agent_->Log();
     CheckInvariants();
   }
 
