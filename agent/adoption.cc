@@ -38,7 +38,15 @@ absl::StatusOr<Fd> ListenControlSocket(const std::string& path) {
           absl::StrCat("creating ", dir.string(),
                        " for the control socket: ", ec.message()));
     }
-    ::chmod(dir.c_str(), 0750);
+    ::chmod(dir.c_str(), 0751);
+  } else if (struct stat ds; !dir.empty() && ::stat(dir.c_str(), &ds) == 0 &&
+                             ds.st_uid == ::geteuid() &&
+                             (ds.st_mode & S_IXOTH) == 0) {
+    // Workers of another user pass through to the socket by its name.
+    if (::chmod(dir.c_str(), (ds.st_mode & 07777) | S_IXOTH) != 0) {
+      return ErrnoError(absl::StrCat("chmod o+x ", dir.string(),
+                                     " (the control socket's directory)"));
+    }
   }
   // A live agent answers on an existing socket; a stale file does not.
   struct stat st;
@@ -63,14 +71,26 @@ absl::StatusOr<Fd> ListenControlSocket(const std::string& path) {
   int err = errno;
   ::umask(old);
   if (rc != 0) return ErrnoError(err, absl::StrCat("bind ", path));
+  // Bound 0600 (no window in which it is wider than meant), then opened to
+  // every user: peers are checked per connection.
+  if (::chmod(path.c_str(), 0666) != 0) {
+    return ErrnoError(absl::StrCat("chmod 0666 ", path));
+  }
   if (::listen(fd.get(), 128) != 0) {
     return ErrnoError(absl::StrCat("listen ", path));
   }
   return fd;
 }
 
+bool AdmitControlPeer(pid_t pid, uid_t uid, const KnownWorkers& known) {
+  if (uid == ::geteuid()) return true;
+  const v1::WorkerRecord* r = known.Find(pid);
+  return r != nullptr && r->uid() == uid;
+}
+
 absl::StatusOr<std::optional<ControlConnection>> AcceptControlConnection(
-    int listen_fd, absl::Duration wait) {
+    int listen_fd, absl::Duration wait,
+    const std::function<bool(pid_t, uid_t)>& admit) {
   Fd conn(::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
   if (!conn) {
     if (errno == EAGAIN || errno == EINTR) {
@@ -80,7 +100,14 @@ absl::StatusOr<std::optional<ControlConnection>> AcceptControlConnection(
   }
   ucred cred{};
   socklen_t len = sizeof(cred);
-  ::getsockopt(conn.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len);
+  if (::getsockopt(conn.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+    return ErrnoError("SO_PEERCRED of a control connection");
+  }
+  if (admit && !admit(cred.pid, cred.uid)) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "control connection from pid ", cred.pid, " (uid ", cred.uid,
+        ") closed: neither this agent's uid nor a worker its records name"));
+  }
   pollfd p{conn.get(), POLLIN, 0};
   ::poll(&p, 1, static_cast<int>(absl::ToInt64Milliseconds(wait)));
   absl::StatusOr<ControlChannel> channel =
@@ -106,7 +133,8 @@ absl::StatusOr<std::optional<ControlConnection>> AcceptControlConnection(
   return std::optional<ControlConnection>(std::move(out));
 }
 
-absl::StatusOr<Adoptee> CheckReconnect(ControlConnection& c) {
+absl::StatusOr<Adoptee> CheckReconnect(ControlConnection& c,
+                                       const KnownWorkers& known) {
   auto bad = [&](const std::string& why) {
     return absl::InvalidArgumentError(
         absl::StrCat("reconnect from pid ", c.peer_pid, ": ", why));
@@ -131,6 +159,22 @@ absl::StatusOr<Adoptee> CheckReconnect(ControlConnection& c) {
   if (::fstat(c.fd.get(), &st) != 0 ||
       static_cast<uint64_t>(st.st_ino) != hello.socket_inode()) {
     return bad("the attached socket is not the one the hello names");
+  }
+  if (c.peer_uid != ::geteuid()) {
+    const v1::WorkerRecord* r = known.Find(c.peer_pid);
+    if (r == nullptr || r->uid() != c.peer_uid) {
+      return bad(absl::StrCat("it runs as uid ", c.peer_uid,
+                              " and is not a worker this agent's records name "
+                              "(pid, uid and start time)"));
+    }
+    if (r->listener() != hello.listener() || r->shard() != hello.shard() ||
+        r->socket_inode() != hello.socket_inode()) {
+      return bad(absl::StrCat(
+          "its hello (listener ", hello.listener(), " shard ", hello.shard(),
+          " socket inode ", hello.socket_inode(),
+          ") is not what the records say it ran (listener ", r->listener(),
+          " shard ", r->shard(), " socket inode ", r->socket_inode(), ")"));
+    }
   }
   Adoptee out;
   out.hello = hello;
@@ -161,7 +205,11 @@ void SendDrain(int control, uint32_t deadline_ms) {
 
 std::vector<Adoptee> CollectReconnects(int listen_fd, size_t want,
                                        absl::Duration timeout,
-                                       const std::set<std::string>& listeners) {
+                                       const std::set<std::string>& listeners,
+                                       const KnownWorkers& known) {
+  auto admit = [&known](pid_t pid, uid_t uid) {
+    return AdmitControlPeer(pid, uid, known);
+  };
   std::vector<Adoptee> out;
   absl::Time deadline = absl::Now() + timeout;
   while (out.size() < want) {
@@ -173,13 +221,13 @@ std::vector<Adoptee> CollectReconnects(int listen_fd, size_t want,
       continue;
     }
     absl::StatusOr<std::optional<ControlConnection>> conn =
-        AcceptControlConnection(listen_fd, absl::Milliseconds(500));
+        AcceptControlConnection(listen_fd, absl::Milliseconds(500), admit);
     if (!conn.ok()) {
       PF_LOG(WARNING) << conn.status().message();
       continue;
     }
     if (!conn->has_value()) continue;
-    absl::StatusOr<Adoptee> adoptee = CheckReconnect(**conn);
+    absl::StatusOr<Adoptee> adoptee = CheckReconnect(**conn, known);
     if (!adoptee.ok()) {
       PF_LOG(WARNING) << adoptee.status().message() << "; asked to drain";
       SendDrain((*conn)->control.get(), 0);

@@ -176,17 +176,26 @@ absl::StatusOr<v1::FleetSpec> InitialSpec(const AgentOptions& options,
   return v1::FleetSpec();
 }
 
-// Workers left running by a previous agent of `spec`'s listeners.
-size_t CountOrphanedWorkers(const v1::FleetSpec& spec) {
-  size_t orphans = 0;
+// Workers left running by a previous agent of `spec`'s listeners: those its
+// records name (agent/worker_registry.h; any user), and any other process
+// holding a listener's address whose environment says it is a worker of
+// that listener (same user, or CAP_SYS_PTRACE).
+size_t CountOrphanedWorkers(const v1::FleetSpec& spec,
+                            const KnownWorkers& known) {
+  std::set<pid_t> orphans;
   for (const v1::Listener& l : spec.listeners()) {
+    for (const v1::WorkerRecord& r : known.records()) {
+      if (r.listener() == l.name()) orphans.insert(static_cast<pid_t>(r.pid()));
+    }
     absl::StatusOr<SocketAddress> addr = SocketAddress::Parse(l.address());
     if (!addr.ok()) continue;
     for (const ForeignListener& f : FindForeignListeners(*addr, {})) {
-      if (f.pid > 0 && IsOrphanedWorkerOf(f.pid, l.name())) orphans++;
+      if (f.pid > 0 && IsOrphanedWorkerOf(f.pid, l.name())) {
+        orphans.insert(f.pid);
+      }
     }
   }
-  return orphans;
+  return orphans.size();
 }
 
 }  // namespace
@@ -249,7 +258,10 @@ absl::StatusOr<std::unique_ptr<Agent>> Agent::Start(
     if (!control.ok()) return Annotate(control.status(), "control socket");
     agent->control_listen_ = std::move(*control);
     // Workers left running by a previous agent reconnect within ~250 ms.
-    if (size_t orphans = CountOrphanedWorkers(agent->initial_spec_)) {
+    agent->previous_workers_ =
+        KnownWorkers(LoadLiveWorkers(agent->options_.state_dir));
+    if (size_t orphans = CountOrphanedWorkers(agent->initial_spec_,
+                                              agent->previous_workers_)) {
       PF_LOG(INFO) << orphans << " worker(s) of a previous agent found; "
                    << "waiting up to 2s for them to reconnect on "
                    << agent->control_path_;
@@ -257,8 +269,9 @@ absl::StatusOr<std::unique_ptr<Agent>> Agent::Start(
       for (const v1::Listener& l : agent->initial_spec_.listeners()) {
         names.insert(l.name());
       }
-      agent->adoptees_ = CollectReconnects(agent->control_listen_.get(),
-                                           orphans, absl::Seconds(2), names);
+      agent->adoptees_ =
+          CollectReconnects(agent->control_listen_.get(), orphans,
+                            absl::Seconds(2), names, agent->previous_workers_);
       PF_LOG(INFO) << agent->adoptees_.size() << " worker(s) reconnected";
     }
   }
@@ -307,6 +320,8 @@ absl::Status Agent::StartFleet() {
   fleet_options.health_period = kHealthPeriod;
   fleet_ = std::make_unique<Fleet>(loop_.get(), &launcher_, fleet_options);
   fleet_->SetAdoptees(std::move(adoptees_));
+  fleet_->SetPreviousWorkers(previous_workers_);
+  worker_records_ = std::make_unique<WorkerRegistryWriter>(options_.state_dir);
   RETURN_IF_ERROR(OpenSteering());
   std::string state_dir = options_.state_dir;
   controller_ = std::make_unique<LoopFleetController>(
@@ -317,15 +332,22 @@ absl::Status Agent::StartFleet() {
       kVersion, &board_);
   notifier_ = SdNotifier::FromEnvironment();
   board_.OnChange([this](const AgentHealth& h) { OnHealthChange(h); });
-  fleet_->SetAfterHealthTick([this] { PublishHealth(); });
+  fleet_->SetAfterHealthTick([this] {
+    PublishHealth();
+    UpdateWorkerRecords();
+  });
   fleet_->StartHealthMonitor();
   if (std::optional<absl::Duration> interval = SdNotifier::WatchdogInterval();
       interval && notifier_) {
     watchdog_ = std::make_unique<WatchdogPinger>(loop_.get(), notifier_.get(),
                                                  *interval);
   }
-  fleet_->SetEventSink(
-      [c = controller_.get()](const FleetEvent& e) { c->Publish(e); });
+  fleet_->SetEventSink([this](const FleetEvent& e) {
+    controller_->Publish(e);
+    // A worker started or went: on record before anything else can happen
+    // to this agent.
+    UpdateWorkerRecords();
+  });
   if (options_.declarative_config) {
     LoopFleetController* c = controller_.get();
     Fleet* fleet = fleet_.get();
@@ -390,8 +412,18 @@ absl::Status Agent::StartFleet() {
   return absl::OkStatus();
 }
 
+void Agent::UpdateWorkerRecords() {
+  // A new agent that takes over records its workers once it serves; one
+  // that handed over leaves the record to it.
+  if (!worker_records_ || handed_over_ || phase_ == AgentPhase::kStarting) {
+    return;
+  }
+  worker_records_->Update(fleet_->WorkerRecords());
+}
+
 void Agent::BeginServing() {
   phase_ = AgentPhase::kServing;
+  UpdateWorkerRecords();
   fleet_->ObserveHealthNow();  // publishes
   if (api_) api_->SetHealth(board_.Current());
   Notify(absl::StrCat("READY=1\nSTATUS=", DescribeHealth(board_.Current())));
@@ -567,14 +599,27 @@ absl::Status Agent::OpenMetrics() {
 
 absl::Status Agent::OpenControlSocket(Fd listen_fd) {
   control_server_ = std::make_unique<ControlSocketServer>(
-      loop_.get(), std::move(listen_fd), [this](ControlConnection c) {
+      loop_.get(), std::move(listen_fd),
+      [this](ControlConnection c) {
         if (stopping_) {
           PF_LOG(WARNING) << "takeover request from pid " << c.peer_pid
                           << " refused: this agent is stopping";
           return;
         }
         donor_->OnRequest(std::move(c));
-      });
+      },
+      ControlSocketOptions{.admit = [this](pid_t pid, uid_t uid) {
+        // The agent's uid, a previous agent's worker (a late reconnect: told
+        // to drain), or one of ours.
+        if (AdmitControlPeer(pid, uid, previous_workers_)) return true;
+        if (!worker_records_) return false;
+        for (const v1::WorkerRecord& r : worker_records_->current()) {
+          if (static_cast<pid_t>(r.pid()) == pid && r.uid() == uid) {
+            return true;
+          }
+        }
+        return false;
+      }});
   RETURN_IF_ERROR(Annotate(control_server_->Start(), "control socket"));
   struct stat st;
   if (::stat(control_path_.c_str(), &st) == 0) control_inode_ = st.st_ino;
@@ -618,6 +663,7 @@ void Agent::StopApiInBackground(std::function<void()> then) {
 }
 
 void Agent::HandOver(std::function<void()> release_done) {
+  handed_over_ = true;
   stopping_ = true;
   phase_ = AgentPhase::kStopping;
   if (!options_.instance_id.empty()) {

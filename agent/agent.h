@@ -27,6 +27,7 @@
 #include "agent/steering/steering.h"
 #include "agent/stop_decider.h"
 #include "agent/takeover.h"
+#include "agent/worker_registry.h"
 
 namespace portfleet {
 
@@ -87,6 +88,8 @@ class Agent {
   void PublishHealth();
   void OnHealthChange(const AgentHealth& health);
   // The agent serves: phase, health, READY=1.
+  // Rewrites <state_dir>/workers if the fleet's workers changed.
+  void UpdateWorkerRecords();
   void BeginServing();
   void Notify(const std::string& assignments);
   // Declarative mode: starts following --config (once serving).
@@ -102,6 +105,12 @@ class Agent {
   bool seeded_ = false;
   std::vector<Adoptee> adoptees_;
   Fd control_listen_;  // bound at start, served once the fleet runs
+  // Workers a previous agent recorded that still run (agent/
+  // worker_registry.h), and this agent's own record of its workers, kept
+  // in <state_dir>/workers while it owns the fleet (not after a hand-over).
+  KnownWorkers previous_workers_;
+  std::unique_ptr<WorkerRegistryWriter> worker_records_;
+  bool handed_over_ = false;
 
   std::unique_ptr<EventLoop> loop_;
   RealProcessLauncher launcher_;

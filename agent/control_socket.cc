@@ -73,6 +73,16 @@ void ControlSocketServer::OnAcceptable() {
     ucred cred{};
     socklen_t len = sizeof(cred);
     ::getsockopt(conn.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len);
+    if (options_.admit && !options_.admit(cred.pid, cred.uid)) {
+      if (uint64_t dropped; complaints_.Allow(absl::Now(), &dropped)) {
+        PF_LOG(WARNING) << "control socket: connection from pid " << cred.pid
+                        << " (uid " << cred.uid
+                        << ") closed: neither this agent's uid nor one of its "
+                           "workers"
+                        << SuppressedNote(dropped);
+      }
+      continue;
+    }
     int fd = conn.get();
     absl::Status watched =
         loop_->AddFd(fd, [this, fd](uint32_t) { OnFirstPacket(fd); });

@@ -30,6 +30,9 @@ struct ControlSocketOptions {
   absl::Duration first_packet_timeout = absl::Seconds(2);
   size_t max_pending = 64;
   absl::Duration accept_retry = absl::Milliseconds(100);
+  // Which peers (SO_PEERCRED pid and uid) are read at all; the others are
+  // closed at once, so that they hold no pending slot. Unset: everyone.
+  std::function<bool(pid_t, uid_t)> admit;
 };
 
 class ControlSocketServer {

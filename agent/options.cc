@@ -40,7 +40,7 @@ Options:
                      change the desired state fail (FAILED_PRECONDITION);
                      SIGHUP reads the file again (retries a failed apply)
   --api ADDR         gRPC API endpoint (default unix:///run/portfleet/api.sock;
-                     the socket is 0660, its directory 0750)
+                     the socket is 0660, its directory 0751)
   --api-group GROUP  group owning the API socket (default: the agent's)
   --api-tls-address HOST:PORT   optional remote API with mutual TLS
   --api-tls-cert FILE, --api-tls-key FILE, --api-tls-client-ca FILE

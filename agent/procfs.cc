@@ -76,8 +76,38 @@ bool ParseProcStatIds(const std::string& text, ProcIds* out) {
       absl::string_view(text).substr(close + 2), ' ', absl::SkipEmpty());
   if (f.size() < 3 || f[0].size() != 1) return false;
   out->state = f[0][0];
+  out->start_time = 0;
+  // Fields 3.. of stat(5) are f[0..]: starttime (22) is f[19].
+  if (f.size() > 19 && !absl::SimpleAtoi(f[19], &out->start_time)) {
+    return false;
+  }
   return absl::SimpleAtoi(f[1], &out->ppid) &&
          absl::SimpleAtoi(f[2], &out->pgid);
+}
+
+std::optional<ProcIds> ProcessIds(pid_t pid) {
+  ProcIds ids;
+  if (pid <= 0 ||
+      !ParseProcStatIds(ReadProcFile(absl::StrCat("/proc/", pid, "/stat")),
+                        &ids)) {
+    return std::nullopt;
+  }
+  return ids;
+}
+
+std::optional<uid_t> ProcessEffectiveUid(pid_t pid) {
+  if (pid <= 0) return std::nullopt;
+  std::string status = ReadProcFile(absl::StrCat("/proc/", pid, "/status"));
+  for (absl::string_view line : absl::StrSplit(status, '\n')) {
+    if (!absl::ConsumePrefix(&line, "Uid:")) continue;
+    // Real, effective, saved, filesystem.
+    std::vector<absl::string_view> ids =
+        absl::StrSplit(line, absl::ByAnyChar(" \t"), absl::SkipEmpty());
+    uid_t uid;
+    if (ids.size() >= 2 && absl::SimpleAtoi(ids[1], &uid)) return uid;
+    return std::nullopt;
+  }
+  return std::nullopt;
 }
 
 std::map<pid_t, ProcIds> ProcessTable() {

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -32,11 +33,18 @@ struct ProcIds {
   char state = '?';  // R, S, D, T, t, Z, X, ...
   pid_t ppid = 0;
   pid_t pgid = 0;
+  // Field 22, when present: clock ticks after boot. With the pid it names
+  // one process for the life of the boot (a reused pid has another).
+  uint64_t start_time = 0;
 };
-// State, parent and process group from the text of /proc/PID/stat ("pid
-// (comm) S ppid pgrp ..."; comm may hold spaces and parentheses). False if
-// malformed.
+// State, parent, process group and start time from the text of
+// /proc/PID/stat ("pid (comm) S ppid pgrp ..."; comm may hold spaces and
+// parentheses). False if malformed.
 bool ParseProcStatIds(const std::string& text, ProcIds* out);
+// /proc/PID/stat of one process (nullopt if it exited or is unreadable).
+std::optional<ProcIds> ProcessIds(pid_t pid);
+// The effective uid of `pid` (from /proc/PID/status; nullopt if gone).
+std::optional<uid_t> ProcessEffectiveUid(pid_t pid);
 // Every process of this pid namespace, by pid: one walk of /proc.
 std::map<pid_t, ProcIds> ProcessTable();
 

@@ -43,7 +43,7 @@ std::optional<std::string> GroupOf(const std::string& path) {
 
 absl::Status PermissionDenied(const std::string& path,
                               absl::string_view server) {
-  // The socket is 0660 in a 0750 directory, both owned by the agent's
+  // The socket is 0660 in a 0751 directory, both owned by the agent's
   // --api-group; the directory can usually be stat'ed when the socket cannot.
   std::optional<std::string> group = GroupOf(path);
   if (!group.has_value()) group = GroupOf(Dir(path));

@@ -16,6 +16,14 @@ portfleet_test(procfs_test
   LIBS portfleet_agent_lib
   LABELS unit)
 
+# The agent's record of its workers and the reconnect checks it backs
+# (agent/worker_registry.h, agent/adoption.h), with real child processes
+# (one as nobody: root).
+portfleet_test(worker_registry_test
+  SOURCES unit/worker_registry_test.cc
+  LIBS portfleet_agent_lib portfleet_testing
+  LABELS unit)
+
 portfleet_test(agent_fleet_test
   SOURCES netns/agent_fleet_test.cc
   LIBS portfleet_agent_lib portfleet_testing

@@ -90,13 +90,16 @@ bool OnlySocketsIn(const std::string& dir) {
   return only;
 }
 
-// Creates `dir` 0750 (and its group) if missing. An existing directory of
-// ours that holds only sockets loses any permission beyond 0750 (a hostPath
-// or RuntimeDirectory is created 0755): the promise is "directory 0750"
-// however it came to exist. A directory shared with other files is left as
-// it is (the socket itself is 0660).
+// Creates `dir` 0751 (and its group) if missing: the group may list it,
+// others may only pass through to a socket whose name they know (the
+// control socket beside the API socket, which workers running as another
+// user reconnect to; the API socket itself is 0660). An existing directory
+// of ours that holds only sockets loses any permission beyond 0751 (a
+// hostPath or RuntimeDirectory is created 0755): the promise is "directory
+// 0751" however it came to exist. A directory shared with other files is
+// left as it is (the socket itself is 0660).
 absl::Status EnsureSocketDir(const std::string& dir, gid_t gid) {
-  if (::mkdir(dir.c_str(), 0750) != 0) {
+  if (::mkdir(dir.c_str(), 0751) != 0) {
     if (errno == EEXIST) {
       struct stat st;
       if (::stat(dir.c_str(), &st) != 0) {
@@ -107,17 +110,17 @@ absl::Status EnsureSocketDir(const std::string& dir, gid_t gid) {
             absl::StrCat("API socket directory ", dir, " is not a directory"));
       }
       const mode_t mode = st.st_mode & 07777;
-      if (st.st_uid == ::geteuid() && (mode & ~0750) != 0 &&
-          OnlySocketsIn(dir) && ::chmod(dir.c_str(), mode & 0750) != 0) {
-        return ErrnoError(absl::StrFormat("chmod %04o %s", mode & 0750, dir));
+      if (st.st_uid == ::geteuid() && (mode & ~0751) != 0 &&
+          OnlySocketsIn(dir) && ::chmod(dir.c_str(), mode & 0751) != 0) {
+        return ErrnoError(absl::StrFormat("chmod %04o %s", mode & 0751, dir));
       }
       return absl::OkStatus();
     }
     return ErrnoError(absl::StrCat("create API socket directory ", dir));
   }
   // mkdir honours the umask; say what we mean.
-  if (::chmod(dir.c_str(), 0750) != 0) {
-    return ErrnoError(absl::StrCat("chmod 0750 ", dir));
+  if (::chmod(dir.c_str(), 0751) != 0) {
+    return ErrnoError(absl::StrCat("chmod 0751 ", dir));
   }
   if (gid != static_cast<gid_t>(-1) &&
       ::chown(dir.c_str(), static_cast<uid_t>(-1), gid) != 0) {

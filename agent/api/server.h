@@ -3,7 +3,8 @@
 //
 // The unix socket is safe from the first connection on: it is bound in a
 // private 0700 directory, given mode 0660 (and the group), then renamed into
-// place; its directory is created 0750. A stale socket left by a dead agent
+// place; its directory is created 0751 (others may pass through to the
+// control socket beside it, not list it). A stale socket left by a dead agent
 // is removed; a socket on which another agent answers is left alone and
 // Start fails with FailedPrecondition.
 #ifndef PORTFLEET_AGENT_API_SERVER_H_

@@ -96,6 +96,32 @@ void Fleet::SetAdoptees(std::vector<Adoptee> adoptees) {
   adoptees_ = std::move(adoptees);
 }
 
+std::vector<v1::WorkerRecord> Fleet::WorkerRecords() const {
+  std::vector<v1::WorkerRecord> out;
+  for (const auto& [name, listener] : listeners_) {
+    for (const auto& shard : listener->shards) {
+      if (shard->adopted) continue;
+      auto add = [&](const Worker* w) {
+        if (w == nullptr || w->process.pid <= 0) return;
+        v1::WorkerRecord r;
+        r.set_listener(name);
+        r.set_shard(shard->index);
+        r.set_pid(static_cast<uint32_t>(w->process.pid));
+        // The uid it runs as once started (just after the fork it is
+        // still the agent's).
+        r.set_uid(shard->program.credentials ? shard->program.credentials->uid
+                                             : ::geteuid());
+        r.set_socket_inode(shard->inode);
+        out.push_back(std::move(r));
+      };
+      add(shard->worker.get());
+      add(shard->candidate.get());
+      for (const auto& w : shard->retiring) add(w.get());
+    }
+  }
+  return out;
+}
+
 void Fleet::WorkerGone(Listener& listener, Shard& shard) {
   drainer_.OnWorkerGone(listener, shard);
 }
@@ -241,6 +267,16 @@ absl::Status Fleet::CheckAddressFree(const Listener& listener,
   for (ForeignListener& foreign :
        FindForeignListeners(listener.address, handed_back)) {
     if (foreign.pid > 0 && IsOrphanedWorkerOf(foreign.pid, name)) {
+      orphans->push_back(std::move(foreign));
+      continue;
+    }
+    // A previous worker's socket whose holder /proc does not show us
+    // (another user's process): the records say whose it is.
+    if (const v1::WorkerRecord* r =
+            previous_workers_.FindBySocket(foreign.inode);
+        r != nullptr && r->listener() == name &&
+        (foreign.pid <= 0 || foreign.pid == static_cast<pid_t>(r->pid()))) {
+      foreign.pid = static_cast<pid_t>(r->pid());
       orphans->push_back(std::move(foreign));
       continue;
     }

@@ -33,6 +33,7 @@
 #include "agent/launcher.h"
 #include "agent/sockets.h"
 #include "agent/steering/steering.h"
+#include "agent/worker_registry.h"
 #include "portfleet/v1/fleet.pb.h"
 
 namespace portfleet {
@@ -101,6 +102,18 @@ class Fleet {
   // supervises the running workers instead of starting new ones. Call
   // before Start.
   void SetAdoptees(std::vector<Adoptee> adoptees);
+  // Workers a previous agent recorded (agent/worker_registry.h) that still
+  // run: a socket on a listener's address that one of them serves is that
+  // worker's (drained once the new shards serve), even when its /proc/PID/fd
+  // cannot be read (another user's process, no CAP_SYS_PTRACE).
+  void SetPreviousWorkers(KnownWorkers known) {
+    previous_workers_ = std::move(known);
+  }
+  // Every worker process the fleet supervises (serving, rollout candidates,
+  // retiring), with its listener, shard, shard socket inode and the uid it
+  // runs as: what the agent records in <state_dir>/workers. Adopted servers
+  // are not included.
+  std::vector<v1::WorkerRecord> WorkerRecords() const;
 
   // Every live shard socket (not owned) with its listener, for a takeover.
   struct SharedSocket {
@@ -253,6 +266,7 @@ class Fleet {
   HandOffRouter handoffs_;
   AutoRebalancer auto_rebalance_;
   std::vector<Adoptee> adoptees_;
+  KnownWorkers previous_workers_;
   // In Start (or a retry of it): nothing to commit, and a worker that cannot
   // be started is retried instead of failing its listener.
   bool starting_ = false;

@@ -6,20 +6,24 @@ Steps:
    the library list read from deploy/container/build-image.sh; reused when
    PORTFLEET_REUSE_BASE is set and it exists), plus what
    deploy/systemd/install.sh stages with DESTDIR (the binaries of this
-   build, the unit unchanged, the spec: listener web, 2 shards) and
+   build, the unit unchanged, the spec: listener web, 2 shards, workers as
+   `nobody` as the shipped configs have them) and
    /etc/default/portfleet-agent with PORTFLEET_AGENT_OPTS=--config-mode=declarative.
 2. `podman run --systemd=always` (runc, cgroupfs, host network, privileged so
    that systemd can build the unit's sandbox) with /sbin/init.
 3. `systemctl start` returns only after READY=1 (sent once every listener's
    sockets are bound, its workers started and the API is up): at its return
    HTTP answers at once and the API answers, and the unit is active with
-   the agent's STATUS= (sent with READY=1).
+   the agent's STATUS= (sent with READY=1). The workers run as uid 65534
+   with no capabilities; the agent has no CAP_SYS_PTRACE (the unit's set).
 4. Under continuous load from the host (200 connections/s): the spec is
    replaced (3 shards) and `systemctl reload` (SIGHUP) applies it: 3 shards
    ready, the journal shows the reload.
 5. The watchdog: the agent is SIGSTOPped; systemd's watchdog (WatchdogSec=10s)
    aborts it and restarts it (NRestarts 1, a new main pid); the workers keep
-   serving meanwhile and the new agent re-adopts them (same pids).
+   serving meanwhile and the new agent re-adopts them (same pids): workers
+   of another user, trusted from the agent's record of its workers
+   (/var/lib/portfleet/workers) without reading their /proc/PID/fd.
 6. `systemctl restart`: the agent asks systemd (sd-bus) what its SIGTERM
    is, finds its unit's restart job, steps aside (exit 0, workers left
    serving) and the new agent re-adopts them: same worker pids, a new main
@@ -58,7 +62,7 @@ def spec(port, shards):
   name: "web"
   address: "127.0.0.1:%d"
   shards: %d
-  worker { command: "portfleet-worker" args: "--mode=http" }
+  worker { command: "portfleet-worker" args: "--mode=http" user: "nobody" }
   drain_timeout_seconds: 5
 }
 """ % (port, shards)
@@ -174,6 +178,17 @@ def main():
               "unit active/running with the agent's STATUS= (%s)" % prop("StatusText")[:60])
         check(status.get("config", {}).get("mode") == "declarative",
               "/etc/default/portfleet-agent: declarative mode")
+        creds = {}
+        for pid in shard_pids().values():
+            st = sh("cat", "/proc/%d/status" % pid).stdout
+            creds[pid] = tuple(re.search(r"^%s:\s*(\S+)" % k, st, re.M).group(1)
+                               for k in ("Uid", "CapEff", "NoNewPrivs"))
+        agent_st = sh("cat", "/proc/%s/status" % prop("MainPID")).stdout
+        agent_eff = int(re.search(r"^CapEff:\s*(\S+)", agent_st, re.M).group(1), 16)
+        check(len(creds) == 2 and all(c == ("65534", "0000000000000000", "1") for c in creds.values())
+              and not agent_eff & (1 << 19),
+              "workers as nobody, CapEff 0, NoNewPrivs 1 (%s); the agent without CAP_SYS_PTRACE (CapEff %x)"
+              % (sorted(set(creds.values())), agent_eff))
 
         load = subprocess.Popen([os.path.join(BUILD, "tests/portfleet-loadgen"), "--target", "127.0.0.1:%d" % port,
                                  "--rate", "200", "--duration", "50s"],

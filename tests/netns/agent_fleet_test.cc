@@ -1,13 +1,16 @@
 // The agent's spine against the real kernel: real portfleet-agent and
 // portfleet-worker binaries, each case in its own network namespace,
 // outcomes counted from the client side.
+#include <grp.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 
 #include <atomic>
+#include <cstring>
 #include <filesystem>
 #include <set>
 #include <thread>
@@ -366,20 +369,57 @@ TEST(AgentFleetTest, IPv6ListenerServes) {
   EXPECT_EQ(r.listener, "web6");
 }
 
-// Steps:
-// 1. Two shards whose workers run as nobody (they cannot reconnect to the
-//    agent's 0600 control socket after an agent restart). A client thread
-//    connects continuously.
-// 2. SIGKILL the agent and start it again with the same paths.
-// 3. README: such workers are replaced. Two new worker pids serve, both as
-//    nobody; the old workers drain and exit; the client saw no failure
-//    throughout (the data path never depended on the agent).
-TEST(AgentFleetTest, WorkersWithAUserAreReplacedAfterAnAgentRestart) {
+// A child running as `uid` connects to the control socket at `path` and
+// waits for the agent to close it: 0 when closed within 2 s, 1 when it
+// stayed open, 2 when the connect failed, 3 when it could not switch uid.
+int ConnectAsAndAwaitClose(const std::string& path, uid_t uid) {
+  pid_t child = ::fork();
+  if (child == 0) {
+    if (::setgroups(0, nullptr) != 0 || ::setgid(uid) != 0 ||
+        ::setuid(uid) != 0) {
+      _exit(3);
+    }
+    int fd = ::socket(AF_UNIX, SOCK_SEQPACKET, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+      _exit(2);
+    }
+    pollfd p{fd, POLLIN, 0};
+    char byte;
+    if (::poll(&p, 1, 2000) == 1 && ::recv(fd, &byte, 1, 0) == 0) _exit(0);
+    _exit(1);
+  }
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// Workers that run as another user, under an agent without CAP_SYS_PTRACE
+// (the shipped systemd unit's capability set): the agent can read neither
+// their /proc/PID/fd nor environ, and they are not of its uid. Steps:
+// 1. Two shards whose workers run as nobody; the agent runs through
+//    `setpriv --bounding-set -sys_ptrace`. A client thread connects
+//    continuously.
+// 2. SIGKILL the agent and start it again the same way.
+// 3. The workers reconnect to the control socket (0666 in a 0751
+//    directory) and the agent re-adopts them: same pids, same socket
+//    inodes, from its record of its workers (<state_dir>/workers).
+// 4. A process of a third uid that connects to the control socket is closed
+//    at once and logged.
+// 5. A stop drains the re-adopted workers: none is left running.
+// The client saw no failure throughout.
+TEST(AgentFleetTest, WorkersOfAnotherUserAreReadoptedWithoutPtrace) {
   PF_ENTER_NETNS_OR_SKIP();
+  if (::geteuid() != 0) PF_SKIP_OR_FAIL("needs root to run workers as nobody");
   AgentHarness agent;
+  agent.set_wrapper(
+      {"/usr/bin/setpriv", "--bounding-set", "-sys_ptrace", "--"});
   std::string worker = agent.dir().path() + "/portfleet-worker";
   std::filesystem::copy_file(BinaryPath("portfleet-worker"), worker);
   ::chmod(worker.c_str(), 0755);
+  ::chmod(agent.dir().path().c_str(), 0755);
   ASSERT_TRUE(agent
                   .Start(absl::StrCat(R"pb(listeners {
                     name: "web" address: "127.0.0.1:8080" shards: 2
@@ -395,7 +435,30 @@ TEST(AgentFleetTest, WorkersWithAUserAreReplacedAfterAnAgentRestart) {
   ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
   ASSERT_TRUE(WaitFor([&] { return agent.WorkersByShard().size() == 2; },
                       absl::Seconds(10)));
-  const std::map<int, pid_t> old_workers = agent.WorkersByShard();
+  const std::map<int, pid_t> workers = agent.WorkersByShard();
+  std::map<int, uint64_t> inodes;
+  for (const auto& [shard, pid] : workers) {
+    absl::StatusOr<uint64_t> inode = SocketInode(pid, 3);
+    ASSERT_TRUE(inode.ok()) << inode.status();
+    inodes[shard] = *inode;
+    EXPECT_THAT(ReadFileOrEmpty(absl::StrCat("/proc/", pid, "/status")),
+                HasSubstr("Uid:\t65534\t65534\t65534\t65534"));
+  }
+  // Bit 19 of the agent's effective set (CAP_SYS_PTRACE) is clear.
+  std::string status =
+      ReadFileOrEmpty(absl::StrCat("/proc/", agent.pid(), "/status"));
+  size_t at = status.find("CapEff:\t");
+  ASSERT_NE(at, std::string::npos);
+  uint64_t cap_eff = std::stoull(status.substr(at + 8, 16), nullptr, 16);
+  EXPECT_EQ(cap_eff & (1ull << 19), 0u) << "agent still has CAP_SYS_PTRACE";
+  // The agent's record of its workers, which the next agent trusts.
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        struct stat st;
+        return ::stat((agent.state_dir() + "/workers").c_str(), &st) == 0;
+      },
+      absl::Seconds(5)))
+      << agent.Log();
 
   std::atomic<bool> stop{false};
   Tally tally;
@@ -407,35 +470,42 @@ TEST(AgentFleetTest, WorkersWithAUserAreReplacedAfterAnAgentRestart) {
   agent.process().Signal(SIGKILL);
   ASSERT_TRUE(agent.process().Wait(absl::Seconds(5)).has_value());
   ASSERT_TRUE(agent.Restart().ok());
-  std::map<int, pid_t> new_workers;
-  EXPECT_TRUE(WaitFor(
-      [&] {
-        new_workers = agent.WorkersByShard();
-        if (new_workers.size() != 2) return false;
-        for (const auto& entry : new_workers) {
-          for (const auto& old : old_workers) {
-            if (entry.second == old.second) return false;
-          }
-        }
-        return true;
-      },
-      absl::Seconds(20)))
-      << agent.Log();
-  for (const auto& entry : old_workers) {
-    const pid_t old_pid = entry.second;
-    EXPECT_TRUE(
-        WaitFor([&] { return !ProcessExists(old_pid); }, absl::Seconds(15)))
-        << "old worker " << old_pid << " still runs\n"
+  EXPECT_TRUE(agent.WaitLog("re-adopted worker pid", 2)) << agent.Log();
+  EXPECT_TRUE(agent.WaitLog("fleet serving")) << agent.Log();
+  for (const auto& [shard, pid] : workers) {
+    EXPECT_TRUE(agent.Log().find(absl::StrCat("re-adopted worker pid ", pid)) !=
+                std::string::npos)
+        << "shard " << shard << " pid " << pid << "\n"
         << agent.Log();
+    EXPECT_TRUE(ProcessExists(pid));
+    EXPECT_EQ(SocketInode(pid, 3).value_or(0), inodes[shard]);
   }
+  EXPECT_EQ(agent.Log().find("already in use"), std::string::npos)
+      << agent.Log();
+
+  const std::string control = agent.dir().path() + "/control.sock";
+  struct stat st;
+  ASSERT_EQ(::stat(control.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0666u);
+  EXPECT_EQ(ConnectAsAndAwaitClose(control, 4242), 0);
+  EXPECT_TRUE(agent.WaitLog("(uid 4242) closed: neither this agent's uid"))
+      << agent.Log();
+
+  absl::SleepFor(absl::Milliseconds(500));
   stop = true;
   client.join();
   EXPECT_EQ(tally.failed, 0) << tally.first_error;
   EXPECT_GT(tally.ok, 0);
-  for (const auto& entry : new_workers) {
-    EXPECT_THAT(
-        ReadFileOrEmpty(absl::StrCat("/proc/", entry.second, "/status")),
-        HasSubstr("Uid:\t65534\t65534\t65534\t65534"));
+
+  // A stop drains the re-adopted workers.
+  agent.process().Signal(SIGTERM);
+  EXPECT_TRUE(agent.process().Wait(absl::Seconds(20)).has_value())
+      << agent.Log();
+  for (const auto& [shard, pid] : workers) {
+    EXPECT_TRUE(WaitFor([&] { return !ProcessExists(pid); }, absl::Seconds(5)))
+        << "worker " << pid << " of shard " << shard
+        << " left running after the stop\n"
+        << agent.Log();
   }
 }
 

@@ -351,8 +351,9 @@ TEST_F(ApiAgentTest, RestartRestoresLastSetState) {
 }
 
 // An API socket directory that already exists (a hostPath the kubelet made,
-// a RuntimeDirectory) 0755 is narrowed to 0750, as documented.
-TEST_F(ApiAgentTest, ExistingSocketDirectoryIsNarrowedTo0750) {
+// a RuntimeDirectory) 0755 is narrowed to 0751, as documented (others may
+// pass through to the control socket, not list the directory).
+TEST_F(ApiAgentTest, ExistingSocketDirectoryIsNarrowedTo0751) {
   PF_ENTER_NETNS_OR_SKIP();
   const std::string dir = agent_.dir().path() + "/run";
   ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0);
@@ -364,7 +365,7 @@ TEST_F(ApiAgentTest, ExistingSocketDirectoryIsNarrowedTo0750) {
       << agent_.Log();
   struct stat st;
   ASSERT_EQ(stat(dir.c_str(), &st), 0);
-  EXPECT_EQ(st.st_mode & 07777, 0750u);
+  EXPECT_EQ(st.st_mode & 07777, 0751u);
 }
 
 // A socket directory shared with other files (here the worker binary that
@@ -387,7 +388,7 @@ TEST_F(ApiAgentTest, SharedSocketDirectoryKeepsItsMode) {
 
 // Steps:
 // 1. Start the agent with its socket in a directory it creates.
-// 2. The socket is 0660, the directory 0750.
+// 2. The socket is 0660, the directory 0751.
 // 3. A child running as uid/gid 65534 (outside the group) cannot connect.
 TEST_F(ApiAgentTest, SocketPermissionsRefuseOthers) {
   PF_ENTER_NETNS_OR_SKIP();
@@ -406,7 +407,7 @@ TEST_F(ApiAgentTest, SocketPermissionsRefuseOthers) {
   ASSERT_EQ(lstat(sock.c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 07777, 0660u);
   ASSERT_EQ(stat((agent_.dir().path() + "/run").c_str(), &st), 0);
-  EXPECT_EQ(st.st_mode & 07777, 0750u);
+  EXPECT_EQ(st.st_mode & 07777, 0751u);
   // The temp dir itself must be traversable for the test to mean anything.
   chmod(agent_.dir().path().c_str(), 0755);
 

@@ -598,13 +598,13 @@ TEST_F(ApiServiceTest, ShutdownEndsOpenStreams) {
   EXPECT_NE(stat(socket_.c_str(), &st), 0) << "socket left behind";
 }
 
-TEST_F(ApiServiceTest, SocketIs0660InA0750Directory) {
+TEST_F(ApiServiceTest, SocketIs0660InA0751Directory) {
   struct stat st;
   ASSERT_EQ(lstat(socket_.c_str(), &st), 0);
   EXPECT_TRUE(S_ISSOCK(st.st_mode));
   EXPECT_EQ(st.st_mode & 07777, 0660u);
   ASSERT_EQ(stat((dir_.path() + "/run").c_str(), &st), 0);
-  EXPECT_EQ(st.st_mode & 07777, 0750u);
+  EXPECT_EQ(st.st_mode & 07777, 0751u);
 }
 
 TEST_F(ApiServiceTest, RefusesToStartOverALiveAgent) {

@@ -31,6 +31,25 @@ TEST(ProcfsTest, RefusesMalformedStat) {
   EXPECT_FALSE(ParseProcStatIds("42 (x) S one 9", &ids));
 }
 
+TEST(ProcfsTest, ReadsTheStartTimeAndUidOfAProcess) {
+  // Field 22 counted from the pid: state is 3, so f[19] after the comm.
+  ProcIds ids;
+  ASSERT_TRUE(ParseProcStatIds(
+      "42 (a b) S 1 42 42 0 -1 4194560 1 0 0 0 5 6 0 0 20 0 1 0 123456 9 9",
+      &ids));
+  EXPECT_EQ(ids.start_time, 123456u);
+  EXPECT_FALSE(ParseProcStatIds(
+      "42 (a) S 1 42 42 0 -1 4194560 1 0 0 0 5 6 0 0 20 0 1 0 soon 9", &ids));
+
+  std::optional<ProcIds> self = ProcessIds(::getpid());
+  ASSERT_TRUE(self.has_value());
+  EXPECT_GT(self->start_time, 0u);
+  EXPECT_EQ(ProcessIds(::getpid())->start_time, self->start_time);
+  EXPECT_EQ(ProcessEffectiveUid(::getpid()), ::geteuid());
+  EXPECT_FALSE(ProcessIds(-1).has_value());
+  EXPECT_FALSE(ProcessEffectiveUid(0).has_value());
+}
+
 TEST(ProcfsTest, ProcessTableHoldsThisProcessAndItsParent) {
   std::map<pid_t, ProcIds> table = ProcessTable();
   auto self = table.find(::getpid());
