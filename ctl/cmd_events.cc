@@ -235,11 +235,16 @@ absl::Status RunTop(Context& ctx) {
                total == 0 ? "-" : absl::StrCat(delta[j] * 100 / total, "%")});
         }
         if (sum > 0) {
+          const v1::ListenerRebalanceStatus& r = l.rebalance();
           imbalances.push_back(absl::StrFormat(
               "%s: imbalance %.2f (max/mean connections over %d ready "
-              "shards); rebalance %s",
+              "shards); rebalance %s%s",
               l.spec().name(), static_cast<double>(max) * ready / sum, ready,
-              DescribeRebalance(l.spec())));
+              DescribeRebalance(l.spec()),
+              r.auto_active()
+                  ? absl::StrFormat(", rebalancing now (%d steps so far)",
+                                    r.auto_steps())
+                  : std::string()));
         }
       }
       t.Print(out, ctx.headers());

@@ -69,6 +69,14 @@ v1::ListenerState ToProto(const ListenerStatus& l) {
   *out.mutable_spec() = l.spec;
   for (const ShardStatus& s : l.shards) *out.add_shards() = ToProto(s);
   out.set_error(l.error);
+  v1::ListenerRebalanceStatus* r = out.mutable_rebalance();
+  r->set_imbalance(l.imbalance);
+  r->set_auto_active(l.auto_rebalancing);
+  r->set_auto_steps(l.auto_rebalance_steps);
+  r->set_rebalances(l.rebalances);
+  r->set_slots_moved(l.rebalance_slots_moved);
+  r->set_connections_moved(l.rebalance_connections_moved);
+  r->set_refusals(l.rebalance_refusals);
   return out;
 }
 

@@ -676,6 +676,26 @@ TEST_F(RebalanceTest, AutoRebalanceEvensTheScaleUpSkew) {
   std::vector<v1::Event> handoffs =
       Events(*stub_, v1::EVENT_TYPE_REBALANCE_HANDOFF, "auto: handed off");
   EXPECT_EQ(handoffs.size(), 1u);
+  // The API says what the rebalancer did, and that it settled.
+  v1::ListenerRebalanceStatus status;
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        grpc::ClientContext ctx;
+        v1::ListListenersResponse resp;
+        if (!stub_->ListListeners(&ctx, v1::ListListenersRequest(), &resp)
+                 .ok() ||
+            resp.listeners_size() != 1) {
+          return false;
+        }
+        status = resp.listeners(0).rebalance();
+        return !status.auto_active();
+      },
+      absl::Seconds(15)))
+      << status.DebugString();
+  EXPECT_GE(status.auto_steps(), 1u) << status.DebugString();
+  EXPECT_GE(status.connections_moved(), 150u) << status.DebugString();
+  EXPECT_GT(status.imbalance(), 0.9) << status.DebugString();
+  EXPECT_LE(status.imbalance(), 1.15) << status.DebugString();
   std::cerr << "even (client view) " << client_even << ", (agent view) "
             << agent_even << " after all 4 ready; client "
             << ::testing::PrintToString(asker.ByPid()) << " max/mean "

@@ -99,7 +99,9 @@ TEST(RenderTest, JsonHasEveryFieldNumbersAndShortEnums) {
             R"("cpu":0,"bytesInTotal":0,"bytesOutTotal":0,)"
             R"("bytesPerSecond":0,"requestsTotal":0,"requestsPerSecond":0,)"
             R"("reports":false},"steeringSlots":0,"rebalanceSlotDelta":0}],)"
-            R"("error":""})");
+            R"("error":"","rebalance":{"imbalance":0,"autoActive":false,)"
+            R"("autoSteps":0,"rebalances":0,"slotsMoved":0,)"
+            R"("connectionsMoved":0,"refusals":0}})");
 }
 
 TEST(RenderTest, SpecStyleKeepsOnlySetFieldsAndFullNames) {
