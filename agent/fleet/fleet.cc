@@ -519,6 +519,7 @@ absl::Status Fleet::ChangeSteering(Listener& listener,
   *listener.spec.mutable_steering() = steering;
   // New steering starts from the operator's weights (fleet/rebalance.h).
   listener.rebalance_slots.clear();
+  listener.rebalance_spill.clear();
   auto restore = [&] {
     *listener.spec.mutable_steering() = old;
     for (size_t i = 0; i < listener.shards.size(); ++i) {
