@@ -904,6 +904,49 @@ TEST_F(FleetAutoRebalanceTest, StartsAfterAPeriodAndSettlesAtTheTarget) {
   EXPECT_EQ(events_.size(), events) << "idle between target and threshold";
 }
 
+// Steps: 2 shards with CPU steering (shard i on CPU i), auto with a 2 s
+// period; shard 0 holds 60, shard 1 20.
+// 1. After a period: CPU 0 spills ceil(256 * 20 / 60) = 86, to a table of
+//    shard 1 only; every shard stays on its CPU.
+// 2. Still above the target: the next step holds 86 (the excess shrank).
+// 3. Even: AUTO_SETTLED resets the spill and the table; then idle.
+TEST_F(FleetAutoRebalanceTest, CpuSteeringSpillsThenSettles) {
+  ASSERT_TRUE(
+      fleet_
+          ->AddListener(Spec(
+              2,
+              absl::StrCat("steering { policy: STEERING_POLICY_CPU } ", kAuto)))
+          .ok());
+  Settle();
+  events_.clear();
+  Observe({60, 20});
+  Observe({60, 20}, 2);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_AUTO_STARTED), 1);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_DONE, "cpu 0 spills 0 -> 86/256"),
+            1);
+  const SteeringTables* t = &steering_.state.listeners["web"].applied.back();
+  EXPECT_THAT(t->cpu_spill, ElementsAre(86));
+  EXPECT_THAT(t->table_weights, ElementsAre(0, 500));
+  EXPECT_THAT(t->weights, ElementsAre(1, 1));
+
+  Observe({66, 50}, 2);  // 1.14: above the target 1.10
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_DONE, "cpu 0 spills 86/256"), 1);
+  t = &steering_.state.listeners["web"].applied.back();
+  EXPECT_THAT(t->cpu_spill, ElementsAre(86));
+
+  Observe({70, 68}, 2);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_AUTO_SETTLED), 1);
+  t = &steering_.state.listeners["web"].applied.back();
+  EXPECT_TRUE(t->cpu_spill.empty());
+  EXPECT_TRUE(t->table_weights.empty());
+  EXPECT_EQ(
+      Count(v1::EVENT_TYPE_REBALANCE_DONE, "even: baseline tables, no spill"),
+      1);
+  const size_t events = events_.size();
+  for (int i = 0; i < 20; ++i) Observe({75, 70});
+  EXPECT_EQ(events_.size(), events) << "idle between target and threshold";
+}
+
 // Steps: 2 shards whose workers hand off, auto with at most 50 moves; shard
 // 0 holds 300. A check after the period asks shard 0 for 50 connections in
 // all (chunks of at most 32), not the 150 that would even the load.
