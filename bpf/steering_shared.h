@@ -44,8 +44,9 @@
 #define PF_COUNTER_SLOTS (PF_MAX_SHARDS + 1)
 #define PF_NO_SHARD 0xffffffffu
 /* Spill shares are out of PF_SPILL_SCALE new connections of a CPU, compared
- * with the flow hash's top 8 bits (the CPU-shard choice and the indirection
- * table use its low bits). */
+ * with the flow hash's top 8 bits: the indirection table uses its low 8 bits,
+ * and the choice among a CPU's shards (hash % count) does not depend on the
+ * top byte for a power-of-two count and hardly so for others. */
 #define PF_SPILL_SCALE 256
 #define PF_SPILL_SHIFT 24
 
