@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -78,6 +79,10 @@ struct ListenerStatus {
   uint64_t rebalance_connections_moved = 0;
   uint64_t auto_rebalance_steps = 0;
   bool auto_rebalancing = false;
+  // CPU steering: per CPU that a shard is pinned to, the rebalancer's spill
+  // share (of 256 new connections of the CPU, how many go to the
+  // indirection table; 0 = none).
+  std::map<int, uint32_t> spill;
 };
 
 // Health of one listener (see v1::ListenerHealth).

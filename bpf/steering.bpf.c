@@ -34,6 +34,13 @@ struct {
 } config SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, PF_GENERATIONS);
+	__type(key, __u32);
+	__type(value, struct pf_spill);
+} spill SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, PF_COUNTER_SLOTS);
 	__type(key, __u32);
@@ -79,6 +86,7 @@ SEC("sk_reuseport/migrate")
 int pf_steer(struct sk_reuseport_md *reuse)
 {
 	struct pf_generation *gen = NULL;
+	struct pf_spill *spl = NULL;
 	struct pf_config *cfg;
 	__u32 zero = 0, active, shard;
 	/* Read the context once: the verifier rejects ctx pointer arithmetic. */
@@ -89,8 +97,9 @@ int pf_steer(struct sk_reuseport_md *reuse)
 	if (cfg) {
 		active = cfg->active & (PF_GENERATIONS - 1);
 		gen = bpf_map_lookup_elem(&generations, &active);
+		spl = bpf_map_lookup_elem(&spill, &active);
 	}
-	shard = pf_select_shard(gen, hash, bpf_get_smp_processor_id());
+	shard = pf_select_shard(gen, spl, hash, bpf_get_smp_processor_id());
 
 	if (migrating)
 		return migrate(reuse, shard == PF_NO_SHARD ? hash : shard);

@@ -11,10 +11,20 @@
  *   generations  ARRAY[2] of struct pf_generation     two table generations
  *   config       ARRAY[1] of struct pf_config         active generation
  *   counters     PERCPU_ARRAY[PF_COUNTER_SLOTS] of struct pf_counters
+ *   spill        ARRAY[2] of struct pf_spill          per generation
  *
  * A table rewrite fills the inactive generation (policy, indirection table,
- * CPU table) and then flips the single word config.active, so the program
- * never reads a half-written table.
+ * CPU table, and its spill entry) and then flips the single word
+ * config.active, so the program never reads a half-written table.
+ *
+ * Why the spill shares are a map of their own and not a field of struct
+ * pf_generation: the maps are pinned and outlive the agent. A field added to
+ * pf_generation would change the value size of the pinned "generations" map,
+ * so an upgraded agent would find an incompatible map at restart,
+ * re-adoption or takeover and would have to recreate it (and the program's
+ * other maps with it) under live traffic. A separate map keeps every existing
+ * map's layout: an upgraded agent reuses the old pins as they are and only
+ * adds "spill" (all zero: no spill, today's behaviour) to the directory.
  */
 #ifndef PORTFLEET_BPF_STEERING_SHARED_H_
 #define PORTFLEET_BPF_STEERING_SHARED_H_
@@ -33,6 +43,12 @@
  * (no table yet, or an empty table for the CPU/hash). */
 #define PF_COUNTER_SLOTS (PF_MAX_SHARDS + 1)
 #define PF_NO_SHARD 0xffffffffu
+/* Spill shares are out of PF_SPILL_SCALE new connections of a CPU, compared
+ * with the flow hash's top 8 bits: the indirection table uses its low 8 bits,
+ * and the choice among a CPU's shards (hash % count) does not depend on the
+ * top byte for a power-of-two count and hardly so for others. */
+#define PF_SPILL_SCALE 256
+#define PF_SPILL_SHIFT 24
 
 enum pf_policy {
 	PF_POLICY_NONE = 0, /* nothing applied yet: kernel's own hash */
@@ -55,6 +71,16 @@ struct pf_generation {
 	__u32 cpu_shards[PF_MAX_SHARDS];
 };
 
+/*
+ * CPU policy: of every PF_SPILL_SCALE new connections that a CPU with shards
+ * receives, share[cpu] go to the indirection table (which the rebalancer
+ * weights toward cold shards) instead of that CPU's own shards. 0 everywhere
+ * = no spill. Entry k belongs to generation k and is written with it.
+ */
+struct pf_spill {
+	__u16 share[PF_MAX_CPUS]; /* 0 .. PF_SPILL_SCALE */
+};
+
 struct pf_config {
 	__u32 active; /* generation the program reads: 0 or 1 */
 	__u32 pad;
@@ -67,11 +93,22 @@ struct pf_counters {
 	__u64 fallback; /* intended for this shard, slot empty: kernel chose */
 };
 
+/* CPU policy: this connection of `cpu` goes to the indirection table. */
+static __always_inline int pf_spills(const struct pf_spill *spill, __u32 hash,
+				     __u32 cpu)
+{
+	if (!spill || cpu >= PF_MAX_CPUS)
+		return 0;
+	return (hash >> PF_SPILL_SHIFT) < spill->share[cpu];
+}
+
 /*
  * The selection decision: a shard index, or PF_NO_SHARD when nothing is
- * configured (the program then lets the kernel choose).
+ * configured (the program then lets the kernel choose). `spill` (of the same
+ * generation as `gen`; may be NULL) applies to the CPU policy only.
  */
 static __always_inline __u32 pf_select_shard(const struct pf_generation *gen,
+					     const struct pf_spill *spill,
 					     __u32 hash, __u32 cpu)
 {
 	__u32 shard;
@@ -83,13 +120,13 @@ static __always_inline __u32 pf_select_shard(const struct pf_generation *gen,
 		__u32 count = gen->cpu[cpu].count;
 
 		if (count > 0 && count <= PF_MAX_SHARDS &&
-		    first < PF_MAX_SHARDS) {
+		    first < PF_MAX_SHARDS && !pf_spills(spill, hash, cpu)) {
 			__u32 idx = (first + hash % count) & (PF_MAX_SHARDS - 1);
 
 			shard = gen->cpu_shards[idx];
 			return shard < PF_MAX_SHARDS ? shard : PF_NO_SHARD;
 		}
-		/* no shard pinned to this CPU: fall through to the table */
+		/* no shard pinned to this CPU, or spilled: the table */
 	} else if (gen->policy != PF_POLICY_HASH &&
 		   gen->policy != PF_POLICY_CPU) {
 		return PF_NO_SHARD;

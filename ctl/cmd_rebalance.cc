@@ -1,6 +1,7 @@
 // rebalance: one-shot rebalance of a listener's shards by a load metric.
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "ctl/command.h"
 #include "ctl/render.h"
 #include "ctl/table.h"
@@ -46,6 +47,24 @@ void PrintResult(const Context& ctx, const std::string& name,
                   Signed(s.connections_moved())});
   }
   table.Print(out, ctx.headers());
+  if (resp.spills_size() > 0) {
+    // CPU steering: what each CPU sends to the indirection table.
+    Table spills({"CPU", "SHARDS", absl::StrCat("LOAD (", metric, ")"),
+                  "TARGET", "SPILL (of 256)"});
+    for (const v1::RebalanceSpill& c : resp.spills()) {
+      std::string share =
+          c.share_after() == c.share_before()
+              ? absl::StrCat(c.share_after())
+              : absl::StrCat(c.share_before(), " -> ", c.share_after());
+      absl::StrAppend(
+          &share, absl::StrFormat(" (%.0f%%)", 100.0 * c.share_after() / 256));
+      spills.AddRow({absl::StrCat(c.cpu()), absl::StrJoin(c.shards(), ","),
+                     Load(c.load(), resp.metric()),
+                     Load(c.target(), resp.metric()), share});
+    }
+    out << "\n";
+    spills.Print(out, ctx.headers());
+  }
   out << absl::StrFormat(
       "%s %s by %s: imbalance (max/mean) %.2f, expected %.2f; %u table slots "
       "moved, %u connections moved%s\n",
@@ -104,9 +123,14 @@ void AddRebalanceCommands(std::vector<CommandSpec>* commands) {
           "its spec. Prints the load before, the expected load after, the\n"
           "slots and connections moved per shard and what was not done\n"
           "(e.g. a worker without hand-off: steering only), and returns\n"
-          "when the workers have answered. Under CPU steering no slot moves\n"
-          "(locality is kept). The slot adjustment is not persisted and is\n"
-          "dropped by steer, scale and apply.\n",
+          "when the workers have answered. Under CPU steering every shard\n"
+          "stays on its CPU (locality): a CPU whose shards are above their\n"
+          "share of the load spills only the share of its new connections\n"
+          "above it to the indirection table, which then favours the cold\n"
+          "shards (the SPILL table: of every 256 new connections of the\n"
+          "CPU); an even listener spills nothing. The slot and spill\n"
+          "adjustment is not persisted and is dropped by steer, scale and\n"
+          "apply.\n",
       .flags = {{.name = "metric",
                  .value = "METRIC",
                  .help = "connections (default), cpu or bytes",

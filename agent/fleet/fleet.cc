@@ -555,6 +555,7 @@ absl::Status Fleet::ChangeSteering(Listener& listener,
   *listener.spec.mutable_steering() = steering;
   // New steering starts from the operator's weights (fleet/rebalance.h).
   listener.rebalance_slots.clear();
+  listener.rebalance_spill.clear();
   auto restore = [&] {
     *listener.spec.mutable_steering() = old;
     for (size_t i = 0; i < listener.shards.size(); ++i) {
@@ -833,6 +834,14 @@ absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
   view.rebalance_connections_moved = listener->rebalance_connections_moved;
   view.auto_rebalance_steps = listener->auto_rebalance_steps;
   view.auto_rebalancing = auto_rebalance_.Active(name);
+  if (listener->spec.steering().policy() == v1::STEERING_POLICY_CPU) {
+    for (const auto& shard : listener->shards) {
+      if (shard->cpu < 0) continue;
+      auto it = listener->rebalance_spill.find(shard->cpu);
+      view.spill[shard->cpu] =
+          it == listener->rebalance_spill.end() ? 0 : it->second;
+    }
+  }
   return view;
 }
 

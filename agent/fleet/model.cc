@@ -120,6 +120,27 @@ SteeringTables PlanBaselineTables(const Listener& listener) {
 SteeringTables PlanTables(const Listener& listener) {
   SteeringTables tables = PlanBaselineTables(listener);
   const uint32_t n = tables.num_shards;
+  if (tables.policy == v1::STEERING_POLICY_CPU) {
+    // The spill table: the rebalancer's slots of shards that take new
+    // connections; none left (e.g. the cold shard was ejected) = baseline.
+    std::vector<uint32_t> table(n, 0);
+    bool any = false;
+    for (const auto& [index, slots] : listener.rebalance_slots) {
+      if (index < n && tables.weights[index] > 0 && slots > 0) {
+        table[index] = slots;
+        any = true;
+      }
+    }
+    if (any) tables.table_weights = std::move(table);
+    for (const auto& [cpu, share] : listener.rebalance_spill) {
+      if (cpu < 0 || share == 0) continue;
+      if (tables.cpu_spill.size() <= static_cast<size_t>(cpu)) {
+        tables.cpu_spill.resize(cpu + 1, 0);
+      }
+      tables.cpu_spill[cpu] = share;
+    }
+    return tables;
+  }
   // The rebalancer's slots, while they cover every steered shard.
   if (!listener.rebalance_slots.empty()) {
     std::vector<uint32_t> slots(n, 0);

@@ -280,7 +280,14 @@ struct Listener {
   // The rebalancer's table slots per shard index (fleet/rebalance.h),
   // replacing the spec's weights while every steered shard has an entry.
   // Cleared when the steering or the shard count changes. Not persisted.
+  // Under CPU steering they are the indirection table's weights instead
+  // (SteeringTables::table_weights: where spilled connections go) and leave
+  // every shard on its CPU.
   std::map<uint32_t, uint32_t> rebalance_slots;
+  // CPU steering: the rebalancer's spill share per CPU id (of
+  // PF_SPILL_SCALE new connections of that CPU, how many go to the
+  // indirection table). Cleared with rebalance_slots. Not persisted.
+  std::map<int, uint32_t> rebalance_spill;
   // Rebalances applied since the agent started, the table slots they moved
   // and what they refused (RebalanceRefusal entries).
   uint64_t rebalances = 0;
@@ -338,7 +345,9 @@ int PinnedCpu(const v1::Steering& steering, uint32_t index,
 // weights); draining and not-yet-ready shards get none; ejected shards and
 // shards in maintenance keep their place in the weights with none. While
 // the rebalancer's slots (Listener::rebalance_slots) cover every steered
-// shard, they replace the weights. Pure.
+// shard, they replace the weights. Under CPU steering the rebalancer's slots
+// weight the indirection table only (table_weights) and its spill shares
+// become cpu_spill. Pure.
 SteeringTables PlanTables(const Listener& listener);
 // PlanTables without the rebalancer's slots: the operator's weights alone.
 SteeringTables PlanBaselineTables(const Listener& listener);

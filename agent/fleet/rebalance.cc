@@ -108,7 +108,91 @@ std::vector<uint32_t> SlotCounts(const SteeringTables& tables) {
   return out;
 }
 
+SpillPlan PlanSpill(const std::vector<SpillInput>& shards,
+                    const std::map<int, uint32_t>& spill_now,
+                    const SpillParams& params) {
+  SpillPlan plan;
+  std::vector<double> loads;
+  for (const SpillInput& s : shards) {
+    if (s.eligible) loads.push_back(s.load);
+  }
+  plan.imbalance = Imbalance(loads);
+  plan.even = plan.imbalance <= params.tolerance;
+  const double mean = loads.empty()
+                          ? 0
+                          : std::accumulate(loads.begin(), loads.end(), 0.0) /
+                                static_cast<double>(loads.size());
+  std::map<int, CpuSpillPlan> by_cpu;
+  for (const SpillInput& s : shards) {
+    if (!s.eligible || s.cpu < 0) continue;
+    CpuSpillPlan& c = by_cpu[s.cpu];
+    c.cpu = s.cpu;
+    c.shards.push_back(s.index);
+    c.load += s.load;
+    c.target += mean;
+  }
+  const uint32_t cap = std::min(params.max_share, kSpillScale);
+  for (auto& [cpu, c] : by_cpu) {
+    auto now = spill_now.find(cpu);
+    c.before = now == spill_now.end() ? 0 : now->second;
+    if (plan.even || c.load <= c.target) {
+      c.after = 0;  // no excess: locality
+    } else if (c.load > c.target * params.hot_factor) {
+      // The share of this CPU's connections above its target.
+      const uint32_t want = static_cast<uint32_t>(
+          std::ceil(kSpillScale * (c.load - c.target) / c.load));
+      c.after = std::max(c.before, std::min(want, c.before + params.max_step));
+    } else {
+      c.after = c.before;  // within the band: held
+    }
+    c.after = std::min(c.after, cap);
+    plan.cpus.push_back(std::move(c));
+  }
+  if (plan.spilling()) {
+    // Spilled connections go to the shards below the mean, by how far.
+    plan.table_weights.assign(shards.size(), 0);
+    bool any = false;
+    for (size_t i = 0; i < shards.size(); ++i) {
+      const SpillInput& s = shards[i];
+      if (!s.eligible || mean <= 0 || s.load >= mean) continue;
+      plan.table_weights[i] = std::max<uint32_t>(
+          1, static_cast<uint32_t>(std::lround(1000 * (mean - s.load) / mean)));
+      any = true;
+    }
+    if (!any) plan.table_weights.clear();
+  }
+  return plan;
+}
+
+std::vector<uint32_t> TableSlotCounts(const SteeringTables& tables) {
+  std::vector<uint32_t> out(tables.num_shards, 0);
+  if (tables.num_shards == 0) return out;
+  absl::StatusOr<std::vector<uint32_t>> table = BuildIndirectionTable(
+      tables.table_weights.empty() ? tables.weights : tables.table_weights,
+      tables.num_shards, PF_TABLE_SIZE);
+  if (!table.ok()) return out;
+  for (uint32_t shard : *table) {
+    if (shard < out.size()) ++out[shard];
+  }
+  return out;
+}
+
 namespace {
+
+// "cpu 0 spills 0 -> 128/256" for each CPU whose spill changes (or spills).
+std::string DescribeSpill(const v1::RebalanceListenerResponse& resp) {
+  std::vector<std::string> parts;
+  for (const v1::RebalanceSpill& c : resp.spills()) {
+    if (c.share_before() == 0 && c.share_after() == 0) continue;
+    parts.push_back(c.share_before() == c.share_after()
+                        ? absl::StrCat("cpu ", c.cpu(), " spills ",
+                                       c.share_after(), "/", kSpillScale)
+                        : absl::StrCat("cpu ", c.cpu(), " spills ",
+                                       c.share_before(), " -> ",
+                                       c.share_after(), "/", kSpillScale));
+  }
+  return absl::StrJoin(parts, ", ");
+}
 
 std::string MetricName(v1::RebalanceMetric metric) {
   switch (metric) {
@@ -199,11 +283,15 @@ absl::StatusOr<SteeringStep> Steer(const FleetContext& ctx, Listener& listener,
   resp.set_dry_run(request.dry_run());
   resp.set_steering_only(true);
 
-  // The tables from the operator's weights alone, and as they are now.
+  const bool cpu_policy =
+      listener.spec.steering().policy() == v1::STEERING_POLICY_CPU;
+  // The tables from the operator's weights alone, and as they are now (CPU
+  // steering: the indirection table that spilled connections follow).
+  const auto counts = cpu_policy ? TableSlotCounts : SlotCounts;
   const std::map<uint32_t, uint32_t> saved = listener.rebalance_slots;
-  const std::vector<uint32_t> baseline =
-      SlotCounts(PlanBaselineTables(listener));
-  const std::vector<uint32_t> now = SlotCounts(PlanTables(listener));
+  const std::map<int, uint32_t> saved_spill = listener.rebalance_spill;
+  const std::vector<uint32_t> baseline = counts(PlanBaselineTables(listener));
+  const std::vector<uint32_t> now = counts(PlanTables(listener));
 
   std::vector<RebalanceInput> inputs;
   std::vector<const Shard*> steered;
@@ -262,8 +350,6 @@ absl::StatusOr<SteeringStep> Steer(const FleetContext& ctx, Listener& listener,
                               limits.max_moves);
   }
 
-  const bool cpu_policy =
-      listener.spec.steering().policy() == v1::STEERING_POLICY_CPU;
   // New connections are steered by the load the hand-offs leave.
   std::vector<double> before;
   for (RebalanceInput& in : inputs) {
@@ -277,13 +363,49 @@ absl::StatusOr<SteeringStep> Steer(const FleetContext& ctx, Listener& listener,
     }
   }
   RebalancePlan plan = PlanRebalance(inputs, RebalanceParams{});
+  SpillPlan spill;
   if (cpu_policy) {
-    // Locality first: the CPU table stays as it is.
-    for (size_t k = 0; k < inputs.size(); ++k) plan.slots[k] = inputs[k].slots;
+    // Locality first: every shard stays on its CPU; a hot CPU spills the
+    // share of its new connections above its target to the table.
+    std::vector<SpillInput> spill_inputs;
+    for (size_t k = 0; k < inputs.size(); ++k) {
+      spill_inputs.push_back(SpillInput{.index = inputs[k].index,
+                                        .cpu = steered[k]->cpu,
+                                        .eligible = inputs[k].eligible,
+                                        .load = inputs[k].load});
+    }
+    spill = PlanSpill(spill_inputs, listener.rebalance_spill, SpillParams{});
+    plan.imbalance = spill.imbalance;
+    plan.even = !spill.spilling();
+    std::vector<uint32_t> table_after = baseline;
+    if (!spill.table_weights.empty()) {
+      std::vector<uint32_t> weights(baseline.size(), 0);
+      for (size_t k = 0; k < inputs.size(); ++k) {
+        if (inputs[k].index < weights.size()) {
+          weights[inputs[k].index] = spill.table_weights[k];
+        }
+      }
+      SteeringTables t = PlanBaselineTables(listener);
+      t.table_weights = std::move(weights);
+      table_after = TableSlotCounts(t);
+    }
     plan.slots_moved = 0;
-    Refuse(&resp, -1,
-           "steering policy CPU keeps every connection on the CPU that "
-           "received it: no table slots moved");
+    for (size_t k = 0; k < inputs.size(); ++k) {
+      const uint32_t i = inputs[k].index;
+      plan.slots[k] = i < table_after.size() ? table_after[i] : 0;
+      if (plan.slots[k] > inputs[k].slots) {
+        plan.slots_moved += plan.slots[k] - inputs[k].slots;
+      }
+    }
+    for (const CpuSpillPlan& c : spill.cpus) {
+      v1::RebalanceSpill* out = resp.add_spills();
+      out->set_cpu(c.cpu);
+      for (uint32_t shard : c.shards) out->add_shards(shard);
+      out->set_load(c.load);
+      out->set_target(c.target);
+      out->set_share_before(c.before);
+      out->set_share_after(c.after);
+    }
   }
   resp.set_imbalance_before(Imbalance(before));
   // Steering moves only new connections: the load now stays until they come.
@@ -325,20 +447,32 @@ absl::StatusOr<SteeringStep> Steer(const FleetContext& ctx, Listener& listener,
     ctx.Emit(v1::EVENT_TYPE_REBALANCE_REFUSED, listener, -1, 0,
              Prefixed(limits, absl::StrJoin(why, "; ")));
   }
-  if (request.dry_run() || cpu_policy) {
+  if (request.dry_run()) {
     return SteeringStep{.resp = std::move(resp),
                         .transfers = std::move(transfers)};
   }
 
   std::map<uint32_t, uint32_t> next;
-  if (!plan.even) {
+  std::map<int, uint32_t> next_spill;
+  if (cpu_policy) {
+    for (const CpuSpillPlan& c : spill.cpus) {
+      if (c.after > 0) next_spill[c.cpu] = c.after;
+    }
+    for (size_t k = 0; k < spill.table_weights.size(); ++k) {
+      if (spill.table_weights[k] > 0) {
+        next[inputs[k].index] = spill.table_weights[k];
+      }
+    }
+  } else if (!plan.even) {
     for (size_t k = 0; k < inputs.size(); ++k) {
       next[inputs[k].index] = plan.slots[k];
     }
   }
   listener.rebalance_slots = next;
+  listener.rebalance_spill = next_spill;
   if (absl::Status s = ApplySteering(listener); !s.ok()) {
     listener.rebalance_slots = saved;
+    listener.rebalance_spill = saved_spill;
     ApplySteering(listener).IgnoreError();
     return s;
   }
@@ -355,6 +489,11 @@ absl::StatusOr<SteeringStep> Steer(const FleetContext& ctx, Listener& listener,
       "by %s, imbalance %.2f: %u slots moved%s%s", MetricName(metric),
       resp.imbalance_before(), plan.slots_moved, moves.empty() ? "" : " (",
       moves.empty() ? "" : absl::StrCat(absl::StrJoin(moves, " "), ")"));
+  if (cpu_policy) {
+    const std::string spills = DescribeSpill(resp);
+    absl::StrAppend(&message, "; ",
+                    spills.empty() ? "no spill (locality kept)" : spills);
+  }
   if (plan.even) absl::StrAppend(&message, "; even: baseline tables");
   PF_LOG(INFO) << "listener " << name << ": rebalanced " << message;
   ctx.Emit(v1::EVENT_TYPE_REBALANCE_DONE, listener, -1, 0,
@@ -449,16 +588,25 @@ void RebalanceListener(FleetContext& ctx, HandOffRouter& router,
 absl::StatusOr<uint32_t> RestoreBaselineSteering(FleetContext& ctx,
                                                  Listener& listener,
                                                  const std::string& why) {
-  if (listener.rebalance_slots.empty()) return 0u;
-  const std::vector<uint32_t> now = SlotCounts(PlanTables(listener));
+  if (listener.rebalance_slots.empty() && listener.rebalance_spill.empty()) {
+    return 0u;
+  }
+  const auto counts =
+      listener.spec.steering().policy() == v1::STEERING_POLICY_CPU
+          ? TableSlotCounts
+          : SlotCounts;
+  const std::vector<uint32_t> now = counts(PlanTables(listener));
   const std::map<uint32_t, uint32_t> saved =
       std::exchange(listener.rebalance_slots, {});
+  const std::map<int, uint32_t> saved_spill =
+      std::exchange(listener.rebalance_spill, {});
   if (absl::Status s = ApplySteering(listener); !s.ok()) {
     listener.rebalance_slots = saved;
+    listener.rebalance_spill = saved_spill;
     ApplySteering(listener).IgnoreError();
     return s;
   }
-  const std::vector<uint32_t> after = SlotCounts(PlanTables(listener));
+  const std::vector<uint32_t> after = counts(PlanTables(listener));
   uint32_t moved = 0;
   for (size_t i = 0; i < after.size(); ++i) {
     const uint32_t before = i < now.size() ? now[i] : 0;
@@ -467,7 +615,8 @@ absl::StatusOr<uint32_t> RestoreBaselineSteering(FleetContext& ctx,
   listener.rebalances++;
   listener.rebalance_slots_moved += moved;
   const std::string message =
-      absl::StrCat(why, ": ", moved, " slots moved; even: baseline tables");
+      absl::StrCat(why, ": ", moved, " slots moved; even: baseline tables",
+                   saved_spill.empty() ? "" : ", no spill");
   PF_LOG(INFO) << "listener " << listener.spec.name() << ": " << message;
   ctx.Emit(v1::EVENT_TYPE_REBALANCE_DONE, listener, -1, 0, message);
   return moved;

@@ -118,7 +118,10 @@ absl::Status Fleet::Resize(Listener& listener, uint32_t target, Done done) {
   std::vector<Shard*> live = listener.Live();
   // Another shard count starts from the operator's weights
   // (fleet/rebalance.h).
-  if (target != live.size()) listener.rebalance_slots.clear();
+  if (target != live.size()) {
+    listener.rebalance_slots.clear();
+    listener.rebalance_spill.clear();
+  }
   if (target > live.size()) {
     auto addition =
         std::make_shared<ShardAddition>(this, listener, std::move(done));

@@ -234,6 +234,17 @@ std::string RenderPrometheus(const MetricsSnapshot& snapshot) {
              {{"listener", listener.spec.name()}},
              Bool(listener.auto_rebalancing));
   }
+  w.Family("portfleet_listener_spill_ratio", "gauge",
+           "CPU steering: share of the new connections of the CPU that the "
+           "rebalancer sends to the indirection table instead of the CPU's "
+           "own shards (0 = locality kept).");
+  for (const ListenerStatus& listener : snapshot.listeners) {
+    for (const auto& [cpu, share] : listener.spill) {
+      w.Sample("portfleet_listener_spill_ratio",
+               {{"listener", listener.spec.name()}, {"cpu", absl::StrCat(cpu)}},
+               absl::StrFormat("%.4f", share / 256.0));
+    }
+  }
 
   ShardFamily(w, snapshot, "portfleet_shard_up", "gauge",
               "1 when the shard's worker is running.",

@@ -22,6 +22,7 @@
 #include <mutex>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -198,13 +199,21 @@ class SteeringSkeleton {
 struct PinnedMap {
   const char* name;  // pin file name
   bpf_map* (*get)(steering_bpf*);
+  // Pin directories of agents before this map existed lack it: reusing
+  // such a directory creates the map (zeroed) and pins it beside the others.
+  bool may_be_missing = false;
 };
 
-const std::array<PinnedMap, 4> kPinnedMaps = {{
+// "spill" came after the first four (see bpf/steering_shared.h for why it is
+// a map of its own): an all-zero spill map is exactly the behaviour of the
+// program that did not know it.
+const std::array<PinnedMap, 5> kPinnedMaps = {{
     {"shards", [](steering_bpf* s) { return s->maps.shards; }},
     {"generations", [](steering_bpf* s) { return s->maps.generations; }},
     {"config", [](steering_bpf* s) { return s->maps.config; }},
     {"counters", [](steering_bpf* s) { return s->maps.counters; }},
+    {"spill", [](steering_bpf* s) { return s->maps.spill; },
+     /*may_be_missing=*/true},
 }};
 
 absl::Status GetSockInt(int fd, int opt, const char* name, int* value) {
@@ -279,6 +288,7 @@ class BpfListenerSteering : public ListenerSteering {
 
   absl::Status Apply(const SteeringTables& tables) override {
     ASSIGN_OR_RETURN(pf_generation gen, BuildGeneration(tables));
+    ASSIGN_OR_RETURN(pf_spill spill, BuildSpill(tables));
     std::lock_guard<std::mutex> lock(mu_);
     const int config_fd = bpf_map__fd(skel_->maps.config);
     const uint32_t zero = 0;
@@ -289,6 +299,12 @@ class BpfListenerSteering : public ListenerSteering {
     const absl::Time ready = last_switch_ + kGenerationHoldoff;
     const absl::Time now = absl::Now();
     if (now < ready) absl::SleepFor(ready - now);
+    // Both halves of generation `next` before the flip.
+    err = bpf_map_update_elem(bpf_map__fd(skel_->maps.spill), &next, &spill,
+                              BPF_ANY);
+    if (err != 0) {
+      return ErrnoError(-err, absl::StrCat("writing spill shares ", next));
+    }
     err = bpf_map_update_elem(bpf_map__fd(skel_->maps.generations), &next, &gen,
                               BPF_ANY);
     if (err != 0) {
@@ -301,9 +317,11 @@ class BpfListenerSteering : public ListenerSteering {
                         absl::StrCat("switching to table generation ", next));
     }
     last_switch_ = absl::Now();
+    int spilling = 0;
+    for (uint16_t share : spill.share) spilling += share > 0 ? 1 : 0;
     PF_LOG(DEBUG) << "steering " << dir_ << ": generation " << next
                   << " active, policy " << gen.policy << ", " << gen.num_shards
-                  << " shards";
+                  << " shards, " << spilling << " CPUs spilling";
     return absl::OkStatus();
   }
 
@@ -451,17 +469,33 @@ class BpfSteeringBackend : public SteeringBackend {
     const std::string dir = absl::StrCat(root_, "/", listener);
     ASSIGN_OR_RETURN(SteeringSkeleton skel, SteeringSkeleton::Open());
     if (Exists(dir)) {
+      std::vector<const PinnedMap*> missing;
       for (const PinnedMap& m : kPinnedMaps) {
         bpf_map* map = m.get(skel.get());
-        ASSIGN_OR_RETURN(
-            Fd fd,
-            OpenCompatibleMap(absl::StrCat(dir, "/", m.name), m.name, map));
+        const std::string path = absl::StrCat(dir, "/", m.name);
+        if (m.may_be_missing && !Exists(path)) {
+          missing.push_back(&m);
+          continue;
+        }
+        ASSIGN_OR_RETURN(Fd fd, OpenCompatibleMap(path, m.name, map));
         int err = bpf_map__reuse_fd(map, fd.get());
         if (err != 0) {
           return ErrnoError(-err, absl::StrCat("reusing pinned map ", m.name));
         }
       }
       RETURN_IF_ERROR(skel.Load());
+      // An older agent's directory: its maps are reused as they are; the
+      // maps it did not have are created by the load (zeroed) and pinned
+      // now. The program that reads them is attached by the caller.
+      for (const PinnedMap* m : missing) {
+        const std::string path = absl::StrCat(dir, "/", m->name);
+        int err = bpf_obj_pin(bpf_map__fd(m->get(skel.get())), path.c_str());
+        if (err != 0) return ErrnoError(-err, absl::StrCat("pinning ", path));
+        PF_LOG(INFO) << "steering: pinned maps in " << dir
+                     << " are from an older agent (no '" << m->name
+                     << "' map): created and pinned it, the other maps are "
+                        "reused as they are";
+      }
       PF_LOG(DEBUG) << "steering: reusing pinned maps in " << dir;
       return std::unique_ptr<ListenerSteering>(
           new BpfListenerSteering(std::move(skel), dir));

@@ -12,7 +12,13 @@ namespace portfleet {
 // Validates `tables` (precise InvalidArgument) and fills a generation:
 // HASH: indirection table by weights. CPU: for each CPU the shards pinned to
 // it with a non-zero weight; CPUs without one use the indirection table.
+// CPU policy: the indirection table by `table_weights` when given.
 absl::StatusOr<pf_generation> BuildGeneration(const SteeringTables& tables);
+
+// The spill shares of the generation (all zero unless the policy is CPU and
+// `cpu_spill` says otherwise). InvalidArgument for a CPU id beyond
+// PF_MAX_CPUS or a share above PF_SPILL_SCALE, or a spill under HASH.
+absl::StatusOr<pf_spill> BuildSpill(const SteeringTables& tables);
 
 }  // namespace portfleet
 

@@ -10,6 +10,9 @@
 //   config       ARRAY[1]: the active generation (one word, flipped last)
 //   counters     PERCPU_ARRAY: per shard {selected, migrated, fallback}; the
 //                extra last slot counts decisions with no shard at all
+//   spill        ARRAY[2]: per generation, the CPU policy's spill shares;
+//                written with its generation. Directories of older agents
+//                lack it: it is added when they are reused.
 // The directory is created whole in <bpffs_root>/_tmp-* and renamed into
 // place, so a listener's directory is either complete or absent.
 #ifndef PORTFLEET_AGENT_STEERING_STEERING_H_
@@ -42,6 +45,14 @@ struct SteeringTables {
   std::vector<int> shard_cpus;
   // Number of shards; 0 = the size of `weights` or else of `shard_cpus`.
   uint32_t num_shards = 0;
+  // CPU policy: weights of the indirection table (used by CPUs without a
+  // shard and by spilled connections), one per shard; empty = `weights`.
+  // Unlike `weights`, a 0 here keeps the shard on its CPU.
+  std::vector<uint32_t> table_weights;
+  // CPU policy: per CPU id, how many of every PF_SPILL_SCALE (256) new
+  // connections of that CPU go to the indirection table instead of the
+  // CPU's own shards. Empty or 0 = none (locality kept).
+  std::vector<uint32_t> cpu_spill;
 };
 
 // Largest-remainder apportionment of `table_size` slots by weights ->

@@ -79,8 +79,20 @@ absl::StatusOr<pf_generation> BuildGeneration(const SteeringTables& tables) {
         absl::StrCat("shard_cpus: ", tables.shard_cpus.size(), " CPUs for ", n,
                      " shards; give one per shard"));
   }
-  auto table = BuildIndirectionTable(tables.weights, n, PF_TABLE_SIZE);
-  if (!table.ok()) return table.status();
+  const bool cpu_policy = tables.policy == v1::STEERING_POLICY_CPU;
+  if (!tables.table_weights.empty() && !cpu_policy) {
+    return absl::InvalidArgumentError(
+        "table_weights: only for the CPU policy (HASH uses weights)");
+  }
+  const std::vector<uint32_t>& table_weights =
+      tables.table_weights.empty() ? tables.weights : tables.table_weights;
+  auto table = BuildIndirectionTable(table_weights, n, PF_TABLE_SIZE);
+  if (!table.ok()) {
+    return tables.table_weights.empty()
+               ? table.status()
+               : absl::InvalidArgumentError(
+                     absl::StrCat("table_weights: ", table.status().message()));
+  }
 
   pf_generation gen;
   std::memset(&gen, 0, sizeof(gen));
@@ -124,6 +136,31 @@ absl::StatusOr<pf_generation> BuildGeneration(const SteeringTables& tables) {
           absl::StrCat("steering: unknown policy ", tables.policy));
   }
   return gen;
+}
+
+absl::StatusOr<pf_spill> BuildSpill(const SteeringTables& tables) {
+  pf_spill spill;
+  std::memset(&spill, 0, sizeof(spill));
+  if (tables.cpu_spill.size() > PF_MAX_CPUS) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cpu_spill: ", tables.cpu_spill.size(), " CPUs, at most ",
+                     PF_MAX_CPUS));
+  }
+  for (size_t cpu = 0; cpu < tables.cpu_spill.size(); ++cpu) {
+    const uint32_t share = tables.cpu_spill[cpu];
+    if (share == 0) continue;
+    if (tables.policy != v1::STEERING_POLICY_CPU) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cpu_spill[", cpu, "] = ", share, ": spill is for the CPU policy"));
+    }
+    if (share > PF_SPILL_SCALE) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cpu_spill[", cpu, "] = ", share, ": at most ",
+                       PF_SPILL_SCALE, " (all new connections)"));
+    }
+    spill.share[cpu] = static_cast<uint16_t>(share);
+  }
+  return spill;
 }
 
 absl::Status ValidatePinName(absl::string_view listener) {

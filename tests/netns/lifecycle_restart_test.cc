@@ -130,6 +130,74 @@ TEST(LifecycleRestartTest, AgentSigkillAndRestartReadoptsWorkers) {
   EXPECT_THAT(agent.Log(), ::testing::Not(HasSubstr("left by a previous")));
 }
 
+// The upgrade from an agent that had no "spill" map (its pin directory
+// holds the four other maps, whose layout is unchanged). Steps:
+// 1. Two shards with CPU steering; short-lived load at 300 connections/s.
+// 2. SIGKILL the agent and remove the "spill" pin of its listener: the pin
+//    directory is now what an older agent leaves behind.
+// 3. Start the agent again: it re-adopts both workers (same pids), says in
+//    its log that it created and pinned "spill" and reused the rest, and
+//    the pin exists again.
+// 4. The load saw no failure.
+TEST(LifecycleRestartTest, PinsOfAnAgentWithoutTheSpillMapAreUpgraded) {
+  PF_ENTER_NETNS_OR_SKIP();
+  WidenPortRange();
+  AgentHarness agent;
+  ASSERT_TRUE(agent
+                  .Start(
+                      R"pb(listeners {
+                     name: "web"
+                     address: "127.0.0.1:8080"
+                     shards: 2
+                     worker { command: "portfleet-worker" args: "--mode=http" }
+                     steering { policy: STEERING_POLICY_CPU }
+                   })pb")
+                  .ok());
+  ASSERT_TRUE(agent.WaitServing(kAddress)) << agent.Log();
+  if (agent.Log().find("BPF steering active") == std::string::npos) {
+    PF_SKIP_OR_FAIL("BPF steering unavailable");
+  }
+  auto stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                      absl::Seconds(10)));
+  std::map<int, pid_t> workers = agent.WorkersByShard();
+  ASSERT_EQ(workers.size(), 2u);
+  const std::string spill = agent.bpffs() + "/web/spill";
+  struct stat st;
+  ASSERT_EQ(::stat(spill.c_str(), &st), 0) << spill;
+
+  loadgen::Options o;
+  o.target = kAddress;
+  o.rate = 300;
+  o.duration = absl::Seconds(8);
+  std::atomic<bool> stop{false};
+  auto load =
+      std::async(std::launch::async, [&] { return loadgen::Run(o, &stop); });
+  absl::SleepFor(absl::Seconds(1));
+  agent.process().Signal(SIGKILL);
+  agent.process().Wait(absl::Seconds(5));
+  ASSERT_EQ(::unlink(spill.c_str()), 0);
+  absl::SleepFor(absl::Milliseconds(300));  // serving without an agent
+  ASSERT_TRUE(agent.Restart().ok());
+  ASSERT_TRUE(agent.WaitLog("re-adopted worker pid", 2)) << agent.Log();
+  EXPECT_THAT(agent.Log(), HasSubstr("are from an older agent (no 'spill' "
+                                     "map): created and pinned it"));
+  EXPECT_EQ(::stat(spill.c_str(), &st), 0) << "spill not pinned again";
+  stub = FleetStub(agent.api_socket());
+  ASSERT_TRUE(WaitFor([&] { return ReadyShards(*stub, "web") == 2; },
+                      absl::Seconds(10)))
+      << agent.Log();
+  for (const v1::Shard& shard : Shards(*stub, "web")) {
+    EXPECT_EQ(static_cast<pid_t>(shard.pid()), workers[shard.index()]);
+  }
+  absl::SleepFor(absl::Seconds(1));
+  stop = true;
+  absl::StatusOr<loadgen::Result> result = load.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failures(), 0) << result->Summary();
+  EXPECT_GT(result->ok(), 300);
+}
+
 // A reconnected worker that does not fit the restored state drains only
 // once the listener's new socket is in the reuseport group. Steps:
 // 1. Two shards; drain shard 0: the listener keeps one shard, index 1.

@@ -4,12 +4,14 @@
 // worker holds each of its connections.
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <future>
@@ -813,6 +815,172 @@ TEST_F(RebalanceTest, AutoModeUnderChurnDoesNotOscillate) {
             << moved << "; agent "
             << ::testing::PrintToString(AgentConnections()) << "\n"
             << log;
+}
+
+// The first two CPUs of this process's affinity mask (the agent inherits it
+// and pins shard k of a CPU-steered listener to the k-th).
+std::vector<int> TwoAllowedCpus() {
+  cpu_set_t allowed;
+  std::vector<int> cpus;
+  if (::sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return cpus;
+  for (int c = 0; c < CPU_SETSIZE && cpus.size() < 2; ++c) {
+    if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
+  }
+  return cpus;
+}
+
+// Runs `f` in a thread pinned to `cpu` (its SYNs are processed there).
+template <typename F>
+void OnCpu(int cpu, F f) {
+  std::thread t([&] {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    ASSERT_EQ(::sched_setaffinity(0, sizeof(set), &set), 0);
+    f();
+  });
+  t.join();
+}
+
+// Spill under CPU steering (issue: "keep locality: spill only what the hot
+// CPU's shard cannot take"). Steps:
+// 1. Start "web" with 2 shards and CPU steering: shard k pinned to the k-th
+//    allowed CPU. A client pinned to CPU A (the first) opens 20 held
+//    connections: all on shard 0, as without spill.
+// 2. `rebalance --no-move --dry-run` plans CPU A spilling 128 of 256 and
+//    changes nothing; `rebalance --no-move` does it (steering only).
+// 3. The client on CPU A opens 300 more: about half spill to shard 1; the
+//    per-shard counts (the client's, by answering pid) come within max/mean
+//    1.25. A client on CPU B (the second) opens 40: all on shard 1
+//    (locality where there is no excess). Not one connection failed; every
+//    held connection is answered again by the same worker.
+// 4. Auto mode (period 2 s) turned on with `apply` on the evened listener:
+//    in 8 s it takes no step (no start, no rebalance), and the spill stays.
+// 5. A one-shot rebalance on the even listener resets the spill; CPU A's
+//    new connections stay on shard 0 again.
+TEST_F(RebalanceTest, CpuSteeringSpillsOnlyTheHotCpusExcess) {
+  PF_ENTER_NETNS_OR_SKIP();
+  const std::vector<int> cpus = TwoAllowedCpus();
+  if (cpus.size() < 2) PF_SKIP_OR_FAIL("needs 2 CPUs in the affinity mask");
+  const std::string steering = "  steering { policy: STEERING_POLICY_CPU }\n";
+  Start(2, /*third_party=*/false, /*echo=*/false, steering);
+  ASSERT_THAT(agent_.Log(), HasSubstr("BPF steering active"));
+  std::map<int, pid_t> workers = agent_.WorkersByShard();
+  ASSERT_EQ(workers.size(), 2u);
+  auto count_by_shard = [&](const std::map<int, int>& by_pid) {
+    std::vector<int> out(3, 0);
+    for (const auto& [pid, n] : by_pid) {
+      out[pid == workers[0] ? 0 : pid == workers[1] ? 1 : 2] += n;
+    }
+    return out;
+  };
+
+  std::map<int, int> first;
+  OnCpu(cpus[0], [&] { first = OpenHeld(20); });
+  EXPECT_EQ(count_by_shard(first)[0], 20) << "without spill: all local";
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<uint64_t> c = AgentConnections();
+        return c.size() == 2 && c[0] == 20 && c[1] == 0;
+      },
+      absl::Seconds(10)))
+      << ::testing::PrintToString(AgentConnections());
+
+  CtlResult plan = Ctl({"rebalance", "web", "--no-move", "--dry-run"});
+  ASSERT_EQ(plan.code, 0) << plan.err;
+  EXPECT_THAT(plan.out, HasSubstr("SPILL (of 256)"));
+  EXPECT_THAT(plan.out, HasSubstr("0 -> 128 (50%)"));
+  EXPECT_THAT(plan.out, HasSubstr("plan (dry run)"));
+  CtlResult done = Ctl({"rebalance", "web", "--no-move"});
+  ASSERT_EQ(done.code, 0) << done.err;
+  EXPECT_THAT(done.out, HasSubstr("0 -> 128 (50%)"));
+  EXPECT_THAT(done.out, HasSubstr("steering only"));
+  std::cerr << done.out;
+
+  std::map<int, int> spilled;
+  OnCpu(cpus[0], [&] { spilled = OpenHeld(300); });
+  std::vector<int> from_a = count_by_shard(spilled);
+  std::map<int, int> local;
+  OnCpu(cpus[1], [&] { local = OpenHeld(40); });
+  std::vector<int> from_b = count_by_shard(local);
+  EXPECT_EQ(from_b[1], 40) << "CPU B has no excess: locality kept";
+  const double share = from_a[1] / 300.0;
+  EXPECT_GT(share, 0.35) << ::testing::PrintToString(from_a);
+  EXPECT_LT(share, 0.65) << ::testing::PrintToString(from_a);
+  std::map<int, int> total;
+  for (const std::map<int, int>* m : {&first, &spilled, &local}) {
+    for (const auto& [pid, n] : *m) total[pid] += n;
+  }
+  const double even = MaxOverMean(total, 2);
+  EXPECT_LE(even, 1.25) << ::testing::PrintToString(total);
+  EXPECT_EQ(pids_.size(), 360u);
+  CheckHeldStayed();
+  const std::vector<int> before_evening = count_by_shard(total);
+
+  // Even the counts exactly: the client closes held connections of the
+  // shard with more (a close is no failure), so that the listener is even
+  // by any tolerance.
+  std::vector<int> now = count_by_shard(total);
+  const pid_t more = workers[now[0] > now[1] ? 0 : 1];
+  for (size_t i = held_.size(); i-- > 0 && now[0] != now[1];) {
+    if (pids_[i] != more) continue;
+    held_.erase(held_.begin() + static_cast<std::ptrdiff_t>(i));
+    pids_.erase(pids_.begin() + static_cast<std::ptrdiff_t>(i));
+    now[more == workers[0] ? 0 : 1]--;
+  }
+  ASSERT_EQ(now[0], now[1]);
+  const int held = now[0] + now[1];
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<uint64_t> c = AgentConnections();
+        return c.size() == 2 && c[0] + c[1] == static_cast<uint64_t>(held);
+      },
+      absl::Seconds(10)))
+      << ::testing::PrintToString(AgentConnections());
+  const double agent_even = MaxOverMean(AgentConnections());
+
+  // Auto mode on the evened listener: no step, no flapping spill.
+  const std::string file = agent_.dir().path() + "/auto.textproto";
+  {
+    std::FILE* f = std::fopen(file.c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    const std::string spec = Spec(
+        2, false, false,
+        steering +
+            "  rebalance { mode: REBALANCE_MODE_AUTO period_seconds: 2 }\n");
+    std::fwrite(spec.data(), 1, spec.size(), f);
+    std::fclose(f);
+  }
+  CtlResult applied = Ctl({"apply", "-f", file});
+  ASSERT_EQ(applied.code, 0) << applied.err << applied.out;
+  const size_t done_before =
+      Events(*stub_, v1::EVENT_TYPE_REBALANCE_DONE).size();
+  absl::SleepFor(absl::Seconds(8));
+  EXPECT_TRUE(Events(*stub_, v1::EVENT_TYPE_REBALANCE_AUTO_STARTED).empty());
+  EXPECT_EQ(Events(*stub_, v1::EVENT_TYPE_REBALANCE_DONE).size(), done_before)
+      << "auto mode acted on an even listener";
+  CtlResult still = Ctl({"rebalance", "web", "--no-move", "--dry-run"});
+  ASSERT_EQ(still.code, 0) << still.err;
+  std::cerr << still.out;
+
+  // Even: a one-shot rebalance resets the spill; CPU A is local again.
+  EXPECT_LE(agent_even, 1.05);
+  CtlResult reset = Ctl({"rebalance", "web", "--no-move"});
+  ASSERT_EQ(reset.code, 0) << reset.err;
+  std::cerr << reset.out;
+  EXPECT_THAT(reset.out, HasSubstr("128 -> 0 (0%)"));
+  std::map<int, int> after;
+  OnCpu(cpus[0], [&] { after = OpenHeld(20); });
+  EXPECT_EQ(count_by_shard(after)[0], 20) << "spill reset: all local again";
+  CheckHeldStayed();
+  std::cerr << "CPU A: " << from_a[1] << " of 300 new connections spilled ("
+            << absl::StrFormat("%.0f%%", 100 * share)
+            << "); CPU B: " << from_b[1] << " of 40 local; per shard (client) "
+            << ::testing::PrintToString(before_evening)
+            << absl::StrFormat(" max/mean %.3f (before: 20/0 = 2.0)", even)
+            << absl::StrFormat("; evened to %d held, agent max/mean %.3f", held,
+                               agent_even)
+            << "\n";
 }
 
 // A connected client socket to kAddress with 5 s timeouts, or an invalid Fd.

@@ -19,6 +19,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstddef>
 #include <cstring>
 #include <filesystem>
@@ -207,6 +208,71 @@ TEST_F(SteeringKernelTest, CpuPolicyTcpV4) {
     EXPECT_EQ((*after)[1 - i].selected, (*before)[1 - i].selected);
     EXPECT_EQ((*after)[i].fallback, 0u);
   }
+}
+
+// The first two CPUs of the affinity mask (shard i is pinned to cpus[i]).
+std::vector<int> TwoAllowedCpus() {
+  cpu_set_t allowed;
+  std::vector<int> cpus;
+  if (::sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return cpus;
+  for (int c = 0; c < CPU_SETSIZE && cpus.size() < 2; ++c) {
+    if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
+  }
+  return cpus;
+}
+
+// `count` connections from a thread pinned to `cpu`, tallied by shard.
+std::vector<int> TallyFromCpu(const Group& g, int cpu, int count) {
+  std::vector<int> tally;
+  std::thread client([&] {
+    PinToCpu(cpu);
+    tally = ConnectAndTally(g, count);
+  });
+  client.join();
+  return tally;
+}
+
+// Steps:
+// 1. CPU policy, shard i on cpus[i]; the indirection table names shard 1
+//    only; cpus[0] spills 128 of 256.
+// 2. From cpus[0]: about half of 2000 connections spill to shard 1, the
+//    rest stay on shard 0; none fails.
+// 3. From cpus[1]: all on shard 1 (no spill there).
+// 4. Spill 0 again: everything from cpus[0] on shard 0 (today's behaviour).
+TEST_F(SteeringKernelTest, CpuSpillTcpV4) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Init();
+  if (!backend_) return;
+  const std::vector<int> cpus = TwoAllowedCpus();
+  if (cpus.size() < 2) PF_SKIP_OR_FAIL("needs 2 usable CPUs");
+  Group g = MakeGroup(AF_INET, 2);
+  auto steering = Open(g);
+  ASSERT_NE(steering, nullptr);
+  SteeringTables tables{.policy = v1::STEERING_POLICY_CPU,
+                        .shard_cpus = {cpus[0], cpus[1]},
+                        .table_weights = {0, 1}};
+  tables.cpu_spill.assign(cpus[0] + 1, 0);
+  tables.cpu_spill[cpus[0]] = 128;
+  absl::Status s = steering->Apply(tables);
+  ASSERT_TRUE(s.ok()) << s;
+  std::vector<int> tally = TallyFromCpu(g, cpus[0], 2000);
+  EXPECT_EQ(tally[2], 0) << "failed connections";
+  EXPECT_GT(tally[1], 850) << "spilled of 2000";
+  EXPECT_LT(tally[1], 1150) << "spilled of 2000";
+  EXPECT_EQ(tally[0] + tally[1], 2000);
+  tally = TallyFromCpu(g, cpus[1], 500);
+  EXPECT_EQ(tally[1], 500) << "CPU without spill keeps locality";
+  EXPECT_EQ(tally[2], 0);
+  auto counters = steering->ReadCounters();
+  ASSERT_TRUE(counters.ok()) << counters.status();
+  EXPECT_EQ((*counters)[0].fallback + (*counters)[1].fallback, 0u);
+
+  tables.cpu_spill.clear();
+  tables.table_weights.clear();
+  ASSERT_TRUE(steering->Apply(tables).ok());
+  tally = TallyFromCpu(g, cpus[0], 500);
+  EXPECT_EQ(tally[0], 500);
+  EXPECT_EQ(tally[2], 0);
 }
 
 TEST_F(SteeringKernelTest, HashWeightsThreeToOneTcpV4) {
@@ -403,6 +469,88 @@ TEST_F(SteeringKernelTest, PinnedMapsSurviveAndAreReused) {
   ASSERT_TRUE(counters.ok());
   EXPECT_EQ((*counters)[1].selected, 400u);
   ASSERT_TRUE((*second)->RemovePins().ok());
+  EXPECT_FALSE(std::filesystem::exists(root_ + "/web"));
+}
+
+// The upgrade path: a pin directory from an agent before the spill map
+// (the four maps of unchanged layout, no "spill") is reused as it is.
+// Steps:
+// 1. An "old" instance pins its maps, applies CPU steering and goes; the
+//    "spill" pin is removed, so the directory is what an older agent left.
+// 2. While a client connects all the time, a new instance opens the
+//    directory (reusing the four maps, creating and pinning "spill"),
+//    attaches, and writes spill tables; no connection fails.
+// 3. The counters carried on (the maps were reused, not recreated), and
+//    the spill works.
+TEST_F(SteeringKernelTest, PinsOfAnAgentWithoutSpillAreUpgradedInPlace) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Init();
+  if (!backend_) return;
+  const std::vector<int> cpus = TwoAllowedCpus();
+  if (cpus.size() < 2) PF_SKIP_OR_FAIL("needs 2 usable CPUs");
+  Group g = MakeGroup(AF_INET, 2);
+  SteeringTables tables{.policy = v1::STEERING_POLICY_CPU,
+                        .shard_cpus = {cpus[0], cpus[1]}};
+  {
+    auto old = Open(g);
+    ASSERT_NE(old, nullptr);
+    ASSERT_TRUE(old->Apply(tables).ok());
+  }
+  const std::string spill_pin = root_ + "/web/spill";
+  ASSERT_EQ(::unlink(spill_pin.c_str()), 0) << std::strerror(errno);
+  std::vector<int> tally = TallyFromCpu(g, cpus[0], 100);
+  EXPECT_EQ(tally[0], 100);
+
+  // Connections all along the upgrade.
+  std::atomic<bool> stop{false};
+  std::atomic<int> made{0}, failed{0};
+  std::thread client([&] {
+    PinToCpu(cpus[0]);
+    while (!stop) {
+      Fd c = Connect(g);
+      if (!c) {
+        ++failed;
+        continue;
+      }
+      ++made;
+    }
+  });
+  // Accept everything the client makes (so that no queue overflows).
+  std::thread acceptor([&] {
+    while (!stop) AcceptAny(g, 50);
+  });
+  while (made < 200) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  auto upgraded = backend_->OpenListener("web");
+  ASSERT_TRUE(upgraded.ok()) << upgraded.status();
+  EXPECT_TRUE(std::filesystem::exists(spill_pin));
+  ASSERT_TRUE((*upgraded)->AttachTo(g.shards[0].get()).ok());
+  tables.table_weights = {0, 1};
+  tables.cpu_spill.assign(cpus[0] + 1, 0);
+  tables.cpu_spill[cpus[0]] = 128;
+  ASSERT_TRUE((*upgraded)->Apply(tables).ok());
+  const int at_upgrade = made;
+  while (made < at_upgrade + 200) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  stop = true;
+  client.join();
+  acceptor.join();
+  EXPECT_EQ(failed, 0);
+  while (AcceptAny(g, 100) >= 0) {
+  }
+
+  auto counters = (*upgraded)->ReadCounters();
+  ASSERT_TRUE(counters.ok()) << counters.status();
+  // The 100 before the upgrade are still counted: the maps were reused.
+  EXPECT_GE((*counters)[0].selected, 100u + 200u);
+  tally = TallyFromCpu(g, cpus[0], 1000);
+  EXPECT_EQ(tally[2], 0);
+  EXPECT_GT(tally[1], 400) << "spilled of 1000";
+  EXPECT_LT(tally[1], 600) << "spilled of 1000";
+  // Reopening again finds all five maps.
+  auto again = backend_->OpenListener("web");
+  ASSERT_TRUE(again.ok()) << again.status();
+  ASSERT_TRUE((*again)->RemovePins().ok());
   EXPECT_FALSE(std::filesystem::exists(root_ + "/web"));
 }
 

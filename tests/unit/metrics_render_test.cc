@@ -112,6 +112,8 @@ portfleet_listener_auto_rebalance_steps_total{listener="web"} 0
 # HELP portfleet_listener_auto_rebalancing 1 while an automatic rebalance runs (imbalance went above the threshold and is not yet at the target).
 # TYPE portfleet_listener_auto_rebalancing gauge
 portfleet_listener_auto_rebalancing{listener="web"} 0
+# HELP portfleet_listener_spill_ratio CPU steering: share of the new connections of the CPU that the rebalancer sends to the indirection table instead of the CPU's own shards (0 = locality kept).
+# TYPE portfleet_listener_spill_ratio gauge
 # HELP portfleet_shard_up 1 when the shard's worker is running.
 # TYPE portfleet_shard_up gauge
 portfleet_shard_up{listener="web",shard="0"} 1
@@ -256,6 +258,18 @@ TEST(RenderPrometheusTest, LargeCountersAreExact) {
   EXPECT_THAT(RenderPrometheus(s),
               HasSubstr("portfleet_shard_accepted_total{listener=\"big\","
                         "shard=\"63\"} 18446744073709551615\n"));
+}
+
+TEST(RenderPrometheusTest, SpillPerCpu) {
+  MetricsSnapshot s;
+  ListenerStatus l = Listener("web");
+  l.spill = {{0, 128}, {1, 0}};
+  s.listeners = {l};
+  std::string text = RenderPrometheus(s);
+  EXPECT_THAT(text, HasSubstr("portfleet_listener_spill_ratio{listener=\"web\","
+                              "cpu=\"0\"} 0.5000\n"));
+  EXPECT_THAT(text, HasSubstr("portfleet_listener_spill_ratio{listener=\"web\","
+                              "cpu=\"1\"} 0.0000\n"));
 }
 
 }  // namespace

@@ -45,6 +45,112 @@ uint32_t Sum(const std::vector<uint32_t>& v) {
   return std::accumulate(v.begin(), v.end(), 0u);
 }
 
+// One shard per CPU: shard i on CPU i.
+std::vector<SpillInput> OnePerCpu(const std::vector<double>& loads) {
+  std::vector<SpillInput> out;
+  for (size_t i = 0; i < loads.size(); ++i) {
+    out.push_back(SpillInput{.index = static_cast<uint32_t>(i),
+                             .cpu = static_cast<int>(i),
+                             .eligible = true,
+                             .load = loads[i]});
+  }
+  return out;
+}
+
+std::vector<uint32_t> After(const SpillPlan& plan) {
+  std::vector<uint32_t> out;
+  for (const CpuSpillPlan& c : plan.cpus) out.push_back(c.after);
+  return out;
+}
+
+TEST(PlanSpillTest, BalancedFleetSpillsNothing) {
+  SpillPlan plan = PlanSpill(OnePerCpu({50, 51, 49}), {}, {});
+  EXPECT_TRUE(plan.even);
+  EXPECT_FALSE(plan.spilling());
+  EXPECT_THAT(After(plan), ElementsAre(0, 0, 0));
+  EXPECT_TRUE(plan.table_weights.empty());
+  // Idle: nothing either.
+  EXPECT_FALSE(PlanSpill(OnePerCpu({0, 0}), {}, {}).spilling());
+}
+
+TEST(PlanSpillTest, HotCpuSpillsOnlyItsExcess) {
+  // Mean 40: CPU 0 carries 60, 20 above its target: a third of its new
+  // connections (ceil(256 * 20 / 60) = 86) spill; CPU 1 keeps locality.
+  SpillPlan plan = PlanSpill(OnePerCpu({60, 20}), {}, {});
+  EXPECT_FALSE(plan.even);
+  EXPECT_DOUBLE_EQ(plan.imbalance, 1.5);
+  ASSERT_EQ(plan.cpus.size(), 2u);
+  EXPECT_EQ(plan.cpus[0].cpu, 0);
+  EXPECT_THAT(plan.cpus[0].shards, ElementsAre(0));
+  EXPECT_DOUBLE_EQ(plan.cpus[0].load, 60);
+  EXPECT_DOUBLE_EQ(plan.cpus[0].target, 40);
+  EXPECT_THAT(After(plan), ElementsAre(86, 0));
+  // The spilled connections go to the cold shard only.
+  EXPECT_THAT(plan.table_weights, ElementsAre(0, 500));
+}
+
+TEST(PlanSpillTest, AllOnOneCpu) {
+  // Everything on CPU 0 of two: half of its new connections spill, to
+  // shard 1.
+  SpillPlan plan = PlanSpill(OnePerCpu({50, 0}), {}, {});
+  EXPECT_THAT(After(plan), ElementsAre(128, 0));
+  EXPECT_THAT(plan.table_weights, ElementsAre(0, 1000));
+}
+
+TEST(PlanSpillTest, BoundedPerStepAndCapped) {
+  // 4 CPUs, all on CPU 0: 3/4 (192) is its excess; a step gives 128 at most.
+  SpillPlan first = PlanSpill(OnePerCpu({100, 0, 0, 0}), {}, {});
+  EXPECT_THAT(After(first), ElementsAre(128, 0, 0, 0));
+  SpillPlan second = PlanSpill(OnePerCpu({100, 0, 0, 0}), {{0, 128}}, {});
+  EXPECT_THAT(After(second), ElementsAre(192, 0, 0, 0));
+  EXPECT_EQ(second.cpus[0].before, 128u);
+  // 16 CPUs: 240 would be the excess; a CPU keeps 32 of 256 at least.
+  std::vector<double> loads(16, 0);
+  loads[0] = 160;
+  SpillPlan capped = PlanSpill(OnePerCpu(loads), {{0, 200}}, {});
+  EXPECT_EQ(capped.cpus[0].after, 224u);
+  SpillParams small{.max_step = 16};
+  EXPECT_EQ(PlanSpill(OnePerCpu({100, 0}), {{0, 10}}, small).cpus[0].after,
+            26u);
+}
+
+TEST(PlanSpillTest, HysteresisHoldsThenResets) {
+  // Mean 50, imbalance 1.06. CPU 0 is still hot but its spill already
+  // worked: 128 is held, not lowered to its excess. CPU 1 is above its
+  // target within the band: its spill is held. CPU 2 is below: none.
+  SpillPlan plan =
+      PlanSpill(OnePerCpu({53, 51, 46}), {{0, 128}, {1, 40}, {2, 64}}, {});
+  EXPECT_FALSE(plan.even);
+  EXPECT_THAT(After(plan), ElementsAre(128, 40, 0));
+  EXPECT_EQ(plan.table_weights[2], 80u);
+  EXPECT_EQ(plan.table_weights[0], 0u);
+  // Even again (max/mean 1.04): every spill goes.
+  SpillPlan even = PlanSpill(OnePerCpu({52, 48}), {{0, 128}}, {});
+  EXPECT_TRUE(even.even);
+  EXPECT_THAT(After(even), ElementsAre(0, 0));
+  EXPECT_TRUE(even.table_weights.empty());
+}
+
+TEST(PlanSpillTest, CpusWithSeveralShardsAndUnpinnedOnes) {
+  // CPU 0: shards 0 and 2 (80 together, target 2 * 30); CPU 1: shard 1;
+  // shard 3 unpinned (cold: takes table connections); shard 4 not ready.
+  std::vector<SpillInput> in = {
+      {.index = 0, .cpu = 0, .eligible = true, .load = 40},
+      {.index = 1, .cpu = 1, .eligible = true, .load = 30},
+      {.index = 2, .cpu = 0, .eligible = true, .load = 40},
+      {.index = 3, .cpu = -1, .eligible = true, .load = 10},
+      {.index = 4, .cpu = 1, .eligible = false, .load = 0},
+  };
+  SpillPlan plan = PlanSpill(in, {}, {});
+  ASSERT_EQ(plan.cpus.size(), 2u);
+  EXPECT_THAT(plan.cpus[0].shards, ElementsAre(0, 2));
+  EXPECT_DOUBLE_EQ(plan.cpus[0].target, 60);
+  // ceil(256 * 20 / 80) = 64.
+  EXPECT_THAT(After(plan), ElementsAre(64, 0));
+  EXPECT_THAT(plan.cpus[1].shards, ElementsAre(1));
+  EXPECT_THAT(plan.table_weights, ElementsAre(0, 0, 0, 667, 0));
+}
+
 TEST(ImbalanceTest, MaxOverMean) {
   EXPECT_DOUBLE_EQ(Imbalance({}), 0);
   EXPECT_DOUBLE_EQ(Imbalance({0, 0}), 0);
@@ -627,7 +733,35 @@ TEST_F(FleetRebalanceTest, SteeringChangeDropsTheAdjustment) {
   EXPECT_THAT(AppliedWeights(), ElementsAre(1, 1));
 }
 
-TEST_F(FleetRebalanceTest, CpuSteeringKeepsLocality) {
+TEST_F(FleetRebalanceTest, CpuSteeringKeepsLocalityWhenEven) {
+  ASSERT_TRUE(
+      fleet_->AddListener(Spec(2, "steering { policy: STEERING_POLICY_CPU }"))
+          .ok());
+  Settle();
+  Report({50, 50});
+  fleet_->MeasureLoadNow();
+  absl::StatusOr<v1::RebalanceListenerResponse> r = Rebalance(Request());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->slots_moved(), 0u);
+  ASSERT_EQ(r->spills_size(), 2);
+  for (const v1::RebalanceSpill& c : r->spills()) {
+    EXPECT_EQ(c.share_after(), 0u) << "cpu " << c.cpu();
+  }
+  const SteeringTables& t = steering_.state.listeners["web"].applied.back();
+  EXPECT_TRUE(t.cpu_spill.empty());
+  EXPECT_TRUE(t.table_weights.empty());
+  ASSERT_FALSE(events_.empty());
+  EXPECT_THAT(events_.back().message, HasSubstr("no spill (locality kept)"));
+}
+
+// Steps:
+// 1. CPU steering, shard i on CPU i; shard 0 holds 50, shard 1 none.
+// 2. A dry run plans CPU 0 spilling 128 of 256 to a table of shard 1 only,
+//    and writes nothing.
+// 3. The rebalance writes it: both shards stay on their CPUs (weights
+//    1,1), CPU 1 spills nothing; the event says so.
+// 4. Even again: the spill and the table go back to the operator's.
+TEST_F(FleetRebalanceTest, CpuSteeringSpillsOnlyTheHotCpusExcess) {
   ASSERT_TRUE(
       fleet_->AddListener(Spec(2, "steering { policy: STEERING_POLICY_CPU }"))
           .ok());
@@ -635,12 +769,63 @@ TEST_F(FleetRebalanceTest, CpuSteeringKeepsLocality) {
   Report({50, 0});
   fleet_->MeasureLoadNow();
   const size_t writes = steering_.state.listeners["web"].applied.size();
+  absl::StatusOr<v1::RebalanceListenerResponse> plan = Rebalance(Request(true));
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(steering_.state.listeners["web"].applied.size(), writes);
+  ASSERT_EQ(plan->spills_size(), 2);
+  EXPECT_EQ(plan->spills(0).cpu(), 0);
+  EXPECT_EQ(plan->spills(0).share_before(), 0u);
+  EXPECT_EQ(plan->spills(0).share_after(), 128u);
+  EXPECT_DOUBLE_EQ(plan->spills(0).target(), 25);
+  EXPECT_EQ(plan->spills(1).share_after(), 0u);
+  ASSERT_EQ(plan->shards_size(), 2);
+  EXPECT_EQ(plan->shards(0).slots_before(), 128u);
+  EXPECT_EQ(plan->shards(0).slots_after(), 0u);
+  EXPECT_EQ(plan->shards(1).slots_after(), 256u);
+  EXPECT_EQ(plan->slots_moved(), 128u);
+
   absl::StatusOr<v1::RebalanceListenerResponse> r = Rebalance(Request());
   ASSERT_TRUE(r.ok()) << r.status();
-  EXPECT_EQ(r->slots_moved(), 0u);
-  ASSERT_GE(r->refusals_size(), 1);
-  EXPECT_THAT(r->refusals(0).reason(), HasSubstr("CPU"));
-  EXPECT_EQ(steering_.state.listeners["web"].applied.size(), writes);
+  EXPECT_EQ(r->spills(0).share_after(), 128u);
+  const SteeringTables& t = steering_.state.listeners["web"].applied.back();
+  EXPECT_EQ(t.policy, v1::STEERING_POLICY_CPU);
+  EXPECT_THAT(t.weights, ElementsAre(1, 1));
+  EXPECT_THAT(t.shard_cpus, ElementsAre(0, 1));
+  EXPECT_THAT(t.table_weights, ElementsAre(0, 1000));
+  EXPECT_THAT(t.cpu_spill, ElementsAre(128));
+  ASSERT_FALSE(events_.empty());
+  EXPECT_EQ(events_.back().type, v1::EVENT_TYPE_REBALANCE_DONE);
+  EXPECT_THAT(events_.back().message, HasSubstr("cpu 0 spills 0 -> 128/256"));
+
+  Report({50, 50});
+  fleet_->MeasureLoadNow();
+  r = Rebalance(Request());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->spills(0).share_before(), 128u);
+  EXPECT_EQ(r->spills(0).share_after(), 0u);
+  const SteeringTables& back = steering_.state.listeners["web"].applied.back();
+  EXPECT_TRUE(back.cpu_spill.empty());
+  EXPECT_TRUE(back.table_weights.empty());
+  EXPECT_THAT(events_.back().message, HasSubstr("cpu 0 spills 128 -> 0/256"));
+  EXPECT_THAT(events_.back().message, HasSubstr("even: baseline tables"));
+}
+
+TEST_F(FleetRebalanceTest, CpuSpillIsDroppedBySteeringChange) {
+  ASSERT_TRUE(
+      fleet_->AddListener(Spec(2, "steering { policy: STEERING_POLICY_CPU }"))
+          .ok());
+  Settle();
+  Report({50, 0});
+  fleet_->MeasureLoadNow();
+  ASSERT_TRUE(Rebalance(Request()).ok());
+  ASSERT_FALSE(
+      steering_.state.listeners["web"].applied.back().cpu_spill.empty());
+  v1::Steering hash;
+  hash.set_policy(v1::STEERING_POLICY_HASH);
+  ASSERT_TRUE(fleet_->SetSteering("web", hash).ok());
+  const SteeringTables& t = steering_.state.listeners["web"].applied.back();
+  EXPECT_TRUE(t.cpu_spill.empty());
+  EXPECT_TRUE(t.table_weights.empty());
 }
 
 TEST_F(FleetRebalanceTest, RefusedWithoutSteeringOrListener) {
@@ -716,6 +901,49 @@ TEST_F(FleetAutoRebalanceTest, StartsAfterAPeriodAndSettlesAtTheTarget) {
   EXPECT_FALSE(fleet_->ListenerStatusOf("web")->auto_rebalancing);
   const size_t events = events_.size();
   for (int i = 0; i < 20; ++i) Observe({110, 100, 95, 100});
+  EXPECT_EQ(events_.size(), events) << "idle between target and threshold";
+}
+
+// Steps: 2 shards with CPU steering (shard i on CPU i), auto with a 2 s
+// period; shard 0 holds 60, shard 1 20.
+// 1. After a period: CPU 0 spills ceil(256 * 20 / 60) = 86, to a table of
+//    shard 1 only; every shard stays on its CPU.
+// 2. Still above the target: the next step holds 86 (the excess shrank).
+// 3. Even: AUTO_SETTLED resets the spill and the table; then idle.
+TEST_F(FleetAutoRebalanceTest, CpuSteeringSpillsThenSettles) {
+  ASSERT_TRUE(
+      fleet_
+          ->AddListener(Spec(
+              2,
+              absl::StrCat("steering { policy: STEERING_POLICY_CPU } ", kAuto)))
+          .ok());
+  Settle();
+  events_.clear();
+  Observe({60, 20});
+  Observe({60, 20}, 2);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_AUTO_STARTED), 1);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_DONE, "cpu 0 spills 0 -> 86/256"),
+            1);
+  const SteeringTables* t = &steering_.state.listeners["web"].applied.back();
+  EXPECT_THAT(t->cpu_spill, ElementsAre(86));
+  EXPECT_THAT(t->table_weights, ElementsAre(0, 500));
+  EXPECT_THAT(t->weights, ElementsAre(1, 1));
+
+  Observe({66, 50}, 2);  // 1.14: above the target 1.10
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_DONE, "cpu 0 spills 86/256"), 1);
+  t = &steering_.state.listeners["web"].applied.back();
+  EXPECT_THAT(t->cpu_spill, ElementsAre(86));
+
+  Observe({70, 68}, 2);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_AUTO_SETTLED), 1);
+  t = &steering_.state.listeners["web"].applied.back();
+  EXPECT_TRUE(t->cpu_spill.empty());
+  EXPECT_TRUE(t->table_weights.empty());
+  EXPECT_EQ(
+      Count(v1::EVENT_TYPE_REBALANCE_DONE, "even: baseline tables, no spill"),
+      1);
+  const size_t events = events_.size();
+  for (int i = 0; i < 20; ++i) Observe({75, 70});
   EXPECT_EQ(events_.size(), events) << "idle between target and threshold";
 }
 

@@ -6,6 +6,7 @@
 #include "agent/steering/generation.h"
 #include "agent/steering/steering.h"
 #include "bpf/steering_shared.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
 namespace portfleet {
@@ -103,9 +104,9 @@ TEST(BuildGeneration, Errors) {
 }
 
 TEST(SelectShard, NothingConfigured) {
-  EXPECT_EQ(pf_select_shard(nullptr, 7, 0), PF_NO_SHARD);
+  EXPECT_EQ(pf_select_shard(nullptr, nullptr, 7, 0), PF_NO_SHARD);
   pf_generation empty{};
-  EXPECT_EQ(pf_select_shard(&empty, 7, 0), PF_NO_SHARD);
+  EXPECT_EQ(pf_select_shard(&empty, nullptr, 7, 0), PF_NO_SHARD);
 }
 
 TEST(SelectShard, HashFollowsTable) {
@@ -113,7 +114,7 @@ TEST(SelectShard, HashFollowsTable) {
   ASSERT_TRUE(gen.ok()) << gen.status();
   std::map<uint32_t, int> h;
   for (uint32_t hash = 0; hash < 4 * PF_TABLE_SIZE; ++hash) {
-    ++h[pf_select_shard(&*gen, hash * 0x10001u, hash % 2)];
+    ++h[pf_select_shard(&*gen, nullptr, hash * 0x10001u, hash % 2)];
   }
   EXPECT_EQ(h[0], 4 * 192);
   EXPECT_EQ(h[1], 4 * 64);
@@ -127,17 +128,17 @@ TEST(SelectShard, CpuPolicy) {
   ASSERT_TRUE(gen.ok()) << gen.status();
   std::map<uint32_t, int> cpu0;
   for (uint32_t hash = 0; hash < 1000; ++hash) {
-    EXPECT_EQ(pf_select_shard(&*gen, hash, 1), 1u);
-    ++cpu0[pf_select_shard(&*gen, hash, 0)];
+    EXPECT_EQ(pf_select_shard(&*gen, nullptr, hash, 1), 1u);
+    ++cpu0[pf_select_shard(&*gen, nullptr, hash, 0)];
   }
   EXPECT_EQ(cpu0.size(), 2u);
   EXPECT_EQ(cpu0[0], 500);
   EXPECT_EQ(cpu0[2], 500);
   // CPU 5 has no shard: the (equal) indirection table decides.
-  EXPECT_EQ(pf_select_shard(&*gen, 0, 5), 0u);
-  EXPECT_EQ(pf_select_shard(&*gen, 255, 5), 3u);
+  EXPECT_EQ(pf_select_shard(&*gen, nullptr, 0, 5), 0u);
+  EXPECT_EQ(pf_select_shard(&*gen, nullptr, 255, 5), 3u);
   // Out-of-range CPU ids use the table too.
-  EXPECT_EQ(pf_select_shard(&*gen, 255, 100000), 3u);
+  EXPECT_EQ(pf_select_shard(&*gen, nullptr, 255, 100000), 3u);
 }
 
 TEST(SelectShard, CpuPolicyZeroWeightLeavesCpuList) {
@@ -146,8 +147,8 @@ TEST(SelectShard, CpuPolicyZeroWeightLeavesCpuList) {
                               .shard_cpus = {0, 1}});
   ASSERT_TRUE(gen.ok()) << gen.status();
   for (uint32_t hash = 0; hash < 1000; ++hash) {
-    EXPECT_EQ(pf_select_shard(&*gen, hash, 0), 0u);
-    EXPECT_EQ(pf_select_shard(&*gen, hash, 1), 0u);  // via the table
+    EXPECT_EQ(pf_select_shard(&*gen, nullptr, hash, 0), 0u);
+    EXPECT_EQ(pf_select_shard(&*gen, nullptr, hash, 1), 0u);  // via the table
   }
 }
 
@@ -155,9 +156,151 @@ TEST(SelectShard, CorruptTableIsRejected) {
   pf_generation gen{};
   gen.policy = PF_POLICY_HASH;
   gen.table[3] = PF_MAX_SHARDS;
-  EXPECT_EQ(pf_select_shard(&gen, 3, 0), PF_NO_SHARD);
+  EXPECT_EQ(pf_select_shard(&gen, nullptr, 3, 0), PF_NO_SHARD);
   gen.policy = 77;
-  EXPECT_EQ(pf_select_shard(&gen, 4, 0), PF_NO_SHARD);
+  EXPECT_EQ(pf_select_shard(&gen, nullptr, 4, 0), PF_NO_SHARD);
+}
+
+// A hash whose spill bits (the top 8) are `top` and whose low bits are `low`.
+uint32_t SpillHash(uint32_t top, uint32_t low) {
+  return (top << PF_SPILL_SHIFT) | (low & ((1u << PF_SPILL_SHIFT) - 1));
+}
+
+TEST(SelectShard, SpillZeroIsTheCpuPolicyExactly) {
+  auto gen = BuildGeneration(
+      {.policy = v1::STEERING_POLICY_CPU, .shard_cpus = {0, 1, 0, -1}});
+  ASSERT_TRUE(gen.ok()) << gen.status();
+  pf_spill zero{};
+  for (uint32_t i = 0; i < 100000; ++i) {
+    const uint32_t hash = i * 2654435761u;
+    for (uint32_t cpu : {0u, 1u, 5u, 100000u}) {
+      ASSERT_EQ(pf_select_shard(&*gen, &zero, hash, cpu),
+                pf_select_shard(&*gen, nullptr, hash, cpu))
+          << "hash " << hash << " cpu " << cpu;
+    }
+  }
+}
+
+TEST(SelectShard, SpillSendsItsShareOfTheCpuToTheTable) {
+  // Shard 0 on CPU 0, shard 1 on CPU 1; the table only names shard 1.
+  auto gen = BuildGeneration({.policy = v1::STEERING_POLICY_CPU,
+                              .shard_cpus = {0, 1},
+                              .table_weights = {0, 1}});
+  ASSERT_TRUE(gen.ok()) << gen.status();
+  pf_spill spill{};
+  spill.share[0] = 64;  // a quarter of CPU 0's new connections
+  // Exactly the hashes whose top 8 bits are below the share spill.
+  for (uint32_t top = 0; top < 256; ++top) {
+    for (uint32_t low : {0u, 1u, 77u, 255u, 0xabcdeu}) {
+      const uint32_t want = top < 64 ? 1u : 0u;
+      EXPECT_EQ(pf_select_shard(&*gen, &spill, SpillHash(top, low), 0), want)
+          << "top " << top << " low " << low;
+      // CPU 1 spills nothing: locality kept.
+      EXPECT_EQ(pf_select_shard(&*gen, &spill, SpillHash(top, low), 1), 1u);
+    }
+  }
+  // Over well-mixed hashes, the share is the fraction spilled.
+  int spilled = 0;
+  for (uint32_t i = 0; i < 1 << 16; ++i) {
+    spilled += pf_select_shard(&*gen, &spill, i * 2654435761u, 0) == 1u;
+  }
+  EXPECT_NEAR(spilled / 65536.0, 0.25, 0.01);
+  // PF_SPILL_SCALE: everything goes to the table.
+  spill.share[0] = PF_SPILL_SCALE;
+  for (uint32_t top = 0; top < 256; ++top) {
+    EXPECT_EQ(pf_select_shard(&*gen, &spill, SpillHash(top, 3), 0), 1u);
+  }
+}
+
+TEST(SelectShard, SpillIsIgnoredUnderHash) {
+  auto gen = BuildGeneration({.weights = {1, 1}});
+  ASSERT_TRUE(gen.ok()) << gen.status();
+  pf_spill spill{};
+  for (uint16_t& s : spill.share) s = PF_SPILL_SCALE;
+  for (uint32_t hash = 0; hash < 1000; ++hash) {
+    EXPECT_EQ(pf_select_shard(&*gen, &spill, hash, 0),
+              pf_select_shard(&*gen, nullptr, hash, 0));
+  }
+}
+
+TEST(SelectShard, SpillWithATwoShardCpuKeepsTheSplitOfTheRest) {
+  // Shards 0 and 2 on CPU 0 share what does not spill.
+  auto gen = BuildGeneration({.policy = v1::STEERING_POLICY_CPU,
+                              .shard_cpus = {0, 1, 0},
+                              .table_weights = {0, 1, 0}});
+  ASSERT_TRUE(gen.ok()) << gen.status();
+  pf_spill spill{};
+  spill.share[0] = 128;
+  std::map<uint32_t, int> by_shard;
+  for (uint32_t i = 0; i < 1 << 16; ++i) {
+    ++by_shard[pf_select_shard(&*gen, &spill, i * 2654435761u, 0)];
+  }
+  EXPECT_NEAR(by_shard[1] / 65536.0, 0.5, 0.01);
+  EXPECT_NEAR(by_shard[0] / 65536.0, 0.25, 0.01);
+  EXPECT_NEAR(by_shard[2] / 65536.0, 0.25, 0.01);
+}
+
+TEST(BuildGeneration, CpuTableWeightsKeepEveryShardOnItsCpu) {
+  auto gen = BuildGeneration({.policy = v1::STEERING_POLICY_CPU,
+                              .shard_cpus = {0, 1},
+                              .table_weights = {1, 3}});
+  ASSERT_TRUE(gen.ok()) << gen.status();
+  EXPECT_EQ(gen->cpu[0].count, 1u);
+  EXPECT_EQ(gen->cpu[1].count, 1u);
+  std::map<uint32_t, int> slots;
+  for (uint32_t s : gen->table) ++slots[s];
+  EXPECT_EQ(slots[0], 64);
+  EXPECT_EQ(slots[1], 192);
+  // A zero table weight keeps the shard on its CPU; all zero is refused.
+  auto cold_only = BuildGeneration({.policy = v1::STEERING_POLICY_CPU,
+                                    .shard_cpus = {0, 1},
+                                    .table_weights = {0, 1}});
+  ASSERT_TRUE(cold_only.ok()) << cold_only.status();
+  EXPECT_EQ(cold_only->cpu[0].count, 1u);
+  EXPECT_EQ(cold_only->cpu_shards[cold_only->cpu[0].first], 0u);
+  auto none = BuildGeneration({.policy = v1::STEERING_POLICY_CPU,
+                               .shard_cpus = {0, 1},
+                               .table_weights = {0, 0}});
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(none.status().message()),
+              ::testing::HasSubstr("table_weights"));
+  auto wrong_size = BuildGeneration({.policy = v1::STEERING_POLICY_CPU,
+                                     .shard_cpus = {0, 1},
+                                     .table_weights = {1, 1, 1}});
+  EXPECT_EQ(wrong_size.status().code(), absl::StatusCode::kInvalidArgument);
+  // Under HASH the weights are the table.
+  EXPECT_EQ(BuildGeneration({.weights = {1, 1}, .table_weights = {1, 2}})
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(BuildSpill, SharesPerCpu) {
+  auto spill = BuildSpill({.policy = v1::STEERING_POLICY_CPU,
+                           .shard_cpus = {0, 1},
+                           .cpu_spill = {96, 0}});
+  ASSERT_TRUE(spill.ok()) << spill.status();
+  EXPECT_EQ(spill->share[0], 96);
+  for (int cpu = 1; cpu < PF_MAX_CPUS; ++cpu) EXPECT_EQ(spill->share[cpu], 0);
+  auto none = BuildSpill({.weights = {1, 1}});
+  ASSERT_TRUE(none.ok()) << none.status();
+  for (uint16_t s : none->share) EXPECT_EQ(s, 0);
+  // Zeros under HASH are no spill; a share is refused.
+  EXPECT_TRUE(BuildSpill({.weights = {1, 1}, .cpu_spill = {0, 0}}).ok());
+  EXPECT_EQ(BuildSpill({.weights = {1, 1}, .cpu_spill = {1}}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto too_much = BuildSpill({.policy = v1::STEERING_POLICY_CPU,
+                              .shard_cpus = {0},
+                              .cpu_spill = {PF_SPILL_SCALE + 1}});
+  EXPECT_EQ(too_much.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(too_much.status().message()),
+              ::testing::HasSubstr("cpu_spill[0] = 257"));
+  EXPECT_EQ(BuildSpill({.policy = v1::STEERING_POLICY_CPU,
+                        .shard_cpus = {0},
+                        .cpu_spill = std::vector<uint32_t>(PF_MAX_CPUS + 1)})
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(ValidatePinName, Rules) {
