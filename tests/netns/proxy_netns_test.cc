@@ -950,5 +950,114 @@ TEST(ProxyNetnsTest, HandsOffAnIdlePairWithBothSocketsAndRefusesBadOnes) {
   EXPECT_TRUE(front.worker.running());
 }
 
+// By bytes (HandOffRequest.bytes_per_second), a pair's rate is its bytes
+// both ways. Steps:
+// 1. A proxy worker with a control channel before an echo upstream; client
+//    A does one round trip and stays idle, client B does 4 KiB round trips
+//    without pause on a thread of its own.
+// 2. After three load reports (the rates are per report period),
+//    handoff_request by bytes with the worker's traffic as the budget (B's
+//    rate): the worker releases B's pair only (A has no traffic), and
+//    handoff_done says a rate above 0.
+// 3. Sent back as adopt_connection, B's round trips go on: none failed.
+TEST(ProxyNetnsTest, ByBytesReleasesTheBusiestIdlePair) {
+  PF_ENTER_NETNS_OR_SKIP();
+  auto pair = ControlChannel::Pair();
+  ASSERT_TRUE(pair.ok()) << pair.status();
+  ControlChannel agent = std::move(pair->first);
+  Upstream upstream([](Fd fd) {
+    char buf[4096];
+    for (;;) {
+      ssize_t n = ::recv(fd.get(), buf, sizeof(buf), 0);
+      if (n <= 0 || !SendAll(fd.get(), std::string(buf, n))) return;
+    }
+  });
+  Front front;
+  StartFront(front, upstream.address(), {}, pair->second.fd());
+  pair->second.Close();
+  auto round_trip = [](int fd, uint64_t seed) {
+    const std::string out = Pattern(seed, 4096);
+    std::string in;
+    return SendAll(fd, out) && ReadExactly(fd, out.size(), &in) && in == out;
+  };
+  Fd a = Connect(front.listener.port);
+  ASSERT_TRUE(round_trip(a.get(), 1));
+  Fd b = Connect(front.listener.port);
+  std::atomic<bool> stop{false};
+  std::atomic<int> b_rounds{0}, b_failures{0};
+  std::thread streamer([&] {
+    for (uint64_t seed = 100; !stop; ++seed) {
+      if (round_trip(b.get(), seed)) {
+        ++b_rounds;
+      } else {
+        ++b_failures;
+        return;
+      }
+    }
+  });
+  // The worker's traffic, from its last two load reports: B's rate.
+  int loads = 0;
+  uint64_t bytes[2] = {0, 0};
+  absl::Time at[2];
+  for (absl::Time deadline = absl::Now() + absl::Seconds(6);
+       loads < 3 && absl::Now() < deadline;) {
+    std::optional<v1::WorkerMessage> m =
+        NextMessage(agent, deadline - absl::Now());
+    if (!m || !m->has_load()) continue;
+    ++loads;
+    bytes[0] = bytes[1];
+    at[0] = at[1];
+    bytes[1] = m->load().bytes_in_total() + m->load().bytes_out_total();
+    at[1] = absl::Now();
+  }
+  ASSERT_EQ(loads, 3);
+  const double rate = static_cast<double>(bytes[1] - bytes[0]) /
+                      absl::ToDoubleSeconds(at[1] - at[0]);
+  ASSERT_GT(rate, 0);
+
+  // Step 2.
+  v1::AgentMessage ask;
+  ask.mutable_handoff_request()->set_id(9);
+  ask.mutable_handoff_request()->set_count(32);
+  ask.mutable_handoff_request()->set_bytes_per_second(
+      static_cast<uint64_t>(rate));
+  ASSERT_TRUE(agent.Send(ask).ok());
+  std::vector<std::vector<Fd>> released;
+  std::optional<v1::HandOffDone> done;
+  for (absl::Time deadline = absl::Now() + absl::Seconds(5);
+       !done && absl::Now() < deadline;) {
+    auto m = NextWithFds(agent, deadline - absl::Now());
+    if (!m) break;
+    if (m->first.has_handoff_connection()) {
+      EXPECT_TRUE(m->first.handoff_connection().upstream_attached());
+      released.push_back(std::move(m->second));
+    } else if (m->first.has_handoff_done()) {
+      done = m->first.handoff_done();
+    }
+  }
+  ASSERT_TRUE(done.has_value()) << front.worker.Log();
+  EXPECT_EQ(done->released(), 1u);
+  EXPECT_GT(done->bytes_per_second(), 0u);
+  ASSERT_EQ(released.size(), 1u);
+  ASSERT_EQ(released[0].size(), 2u);
+  EXPECT_EQ(PeerPort(released[0][0].get()), LocalPort(b.get()));
+
+  // Step 3.
+  v1::AgentMessage adopt;
+  adopt.mutable_adopt_connection()->set_id(9);
+  adopt.mutable_adopt_connection()->set_upstream_attached(true);
+  const int both[] = {released[0][0].get(), released[0][1].get()};
+  ASSERT_TRUE(agent.SendWithFds(adopt, both).ok());
+  released.clear();
+  const int rounds_at_adopt = b_rounds;
+  EXPECT_TRUE(testing::WaitFor([&] { return b_rounds > rounds_at_adopt + 10; },
+                               absl::Seconds(5)));
+  stop = true;
+  streamer.join();
+  EXPECT_EQ(b_failures, 0) << front.worker.Log();
+  ASSERT_TRUE(round_trip(a.get(), 2));
+  EXPECT_EQ(upstream.accepted(), 2);
+}
+
 }  // namespace
 }  // namespace portfleet
