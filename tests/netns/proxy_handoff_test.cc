@@ -17,6 +17,7 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -553,9 +554,10 @@ TEST_F(ProxyHandOffTest, ScaleUpRebalanceMovesIdlePairsWithoutNewUpstreams) {
 }
 
 // A pair with data in flight is never moved. Steps:
-// 1. "front" with 1 proxy shard; 2 idle clients (one round trip each) and
-//    6 busy ones: each sends until its socket takes no more without reading
-//    its echo, so the proxy holds bytes it cannot write (both ways).
+// 1. Small TCP buffers in the namespace; "front" with 1 proxy shard; 2 idle
+//    clients (one round trip each) and 6 busy ones: each sends until its
+//    socket takes no more without reading its echo, so the proxy holds
+//    bytes it cannot write (both ways).
 // 2. Scale to 2 and `rebalance front`: 4 pairs should move, only the 2
 //    idle ones can; the result says the others had data in flight.
 // 3. From the kernel: the 6 busy pairs are still on the first worker, the
@@ -564,6 +566,13 @@ TEST_F(ProxyHandOffTest, ScaleUpRebalanceMovesIdlePairsWithoutNewUpstreams) {
 //    does one more round trip; the upstream accepted 8 connections.
 TEST_F(ProxyHandOffTest, PairsWithDataInFlightAreNotMoved) {
   PF_ENTER_NETNS_OR_SKIP();
+  // Small socket buffers in this namespace (the sysctls are per netns): the
+  // busy pairs block after a few hundred KiB rather than tens of MiB, which
+  // the clients would then have to read back.
+  for (const char* sysctl :
+       {"/proc/sys/net/ipv4/tcp_rmem", "/proc/sys/net/ipv4/tcp_wmem"}) {
+    std::ofstream(sysctl) << "4096 65536 262144\n";
+  }
   Start(1);
   constexpr int kIdle = 2;
   constexpr int kBusy = 6;
