@@ -995,6 +995,16 @@ TEST(ProxyNetnsTest, ByBytesReleasesTheBusiestIdlePair) {
       }
     }
   });
+  // Joined on every way out (a failed ASSERT returns early; a joinable
+  // thread's destructor would abort and orphan the worker).
+  struct Joiner {
+    std::atomic<bool>& stop;
+    std::thread& thread;
+    ~Joiner() {
+      stop = true;
+      if (thread.joinable()) thread.join();
+    }
+  } joiner{stop, streamer};
   // The worker's traffic, from its last two load reports: B's rate.
   int loads = 0;
   uint64_t bytes[2] = {0, 0};
