@@ -1,5 +1,6 @@
 #include "worker/proxy.h"
 
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -15,6 +16,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "worker/sdk/base/log.h"
+#include "worker/sdk/base/status.h"
+#include "worker/sdk/handoff_choice.h"
 
 namespace portfleet::worker {
 
@@ -69,6 +72,14 @@ void SetResetOnClose(int fd) {
 }
 
 }  // namespace
+
+bool ProxyPairIdle(bool connecting, const ProxyDirectionState& up,
+                   const ProxyDirectionState& down) {
+  auto quiet = [](const ProxyDirectionState& d) {
+    return d.pending == 0 && !d.src_finished && !d.dst_shut;
+  };
+  return !connecting && quiet(up) && quiet(down);
+}
 
 absl::StatusOr<SocketAddress> ResolveUpstream(absl::string_view text) {
   absl::StatusOr<SocketAddress> numeric = SocketAddress::Parse(text);
@@ -129,6 +140,11 @@ struct Proxy::Pair {
   Direction down;  // upstream -> client
   bool connecting = false;
   absl::Time connect_deadline;
+  // Bytes both ways, and their rate over the last load report period:
+  // what a hand-off by bytes chooses by.
+  uint64_t bytes = 0;
+  uint64_t bytes_at_report = 0;
+  double bytes_per_second = 0;
 };
 
 Proxy::Proxy(ProxyConfig config, const Fd& epoll)
@@ -158,7 +174,7 @@ bool Proxy::Register(int fd, uint32_t events) {
   return true;
 }
 
-void Proxy::Accept(Fd client) {
+Proxy::Pair& Proxy::AddPair(Fd client) {
   auto owned = std::make_unique<Pair>();
   Pair& pair = *owned;
   const int cfd = client.get();
@@ -167,8 +183,119 @@ void Proxy::Accept(Fd client) {
   pair.down.counter = &bytes_to_client_;
   pairs_[cfd] = std::move(owned);
   by_fd_[cfd] = &pair;
-  if (!Register(cfd, kEvents)) return Close(pair, /*reset=*/true);
+  return pair;
+}
+
+void Proxy::Accept(Fd client) {
+  Pair& pair = AddPair(std::move(client));
+  if (!Register(pair.client.get(), kEvents)) {
+    return Close(pair, /*reset=*/true);
+  }
   StartConnect(pair);
+}
+
+bool Proxy::Idle(const Pair& pair) const {
+  auto state = [](const Direction& d) {
+    return ProxyDirectionState{.pending = d.pending_size(),
+                               .src_finished = d.src_eof || d.src_hup,
+                               .dst_shut = d.dst_shut};
+  };
+  return pair.upstream.valid() &&
+         ProxyPairIdle(pair.connecting, state(pair.up), state(pair.down));
+}
+
+ProxyRelease Proxy::Release(
+    uint32_t count, uint64_t bytes_per_second,
+    absl::FunctionRef<absl::Status(int client, int upstream)> send) {
+  ProxyRelease out;
+  std::vector<HandOffCandidate> candidates;
+  for (const auto& [cfd, pair] : pairs_) {
+    if (!Idle(*pair)) {
+      ++out.busy;
+    } else {
+      candidates.push_back(HandOffCandidate{
+          .key = cfd, .bytes_per_second = pair->bytes_per_second});
+    }
+  }
+  const std::vector<int> chosen =
+      ChooseForHandOff(std::move(candidates), count, bytes_per_second).keys;
+  for (int cfd : chosen) {
+    Pair& pair = *pairs_.at(cfd);
+    const int ufd = pair.upstream.get();
+    // Out of the epoll set first: closing our descriptors would not remove
+    // the sockets while they live on in the agent and the receiver (epoll
+    // watches the open file), and the pair may come back to us.
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, cfd, nullptr) != 0) {
+      PF_LOG(WARNING) << "listener " << config_.listener << " shard "
+                      << config_.shard << ": hand-off: epoll_ctl(DEL, fd "
+                      << cfd << "): " << std::strerror(errno)
+                      << "; keeping the pair";
+      break;
+    }
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, ufd, nullptr) != 0) {
+      PF_LOG(WARNING) << "listener " << config_.listener << " shard "
+                      << config_.shard << ": hand-off: epoll_ctl(DEL, fd "
+                      << ufd << "): " << std::strerror(errno)
+                      << "; keeping the pair";
+      if (!Register(cfd, kEvents)) Close(pair, /*reset=*/true);
+      break;
+    }
+    if (absl::Status s = send(cfd, ufd); !s.ok()) {
+      PF_LOG(WARNING) << "listener " << config_.listener << " shard "
+                      << config_.shard << ": hand-off: " << s.message()
+                      << "; keeping the pair";
+      // Back in the epoll set; registering reports what came meanwhile.
+      if (!Register(cfd, kEvents) || !Register(ufd, kEvents)) {
+        Close(pair, /*reset=*/true);
+      }
+      break;
+    }
+    ++out.released;
+    out.bytes_per_second += pair.bytes_per_second;
+    // The agent has the sockets: forget the pair without touching them
+    // (no shutdown, no SO_LINGER).
+    by_fd_.erase(ufd);
+    by_fd_.erase(cfd);
+    pairs_.erase(cfd);
+  }
+  return out;
+}
+
+absl::Status Proxy::Adopt(Fd client, Fd upstream) {
+  for (const Fd* fd : {&client, &upstream}) {
+    // The flag belongs to the open file, which the sender shared: it is
+    // set already; set it in case a third party sent a blocking socket.
+    int flags = ::fcntl(fd->get(), F_GETFL);
+    if (flags < 0 || (!(flags & O_NONBLOCK) &&
+                      ::fcntl(fd->get(), F_SETFL, flags | O_NONBLOCK) != 0)) {
+      return ErrnoError("adopt a proxied pair: fcntl(O_NONBLOCK)");
+    }
+  }
+  Pair& pair = AddPair(std::move(client));
+  const int ufd = upstream.get();
+  pair.upstream = std::move(upstream);
+  by_fd_[ufd] = &pair;
+  pair.up.src = pair.client.get();
+  pair.up.dst = ufd;
+  pair.down.src = ufd;
+  pair.down.dst = pair.client.get();
+  if (!Register(pair.client.get(), kEvents) || !Register(ufd, kEvents)) {
+    Close(pair, /*reset=*/true);
+    return absl::InternalError("adopt a proxied pair: epoll_ctl failed");
+  }
+  // Bytes that arrived while the pair travelled wait in its sockets.
+  Progress(pair);
+  return absl::OkStatus();
+}
+
+void Proxy::UpdateRates(double seconds) {
+  for (auto& [cfd, pair] : pairs_) {
+    pair->bytes_per_second =
+        seconds > 0
+            ? static_cast<double>(pair->bytes - pair->bytes_at_report) / seconds
+            : 0;
+    pair->bytes_at_report = pair->bytes;
+  }
 }
 
 void Proxy::StartConnect(Pair& pair) {
@@ -277,7 +404,6 @@ void Proxy::Settle(Pair& pair, bool ok) {
 }
 
 bool Proxy::Flush(Pair& pair, Direction& d) {
-  (void)pair;
   while (d.pending_size() > 0) {
     ssize_t n = ::send(d.dst, d.pending.data() + d.pending_offset,
                        d.pending_size(), MSG_NOSIGNAL);
@@ -288,6 +414,7 @@ bool Proxy::Flush(Pair& pair, Direction& d) {
     }
     d.pending_offset += static_cast<size_t>(n);
     *d.counter += static_cast<uint64_t>(n);
+    pair.bytes += static_cast<uint64_t>(n);
   }
   d.pending.clear();
   d.pending_offset = 0;
@@ -328,6 +455,7 @@ bool Proxy::Pump(Pair& pair, Direction& d) {
     sent += static_cast<size_t>(w);
   }
   *d.counter += sent;
+  pair.bytes += sent;
   if (sent < static_cast<size_t>(n)) {
     // dst is full: keep the rest, stop reading src until dst drains.
     d.pending.assign(buf + sent, n - sent);

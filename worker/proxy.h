@@ -16,6 +16,8 @@
 #include <utility>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
@@ -40,6 +42,28 @@ struct ProxyCounters {
   uint64_t bytes_from_client = 0;  // read from clients, sent upstream
   uint64_t bytes_to_client = 0;    // read from the upstream, sent to clients
   uint64_t upstream_failures = 0;  // connects refused, failed or timed out
+};
+
+// One direction of a proxied pair, as far as hand-off cares.
+struct ProxyDirectionState {
+  size_t pending = 0;         // read from the source, not yet written
+  bool src_finished = false;  // the source sent its FIN or hung up
+  bool dst_shut = false;      // its FIN was passed on (shutdown SHUT_WR)
+};
+
+// A pair may be handed off to another worker (it is idle) when its
+// upstream connect has finished and, both ways, nothing read is waiting to
+// be written and neither side has finished sending (no half-close, no
+// hang-up, not closing). Bytes in the sockets' kernel queues travel with
+// the sockets and do not make a pair busy.
+bool ProxyPairIdle(bool connecting, const ProxyDirectionState& up,
+                   const ProxyDirectionState& down);
+
+// What Proxy::Release did.
+struct ProxyRelease {
+  uint32_t released = 0;
+  uint32_t busy = 0;            // pairs with something in flight (kept)
+  double bytes_per_second = 0;  // the released pairs' traffic
 };
 
 // "HOST:PORT" -> the upstream address: a numeric IPv4 or [IPv6] literal,
@@ -70,6 +94,24 @@ class Proxy {
   // Closes every pair at once (drain deadline, second signal).
   void CloseAll();
 
+  // Connection hand-off (HandOffRequest in control.proto): picks up to
+  // `count` idle pairs (ProxyPairIdle; by traffic when `bytes_per_second`
+  // > 0, as ChooseForHandOff does, a pair's rate being its bytes both ways)
+  // and passes each one's client and upstream sockets to `send`, which
+  // returns OK once the agent has them; the proxy then forgets the pair
+  // (its descriptors are closed; the sockets live on). A send that fails
+  // stops the release and the pair stays here, served as before.
+  ProxyRelease Release(
+      uint32_t count, uint64_t bytes_per_second,
+      absl::FunctionRef<absl::Status(int client, int upstream)> send);
+  // Serves a pair released by another worker: `client` and `upstream` are
+  // connected TCP sockets (checked by the caller). Anything queued on them
+  // meanwhile is forwarded at once. An error (epoll) closes the pair.
+  absl::Status Adopt(Fd client, Fd upstream);
+  // Each pair's traffic over the `seconds` since the previous call (bytes
+  // both ways per second), what Release() chooses by.
+  void UpdateRates(double seconds);
+
   size_t active() const { return pairs_.size(); }
   ProxyCounters counters() const;
 
@@ -93,6 +135,9 @@ class Proxy {
   // one side is passed on to the other as a reset, not as a clean FIN.
   void Close(Pair& pair, bool reset);
   bool Register(int fd, uint32_t events);
+  bool Idle(const Pair& pair) const;
+  // Wires a new pair's directions and indexes it.
+  Pair& AddPair(Fd client);
   void LogUpstreamFailure(const Pair& pair, int err, const char* what);
 
   ProxyConfig config_;

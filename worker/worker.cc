@@ -30,6 +30,7 @@
 #include "worker/sdk/base/time.h"
 #include "worker/sdk/base/version.h"
 #include "worker/sdk/handoff_choice.h"
+#include "worker/sdk/handoff_sockets.h"
 #include "worker/sdk/listen_fds.h"
 
 namespace portfleet::worker {
@@ -580,10 +581,10 @@ absl::Status Worker::Init(Fd listen_fd, std::optional<ControlChannel> control) {
   ASSIGN_OR_RETURN(
       agent_, AgentLink::Create({.listener = config_.listener,
                                  .shard = config_.shard,
-                                 // Proxied pairs are not handed off
-                                 // (yet): a proxy shard is rebalanced by
-                                 // steering only, and says so.
-                                 .handoff = config_.mode != Mode::kProxy},
+                                 // Every mode hands off; proxy mode
+                                 // its idle pairs, both sockets at once.
+                                 .handoff = true,
+                                 .handoff_pairs = config_.mode == Mode::kProxy},
                                 listen_fd_, std::move(control), config_.agent));
   body_ = IdentityBody(config_.listener, config_.shard, ::getpid());
 
@@ -684,9 +685,10 @@ absl::Status Worker::Run() {
       } else if (listen_fd_ && fd == listen_fd_.get()) {
         AcceptAll();
       } else if (fd == agent_->fd()) {
-        agent_->DispatchWithFds([this](const v1::AgentMessage& m, Fd fd) {
-          OnAgentMessage(m, std::move(fd));
-        });
+        agent_->DispatchWithAllFds(
+            [this](const v1::AgentMessage& m, std::vector<Fd> fds) {
+              OnAgentMessage(m, std::move(fds));
+            });
       } else if (proxy_ && proxy_->Owns(fd)) {
         proxy_->Handle(fd, events[i].events);
       } else {
@@ -1113,6 +1115,21 @@ bool Worker::Releasable(const Connection& conn) const {
 }
 
 void Worker::ReleaseConnections(const v1::HandOffRequest& request) {
+  if (proxy_) {
+    // Idle pairs, each as one message with both sockets. None while
+    // draining (the busy ones are still counted).
+    ProxyRelease r = proxy_->Release(
+        draining_ ? 0 : request.count(), request.bytes_per_second(),
+        [&](int client, int upstream) {
+          return agent_->HandOffPair(request.id(), client, upstream);
+        });
+    handed_off_ += r.released;
+    PF_LOG(DEBUG) << "hand-off " << request.id() << ": released " << r.released
+                  << " proxied pairs of " << request.count() << " asked ("
+                  << r.busy << " busy)";
+    agent_->HandOffDone(request.id(), r.released, r.busy, r.bytes_per_second);
+    return;
+  }
   uint32_t released = 0;
   uint32_t busy = 0;
   double released_rate = 0;
@@ -1160,12 +1177,41 @@ void Worker::ReleaseConnections(const v1::HandOffRequest& request) {
   agent_->HandOffDone(request.id(), released, busy, released_rate);
 }
 
-void Worker::AdoptConnection(const v1::HandOffConnection& handoff, Fd fd) {
-  if (!fd) {
-    PF_LOG(WARNING) << "hand-off " << handoff.id()
-                    << ": adopt_connection without a socket; ignored";
+void Worker::AdoptConnection(const v1::HandOffConnection& handoff,
+                             std::vector<Fd> fds) {
+  auto refuse = [&](absl::string_view why) {
+    ++adopt_refused_;
+    // Closing is all there is to do: the agent kept no copy.
+    PF_LOG(ERROR) << "listener " << config_.listener << " shard "
+                  << config_.shard << " pid " << ::getpid() << ": hand-off "
+                  << handoff.id() << ": adopt_connection refused: " << why
+                  << "; closed " << fds.size() << " descriptors";
+    fds.clear();
+  };
+  if (absl::Status s = CheckHandOffSockets(fds, HandOffSocketCount(handoff));
+      !s.ok()) {
+    return refuse(s.message());
+  }
+  if (handoff.upstream_attached() && !proxy_) {
+    return refuse("a proxied pair, and this worker does not proxy");
+  }
+  if (!handoff.upstream_attached() && proxy_) {
+    return refuse(
+        "a single connection, and a proxy worker adopts only proxied pairs "
+        "(client and upstream)");
+  }
+  if (proxy_) {
+    if (absl::Status s = proxy_->Adopt(std::move(fds[0]), std::move(fds[1]));
+        !s.ok()) {
+      PF_LOG(ERROR) << "listener " << config_.listener << " shard "
+                    << config_.shard << ": hand-off " << handoff.id() << ": "
+                    << s.message();
+      return;
+    }
+    ++adopted_;
     return;
   }
+  Fd fd = std::move(fds[0]);
   int flags = ::fcntl(fd.get(), F_GETFL);
   if (flags < 0 || ::fcntl(fd.get(), F_SETFL, flags | O_NONBLOCK) != 0) {
     PF_LOG(ERROR) << "hand-off " << handoff.id()
@@ -1187,13 +1233,14 @@ void Worker::AdoptConnection(const v1::HandOffConnection& handoff, Fd fd) {
   HandleConnection(raw, EPOLLIN);
 }
 
-void Worker::OnAgentMessage(const v1::AgentMessage& message, Fd fd) {
+void Worker::OnAgentMessage(const v1::AgentMessage& message,
+                            std::vector<Fd> fds) {
   switch (message.msg_case()) {
     case v1::AgentMessage::kHandoffRequest:
       ReleaseConnections(message.handoff_request());
       break;
     case v1::AgentMessage::kAdoptConnection:
-      AdoptConnection(message.adopt_connection(), std::move(fd));
+      AdoptConnection(message.adopt_connection(), std::move(fds));
       break;
     case v1::AgentMessage::kDrain: {
       uint32_t ms = message.drain().deadline_ms();
@@ -1219,6 +1266,7 @@ void Worker::SendLoad() {
         secs > 0 ? static_cast<double>(c.bytes - c.bytes_at_report) / secs : 0;
     c.bytes_at_report = c.bytes;
   }
+  if (proxy_) proxy_->UpdateRates(secs);
   v1::WorkerMessage load;
   v1::WorkerLoad* l = load.mutable_load();
   l->set_active_connections(OpenConnections());

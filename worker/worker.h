@@ -193,13 +193,16 @@ class Worker {
   void CloseConnection(int fd);
   void HandleSignals();
   // `fd`: the descriptor attached to the message, if any.
-  void OnAgentMessage(const v1::AgentMessage& message, Fd fd);
+  void OnAgentMessage(const v1::AgentMessage& message, std::vector<Fd> fds);
   // Connection hand-off (control.proto, HandOffRequest): a connection with
   // nothing in flight may be released; release up to the count asked;
   // adopt a released connection of another worker.
   bool Releasable(const Connection& conn) const;
   void ReleaseConnections(const v1::HandOffRequest& request);
-  void AdoptConnection(const v1::HandOffConnection& handoff, Fd fd);
+  // `fds`: the connection's socket, or a proxied pair's two (checked
+  // here: a worker refuses and closes what it cannot take).
+  void AdoptConnection(const v1::HandOffConnection& handoff,
+                       std::vector<Fd> fds);
   void BeginDrain(absl::Duration timeout, absl::string_view why);
   void ForceClose(absl::string_view why);
   void SendLoad();
@@ -238,6 +241,7 @@ class Worker {
   uint64_t requests_total_ = 0;  // HTTP requests answered
   uint64_t handed_off_ = 0;      // connections released to other workers
   uint64_t adopted_ = 0;         // connections adopted from other workers
+  uint64_t adopt_refused_ = 0;   // hand-offs refused and closed
 };
 
 // The whole program: flags, environment, socket, control channel, Run().

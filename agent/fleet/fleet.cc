@@ -45,8 +45,8 @@ Fleet::Fleet(EventLoop* loop, ProcessLauncher* launcher, FleetOptions options)
       handoffs_(&ctx_, &listeners_),
       auto_rebalance_(&ctx_, &listeners_, &handoffs_) {
   ctx_.on_handoff = [this](Listener& l, Shard& s, const v1::WorkerMessage& m,
-                           Fd fd) {
-    handoffs_.OnWorkerMessage(l, s, m, std::move(fd));
+                           std::vector<Fd> fds) {
+    handoffs_.OnWorkerMessage(l, s, m, std::move(fds));
   };
   ctx_.loop = loop;
   ctx_.launcher = launcher;

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "worker/sdk/base/log.h"
+#include "worker/sdk/handoff_sockets.h"
 
 namespace portfleet {
 
@@ -191,25 +192,60 @@ void HandOffRouter::AskWhenDrained(uint64_t id) {
   if (b != batches_.end() && --b->second.open == 0) Finish(p.batch);
 }
 
+namespace {
+
+std::vector<int> Raw(const std::vector<Fd>& fds) {
+  std::vector<int> out;
+  for (const Fd& fd : fds) out.push_back(fd.get());
+  return out;
+}
+
+}  // namespace
+
 void HandOffRouter::OnWorkerMessage(Listener& listener, Shard& shard,
-                                    const v1::WorkerMessage& message, Fd fd) {
+                                    const v1::WorkerMessage& message,
+                                    std::vector<Fd> fds) {
   const uint64_t id = message.has_handoff_connection()
                           ? message.handoff_connection().id()
                           : message.handoff_done().id();
   auto it = pending_.find(id);
-  if (it == pending_.end() || it->second.listener != listener.spec.name() ||
-      it->second.result.transfer.from != shard.index) {
-    if (fd) {
+  const bool ours = it != pending_.end() &&
+                    it->second.listener == listener.spec.name() &&
+                    it->second.result.transfer.from == shard.index;
+  if (message.has_handoff_connection()) {
+    const v1::HandOffConnection& handoff = message.handoff_connection();
+    if (absl::Status s = CheckHandOffSockets(fds, HandOffSocketCount(handoff));
+        !s.ok()) {
+      // Nothing that came can be trusted as the connection: close it all.
+      PF_LOG(ERROR) << listener.Name(shard) << ": worker pid "
+                    << (shard.worker ? shard.worker->process.pid : 0)
+                    << ": hand-off " << id << ": released "
+                    << (handoff.upstream_attached() ? "proxied pair"
+                                                    : "connection")
+                    << " refused: " << s.message() << "; closed " << fds.size()
+                    << " descriptors";
+      if (ours) it->second.result.invalid++;
+      return;
+    }
+  } else if (!fds.empty()) {
+    PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "
+                    << (shard.worker ? shard.worker->process.pid : 0)
+                    << ": handoff_done " << id << " with " << fds.size()
+                    << " descriptors attached; closed";
+    fds.clear();
+  }
+  if (!ours) {
+    if (!fds.empty()) {
       // Not ours to route (late, after the batch timed out): give it back
       // to the worker that sent it rather than close a live connection.
       if (shard.worker && shard.worker->control) {
         v1::AgentMessage back;
         back.mutable_adopt_connection()->set_id(id);
-        if (message.has_handoff_connection()) {
-          back.mutable_adopt_connection()->set_buffered(
-              message.handoff_connection().buffered());
-        }
-        if (shard.worker->control->SendWithFd(back, fd.get()).ok()) return;
+        back.mutable_adopt_connection()->set_buffered(
+            message.handoff_connection().buffered());
+        back.mutable_adopt_connection()->set_upstream_attached(
+            message.handoff_connection().upstream_attached());
+        if (shard.worker->control->SendWithFds(back, Raw(fds)).ok()) return;
       }
       PF_LOG(ERROR) << listener.Name(shard) << ": hand-off " << id
                     << ": a released connection nobody can take was closed";
@@ -218,7 +254,7 @@ void HandOffRouter::OnWorkerMessage(Listener& listener, Shard& shard,
   }
   Pending& p = it->second;
   if (message.has_handoff_connection()) {
-    Forward(listener, p, message.handoff_connection(), std::move(fd));
+    Forward(listener, p, message.handoff_connection(), std::move(fds));
     return;
   }
   if (p.result.answered) return;
@@ -238,16 +274,37 @@ void HandOffRouter::OnWorkerMessage(Listener& listener, Shard& shard,
 }
 
 void HandOffRouter::Forward(Listener& listener, Pending& p,
-                            const v1::HandOffConnection& handoff, Fd fd) {
-  if (!fd) return;
+                            const v1::HandOffConnection& handoff,
+                            std::vector<Fd> fds) {
+  if (fds.empty()) return;
+  const bool pair = handoff.upstream_attached();
   v1::AgentMessage adopt;
   adopt.mutable_adopt_connection()->set_id(handoff.id());
   adopt.mutable_adopt_connection()->set_buffered(handoff.buffered());
+  adopt.mutable_adopt_connection()->set_upstream_attached(pair);
+  const std::vector<int> raw = Raw(fds);
+  bool refused = false;
   auto send_to = [&](uint32_t index) {
     Shard* s = listener.Find(index);
-    return s != nullptr && !s->draining() && s->worker && s->worker->ready &&
-           s->worker->handoff && s->worker->control &&
-           s->worker->control->SendWithFd(adopt, fd.get()).ok();
+    if (s == nullptr || s->draining() || !s->worker || !s->worker->ready ||
+        !s->worker->handoff || !s->worker->control) {
+      return false;
+    }
+    if (pair && !s->worker->handoff_pairs) {
+      // A worker that does not proxy (e.g. a rollout to another mode
+      // under way): it would have to close the pair.
+      if (!refused) {
+        refused = true;
+        p.result.refused++;
+        listener.rebalance_refusals++;
+      }
+      PF_LOG(WARNING) << listener.Name(*s) << ": worker pid "
+                      << s->worker->process.pid << ": hand-off " << handoff.id()
+                      << ": cannot adopt a proxied pair (its hello did not "
+                         "say handoff_pairs); not sent to it";
+      return false;
+    }
+    return s->worker->control->SendWithFds(adopt, raw).ok();
   };
   if (send_to(p.result.transfer.to)) {
     p.result.moved++;

@@ -78,6 +78,12 @@ struct HandOffResult {
   uint32_t moved = 0;     // adopted by the receiver
   uint32_t returned = 0;  // receiver gone: given back to the sender
   uint32_t lost = 0;      // neither could take it (closed)
+  // Proxied pairs the chosen receiver cannot adopt (its hello did not say
+  // handoff_pairs): given back to the sender, or closed if it cannot
+  // take them either (then counted in `lost` too).
+  uint32_t refused = 0;
+  // Released with the wrong sockets (count, not TCP, not connected): closed.
+  uint32_t invalid = 0;
   uint32_t busy = 0;      // the sender's connections with data in flight
   bool answered = false;  // the sender said it was done
   // The released connections' traffic, as the sender measured it.
@@ -98,9 +104,11 @@ class HandOffRouter {
   void Run(Listener& listener, const std::vector<HandOffTransfer>& transfers,
            absl::Duration timeout, BatchDone done);
   // A hand-off message from a worker of `shard` (handoff_connection with
-  // its socket, or handoff_done).
+  // its socket, or both of a proxied pair; or handoff_done). The sockets
+  // are checked (HandOffSocketCount, CheckHandOffSockets); wrong ones are
+  // closed and logged with the listener, shard and pid.
   void OnWorkerMessage(Listener& listener, Shard& shard,
-                       const v1::WorkerMessage& message, Fd fd);
+                       const v1::WorkerMessage& message, std::vector<Fd> fds);
   // Hand-offs of listener `name` are in flight.
   bool Busy(const std::string& name) const;
 
@@ -131,7 +139,7 @@ class HandOffRouter {
     std::optional<EventLoop::TimerId> timer;
   };
   void Forward(Listener& listener, Pending& p,
-               const v1::HandOffConnection& handoff, Fd fd);
+               const v1::HandOffConnection& handoff, std::vector<Fd> fds);
   void Finish(uint64_t batch);
 
   FleetContext* const ctx_;

@@ -126,6 +126,9 @@ struct Worker {
   absl::Time started;
   bool hello = false;    // said hello on its control channel
   bool handoff = false;  // its hello said it hands off connections
+  // Its hello said it also hands off and adopts proxied pairs (two sockets
+  // per HandOffConnection, upstream_attached).
+  bool handoff_pairs = false;
   bool adopted = false;  // started by a previous agent; not our child
   bool killed = false;   // SIGKILLed by the agent (its group too)
   // Told to stop (drain, retirement, the agent's stop): its processes are
@@ -324,8 +327,9 @@ struct FleetContext {
   // hold them too, so no holder is judged an orphan any more.
   bool sockets_shared = false;
   // Connection hand-off messages from workers (handoff_connection with its
-  // socket, handoff_done), for the rebalancer's router (fleet/handoff.h).
-  std::function<void(Listener&, Shard&, const v1::WorkerMessage&, Fd)>
+  // sockets, handoff_done), for the rebalancer's router (fleet/handoff.h).
+  std::function<void(Listener&, Shard&, const v1::WorkerMessage&,
+                     std::vector<Fd>)>
       on_handoff;
 
   absl::Time Now() const { return loop->Now(); }

@@ -570,6 +570,15 @@ void RebalanceListener(FleetContext& ctx, HandOffRouter& router,
             absl::StrAppend(&why, "; ", r.returned,
                             " went back (receiver gone), ", r.lost, " closed");
           }
+          if (r.refused > 0) {
+            absl::StrAppend(&why, "; ", r.refused,
+                            " proxied pairs refused (the receiver cannot "
+                            "adopt proxied pairs)");
+          }
+          if (r.invalid > 0) {
+            absl::StrAppend(&why, "; ", r.invalid,
+                            " released with wrong sockets (closed)");
+          }
           Refuse(resp.get(), static_cast<int>(r.transfer.from),
                  absl::StrCat(missing, " of ", r.transfer.count,
                               " connections to shard ", r.transfer.to,

@@ -620,8 +620,9 @@ void Supervisor::OnControlReadable(Listener& listener, Shard& shard,
   // Bounded per wake-up so that one chatty worker cannot starve the loop.
   for (int i = 0; i < 64 && w->control; ++i) {
     v1::WorkerMessage msg;
-    Fd attached;  // a hand-off's socket; closed unless routed
-    absl::StatusOr<bool> got = w->control->ReceiveIntoWithFd(&msg, &attached);
+    // A hand-off's sockets (two for a proxied pair); closed unless routed.
+    std::vector<Fd> attached;
+    absl::StatusOr<bool> got = w->control->ReceiveIntoWithFds(&msg, &attached);
     if (got.ok() && !*got) return;
     if (!got.ok()) {
       if (absl::IsUnavailable(got.status())) {
@@ -658,6 +659,7 @@ void Supervisor::OnControlMessage(Listener& listener, Shard& shard, Worker* w,
     case v1::WorkerMessage::kHello:
       w->hello = true;
       w->handoff = msg.hello().handoff();
+      w->handoff_pairs = msg.hello().handoff() && msg.hello().handoff_pairs();
       if (msg.hello().socket_inode() != 0 &&
           msg.hello().socket_inode() != shard.inode) {
         PF_LOG(WARNING) << listener.Name(shard) << ": worker pid "

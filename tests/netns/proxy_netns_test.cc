@@ -4,6 +4,8 @@
 // thread per connection on a second socket). Every outcome is judged from
 // the client side: bytes are compared with what was sent (a seeded pattern
 // and an FNV-1a hash), resets and EOFs are told apart.
+#include <arpa/inet.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -750,6 +752,321 @@ TEST(ProxyNetnsTest, DrainLetsPairsFinishThenResetsTheRestAtTheDeadline) {
   EXPECT_EQ(front.worker.ExitCode(absl::Seconds(10)), 0) << front.worker.Log();
   EXPECT_THAT(front.worker.Log(),
               HasSubstr("drain deadline reached: closing 1 remaining"));
+}
+
+// ---------------------------------------------------------------------------
+// Hand-off of proxied pairs, the worker's side (the test plays the agent).
+
+// Open descriptors of `pid`.
+int OpenFds(pid_t pid) {
+  int n = 0;
+  const std::string dir = absl::StrCat("/proc/", pid, "/fd");
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return -1;
+  while (dirent* e = ::readdir(d)) n += e->d_name[0] != '.';
+  ::closedir(d);
+  return n;
+}
+
+int PeerPort(int fd) {
+  sockaddr_in sin{};
+  socklen_t len = sizeof(sin);
+  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&sin), &len) != 0) {
+    return -1;
+  }
+  return ntohs(sin.sin_port);
+}
+
+int LocalPort(int fd) {
+  sockaddr_in sin{};
+  socklen_t len = sizeof(sin);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&sin), &len);
+  return ntohs(sin.sin_port);
+}
+
+// The next message from the worker with the descriptors it carried.
+std::optional<std::pair<v1::WorkerMessage, std::vector<Fd>>> NextWithFds(
+    ControlChannel& agent, absl::Duration timeout) {
+  absl::Time deadline = absl::Now() + timeout;
+  for (;;) {
+    auto got = agent.ReceiveWithFds<v1::WorkerMessage>();
+    if (!got.ok()) return std::nullopt;
+    if (got->has_value()) return std::move(**got);
+    absl::Duration left = deadline - absl::Now();
+    if (left <= absl::ZeroDuration()) return std::nullopt;
+    pollfd p{agent.fd(), POLLIN, 0};
+    ::poll(&p, 1, absl::ToInt64Milliseconds(left) + 1);
+  }
+}
+
+// Steps:
+// 1. A proxy worker with a control channel in front of an echo upstream;
+//    one client connection, one round trip.
+// 2. handoff_request: the worker answers with one handoff_connection,
+//    upstream_attached, carrying 2 sockets in one packet: the proxy side of
+//    the client's connection (its peer is the client's port) and the
+//    upstream connection (its peer is the upstream's port); then
+//    handoff_done {released 1, busy 0}. The worker holds 2 fewer
+//    descriptors; the client's connection stays open (the test holds it).
+// 3. Sent back as adopt_connection, the worker serves the pair again:
+//    round trips work, the upstream accepted 1 connection in all.
+// 4. Refused adopts: a pair with its upstream missing, a pair whose
+//    upstream is a pipe, a pair whose upstream is not connected, and a
+//    single connection (a proxy adopts pairs only): each is logged with the
+//    listener, shard and pid and closed; the worker keeps serving, and
+//    holds as many descriptors as before.
+TEST(ProxyNetnsTest, HandsOffAnIdlePairWithBothSocketsAndRefusesBadOnes) {
+  PF_ENTER_NETNS_OR_SKIP();
+  auto pair = ControlChannel::Pair();
+  ASSERT_TRUE(pair.ok()) << pair.status();
+  ControlChannel agent = std::move(pair->first);
+  Upstream upstream([](Fd fd) {
+    char buf[4096];
+    for (;;) {
+      ssize_t n = ::recv(fd.get(), buf, sizeof(buf), 0);
+      if (n <= 0 || !SendAll(fd.get(), std::string(buf, n))) return;
+    }
+  });
+  Front front;
+  StartFront(front, upstream.address(), {}, pair->second.fd());
+  pair->second.Close();
+  auto round_trip = [](int fd, uint64_t seed) {
+    const std::string out = Pattern(seed, 1000);
+    std::string in;
+    return SendAll(fd, out) && ReadExactly(fd, out.size(), &in) && in == out;
+  };
+  Fd client = Connect(front.listener.port);
+  ASSERT_TRUE(round_trip(client.get(), 1));
+  // Hello and ready came first; the hello says it hands off pairs.
+  std::optional<v1::WorkerMessage> hello = NextMessage(agent, absl::Seconds(5));
+  ASSERT_TRUE(hello && hello->has_hello());
+  EXPECT_TRUE(hello->hello().handoff());
+  EXPECT_TRUE(hello->hello().handoff_pairs());
+  const int fds_with_pair = OpenFds(front.worker.pid());
+
+  // Step 2.
+  v1::AgentMessage ask;
+  ask.mutable_handoff_request()->set_id(5);
+  ask.mutable_handoff_request()->set_count(10);
+  ASSERT_TRUE(agent.Send(ask).ok());
+  std::vector<Fd> released;
+  std::optional<v1::HandOffDone> done;
+  for (absl::Time deadline = absl::Now() + absl::Seconds(5);
+       !done && absl::Now() < deadline;) {
+    auto m = NextWithFds(agent, deadline - absl::Now());
+    if (!m) break;
+    if (m->first.has_handoff_connection()) {
+      EXPECT_EQ(m->first.handoff_connection().id(), 5u);
+      EXPECT_TRUE(m->first.handoff_connection().upstream_attached());
+      EXPECT_EQ(m->first.handoff_connection().buffered(), "");
+      ASSERT_EQ(m->second.size(), 2u);
+      released = std::move(m->second);
+    } else if (m->first.has_handoff_done()) {
+      done = m->first.handoff_done();
+    }
+  }
+  ASSERT_TRUE(done.has_value()) << front.worker.Log();
+  EXPECT_EQ(done->id(), 5u);
+  EXPECT_EQ(done->released(), 1u);
+  EXPECT_EQ(done->busy(), 0u);
+  ASSERT_EQ(released.size(), 2u);
+  EXPECT_EQ(PeerPort(released[0].get()), LocalPort(client.get()));
+  EXPECT_EQ(PeerPort(released[1].get()), upstream.port());
+  EXPECT_TRUE(testing::WaitFor(
+      [&] { return OpenFds(front.worker.pid()) == fds_with_pair - 2; },
+      absl::Seconds(2)));
+
+  // Step 3.
+  v1::AgentMessage adopt;
+  adopt.mutable_adopt_connection()->set_id(5);
+  adopt.mutable_adopt_connection()->set_upstream_attached(true);
+  const int both[] = {released[0].get(), released[1].get()};
+  ASSERT_TRUE(agent.SendWithFds(adopt, both).ok());
+  released.clear();
+  for (uint64_t seed = 2; seed < 6; ++seed) {
+    ASSERT_TRUE(round_trip(client.get(), seed)) << front.worker.Log();
+  }
+  EXPECT_EQ(upstream.accepted(), 1);
+  EXPECT_TRUE(testing::WaitFor(
+      [&] { return OpenFds(front.worker.pid()) == fds_with_pair; },
+      absl::Seconds(2)));
+
+  // Step 4.
+  Listener spare = ListenLoopback();
+  std::vector<Fd> keep;  // the peers of the sockets sent, kept open
+  auto connected = [&] {
+    Fd fd = Connect(spare.port);
+    keep.emplace_back(
+        ::accept4(spare.fd.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    return fd;
+  };
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC), 0);
+  Fd pipe_r(pipe_fds[0]), pipe_w(pipe_fds[1]);
+  Fd a = connected(), b = connected();
+  Fd unconnected(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  const std::vector<std::pair<bool, std::vector<int>>> bad = {
+      {true, {a.get()}},
+      {true, {a.get(), pipe_r.get()}},
+      {true, {a.get(), unconnected.get()}},
+      {false, {b.get()}},
+  };
+  for (const auto& [pair_flag, fds] : bad) {
+    v1::AgentMessage m;
+    m.mutable_adopt_connection()->set_id(6);
+    m.mutable_adopt_connection()->set_upstream_attached(pair_flag);
+    ASSERT_TRUE(agent.SendWithFds(m, fds).ok());
+  }
+  b.Reset();  // the worker's copy is the last one
+  // The pipe's write end is ours alone once the worker closed its copy.
+  pipe_w.Reset();
+  ASSERT_TRUE(testing::WaitFor(
+      [&] {
+        std::string log = front.worker.Log();
+        size_t n = 0;
+        for (size_t at = log.find("adopt_connection refused");
+             at != std::string::npos;
+             at = log.find("adopt_connection refused", at + 1)) {
+          ++n;
+        }
+        return n == 4;
+      },
+      absl::Seconds(5)))
+      << front.worker.Log();
+  const std::string log = front.worker.Log();
+  EXPECT_THAT(log, HasSubstr("listener front shard 2 pid "));
+  EXPECT_THAT(log, HasSubstr("1 sockets attached, expected 2"));
+  EXPECT_THAT(log, HasSubstr("socket 2 of 2 (the upstream): not a socket"));
+  EXPECT_THAT(log, HasSubstr("socket 2 of 2 (the upstream): not connected"));
+  EXPECT_THAT(log, HasSubstr("a proxy worker adopts only proxied pairs"));
+  EXPECT_TRUE(testing::WaitFor(
+      [&] { return OpenFds(front.worker.pid()) == fds_with_pair; },
+      absl::Seconds(2)))
+      << OpenFds(front.worker.pid()) << " vs " << fds_with_pair;
+  // The refused single connection was closed: its peer sees end-of-file.
+  char c;
+  EXPECT_EQ(::recv(keep[1].get(), &c, 1, 0), 0);
+  ASSERT_TRUE(round_trip(client.get(), 7));
+  EXPECT_TRUE(front.worker.running());
+}
+
+// By bytes (HandOffRequest.bytes_per_second), a pair's rate is its bytes
+// both ways. Steps:
+// 1. A proxy worker with a control channel before an echo upstream; client
+//    A does one round trip and stays idle, client B does 4 KiB round trips
+//    without pause on a thread of its own.
+// 2. After three load reports (the rates are per report period),
+//    handoff_request by bytes with the worker's traffic as the budget (B's
+//    rate): the worker releases B's pair only (A has no traffic), and
+//    handoff_done says a rate above 0.
+// 3. Sent back as adopt_connection, B's round trips go on: none failed.
+TEST(ProxyNetnsTest, ByBytesReleasesTheBusiestIdlePair) {
+  PF_ENTER_NETNS_OR_SKIP();
+  auto pair = ControlChannel::Pair();
+  ASSERT_TRUE(pair.ok()) << pair.status();
+  ControlChannel agent = std::move(pair->first);
+  Upstream upstream([](Fd fd) {
+    char buf[4096];
+    for (;;) {
+      ssize_t n = ::recv(fd.get(), buf, sizeof(buf), 0);
+      if (n <= 0 || !SendAll(fd.get(), std::string(buf, n))) return;
+    }
+  });
+  Front front;
+  StartFront(front, upstream.address(), {}, pair->second.fd());
+  pair->second.Close();
+  auto round_trip = [](int fd, uint64_t seed) {
+    const std::string out = Pattern(seed, 4096);
+    std::string in;
+    return SendAll(fd, out) && ReadExactly(fd, out.size(), &in) && in == out;
+  };
+  Fd a = Connect(front.listener.port);
+  ASSERT_TRUE(round_trip(a.get(), 1));
+  Fd b = Connect(front.listener.port);
+  std::atomic<bool> stop{false};
+  std::atomic<int> b_rounds{0}, b_failures{0};
+  std::thread streamer([&] {
+    for (uint64_t seed = 100; !stop; ++seed) {
+      if (round_trip(b.get(), seed)) {
+        ++b_rounds;
+      } else {
+        ++b_failures;
+        return;
+      }
+    }
+  });
+  // Joined on every way out (a failed ASSERT returns early; a joinable
+  // thread's destructor would abort and orphan the worker).
+  struct Joiner {
+    std::atomic<bool>& stop;
+    std::thread& thread;
+    ~Joiner() {
+      stop = true;
+      if (thread.joinable()) thread.join();
+    }
+  } joiner{stop, streamer};
+  // The worker's traffic, from its last two load reports: B's rate.
+  int loads = 0;
+  uint64_t bytes[2] = {0, 0};
+  absl::Time at[2];
+  for (absl::Time deadline = absl::Now() + absl::Seconds(6);
+       loads < 3 && absl::Now() < deadline;) {
+    std::optional<v1::WorkerMessage> m =
+        NextMessage(agent, deadline - absl::Now());
+    if (!m || !m->has_load()) continue;
+    ++loads;
+    bytes[0] = bytes[1];
+    at[0] = at[1];
+    bytes[1] = m->load().bytes_in_total() + m->load().bytes_out_total();
+    at[1] = absl::Now();
+  }
+  ASSERT_EQ(loads, 3);
+  const double rate = static_cast<double>(bytes[1] - bytes[0]) /
+                      absl::ToDoubleSeconds(at[1] - at[0]);
+  ASSERT_GT(rate, 0);
+
+  // Step 2.
+  v1::AgentMessage ask;
+  ask.mutable_handoff_request()->set_id(9);
+  ask.mutable_handoff_request()->set_count(32);
+  ask.mutable_handoff_request()->set_bytes_per_second(
+      static_cast<uint64_t>(rate));
+  ASSERT_TRUE(agent.Send(ask).ok());
+  std::vector<std::vector<Fd>> released;
+  std::optional<v1::HandOffDone> done;
+  for (absl::Time deadline = absl::Now() + absl::Seconds(5);
+       !done && absl::Now() < deadline;) {
+    auto m = NextWithFds(agent, deadline - absl::Now());
+    if (!m) break;
+    if (m->first.has_handoff_connection()) {
+      EXPECT_TRUE(m->first.handoff_connection().upstream_attached());
+      released.push_back(std::move(m->second));
+    } else if (m->first.has_handoff_done()) {
+      done = m->first.handoff_done();
+    }
+  }
+  ASSERT_TRUE(done.has_value()) << front.worker.Log();
+  EXPECT_EQ(done->released(), 1u);
+  EXPECT_GT(done->bytes_per_second(), 0u);
+  ASSERT_EQ(released.size(), 1u);
+  ASSERT_EQ(released[0].size(), 2u);
+  EXPECT_EQ(PeerPort(released[0][0].get()), LocalPort(b.get()));
+
+  // Step 3.
+  v1::AgentMessage adopt;
+  adopt.mutable_adopt_connection()->set_id(9);
+  adopt.mutable_adopt_connection()->set_upstream_attached(true);
+  const int both[] = {released[0][0].get(), released[0][1].get()};
+  ASSERT_TRUE(agent.SendWithFds(adopt, both).ok());
+  released.clear();
+  const int rounds_at_adopt = b_rounds;
+  EXPECT_TRUE(testing::WaitFor([&] { return b_rounds > rounds_at_adopt + 10; },
+                               absl::Seconds(5)));
+  stop = true;
+  streamer.join();
+  EXPECT_EQ(b_failures, 0) << front.worker.Log();
+  ASSERT_TRUE(round_trip(a.get(), 2));
+  EXPECT_EQ(upstream.accepted(), 2);
 }
 
 }  // namespace

@@ -3,6 +3,14 @@
 // (FakeLauncher, FakeSteering, a fake connection counter, a manual clock).
 #include "agent/fleet/rebalance.h"
 
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <map>
 #include <memory>
 #include <numeric>
@@ -27,6 +35,34 @@ namespace {
 
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+
+// One end of a loopback TCP connection, as a worker releases it (the router
+// checks that a released socket is a connected TCP socket). The other ends
+// stay open for the test's life.
+Fd ConnectedSocket() {
+  static Fd listener;
+  static sockaddr_in address{};
+  static std::vector<Fd>* accepted = new std::vector<Fd>();
+  if (!listener) {
+    listener = Fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    EXPECT_EQ(::bind(listener.get(), reinterpret_cast<sockaddr*>(&address),
+                     sizeof(address)),
+              0);
+    EXPECT_EQ(::listen(listener.get(), 64), 0);
+    socklen_t length = sizeof(address);
+    ::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&address),
+                  &length);
+  }
+  Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  EXPECT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&address),
+                      sizeof(address)),
+            0);
+  accepted->emplace_back(
+      ::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
+  return fd;
+}
 
 std::vector<RebalanceInput> Shards(const std::vector<double>& loads,
                                    uint32_t slots_each = 64) {
@@ -589,7 +625,7 @@ TEST_F(FleetRebalanceTest, HandsIdleConnectionsToColdWorkers) {
     EXPECT_EQ(a.count(), 20u);
     const uint32_t release = a.count() - busy;
     for (uint32_t i = 0; i < release; ++i) {
-      Fd conn(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      Fd conn = ConnectedSocket();
       v1::WorkerMessage m;
       m.mutable_handoff_connection()->set_id(a.id());
       ASSERT_TRUE(w[0]->channel->SendWithFd(m, conn.get()).ok());
@@ -626,6 +662,141 @@ TEST_F(FleetRebalanceTest, HandsIdleConnectionsToColdWorkers) {
     handoff_event = handoff_event || e.type == v1::EVENT_TYPE_REBALANCE_HANDOFF;
   }
   EXPECT_TRUE(handoff_event);
+}
+
+int OpenFdCount() {
+  int n = 0;
+  DIR* dir = ::opendir("/proc/self/fd");
+  if (dir == nullptr) return -1;
+  while (::readdir(dir) != nullptr) ++n;
+  ::closedir(dir);
+  return n;
+}
+
+// Proxied pairs. Steps: 3 workers that hand off; shards 0 and 1 say
+// handoff_pairs (proxy workers), shard 2 does not. Shard 0 holds 60
+// connections and is asked for 20 each to shards 1 and 2. For shard 1 it
+// releases 2 pairs (both sockets in one packet), one pair with its
+// upstream missing and one with a pipe for the upstream; for shard 2 one
+// pair. Shard 1 receives the 2 good pairs, both sockets each, in order;
+// the two bad ones are closed; shard 2 is refused the pair (counted),
+// which goes back to shard 0. No descriptor is left open.
+TEST_F(FleetRebalanceTest, ProxiedPairsTravelWithBothSocketsOrAreRefused) {
+  launcher_.auto_ready = false;
+  ASSERT_TRUE(fleet_->AddListener(Spec(3)).ok());
+  Settle();
+  std::vector<FakeLauncher::Process*> w = launcher_.Running();
+  ASSERT_EQ(w.size(), 3u);
+  for (size_t k = 0; k < w.size(); ++k) {
+    v1::WorkerMessage hello;
+    hello.mutable_hello()->set_pid(w[k]->pid);
+    hello.mutable_hello()->set_handoff(true);
+    hello.mutable_hello()->set_handoff_pairs(k < 2);
+    ASSERT_TRUE(w[k]->channel->Send(hello).ok());
+    launcher_.SendReady(*w[k]);
+  }
+  Settle();
+  Report({60, 0, 0});
+  fleet_->MeasureLoadNow();
+  ConnectedSocket();  // the loopback listener exists before the count
+  const int fds_before = OpenFdCount();
+
+  v1::RebalanceListenerRequest req = Request();
+  req.set_move_connections(true);
+  std::optional<absl::StatusOr<v1::RebalanceListenerResponse>> out;
+  fleet_->RebalanceListener(
+      req, [&](absl::StatusOr<v1::RebalanceListenerResponse> r) {
+        out = std::move(r);
+      });
+  Settle();
+  std::vector<v1::HandOffRequest> asked;
+  for (const v1::AgentMessage& m : launcher_.Received(w[0]->pid)) {
+    if (m.has_handoff_request()) asked.push_back(m.handoff_request());
+  }
+  ASSERT_EQ(asked.size(), 2u);
+  std::vector<std::pair<ino_t, ino_t>> sent;  // pairs for shard 1
+  auto inode = [](int fd) {
+    struct stat st {};
+    ::fstat(fd, &st);
+    return st.st_ino;
+  };
+  auto release = [&](uint64_t id, int client, int upstream) {
+    v1::WorkerMessage m;
+    m.mutable_handoff_connection()->set_id(id);
+    m.mutable_handoff_connection()->set_upstream_attached(true);
+    std::vector<int> fds = {client};
+    if (upstream >= 0) fds.push_back(upstream);
+    ASSERT_TRUE(w[0]->channel->SendWithFds(m, fds).ok());
+  };
+  uint32_t released[2] = {0, 0};
+  for (size_t k = 0; k < 2; ++k) {
+    const bool to_shard1 = k == 0;
+    const int pairs = to_shard1 ? 2 : 1;
+    for (int i = 0; i < pairs; ++i) {
+      Fd client = ConnectedSocket(), upstream = ConnectedSocket();
+      if (to_shard1)
+        sent.emplace_back(inode(client.get()), inode(upstream.get()));
+      release(asked[k].id(), client.get(), upstream.get());
+      ++released[k];
+    }
+    if (to_shard1) {
+      Fd client = ConnectedSocket();
+      release(asked[k].id(), client.get(), -1);  // upstream missing
+      int p[2];
+      ASSERT_EQ(::pipe2(p, O_CLOEXEC), 0);
+      Fd r(p[0]), wr(p[1]);
+      release(asked[k].id(), client.get(), r.get());  // not a socket
+      released[k] += 2;
+    }
+    v1::WorkerMessage done;
+    done.mutable_handoff_done()->set_id(asked[k].id());
+    done.mutable_handoff_done()->set_released(released[k]);
+    ASSERT_TRUE(w[0]->channel->Send(done).ok());
+  }
+  Settle();
+  ASSERT_TRUE(out.has_value());
+  ASSERT_TRUE(out->ok()) << out->status();
+  EXPECT_EQ((*out)->connections_moved(), 2u);
+  std::string reasons;
+  for (const v1::RebalanceRefusal& r : (*out)->refusals()) {
+    reasons += r.reason() + "\n";
+  }
+  EXPECT_THAT(reasons, HasSubstr("2 released with wrong sockets (closed)"));
+  EXPECT_THAT(reasons, HasSubstr("1 proxied pairs refused (the receiver "
+                                 "cannot adopt proxied pairs)"));
+
+  // Shard 1 got both sockets of each good pair, client first.
+  std::vector<std::pair<ino_t, ino_t>> adopted;
+  for (;;) {
+    auto got = w[1]->channel->ReceiveWithFds<v1::AgentMessage>();
+    ASSERT_TRUE(got.ok()) << got.status();
+    if (!got->has_value()) break;
+    if (!(*got)->first.has_adopt_connection()) continue;
+    EXPECT_TRUE((*got)->first.adopt_connection().upstream_attached());
+    ASSERT_EQ((*got)->second.size(), 2u);
+    adopted.emplace_back(inode((*got)->second[0].get()),
+                         inode((*got)->second[1].get()));
+  }
+  EXPECT_EQ(adopted, sent);
+  // Shard 2 got nothing; shard 0 got its refused pair back, both sockets.
+  int back = 0;
+  for (;;) {
+    auto got = w[0]->channel->ReceiveWithFds<v1::AgentMessage>();
+    ASSERT_TRUE(got.ok()) << got.status();
+    if (!got->has_value()) break;
+    if (!(*got)->first.has_adopt_connection()) continue;
+    EXPECT_TRUE((*got)->first.adopt_connection().upstream_attached());
+    EXPECT_EQ((*got)->second.size(), 2u);
+    ++back;
+  }
+  EXPECT_EQ(back, 1);
+  for (const v1::AgentMessage& m : launcher_.Received(w[2]->pid)) {
+    EXPECT_FALSE(m.has_adopt_connection());
+  }
+  // Every descriptor that travelled is closed again (the loopback peers
+  // that ConnectedSocket keeps are the only new ones: 5 pairs' worth
+  // plus one lone client).
+  EXPECT_EQ(OpenFdCount(), fds_before + 3 * 2 + 1);
 }
 
 TEST_F(FleetRebalanceTest, ByBytesAsksTheHotWorkerForTrafficNotCount) {
@@ -676,7 +847,7 @@ TEST_F(FleetRebalanceTest, ByBytesAsksTheHotWorkerForTrafficNotCount) {
     // One stream each, except the last: nothing fits (refused).
     const uint32_t release = k < 2 ? 1 : 0;
     for (uint32_t i = 0; i < release; ++i) {
-      Fd conn(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      Fd conn = ConnectedSocket();
       v1::WorkerMessage m;
       m.mutable_handoff_connection()->set_id(asked[k].id());
       ASSERT_TRUE(w[0]->channel->SendWithFd(m, conn.get()).ok());
@@ -982,7 +1153,7 @@ TEST_F(FleetAutoRebalanceTest, AStepHandsOffAtMostMaxMoves) {
       EXPECT_LE(a.count(), 32u);
       asked += a.count();
       for (uint32_t i = 0; i < a.count(); ++i) {
-        Fd conn(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+        Fd conn = ConnectedSocket();
         v1::WorkerMessage m;
         m.mutable_handoff_connection()->set_id(a.id());
         ASSERT_TRUE(w[0]->channel->SendWithFd(m, conn.get()).ok());

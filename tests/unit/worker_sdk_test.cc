@@ -583,6 +583,86 @@ TEST(WorkerSdkFdPassingTest, ErrorPathsAndPlainReceiveCloseFds) {
   EXPECT_EQ(eof.status().code(), absl::StatusCode::kUnavailable);
 }
 
+// Several descriptors in one packet (a proxied pair's two sockets): they
+// arrive together, in order; the one-fd API still reads such a packet.
+TEST(WorkerSdkFdPassingTest, SendWithFdsRoundTripInOrder) {
+  Pair p = MakePair();
+  Fd a(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  Fd b(::socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC), 0);
+  Fd r(pipe_fds[0]), w(pipe_fds[1]);
+  v1::WorkerMessage m;
+  m.mutable_handoff_connection()->set_id(7);
+  m.mutable_handoff_connection()->set_upstream_attached(true);
+  const int two[] = {a.get(), b.get()};
+  ASSERT_TRUE(p.worker.SendWithFds(m, two).ok());
+  const int three[] = {b.get(), r.get(), a.get()};
+  ASSERT_TRUE(p.worker.SendWithFds(Hello(), three).ok());
+  ASSERT_TRUE(p.worker.SendWithFds(Hello(), {}).ok());  // none: Send()
+  ASSERT_TRUE(p.worker.SendWithFds(m, two).ok());
+
+  int before = OpenFdCount();
+  {
+    auto got = p.agent.ReceiveWithFds();
+    ASSERT_TRUE(got.ok() && got->has_value()) << got.status();
+    EXPECT_TRUE((*got)->first.handoff_connection().upstream_attached());
+    std::vector<Fd>& fds = (*got)->second;
+    ASSERT_EQ(fds.size(), 2u);
+    EXPECT_EQ(Inode(fds[0].get()), Inode(a.get()));
+    EXPECT_EQ(Inode(fds[1].get()), Inode(b.get()));
+    for (const Fd& fd : fds) {
+      EXPECT_TRUE(::fcntl(fd.get(), F_GETFD) & FD_CLOEXEC);
+    }
+    EXPECT_EQ(OpenFdCount(), before + 2);
+    auto three_got = p.agent.ReceiveWithFds();
+    ASSERT_TRUE(three_got.ok() && three_got->has_value());
+    ASSERT_EQ((*three_got)->second.size(), 3u);
+    EXPECT_EQ(Inode((*three_got)->second[0].get()), Inode(b.get()));
+    EXPECT_EQ(Inode((*three_got)->second[1].get()), Inode(r.get()));
+    EXPECT_EQ(Inode((*three_got)->second[2].get()), Inode(a.get()));
+    auto none = p.agent.ReceiveWithFds();
+    ASSERT_TRUE(none.ok() && none->has_value());
+    EXPECT_TRUE((*none)->second.empty());
+  }
+  EXPECT_EQ(OpenFdCount(), before);
+  {
+    // The old one-descriptor receive takes the first and closes the second.
+    auto old = p.agent.ReceiveWithFd();
+    ASSERT_TRUE(old.ok() && old->has_value()) << old.status();
+    EXPECT_EQ(Inode((*old)->second.get()), Inode(a.get()));
+    EXPECT_EQ(OpenFdCount(), before + 1);
+  }
+  EXPECT_EQ(OpenFdCount(), before);
+  auto empty = p.agent.ReceiveWithFds();
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  EXPECT_FALSE(empty->has_value());
+}
+
+TEST(WorkerSdkFdPassingTest, SendWithFdsRejectsBadInput) {
+  Pair p = MakePair();
+  Fd a(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  const int negative[] = {a.get(), -1};
+  EXPECT_EQ(p.worker.SendWithFds(Hello(), negative).code(),
+            absl::StatusCode::kInvalidArgument);
+  std::vector<int> many(ControlChannel::kMaxFdsPerPacket + 1, a.get());
+  EXPECT_EQ(p.worker.SendWithFds(Hello(), many).code(),
+            absl::StatusCode::kInvalidArgument);
+  std::vector<int> most(ControlChannel::kMaxFdsPerPacket, a.get());
+  ASSERT_TRUE(p.worker.SendWithFds(Hello(), most).ok());
+  int before = OpenFdCount();
+  {
+    auto got = p.agent.ReceiveWithFds();
+    ASSERT_TRUE(got.ok() && got->has_value()) << got.status();
+    EXPECT_EQ((*got)->second.size(),
+              static_cast<size_t>(ControlChannel::kMaxFdsPerPacket));
+  }
+  EXPECT_EQ(OpenFdCount(), before);
+  auto got = p.agent.ReceiveWithFds();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_FALSE(got->has_value());  // the refused ones sent nothing
+}
+
 TEST(WorkerSdkFdPassingTest, SendWithFdRejectsBadFds) {
   Pair p = MakePair();
   EXPECT_EQ(p.worker.SendWithFd(Hello(), -1).code(),

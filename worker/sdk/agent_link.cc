@@ -98,6 +98,7 @@ v1::WorkerMessage AgentLink::Hello(bool reconnect) const {
   hello->set_socket_inode(socket_inode_);
   hello->set_reconnect(reconnect);
   hello->set_handoff(identity_.handoff);
+  hello->set_handoff_pairs(identity_.handoff && identity_.handoff_pairs);
   return message;
 }
 
@@ -132,6 +133,18 @@ absl::Status AgentLink::HandOffConnection(uint64_t id, int fd,
   return control_->SendWithFd(message, fd);
 }
 
+absl::Status AgentLink::HandOffPair(uint64_t id, int client_fd,
+                                    int upstream_fd) {
+  if (!control_) {
+    return absl::UnavailableError("hand-off: no control channel");
+  }
+  v1::WorkerMessage message;
+  message.mutable_handoff_connection()->set_id(id);
+  message.mutable_handoff_connection()->set_upstream_attached(true);
+  const int fds[] = {client_fd, upstream_fd};
+  return control_->SendWithFds(message, fds);
+}
+
 void AgentLink::HandOffDone(uint64_t id, uint32_t released, uint32_t busy,
                             double bytes_per_second) {
   v1::WorkerMessage message;
@@ -151,9 +164,18 @@ void AgentLink::Dispatch(
 
 void AgentLink::DispatchWithFds(
     absl::FunctionRef<void(const v1::AgentMessage&, Fd)> on_message) {
+  DispatchWithAllFds([&](const v1::AgentMessage& message, std::vector<Fd> fds) {
+    // Only the first is handed over; the others close here.
+    on_message(message, fds.empty() ? Fd() : std::move(fds.front()));
+  });
+}
+
+void AgentLink::DispatchWithAllFds(
+    absl::FunctionRef<void(const v1::AgentMessage&, std::vector<Fd>)>
+        on_message) {
   while (control_) {
-    absl::StatusOr<std::optional<std::pair<v1::AgentMessage, Fd>>> got =
-        control_->ReceiveWithFd<v1::AgentMessage>();
+    absl::StatusOr<std::optional<std::pair<v1::AgentMessage, std::vector<Fd>>>>
+        got = control_->ReceiveWithFds<v1::AgentMessage>();
     if (!got.ok()) {
       if (absl::IsInvalidArgument(got.status())) {
         // Whatever the peer sends, one line per log_interval.

@@ -44,6 +44,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
@@ -90,6 +91,10 @@ struct WorkerIdentity {
   // connection it releases and HandOffDone(), and adopts the sockets of
   // AgentMessage.adopt_connection (see HandOffRequest in control.proto).
   bool handoff = false;
+  // With `handoff`: the worker also hands off and adopts proxied pairs
+  // (HandOffPair(); an adopt_connection with `upstream_attached` carries
+  // both sockets).
+  bool handoff_pairs = false;
 };
 
 class AgentLink {
@@ -134,6 +139,12 @@ class AgentLink {
   // (an invalid Fd when none): the socket of adopt_connection.
   void DispatchWithFds(
       absl::FunctionRef<void(const v1::AgentMessage&, Fd)> on_message);
+  // Dispatch() that hands over every descriptor attached to a message, in
+  // order (empty when none): both sockets of a proxied pair's
+  // adopt_connection.
+  void DispatchWithAllFds(
+      absl::FunctionRef<void(const v1::AgentMessage&, std::vector<Fd>)>
+          on_message);
 
   // Connection hand-off: releases the connected socket `fd` for the agent's
   // HandOffRequest `id`, with the input already read from it and not yet
@@ -141,6 +152,10 @@ class AgentLink {
   // agent has its own); on an error the connection stays the caller's.
   absl::Status HandOffConnection(uint64_t id, int fd,
                                  absl::string_view buffered);
+  // Connection hand-off of an idle proxied pair: its client socket and its
+  // upstream socket in one packet (HandOffConnection.upstream_attached).
+  // As HandOffConnection(): the caller closes both once this returned OK.
+  absl::Status HandOffPair(uint64_t id, int client_fd, int upstream_fd);
   // Ends the answer to HandOffRequest `id`: connections released, kept
   // because they had data in flight, and the released ones' recent traffic
   // (bytes per second; see ChooseForHandOff in handoff_choice.h).

@@ -14,6 +14,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "worker/sdk/base/status.h"
 
 namespace portfleet {
@@ -159,7 +160,7 @@ absl::StatusOr<bool> ControlChannel::FinishConnect() {
 
 absl::Status ControlChannel::Send(
     const google::protobuf::MessageLite& message) {
-  return SendPacket(message, -1);
+  return SendPacket(message, {});
 }
 
 absl::Status ControlChannel::SendWithFd(
@@ -168,11 +169,28 @@ absl::Status ControlChannel::SendWithFd(
     return absl::InvalidArgumentError(
         absl::StrCat("cannot attach file descriptor ", fd));
   }
-  return SendPacket(message, fd);
+  return SendPacket(message, {fd});
+}
+
+absl::Status ControlChannel::SendWithFds(
+    const google::protobuf::MessageLite& message, absl::Span<const int> fds) {
+  if (fds.size() > static_cast<size_t>(kMaxFdsPerPacket)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cannot attach ", fds.size(),
+        " file descriptors to one packet (at most ", kMaxFdsPerPacket, ")"));
+  }
+  for (int fd : fds) {
+    if (fd < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cannot attach file descriptor ", fd));
+    }
+  }
+  return SendPacket(message, fds);
 }
 
 absl::Status ControlChannel::SendPacket(
-    const google::protobuf::MessageLite& message, int attached_fd) {
+    const google::protobuf::MessageLite& message,
+    absl::Span<const int> attached) {
   if (!fd_.valid())
     return absl::FailedPreconditionError("control channel is closed");
   if (connecting_) {
@@ -197,15 +215,17 @@ absl::Status ControlChannel::SendPacket(
   msghdr msg{};
   msg.msg_iov = &iov;
   msg.msg_iovlen = 1;
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-  if (attached_fd >= 0) {
+  alignas(
+      cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxFdsPerPacket)] = {};
+  if (!attached.empty()) {
+    const size_t size = sizeof(int) * attached.size();
     msg.msg_control = control;
-    msg.msg_controllen = sizeof(control);
+    msg.msg_controllen = CMSG_SPACE(size);
     cmsghdr* c = CMSG_FIRSTHDR(&msg);
     c->cmsg_level = SOL_SOCKET;
     c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    std::memcpy(CMSG_DATA(c), &attached_fd, sizeof(int));
+    c->cmsg_len = CMSG_LEN(size);
+    std::memcpy(CMSG_DATA(c), attached.data(), size);
   }
   for (;;) {
     ssize_t n = ::sendmsg(fd_.get(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
@@ -224,9 +244,9 @@ absl::Status ControlChannel::SendPacket(
       return absl::UnavailableError(absl::StrCat(
           "control channel: peer is gone (", std::strerror(errno), ")"));
     }
-    if (attached_fd >= 0 && errno == EBADF) {
-      return ErrnoError(
-          absl::StrCat("send on control channel with fd ", attached_fd));
+    if (!attached.empty() && errno == EBADF) {
+      return ErrnoError(absl::StrCat("send on control channel with fd ",
+                                     absl::StrJoin(attached, ", fd ")));
     }
     return ErrnoError("send on control channel");
   }
@@ -240,11 +260,21 @@ absl::StatusOr<bool> ControlChannel::ReceiveInto(
 absl::StatusOr<bool> ControlChannel::ReceiveIntoWithFd(
     google::protobuf::MessageLite* message, Fd* fd) {
   fd->Reset();
-  return ReceivePacket(message, fd);
+  std::vector<Fd> fds;
+  absl::StatusOr<bool> got = ReceivePacket(message, &fds);
+  // Only the first is handed out; the others close here.
+  if (got.ok() && *got && !fds.empty()) *fd = std::move(fds.front());
+  return got;
+}
+
+absl::StatusOr<bool> ControlChannel::ReceiveIntoWithFds(
+    google::protobuf::MessageLite* message, std::vector<Fd>* fds) {
+  fds->clear();
+  return ReceivePacket(message, fds);
 }
 
 absl::StatusOr<bool> ControlChannel::ReceivePacket(
-    google::protobuf::MessageLite* message, Fd* fd_out) {
+    google::protobuf::MessageLite* message, std::vector<Fd>* fds_out) {
   if (!fd_.valid())
     return absl::FailedPreconditionError("control channel is closed");
   if (connecting_) return false;
@@ -316,7 +346,7 @@ absl::StatusOr<bool> ControlChannel::ReceivePacket(
           absl::StrCat("malformed control packet (", n, " bytes): not a ",
                        message->GetTypeName(), "; dropped"));
     }
-    if (fd_out != nullptr && !fds.empty()) *fd_out = std::move(fds.front());
+    if (fds_out != nullptr) *fds_out = std::move(fds);
     return true;
   }
 }

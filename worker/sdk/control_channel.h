@@ -32,10 +32,12 @@
 #include <cstddef>
 #include <optional>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "google/protobuf/message_lite.h"
 #include "portfleet/v1/control.pb.h"
 #include "worker/sdk/base/fd.h"
@@ -104,6 +106,14 @@ class ControlChannel {
   // errors of Send() (EBADF and the like as their errno codes).
   absl::Status SendWithFd(const google::protobuf::MessageLite& message, int fd);
 
+  // Send() with every descriptor of `fds` attached to the same packet, in
+  // order (one SCM_RIGHTS record): e.g. both sockets of a proxied pair, so
+  // that they arrive together or not at all. The caller keeps them.
+  // InvalidArgument for a negative descriptor or more than
+  // kMaxFdsPerPacket; an empty `fds` is Send().
+  absl::Status SendWithFds(const google::protobuf::MessageLite& message,
+                           absl::Span<const int> fds);
+
   // Receives one pending message without blocking: nullopt when nothing is
   // pending, Unavailable on end-of-file (the peer closed its end),
   // InvalidArgument for a malformed or oversized packet (the packet is
@@ -146,6 +156,28 @@ class ControlChannel {
   absl::StatusOr<bool> ReceiveIntoWithFd(google::protobuf::MessageLite* message,
                                          Fd* fd);
 
+  // Receive() that takes every descriptor attached to the packet, in the
+  // order they were sent (SendWithFds): nullopt when nothing is pending,
+  // else the message and its descriptors (empty when it carried none), all
+  // FD_CLOEXEC. Errors and the packet limits as for ReceiveWithFd(); no
+  // error path leaves a descriptor open. The receiver checks how many it
+  // expected: a packet with more or fewer is the sender's error.
+  template <typename Message = v1::WorkerMessage>
+  absl::StatusOr<std::optional<std::pair<Message, std::vector<Fd>>>>
+  ReceiveWithFds() {
+    Message message;
+    std::vector<Fd> fds;
+    absl::StatusOr<bool> got = ReceiveIntoWithFds(&message, &fds);
+    if (!got.ok()) return got.status();
+    if (!*got) return std::optional<std::pair<Message, std::vector<Fd>>>();
+    return std::optional<std::pair<Message, std::vector<Fd>>>(
+        std::in_place, std::move(message), std::move(fds));
+  }
+
+  // Non-generic form of ReceiveWithFds(); `*fds` is cleared first.
+  absl::StatusOr<bool> ReceiveIntoWithFds(
+      google::protobuf::MessageLite* message, std::vector<Fd>* fds);
+
   // For registering with epoll/poll only; the channel keeps ownership.
   int fd() const { return fd_.get(); }
   // Gives up the channel's descriptor (the agent keeps it as a plain fd).
@@ -164,9 +196,11 @@ class ControlChannel {
 
  private:
   absl::Status SendPacket(const google::protobuf::MessageLite& message,
-                          int attached_fd);
+                          absl::Span<const int> attached);
+  // Every descriptor the packet carried goes to `*fds` when it is given,
+  // else they are closed.
   absl::StatusOr<bool> ReceivePacket(google::protobuf::MessageLite* message,
-                                     Fd* fd);
+                                     std::vector<Fd>* fds);
 
   Fd fd_;
   bool connecting_ = false;
