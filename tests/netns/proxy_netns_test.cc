@@ -561,9 +561,35 @@ TEST(ProxyNetnsTest, UpstreamRefusedResetsTheClientAndKeepsServing) {
   Front front;
   StartFront(front, absl::StrCat("127.0.0.1:", port));
   constexpr int kClients = 20;
+  // On loopback the worker can accept, find the upstream refused and reset
+  // the client before connect() has returned: connect() then fails with
+  // ECONNRESET, which is the same outcome seen early.
+  auto connect_or_reset = [&](bool* was_reset) {
+    Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    timeval tv{20, 0};
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    sockaddr_in to{};
+    to.sin_family = AF_INET;
+    to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    to.sin_port = htons(front.listener.port);
+    *was_reset = false;
+    if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&to), sizeof(to)) !=
+        0) {
+      EXPECT_EQ(errno, ECONNRESET) << std::strerror(errno);
+      *was_reset = errno == ECONNRESET;
+      return Fd();
+    }
+    return fd;
+  };
   int reset = 0;
   for (int i = 0; i < kClients; ++i) {
-    Fd c = Connect(front.listener.port);
+    bool reset_early;
+    Fd c = connect_or_reset(&reset_early);
+    if (reset_early) {
+      ++reset;
+      continue;
+    }
+    if (!c) continue;
     // The reset may meet the send (which then reports it, and recv sees
     // EOF after it) or the recv.
     int send_error = SendAll(c.get(), "hello") ? 0 : errno;
@@ -577,7 +603,13 @@ TEST(ProxyNetnsTest, UpstreamRefusedResetsTheClientAndKeepsServing) {
   // input of theirs cannot turn a FIN into a reset).
   int silent_reset = 0;
   for (int i = 0; i < kClients; ++i) {
-    Fd c = Connect(front.listener.port);
+    bool reset_early;
+    Fd c = connect_or_reset(&reset_early);
+    if (reset_early) {
+      ++silent_reset;
+      continue;
+    }
+    if (!c) continue;
     ReadResult r = ReadToEnd(c.get(), /*keep=*/true);
     if (!r.eof && r.error == ECONNRESET && r.data.empty()) ++silent_reset;
   }
