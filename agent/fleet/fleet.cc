@@ -98,7 +98,10 @@ void Fleet::SetAdoptees(std::vector<Adoptee> adoptees) {
 
 std::vector<v1::WorkerRecord> Fleet::WorkerRecords() const {
   std::vector<v1::WorkerRecord> out;
-  for (const auto& [name, listener] : listeners_) {
+  for (const auto& entry : listeners_) {
+    // Not a structured binding: clang 14 cannot capture one in a lambda.
+    const std::string& name = entry.first;
+    const Listener* listener = entry.second.get();
     for (const auto& shard : listener->shards) {
       if (shard->adopted) continue;
       auto add = [&](const Worker* w) {
