@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "worker/sdk/base/atomic_file.h"
 #include "worker/sdk/base/fd.h"
 #include "worker/sdk/base/status.h"
 
@@ -98,36 +99,8 @@ absl::Status RetireInstance(const std::string& state_dir,
   std::string text =
       absl::StrCat(kHeader, "\n", absl::StrJoin(list, "\n"), "\n");
 
-  const std::string path = RetiredPath(state_dir);
-  std::string tmp = absl::StrCat(path, ".tmp.XXXXXX");
-  Fd fd(::mkostemp(tmp.data(), O_CLOEXEC));
-  if (!fd) return ErrnoError(absl::StrCat("create temp file for ", path));
-  auto fail = [&tmp](absl::Status status) {
-    ::unlink(tmp.c_str());
-    return status;
-  };
-  if (::fchmod(fd.get(), 0640) != 0) {
-    return fail(ErrnoError(absl::StrCat("chmod ", tmp)));
-  }
-  size_t done = 0;
-  while (done < text.size()) {
-    ssize_t n = ::write(fd.get(), text.data() + done, text.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return fail(ErrnoError(absl::StrCat("write ", tmp)));
-    done += static_cast<size_t>(n);
-  }
-  if (::fsync(fd.get()) != 0) {
-    return fail(ErrnoError(absl::StrCat("fsync ", tmp)));
-  }
-  fd.Reset();
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    return fail(ErrnoError(absl::StrCat("rename ", tmp, " to ", path)));
-  }
-  Fd dir(::open(state_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!dir || ::fsync(dir.get()) != 0) {
-    return ErrnoError(absl::StrCat("fsync ", state_dir));
-  }
-  return absl::OkStatus();
+  return ReplaceFileAtomically(state_dir, kRetiredInstancesFileName, text, 0640,
+                               Durability::kPowerLoss);
 }
 
 }  // namespace portfleet

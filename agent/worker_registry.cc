@@ -12,6 +12,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "agent/procfs.h"
+#include "worker/sdk/base/atomic_file.h"
 #include "worker/sdk/base/fd.h"
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/base/status.h"
@@ -53,31 +54,9 @@ absl::Status SaveWorkerRegistry(const std::string& state_dir,
   if (::mkdir(state_dir.c_str(), 0750) != 0 && errno != EEXIST) {
     return ErrnoError(absl::StrCat("mkdir ", state_dir));
   }
-  const std::string path = RegistryPath(state_dir);
-  std::string tmp = absl::StrCat(path, ".tmp.XXXXXX");
-  Fd fd(::mkostemp(tmp.data(), O_CLOEXEC));
-  if (!fd) return ErrnoError(absl::StrCat("create temp file for ", path));
-  auto fail = [&](absl::Status status) {
-    ::unlink(tmp.c_str());
-    return status;
-  };
-  if (::fchmod(fd.get(), 0600) != 0) {
-    return fail(ErrnoError(absl::StrCat("chmod ", tmp)));
-  }
-  absl::string_view data = bytes;
-  while (!data.empty()) {
-    ssize_t n = ::write(fd.get(), data.data(), data.size());
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return fail(ErrnoError(absl::StrCat("write ", tmp)));
-    }
-    data.remove_prefix(static_cast<size_t>(n));
-  }
-  fd.Reset();
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    return fail(ErrnoError(absl::StrCat("rename ", tmp, " to ", path)));
-  }
-  return absl::OkStatus();
+  // No fsync: a power loss takes the workers with it.
+  return ReplaceFileAtomically(state_dir, kWorkerRegistryFileName, bytes, 0600,
+                               Durability::kProcessCrash);
 }
 
 bool StillRunning(const v1::WorkerRecord& record) {

@@ -15,6 +15,7 @@
 #include "agent/spec/spec.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
+#include "worker/sdk/base/atomic_file.h"
 #include "worker/sdk/base/fd.h"
 #include "worker/sdk/base/status.h"
 
@@ -36,18 +37,6 @@ class ErrorCollector : public google::protobuf::io::ErrorCollector {
  private:
   std::string error_;
 };
-
-absl::Status WriteAll(int fd, absl::string_view data, const std::string& path) {
-  while (!data.empty()) {
-    ssize_t n = ::write(fd, data.data(), data.size());
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoError(absl::StrCat("write ", path));
-    }
-    data.remove_prefix(static_cast<size_t>(n));
-  }
-  return absl::OkStatus();
-}
 
 absl::Status EnsureDir(const std::string& dir) {
   if (::mkdir(dir.c_str(), 0750) == 0) return absl::OkStatus();
@@ -82,30 +71,8 @@ absl::Status SaveFleetState(const std::string& state_dir,
   std::string text =
       absl::StrCat(kFleetStateHeader, "\n", body, kFleetStateEndMarker, "\n");
 
-  const std::string path = FleetStatePath(state_dir);
-  std::string tmp = absl::StrCat(path, ".tmp.XXXXXX");
-  Fd fd(::mkostemp(tmp.data(), O_CLOEXEC));
-  if (!fd) return ErrnoError(absl::StrCat("create temp file for ", path));
-  auto fail = [&](absl::Status status) {
-    ::unlink(tmp.c_str());
-    return status;
-  };
-  if (::fchmod(fd.get(), 0640) != 0) {
-    return fail(ErrnoError(absl::StrCat("chmod ", tmp)));
-  }
-  if (absl::Status s = WriteAll(fd.get(), text, tmp); !s.ok()) return fail(s);
-  if (::fsync(fd.get()) != 0)
-    return fail(ErrnoError(absl::StrCat("fsync ", tmp)));
-  fd.Reset();
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    return fail(ErrnoError(absl::StrCat("rename ", tmp, " to ", path)));
-  }
-  Fd dir(::open(state_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!dir) return ErrnoError(absl::StrCat("open ", state_dir));
-  if (::fsync(dir.get()) != 0) {
-    return ErrnoError(absl::StrCat("fsync ", state_dir));
-  }
-  return absl::OkStatus();
+  return ReplaceFileAtomically(state_dir, kFleetStateFileName, text, 0640,
+                               Durability::kPowerLoss);
 }
 
 absl::StatusOr<std::optional<v1::FleetSpec>> LoadFleetState(
