@@ -114,7 +114,8 @@ std::vector<v1::WorkerRecord> Fleet::WorkerRecords() const {
         // still the agent's).
         r.set_uid(shard->program.credentials ? shard->program.credentials->uid
                                              : ::geteuid());
-        r.set_socket_inode(shard->inode);
+        r.set_socket_inode(w->found_socket.valid() ? w->found_inode
+                                                   : shard->inode);
         out.push_back(std::move(r));
       };
       add(shard->worker.get());
@@ -348,11 +349,7 @@ absl::StatusOr<std::unique_ptr<Shard>> Fleet::NewShard(Listener& listener,
     shard->in_service = false;
     return shard;
   }
-  ShardSocketOptions socket_options{
-      .backlog = static_cast<int>(EffectiveBacklog(listener.spec)),
-      .defer_accept_seconds =
-          static_cast<int>(listener.spec.defer_accept_seconds())};
-  absl::StatusOr<Fd> sock = CreateShardSocket(listener.address, socket_options);
+  absl::StatusOr<Fd> sock = CreateListenerSocket(listener);
   if (!sock.ok()) {
     return Annotate(sock.status(), absl::StrCat("shard ", index));
   }

@@ -6,6 +6,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "agent/sockets.h"
+#include "agent/spec/spec.h"
 #include "worker/sdk/base/status.h"
 
 namespace portfleet {
@@ -83,6 +85,14 @@ void FleetContext::Emit(v1::EventType type, const std::string& listener,
                   .shard = shard,
                   .pid = pid,
                   .message = std::move(message)});
+}
+
+absl::StatusOr<Fd> CreateListenerSocket(const Listener& listener) {
+  ShardSocketOptions options{
+      .backlog = static_cast<int>(EffectiveBacklog(listener.spec)),
+      .defer_accept_seconds =
+          static_cast<int>(listener.spec.defer_accept_seconds())};
+  return CreateShardSocket(listener.address, options);
 }
 
 int PinnedCpu(const v1::Steering& steering, uint32_t index,

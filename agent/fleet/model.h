@@ -152,9 +152,10 @@ struct Worker {
   // agent looks for until it is found; why none was taken yet.
   bool self_bound = false;
   std::string socket_note;
-  // A self-bound rollout candidate's socket, found while the old worker
-  // still serves the shard's; it becomes the shard's when the candidate
-  // takes over (see Rollout::RollShard).
+  // A rollout candidate's own socket while the old worker still serves the
+  // shard's: a self-bound candidate's, once found; or one the agent opened
+  // for it (the old worker has no control channel, see Rollout::RollShard).
+  // It becomes the shard's when the candidate takes over.
   Fd found_socket;
   uint64_t found_inode = 0;
   uid_t found_uid = 0;
@@ -358,6 +359,10 @@ SteeringTables PlanBaselineTables(const Listener& listener);
 
 // Writes PlanTables(listener) (no-op without BPF or without a live shard).
 absl::Status ApplySteering(Listener& listener);
+
+// A new listening socket on the listener's address with its options
+// (backlog, TCP_DEFER_ACCEPT), in the listener's reuseport group.
+absl::StatusOr<Fd> CreateListenerSocket(const Listener& listener);
 
 }  // namespace portfleet
 

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "worker/sdk/base/log.h"
+#include "worker/sdk/base/status.h"
 
 namespace portfleet {
 
@@ -201,21 +202,49 @@ void Rollout::RollShard(FleetContext* ctx, Supervisor* supervisor,
         listener.Name(shard), ": a rollout is already in progress")));
     return;
   }
+  // An old worker without a control channel is asked to stop with SIGTERM
+  // only; a server that ignores it (a pre-fork child that does not check)
+  // would go on taking new connections from a shared socket until the drain
+  // timeout SIGKILLs it, connections in hand included. With BPF steering its
+  // successor gets a socket of its own instead: when the successor is ready,
+  // the shard's slot names the new socket and the old one is shut down (its
+  // queue migrates), so the old version gets no new connection after that.
+  Fd own_socket;
+  const Worker* serving = shard.worker.get();
+  if (!IsSelfBound(program.spec) && listener.steering != nullptr &&
+      serving != nullptr && !serving->hello && !serving->self_bound &&
+      shard.socket.valid()) {
+    absl::StatusOr<Fd> socket = CreateListenerSocket(listener);
+    if (!socket.ok()) {
+      done(Annotate(
+          socket.status(),
+          absl::StrCat(listener.Name(shard), ": socket for the new worker")));
+      return;
+    }
+    own_socket = std::move(*socket);
+  }
   absl::StatusOr<std::unique_ptr<Worker>> candidate =
-      supervisor->Launch(listener, shard, program);
+      supervisor->Launch(listener, shard, program, std::move(own_socket));
   if (!candidate.ok()) {
     done(candidate.status());
     return;
   }
   shard.candidate = std::move(*candidate);
   Worker* c = shard.candidate.get();
+  std::string where;
+  if (c->self_bound) {
+    where = " (it binds its own socket)";
+  } else if (c->found_socket.valid()) {
+    where = absl::StrCat(
+        " on its own socket inode ", c->found_inode,
+        " (the old worker has no control channel: its socket inode ",
+        shard.inode, " is shut down once the new one is ready)");
+  } else {
+    where = absl::StrCat(" on socket inode ", shard.inode);
+  }
   PF_LOG(INFO) << listener.Name(shard) << ": new worker pid " << c->process.pid
-               << " started beside pid "
-               << (shard.worker ? shard.worker->process.pid : 0)
-               << (c->self_bound
-                       ? std::string(" (it binds its own socket)")
-                       : absl::StrCat(" on socket inode ", shard.inode))
-               << "; waiting for it to be ready";
+               << " started beside pid " << (serving ? serving->process.pid : 0)
+               << where << "; waiting for it to be ready";
   Listener* l = &listener;
   Shard* s = &shard;
   supervisor->AwaitReady(*c, [ctx, supervisor, l, s, c, program,
@@ -232,7 +261,8 @@ void Rollout::RollShard(FleetContext* ctx, Supervisor* supervisor,
     std::unique_ptr<Worker> fresh = std::move(s->candidate);
     for (EventLoop::TimerId t : fresh->timers) ctx->loop->CancelTimer(t);
     fresh->timers.clear();
-    // Self-bound: the new worker's own socket replaces the old one.
+    // A self-bound worker's socket, or the one opened for it above,
+    // replaces the old one.
     supervisor->SwapInCandidateSocket(*l, *s, *fresh);
     std::unique_ptr<Worker> old = std::move(s->worker);
     supervisor->CancelRestart(*s);

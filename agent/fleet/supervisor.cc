@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "agent/fleet/selfbound.h"
+#include "agent/sockets.h"
 #include "agent/spec/spec.h"
 #include "portfleet/v1/control.pb.h"
 #include "worker/sdk/base/log.h"
@@ -186,7 +187,8 @@ std::vector<pid_t> Supervisor::RemnantGroups(const Shard& shard) const {
 }
 
 absl::StatusOr<std::unique_ptr<Worker>> Supervisor::Launch(
-    Listener& listener, Shard& shard, const ResolvedWorker& program) {
+    Listener& listener, Shard& shard, const ResolvedWorker& program,
+    Fd own_socket) {
   if (IsSelfBound(program.spec)) {
     return LaunchSelfBound(listener, shard, program,
                            WorkerEnv(ctx_->options, listener, shard, program));
@@ -205,7 +207,7 @@ absl::StatusOr<std::unique_ptr<Worker>> Supervisor::Launch(
   launch.argv.push_back(program.spec.command());
   for (const std::string& a : program.spec.args()) launch.argv.push_back(a);
   launch.env = WorkerEnv(ctx_->options, listener, shard, program);
-  launch.listen_fd = shard.socket.get();
+  launch.listen_fd = own_socket.valid() ? own_socket.get() : shard.socket.get();
   launch.control_fd = worker_end.get();
   launch.cpu = shard.cpu;
   launch.credentials = program.credentials;
@@ -219,6 +221,11 @@ absl::StatusOr<std::unique_ptr<Worker>> Supervisor::Launch(
   worker->process = std::move(*process);
   worker->control.emplace(std::move(agent_end));
   worker->started = ctx_->Now();
+  if (own_socket.valid()) {
+    worker->found_inode = SocketInodeOf(own_socket.get()).value_or(0);
+    worker->found_uid = ::geteuid();
+    worker->found_socket = std::move(own_socket);
+  }
   if (absl::Status watched = Watch(listener, shard, *worker); !watched.ok()) {
     ctx_->launcher->Signal(worker->process, SIGKILL);
     return watched;

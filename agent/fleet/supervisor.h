@@ -35,11 +35,13 @@ class Supervisor {
   // backoff as after a crash (at start-up: one bad shard must not fail its
   // listener, whose other workers may have been re-adopted).
   void StartOrRetry(Listener& listener, Shard& shard);
-  // Starts `program` on the shard's socket and watches it; the caller decides
-  // what it becomes (a rollout's candidate).
+  // Starts `program` on the shard's socket (or on `own_socket`, which it
+  // keeps as its found_socket) and watches it; the caller decides what it
+  // becomes (a rollout's candidate).
   absl::StatusOr<std::unique_ptr<Worker>> Launch(Listener& listener,
                                                  Shard& shard,
-                                                 const ResolvedWorker& program);
+                                                 const ResolvedWorker& program,
+                                                 Fd own_socket = Fd());
   // Supervises a worker of a previous agent that reconnected and handed its
   // socket back (the shard already holds that socket).
   absl::Status Adopt(Listener& listener, Shard& shard, Adoptee adoptee);

@@ -201,7 +201,7 @@ void Supervisor::SwapInCandidateSocket(Listener& listener, Shard& shard,
   Fd old = std::move(shard.socket);
   shard.socket = std::move(fresh.found_socket);
   shard.inode = fresh.found_inode;
-  shard.socket_uid = fresh.found_uid;
+  if (fresh.self_bound) shard.socket_uid = fresh.found_uid;
   if (listener.steering) {
     absl::Status s = listener.steering->AttachTo(shard.socket.get());
     if (s.ok() && shard.in_service && !shard.health.ejected &&

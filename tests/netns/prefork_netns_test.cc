@@ -148,10 +148,14 @@ void StartAndAwaitReady(AgentHarness& agent, const std::string& spec,
 //    and whose children keep serving for 30 s (they do not check), drain
 //    timeout 2 s; load at 100 connections/s.
 // 2. Roll out a new version.
-// 3. Within the drain timeout (plus margin) every process of the old version
+// 3. As soon as the rollout returns, while the old children still run, 20
+//    new connections are all answered by the new version (the old socket
+//    was shut down: children that ignore SIGTERM get nothing new, so the
+//    drain timeout's SIGKILL finds no connection in hand).
+// 4. Within the drain timeout (plus margin) every process of the old version
 //    is gone; 20 new connections are all answered by the new version; the
 //    load saw no failure.
-// 4. SIGTERM the agent: it exits 0 and no process is left in the namespace.
+// 5. SIGTERM the agent: it exits 0 and no process is left in the namespace.
 TEST(PreforkNetnsTest, RolloutAndStopKillTheWholeTreeWhenTheParentLeavesFirst) {
   PF_ENTER_NETNS_OR_SKIP();
   WidenPortRange();
@@ -171,6 +175,12 @@ TEST(PreforkNetnsTest, RolloutAndStopKillTheWholeTreeWhenTheParentLeavesFirst) {
   absl::SleepFor(absl::Milliseconds(300));
   grpc::Status r = RollOut(*s.stub, PreforkArgs("2", "exit", "linger"));
   ASSERT_TRUE(r.ok()) << r.error_message() << "\n" << agent.Log();
+  ASSERT_TRUE(AnyAlive(old_tree)) << "the old children should still linger";
+  Tally early = Probe(20);
+  EXPECT_EQ(early.failed, 0) << early.first_error;
+  EXPECT_EQ(AnswersFrom(early, old_tree), 0)
+      << "the old version still took new connections after the rollout\n"
+      << agent.Log();
   EXPECT_TRUE(WaitFor([&] { return !AnyAlive(old_tree); }, absl::Seconds(5)))
       << "old processes still alive after the drain timeout\n"
       << agent.Log();

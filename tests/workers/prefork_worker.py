@@ -53,6 +53,12 @@ def serve_child(sock, args, listener, shard):
             conn, _ = sock.accept()
         except (BlockingIOError, InterruptedError):
             continue
+        except OSError:
+            # The socket was shut down (the agent does that to an old
+            # version's socket in a rollout): a child that does not check
+            # just idles until it is told or killed.
+            time.sleep(0.1)
+            continue
         try:
             conn.setblocking(True)
             conn.settimeout(5)
