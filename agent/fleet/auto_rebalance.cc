@@ -193,6 +193,7 @@ void AutoRebalancer::Check(Listener& listener, State& state) {
                                  "threshold %.2f",
                                  ShortName(settings.metric), o.imbalance,
                                  settings.threshold));
+      state.last_refusals.clear();  // said again once per episode
       RunStep(listener, state, settings, o.imbalance, true);
       return;
     case Action::kStep:
@@ -253,7 +254,9 @@ void AutoRebalancer::RunStep(Listener& listener, State& state,
         it->second.step_ended = ctx_->Now();
         it->second.policy.StepEnded(ctx_->Now());
       },
-      RebalanceLimits{.max_moves = settings.max_moves, .origin = "auto"});
+      RebalanceLimits{.max_moves = settings.max_moves,
+                      .origin = "auto",
+                      .last_refusals = &state.last_refusals});
 }
 
 }  // namespace portfleet

@@ -92,6 +92,8 @@ class AutoRebalancer {
     // load was reported and measured after this.
     absl::Time step_ended = absl::InfinitePast();
     bool noted_refusal = false;  // said once why it cannot act
+    // The refusals of the last step, reported once (RebalanceLimits).
+    std::string last_refusals;
   };
   void Check(Listener& listener, State& state);
   // Why the listener is not stable enough for a step; empty if it is.

@@ -437,15 +437,21 @@ absl::StatusOr<SteeringStep> Steer(const FleetContext& ctx, Listener& listener,
   }
   ExpectAfter(transfers, planned, planned_load, &resp);
   if (!request.dry_run()) listener.rebalance_refusals += resp.refusals_size();
-  if (!request.dry_run() && resp.refusals_size() > 0) {
+  if (!request.dry_run()) {
     std::vector<std::string> why;
     for (const v1::RebalanceRefusal& r : resp.refusals()) {
       why.push_back(r.shard() < 0
                         ? r.reason()
                         : absl::StrCat("shard ", r.shard(), ": ", r.reason()));
     }
-    ctx.Emit(v1::EVENT_TYPE_REBALANCE_REFUSED, listener, -1, 0,
-             Prefixed(limits, absl::StrJoin(why, "; ")));
+    std::string joined = absl::StrJoin(why, "; ");
+    const bool repeated =
+        limits.last_refusals != nullptr && *limits.last_refusals == joined;
+    if (limits.last_refusals != nullptr) *limits.last_refusals = joined;
+    if (!joined.empty() && !repeated) {
+      ctx.Emit(v1::EVENT_TYPE_REBALANCE_REFUSED, listener, -1, 0,
+               Prefixed(limits, joined));
+    }
   }
   if (request.dry_run()) {
     return SteeringStep{.resp = std::move(resp),

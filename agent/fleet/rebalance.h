@@ -161,6 +161,12 @@ struct RebalanceLimits {
   // Who asked, at the start of the events' messages ("auto: ...");
   // empty = the operator (RebalanceListener).
   std::string origin;
+  // The auto rebalancer's memory of the refusals it last reported: when set,
+  // REBALANCE_REFUSED is emitted only when the refusals differ from it (a
+  // listener with a worker that cannot hand off would otherwise say the same
+  // every period); it is updated. Refusals are counted either way. Used
+  // during the call only.
+  std::string* last_refusals = nullptr;
 };
 
 // One-shot rebalance of `listener` (see RebalanceListener in agent.proto):

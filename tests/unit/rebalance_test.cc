@@ -1173,6 +1173,46 @@ TEST_F(FleetAutoRebalanceTest, AStepHandsOffAtMostMaxMoves) {
   EXPECT_EQ(fleet_->ListenerStatusOf("web")->rebalance_connections_moved, 50u);
 }
 
+// Steps: 3 shards, auto on; shards 1-2 hand off, shard 0's worker cannot
+// (no hello) and holds every connection, so every step refuses it the same
+// way.
+// 1. Four periods above the threshold: four steps, one REBALANCE_REFUSED
+//    (not one per step), and every step's refusal is counted.
+// 2. Even loads settle; a new episode says it once more.
+TEST_F(FleetAutoRebalanceTest, ARepeatedRefusalIsReportedOncePerEpisode) {
+  launcher_.auto_ready = false;
+  ASSERT_TRUE(fleet_->AddListener(Spec(3, kAuto)).ok());
+  Settle();
+  std::vector<FakeLauncher::Process*> w = launcher_.Running();
+  ASSERT_EQ(w.size(), 3u);
+  for (size_t i = 0; i < w.size(); ++i) {
+    if (i > 0) {
+      v1::WorkerMessage hello;
+      hello.mutable_hello()->set_pid(w[i]->pid);
+      hello.mutable_hello()->set_handoff(true);
+      ASSERT_TRUE(w[i]->channel->Send(hello).ok());
+    }
+    launcher_.SendReady(*w[i]);
+  }
+  Settle();
+  events_.clear();
+  for (int i = 0; i < 4; ++i) Observe({300, 0, 0}, 2);
+  ListenerStatus st = *fleet_->ListenerStatusOf("web");
+  ASSERT_GE(st.auto_rebalance_steps, 3u);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_REFUSED,
+                  "auto: shard 0: worker cannot hand off"),
+            1);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_REFUSED), 1);
+  EXPECT_EQ(st.rebalance_refusals, st.auto_rebalance_steps)
+      << "each step's refusal is still counted";
+
+  Observe({100, 100, 100}, 2);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_AUTO_SETTLED), 1);
+  for (int i = 0; i < 2; ++i) Observe({300, 0, 0}, 2);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_AUTO_STARTED), 2);
+  EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_REFUSED), 2);
+}
+
 // Steps: 2 shards, auto on, shard 0 holds everything for half a period;
 // scale to 3 with a worker that is slow to be ready: no step while it
 // starts, though the period passes; once it is ready, a step at once.
