@@ -179,14 +179,40 @@ def conn_run(build, port, seconds):
             "busy": busy / max(1e-9, wall * os.cpu_count())}
 
 
-def bulk_run(build, port, seconds):
-    out, busy, wall = run_measured([
+def shard_split(build, api, listener):
+    """Open connections per shard of `listener` ("5/3"), from the agent."""
+    out = subprocess.run(
+        [f"{build}/ctl/portfleetctl", "--api", f"unix://{api}", "get",
+         "shards", listener, "-o", "json"],
+        capture_output=True, text=True, timeout=10)
+    if out.returncode != 0:
+        return "?"
+    doc = json.loads(out.stdout)
+    shards = doc.get("shards", doc) if isinstance(doc, dict) else doc
+    counts = [int(s.get("load", {}).get("connections", 0)) for s in shards]
+    return "/".join(str(c) for c in counts)
+
+
+def bulk_run(build, port, seconds, split_of=None):
+    """`split_of`: (api socket, listener) to read the connections per shard
+    of a portfleet listener halfway through the run."""
+    t0, i0 = cpu_times()
+    proc = subprocess.Popen([
         f"{build}/tests/portfleet-proxy-bulk", "--target",
         f"127.0.0.1:{port}", "--connections", "8", "--threads", "2",
-        "--seconds", str(seconds)])
-    r = json.loads(out.stdout)
+        "--seconds", str(seconds)], stdout=subprocess.PIPE, text=True)
+    split = "-"
+    if split_of:
+        time.sleep(seconds / 2)
+        split = shard_split(build, *split_of)
+    stdout, _ = proc.communicate(timeout=600)
+    t1, i1 = cpu_times()
+    ticks = os.sysconf("SC_CLK_TCK")
+    busy = ((t1 - t0) - (i1 - i0)) / ticks
+    wall = (t1 - t0) / ticks / os.cpu_count()
+    r = json.loads(stdout)
     return {"rate": r["mib_per_s"], "failures": r["errors"],
-            "first_error": r["first_error"],
+            "first_error": r["first_error"], "split": split,
             "cpu_us": busy * 1e6 / max(1.0, r["echoed_bytes"] / (1 << 20)),
             "busy": busy / max(1e-9, wall * os.cpu_count())}
 
@@ -216,6 +242,10 @@ def table(title, unit, pairs):
     lines.append(f"Rate ratio portfleet/HAProxy: **{ratios(pairs, 'rate')}**; "
                  f"CPU per unit HAProxy/portfleet (above 1: portfleet "
                  f"cheaper): {ratios(pairs, 'cpu_us', invert=True)}.")
+    if "split" in pairs[0][0]:
+        lines.append(
+            "Connections per proxy shard, portfleet (read halfway): " +
+            ", ".join(a["split"] for a, _ in pairs) + ".")
     if "p99" in pairs[0][0]:
         lines.append(
             "p99 latency ms (pf / ha): " + ", ".join(
@@ -239,11 +269,12 @@ def main():
         return 2
     build = os.path.abspath(args.build)
     for b in ("worker/portfleet-worker", "agent/portfleet-agent",
-              "tests/portfleet-loadgen", "tests/portfleet-proxy-bulk"):
+              "ctl/portfleetctl", "tests/portfleet-loadgen",
+              "tests/portfleet-proxy-bulk"):
         if not os.access(os.path.join(build, b), os.X_OK):
             log(f"proxy_bench.py: {build}/{b} is missing; build it: cmake "
                 f"--build {build} --target portfleet-worker portfleet-agent "
-                "portfleet-loadgen portfleet-proxy-bulk")
+                "portfleetctl portfleet-loadgen portfleet-proxy-bulk")
             return 2
     if not args.in_netns:
         haproxy = ensure_haproxy()
@@ -290,13 +321,16 @@ def main():
         conn_run(build, PORTS["ha-http"], 2)
         bulk_run(build, PORTS["pf-echo"], 2)
         bulk_run(build, PORTS["ha-echo"], 2)
+        api = os.path.join(tmp, "api.sock")
         conn_pairs, bulk_pairs = [], []
         for i in range(args.pairs):
             for kind, runner, pf, ha, out in (
                     ("conn", conn_run, "pf-http", "ha-http", conn_pairs),
                     ("bulk", bulk_run, "pf-echo", "ha-echo", bulk_pairs)):
                 wait_idle()
-                a = runner(build, PORTS[pf], args.seconds)
+                a = (runner(build, PORTS[pf], args.seconds,
+                            split_of=(api, "pf-echo")) if kind == "bulk"
+                     else runner(build, PORTS[pf], args.seconds))
                 wait_idle()
                 b = runner(build, PORTS[ha], args.seconds)
                 log(f"pair {i + 1} {kind}: portfleet {a['rate']:.0f}, "
