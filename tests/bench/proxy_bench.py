@@ -182,7 +182,7 @@ def conn_run(build, port, seconds):
 def shard_split(build, api, listener):
     """Open connections per shard of `listener` ("5/3"), from the agent."""
     out = subprocess.run(
-        [f"{build}/ctl/portfleetctl", "--api", f"unix://{api}", "get",
+        [f"{build}/ctl/portfleetctl", "--server", f"unix://{api}", "get",
          "shards", listener, "-o", "json"],
         capture_output=True, text=True, timeout=10)
     if out.returncode != 0:
@@ -259,6 +259,8 @@ def main():
     ap.add_argument("--build", default=os.path.join(REPO, "build"))
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--only", choices=["conn", "bulk"],
+                    help="run one of the two measurements")
     ap.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -281,7 +283,8 @@ def main():
         return subprocess.call(
             ["unshare", "-n", sys.executable, os.path.abspath(__file__),
              "--in-netns", "--build", build, "--pairs", str(args.pairs),
-             "--seconds", str(args.seconds)],
+             "--seconds", str(args.seconds)] +
+            (["--only", args.only] if args.only else []),
             env=dict(os.environ, PORTFLEET_HAPROXY=haproxy))
     haproxy = os.environ.get("PORTFLEET_HAPROXY", "/usr/sbin/haproxy")
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
@@ -327,6 +330,8 @@ def main():
             for kind, runner, pf, ha, out in (
                     ("conn", conn_run, "pf-http", "ha-http", conn_pairs),
                     ("bulk", bulk_run, "pf-echo", "ha-echo", bulk_pairs)):
+                if args.only and kind != args.only:
+                    continue
                 wait_idle()
                 a = (runner(build, PORTS[pf], args.seconds,
                             split_of=(api, "pf-echo")) if kind == "bulk"
@@ -340,12 +345,15 @@ def main():
         print(f"{args.pairs} pairs × {args.seconds} s, A (portfleet) then B "
               f"(HAProxy) in each pair; {version}; {os.cpu_count()} CPUs; "
               "both proxies to the same backend workers (2 shards each).\n")
-        print(table("New connections/s (HTTP, one request per connection, "
-                    "32 in flight, 2 client threads; CPU in µs of machine "
-                    "time per connection)", "conn/s", conn_pairs))
-        print(table("Bulk throughput (8 connections echoed through the "
-                    "proxy, MiB/s echoed; CPU in µs of machine time per "
-                    "MiB)", "MiB/s", bulk_pairs))
+        if conn_pairs:
+            print(table("New connections/s (HTTP, one request per "
+                        "connection, 32 in flight, 2 client threads; CPU in "
+                        "µs of machine time per connection)", "conn/s",
+                        conn_pairs))
+        if bulk_pairs:
+            print(table("Bulk throughput (8 connections echoed through the "
+                        "proxy, MiB/s echoed; CPU in µs of machine time per "
+                        "MiB)", "MiB/s", bulk_pairs))
         failed = sum(a["failures"] + b["failures"]
                      for a, b in conn_pairs + bulk_pairs)
         return 1 if failed else 0
