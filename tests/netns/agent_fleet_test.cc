@@ -503,9 +503,11 @@ TEST(AgentFleetTest, WorkersOfAnotherUserAreReadoptedWithoutPtrace) {
   agent.process().Signal(SIGTERM);
   EXPECT_TRUE(agent.process().Wait(absl::Seconds(20)).has_value())
       << agent.Log();
-  for (const auto& [shard, pid] : workers) {
+  for (const auto& entry : workers) {
+    // Not a structured binding: clang 14 cannot capture one in a lambda.
+    const pid_t pid = entry.second;
     EXPECT_TRUE(WaitFor([&] { return !ProcessExists(pid); }, absl::Seconds(5)))
-        << "worker " << pid << " of shard " << shard
+        << "worker " << pid << " of shard " << entry.first
         << " left running after the stop\n"
         << agent.Log();
   }
