@@ -41,6 +41,20 @@ struct {
 } spill SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, PF_GENERATIONS);
+	__type(key, __u32);
+	__type(value, struct pf_least);
+} least SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pf_conns);
+} conns SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, PF_COUNTER_SLOTS);
 	__type(key, __u32);
@@ -65,9 +79,18 @@ static __always_inline void count(__u32 shard, enum pf_outcome outcome)
 		c->fallback++;
 }
 
+/* LEAST_CONNECTIONS (cnt set): one more connection on `shard` until the
+ * agent writes the next measured count. */
+static __always_inline void add_connection(struct pf_conns *cnt, __u32 shard)
+{
+	if (cnt && shard < PF_MAX_SHARDS)
+		__sync_fetch_and_add(&cnt->count[shard], 1);
+}
+
 /* Migration: the intended shard may be the one going away; take the first
  * live shard after it. */
-static __always_inline int migrate(struct sk_reuseport_md *reuse, __u32 shard)
+static __always_inline int migrate(struct sk_reuseport_md *reuse, __u32 shard,
+				   struct pf_conns *cnt)
 {
 	__u32 i, key;
 
@@ -75,6 +98,7 @@ static __always_inline int migrate(struct sk_reuseport_md *reuse, __u32 shard)
 		key = (shard + i) & (PF_MAX_SHARDS - 1);
 		if (bpf_sk_select_reuseport(reuse, &shards, &key, 0) == 0) {
 			count(key, PF_MIGRATED);
+			add_connection(cnt, key);
 			return SK_PASS;
 		}
 	}
@@ -87,8 +111,9 @@ int pf_steer(struct sk_reuseport_md *reuse)
 {
 	struct pf_generation *gen = NULL;
 	struct pf_spill *spl = NULL;
+	struct pf_conns *cnt = NULL;
 	struct pf_config *cfg;
-	__u32 zero = 0, active, shard;
+	__u32 zero = 0, active = 0, shard, least_shard = PF_NO_SHARD;
 	/* Read the context once: the verifier rejects ctx pointer arithmetic. */
 	__u32 hash = reuse->hash;
 	int migrating = reuse->migrating_sk != NULL;
@@ -99,17 +124,27 @@ int pf_steer(struct sk_reuseport_md *reuse)
 		gen = bpf_map_lookup_elem(&generations, &active);
 		spl = bpf_map_lookup_elem(&spill, &active);
 	}
-	shard = pf_select_shard(gen, spl, hash, bpf_get_smp_processor_id());
+	if (gen && gen->policy == PF_POLICY_LEAST) {
+		cnt = bpf_map_lookup_elem(&conns, &zero);
+		least_shard = pf_select_least(gen,
+					      bpf_map_lookup_elem(&least, &active),
+					      cnt, hash);
+	}
+	shard = least_shard != PF_NO_SHARD ?
+			least_shard :
+			pf_select_shard(gen, spl, hash,
+					bpf_get_smp_processor_id());
 
 	if (migrating)
-		return migrate(reuse, shard == PF_NO_SHARD ? hash : shard);
+		return migrate(reuse, shard == PF_NO_SHARD ? hash : shard, cnt);
 	if (shard == PF_NO_SHARD) {
 		count(shard, PF_FALLBACK);
 		return SK_PASS;
 	}
-	if (bpf_sk_select_reuseport(reuse, &shards, &shard, 0) == 0)
+	if (bpf_sk_select_reuseport(reuse, &shards, &shard, 0) == 0) {
 		count(shard, PF_SELECTED);
-	else
+		add_connection(cnt, shard);
+	} else
 		count(shard, PF_FALLBACK); /* empty slot or closed socket */
 	return SK_PASS;
 }

@@ -12,6 +12,8 @@
  *   config       ARRAY[1] of struct pf_config         active generation
  *   counters     PERCPU_ARRAY[PF_COUNTER_SLOTS] of struct pf_counters
  *   spill        ARRAY[2] of struct pf_spill          per generation
+ *   least        ARRAY[2] of struct pf_least          per generation
+ *   conns        ARRAY[1] of struct pf_conns          connections per shard
  *
  * A table rewrite fills the inactive generation (policy, indirection table,
  * CPU table, and its spill entry) and then flips the single word
@@ -25,6 +27,8 @@
  * other maps with it) under live traffic. A separate map keeps every existing
  * map's layout: an upgraded agent reuses the old pins as they are and only
  * adds "spill" (all zero: no spill, today's behaviour) to the directory.
+ * "least" and "conns" (the LEAST_CONNECTIONS policy) came later for the same
+ * reason; all zero they are never read (no generation names that policy).
  */
 #ifndef PORTFLEET_BPF_STEERING_SHARED_H_
 #define PORTFLEET_BPF_STEERING_SHARED_H_
@@ -54,6 +58,7 @@ enum pf_policy {
 	PF_POLICY_NONE = 0, /* nothing applied yet: kernel's own hash */
 	PF_POLICY_HASH = 1, /* flow hash -> indirection table */
 	PF_POLICY_CPU = 2,  /* SYN's CPU -> that CPU's shards (by hash) */
+	PF_POLICY_LEAST = 3, /* fewest connections per weight (pf_least) */
 };
 
 /* The shards of one CPU: cpu_shards[first .. first + count). */
@@ -81,6 +86,27 @@ struct pf_spill {
 	__u16 share[PF_MAX_CPUS]; /* 0 .. PF_SPILL_SCALE */
 };
 
+/*
+ * LEAST_CONNECTIONS policy: each shard's weight (0 = no new connections),
+ * entry k for generation k, written with it; the shard with the fewest
+ * connections per unit of weight gets the next one. The generation's
+ * indirection table (built from the same weights) is the fallback when no
+ * shard has a weight.
+ */
+struct pf_least {
+	__u32 weight[PF_MAX_SHARDS];
+};
+
+/*
+ * LEAST_CONNECTIONS policy: connections per shard. The agent writes the
+ * count it measured (worker load reports, or the kernel's) every load
+ * period; the program adds one for each connection it steers in between,
+ * so a burst of new connections spreads before the next measurement.
+ */
+struct pf_conns {
+	__u64 count[PF_MAX_SHARDS];
+};
+
 struct pf_config {
 	__u32 active; /* generation the program reads: 0 or 1 */
 	__u32 pad;
@@ -105,7 +131,9 @@ static __always_inline int pf_spills(const struct pf_spill *spill, __u32 hash,
 /*
  * The selection decision: a shard index, or PF_NO_SHARD when nothing is
  * configured (the program then lets the kernel choose). `spill` (of the same
- * generation as `gen`; may be NULL) applies to the CPU policy only.
+ * generation as `gen`; may be NULL) applies to the CPU policy only. Under
+ * LEAST_CONNECTIONS this is the indirection table's choice, the fallback of
+ * pf_select_least below.
  */
 static __always_inline __u32 pf_select_shard(const struct pf_generation *gen,
 					     const struct pf_spill *spill,
@@ -128,13 +156,56 @@ static __always_inline __u32 pf_select_shard(const struct pf_generation *gen,
 		}
 		/* no shard pinned to this CPU, or spilled: the table */
 	} else if (gen->policy != PF_POLICY_HASH &&
-		   gen->policy != PF_POLICY_CPU) {
+		   gen->policy != PF_POLICY_CPU &&
+		   gen->policy != PF_POLICY_LEAST) {
 		return PF_NO_SHARD;
 	}
 	shard = gen->table[hash & (PF_TABLE_SIZE - 1)];
 	if (shard >= PF_MAX_SHARDS)
 		return PF_NO_SHARD;
 	return shard;
+}
+
+/*
+ * LEAST_CONNECTIONS: the shard with the fewest connections per unit of
+ * weight (count_a * weight_b < count_b * weight_a; counts and weights stay
+ * far below 2^32, so the products fit). The scan starts at a shard chosen
+ * by the flow hash, so that ties (an idle listener) spread like the hash
+ * does instead of all going to shard 0. PF_NO_SHARD when no shard has a
+ * weight or a map is missing: the caller then uses the indirection table.
+ */
+static __always_inline __u32 pf_select_least(const struct pf_generation *gen,
+					     const struct pf_least *least,
+					     const struct pf_conns *conns,
+					     __u32 hash)
+{
+	__u32 n, start, i, idx, best = PF_NO_SHARD;
+	__u64 best_count = 0, best_weight = 0, c, w;
+
+	if (!gen || !least || !conns)
+		return PF_NO_SHARD;
+	n = gen->num_shards;
+	if (n == 0 || n > PF_MAX_SHARDS)
+		return PF_NO_SHARD;
+	start = hash % n;
+	for (i = 0; i < PF_MAX_SHARDS; i++) {
+		if (i >= n)
+			break;
+		idx = start + i;
+		if (idx >= n)
+			idx -= n;
+		idx &= PF_MAX_SHARDS - 1;
+		w = least->weight[idx];
+		if (w == 0)
+			continue;
+		c = conns->count[idx];
+		if (best == PF_NO_SHARD || c * best_weight < best_count * w) {
+			best = idx;
+			best_count = c;
+			best_weight = w;
+		}
+	}
+	return best;
 }
 
 #endif /* PORTFLEET_BPF_STEERING_SHARED_H_ */

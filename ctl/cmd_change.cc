@@ -272,20 +272,23 @@ void AddChangeCommands(std::vector<CommandSpec>* commands) {
       .description =
           "Sets how new connections are spread over a listener's shards:\n"
           "cpu sends each to the shard pinned to the CPU that received the\n"
-          "SYN; hash uses the flow hash, optionally weighted.\n",
+          "SYN; hash uses the flow hash, optionally weighted;\n"
+          "least-connections sends each to the shard with the fewest open\n"
+          "connections (per weight), for long-lived connections.\n",
       .flags = {{.name = "policy",
                  .value = "POLICY",
-                 .help = "cpu or hash",
+                 .help = "cpu, hash or least-connections",
                  .choices = ShortEnumNames(v1::SteeringPolicy_descriptor()),
                  .required = true},
                 {.name = "weights",
                  .value = "W1,W2,...",
-                 .help = "one weight per shard (hash only; 0 = no new\n"
-                         "connections)"}},
+                 .help = "one weight per shard (hash and\n"
+                         "least-connections; 0 = no new connections)"}},
       .formats = ChangeFormats(),
       .examples = {{"",
                     "portfleetctl steer web --policy hash --weights 1,1,2,2"},
-                   {"", "portfleetctl steer web --policy cpu"}},
+                   {"", "portfleetctl steer web --policy cpu"},
+                   {"", "portfleetctl steer web --policy least-connections"}},
       .run = RunSteer,
   });
 }

@@ -246,8 +246,10 @@ absl::StatusOr<std::unique_ptr<Listener>> Fleet::PrepareListener(
       ResolveWorker(spec.worker(), ctx_.options.worker_allowlist);
   if (!program.ok()) return Annotate(program.status(), "listener " + name);
   listener->program = std::move(*program);
-  bool wants_steering = spec.steering().policy() == v1::STEERING_POLICY_CPU ||
-                        spec.steering().weights_size() > 0;
+  bool wants_steering =
+      spec.steering().policy() == v1::STEERING_POLICY_CPU ||
+      spec.steering().policy() == v1::STEERING_POLICY_LEAST_CONNECTIONS ||
+      spec.steering().weights_size() > 0;
   if (ctx_.steering == nullptr && wants_steering) {
     PF_LOG(WARNING) << "listener " << name
                     << ": steering in the spec is not applied: BPF steering is "

@@ -154,6 +154,16 @@ void LoadMonitor::MeasureListener(Listener& listener) {
                   .requests = load.requests_total()};
     shard->load = std::move(load);
   }
+  if (listener.steering && listener.spec.steering().policy() ==
+                               v1::STEERING_POLICY_LEAST_CONNECTIONS) {
+    absl::Status s = WriteConnectionCounts(listener);
+    if (uint64_t dropped; !s.ok() && complaints_.Allow(now, &dropped)) {
+      PF_LOG(WARNING) << "listener " << listener.spec.name()
+                      << ": least-connections steering keeps its previous "
+                         "counts: "
+                      << s.message() << SuppressedNote(dropped);
+    }
+  }
 }
 
 }  // namespace portfleet

@@ -10,7 +10,9 @@
 //                the ShardObserver);
 //   bytes, requests  totals and per-second rates from the load reports.
 // The kernel count costs one sock_diag dump and one /proc walk per listener
-// with a worker that does not report, and nothing otherwise.
+// with a worker that does not report, and nothing otherwise. Under the
+// LEAST_CONNECTIONS policy the connection counts are then written to the
+// listener's steering (ListenerSteering::SetConnectionCounts).
 #ifndef PORTFLEET_AGENT_FLEET_LOAD_H_
 #define PORTFLEET_AGENT_FLEET_LOAD_H_
 

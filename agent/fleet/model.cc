@@ -8,6 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "agent/sockets.h"
 #include "agent/spec/spec.h"
+#include "worker/sdk/base/log.h"
 #include "worker/sdk/base/status.h"
 
 namespace portfleet {
@@ -104,9 +105,9 @@ int PinnedCpu(const v1::Steering& steering, uint32_t index,
 SteeringTables PlanBaselineTables(const Listener& listener) {
   const v1::Steering& st = listener.spec.steering();
   SteeringTables tables;
-  tables.policy = st.policy() == v1::STEERING_POLICY_CPU
-                      ? v1::STEERING_POLICY_CPU
-                      : v1::STEERING_POLICY_HASH;
+  tables.policy = st.policy() == v1::STEERING_POLICY_UNSPECIFIED
+                      ? v1::STEERING_POLICY_HASH
+                      : st.policy();
   uint32_t n = listener.shards.empty() ? 0 : listener.shards.back()->index + 1;
   tables.num_shards = n;
   tables.weights.assign(n, 0);
@@ -169,9 +170,28 @@ SteeringTables PlanTables(const Listener& listener) {
   return tables;
 }
 
+absl::Status WriteConnectionCounts(const Listener& listener) {
+  if (!listener.steering) return absl::OkStatus();
+  std::vector<uint64_t> counts(
+      listener.shards.empty() ? 0 : listener.shards.back()->index + 1, 0);
+  for (const auto& shard : listener.shards) {
+    counts[shard->index] = shard->load.connections();
+  }
+  return listener.steering->SetConnectionCounts(counts);
+}
+
 absl::Status ApplySteering(Listener& listener) {
   if (!listener.steering) return absl::OkStatus();
   SteeringTables tables = PlanTables(listener);
+  if (tables.policy == v1::STEERING_POLICY_LEAST_CONNECTIONS) {
+    // From the counts measured last, not from whatever the map held.
+    if (absl::Status s = WriteConnectionCounts(listener); !s.ok()) {
+      PF_LOG(WARNING) << "listener " << listener.spec.name()
+                      << ": least-connections steering starts from the "
+                         "previous counts: "
+                      << s.message();
+    }
+  }
   bool any = false;
   for (uint32_t w : tables.weights) any = any || w > 0;
   if (!any) return absl::OkStatus();  // nothing to steer to (deleting)

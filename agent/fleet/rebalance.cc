@@ -285,6 +285,8 @@ absl::StatusOr<SteeringStep> Steer(const FleetContext& ctx, Listener& listener,
 
   const bool cpu_policy =
       listener.spec.steering().policy() == v1::STEERING_POLICY_CPU;
+  const bool least_connections = listener.spec.steering().policy() ==
+                                 v1::STEERING_POLICY_LEAST_CONNECTIONS;
   // The tables from the operator's weights alone, and as they are now (CPU
   // steering: the indirection table that spilled connections follow).
   const auto counts = cpu_policy ? TableSlotCounts : SlotCounts;
@@ -363,6 +365,22 @@ absl::StatusOr<SteeringStep> Steer(const FleetContext& ctx, Listener& listener,
     }
   }
   RebalancePlan plan = PlanRebalance(inputs, RebalanceParams{});
+  // By connections under LEAST_CONNECTIONS, new connections need nothing.
+  const bool steered_by_count =
+      least_connections && metric == v1::REBALANCE_METRIC_CONNECTIONS;
+  if (steered_by_count) {
+    // The program already sends each new connection to the shard with the
+    // fewest: tables skewed toward the cold shards would overshoot them, so
+    // the operator's weights stay (and come back if a rebalance by another
+    // metric had moved them).
+    plan.slots_moved = 0;
+    for (size_t k = 0; k < inputs.size(); ++k) {
+      plan.slots[k] = inputs[k].baseline_slots;
+      if (plan.slots[k] > inputs[k].slots) {
+        plan.slots_moved += plan.slots[k] - inputs[k].slots;
+      }
+    }
+  }
   SpillPlan spill;
   if (cpu_policy) {
     // Locality first: every shard stays on its CPU; a hot CPU spills the
@@ -469,7 +487,7 @@ absl::StatusOr<SteeringStep> Steer(const FleetContext& ctx, Listener& listener,
         next[inputs[k].index] = spill.table_weights[k];
       }
     }
-  } else if (!plan.even) {
+  } else if (!plan.even && !steered_by_count) {
     for (size_t k = 0; k < inputs.size(); ++k) {
       next[inputs[k].index] = plan.slots[k];
     }
@@ -500,7 +518,13 @@ absl::StatusOr<SteeringStep> Steer(const FleetContext& ctx, Listener& listener,
     absl::StrAppend(&message, "; ",
                     spills.empty() ? "no spill (locality kept)" : spills);
   }
-  if (plan.even) absl::StrAppend(&message, "; even: baseline tables");
+  if (steered_by_count) {
+    absl::StrAppend(&message,
+                    "; least-connections steering: new connections go to "
+                    "the shard with the fewest");
+  } else if (plan.even) {
+    absl::StrAppend(&message, "; even: baseline tables");
+  }
   PF_LOG(INFO) << "listener " << name << ": rebalanced " << message;
   ctx.Emit(v1::EVENT_TYPE_REBALANCE_DONE, listener, -1, 0,
            Prefixed(limits, message));

@@ -267,7 +267,8 @@ absl::Status ValidateSteering(const v1::Steering& s,
   if (s.weights_size() == 0) return absl::OkStatus();
   if (s.policy() == v1::STEERING_POLICY_CPU) {
     return absl::InvalidArgumentError(
-        "weights: weights apply to STEERING_POLICY_HASH only");
+        "weights: weights apply to STEERING_POLICY_HASH and "
+        "STEERING_POLICY_LEAST_CONNECTIONS only");
   }
   if (s.weights_size() > static_cast<int>(kMaxShards)) {
     return absl::InvalidArgumentError(

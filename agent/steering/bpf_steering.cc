@@ -13,6 +13,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cerrno>
@@ -204,15 +205,19 @@ struct PinnedMap {
   bool may_be_missing = false;
 };
 
-// "spill" came after the first four (see bpf/steering_shared.h for why it is
-// a map of its own): an all-zero spill map is exactly the behaviour of the
-// program that did not know it.
-const std::array<PinnedMap, 5> kPinnedMaps = {{
+// "spill" came after the first four, "least" and "conns" after it (see
+// bpf/steering_shared.h for why they are maps of their own): all zero they
+// are exactly the behaviour of the program that did not know them.
+const std::array<PinnedMap, 7> kPinnedMaps = {{
     {"shards", [](steering_bpf* s) { return s->maps.shards; }},
     {"generations", [](steering_bpf* s) { return s->maps.generations; }},
     {"config", [](steering_bpf* s) { return s->maps.config; }},
     {"counters", [](steering_bpf* s) { return s->maps.counters; }},
     {"spill", [](steering_bpf* s) { return s->maps.spill; },
+     /*may_be_missing=*/true},
+    {"least", [](steering_bpf* s) { return s->maps.least; },
+     /*may_be_missing=*/true},
+    {"conns", [](steering_bpf* s) { return s->maps.conns; },
      /*may_be_missing=*/true},
 }};
 
@@ -289,6 +294,7 @@ class BpfListenerSteering : public ListenerSteering {
   absl::Status Apply(const SteeringTables& tables) override {
     ASSIGN_OR_RETURN(pf_generation gen, BuildGeneration(tables));
     ASSIGN_OR_RETURN(pf_spill spill, BuildSpill(tables));
+    ASSIGN_OR_RETURN(pf_least least, BuildLeast(tables));
     std::lock_guard<std::mutex> lock(mu_);
     const int config_fd = bpf_map__fd(skel_->maps.config);
     const uint32_t zero = 0;
@@ -299,11 +305,16 @@ class BpfListenerSteering : public ListenerSteering {
     const absl::Time ready = last_switch_ + kGenerationHoldoff;
     const absl::Time now = absl::Now();
     if (now < ready) absl::SleepFor(ready - now);
-    // Both halves of generation `next` before the flip.
+    // Every part of generation `next` before the flip.
     err = bpf_map_update_elem(bpf_map__fd(skel_->maps.spill), &next, &spill,
                               BPF_ANY);
     if (err != 0) {
       return ErrnoError(-err, absl::StrCat("writing spill shares ", next));
+    }
+    err = bpf_map_update_elem(bpf_map__fd(skel_->maps.least), &next, &least,
+                              BPF_ANY);
+    if (err != 0) {
+      return ErrnoError(-err, absl::StrCat("writing shard weights ", next));
     }
     err = bpf_map_update_elem(bpf_map__fd(skel_->maps.generations), &next, &gen,
                               BPF_ANY);
@@ -322,6 +333,23 @@ class BpfListenerSteering : public ListenerSteering {
     PF_LOG(DEBUG) << "steering " << dir_ << ": generation " << next
                   << " active, policy " << gen.policy << ", " << gen.num_shards
                   << " shards, " << spilling << " CPUs spilling";
+    return absl::OkStatus();
+  }
+
+  absl::Status SetConnectionCounts(
+      const std::vector<uint64_t>& counts) override {
+    if (counts.size() > PF_MAX_SHARDS) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("connection counts: ", counts.size(),
+                       " shards, at most ", PF_MAX_SHARDS));
+    }
+    pf_conns value;
+    std::memset(&value, 0, sizeof(value));
+    std::copy(counts.begin(), counts.end(), value.count);
+    const uint32_t zero = 0;
+    int err = bpf_map_update_elem(bpf_map__fd(skel_->maps.conns), &zero, &value,
+                                  BPF_ANY);
+    if (err != 0) return ErrnoError(-err, "writing connection counts");
     return absl::OkStatus();
   }
 

@@ -20,6 +20,16 @@ absl::StatusOr<pf_generation> BuildGeneration(const SteeringTables& tables);
 // PF_MAX_CPUS or a share above PF_SPILL_SCALE, or a spill under HASH.
 absl::StatusOr<pf_spill> BuildSpill(const SteeringTables& tables);
 
+// LEAST_CONNECTIONS: the largest weight a shard may have (the program
+// multiplies a connection count by a weight in 64 bits).
+inline constexpr uint32_t kMaxLeastWeight = 1u << 24;
+
+// The shard weights of the generation for the LEAST_CONNECTIONS policy
+// (`weights`, equal when empty; 0 = no new connections); all zero under the
+// other policies. InvalidArgument for a weight above kMaxLeastWeight or a
+// count that does not match the shards.
+absl::StatusOr<pf_least> BuildLeast(const SteeringTables& tables);
+
 }  // namespace portfleet
 
 #endif  // PORTFLEET_AGENT_STEERING_GENERATION_H_

@@ -13,6 +13,11 @@
 //   spill        ARRAY[2]: per generation, the CPU policy's spill shares;
 //                written with its generation. Directories of older agents
 //                lack it: it is added when they are reused.
+//   least        ARRAY[2]: per generation, the LEAST_CONNECTIONS policy's
+//                shard weights; written with its generation
+//   conns        ARRAY[1]: connections per shard (LEAST_CONNECTIONS): the
+//                agent's measured count, plus one per connection steered
+//                since. Like spill, both are added to older directories.
 // The directory is created whole in <bpffs_root>/_tmp-* and renamed into
 // place, so a listener's directory is either complete or absent.
 #ifndef PORTFLEET_AGENT_STEERING_STEERING_H_
@@ -75,6 +80,11 @@ class ListenerSteering {
   virtual absl::Status ClearShardSocket(uint32_t shard) = 0;
   // Writes the inactive generation, then switches to it.
   virtual absl::Status Apply(const SteeringTables& tables) = 0;
+  // LEAST_CONNECTIONS: the measured open connections of shards 0..n-1
+  // (at most PF_MAX_SHARDS; the others are set to 0). The program counts
+  // the connections it steers on top until the next call.
+  virtual absl::Status SetConnectionCounts(
+      const std::vector<uint64_t>& counts) = 0;
   // Summed over CPUs; PF_MAX_SHARDS entries (shard index order).
   virtual absl::StatusOr<std::vector<ShardCounters>> ReadCounters() = 0;
   // Decisions that had no shard (no tables applied yet).

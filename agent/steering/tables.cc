@@ -103,6 +103,9 @@ absl::StatusOr<pf_generation> BuildGeneration(const SteeringTables& tables) {
     case v1::STEERING_POLICY_HASH:
       gen.policy = PF_POLICY_HASH;
       break;
+    case v1::STEERING_POLICY_LEAST_CONNECTIONS:
+      gen.policy = PF_POLICY_LEAST;
+      break;
     case v1::STEERING_POLICY_CPU: {
       gen.policy = PF_POLICY_CPU;
       if (tables.shard_cpus.empty()) {
@@ -161,6 +164,33 @@ absl::StatusOr<pf_spill> BuildSpill(const SteeringTables& tables) {
     spill.share[cpu] = static_cast<uint16_t>(share);
   }
   return spill;
+}
+
+absl::StatusOr<pf_least> BuildLeast(const SteeringTables& tables) {
+  pf_least least;
+  std::memset(&least, 0, sizeof(least));
+  if (tables.policy != v1::STEERING_POLICY_LEAST_CONNECTIONS) return least;
+  uint32_t n = tables.num_shards;
+  if (n == 0) n = tables.weights.size();
+  if (n == 0 || n > PF_MAX_SHARDS) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "least connections: ", n, " shards, want 1 to ", PF_MAX_SHARDS));
+  }
+  if (!tables.weights.empty() && tables.weights.size() != n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("weights: ", tables.weights.size(), " weights for ", n,
+                     " shards; give one per shard or none"));
+  }
+  for (uint32_t s = 0; s < n; ++s) {
+    const uint32_t w = tables.weights.empty() ? 1 : tables.weights[s];
+    // The program multiplies a count by a weight in 64 bits.
+    if (w > kMaxLeastWeight) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "weights[", s, "] = ", w, ": at most ", kMaxLeastWeight));
+    }
+    least.weight[s] = w;
+  }
+  return least;
 }
 
 absl::Status ValidatePinName(absl::string_view listener) {

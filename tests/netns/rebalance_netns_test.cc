@@ -706,6 +706,47 @@ TEST_F(RebalanceTest, AutoRebalanceEvensTheScaleUpSkew) {
             << (handoffs.empty() ? "" : handoffs[0].message()) << "\n";
 }
 
+// LEAST_CONNECTIONS steering evens new long-lived connections at accept
+// time, and after a scale-up sends them to the new shards without any
+// rebalance. Steps:
+// 1. "web" with 2 shards under LEAST_CONNECTIONS; 40 held keep-alive
+//    connections: 20 +- 2 on each worker, counted by the client from the
+//    answering pid (the program counts what it steers).
+// 2. Scale to 4, no rebalance: the new shards hold nothing; wait until the
+//    agent counts the 40 on the old ones.
+// 3. 40 more held connections: they go to the new shards, so every worker
+//    holds 20 +- 3 (the kernel's hash would leave about 30/30/10/10).
+// 4. Every held connection is answered again by the same worker.
+TEST_F(RebalanceTest, LeastConnectionsSteeringFillsTheEmptiestShards) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Start(2, /*third_party=*/false, /*echo=*/false,
+        "  steering { policy: STEERING_POLICY_LEAST_CONNECTIONS }\n");
+  const std::map<int, int> first = OpenHeld(40);
+  ASSERT_EQ(first.size(), 2u) << ::testing::PrintToString(first);
+  for (const auto& [pid, n] : first) {
+    EXPECT_NEAR(n, 20, 2) << ::testing::PrintToString(first);
+  }
+  ASSERT_TRUE(ScaleTo(*stub_, "web", 4).ok());
+  ASSERT_TRUE(AllReady(4)) << agent_.Log();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<uint64_t> c = AgentConnections();
+        return c.size() == 4 && c[0] + c[1] == 40 && c[2] + c[3] == 0;
+      },
+      absl::Seconds(10)))
+      << ::testing::PrintToString(AgentConnections());
+  OpenHeld(40);
+  std::map<int, int> by_pid;
+  for (int pid : pids_) by_pid[pid]++;
+  ASSERT_EQ(by_pid.size(), 4u) << ::testing::PrintToString(by_pid);
+  for (const auto& [pid, n] : by_pid) {
+    EXPECT_NEAR(n, 20, 3) << ::testing::PrintToString(by_pid);
+  }
+  CheckHeldStayed();
+  std::cerr << "after the scale-up, per worker: "
+            << ::testing::PrintToString(by_pid) << "\n";
+}
+
 // Auto mode under connection churn does not oscillate. Steps:
 // 1. Start "web" with 2 shards, auto with a 2 s period (12 chances to act
 //    in 25 s); open 400 keep-alive connections that ask every 100 ms; scale

@@ -307,6 +307,63 @@ TEST_F(SteeringKernelTest, HashWeightsOneToZeroTcpV6) {
   EXPECT_EQ(tally[2], 0);
 }
 
+// LEAST_CONNECTIONS: the program adds one per connection it steers, so a
+// series of new connections spreads exactly (the kernel's hash would not),
+// and the counts the agent writes are where it starts from.
+TEST_F(SteeringKernelTest, LeastConnectionsSpreadsExactlyTcpV4) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Init();
+  if (!backend_) return;
+  Group g = MakeGroup(AF_INET, 3);
+  auto steering = Open(g);
+  ASSERT_NE(steering, nullptr);
+  ASSERT_TRUE(steering
+                  ->Apply({.policy = v1::STEERING_POLICY_LEAST_CONNECTIONS,
+                           .num_shards = 3})
+                  .ok());
+  std::vector<int> tally = ConnectAndTally(g, 300);
+  EXPECT_EQ(tally[0], 100);
+  EXPECT_EQ(tally[1], 100);
+  EXPECT_EQ(tally[2], 100);
+  EXPECT_EQ(tally[3], 0) << "failed connections";
+
+  // The agent's measurement: shard 0 holds 90, shard 1 none, shard 2 30.
+  ASSERT_TRUE(steering->SetConnectionCounts({90, 0, 30}).ok());
+  tally = ConnectAndTally(g, 90);
+  // 30 to shard 1 (30 each on 1 and 2), then 30 each on 1 and 2 (90 all).
+  EXPECT_EQ(tally[0], 0);
+  EXPECT_EQ(tally[1], 60);
+  EXPECT_EQ(tally[2], 30);
+  EXPECT_EQ(tally[3], 0);
+  auto counters = steering->ReadCounters();
+  ASSERT_TRUE(counters.ok());
+  EXPECT_EQ((*counters)[1].selected, 160u);
+  EXPECT_EQ((*counters)[0].fallback + (*counters)[1].fallback +
+                (*counters)[2].fallback,
+            0u);
+}
+
+TEST_F(SteeringKernelTest, LeastConnectionsWeightedTcpV6) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Init();
+  if (!backend_) return;
+  Group g = MakeGroup(AF_INET6, 2);
+  auto steering = Open(g);
+  ASSERT_NE(steering, nullptr);
+  ASSERT_TRUE(steering
+                  ->Apply({.policy = v1::STEERING_POLICY_LEAST_CONNECTIONS,
+                           .weights = {3, 1}})
+                  .ok());
+  std::vector<int> tally = ConnectAndTally(g, 400);
+  EXPECT_NEAR(tally[0], 300, 1);
+  EXPECT_NEAR(tally[1], 100, 1);
+  EXPECT_EQ(tally[2], 0);
+  // Back to HASH: the counts are no longer read.
+  ASSERT_TRUE(steering->Apply({.weights = {0, 1}}).ok());
+  tally = ConnectAndTally(g, 50);
+  EXPECT_EQ(tally[1], 50);
+}
+
 TEST_F(SteeringKernelTest, TableSwitchUnderLoadTcpV4) {
   PF_ENTER_NETNS_OR_SKIP();
   Init();
@@ -498,6 +555,11 @@ TEST_F(SteeringKernelTest, PinsOfAnAgentWithoutSpillAreUpgradedInPlace) {
   }
   const std::string spill_pin = root_ + "/web/spill";
   ASSERT_EQ(::unlink(spill_pin.c_str()), 0) << std::strerror(errno);
+  // Nor the maps that came after it.
+  for (const char* later : {"least", "conns"}) {
+    const std::string pin = absl::StrCat(root_, "/web/", later);
+    ASSERT_EQ(::unlink(pin.c_str()), 0) << pin << ": " << std::strerror(errno);
+  }
   std::vector<int> tally = TallyFromCpu(g, cpus[0], 100);
   EXPECT_EQ(tally[0], 100);
 
@@ -523,6 +585,8 @@ TEST_F(SteeringKernelTest, PinsOfAnAgentWithoutSpillAreUpgradedInPlace) {
   auto upgraded = backend_->OpenListener("web");
   ASSERT_TRUE(upgraded.ok()) << upgraded.status();
   EXPECT_TRUE(std::filesystem::exists(spill_pin));
+  EXPECT_TRUE(std::filesystem::exists(root_ + "/web/least"));
+  EXPECT_TRUE(std::filesystem::exists(root_ + "/web/conns"));
   ASSERT_TRUE((*upgraded)->AttachTo(g.shards[0].get()).ok());
   tables.table_weights = {0, 1};
   tables.cpu_spill.assign(cpus[0] + 1, 0);
@@ -547,7 +611,7 @@ TEST_F(SteeringKernelTest, PinsOfAnAgentWithoutSpillAreUpgradedInPlace) {
   EXPECT_EQ(tally[2], 0);
   EXPECT_GT(tally[1], 400) << "spilled of 1000";
   EXPECT_LT(tally[1], 600) << "spilled of 1000";
-  // Reopening again finds all five maps.
+  // Reopening again finds all seven maps.
   auto again = backend_->OpenListener("web");
   ASSERT_TRUE(again.ok()) << again.status();
   ASSERT_TRUE((*again)->RemovePins().ok());

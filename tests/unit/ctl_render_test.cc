@@ -70,7 +70,7 @@ TEST(ShortEnumNameTest, ReadsBack) {
   EXPECT_EQ(FindEnumValueByShortName(v1::SteeringPolicy_descriptor(), "CPU"),
             nullptr);
   EXPECT_THAT(ShortEnumNames(v1::SteeringPolicy_descriptor()),
-              ElementsAre("hash", "cpu"));
+              ElementsAre("hash", "cpu", "least-connections"));
   // Every event type is a flag value (events --type).
   EXPECT_EQ(ShortEnumNames(v1::EventType_descriptor()).size(),
             static_cast<size_t>(v1::EventType_descriptor()->value_count() - 1));

@@ -46,7 +46,7 @@ TEST(CompletionCandidatesTest, CommandsFlagsAndValues) {
   EXPECT_THAT(Words({"get", "shards", "web", ""}), IsEmpty());
   EXPECT_THAT(Words({"--server", "unix:/x", "sc"}), ElementsAre("scale"));
   EXPECT_THAT(Words({"steer", "web", "--policy", ""}),
-              ElementsAre("hash", "cpu"));
+              ElementsAre("hash", "cpu", "least-connections"));
   EXPECT_THAT(
       Words({"events", "--type", "shard-re"}),
       ElementsAre("shard-restarted", "shard-restored", "shard-replaced"));

@@ -218,6 +218,8 @@ struct FakeSteeringState {
     bool attached = false;
     std::map<uint32_t, int> sockets;      // slot -> fd
     std::vector<SteeringTables> applied;  // every successful write
+    // Every SetConnectionCounts (LEAST_CONNECTIONS).
+    std::vector<std::vector<uint64_t>> counts;
     bool pins_removed = false;
   };
   std::map<std::string, Listener> listeners;
@@ -251,6 +253,11 @@ class FakeListenerSteering : public ListenerSteering {
       return s;
     }
     me().applied.push_back(tables);
+    return absl::OkStatus();
+  }
+  absl::Status SetConnectionCounts(
+      const std::vector<uint64_t>& counts) override {
+    me().counts.push_back(counts);
     return absl::OkStatus();
   }
   absl::StatusOr<std::vector<ShardCounters>> ReadCounters() override {

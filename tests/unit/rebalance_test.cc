@@ -532,6 +532,36 @@ TEST_F(FleetRebalanceTest, WorkersWithoutReportsAreCountedByTheKernel) {
   EXPECT_EQ(st.shards[1].load.connections(), 2u);
 }
 
+// LEAST_CONNECTIONS: every load measurement writes the measured counts for
+// the program to count on from; a rebalance by connections leaves the
+// operator's weights (the program already fills the emptiest shard), one by
+// bytes still weights the tables.
+TEST_F(FleetRebalanceTest, LeastConnectionsGetsTheMeasuredCounts) {
+  ASSERT_TRUE(fleet_
+                  ->AddListener(Spec(3,
+                                     "steering { policy: "
+                                     "STEERING_POLICY_LEAST_CONNECTIONS }"))
+                  .ok());
+  Settle();
+  FakeSteeringState::Listener& web = steering_.state.listeners["web"];
+  ASSERT_FALSE(web.applied.empty());
+  EXPECT_EQ(web.applied.back().policy, v1::STEERING_POLICY_LEAST_CONNECTIONS);
+  Report({30, 10, 0});
+  fleet_->MeasureLoadNow();
+  ASSERT_FALSE(web.counts.empty());
+  EXPECT_EQ(web.counts.back(), (std::vector<uint64_t>{30, 10, 0}));
+
+  const size_t writes = web.applied.size();
+  absl::StatusOr<v1::RebalanceListenerResponse> done = Rebalance(Request());
+  ASSERT_TRUE(done.ok()) << done.status();
+  EXPECT_EQ(done->slots_moved(), 0u);
+  for (const v1::RebalanceShard& shard : done->shards()) {
+    EXPECT_EQ(shard.slots_after(), shard.baseline_slots());
+  }
+  EXPECT_EQ(AppliedWeights(), (std::vector<uint32_t>{1, 1, 1}));
+  EXPECT_GE(web.applied.size(), writes);
+}
+
 // Steps: 4 shards, the first two hold 200 connections each; a dry run
 // changes nothing; the rebalance moves slots to the cold shards, says it is
 // steering only and records an event; once the load is even, a rebalance

@@ -152,6 +152,116 @@ TEST(SelectShard, CpuPolicyZeroWeightLeavesCpuList) {
   }
 }
 
+// LEAST_CONNECTIONS: one step of the program, counting as it does.
+uint32_t SelectAndCount(const pf_generation& gen, const pf_least& least,
+                        pf_conns* conns, uint32_t hash) {
+  uint32_t shard = pf_select_least(&gen, &least, conns, hash);
+  if (shard < PF_MAX_SHARDS) ++conns->count[shard];
+  return shard;
+}
+
+TEST(SelectLeast, MissingPiecesFallBackToTheTable) {
+  SteeringTables t{.policy = v1::STEERING_POLICY_LEAST_CONNECTIONS,
+                   .num_shards = 2};
+  auto gen = BuildGeneration(t);
+  ASSERT_TRUE(gen.ok()) << gen.status();
+  EXPECT_EQ(gen->policy, PF_POLICY_LEAST);
+  auto least = BuildLeast(t);
+  ASSERT_TRUE(least.ok()) << least.status();
+  pf_conns conns{};
+  EXPECT_EQ(pf_select_least(nullptr, &*least, &conns, 1), PF_NO_SHARD);
+  EXPECT_EQ(pf_select_least(&*gen, nullptr, &conns, 1), PF_NO_SHARD);
+  EXPECT_EQ(pf_select_least(&*gen, &*least, nullptr, 1), PF_NO_SHARD);
+  pf_least zero{};
+  EXPECT_EQ(pf_select_least(&*gen, &zero, &conns, 1), PF_NO_SHARD);
+  pf_generation bad = *gen;
+  bad.num_shards = PF_MAX_SHARDS + 1;
+  EXPECT_EQ(pf_select_least(&bad, &*least, &conns, 1), PF_NO_SHARD);
+  // The fallback: the policy reads the indirection table.
+  EXPECT_EQ(pf_select_shard(&*gen, nullptr, 0, 0), 0u);
+  EXPECT_EQ(pf_select_shard(&*gen, nullptr, 255, 0), 1u);
+}
+
+TEST(SelectLeast, ABurstSpreadsExactly) {
+  SteeringTables t{.policy = v1::STEERING_POLICY_LEAST_CONNECTIONS,
+                   .num_shards = 3};
+  auto gen = BuildGeneration(t);
+  auto least = BuildLeast(t);
+  ASSERT_TRUE(gen.ok() && least.ok());
+  pf_conns conns{};
+  // Hashes that a plain hash would put mostly on one shard.
+  for (uint32_t i = 0; i < 300; ++i) {
+    SelectAndCount(*gen, *least, &conns, i % 2 == 0 ? 0u : 3u);
+  }
+  EXPECT_EQ(conns.count[0], 100u);
+  EXPECT_EQ(conns.count[1], 100u);
+  EXPECT_EQ(conns.count[2], 100u);
+}
+
+TEST(SelectLeast, TiesStartWhereTheHashSays) {
+  SteeringTables t{.policy = v1::STEERING_POLICY_LEAST_CONNECTIONS,
+                   .num_shards = 4};
+  auto gen = BuildGeneration(t);
+  auto least = BuildLeast(t);
+  ASSERT_TRUE(gen.ok() && least.ok());
+  pf_conns conns{};
+  for (uint32_t hash = 0; hash < 4; ++hash) {
+    EXPECT_EQ(pf_select_least(&*gen, &*least, &conns, hash), hash);
+    EXPECT_EQ(pf_select_least(&*gen, &*least, &conns, hash + 400),
+              (hash + 400) % 4);
+  }
+}
+
+TEST(SelectLeast, MeasuredCountsFirstThenEvenly) {
+  SteeringTables t{.policy = v1::STEERING_POLICY_LEAST_CONNECTIONS,
+                   .num_shards = 2};
+  auto gen = BuildGeneration(t);
+  auto least = BuildLeast(t);
+  ASSERT_TRUE(gen.ok() && least.ok());
+  pf_conns conns{};
+  conns.count[0] = 50;  // a scale-up: shard 1 is new
+  std::map<uint32_t, int> got;
+  for (uint32_t i = 0; i < 60; ++i) {
+    ++got[SelectAndCount(*gen, *least, &conns, i * 2654435761u)];
+  }
+  EXPECT_EQ(got[1], 55);
+  EXPECT_EQ(got[0], 5);
+}
+
+TEST(SelectLeast, WeightsAndZeroWeight) {
+  SteeringTables t{.policy = v1::STEERING_POLICY_LEAST_CONNECTIONS,
+                   .weights = {3, 1, 0}};
+  auto gen = BuildGeneration(t);
+  auto least = BuildLeast(t);
+  ASSERT_TRUE(gen.ok() && least.ok());
+  EXPECT_EQ(least->weight[0], 3u);
+  EXPECT_EQ(least->weight[2], 0u);
+  pf_conns conns{};
+  for (uint32_t i = 0; i < 400; ++i) {
+    SelectAndCount(*gen, *least, &conns, i * 2654435761u);
+  }
+  EXPECT_NEAR(static_cast<double>(conns.count[0]), 300, 1);
+  EXPECT_NEAR(static_cast<double>(conns.count[1]), 100, 1);
+  EXPECT_EQ(conns.count[2], 0u);
+}
+
+TEST(BuildLeast, OnlyForItsPolicyAndChecked) {
+  auto hash = BuildLeast({.weights = {3, 1}});
+  ASSERT_TRUE(hash.ok());
+  for (uint32_t w : hash->weight) EXPECT_EQ(w, 0u);
+  auto mismatch = BuildLeast({.policy = v1::STEERING_POLICY_LEAST_CONNECTIONS,
+                              .weights = {1, 1},
+                              .num_shards = 3});
+  EXPECT_EQ(mismatch.status().code(), absl::StatusCode::kInvalidArgument);
+  auto big = BuildLeast({.policy = v1::STEERING_POLICY_LEAST_CONNECTIONS,
+                         .weights = {kMaxLeastWeight + 1, 1}});
+  EXPECT_EQ(big.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(big.status().message().find("weights[0]"), absl::string_view::npos)
+      << big.status();
+  auto none = BuildLeast({.policy = v1::STEERING_POLICY_LEAST_CONNECTIONS});
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(SelectShard, CorruptTableIsRejected) {
   pf_generation gen{};
   gen.policy = PF_POLICY_HASH;
