@@ -175,7 +175,10 @@ absl::Status WriteConnectionCounts(const Listener& listener) {
   std::vector<uint64_t> counts(
       listener.shards.empty() ? 0 : listener.shards.back()->index + 1, 0);
   for (const auto& shard : listener.shards) {
-    counts[shard->index] = shard->load.connections();
+    // Connections waiting in its accept queue count too: a shard whose
+    // worker died, restarts or is stuck must not look empty.
+    counts[shard->index] =
+        shard->load.connections() + shard->health.last_depth.value_or(0);
   }
   return listener.steering->SetConnectionCounts(counts);
 }

@@ -360,7 +360,8 @@ SteeringTables PlanBaselineTables(const Listener& listener);
 // Writes PlanTables(listener) (no-op without BPF or without a live shard).
 absl::Status ApplySteering(Listener& listener);
 // LEAST_CONNECTIONS: writes each shard's measured connections (Shard::load)
-// to the listener's steering, where the program counts on from them.
+// plus its accept queue at the last health observation to the listener's
+// steering, where the program counts on from them.
 absl::Status WriteConnectionCounts(const Listener& listener);
 
 // A new listening socket on the listener's address with its options

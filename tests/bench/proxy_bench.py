@@ -12,8 +12,8 @@ private network namespace this script creates, loopback only:
     echoed byte checked.
 
 Pairing: the proxy listener has 2 shards (one worker process each, steering
-HASH) and HAProxy runs `nbthread 2` (one process, one listening socket
-shared by its threads, the Debian 12 package's 2.6 default); the backends
+LEAST_CONNECTIONS by default, HASH with --steering hash) and HAProxy runs
+`nbthread 2` (one process, one listening socket shared by its threads, the Debian 12 package's 2.6 default); the backends
 are the same worker processes for both. Machine CPU per connection comes
 from /proc/stat deltas over each run.
 
@@ -21,6 +21,7 @@ Needs root. Installs haproxy with apt-get if it is missing (without letting
 the package start a system haproxy). Not run by ctest or CI.
 
   tests/bench/proxy_bench.py [--build BUILD_DIR] [--pairs 5] [--seconds 10]
+                             [--only conn|bulk] [--steering least-connections|hash]
 
 Prints Markdown to stdout.
 """
@@ -60,13 +61,13 @@ listeners {{
   name: "pf-http" address: "127.0.0.1:{pf-http}" shards: 2
   worker {{ command: "portfleet-worker" args: "--mode=proxy"
            args: "--upstream=127.0.0.1:{backend-http}" }}
-  steering {{ policy: STEERING_POLICY_HASH }}
+  steering {{ policy: {policy} }}
 }}
 listeners {{
   name: "pf-echo" address: "127.0.0.1:{pf-echo}" shards: 2
   worker {{ command: "portfleet-worker" args: "--mode=proxy"
            args: "--upstream=127.0.0.1:{backend-echo}" }}
-  steering {{ policy: STEERING_POLICY_HASH }}
+  steering {{ policy: {policy} }}
 }}
 """
 
@@ -261,6 +262,9 @@ def main():
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--only", choices=["conn", "bulk"],
                     help="run one of the two measurements")
+    ap.add_argument("--steering", choices=["least-connections", "hash"],
+                    default="least-connections",
+                    help="steering policy of the portfleet proxy listeners")
     ap.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -283,7 +287,7 @@ def main():
         return subprocess.call(
             ["unshare", "-n", sys.executable, os.path.abspath(__file__),
              "--in-netns", "--build", build, "--pairs", str(args.pairs),
-             "--seconds", str(args.seconds)] +
+             "--seconds", str(args.seconds), "--steering", args.steering] +
             (["--only", args.only] if args.only else []),
             env=dict(os.environ, PORTFLEET_HAPROXY=haproxy))
     haproxy = os.environ.get("PORTFLEET_HAPROXY", "/usr/sbin/haproxy")
@@ -297,7 +301,10 @@ def main():
     try:
         spec = os.path.join(tmp, "fleet.textproto")
         with open(spec, "w") as f:
-            f.write(SPEC.format(**PORTS))
+            f.write(SPEC.format(**PORTS, policy={
+                "hash": "STEERING_POLICY_HASH",
+                "least-connections": "STEERING_POLICY_LEAST_CONNECTIONS",
+            }[args.steering]))
         cfg = os.path.join(tmp, "haproxy.cfg")
         with open(cfg, "w") as f:
             f.write(HAPROXY_CFG.format(**PORTS))
@@ -344,6 +351,7 @@ def main():
         print(f"### Proxy mode vs HAProxy, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC\n")
         print(f"{args.pairs} pairs × {args.seconds} s, A (portfleet) then B "
               f"(HAProxy) in each pair; {version}; {os.cpu_count()} CPUs; "
+              f"portfleet proxy steering {args.steering}; "
               "both proxies to the same backend workers (2 shards each).\n")
         if conn_pairs:
             print(table("New connections/s (HTTP, one request per "

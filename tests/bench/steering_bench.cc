@@ -1,12 +1,12 @@
 // portfleet-steering-bench: new connections per second through a reuseport
-// group with plain kernel hashing vs the steering program in HASH and in CPU
-// policy, in one run, in a private network namespace.
+// group with plain kernel hashing vs the steering program in HASH, CPU and
+// LEAST_CONNECTIONS policy, in one run, in a private network namespace.
 //
 // Each round: N shard sockets on a fresh loopback port, one accepting thread
 // per shard (pinned to a CPU), 2 client threads; one connection per request
 // (1-byte request, 1-byte answer, checked), client closes with RST so no
-// TIME_WAIT piles up. Rounds alternate plain, hash, cpu per pair; the ratios
-// are taken within a pair (BENCHMARKING.md).
+// TIME_WAIT piles up. Rounds alternate plain, hash, cpu, least per pair; the
+// ratios are taken within a pair (BENCHMARKING.md).
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -37,7 +37,7 @@
 namespace portfleet {
 namespace {
 
-enum class Mode { kPlain, kHash, kCpu };
+enum class Mode { kPlain, kHash, kCpu, kLeast };
 const char* ModeName(Mode m) {
   switch (m) {
     case Mode::kPlain:
@@ -46,6 +46,8 @@ const char* ModeName(Mode m) {
       return "program, HASH";
     case Mode::kCpu:
       return "program, CPU";
+    case Mode::kLeast:
+      return "program, LEAST_CONNECTIONS";
   }
   return "?";
 }
@@ -108,6 +110,9 @@ RoundResult RunRound(SteeringBackend* backend, Mode mode, int shards, int ncpus,
       for (int i = 0; i < shards; ++i) t.shard_cpus.push_back(i % ncpus);
     } else {
       t.num_shards = shards;
+      if (mode == Mode::kLeast) {
+        t.policy = v1::STEERING_POLICY_LEAST_CONNECTIONS;
+      }
     }
     if (s.ok()) s = steering->Apply(t);
     if (!s.ok()) {
@@ -195,13 +200,14 @@ int Main(int argc, char** argv) {
   }
   const int ncpus = std::max(1u, std::thread::hardware_concurrency());
   const absl::Duration dur = absl::Seconds(seconds);
-  const Mode modes[] = {Mode::kPlain, Mode::kHash, Mode::kCpu};
+  const Mode modes[] = {Mode::kPlain, Mode::kHash, Mode::kCpu, Mode::kLeast};
+  constexpr int kModes = 4;
   int round = 0;
   RunRound(backend->get(), Mode::kPlain, shards, ncpus, round++,
            absl::Seconds(1));  // warm-up
-  std::vector<std::vector<RoundResult>> results(3);
+  std::vector<std::vector<RoundResult>> results(kModes);
   for (int p = 0; p < pairs; ++p) {
-    for (int m = 0; m < 3; ++m) {
+    for (int m = 0; m < kModes; ++m) {
       absl::SleepFor(absl::Milliseconds(300));
       results[m].push_back(
           RunRound(backend->get(), modes[m], shards, ncpus, round++, dur));
@@ -216,7 +222,7 @@ int Main(int argc, char** argv) {
       shards, 2, ncpus, pairs, seconds);
   std::cout << "| mode | conn/s per round | failures | median ratio vs plain "
                "| ratio range |\n|---|---|---|---|---|\n";
-  for (int m = 0; m < 3; ++m) {
+  for (int m = 0; m < kModes; ++m) {
     std::string rates;
     uint64_t failures = 0;
     std::vector<double> ratios;

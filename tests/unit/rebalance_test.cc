@@ -532,6 +532,26 @@ TEST_F(FleetRebalanceTest, WorkersWithoutReportsAreCountedByTheKernel) {
   EXPECT_EQ(st.shards[1].load.connections(), 2u);
 }
 
+// The counts the program starts from include each shard's accept queue: a
+// shard whose worker died (no load, its queue growing) does not look empty.
+TEST(WriteConnectionCountsTest, QueuedConnectionsCount) {
+  FakeSteeringState state;
+  Listener listener;
+  listener.spec.set_name("web");
+  listener.steering = std::make_unique<FakeListenerSteering>(&state, "web");
+  for (uint32_t i = 0; i < 3; ++i) {
+    listener.shards.push_back(std::make_unique<Shard>());
+    listener.shards.back()->index = i;
+  }
+  listener.shards[0]->load.set_connections(7);
+  listener.shards[1]->health.last_depth = 5;
+  listener.shards[2]->load.set_connections(2);
+  listener.shards[2]->health.last_depth = 1;
+  ASSERT_TRUE(WriteConnectionCounts(listener).ok());
+  ASSERT_EQ(state.listeners["web"].counts.size(), 1u);
+  EXPECT_EQ(state.listeners["web"].counts[0], (std::vector<uint64_t>{7, 5, 3}));
+}
+
 // LEAST_CONNECTIONS: every load measurement writes the measured counts for
 // the program to count on from; a rebalance by connections leaves the
 // operator's weights (the program already fills the emptiest shard), one by
