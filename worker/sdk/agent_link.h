@@ -52,6 +52,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "portfleet/v1/control.pb.h"
+#include "worker/sdk/base/duration_histogram.h"
 #include "worker/sdk/base/fd.h"
 #include "worker/sdk/control_channel.h"
 
@@ -126,9 +127,11 @@ class AgentLink {
   void SendHello();
   // WorkerReady. Also remembered: a reconnect says ready again.
   void SendReady();
-  // Any other message (load, drained). A channel that fails is closed and,
-  // if the worker still serves, reconnecting starts. A full channel (the
-  // agent does not read) drops the message.
+  // Any other message (load, drained). A load report gets the hand-off
+  // pauses counted by AdoptedConnection() (WorkerLoad.handoff_pauses). A
+  // channel that fails is closed and, if the worker still serves,
+  // reconnecting starts. A full channel (the agent does not read) drops the
+  // message.
   void Send(const v1::WorkerMessage& message);
 
   // Handles whatever made fd() readable; `on_message` gets each message from
@@ -150,12 +153,25 @@ class AgentLink {
   // HandOffRequest `id`, with the input already read from it and not yet
   // consumed. The caller closes its descriptor once this returned OK (the
   // agent has its own); on an error the connection stays the caller's.
-  absl::Status HandOffConnection(uint64_t id, int fd,
-                                 absl::string_view buffered);
+  // `released_mono_ns`: MonotonicNowNs() (handoff_pauses.h) read when the
+  // caller took the connection out of its event loop, the start of its
+  // hand-off pause (HandOffConnection.released_mono_ns); unset: now.
+  absl::Status HandOffConnection(
+      uint64_t id, int fd, absl::string_view buffered,
+      std::optional<uint64_t> released_mono_ns = std::nullopt);
   // Connection hand-off of an idle proxied pair: its client socket and its
   // upstream socket in one packet (HandOffConnection.upstream_attached).
   // As HandOffConnection(): the caller closes both once this returned OK.
-  absl::Status HandOffPair(uint64_t id, int client_fd, int upstream_fd);
+  absl::Status HandOffPair(
+      uint64_t id, int client_fd, int upstream_fd,
+      std::optional<uint64_t> released_mono_ns = std::nullopt);
+  // The receiving side: call once the connection (or pair) of an
+  // AgentMessage.adopt_connection is in the worker's event loop. Counts its
+  // pause (now minus the sender's released_mono_ns; not counted when the
+  // sender did not stamp it) for the load reports.
+  void AdoptedConnection(const v1::HandOffConnection& handoff);
+  // The pauses counted so far (cumulative).
+  const DurationHistogram& handoff_pauses() const { return handoff_pauses_; }
   // Ends the answer to HandOffRequest `id`: connections released, kept
   // because they had data in flight, and the released ones' recent traffic
   // (bytes per second; see ChooseForHandOff in handoff_choice.h).
@@ -172,6 +188,7 @@ class AgentLink {
   absl::Status Init(const Fd& listen_fd, std::optional<ControlChannel> control);
 
   v1::WorkerMessage Hello(bool reconnect) const;
+  void SendNow(const v1::WorkerMessage& message);
   absl::Status Watch(int fd);
   void LoseControl(absl::string_view why, bool on_send);
   bool CanReconnect() const {
@@ -204,6 +221,7 @@ class AgentLink {
   absl::Time reconnected_at_ = absl::InfinitePast();
   absl::Time last_bad_message_log_ = absl::InfinitePast();
   uint64_t bad_messages_suppressed_ = 0;
+  DurationHistogram handoff_pauses_;  // of the connections adopted
 };
 
 }  // namespace portfleet
