@@ -20,6 +20,13 @@
 //       if (m.has_drain()) { link->StopReadoption(); /* drain */ }
 //     });
 //   every second: if (link->connected()) link->Send(load);
+//   hand-off (WorkerIdentity.handoff; DispatchWithFds):
+//     handoff_request: take each idle connection out of the loop, then
+//       HandOffConnection(id, fd, "", MonotonicNowNs() read then); close it;
+//       HandOffDone() once;
+//     adopt_connection: add the socket to the loop, then
+//       AdoptedConnection(m.adopt_connection()): load reports sent through
+//       the link then carry the connections' hand-off pauses.
 //
 // Re-adoption (see WorkerHello in control.proto): when the channel hits
 // end-of-file (the agent died) and the worker still serves, the link connects
