@@ -19,6 +19,7 @@
 #include "agent/spec/plan.h"
 #include "portfleet/v1/agent.pb.h"
 #include "portfleet/v1/fleet.pb.h"
+#include "worker/sdk/base/duration_histogram.h"
 
 namespace portfleet {
 
@@ -79,6 +80,9 @@ struct ListenerStatus {
   uint64_t rebalance_connections_moved = 0;
   uint64_t auto_rebalance_steps = 0;
   bool auto_rebalancing = false;
+  // Hand-off pauses of the connections its workers adopted since the agent
+  // started (over every shard it had; ShardLoad.handoff_pauses per shard).
+  DurationHistogram handoff_pauses;
   // CPU steering: per CPU that a shard is pinned to, the rebalancer's spill
   // share (of 256 new connections of the CPU, how many go to the
   // indirection table; 0 = none).

@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "agent/spec/spec.h"
@@ -103,7 +104,10 @@ Table ShardTable(bool wide) {
       "INDEX",    "STATE",    "READY",  "HEALTH",      "PID",
       "CPU",      "RESTARTS", "QUEUE",  "CONNECTIONS", "SELECTED",
       "MIGRATED", "FALLBACK", "ORPHANS"};
-  if (wide) headers.insert(headers.end(), {"ACCEPTED", "INODE", "KILLED"});
+  if (wide) {
+    headers.insert(headers.end(),
+                   {"ACCEPTED", "INODE", "KILLED", "ADOPTED", "PAUSE P50/P99"});
+  }
   headers.push_back("REASON");
   return Table(headers);
 }
@@ -126,6 +130,13 @@ void AddShardRow(Table& t, const v1::Shard& s, bool wide) {
     row.push_back(absl::StrCat(s.accepted_total()));
     row.push_back(s.socket_inode() > 0 ? absl::StrCat(s.socket_inode()) : "-");
     row.push_back(absl::StrCat(s.orphans_killed()));
+    // Connections adopted in hand-offs and their pauses (ShardLoad).
+    const v1::HandOffPauses& pauses = s.load().handoff_pauses();
+    row.push_back(absl::StrCat(pauses.adopted()));
+    row.push_back(
+        pauses.adopted() > 0
+            ? absl::StrFormat("%.0f/%.0fus", pauses.p50_us(), pauses.p99_us())
+            : "-");
   }
   // Processes outside the worker's tree that hold the socket are named.
   std::vector<std::string> reasons;
@@ -327,7 +338,9 @@ void AddGetCommands(std::vector<CommandSpec>* commands) {
       .description =
           "Lists the shards of a listener: state, worker pid, CPU, restarts,\n"
           "accept queue depth, active connections and steering counters.\n"
-          "-o wide adds connections accepted and the socket inode.\n\n"
+          "-o wide adds connections accepted, the socket inode, orphans\n"
+          "killed, and connections adopted in hand-offs with their pause\n"
+          "(median/p99, µs).\n\n"
           "With --watch, prints the shards, then each shard that changes, is\n"
           "added, or goes away (shown once as stopped), polling every\n"
           "--interval until Ctrl-C; with -o json each shard is one line.\n",

@@ -9,6 +9,7 @@ portfleet_test(rebalance_test
 portfleet_test(rebalance_netns_test
   SOURCES netns/rebalance_netns_test.cc
   LIBS portfleet_ctl_lib portfleet_loadgen portfleet_api portfleet_testing
+       portfleet_worker_sdk
   LABELS e2e
   LOCK load)
 

@@ -18,3 +18,9 @@ portfleet_test(worker_netns_test
   LABELS netns)
 # The netns cases run the binary.
 add_dependencies(worker_netns_test portfleet-worker)
+
+# Hand-off pauses: the log-linear histogram and its message form (unit).
+portfleet_test(duration_histogram_test
+  SOURCES ${CMAKE_CURRENT_LIST_DIR}/unit/duration_histogram_test.cc
+  LIBS portfleet_worker_sdk
+  LABELS unit)

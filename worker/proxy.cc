@@ -18,6 +18,7 @@
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/base/status.h"
 #include "worker/sdk/handoff_choice.h"
+#include "worker/sdk/handoff_pauses.h"
 
 namespace portfleet::worker {
 
@@ -206,7 +207,9 @@ bool Proxy::Idle(const Pair& pair) const {
 
 ProxyRelease Proxy::Release(
     uint32_t count, uint64_t bytes_per_second,
-    absl::FunctionRef<absl::Status(int client, int upstream)> send) {
+    absl::FunctionRef<absl::Status(int client, int upstream,
+                                   uint64_t released_mono_ns)>
+        send) {
   ProxyRelease out;
   std::vector<HandOffCandidate> candidates;
   for (const auto& [cfd, pair] : pairs_) {
@@ -240,7 +243,8 @@ ProxyRelease Proxy::Release(
       if (!Register(cfd, kEvents)) Close(pair, /*reset=*/true);
       break;
     }
-    if (absl::Status s = send(cfd, ufd); !s.ok()) {
+    // The start of the pair's hand-off pause: out of the loop.
+    if (absl::Status s = send(cfd, ufd, MonotonicNowNs()); !s.ok()) {
       PF_LOG(WARNING) << "listener " << config_.listener << " shard "
                       << config_.shard << ": hand-off: " << s.message()
                       << "; keeping the pair";

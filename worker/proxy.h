@@ -97,13 +97,16 @@ class Proxy {
   // Connection hand-off (HandOffRequest in control.proto): picks up to
   // `count` idle pairs (ProxyPairIdle; by traffic when `bytes_per_second`
   // > 0, as ChooseForHandOff does, a pair's rate being its bytes both ways)
-  // and passes each one's client and upstream sockets to `send`, which
-  // returns OK once the agent has them; the proxy then forgets the pair
-  // (its descriptors are closed; the sockets live on). A send that fails
-  // stops the release and the pair stays here, served as before.
-  ProxyRelease Release(
-      uint32_t count, uint64_t bytes_per_second,
-      absl::FunctionRef<absl::Status(int client, int upstream)> send);
+  // and passes each one's client and upstream sockets to `send`, with the
+  // CLOCK_MONOTONIC time (ns) the pair left the epoll set (the start of its
+  // hand-off pause), which returns OK once the agent has them; the proxy
+  // then forgets the pair (its descriptors are closed; the sockets live
+  // on). A send that fails stops the release and the pair stays here,
+  // served as before.
+  ProxyRelease Release(uint32_t count, uint64_t bytes_per_second,
+                       absl::FunctionRef<absl::Status(
+                           int client, int upstream, uint64_t released_mono_ns)>
+                           send);
   // Serves a pair released by another worker: `client` and `upstream` are
   // connected TCP sockets (checked by the caller). Anything queued on them
   // meanwhile is forwarded at once. An error (epoll) closes the pair.

@@ -30,6 +30,7 @@
 #include "worker/sdk/base/time.h"
 #include "worker/sdk/base/version.h"
 #include "worker/sdk/handoff_choice.h"
+#include "worker/sdk/handoff_pauses.h"
 #include "worker/sdk/handoff_sockets.h"
 #include "worker/sdk/listen_fds.h"
 
@@ -1120,8 +1121,9 @@ void Worker::ReleaseConnections(const v1::HandOffRequest& request) {
     // draining (the busy ones are still counted).
     ProxyRelease r = proxy_->Release(
         draining_ ? 0 : request.count(), request.bytes_per_second(),
-        [&](int client, int upstream) {
-          return agent_->HandOffPair(request.id(), client, upstream);
+        [&](int client, int upstream, uint64_t released_mono_ns) {
+          return agent_->HandOffPair(request.id(), client, upstream,
+                                     released_mono_ns);
         });
     handed_off_ += r.released;
     PF_LOG(DEBUG) << "hand-off " << request.id() << ": released " << r.released
@@ -1160,7 +1162,10 @@ void Worker::ReleaseConnections(const v1::HandOffRequest& request) {
       }
       conn.events = 0;
     }
-    absl::Status s = agent_->HandOffConnection(request.id(), fd, "");
+    // Its hand-off pause starts now: nobody serves it until the receiver
+    // has it in its loop.
+    absl::Status s =
+        agent_->HandOffConnection(request.id(), fd, "", MonotonicNowNs());
     if (!s.ok()) {
       PF_LOG(WARNING) << "hand-off " << request.id() << ": " << s.message()
                       << "; keeping the connection";
@@ -1209,6 +1214,7 @@ void Worker::AdoptConnection(const v1::HandOffConnection& handoff,
       return;
     }
     ++adopted_;
+    agent_->AdoptedConnection(handoff);
     return;
   }
   Fd fd = std::move(fds[0]);
@@ -1229,6 +1235,8 @@ void Worker::AdoptConnection(const v1::HandOffConnection& handoff,
   }
   ++adopted_;
   connections_[raw] = std::move(conn);
+  // Served again from here on: the end of its hand-off pause.
+  agent_->AdoptedConnection(handoff);
   // Input that came while it travelled waits in its receive queue.
   HandleConnection(raw, EPOLLIN);
 }

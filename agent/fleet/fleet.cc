@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "agent/fleet/load.h"
 #include "agent/fleet/rebalance.h"
 #include "agent/fleet/rollout.h"
 #include "agent/fleet/selfbound.h"
@@ -813,6 +814,8 @@ absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
     }
     s.orphans_killed = shard->orphans_killed;
     s.load = shard->load;
+    // As of the workers' last reports, not the last load measurement.
+    FillHandOffPauses(shard->handoff_pauses, s.load.mutable_handoff_pauses());
     if (listener->steering && shard->index < slots.size()) {
       s.steering_slots = slots[shard->index];
       s.rebalance_slot_delta = static_cast<int32_t>(slots[shard->index]) -
@@ -835,6 +838,7 @@ absl::StatusOr<ListenerStatus> Fleet::ListenerStatusOf(
   view.rebalance_refusals = listener->rebalance_refusals;
   view.rebalance_connections_moved = listener->rebalance_connections_moved;
   view.auto_rebalance_steps = listener->auto_rebalance_steps;
+  view.handoff_pauses = listener->handoff_pauses;
   view.auto_rebalancing = auto_rebalance_.Active(name);
   if (listener->spec.steering().policy() == v1::STEERING_POLICY_CPU) {
     for (const auto& shard : listener->shards) {

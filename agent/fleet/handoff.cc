@@ -239,12 +239,9 @@ void HandOffRouter::OnWorkerMessage(Listener& listener, Shard& shard,
       // Not ours to route (late, after the batch timed out): give it back
       // to the worker that sent it rather than close a live connection.
       if (shard.worker && shard.worker->control) {
+        // Unchanged (released_mono_ns too: its pause goes on).
         v1::AgentMessage back;
-        back.mutable_adopt_connection()->set_id(id);
-        back.mutable_adopt_connection()->set_buffered(
-            message.handoff_connection().buffered());
-        back.mutable_adopt_connection()->set_upstream_attached(
-            message.handoff_connection().upstream_attached());
+        *back.mutable_adopt_connection() = message.handoff_connection();
         if (shard.worker->control->SendWithFds(back, Raw(fds)).ok()) return;
       }
       PF_LOG(ERROR) << listener.Name(shard) << ": hand-off " << id
@@ -278,10 +275,10 @@ void HandOffRouter::Forward(Listener& listener, Pending& p,
                             std::vector<Fd> fds) {
   if (fds.empty()) return;
   const bool pair = handoff.upstream_attached();
+  // Passed on unchanged: the id, the buffered input, the sender's
+  // released_mono_ns (the receiver measures the pause from it).
   v1::AgentMessage adopt;
-  adopt.mutable_adopt_connection()->set_id(handoff.id());
-  adopt.mutable_adopt_connection()->set_buffered(handoff.buffered());
-  adopt.mutable_adopt_connection()->set_upstream_attached(pair);
+  *adopt.mutable_adopt_connection() = handoff;
   const std::vector<int> raw = Raw(fds);
   bool refused = false;
   auto send_to = [&](uint32_t index) {

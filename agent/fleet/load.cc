@@ -9,6 +9,7 @@
 #include "agent/procfs.h"
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/base/status.h"
+#include "worker/sdk/handoff_pauses.h"
 
 namespace portfleet {
 namespace {
@@ -116,6 +117,7 @@ void LoadMonitor::MeasureListener(Listener& listener) {
     const Worker* w = shard->worker.get();
     v1::ShardLoad load;
     if (w == nullptr) {
+      FillHandOffPauses(shard->handoff_pauses, load.mutable_handoff_pauses());
       shard->load = load;
       shard->load_track = LoadTrack{};
       continue;
@@ -152,6 +154,7 @@ void LoadMonitor::MeasureListener(Listener& listener) {
                   .cpu_ticks = p.cpu_ticks,
                   .bytes = bytes,
                   .requests = load.requests_total()};
+    FillHandOffPauses(shard->handoff_pauses, load.mutable_handoff_pauses());
     shard->load = std::move(load);
   }
   if (listener.steering && listener.spec.steering().policy() ==
@@ -164,6 +167,25 @@ void LoadMonitor::MeasureListener(Listener& listener) {
                       << s.message() << SuppressedNote(dropped);
     }
   }
+}
+
+void AddHandOffPauses(const v1::DurationHistogram& reported, Worker& worker,
+                      Shard& shard, Listener& listener) {
+  DurationHistogram now = HistogramFromProto(reported);
+  const DurationHistogram fresh = now.count() >= worker.handoff_pauses.count()
+                                      ? now.Since(worker.handoff_pauses)
+                                      : now;
+  shard.handoff_pauses.Merge(fresh);
+  listener.handoff_pauses.Merge(fresh);
+  worker.handoff_pauses = std::move(now);
+}
+
+void FillHandOffPauses(const DurationHistogram& pauses,
+                       v1::HandOffPauses* out) {
+  out->set_adopted(pauses.count());
+  out->set_p50_us(pauses.QuantileNs(0.5) / 1e3);
+  out->set_p99_us(pauses.QuantileNs(0.99) / 1e3);
+  HistogramToProto(pauses, out->mutable_histogram(), /*upper_bounds=*/true);
 }
 
 }  // namespace portfleet

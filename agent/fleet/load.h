@@ -75,6 +75,17 @@ class LoadMonitor {
 // Max/mean of `loads` (1.0 = even); 0 when they are empty or all 0. Pure.
 double Imbalance(const std::vector<double>& loads);
 
+// A load report's hand-off pauses (WorkerLoad.handoff_pauses, cumulative
+// over the worker's life) from `worker` of `shard`: what is new since its
+// previous report is added to the shard's and the listener's counts, and
+// the report is kept on the worker. A report with fewer pauses than the
+// previous one (the worker started counting again) counts whole.
+void AddHandOffPauses(const v1::DurationHistogram& reported, Worker& worker,
+                      Shard& shard, Listener& listener);
+
+// The shard's hand-off pauses as the API shows them (ShardLoad).
+void FillHandOffPauses(const DurationHistogram& pauses, v1::HandOffPauses* out);
+
 }  // namespace portfleet
 
 #endif  // PORTFLEET_AGENT_FLEET_LOAD_H_

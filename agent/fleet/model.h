@@ -38,6 +38,7 @@
 #include "portfleet/v1/agent.pb.h"
 #include "portfleet/v1/fleet.pb.h"
 #include "worker/sdk/base/address.h"
+#include "worker/sdk/base/duration_histogram.h"
 #include "worker/sdk/base/fd.h"
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/control_channel.h"
@@ -146,6 +147,8 @@ struct Worker {
   uint64_t requests_total = 0;
   bool reports = false;  // has sent a load report
   absl::Time last_report;
+  // The hand-off pauses of its last load report (cumulative over its life).
+  DurationHistogram handoff_pauses;
   // Lines about this worker's bad control messages.
   LogRateLimiter complaints;
   // Self-bound (see fleet/selfbound.h): binds its own socket, which the
@@ -232,6 +235,10 @@ struct Shard {
   std::set<pid_t> orphans_seen;       // reported already
   uint64_t orphans_killed = 0;
   ResolvedWorker program;  // what the shard runs (listener's or rollout's)
+  // Hand-off pauses of the connections adopted by this shard's workers since
+  // the agent started: each load report adds what is new in it, so a
+  // worker that goes (replaced, restarted) leaves its counts here.
+  DurationHistogram handoff_pauses;
   uint32_t restarts = 0;
   absl::Duration backoff;
   std::optional<EventLoop::TimerId> restart_timer;
@@ -301,6 +308,9 @@ struct Listener {
   // the steps the auto-rebalancer took (fleet/auto_rebalance.h).
   uint64_t rebalance_connections_moved = 0;
   uint64_t auto_rebalance_steps = 0;
+  // Hand-off pauses of the connections its workers adopted (see
+  // Shard::handoff_pauses), over every shard it had.
+  DurationHistogram handoff_pauses;
 
   // Shards that take new connections (not draining), in index order.
   std::vector<Shard*> Live() const;

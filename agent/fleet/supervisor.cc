@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "agent/fleet/load.h"
 #include "agent/fleet/selfbound.h"
 #include "agent/sockets.h"
 #include "agent/spec/spec.h"
@@ -686,6 +687,7 @@ void Supervisor::OnControlMessage(Listener& listener, Shard& shard, Worker* w,
       w->bytes_in_total = msg.load().bytes_in_total();
       w->bytes_out_total = msg.load().bytes_out_total();
       w->requests_total = msg.load().requests_total();
+      AddHandOffPauses(msg.load().handoff_pauses(), *w, shard, listener);
       w->reports = true;
       w->last_report = ctx_->Now();
       break;

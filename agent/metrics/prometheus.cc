@@ -1,4 +1,5 @@
 // RenderPrometheus: the snapshot as Prometheus text exposition format 0.0.4.
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -10,6 +11,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "agent/metrics/metrics_server.h"
+#include "worker/sdk/base/duration_histogram.h"
 
 namespace portfleet {
 namespace {
@@ -108,6 +110,9 @@ void ShardFamily(Writer& w, const MetricsSnapshot& snapshot,
 }
 
 std::string Bool(bool b) { return b ? "1" : "0"; }
+
+// The hand-off pause histogram's largest finite `le`: 2^23 µs (8.4 s).
+constexpr uint32_t kPauseBucketsMaxPow2Us = 23;
 
 std::string StateLabel(v1::HealthState state) {
   return v1::HealthState_Name(state).substr(sizeof("HEALTH_STATE_") - 1);
@@ -217,6 +222,33 @@ std::string RenderPrometheus(const MetricsSnapshot& snapshot) {
     w.Sample("portfleet_listener_rebalance_handoffs_total",
              {{"listener", listener.spec.name()}},
              absl::StrCat(listener.rebalance_connections_moved));
+  }
+  w.Family("portfleet_listener_handoff_pause_seconds", "histogram",
+           "Pause of each connection the listener's workers adopted in a "
+           "hand-off: the time it was served by no worker, from the sender "
+           "taking it out of its event loop to the receiver having it in "
+           "its own. Counted from the workers' load reports since the agent "
+           "started; a replaced worker leaves its counts.");
+  for (const ListenerStatus& listener : snapshot.listeners) {
+    const DurationHistogram& h = listener.handoff_pauses;
+    // le at the powers of two of microseconds: boundaries of the
+    // histogram's own buckets, so these counts are exact.
+    for (uint32_t k = 0; k <= kPauseBucketsMaxPow2Us; ++k) {
+      w.Sample("portfleet_listener_handoff_pause_seconds_bucket",
+               {{"listener", listener.spec.name()},
+                {"le", absl::StrFormat("%.9g", std::ldexp(1e-6, k))}},
+               absl::StrCat(h.CountAtMost(
+                   DurationHistogram::LastBucketAtMostPow2Us(k))));
+    }
+    w.Sample("portfleet_listener_handoff_pause_seconds_bucket",
+             {{"listener", listener.spec.name()}, {"le", "+Inf"}},
+             absl::StrCat(h.count()));
+    w.Sample("portfleet_listener_handoff_pause_seconds_sum",
+             {{"listener", listener.spec.name()}},
+             absl::StrFormat("%d.%09d", h.sum_ns() / 1'000'000'000u,
+                             h.sum_ns() % 1'000'000'000u));
+    w.Sample("portfleet_listener_handoff_pause_seconds_count",
+             {{"listener", listener.spec.name()}}, absl::StrCat(h.count()));
   }
   w.Family("portfleet_listener_auto_rebalance_steps_total", "counter",
            "Steps of the listener's automatic rebalancing (rebalance mode "

@@ -13,6 +13,15 @@
 //             (/proc/PID/task/*/schedstat), divided by the connections moved:
 //             the machine's cost of one hand-off
 //   wall/conn call time / connections moved
+//   pause     per connection moved, the time it was served by no worker:
+//             from the hot worker taking it out of its event loop to the
+//             cold worker having it in its own (HandOffConnection.
+//             released_mono_ns, measured by the receiving worker). Read
+//             from the shards' hand-off pause histograms (ShardLoad) once
+//             the receivers' load reports show every moved connection,
+//             minus the histograms before the call; median and p99 over
+//             the trials' connections merged, and the range of the
+//             trials' own p99
 //   even      one more request on every connection: max/mean of the
 //             connections per answering pid (<= 1.15 expected), and
 //             requests that failed (0 expected)
@@ -64,7 +73,9 @@
 #include "tests/testing/agent_harness.h"
 #include "tests/testing/netns.h"
 #include "tests/testing/process.h"
+#include "worker/sdk/base/duration_histogram.h"
 #include "worker/sdk/base/fd.h"
+#include "worker/sdk/handoff_pauses.h"
 
 namespace portfleet::testing {
 namespace {
@@ -226,11 +237,22 @@ class Timeline {
   std::map<uint64_t, absl::Time> moved_at_;
 };
 
+// The hand-off pauses of every shard of "web", merged.
+DurationHistogram MergedPauses(v1::FleetService::Stub& stub) {
+  DurationHistogram merged;
+  for (const v1::Shard& s : Shards(stub, "web")) {
+    merged.Merge(HistogramFromProto(s.load().handoff_pauses().histogram()));
+  }
+  return merged;
+}
+
 struct Trial {
   bool ok = false;
   std::string error;
   absl::Duration call;
   uint64_t moved = 0;
+  // Pauses of the connections moved by the call (all receivers).
+  DurationHistogram pauses;
   double cpu_us_per_conn = 0;
   double wall_us_per_conn = 0;
   double even = 0;
@@ -309,6 +331,7 @@ Trial RunTrial(int connections, Timeline* timeline) {
     absl::SleepFor(absl::Milliseconds(300));
     timeline->SetPhase("rebalancing");
   }
+  const DurationHistogram pauses_before = MergedPauses(*stub);
   uint64_t ns_before = 0;
   for (pid_t p : pids) ns_before += CpuNanos(p);
   v1::RebalanceListenerRequest req;
@@ -325,6 +348,16 @@ Trial RunTrial(int connections, Timeline* timeline) {
     return t;
   }
   t.moved = resp.connections_moved();
+  // The receivers report every second; then the pauses are all there.
+  if (!WaitFor(
+          [&] {
+            t.pauses = MergedPauses(*stub).Since(pauses_before);
+            return t.pauses.count() >= t.moved;
+          },
+          absl::Seconds(10))) {
+    std::cerr << "pauses of " << t.pauses.count() << " of " << t.moved
+              << " moved connections reported\n";
+  }
   if (timeline != nullptr) {
     timeline->SetPhase("after");
     absl::SleepFor(absl::Milliseconds(500));
@@ -395,10 +428,13 @@ int Main(int argc, char** argv) {
   ::setrlimit(RLIMIT_NOFILE, &nofile);
   std::cout << "| connections | trials ok | call ms (median, range) | "
                "moved | CPU µs/conn (median, range) | wall µs/conn (median) | "
-               "max/mean after (worst) | failed |\n"
-               "|---|---|---|---|---|---|---|---|\n";
+               "pause µs p50 | pause µs p99 (trials' range) | pauses counted "
+               "| max/mean after (worst) | failed |\n"
+               "|---|---|---|---|---|---|---|---|---|---|---|\n";
   for (int n : sizes) {
-    std::vector<double> call_ms, cpu, wall, even;
+    std::vector<double> call_ms, cpu, wall, even, p99;
+    DurationHistogram pauses;
+    uint64_t moved_total = 0;
     uint64_t moved = 0;
     int failed = 0, ok = 0;
     for (int k = 0; k < trials; ++k) {
@@ -413,7 +449,10 @@ int Main(int argc, char** argv) {
       cpu.push_back(t.cpu_us_per_conn);
       wall.push_back(t.wall_us_per_conn);
       even.push_back(t.even);
+      pauses.Merge(t.pauses);
+      p99.push_back(t.pauses.QuantileNs(0.99) / 1e3);
       moved = t.moved;
+      moved_total += t.moved;
       failed += t.failed;
     }
     if (ok == 0) continue;
@@ -422,10 +461,12 @@ int Main(int argc, char** argv) {
                              *std::max_element(v.begin(), v.end()));
     };
     std::cout << absl::StrFormat(
-        "| %d | %d/%d | %.1f (%s) | %u | %.1f (%s) | %.1f | %.2f | %d |\n", n,
-        ok, trials, Median(call_ms), range(call_ms), moved, Median(cpu),
-        range(cpu), Median(wall), *std::max_element(even.begin(), even.end()),
-        failed);
+        "| %d | %d/%d | %.1f (%s) | %u | %.1f (%s) | %.1f | %.0f | %.0f (%s) "
+        "| %u/%u | %.2f | %d |\n",
+        n, ok, trials, Median(call_ms), range(call_ms), moved, Median(cpu),
+        range(cpu), Median(wall), pauses.QuantileNs(0.5) / 1e3,
+        pauses.QuantileNs(0.99) / 1e3, range(p99), pauses.count(), moved_total,
+        *std::max_element(even.begin(), even.end()), failed);
   }
   if (!timeline_path.empty() && !sizes.empty()) {
     Timeline timeline;

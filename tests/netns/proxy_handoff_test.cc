@@ -469,6 +469,9 @@ class ProxyHandOffTest : public ::testing::Test {
 //    (the same upstream connections went on); every worker holds exactly
 //    its baseline descriptors plus 2 per pair (nothing leaked, on the
 //    sending or the adopting side), and the agent as many as before.
+// 7. The new shards' hand-off pauses (ShardLoad, from their load reports)
+//    count exactly the pairs they hold, with a median above 0: a pair's
+//    release is stamped and its adoption measured.
 TEST_F(ProxyHandOffTest, ScaleUpRebalanceMovesIdlePairsWithoutNewUpstreams) {
   PF_ENTER_NETNS_OR_SKIP();
   constexpr int kClients = 200;
@@ -551,6 +554,24 @@ TEST_F(ProxyHandOffTest, ScaleUpRebalanceMovesIdlePairsWithoutNewUpstreams) {
       << "agent descriptors: " << OpenFds(agent_.pid()) << ", before "
       << agent_fds;
   EXPECT_THAT(agent_.Log(), Not(HasSubstr("refused")));
+
+  // Step 7.
+  const uint64_t held = after[pids[2]] + after[pids[3]];
+  uint64_t adopted = 0;
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        adopted = 0;
+        for (const v1::Shard& s : Shards(*stub_, "front")) {
+          if (s.index() >= 2) adopted += s.load().handoff_pauses().adopted();
+        }
+        return adopted == held;
+      },
+      absl::Seconds(5)))
+      << adopted << " pauses counted, " << held << " pairs adopted";
+  for (const v1::Shard& s : Shards(*stub_, "front")) {
+    if (s.index() < 2) continue;
+    EXPECT_GT(s.load().handoff_pauses().p50_us(), 0) << "shard " << s.index();
+  }
 }
 
 // A pair with data in flight is never moved. Steps:

@@ -36,7 +36,9 @@
 #include "tests/testing/client.h"
 #include "tests/testing/netns.h"
 #include "tests/testing/process.h"
+#include "worker/sdk/base/duration_histogram.h"
 #include "worker/sdk/base/fd.h"
+#include "worker/sdk/handoff_pauses.h"
 
 namespace portfleet::testing {
 namespace {
@@ -185,6 +187,16 @@ class RebalanceTest : public ::testing::Test {
     }
     EXPECT_EQ(failed, 0) << first;
     EXPECT_EQ(moved, 0) << "steering moved an open connection";
+  }
+  // Every held connection asks again and is answered (by any worker).
+  void CheckHeldStayedAnswering() {
+    int failed = 0;
+    std::string first;
+    for (Held& h : held_) {
+      std::string error;
+      if (h.Ask(&error) < 0 && failed++ == 0) first = error;
+    }
+    EXPECT_EQ(failed, 0) << first;
   }
   // Connections per shard as the agent reports them (Shard.load).
   std::vector<uint64_t> AgentConnections() {
@@ -470,6 +482,97 @@ TEST_F(RebalanceTest, OneShotHandOffEvensOpenConnectionsAfterScaleUp) {
   std::cerr << "converged (client view) in " << converged << "; "
             << asker.answers() << " answers\n"
             << done.out;
+}
+
+// Steps:
+// 1. Start "web" with 2 shards; open 300 held connections; scale to 4 and
+//    wait until the load reports show the 300 on the old shards. No shard
+//    has adopted anything yet (ShardLoad.handoff_pauses empty).
+// 2. RebalanceListener (connections, moving connections), timed from the
+//    call's start.
+// 3. Once the receivers' load reports caught up, the new shards' adopted
+//    counts add up to the connections the call says it moved, and the
+//    histograms' counts agree with them. Their pauses (p50, p99, and the
+//    merged histogram's) are above 0 and below the time from the call's
+//    start to the report that showed them (each pause starts after the
+//    call started and ends before that report): the pauses are real
+//    durations in the right unit, not a stamp from another clock.
+// 4. Every held connection still answers.
+TEST_F(RebalanceTest, HandOffPausesOfMovedConnectionsAreCountedByReceivers) {
+  PF_ENTER_NETNS_OR_SKIP();
+  Start(2, /*third_party=*/false);
+  OpenHeld(300);
+  ASSERT_TRUE(ScaleTo(*stub_, "web", 4).ok());
+  ASSERT_TRUE(AllReady(4)) << agent_.Log();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<uint64_t> c = AgentConnections();
+        return c.size() == 4 && c[0] + c[1] == 300;
+      },
+      absl::Seconds(10)))
+      << ::testing::PrintToString(AgentConnections());
+  for (const v1::Shard& s : Shards(*stub_, "web")) {
+    EXPECT_EQ(s.load().handoff_pauses().adopted(), 0u) << s.index();
+    EXPECT_EQ(s.load().handoff_pauses().histogram().buckets_size(), 0);
+  }
+
+  v1::RebalanceListenerRequest req;
+  req.set_name("web");
+  req.set_move_connections(true);
+  v1::RebalanceListenerResponse resp;
+  const absl::Time start = absl::Now();
+  grpc::Status status =
+      stub_->RebalanceListener(RpcContext().get(), req, &resp);
+  const absl::Duration call = absl::Now() - start;
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  const uint64_t moved = resp.connections_moved();
+  ASSERT_GT(moved, 0u);
+
+  // The receivers report every second.
+  uint64_t adopted = 0;
+  std::vector<v1::Shard> shards;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        shards = Shards(*stub_, "web");
+        adopted = 0;
+        for (const v1::Shard& s : shards) {
+          if (s.index() >= 2) adopted += s.load().handoff_pauses().adopted();
+        }
+        return adopted >= moved;
+      },
+      absl::Seconds(10)))
+      << adopted << " adopted of " << moved << " moved";
+  // Every pause lies within [start, now]; a histogram's estimate is at most
+  // 12.5% above the pause it stands for.
+  const double bound_us = absl::ToDoubleMicroseconds(absl::Now() - start);
+  const double limit_us = bound_us * 1.125;
+  EXPECT_EQ(adopted, moved);
+  ASSERT_EQ(shards.size(), 4u);
+  DurationHistogram merged;
+  for (const v1::Shard& s : shards) {
+    const v1::HandOffPauses& p = s.load().handoff_pauses();
+    EXPECT_EQ(p.histogram().count(), p.adopted()) << s.index();
+    merged.Merge(HistogramFromProto(p.histogram()));
+    if (s.index() < 2 || p.adopted() == 0) continue;
+    EXPECT_GT(p.p50_us(), 0) << s.index();
+    EXPECT_LE(p.p50_us(), p.p99_us()) << s.index();
+    EXPECT_LT(p.p99_us(), limit_us) << s.index();
+  }
+  EXPECT_EQ(merged.count(), moved);
+  const double p50_us = merged.QuantileNs(0.5) / 1e3;
+  const double p99_us = merged.QuantileNs(0.99) / 1e3;
+  EXPECT_GT(p50_us, 0);
+  EXPECT_LE(p50_us, p99_us);
+  EXPECT_LT(p99_us, limit_us);
+  // The slowest pause too (its bucket's upper bound).
+  EXPECT_LT(static_cast<double>(
+                DurationHistogram::UpperNs(merged.buckets().rbegin()->first)) /
+                1e3,
+            limit_us);
+  CheckHeldStayedAnswering();
+  std::cerr << moved << " connections moved in " << call << "; pause p50 "
+            << p50_us << " us, p99 " << p99_us << " us (bound " << bound_us
+            << " us)\n";
 }
 
 // Steps:

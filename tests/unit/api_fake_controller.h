@@ -11,6 +11,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -317,6 +318,22 @@ class FakeController : public SyncFleetController {
       if (i == 1) {  // a stranger holds this shard's socket; one was killed
         s.orphans.push_back({.pid = 4242, .command = "nc", .leftover = false});
         s.orphans_killed = 1;
+      }
+      if (i == 2) {  // adopted 3 connections in a hand-off
+        v1::HandOffPauses* p = s.load.mutable_handoff_pauses();
+        p->set_adopted(3);
+        p->set_p50_us(42);
+        p->set_p99_us(184);
+        v1::DurationHistogram* h = p->mutable_histogram();
+        h->set_count(3);
+        h->set_sum_ns(262'000);
+        for (auto [index, count, upper] :
+             {std::tuple{50u, 2u, 44'000u}, std::tuple{67u, 1u, 192'000u}}) {
+          v1::DurationBucket* b = h->add_buckets();
+          b->set_index(index);
+          b->set_count(count);
+          b->set_upper_ns(upper);
+        }
       }
       l.shards.push_back(s);
     }

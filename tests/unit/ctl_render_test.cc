@@ -38,6 +38,14 @@ v1::ListenerState Sample() {
   s->set_ready(true);
   s->set_accepted_total(18446744073709551615ull);
   s->mutable_counters()->set_selected(5);
+  v1::HandOffPauses* pauses = s->mutable_load()->mutable_handoff_pauses();
+  pauses->set_adopted(2);
+  pauses->set_p50_us(42);
+  pauses->set_p99_us(184);
+  v1::DurationBucket* b = pauses->mutable_histogram()->add_buckets();
+  b->set_index(67);
+  b->set_count(1);
+  b->set_upper_ns(192000);
   return l;
 }
 
@@ -98,7 +106,10 @@ TEST(RenderTest, JsonHasEveryFieldNumbersAndShortEnums) {
             R"("load":{"connections":0,"connectionsSource":"unspecified",)"
             R"("cpu":0,"bytesInTotal":0,"bytesOutTotal":0,)"
             R"("bytesPerSecond":0,"requestsTotal":0,"requestsPerSecond":0,)"
-            R"("reports":false},"steeringSlots":0,"rebalanceSlotDelta":0}],)"
+            R"("reports":false,"handoffPauses":{"adopted":2,"p50Us":42,)"
+            R"("p99Us":184,"histogram":{"buckets":[{"index":67,"count":1,)"
+            R"("upperNs":192000}],"count":0,"sumNs":0}}},)"
+            R"("steeringSlots":0,"rebalanceSlotDelta":0}],)"
             R"("error":"","rebalance":{"imbalance":0,"autoActive":false,)"
             R"("autoSteps":0,"rebalances":0,"slotsMoved":0,)"
             R"("connectionsMoved":0,"refusals":0}})");

@@ -1,5 +1,7 @@
 // RenderPrometheus: exact text for a small snapshot, and label escaping.
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/time/time.h"
 #include "agent/metrics/metrics_server.h"
@@ -106,6 +108,35 @@ portfleet_listener_rebalance_refusals_total{listener="web"} 0
 # HELP portfleet_listener_rebalance_handoffs_total Established connections the rebalancer handed from one worker to another.
 # TYPE portfleet_listener_rebalance_handoffs_total counter
 portfleet_listener_rebalance_handoffs_total{listener="web"} 0
+# HELP portfleet_listener_handoff_pause_seconds Pause of each connection the listener's workers adopted in a hand-off: the time it was served by no worker, from the sender taking it out of its event loop to the receiver having it in its own. Counted from the workers' load reports since the agent started; a replaced worker leaves its counts.
+# TYPE portfleet_listener_handoff_pause_seconds histogram
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="1e-06"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="2e-06"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="4e-06"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="8e-06"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="1.6e-05"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="3.2e-05"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="6.4e-05"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="0.000128"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="0.000256"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="0.000512"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="0.001024"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="0.002048"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="0.004096"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="0.008192"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="0.016384"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="0.032768"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="0.065536"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="0.131072"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="0.262144"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="0.524288"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="1.048576"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="2.097152"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="4.194304"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="8.388608"} 0
+portfleet_listener_handoff_pause_seconds_bucket{listener="web",le="+Inf"} 0
+portfleet_listener_handoff_pause_seconds_sum{listener="web"} 0.000000000
+portfleet_listener_handoff_pause_seconds_count{listener="web"} 0
 # HELP portfleet_listener_auto_rebalance_steps_total Steps of the listener's automatic rebalancing (rebalance mode auto).
 # TYPE portfleet_listener_auto_rebalance_steps_total counter
 portfleet_listener_auto_rebalance_steps_total{listener="web"} 0
@@ -209,7 +240,8 @@ TEST(RenderPrometheusTest, EmptySnapshotKeepsEveryFamily) {
         "portfleet_shard_active_connections", "portfleet_shard_accepted_total",
         "portfleet_steering_selected_total",
         "portfleet_steering_migrated_total",
-        "portfleet_steering_fallback_total", "portfleet_shard_cpu"}) {
+        "portfleet_steering_fallback_total", "portfleet_shard_cpu",
+        "portfleet_listener_handoff_pause_seconds"}) {
     EXPECT_THAT(text, HasSubstr(std::string("# TYPE ") + family + " "))
         << family;
   }
@@ -270,6 +302,44 @@ TEST(RenderPrometheusTest, SpillPerCpu) {
                               "cpu=\"0\"} 0.5000\n"));
   EXPECT_THAT(text, HasSubstr("portfleet_listener_spill_ratio{listener=\"web\","
                               "cpu=\"1\"} 0.0000\n"));
+}
+
+TEST(RenderPrometheusTest,
+     HandOffPausesAreAHistogramAtPowersOfTwoMicroseconds) {
+  MetricsSnapshot s;
+  ListenerStatus l = Listener("web");
+  for (uint64_t ns :
+       std::vector<uint64_t>{900, 1000, 1500, 30'000, 30'000, 20'000'000'000}) {
+    l.handoff_pauses.Record(ns);
+  }
+  s.listeners = {l};
+  const std::string text = RenderPrometheus(s);
+  EXPECT_THAT(text, HasSubstr("# TYPE portfleet_listener_handoff_pause_seconds "
+                              "histogram\n"));
+  // Cumulative, `le` inclusive: 1 µs holds 900 ns and 1000 ns.
+  for (const char* line : {
+           "_bucket{listener=\"web\",le=\"1e-06\"} 2\n",
+           "_bucket{listener=\"web\",le=\"2e-06\"} 3\n",
+           "_bucket{listener=\"web\",le=\"1.6e-05\"} 3\n",
+           "_bucket{listener=\"web\",le=\"3.2e-05\"} 5\n",
+           "_bucket{listener=\"web\",le=\"8.388608\"} 5\n",
+           "_bucket{listener=\"web\",le=\"+Inf\"} 6\n",
+           "_sum{listener=\"web\"} 20.000063400\n",
+           "_count{listener=\"web\"} 6\n",
+       }) {
+    EXPECT_THAT(
+        text,
+        HasSubstr(std::string("portfleet_listener_handoff_pause_seconds") +
+                  line));
+  }
+  // One bucket per power of two from 1 µs to 2^23 µs, then +Inf.
+  size_t buckets = 0;
+  for (size_t at = 0;
+       (at = text.find("_pause_seconds_bucket{", at)) != std::string::npos;
+       ++at) {
+    ++buckets;
+  }
+  EXPECT_EQ(buckets, 25u);
 }
 
 }  // namespace

@@ -29,6 +29,7 @@
 #include "tests/unit/fleet_fakes.h"
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/handoff_choice.h"
+#include "worker/sdk/handoff_pauses.h"
 
 namespace portfleet::testing {
 namespace {
@@ -1335,6 +1336,46 @@ TEST_F(FleetAutoRebalanceTest, UpdateListenerTurnsItOnAndOffLive) {
   for (int i = 0; i < 5; ++i) Observe({100, 0}, 2);
   EXPECT_EQ(Count(v1::EVENT_TYPE_REBALANCE_DONE, "auto:"), 2)
       << "one step, one settle: nothing after it was turned off";
+}
+
+// Hand-off pauses from load reports (fleet/load.h): each report is the
+// worker's cumulative histogram; the shard and the listener add what is new,
+// so a worker replaced keeps its counts there.
+TEST(HandOffPausesTest, ReportsAddWhatIsNewAndOutliveTheirWorker) {
+  auto report = [](std::vector<uint64_t> pauses_ns) {
+    DurationHistogram h;
+    for (uint64_t ns : pauses_ns) h.Record(ns);
+    v1::DurationHistogram m;
+    HistogramToProto(h, &m);
+    return m;
+  };
+  Listener listener;
+  Shard shard;
+  Worker first, second;
+  AddHandOffPauses(report({20'000, 30'000}), first, shard, listener);
+  // The same report again adds nothing; a later one adds its new pause.
+  AddHandOffPauses(report({20'000, 30'000}), first, shard, listener);
+  AddHandOffPauses(report({20'000, 30'000, 400'000}), first, shard, listener);
+  EXPECT_EQ(shard.handoff_pauses.count(), 3u);
+  EXPECT_EQ(shard.handoff_pauses.sum_ns(), 450'000u);
+  // The replacement starts from 0: its pauses add to the first one's.
+  AddHandOffPauses(report({50'000}), second, shard, listener);
+  EXPECT_EQ(shard.handoff_pauses.count(), 4u);
+  EXPECT_EQ(listener.handoff_pauses, shard.handoff_pauses);
+  // A report with fewer pauses than the worker's last (it counted again
+  // from 0) counts whole; an empty one (adopted nothing) adds nothing.
+  AddHandOffPauses(report({}), second, shard, listener);
+  AddHandOffPauses(report({60'000}), second, shard, listener);
+  EXPECT_EQ(shard.handoff_pauses.count(), 5u);
+
+  v1::HandOffPauses view;
+  FillHandOffPauses(shard.handoff_pauses, &view);
+  EXPECT_EQ(view.adopted(), 5u);
+  EXPECT_NEAR(view.p50_us(), 50, 50 * 0.0625);
+  EXPECT_NEAR(view.p99_us(), 400, 400 * 0.0625);
+  ASSERT_EQ(view.histogram().buckets_size(), 5);
+  EXPECT_EQ(view.histogram().buckets(4).upper_ns(),
+            DurationHistogram::UpperNs(view.histogram().buckets(4).index()));
 }
 
 }  // namespace

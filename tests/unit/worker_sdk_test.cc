@@ -30,9 +30,11 @@
 #include "tests/testing/netns.h"
 #include "tests/testing/process.h"
 #include "worker/sdk/agent_link.h"
+#include "worker/sdk/base/duration_histogram.h"
 #include "worker/sdk/base/fd.h"
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/control_channel.h"
+#include "worker/sdk/handoff_pauses.h"
 #include "worker/sdk/listen_fds.h"
 
 namespace portfleet {
@@ -875,6 +877,61 @@ TEST(WorkerSdkAgentLinkTest, HelloReadyDrainAndReconnectWithTheSocket) {
   ASSERT_TRUE(adopted->Send(drain).ok());
   ASSERT_TRUE(PumpUntil(
       **link, [&] { return !got.empty(); }, absl::Seconds(2), &got));
+}
+
+// Hand-off pauses through the link: 1. HandOffConnection and HandOffPair
+// stamp released_mono_ns (the caller's stamp, or the time of the call);
+// 2. AdoptedConnection counts now minus the sender's stamp, and not a
+// connection without a stamp or with one later than now; 3. a load report
+// sent through the link carries the histogram (none before any adoption).
+TEST(WorkerSdkAgentLinkTest, HandOffStampsAndLoadReportsCarryThePauses) {
+  Fd shard = ShardSocket();
+  auto pair = ControlChannel::Pair();
+  ASSERT_TRUE(pair.ok()) << pair.status();
+  ControlChannel agent = std::move(pair->first);
+  auto link = AgentLink::Create({.listener = "web", .handoff = true}, shard,
+                                std::move(pair->second), FastOptions(""));
+  ASSERT_TRUE(link.ok()) << link.status();
+
+  const uint64_t before = MonotonicNowNs();
+  ASSERT_TRUE((*link)->HandOffConnection(7, shard.get(), "").ok());
+  const uint64_t after = MonotonicNowNs();
+  auto released = agent.ReceiveWithFds();
+  ASSERT_TRUE(released.ok() && released->has_value()) << released.status();
+  const uint64_t stamp =
+      (*released)->first.handoff_connection().released_mono_ns();
+  EXPECT_GE(stamp, before);
+  EXPECT_LE(stamp, after);
+  ASSERT_TRUE((*link)->HandOffPair(8, shard.get(), shard.get(), 4242).ok());
+  released = agent.ReceiveWithFds();
+  ASSERT_TRUE(released.ok() && released->has_value()) << released.status();
+  EXPECT_EQ((*released)->first.handoff_connection().released_mono_ns(), 4242u);
+
+  v1::WorkerMessage load;
+  load.mutable_load()->set_active_connections(1);
+  (*link)->Send(load);
+  auto got = agent.Receive<v1::WorkerMessage>();
+  ASSERT_TRUE(got.ok() && got->has_value());
+  EXPECT_FALSE((*got)->load().has_handoff_pauses());
+
+  v1::HandOffConnection adopt;
+  adopt.set_released_mono_ns(MonotonicNowNs() - 50'000);  // 50 µs ago
+  (*link)->AdoptedConnection(adopt);
+  adopt.set_released_mono_ns(0);  // an older sender
+  (*link)->AdoptedConnection(adopt);
+  adopt.set_released_mono_ns(MonotonicNowNs() + 1'000'000'000);  // not a time
+  (*link)->AdoptedConnection(adopt);
+  ASSERT_EQ((*link)->handoff_pauses().count(), 1u);
+  EXPECT_GE((*link)->handoff_pauses().sum_ns(), 50'000u);
+
+  (*link)->Send(load);
+  got = agent.Receive<v1::WorkerMessage>();
+  ASSERT_TRUE(got.ok() && got->has_value());
+  EXPECT_EQ((*got)->load().active_connections(), 1u);
+  const v1::DurationHistogram& pauses = (*got)->load().handoff_pauses();
+  EXPECT_EQ(pauses.count(), 1u);
+  ASSERT_EQ(pauses.buckets_size(), 1);
+  EXPECT_GE(DurationHistogram::UpperNs(pauses.buckets(0).index()), 50'000u);
 }
 
 // A peer that does not run as the expected agent uid never receives the

@@ -20,6 +20,7 @@
 #include "worker/sdk/base/log.h"
 #include "worker/sdk/base/status.h"
 #include "worker/sdk/base/version.h"
+#include "worker/sdk/handoff_pauses.h"
 
 namespace portfleet {
 
@@ -113,6 +114,16 @@ void AgentLink::SendReady() {
 
 void AgentLink::Send(const v1::WorkerMessage& message) {
   if (!control_) return;
+  if (message.has_load() && handoff_pauses_.count() > 0) {
+    v1::WorkerMessage load = message;
+    HistogramToProto(handoff_pauses_,
+                     load.mutable_load()->mutable_handoff_pauses());
+    return SendNow(load);
+  }
+  SendNow(message);
+}
+
+void AgentLink::SendNow(const v1::WorkerMessage& message) {
   absl::Status s = control_->Send(message);
   if (s.ok()) return;
   if (absl::IsResourceExhausted(s)) {
@@ -122,27 +133,39 @@ void AgentLink::Send(const v1::WorkerMessage& message) {
   LoseControl(s.message(), /*on_send=*/true);
 }
 
-absl::Status AgentLink::HandOffConnection(uint64_t id, int fd,
-                                          absl::string_view buffered) {
+absl::Status AgentLink::HandOffConnection(
+    uint64_t id, int fd, absl::string_view buffered,
+    std::optional<uint64_t> released_mono_ns) {
   if (!control_) {
     return absl::UnavailableError("hand-off: no control channel");
   }
   v1::WorkerMessage message;
-  message.mutable_handoff_connection()->set_id(id);
-  message.mutable_handoff_connection()->set_buffered(std::string(buffered));
+  v1::HandOffConnection* handoff = message.mutable_handoff_connection();
+  handoff->set_id(id);
+  handoff->set_buffered(std::string(buffered));
+  handoff->set_released_mono_ns(released_mono_ns.value_or(MonotonicNowNs()));
   return control_->SendWithFd(message, fd);
 }
 
-absl::Status AgentLink::HandOffPair(uint64_t id, int client_fd,
-                                    int upstream_fd) {
+absl::Status AgentLink::HandOffPair(uint64_t id, int client_fd, int upstream_fd,
+                                    std::optional<uint64_t> released_mono_ns) {
   if (!control_) {
     return absl::UnavailableError("hand-off: no control channel");
   }
   v1::WorkerMessage message;
-  message.mutable_handoff_connection()->set_id(id);
-  message.mutable_handoff_connection()->set_upstream_attached(true);
+  v1::HandOffConnection* handoff = message.mutable_handoff_connection();
+  handoff->set_id(id);
+  handoff->set_upstream_attached(true);
+  handoff->set_released_mono_ns(released_mono_ns.value_or(MonotonicNowNs()));
   const int fds[] = {client_fd, upstream_fd};
   return control_->SendWithFds(message, fds);
+}
+
+void AgentLink::AdoptedConnection(const v1::HandOffConnection& handoff) {
+  if (std::optional<uint64_t> pause =
+          HandOffPauseNs(handoff.released_mono_ns(), MonotonicNowNs())) {
+    handoff_pauses_.Record(*pause);
+  }
 }
 
 void AgentLink::HandOffDone(uint64_t id, uint32_t released, uint32_t busy,

@@ -20,6 +20,13 @@
 //       if (m.has_drain()) { link->StopReadoption(); /* drain */ }
 //     });
 //   every second: if (link->connected()) link->Send(load);
+//   hand-off (WorkerIdentity.handoff; DispatchWithFds):
+//     handoff_request: take each idle connection out of the loop, then
+//       HandOffConnection(id, fd, "", MonotonicNowNs() read then); close it;
+//       HandOffDone() once;
+//     adopt_connection: add the socket to the loop, then
+//       AdoptedConnection(m.adopt_connection()): load reports sent through
+//       the link then carry the connections' hand-off pauses.
 //
 // Re-adoption (see WorkerHello in control.proto): when the channel hits
 // end-of-file (the agent died) and the worker still serves, the link connects
@@ -52,6 +59,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "portfleet/v1/control.pb.h"
+#include "worker/sdk/base/duration_histogram.h"
 #include "worker/sdk/base/fd.h"
 #include "worker/sdk/control_channel.h"
 
@@ -126,9 +134,11 @@ class AgentLink {
   void SendHello();
   // WorkerReady. Also remembered: a reconnect says ready again.
   void SendReady();
-  // Any other message (load, drained). A channel that fails is closed and,
-  // if the worker still serves, reconnecting starts. A full channel (the
-  // agent does not read) drops the message.
+  // Any other message (load, drained). A load report gets the hand-off
+  // pauses counted by AdoptedConnection() (WorkerLoad.handoff_pauses). A
+  // channel that fails is closed and, if the worker still serves,
+  // reconnecting starts. A full channel (the agent does not read) drops the
+  // message.
   void Send(const v1::WorkerMessage& message);
 
   // Handles whatever made fd() readable; `on_message` gets each message from
@@ -150,12 +160,25 @@ class AgentLink {
   // HandOffRequest `id`, with the input already read from it and not yet
   // consumed. The caller closes its descriptor once this returned OK (the
   // agent has its own); on an error the connection stays the caller's.
-  absl::Status HandOffConnection(uint64_t id, int fd,
-                                 absl::string_view buffered);
+  // `released_mono_ns`: MonotonicNowNs() (handoff_pauses.h) read when the
+  // caller took the connection out of its event loop, the start of its
+  // hand-off pause (HandOffConnection.released_mono_ns); unset: now.
+  absl::Status HandOffConnection(
+      uint64_t id, int fd, absl::string_view buffered,
+      std::optional<uint64_t> released_mono_ns = std::nullopt);
   // Connection hand-off of an idle proxied pair: its client socket and its
   // upstream socket in one packet (HandOffConnection.upstream_attached).
   // As HandOffConnection(): the caller closes both once this returned OK.
-  absl::Status HandOffPair(uint64_t id, int client_fd, int upstream_fd);
+  absl::Status HandOffPair(
+      uint64_t id, int client_fd, int upstream_fd,
+      std::optional<uint64_t> released_mono_ns = std::nullopt);
+  // The receiving side: call once the connection (or pair) of an
+  // AgentMessage.adopt_connection is in the worker's event loop. Counts its
+  // pause (now minus the sender's released_mono_ns; not counted when the
+  // sender did not stamp it) for the load reports.
+  void AdoptedConnection(const v1::HandOffConnection& handoff);
+  // The pauses counted so far (cumulative).
+  const DurationHistogram& handoff_pauses() const { return handoff_pauses_; }
   // Ends the answer to HandOffRequest `id`: connections released, kept
   // because they had data in flight, and the released ones' recent traffic
   // (bytes per second; see ChooseForHandOff in handoff_choice.h).
@@ -172,6 +195,7 @@ class AgentLink {
   absl::Status Init(const Fd& listen_fd, std::optional<ControlChannel> control);
 
   v1::WorkerMessage Hello(bool reconnect) const;
+  void SendNow(const v1::WorkerMessage& message);
   absl::Status Watch(int fd);
   void LoseControl(absl::string_view why, bool on_send);
   bool CanReconnect() const {
@@ -204,6 +228,7 @@ class AgentLink {
   absl::Time reconnected_at_ = absl::InfinitePast();
   absl::Time last_bad_message_log_ = absl::InfinitePast();
   uint64_t bad_messages_suppressed_ = 0;
+  DurationHistogram handoff_pauses_;  // of the connections adopted
 };
 
 }  // namespace portfleet
