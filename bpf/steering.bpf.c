@@ -106,6 +106,43 @@ static __always_inline int migrate(struct sk_reuseport_md *reuse, __u32 shard,
 	return SK_PASS;
 }
 
+/* LEAST_CONNECTIONS: the scan of pf_select_least() with bpf_loop(). */
+struct least_scan {
+	struct pf_least_best best;
+	__u32 active; /* generation of the weights */
+};
+
+static long least_step(__u32 i, void *data)
+{
+	struct least_scan *scan = data;
+	struct pf_least *weights;
+	struct pf_conns *cnt;
+	__u32 zero = 0;
+
+	weights = bpf_map_lookup_elem(&least, &scan->active);
+	cnt = bpf_map_lookup_elem(&conns, &zero);
+	if (!weights || !cnt)
+		return 1;
+	pf_least_consider(weights, cnt, i, &scan->best);
+	return 0;
+}
+
+static __always_inline __u32 select_least(const struct pf_generation *gen,
+					  __u32 active, struct pf_conns *cnt,
+					  __u32 hash)
+{
+	struct least_scan scan;
+
+	if (!cnt)
+		return PF_NO_SHARD;
+	pf_least_begin(gen, hash, &scan.best);
+	scan.active = active;
+	if (scan.best.n == 0)
+		return PF_NO_SHARD;
+	bpf_loop(scan.best.n, least_step, &scan, 0);
+	return scan.best.shard;
+}
+
 SEC("sk_reuseport/migrate")
 int pf_steer(struct sk_reuseport_md *reuse)
 {
@@ -126,9 +163,7 @@ int pf_steer(struct sk_reuseport_md *reuse)
 	}
 	if (gen && gen->policy == PF_POLICY_LEAST) {
 		cnt = bpf_map_lookup_elem(&conns, &zero);
-		least_shard = pf_select_least(gen,
-					      bpf_map_lookup_elem(&least, &active),
-					      cnt, hash);
+		least_shard = select_least(gen, active, cnt, hash);
 	}
 	shard = least_shard != PF_NO_SHARD ?
 			least_shard :

@@ -173,39 +173,74 @@ static __always_inline __u32 pf_select_shard(const struct pf_generation *gen,
  * by the flow hash, so that ties (an idle listener) spread like the hash
  * does instead of all going to shard 0. PF_NO_SHARD when no shard has a
  * weight or a map is missing: the caller then uses the indirection table.
+ *
+ * The BPF program runs the scan with bpf_loop(), one pf_least_consider()
+ * per shard: an open-coded loop of 64 steps is more than the verifier
+ * accepts for an agent without CAP_PERFMON (its Spectre checks explore
+ * every branch of every step). pf_select_least() is the same scan as a
+ * plain loop, for user space and tests.
  */
+struct pf_least_best {
+	__u32 start; /* first shard scanned: hash % n */
+	__u32 n;     /* shards scanned */
+	__u32 shard; /* PF_NO_SHARD until a shard with a weight is seen */
+	__u32 pad;
+	__u64 count;
+	__u64 weight;
+};
+
+/* Step i of the scan (0 <= i < best->n). */
+static __always_inline void pf_least_consider(const struct pf_least *least,
+					      const struct pf_conns *conns,
+					      __u32 i,
+					      struct pf_least_best *best)
+{
+	__u32 idx = best->start + i;
+	__u64 c, w;
+
+	if (idx >= best->n)
+		idx -= best->n;
+	idx &= PF_MAX_SHARDS - 1;
+	w = least->weight[idx];
+	if (w == 0)
+		return;
+	c = conns->count[idx];
+	if (best->shard == PF_NO_SHARD || c * best->weight < best->count * w) {
+		best->shard = idx;
+		best->count = c;
+		best->weight = w;
+	}
+}
+
+/* The scan's start; 0 when there is nothing to scan (best->n == 0). */
+static __always_inline void pf_least_begin(const struct pf_generation *gen,
+					   __u32 hash,
+					   struct pf_least_best *best)
+{
+	__u32 n = gen ? gen->num_shards : 0;
+
+	best->shard = PF_NO_SHARD;
+	best->count = 0;
+	best->weight = 0;
+	best->pad = 0;
+	best->n = n > 0 && n <= PF_MAX_SHARDS ? n : 0;
+	best->start = best->n ? hash % best->n : 0;
+}
+
 static __always_inline __u32 pf_select_least(const struct pf_generation *gen,
 					     const struct pf_least *least,
 					     const struct pf_conns *conns,
 					     __u32 hash)
 {
-	__u32 n, start, i, idx, best = PF_NO_SHARD;
-	__u64 best_count = 0, best_weight = 0, c, w;
+	struct pf_least_best best;
+	__u32 i;
 
 	if (!gen || !least || !conns)
 		return PF_NO_SHARD;
-	n = gen->num_shards;
-	if (n == 0 || n > PF_MAX_SHARDS)
-		return PF_NO_SHARD;
-	start = hash % n;
-	for (i = 0; i < PF_MAX_SHARDS; i++) {
-		if (i >= n)
-			break;
-		idx = start + i;
-		if (idx >= n)
-			idx -= n;
-		idx &= PF_MAX_SHARDS - 1;
-		w = least->weight[idx];
-		if (w == 0)
-			continue;
-		c = conns->count[idx];
-		if (best == PF_NO_SHARD || c * best_weight < best_count * w) {
-			best = idx;
-			best_count = c;
-			best_weight = w;
-		}
-	}
-	return best;
+	pf_least_begin(gen, hash, &best);
+	for (i = 0; i < best.n; i++)
+		pf_least_consider(least, conns, i, &best);
+	return best.shard;
 }
 
 #endif /* PORTFLEET_BPF_STEERING_SHARED_H_ */

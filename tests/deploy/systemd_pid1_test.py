@@ -141,8 +141,12 @@ def main():
         print(r.stdout + r.stderr)
         return 1
     os.makedirs(os.path.join(stage, "etc/default"), exist_ok=True)
+    # The host's bpffs is bound into the container (a host's systemd mounts
+    # one at boot; systemd in a container does not), the pins in a private
+    # directory of it, removed at the end.
+    bpffs = "/sys/fs/bpf/portfleet-deploy-systemd-%d" % os.getpid()
     open(os.path.join(stage, "etc/default/portfleet-agent"), "w").write(
-        "PORTFLEET_AGENT_OPTS=--config-mode=declarative\n")
+        "PORTFLEET_AGENT_OPTS=--config-mode=declarative --bpffs=%s\n" % bpffs)
     check(open(os.path.join(stage, "etc/systemd/system", UNIT)).read() ==
           open(os.path.join(REPO, "deploy/systemd", UNIT)).read(), "the unit is deploy/systemd's, unchanged")
     open(os.path.join(ctx, "Containerfile"), "w").write("FROM %s\nCOPY root/ /\n" % base)
@@ -155,7 +159,7 @@ def main():
     started = False
     try:
         r = podman("run", "-d", "--name", NAME, "--systemd=always", "--network=host", "--privileged",
-                   IMAGE, "/sbin/init")
+                   "-v", "/sys/fs/bpf:/sys/fs/bpf", IMAGE, "/sbin/init")
         started = r.returncode == 0
         if not check(started, "systemd container started" + ("" if started else ": " + r.stderr[-500:])):
             return 1
@@ -178,6 +182,11 @@ def main():
               "unit active/running with the agent's STATUS= (%s)" % prop("StatusText")[:60])
         check(status.get("config", {}).get("mode") == "declarative",
               "/etc/default/portfleet-agent: declarative mode")
+        # The unit's capabilities (CAP_BPF, no CAP_PERFMON or CAP_SYS_ADMIN)
+        # load the steering program: without it the agent would serve with
+        # the kernel's hash and only warn.
+        check("BPF steering active" in journal(),
+              "journal: BPF steering active under the unit's capabilities")
         creds = {}
         for pid in shard_pids().values():
             st = sh("cat", "/proc/%d/status" % pid).stdout
@@ -290,6 +299,7 @@ def main():
                 print(journal()[-4000:])
             podman("rm", "-f", "-t", "5", NAME)
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(bpffs, ignore_errors=True)
     print("%d failure(s)" % len(failures))
     return 1 if failures else 0
 

@@ -6,6 +6,7 @@
 #include <bpf/bpf.h>
 #include <fcntl.h>
 #include <linux/audit.h>
+#include <linux/capability.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <netinet/in.h>
@@ -681,6 +682,40 @@ bool DenyBpfWithSeccomp() {
   sock_fprog prog{static_cast<unsigned short>(std::size(filter)), filter};
   return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
          ::syscall(__NR_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) == 0;
+}
+
+// The agent's capabilities where it is deployed (the DaemonSet, the systemd
+// unit): CAP_BPF without CAP_PERFMON or CAP_SYS_ADMIN. The verifier then
+// also checks every speculative path (Spectre), and rejects programs that
+// load as root: an open-coded 64-step least-connections scan did (ENOMEM,
+// "too complex"), which only the deploy tier noticed. Steps: drop both
+// capabilities from this test process; the program loads; LEAST_CONNECTIONS
+// steers 100 connections 50/50.
+TEST_F(SteeringKernelTest, ProgramLoadsWithoutPerfmonOrSysAdmin) {
+  PF_ENTER_NETNS_OR_SKIP();
+  __user_cap_header_struct header{.version = _LINUX_CAPABILITY_VERSION_3,
+                                  .pid = 0};
+  __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3] = {};
+  ASSERT_EQ(::syscall(SYS_capget, &header, data), 0) << std::strerror(errno);
+  for (int cap : {CAP_SYS_ADMIN, CAP_PERFMON}) {
+    data[cap / 32].effective &= ~(1u << (cap % 32));
+    data[cap / 32].permitted &= ~(1u << (cap % 32));
+    data[cap / 32].inheritable &= ~(1u << (cap % 32));
+  }
+  ASSERT_EQ(::syscall(SYS_capset, &header, data), 0) << std::strerror(errno);
+  Init();
+  if (!backend_) return;
+  Group g = MakeGroup(AF_INET, 2);
+  auto steering = Open(g);
+  ASSERT_NE(steering, nullptr);
+  ASSERT_TRUE(steering
+                  ->Apply({.policy = v1::STEERING_POLICY_LEAST_CONNECTIONS,
+                           .num_shards = 2})
+                  .ok());
+  std::vector<int> tally = ConnectAndTally(g, 100);
+  EXPECT_EQ(tally[0], 50);
+  EXPECT_EQ(tally[1], 50);
+  EXPECT_EQ(tally[2], 0);
 }
 
 // With CAP_BPF in the effective set but bpf() refused by a seccomp filter,
