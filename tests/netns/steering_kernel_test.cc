@@ -162,6 +162,17 @@ class SteeringKernelTest : public ::testing::Test {
     return std::move(*l);
   }
 
+  // Open() with LEAST_CONNECTIONS over all of the group's shards.
+  std::unique_ptr<ListenerSteering> OpenLeastConnections(const Group& g) {
+    auto steering = Open(g);
+    if (steering == nullptr) return nullptr;
+    absl::Status s =
+        steering->Apply({.policy = v1::STEERING_POLICY_LEAST_CONNECTIONS,
+                         .num_shards = static_cast<uint32_t>(g.shards.size())});
+    EXPECT_TRUE(s.ok()) << s;
+    return s.ok() ? std::move(steering) : nullptr;
+  }
+
   std::string root_;
   std::unique_ptr<SteeringBackend> backend_;
 };
@@ -316,12 +327,8 @@ TEST_F(SteeringKernelTest, LeastConnectionsSpreadsExactlyTcpV4) {
   Init();
   if (!backend_) return;
   Group g = MakeGroup(AF_INET, 3);
-  auto steering = Open(g);
+  auto steering = OpenLeastConnections(g);
   ASSERT_NE(steering, nullptr);
-  ASSERT_TRUE(steering
-                  ->Apply({.policy = v1::STEERING_POLICY_LEAST_CONNECTIONS,
-                           .num_shards = 3})
-                  .ok());
   std::vector<int> tally = ConnectAndTally(g, 300);
   EXPECT_EQ(tally[0], 100);
   EXPECT_EQ(tally[1], 100);
@@ -706,12 +713,8 @@ TEST_F(SteeringKernelTest, ProgramLoadsWithoutPerfmonOrSysAdmin) {
   Init();
   if (!backend_) return;
   Group g = MakeGroup(AF_INET, 2);
-  auto steering = Open(g);
+  auto steering = OpenLeastConnections(g);
   ASSERT_NE(steering, nullptr);
-  ASSERT_TRUE(steering
-                  ->Apply({.policy = v1::STEERING_POLICY_LEAST_CONNECTIONS,
-                           .num_shards = 2})
-                  .ok());
   std::vector<int> tally = ConnectAndTally(g, 100);
   EXPECT_EQ(tally[0], 50);
   EXPECT_EQ(tally[1], 50);
