@@ -371,12 +371,17 @@ void Proxy::Handle(int fd, uint32_t events) {
     // Client input waits (it is read once connected); the upstream socket
     // reports the end of its connect() with EPOLLOUT or an error.
     if (is_client || !(events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) return;
-    int err = 0;
-    socklen_t length = sizeof(err);
-    if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &length) != 0) {
-      err = errno;
+    // A failed TCP connect (reset, timeout, unreachable) always reports
+    // EPOLLERR and EPOLLHUP (sk_err set, state CLOSE); EPOLLOUT alone is an
+    // established connection: no getsockopt(SO_ERROR) per connection.
+    if (events & (EPOLLERR | EPOLLHUP)) {
+      int err = 0;
+      socklen_t length = sizeof(err);
+      if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &length) != 0) {
+        err = errno;
+      }
+      if (err != 0) return FailConnect(pair, err, "connect");
     }
-    if (err != 0) return FailConnect(pair, err, "connect");
     return OnConnected(pair);
   }
   // Only the directions the event concerns: input on fd feeds the
@@ -423,8 +428,13 @@ bool Proxy::Flush(Pair& pair, Direction& d) {
   d.pending.clear();
   d.pending_offset = 0;
   if (d.src_eof && !d.dst_shut) {
-    // Half-close: pass the FIN on; the other direction keeps flowing.
-    ::shutdown(d.dst, SHUT_WR);
+    // Half-close: pass the FIN on; the other direction keeps flowing. When
+    // the other direction is finished already, Settle() closes the pair
+    // right after this, and close() sends the FIN (the destination's
+    // receive queue was read to its end, so it is a FIN, not a reset): no
+    // shutdown() for the last direction of a pair.
+    const Direction& other = &d == &pair.up ? pair.down : pair.up;
+    if (!other.dst_shut) ::shutdown(d.dst, SHUT_WR);
     d.dst_shut = true;
   }
   return true;
