@@ -175,6 +175,7 @@ def conn_run(build, port, seconds):
         r = json.load(open(j.name))
     rate = r["ok"] / r["elapsed_seconds"]
     return {"rate": rate, "failures": r["failures"],
+            "p50": r["latency_ms"]["p50"],
             "p99": r["latency_ms"]["p99"],
             "cpu_us": busy * 1e6 / max(1, r["ok"]),
             "busy": busy / max(1e-9, wall * os.cpu_count())}
@@ -247,6 +248,11 @@ def table(title, unit, pairs):
         lines.append(
             "Connections per proxy shard, portfleet (read halfway): " +
             ", ".join(a["split"] for a, _ in pairs) + ".")
+    if "p50" in pairs[0][0]:
+        lines.append(
+            "p50 latency ms (pf / ha): " + ", ".join(
+                f"{a['p50']:.2f} / {b['p50']:.2f}" for a, b in pairs) +
+            f"; ratio HAProxy/portfleet {ratios(pairs, 'p50', invert=True)}.")
     if "p99" in pairs[0][0]:
         lines.append(
             "p99 latency ms (pf / ha): " + ", ".join(
