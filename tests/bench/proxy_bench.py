@@ -248,16 +248,12 @@ def table(title, unit, pairs):
         lines.append(
             "Connections per proxy shard, portfleet (read halfway): " +
             ", ".join(a["split"] for a, _ in pairs) + ".")
-    if "p50" in pairs[0][0]:
-        lines.append(
-            "p50 latency ms (pf / ha): " + ", ".join(
-                f"{a['p50']:.2f} / {b['p50']:.2f}" for a, b in pairs) +
-            f"; ratio HAProxy/portfleet {ratios(pairs, 'p50', invert=True)}.")
-    if "p99" in pairs[0][0]:
-        lines.append(
-            "p99 latency ms (pf / ha): " + ", ".join(
-                f"{a['p99']:.2f} / {b['p99']:.2f}" for a, b in pairs) +
-            f"; ratio HAProxy/portfleet {ratios(pairs, 'p99', invert=True)}.")
+    for q in ("p50", "p99"):
+        if q in pairs[0][0]:
+            lines.append(
+                f"{q} latency ms (pf / ha): " + ", ".join(
+                    f"{a[q]:.2f} / {b[q]:.2f}" for a, b in pairs) +
+                f"; ratio HAProxy/portfleet {ratios(pairs, q, invert=True)}.")
     return "\n".join(lines) + "\n"
 
 
